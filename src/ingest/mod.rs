@@ -1,0 +1,1 @@
+//! Storage SCP (in progress).

@@ -1,0 +1,19 @@
+//! biomarker-node: a DICOM node that turns CT series into biomarker reports.
+//!
+//! Data flow, one module per stage:
+//!
+//! ```text
+//! ingest (SCP) → spool (durable) → series (completion) → routing → inference
+//!        → biomarkers → report (SR, SC) → outbox (SCU)
+//! ```
+//!
+//! `pipeline` is the one place that wires the stages together; stages never
+//! create their own channels.
+
+pub mod config;
+pub mod dicom;
+pub mod ingest;
+pub mod phantom;
+pub mod pipeline;
+pub mod series;
+pub mod spool;

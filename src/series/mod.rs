@@ -1,0 +1,1 @@
+//! Series tracker (placeholder until the tracker branch lands).
