@@ -1,0 +1,94 @@
+"""Networks: a small 2D U-Net emitting a sigmoid localization map, and the direct-regression baseline.
+
+Both share `Encoder`, so the only difference between the two methods is the head: decoder +
+sigmoid map (localization) vs. global average pooling + linear (direct), as in Cano-Espinosa et al.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _block(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+        nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+    )
+
+
+class Encoder(nn.Module):
+    def __init__(self, widths=(8, 16, 32, 64)):
+        super().__init__()
+        self.widths = tuple(widths)
+        chans = (1,) + self.widths
+        self.blocks = nn.ModuleList(_block(chans[i], chans[i + 1]) for i in range(len(self.widths)))
+        self.pool = nn.MaxPool2d(2)
+
+    def forward(self, x):
+        skips = []
+        for i, b in enumerate(self.blocks):
+            if i > 0:
+                x = self.pool(x)
+            x = b(x)
+            skips.append(x)
+        return skips  # finest first; the last one is the bottleneck
+
+
+class UNet(nn.Module):
+    """[N,1,H,W] (H, W divisible by 2**(levels-1)) -> sigmoid map [N,1,H,W]."""
+
+    def __init__(self, widths=(8, 16, 32, 64)):
+        super().__init__()
+        self.encoder = Encoder(widths)
+        w = self.encoder.widths
+        self.ups = nn.ModuleList(nn.ConvTranspose2d(w[i + 1], w[i], 2, stride=2)
+                                 for i in reversed(range(len(w) - 1)))
+        self.decs = nn.ModuleList(_block(2 * w[i], w[i]) for i in reversed(range(len(w) - 1)))
+        self.head = nn.Conv2d(w[0], 1, 1)
+
+    def forward(self, x):
+        skips = self.encoder(x)
+        y = skips[-1]
+        for up, dec, skip in zip(self.ups, self.decs, reversed(skips[:-1])):
+            y = dec(torch.cat([up(y), skip], 1))
+        return torch.sigmoid(self.head(y))
+
+
+class Direct(nn.Module):
+    """Direct regression baseline: Encoder -> global average pool -> linear -> value.
+
+    `per_volume=True` (CAC) pools over the batch axis too: the batch is the slices of ONE volume
+    and the output is [1,1]. Output is in the task's unit: area tasks z * value_scale; agatston
+    expm1(relu(z)) (the net regresses log1p(score)).
+    """
+
+    def __init__(self, widths=(8, 16, 32, 64), kind: str = "area", value_scale: float = 1.0,
+                 per_volume: bool = False):
+        super().__init__()
+        self.encoder = Encoder(widths)
+        self.fc = nn.Linear(self.encoder.widths[-1], 1)
+        self.kind = kind
+        self.value_scale = float(value_scale)
+        self.per_volume = per_volume
+
+    def raw(self, x):
+        f = self.encoder(x)[-1]
+        f = f.mean(dim=(2, 3))
+        if self.per_volume:
+            f = f.mean(dim=0, keepdim=True)
+        return self.fc(f)  # [N,1] or [1,1]
+
+    def forward(self, x):
+        z = self.raw(x)
+        if self.kind == "agatston":
+            return torch.expm1(torch.relu(z))
+        return z * self.value_scale
+
+
+def build(method: str, spec, widths=(8, 16, 32, 64)) -> nn.Module:
+    if method == "localization":
+        return UNet(widths)
+    if method == "direct":
+        return Direct(widths, spec.aggregation, spec.value_scale, per_volume=spec.slices == "all")
+    raise ValueError(f"unknown method {method!r}")

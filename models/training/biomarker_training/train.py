@@ -1,0 +1,220 @@
+"""Train one biomarker model (localization U-Net or direct baseline), export ONNX, check parity.
+
+    python -m biomarker_training.train --task pma --csv DIR/labels.csv --method localization \
+        --device cpu --seed 1 --epochs 8 --out models/
+
+Localization loss (Cano-Espinosa et al. 2020): value error only + lambda * mean(map); no mask
+is ever read here. The value is sum(map * W) with W the pooled candidate weights (candidates.py).
+area tasks: L1 on value / value_scale. agatston: smooth-L1 on log1p(value) (scores span 0..>1000).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import data as D
+from . import nets, tasks
+
+
+def _seed(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def value_loss(pred: torch.Tensor, y: torch.Tensor, spec) -> torch.Tensor:
+    if spec.aggregation == "agatston":
+        return torch.nn.functional.smooth_l1_loss(torch.log1p(pred.clamp(min=0)), torch.log1p(y), beta=0.1)
+    return torch.mean(torch.abs(pred - y)) / spec.value_scale
+
+
+class Batcher:
+    """Yields (x [N,1,H,W], w [N,1,H,W] or None, seg [N] case index within batch, y [B])."""
+
+    def __init__(self, cases, spec, batch_size: int, device, skip_empty_slices: bool):
+        self.cases, self.spec, self.bs, self.device = cases, spec, batch_size, device
+        self.skip = skip_empty_slices
+
+    def epoch(self, rng: np.random.Generator):
+        order = rng.permutation(len(self.cases))
+        for i in range(0, len(order), self.bs):
+            idx = order[i:i + self.bs]
+            xs, ws, seg = [], [], []
+            for b, k in enumerate(idx):
+                c = self.cases[k]
+                keep = np.arange(c.x.shape[0])
+                if self.skip and c.x.shape[0] > 1:
+                    # slices without candidates add nothing to the value; skip them for speed
+                    keep = np.flatnonzero(c.w.reshape(c.w.shape[0], -1).sum(1) > 0)
+                    if keep.size == 0:
+                        keep = np.array([c.x.shape[0] // 2])
+                xs.append(c.x[keep]); ws.append(c.w[keep]); seg.append(np.full(keep.size, b))
+            x = torch.from_numpy(np.concatenate(xs)[:, None]).float().to(self.device)
+            w = torch.from_numpy(np.concatenate(ws)[:, None]).float().to(self.device)
+            seg = torch.from_numpy(np.concatenate(seg)).to(self.device)
+            y = torch.tensor([self.cases[k].value for k in idx], dtype=torch.float32, device=self.device)
+            yield x, w, seg, y
+
+
+def forward_values(net, method, spec, x, w, seg, n):
+    """Predicted values [n] for a batch, plus the map (None for direct)."""
+    if method == "localization":
+        m = net(x)
+        per_slice = (m * w).sum(dim=(1, 2, 3))
+        return torch.zeros(n, device=x.device).index_add(0, seg, per_slice), m
+    if spec.slices == "all":
+        # direct CAC: one volume per forward (the batch axis is the slice axis)
+        outs = [net.raw(x[seg == b]).reshape(()) for b in range(n)]
+        return torch.stack(outs), None
+    return net.raw(x).reshape(-1), None
+
+
+def direct_loss(z, y, spec):
+    if spec.aggregation == "agatston":
+        return torch.nn.functional.smooth_l1_loss(z, torch.log1p(y), beta=0.1)
+    return torch.mean(torch.abs(z - y / spec.value_scale))
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "HEAD"], text=True,
+                                       stderr=subprocess.DEVNULL).strip()
+    except Exception:
+        return "unknown"
+
+
+def split(cases, val_fraction: float, seed: int):
+    rng = np.random.default_rng(seed + 1000)
+    idx = rng.permutation(len(cases))
+    nv = max(1, int(round(len(cases) * val_fraction))) if len(cases) > 1 else 0
+    return [cases[i] for i in idx[nv:]], [cases[i] for i in idx[:nv]]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", required=True, choices=sorted(tasks.TASKS))
+    p.add_argument("--csv", required=True)
+    p.add_argument("--method", default="localization", choices=["localization", "direct"])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0 = no limit)")
+    p.add_argument("--max-cases", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--sparsity", type=float, default=1e-2, help="lambda of the L1 map penalty")
+    p.add_argument("--widths", default="8,16,32", help="encoder widths, comma separated")
+    p.add_argument("--size", type=int, default=0, help="override the model input size (square)")
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--cache-dir", default=None)
+    p.add_argument("--out", default="models/")
+    p.add_argument("--version", default="0.1.0")
+    p.add_argument("--data-note", default="", help="free text for the card's training.data")
+    a = p.parse_args(argv)
+
+    torch.set_num_threads(a.threads)
+    _seed(a.seed)
+    spec = tasks.get(a.task)
+    if a.size:
+        spec = tasks.with_size(spec, a.size)
+    device = torch.device(a.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda requested but CUDA is not available")
+    widths = tuple(int(v) for v in a.widths.split(","))
+
+    t0 = time.time()
+    cases = D.load_cases(a.csv, spec, a.cache_dir)
+    if a.max_cases:
+        cases = cases[:a.max_cases]
+    train, val = split(cases, a.val_fraction, a.seed)
+    print(f"[train] {a.task}/{a.method}: {len(train)} train, {len(val)} val cases "
+          f"(prepared in {time.time() - t0:.0f}s)", flush=True)
+
+    net = nets.build(a.method, spec, widths).to(device)
+    if a.method == "localization":
+        torch.nn.init.constant_(net.head.bias, 0.0)
+    opt = torch.optim.AdamW(net.parameters(), lr=a.lr, weight_decay=1e-4)
+    bs = max(1, a.batch_size // 8) if spec.slices == "all" else a.batch_size
+    batcher = Batcher(train, spec, bs, device, skip_empty_slices=True)
+    steps_per_epoch = (len(train) + bs - 1) // bs
+    total = a.epochs * steps_per_epoch
+    if a.max_steps:
+        total = min(total, a.max_steps)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=a.lr, total_steps=max(total, 1), pct_start=0.15)
+    rng = np.random.default_rng(a.seed)
+    step = 0
+    net.train()
+    for ep in range(a.epochs):
+        losses = []
+        for x, w, seg, y in batcher.epoch(rng):
+            if step >= total:
+                break
+            if a.method == "localization":
+                pred, m = forward_values(net, a.method, spec, x, w, seg, len(y))
+                loss = value_loss(pred, y, spec) + a.sparsity * m.mean()
+            else:
+                z, _ = forward_values(net, a.method, spec, x, w, seg, len(y))
+                loss = direct_loss(z, y, spec)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+            losses.append(loss.item())
+        print(f"[train] epoch {ep + 1}/{a.epochs} step {step} loss {np.mean(losses) if losses else float('nan'):.4f} "
+              f"({time.time() - t0:.0f}s)", flush=True)
+        if step >= total:
+            break
+
+    net.eval().cpu()
+    val_metrics = quick_val(net, a.method, spec, val)
+    print(f"[train] val: {json.dumps(val_metrics)}", flush=True)
+
+    from . import export
+    out = Path(a.out)
+    onnx_path, card_path = export.export_and_card(
+        net, a.method, spec, out, val, widths=widths,
+        training={
+            "command": "python -m biomarker_training.train " + " ".join(shlex.quote(s) for s in
+                                                                        (argv if argv is not None else sys.argv[1:])),
+            "data": a.data_note or str(a.csv),
+            "seed": a.seed, "epochs": a.epochs, "steps": step, "train_cases": len(train),
+            "val_cases": len(val), "lr": a.lr, "sparsity_lambda": a.sparsity, "batch_size": a.batch_size,
+            "git_commit": git_commit(), "seconds": round(time.time() - t0, 1),
+        },
+        val_metrics=val_metrics, version=a.version)
+    print(f"[train] wrote {onnx_path} and {card_path}", flush=True)
+    return net
+
+
+@torch.no_grad()
+def quick_val(net, method, spec, val):
+    if not val:
+        return {}
+    preds = []
+    for c in val:
+        x = torch.from_numpy(c.x[:, None]).float()
+        if method == "localization":
+            m = net(x).double().numpy()[:, 0]
+            preds.append(float((m * c.w).sum()))
+        else:
+            preds.append(float(net(x).reshape(-1)[0]))
+    y = np.array([c.value for c in val])
+    pr = np.array(preds)
+    r = float(np.corrcoef(pr, y)[0, 1]) if len(y) > 2 and np.std(y) > 0 and np.std(pr) > 0 else float("nan")
+    return {"n": len(y), "r": round(r, 4), "mae": round(float(np.mean(np.abs(pr - y))), 4)}
+
+
+if __name__ == "__main__":
+    main()
