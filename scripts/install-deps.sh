@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# Installs everything the node's build, its tests and the ingest bench need on a
+# fresh Debian 12 machine that already has Rust (stable) and python3 + pip.
+# Idempotent: safe to run again; apt and pip skip what is already there.
+#
+# System packages:
+#   dcmtk        storescu/echoscu/storescp/dcmdump: the reference peers in tests
+#   orthanc      a second real peer for the bench
+#   dicom3tools  dciodvfy/dcentvfy: validators for what the node writes
+#   cmake        dicom-pixeldata's `charls` feature builds C++ with it
+#   sqlite3      to inspect the index by hand
+#   time procps curl  bench: /usr/bin/time -v for peak RSS, ps/pgrep, Orthanc's REST API
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+root="$(cd "$here/.." && pwd)"
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then
+    SUDO="sudo"
+fi
+
+export DEBIAN_FRONTEND=noninteractive
+APT_PKGS=(dcmtk orthanc dicom3tools cmake sqlite3 time curl procps)
+
+missing=()
+for p in "${APT_PKGS[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+    echo "install-deps: apt-get install ${missing[*]}"
+    # Keep the orthanc package from starting its own service on 4242/8042
+    # during installation (policy-rc.d 101 = "action not allowed").
+    policy=/usr/sbin/policy-rc.d
+    made_policy=0
+    if [ ! -e "$policy" ]; then
+        printf '#!/bin/sh\nexit 101\n' | $SUDO tee "$policy" >/dev/null
+        $SUDO chmod +x "$policy"
+        made_policy=1
+    fi
+    $SUDO apt-get update -qq
+    $SUDO apt-get install -y -qq --no-install-recommends \
+        -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold \
+        "${missing[@]}"
+    if [ "$made_policy" = 1 ]; then
+        $SUDO rm -f "$policy"
+    fi
+else
+    echo "install-deps: apt packages already present"
+fi
+
+# The Debian orthanc package ships a service that listens on 4242/8042; tests
+# and the bench start their own Orthanc, so make sure the packaged one is off.
+if command -v service >/dev/null 2>&1; then
+    $SUDO service orthanc stop >/dev/null 2>&1 || true
+fi
+if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
+    $SUDO systemctl disable --now orthanc >/dev/null 2>&1 || true
+fi
+
+# Python test dependencies (integration tests, bench helpers, ML runtime).
+PY="${PYTHON:-python3}"
+PIP_PKGS=(pydicom pynetdicom highdicom numpy pytest requests onnxruntime==1.32.0)
+echo "install-deps: pip install ${PIP_PKGS[*]}"
+"$PY" -m pip install --quiet --disable-pip-version-check --root-user-action=ignore "${PIP_PKGS[@]}" \
+    2>&1 | grep -v "^$" || true
+# pip's exit status is masked by the filter above; check the imports instead.
+"$PY" -c "import pydicom, pynetdicom, highdicom, numpy, pytest, requests, onnxruntime" \
+    || { echo "install-deps: python packages failed to install" >&2; exit 1; }
+
+# The ML engineer's training stack (torch etc.), when it exists.
+if [ -f "$root/models/training/install.sh" ]; then
+    echo "install-deps: models/training/install.sh"
+    bash "$root/models/training/install.sh"
+fi
+
+echo "install-deps: done"
