@@ -11,6 +11,8 @@
 //! create their own channels.
 
 pub mod config;
+pub mod dimse;
+pub mod telemetry;
 pub mod dicom;
 pub mod ingest;
 pub mod phantom;

@@ -1,0 +1,529 @@
+//! One association, from A-ASSOCIATE-RQ to release or abort.
+//!
+//! The handler owns its socket, a read buffer bounded by our max PDU, and at
+//! most one partially received instance. Every error on the association is
+//! logged here and ends here: it never reaches the accept loop, and a bad
+//! dataset costs the peer a failure status, not the association.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use dicom_ul::pdu::{
+    write_pdu, AbortRQServiceProviderReason, AbortRQSource, AssociationRJ, PDataValue,
+    PDataValueType, Pdu,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio_util::sync::CancellationToken;
+
+use super::assembler::{Assembler, AssemblyError, Event};
+use super::framing::{self, FrameError};
+use super::negotiation::{self, AcceptedContext, Overload, Policy};
+use super::Shared;
+use crate::dicom::{is_storage_sop_class, VERIFICATION};
+use crate::dimse::{decode_command, CommandField, Command, Response, Status};
+use crate::series::StoredInstance;
+use crate::spool::{Fault, Incoming, SpoolError, SpoolWriter};
+use crate::telemetry;
+
+/// Why an association ended abnormally; decides what goes on the wire.
+#[derive(Debug, thiserror::Error)]
+pub enum AssociationError {
+    #[error("peer closed the connection")]
+    Closed,
+    #[error("peer closed the connection in the middle of a PDU")]
+    Truncated,
+    #[error("no A-ASSOCIATE-RQ within {0:?}")]
+    ArtimExpired(Duration),
+    #[error("idle for {0:?}")]
+    Idle(Duration),
+    #[error("PDU not completed within {0:?}")]
+    ReadTimeout(Duration),
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    #[error(transparent)]
+    Assembly(#[from] AssemblyError),
+    #[error("undecodable command set: {0}")]
+    Command(#[from] crate::dimse::CommandError),
+    #[error("unexpected {0} PDU")]
+    UnexpectedPdu(&'static str),
+    #[error("peer aborted")]
+    PeerAborted,
+    #[error("node shutting down")]
+    Shutdown,
+    #[error("socket: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("cannot encode PDU: {0}")]
+    Encode(String),
+}
+
+impl AssociationError {
+    /// The A-ABORT we send, if any (PS3.8 9.3.8): none when the peer is
+    /// already gone or aborted first.
+    fn abort_reason(&self) -> Option<AbortRQServiceProviderReason> {
+        use AbortRQServiceProviderReason as R;
+        match self {
+            AssociationError::Closed
+            | AssociationError::Truncated
+            | AssociationError::PeerAborted
+            | AssociationError::Io(_) => None,
+            AssociationError::Frame(FrameError::UnknownType(_)) => Some(R::UnrecognizedPdu),
+            AssociationError::Frame(_) | AssociationError::Command(_) => Some(R::InvalidPduParameter),
+            AssociationError::Assembly(AssemblyError::UnknownContext(_)) => Some(R::InvalidPduParameter),
+            AssociationError::Assembly(_) => Some(R::UnexpectedPduParameter),
+            AssociationError::UnexpectedPdu(_) => Some(R::UnexpectedPdu),
+            _ => Some(R::ReasonNotSpecified),
+        }
+    }
+}
+
+/// Framed PDU I/O over one socket.
+struct Conn {
+    stream: TcpStream,
+    buf: BytesMut,
+    max_pdata: u32,
+}
+
+impl Conn {
+    /// Next PDU; `first_byte` bounds the wait for a PDU to start, `read`
+    /// bounds the time to finish one that has started.
+    async fn read_pdu(&mut self, first_byte: Duration, read: Duration) -> Result<Pdu, AssociationError> {
+        loop {
+            if let Some(n) = framing::check(&self.buf, self.max_pdata)? {
+                let pdu = framing::parse(&self.buf[..n]);
+                self.buf.advance(n);
+                return Ok(pdu?);
+            }
+            let (limit, on_timeout) = if self.buf.is_empty() {
+                (first_byte, AssociationError::Idle(first_byte))
+            } else {
+                (read, AssociationError::ReadTimeout(read))
+            };
+            self.buf.reserve(64 * 1024);
+            let n = match tokio::time::timeout(limit, self.stream.read_buf(&mut self.buf)).await {
+                Ok(r) => r?,
+                Err(_) => return Err(on_timeout),
+            };
+            if n == 0 {
+                return Err(if self.buf.is_empty() {
+                    AssociationError::Closed
+                } else {
+                    AssociationError::Truncated
+                });
+            }
+        }
+    }
+
+    async fn send(&mut self, pdu: &Pdu) -> Result<(), AssociationError> {
+        let mut out = Vec::with_capacity(256);
+        write_pdu(&mut out, pdu).map_err(|e| AssociationError::Encode(e.to_string()))?;
+        self.stream.write_all(&out).await?;
+        Ok(())
+    }
+
+    async fn abort(&mut self, reason: AbortRQServiceProviderReason) {
+        let pdu = Pdu::AbortRQ {
+            source: AbortRQSource::ServiceProvider(reason),
+        };
+        // Best effort: the peer may already be gone.
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.send(&pdu)).await;
+        let _ = self.stream.shutdown().await;
+    }
+}
+
+/// The message being received after its command.
+enum Pending {
+    Store {
+        cmd: Command,
+        writer: Box<dyn SpoolWriter>,
+    },
+    /// Read and drop the dataset, then answer with this status.
+    Discard {
+        cmd: Command,
+        status: Status,
+        comment: String,
+    },
+}
+
+impl Pending {
+    fn abort(self) {
+        if let Pending::Store { writer, .. } = self {
+            writer.abort();
+        }
+    }
+}
+
+pub(super) struct Association {
+    conn: Conn,
+    shared: Arc<Shared>,
+    id: u64,
+    peer: SocketAddr,
+    contexts: Vec<AcceptedContext>,
+    peer_max_pdu: u32,
+    assembler: Assembler,
+    pending: Option<Pending>,
+    shutdown: CancellationToken,
+}
+
+/// Run one connection to its end. `permit` is None when the association
+/// limit is reached: we still read the request so the peer gets a proper
+/// transient A-ASSOCIATE-RJ instead of a reset.
+pub(super) async fn run(
+    stream: TcpStream,
+    peer: SocketAddr,
+    id: u64,
+    shared: Arc<Shared>,
+    permit: Option<OwnedSemaphorePermit>,
+    shutdown: CancellationToken,
+) {
+    let _ = stream.set_nodelay(true);
+    let mut conn = Conn {
+        stream,
+        buf: BytesMut::with_capacity(64 * 1024),
+        max_pdata: shared.node.max_pdu,
+    };
+    let artim = Duration::from_secs(shared.node.timeouts.association_request_s);
+    let rq = match conn.read_pdu(artim, artim).await {
+        Ok(Pdu::AssociationRQ(rq)) => rq,
+        Ok(other) => {
+            telemetry::AssociationAborted { by: "us", reason: &format!("expected A-ASSOCIATE-RQ, got {}", other.short_description()) }.emit();
+            conn.abort(AbortRQServiceProviderReason::UnexpectedPdu).await;
+            return;
+        }
+        Err(e) => {
+            let e = match e {
+                AssociationError::Idle(d) | AssociationError::ReadTimeout(d) => AssociationError::ArtimExpired(d),
+                e => e,
+            };
+            telemetry::AssociationAborted { by: "us", reason: &e.to_string() }.emit();
+            if let Some(r) = e.abort_reason() {
+                conn.abort(r).await;
+            }
+            return;
+        }
+    };
+    let span = tracing::Span::current();
+    span.record("calling_ae", rq.calling_ae_title.trim());
+    span.record("called_ae", rq.called_ae_title.trim());
+
+    let overload = if permit.is_none() {
+        Some(Overload::TooManyAssociations)
+    } else if shared.disk_low() {
+        Some(Overload::LowDisk)
+    } else {
+        None
+    };
+    let decision = match overload {
+        Some(o) => Err(negotiation::reject_overload(o)),
+        None => negotiation::negotiate(
+            &rq,
+            &Policy {
+                ae_title: &shared.node.ae_title,
+                allowed_callers: &shared.node.allowed_callers,
+                max_pdu: shared.node.max_pdu,
+                peer: peer.ip(),
+            },
+        ),
+    };
+    let accepted = match decision {
+        Ok(a) => a,
+        Err(rj) => {
+            reject(&mut conn, &rq.calling_ae_title, &rq.called_ae_title, rj).await;
+            return;
+        }
+    };
+    if let Err(e) = conn.send(&Pdu::AssociationAC(accepted.ac)).await {
+        tracing::warn!(error = %e, "could not send A-ASSOCIATE-AC");
+        return;
+    }
+    telemetry::AssociationAccepted {
+        contexts: accepted.contexts.len(),
+        calling_ae: rq.calling_ae_title.trim(),
+    }
+    .emit();
+
+    let mut assoc = Association {
+        conn,
+        shared,
+        id,
+        peer,
+        contexts: accepted.contexts,
+        peer_max_pdu: accepted.peer_max_pdu,
+        assembler: Assembler::default(),
+        pending: None,
+        shutdown,
+    };
+    let calling_ae = rq.calling_ae_title.trim().to_owned();
+    let outcome = assoc.serve(&calling_ae).await;
+    if let Some(p) = assoc.pending.take() {
+        // Never acknowledged, so never an instance.
+        p.abort();
+    }
+    match outcome {
+        Ok(()) => {
+            tracing::info!("association released");
+            assoc.shared.tracker.association_released(assoc.id).await;
+        }
+        Err(e) => {
+            let by = if matches!(e, AssociationError::PeerAborted) { "peer" } else { "us" };
+            telemetry::AssociationAborted { by, reason: &e.to_string() }.emit();
+            if let Some(r) = e.abort_reason() {
+                assoc.conn.abort(r).await;
+            }
+            assoc.shared.tracker.association_aborted(assoc.id).await;
+        }
+    }
+    drop(permit);
+}
+
+async fn reject(conn: &mut Conn, calling: &str, called: &str, rj: AssociationRJ) {
+    telemetry::AssociationRejected {
+        calling_ae: calling.trim(),
+        called_ae: called.trim(),
+        reason: &format!("{:?}: {}", rj.result, rj.source),
+    }
+    .emit();
+    let _ = conn.send(&Pdu::AssociationRJ(rj)).await;
+    // PS3.8 9.2.3: the requestor closes; give it a moment, then close anyway.
+    let mut sink = [0u8; 64];
+    let _ = tokio::time::timeout(Duration::from_secs(2), conn.stream.read(&mut sink)).await;
+    let _ = conn.stream.shutdown().await;
+}
+
+impl Association {
+    async fn serve(&mut self, calling_ae: &str) -> Result<(), AssociationError> {
+        let idle = Duration::from_secs(self.shared.node.timeouts.idle_s);
+        let read = Duration::from_secs(self.shared.node.timeouts.read_s);
+        loop {
+            let pdu = tokio::select! {
+                biased;
+                _ = self.shutdown.cancelled() => return Err(AssociationError::Shutdown),
+                p = self.conn.read_pdu(idle, read) => p?,
+            };
+            match pdu {
+                Pdu::PData { data } => {
+                    for pdv in &data {
+                        self.on_pdv(pdv, calling_ae).await?;
+                    }
+                }
+                Pdu::ReleaseRQ => {
+                    if self.assembler.in_progress() {
+                        tracing::warn!("release requested in the middle of a message; partial instance dropped");
+                    }
+                    self.conn.send(&Pdu::ReleaseRP).await?;
+                    let _ = self.conn.stream.shutdown().await;
+                    return Ok(());
+                }
+                Pdu::AbortRQ { .. } => return Err(AssociationError::PeerAborted),
+                Pdu::AssociationRQ(_) => return Err(AssociationError::UnexpectedPdu("A-ASSOCIATE-RQ")),
+                Pdu::AssociationAC(_) => return Err(AssociationError::UnexpectedPdu("A-ASSOCIATE-AC")),
+                Pdu::AssociationRJ(_) => return Err(AssociationError::UnexpectedPdu("A-ASSOCIATE-RJ")),
+                Pdu::ReleaseRP => return Err(AssociationError::UnexpectedPdu("A-RELEASE-RP")),
+                Pdu::Unknown { .. } => return Err(AssociationError::UnexpectedPdu("unknown")),
+            }
+        }
+    }
+
+    fn context(&self, id: u8) -> Option<&AcceptedContext> {
+        self.contexts.iter().find(|c| c.id == id)
+    }
+
+    async fn on_pdv(&mut self, pdv: &PDataValue, calling_ae: &str) -> Result<(), AssociationError> {
+        let contexts = &self.contexts;
+        let event = self.assembler.push(pdv, |id| contexts.iter().any(|c| c.id == id))?;
+        match event {
+            None => Ok(()),
+            Some(Event::Command { ctx, bytes }) => self.on_command(ctx, &bytes).await,
+            Some(Event::Data { ctx, bytes, last }) => {
+                self.on_data(bytes)?;
+                if last {
+                    self.finish_message(ctx, calling_ae).await?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    async fn on_command(&mut self, ctx: u8, bytes: &[u8]) -> Result<(), AssociationError> {
+        let cmd = decode_command(bytes)?;
+        let context = self.context(ctx).expect("assembler only yields accepted contexts").clone();
+        match cmd.field() {
+            CommandField::CEchoRq if !cmd.has_dataset() => {
+                let status = if context.abstract_syntax == VERIFICATION {
+                    Status::Success
+                } else {
+                    Status::SopClassNotSupported
+                };
+                self.respond(ctx, Response::to_request(&cmd, status, None)).await
+            }
+            CommandField::CStoreRq if cmd.has_dataset() => {
+                self.pending = Some(self.begin_store(cmd, &context));
+                self.assembler.expect_data(ctx);
+                Ok(())
+            }
+            _ if cmd.has_dataset() => {
+                self.pending = Some(Pending::Discard {
+                    cmd,
+                    status: Status::UnrecognizedOperation,
+                    comment: "operation not supported by this SCP".into(),
+                });
+                self.assembler.expect_data(ctx);
+                Ok(())
+            }
+            _ => {
+                let rsp = Response::to_request(&cmd, Status::UnrecognizedOperation, Some("operation not supported by this SCP".into()));
+                self.respond(ctx, rsp).await
+            }
+        }
+    }
+
+    /// Decide, before any data arrives, whether this instance can be stored.
+    fn begin_store(&self, cmd: Command, context: &AcceptedContext) -> Pending {
+        let sop_class = cmd.affected_sop_class_uid.clone().unwrap_or_default();
+        let sop_instance = cmd.affected_sop_instance_uid.clone().unwrap_or_default();
+        let refuse = |status, comment: &str| Pending::Discard {
+            cmd: cmd.clone(),
+            status,
+            comment: comment.to_owned(),
+        };
+        if sop_class != context.abstract_syntax || !is_storage_sop_class(&sop_class) {
+            return refuse(Status::SopClassNotSupported, "SOP class differs from the presentation context");
+        }
+        if crate::dicom::Uid::parse(&sop_instance).is_err() {
+            return refuse(Status::CannotUnderstand, "Affected SOP Instance UID missing or invalid");
+        }
+        if self.shared.disk_low() {
+            return refuse(Status::OutOfResources, "free disk below the configured minimum");
+        }
+        let incoming = Incoming {
+            sop_class_uid: sop_class,
+            sop_instance_uid: sop_instance,
+            transfer_syntax: context.transfer_syntax.clone(),
+        };
+        match self.shared.spool.begin(&incoming) {
+            Ok(writer) => Pending::Store { cmd, writer },
+            Err(e) => {
+                tracing::error!(error = %e, "cannot open a spool file");
+                refuse(Status::OutOfResources, "cannot open a spool file")
+            }
+        }
+    }
+
+    fn on_data(&mut self, bytes: &[u8]) -> Result<(), AssociationError> {
+        let Some(pending) = self.pending.take() else {
+            // The assembler only yields data after a command that expects it.
+            return Err(AssociationError::Assembly(AssemblyError::DataWithoutCommand));
+        };
+        self.pending = Some(match pending {
+            Pending::Store { cmd, mut writer } => match writer.write(bytes) {
+                Ok(()) => Pending::Store { cmd, writer },
+                Err(e) => {
+                    tracing::error!(error = %e, "spool write failed");
+                    writer.abort();
+                    Pending::Discard {
+                        cmd,
+                        status: Status::OutOfResources,
+                        comment: "spool write failed".into(),
+                    }
+                }
+            },
+            d @ Pending::Discard { .. } => d,
+        });
+        Ok(())
+    }
+
+    async fn finish_message(&mut self, ctx: u8, calling_ae: &str) -> Result<(), AssociationError> {
+        let Some(pending) = self.pending.take() else {
+            return Err(AssociationError::Assembly(AssemblyError::DataWithoutCommand));
+        };
+        let rsp = match pending {
+            Pending::Discard { cmd, status, comment } => {
+                telemetry::StoreFailed {
+                    sop_instance_uid: cmd.affected_sop_instance_uid.as_deref().unwrap_or(""),
+                    status: status.code(),
+                    reason: &comment,
+                }
+                .emit();
+                Response::to_request(&cmd, status, Some(comment))
+            }
+            Pending::Store { cmd, writer } => {
+                let committed = tokio::task::spawn_blocking(move || writer.commit())
+                    .await
+                    .unwrap_or_else(|e| Err(SpoolError::Io(std::io::Error::other(e.to_string()))));
+                let ts = self.context(ctx).map(|c| c.transfer_syntax.clone()).unwrap_or_default();
+                match committed {
+                    Ok(stored) => {
+                        telemetry::InstanceStored {
+                            sop_instance_uid: stored.header.sop_instance_uid.as_str(),
+                            series_instance_uid: stored.header.series_instance_uid.as_str(),
+                            bytes: stored.size_bytes,
+                            duplicate: stored.duplicate,
+                        }
+                        .emit();
+                        if !stored.duplicate {
+                            let inst = StoredInstance {
+                                header: stored.header,
+                                rel_path: stored.rel_path,
+                                transfer_syntax: ts,
+                                size_bytes: stored.size_bytes,
+                                association_id: self.id,
+                                calling_ae: calling_ae.to_owned(),
+                            };
+                            // The file is durable: an index failure is repaired by
+                            // recovery at the next start, so it does not fail the store.
+                            if let Err(e) = self.shared.tracker.instance_stored(inst).await {
+                                tracing::error!(error = %e, "series index update failed; recovery will re-index");
+                            }
+                        }
+                        Response::to_request(&cmd, Status::Success, None)
+                    }
+                    Err(e) => {
+                        let status = status_for(&e);
+                        let comment = e.to_string();
+                        if e.fault() == Fault::Retryable {
+                            tracing::error!(error = %comment, "store failed on our side");
+                        }
+                        telemetry::StoreFailed {
+                            sop_instance_uid: cmd.affected_sop_instance_uid.as_deref().unwrap_or(""),
+                            status: status.code(),
+                            reason: &comment,
+                        }
+                        .emit();
+                        Response::to_request(&cmd, status, Some(comment))
+                    }
+                }
+            }
+        };
+        self.respond(ctx, rsp).await
+    }
+
+    async fn respond(&mut self, ctx: u8, rsp: Response) -> Result<(), AssociationError> {
+        let data = rsp.encode();
+        debug_assert!(self.peer_max_pdu == 0 || data.len() + 6 <= self.peer_max_pdu as usize);
+        let _ = self.peer;
+        self.conn
+            .send(&Pdu::PData {
+                data: vec![PDataValue {
+                    presentation_context_id: ctx,
+                    value_type: PDataValueType::Command,
+                    is_last: true,
+                    data,
+                }],
+            })
+            .await
+    }
+}
+
+/// The one mapping from spool failures to DIMSE statuses (PS3.4 B.2.3).
+pub fn status_for(e: &SpoolError) -> Status {
+    match e {
+        SpoolError::Io(_) | SpoolError::Meta(_) => Status::OutOfResources,
+        SpoolError::SopClassMismatch { .. } => Status::DataSetDoesNotMatchSopClass,
+        SpoolError::Unparseable(_) | SpoolError::Header(_) | SpoolError::SopInstanceMismatch { .. } => {
+            Status::CannotUnderstand
+        }
+    }
+}
