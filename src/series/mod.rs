@@ -312,3 +312,91 @@ pub(crate) fn rfc3339(t: std::time::SystemTime) -> String {
         format!("{}", dt.unix_timestamp())
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::SystemTime;
+
+    fn indexed(dir: &std::path::Path) -> PathBuf {
+        let path = dir.join("index.sqlite");
+        let mut ix = SeriesIndex::open(&path).unwrap();
+        for (series, n) in [("1.2.3", 3), ("1.2.4", 1)] {
+            for i in 1..=n {
+                let header = geometry::tests::slice(series, i, f64::from(i));
+                let inst = StoredInstance {
+                    rel_path: PathBuf::from(format!("s/{series}/{i}.dcm")),
+                    header,
+                    transfer_syntax: "1.2.840.10008.1.2.1".into(),
+                    size_bytes: 1,
+                    association_id: 1,
+                    calling_ae: "CT01".into(),
+                };
+                ix.insert_instance(&inst, SystemTime::now()).unwrap();
+            }
+        }
+        let ev = ix
+            .pending_completion(&Uid::parse("1.2.3").unwrap(), CompletionReason::QuietTimer)
+            .unwrap()
+            .unwrap();
+        ix.mark_complete(&ev, SystemTime::now()).unwrap();
+        path
+    }
+
+    #[test]
+    fn print_series_json_has_one_object_per_series_with_required_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = indexed(dir.path());
+        let mut out = Vec::new();
+        print_series(&path, true, &mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        let rows: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(rows.len(), 2);
+        for key in ["series_instance_uid", "state", "instances", "completion_reason"] {
+            assert!(rows.iter().all(|r| r.get(key).is_some()), "missing {key}: {text}");
+        }
+        let done = rows.iter().find(|r| r["series_instance_uid"] == "1.2.3").unwrap();
+        assert_eq!(done["state"], "complete");
+        assert_eq!(done["instances"], 3);
+        assert_eq!(done["completion_reason"], "quiet_timer");
+        let open = rows.iter().find(|r| r["series_instance_uid"] == "1.2.4").unwrap();
+        assert_eq!(open["completion_reason"], serde_json::Value::Null);
+    }
+
+    #[test]
+    fn print_series_text_is_an_aligned_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = indexed(dir.path());
+        let mut out = Vec::new();
+        print_series(&path, false, &mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        assert!(lines[0].starts_with("STATE"), "{text}");
+        let col = lines[0].find("SERIES UID").unwrap();
+        assert!(lines[1..].iter().all(|l| l[col..].starts_with("1.2.")), "{text}");
+    }
+
+    #[test]
+    fn retryable_classification() {
+        let busy = rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_BUSY),
+            None,
+        );
+        assert!(SeriesError::Sqlite(busy).is_retryable());
+        let corrupt = rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CORRUPT),
+            None,
+        );
+        assert!(!SeriesError::Sqlite(corrupt).is_retryable());
+        assert!(!SeriesError::Corrupt("x".into()).is_retryable());
+        assert!(SeriesError::Io {
+            path: "p".into(),
+            source: std::io::Error::other("x")
+        }
+        .is_retryable());
+    }
+}

@@ -415,3 +415,296 @@ impl TrackerHandle {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::series::geometry::tests::slice;
+    use crate::series::recover::tests::write_ct;
+    use crate::series::{SeriesCompleted, SqliteCompletionQueue};
+    use std::path::Path;
+
+    struct Node {
+        _dir: tempfile::TempDir,
+        index_path: PathBuf,
+        queue: Arc<SqliteCompletionQueue>,
+        handle: TrackerHandle,
+        shutdown: CancellationToken,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    fn cfg(quiet_seconds: f64, early_completion: bool) -> SeriesConfig {
+        SeriesConfig {
+            quiet_seconds,
+            early_completion,
+            spacing_tolerance: 0.1,
+        }
+    }
+
+    fn start(cfg: SeriesConfig, prepare_spool: impl FnOnce(&Path)) -> Node {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = dir.path().join("spool");
+        prepare_spool(&spool);
+        let index_path = dir.path().join("index.sqlite");
+        let index = SeriesIndex::open(&index_path).unwrap();
+        let queue = Arc::new(SqliteCompletionQueue::open(&index_path).unwrap());
+        let shutdown = CancellationToken::new();
+        let (handle, task) =
+            Tracker::spawn(cfg, index, spool, queue.clone(), shutdown.clone()).unwrap();
+        Node {
+            _dir: dir,
+            index_path,
+            queue,
+            handle,
+            shutdown,
+            task,
+        }
+    }
+
+    fn stored(series: &str, i: u32, z: f64, association_id: u64) -> StoredInstance {
+        let header = slice(series, i, z);
+        StoredInstance {
+            rel_path: PathBuf::from(format!(
+                "{}/{}/{}.dcm",
+                header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid
+            )),
+            header,
+            transfer_syntax: "1.2.840.10008.1.2.1".into(),
+            size_bytes: 1000,
+            association_id,
+            calling_ae: "CT01".into(),
+        }
+    }
+
+    /// Slices 1..=n of `series`, minus `skip`, at 2.5 mm.
+    async fn send(node: &Node, series: &str, n: u32, skip: &[u32], association_id: u64) {
+        for i in (1..=n).filter(|i| !skip.contains(i)) {
+            let out = node
+                .handle
+                .instance_stored(stored(series, i, f64::from(i) * 2.5, association_id))
+                .await
+                .unwrap();
+            assert_ne!(out, InsertOutcome::Duplicate);
+        }
+    }
+
+    /// Next event, acked; `None` if none arrives within `within`.
+    async fn next_event(node: &Node, within: Duration) -> Option<SeriesCompleted> {
+        tokio::time::timeout(within, async {
+            loop {
+                let woken = node.queue.notified();
+                if let Some((id, ev)) = node.queue.peek().unwrap() {
+                    node.queue.ack(id).unwrap();
+                    return ev;
+                }
+                woken.await;
+            }
+        })
+        .await
+        .ok()
+    }
+
+    fn row(node: &Node, series: &str) -> crate::series::SeriesSummary {
+        SeriesIndex::open_readonly(&node.index_path)
+            .unwrap()
+            .list_series()
+            .unwrap()
+            .into_iter()
+            .find(|r| r.series_instance_uid.as_str() == series)
+            .expect("series is indexed")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn quiet_timer_completes() {
+        let node = start(cfg(0.3, false), |_| {});
+        let t0 = Instant::now();
+        send(&node, "1.2.3", 4, &[], 1).await;
+        node.handle.association_released(1).await; // early completion is off
+        assert_eq!(node.queue.peek().unwrap(), None);
+        let ev = next_event(&node, Duration::from_secs(5)).await.expect("completes");
+        assert!(t0.elapsed() >= Duration::from_millis(300));
+        assert_eq!(ev.reason, CompletionReason::QuietTimer);
+        assert_eq!((ev.instances, ev.generation), (4, 1));
+        assert_eq!(ev.series_instance_uid.as_str(), "1.2.3");
+        let r = row(&node, "1.2.3");
+        assert_eq!(r.state, "complete");
+        assert_eq!(r.completion_reason.as_deref(), Some("quiet_timer"));
+        assert!(r.completed_at.is_some());
+        // Exactly once.
+        assert_eq!(next_event(&node, Duration::from_millis(500)).await, None);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn duplicate_is_reported_and_does_not_reopen() {
+        let node = start(cfg(0.2, false), |_| {});
+        let sop = Uid::parse("1.2.3.1").unwrap();
+        assert!(!node.handle.is_duplicate(&sop).await.unwrap());
+        let first = node.handle.instance_stored(stored("1.2.3", 1, 0.0, 1)).await;
+        assert_eq!(first.unwrap(), InsertOutcome::New);
+        assert!(node.handle.is_duplicate(&sop).await.unwrap());
+        let again = node.handle.instance_stored(stored("1.2.3", 1, 0.0, 2)).await;
+        assert_eq!(again.unwrap(), InsertOutcome::Duplicate);
+        assert!(next_event(&node, Duration::from_secs(5)).await.is_some());
+        let late_dup = node.handle.instance_stored(stored("1.2.3", 1, 0.0, 3)).await;
+        assert_eq!(late_dup.unwrap(), InsertOutcome::Duplicate);
+        assert_eq!(row(&node, "1.2.3").state, "complete");
+        assert_eq!(next_event(&node, Duration::from_millis(500)).await, None);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn late_new_instance_reopens_and_increments_generation() {
+        let node = start(cfg(0.2, false), |_| {});
+        send(&node, "1.2.3", 2, &[], 1).await;
+        let first = next_event(&node, Duration::from_secs(5)).await.unwrap();
+        assert_eq!((first.instances, first.generation), (2, 1));
+        let out = node
+            .handle
+            .instance_stored(stored("1.2.3", 3, 7.5, 2))
+            .await
+            .unwrap();
+        assert_eq!(out, InsertOutcome::Reopened);
+        let r = row(&node, "1.2.3");
+        assert_eq!((r.state.as_str(), r.generation), ("receiving", 2));
+        let second = next_event(&node, Duration::from_secs(5)).await.unwrap();
+        assert_eq!((second.instances, second.generation), (3, 2));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn release_completes_a_whole_series_at_once_but_not_one_with_a_gap() {
+        // A quiet period the test never reaches: only early completion can fire.
+        let node = start(cfg(60.0, true), |_| {});
+        send(&node, "1.2.3", 10, &[], 1).await;
+        send(&node, "1.2.4", 10, &[5], 2).await;
+        node.handle.association_released(1).await;
+        let ev = node.queue.peek().unwrap().expect("completed before release returned").1;
+        assert_eq!(ev.series_instance_uid.as_str(), "1.2.3");
+        assert_eq!(ev.reason, CompletionReason::AssociationReleased);
+        assert_eq!(ev.instances, 10);
+        assert_eq!(row(&node, "1.2.3").completion_reason.as_deref(), Some("association_released"));
+        next_event(&node, Duration::from_secs(1)).await.unwrap();
+
+        node.handle.association_released(2).await;
+        assert_eq!(node.queue.peek().unwrap(), None);
+        assert_eq!(row(&node, "1.2.4").state, "receiving");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn release_waits_for_other_associations_and_abort_never_completes() {
+        let node = start(cfg(60.0, true), |_| {});
+        // Two associations share one series; the first to release must not
+        // complete it while the other may still be sending.
+        send(&node, "1.2.5", 4, &[], 1).await;
+        node.handle
+            .instance_stored(stored("1.2.5", 5, 12.5, 2))
+            .await
+            .unwrap();
+        node.handle.association_released(1).await;
+        assert_eq!(node.queue.peek().unwrap(), None);
+        node.handle.association_released(2).await;
+        assert_eq!(node.queue.peek().unwrap().unwrap().1.instances, 5);
+
+        send(&node, "1.2.6", 4, &[], 3).await;
+        node.handle.association_aborted(3).await;
+        node.handle.association_released(3).await; // forgotten already
+        assert_eq!(row(&node, "1.2.6").state, "receiving");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn recover_indexes_spool_files_and_times_them_out() {
+        let node = start(cfg(0.3, true), |spool| {
+            for i in 1..=3 {
+                write_ct(spool, "1.2.7", i, f64::from(i));
+            }
+        });
+        let r = row(&node, "1.2.7");
+        assert_eq!((r.state.as_str(), r.instances), ("receiving", 3));
+        let ev = next_event(&node, Duration::from_secs(5)).await.expect("completes after restart");
+        assert_eq!((ev.reason, ev.instances), (CompletionReason::QuietTimer, 3));
+        let sop = Uid::parse("1.2.7.2").unwrap();
+        assert!(node.handle.is_duplicate(&sop).await.unwrap());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn shutdown_keeps_receiving_series_for_the_next_start() {
+        let node = start(cfg(60.0, false), |_| {});
+        let spool = node._dir.path().join("spool");
+        for i in 1..=2 {
+            // As ingest does: file first, then the tracker.
+            let rel = write_ct(&spool, "1.2.8", i, f64::from(i));
+            let mut inst = stored("1.2.8", i, f64::from(i), 1);
+            assert_eq!(inst.rel_path, rel);
+            inst.size_bytes = std::fs::metadata(spool.join(&rel)).unwrap().len();
+            node.handle.instance_stored(inst).await.unwrap();
+        }
+        node.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(5), node.task)
+            .await
+            .expect("actor ends")
+            .unwrap();
+        let e = node
+            .handle
+            .instance_stored(stored("1.2.8", 3, 3.0, 1))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, SeriesError::TrackerStopped), "{e}");
+        assert_eq!(node.queue.peek().unwrap(), None);
+
+        // Restart on the same files: the series gets a fresh quiet period.
+        let index = SeriesIndex::open(&node.index_path).unwrap();
+        let queue = Arc::new(SqliteCompletionQueue::open(&node.index_path).unwrap());
+        let (_handle, _task) = Tracker::spawn(
+            cfg(0.2, false),
+            index,
+            spool,
+            queue.clone(),
+            CancellationToken::new(),
+        )
+        .unwrap();
+        let ev = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                let woken = queue.notified();
+                if let Some((_, ev)) = queue.peek().unwrap() {
+                    return ev;
+                }
+                woken.await;
+            }
+        })
+        .await
+        .expect("restarted tracker completes the series");
+        assert_eq!((ev.instances, ev.generation), (2, 1));
+        assert_eq!(ev.reason, CompletionReason::QuietTimer);
+    }
+
+    #[test]
+    fn deadlines_stay_ordered_when_moved() {
+        let mut d = Deadlines::default();
+        let t = Instant::now();
+        let (a, b) = (Uid::parse("1.1").unwrap(), Uid::parse("1.2").unwrap());
+        d.set(a.clone(), t + Duration::from_secs(1));
+        d.set(b.clone(), t + Duration::from_secs(2));
+        d.set(a.clone(), t + Duration::from_secs(3));
+        assert_eq!(d.earliest(), Some(t + Duration::from_secs(2)));
+        assert_eq!(d.due(t + Duration::from_secs(2)), vec![b.clone()]);
+        d.remove(&b);
+        d.remove(&a);
+        assert_eq!((d.earliest(), d.order.len()), (None, 0));
+    }
+
+    #[test]
+    fn invalid_quiet_period_is_refused() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let _g = rt.enter();
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("i.sqlite");
+        let e = Tracker::spawn(
+            cfg(-1.0, true),
+            SeriesIndex::open(&p).unwrap(),
+            dir.path().join("spool"),
+            Arc::new(SqliteCompletionQueue::open(&p).unwrap()),
+            CancellationToken::new(),
+        )
+        .err()
+        .expect("negative quiet period");
+        assert!(matches!(e, SeriesError::InvalidConfig(_)), "{e}");
+    }
+}
