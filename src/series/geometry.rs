@@ -33,16 +33,33 @@ const SPACING_SLACK_MM: f64 = 1e-4;
 pub enum NotWhole {
     Empty,
     /// An instance lacks ImagePositionPatient / ImageOrientationPatient.
-    NoGeometry { sop: Uid },
+    NoGeometry {
+        sop: Uid,
+    },
     /// ImageOrientationPatient whose row and column cosines are collinear.
-    DegenerateOrientation { sop: Uid },
-    NotParallel { sop: Uid, angle_rad: f64 },
-    DuplicatePosition { position_mm: f64 },
-    UnevenSpacing { expected_mm: f64, found_mm: f64 },
-    CountMismatch { expected: u32, got: u32 },
+    DegenerateOrientation {
+        sop: Uid,
+    },
+    NotParallel {
+        sop: Uid,
+        angle_rad: f64,
+    },
+    DuplicatePosition {
+        position_mm: f64,
+    },
+    UnevenSpacing {
+        expected_mm: f64,
+        found_mm: f64,
+    },
+    CountMismatch {
+        expected: u32,
+        got: u32,
+    },
     /// Multi-frame instances are whole only alone (one Enhanced CT instance);
     /// their per-frame geometry is not in the header summary.
-    MultiFrameInSet { sop: Uid },
+    MultiFrameInSet {
+        sop: Uid,
+    },
 }
 
 impl fmt::Display for NotWhole {
@@ -75,10 +92,9 @@ impl fmt::Display for NotWhole {
                 f,
                 "ImagesInAcquisition says {expected} images, {got} received"
             ),
-            NotWhole::MultiFrameInSet { sop } => write!(
-                f,
-                "multi-frame instance {sop} is one of several instances"
-            ),
+            NotWhole::MultiFrameInSet { sop } => {
+                write!(f, "multi-frame instance {sop} is one of several instances")
+            }
         }
     }
 }
@@ -103,7 +119,10 @@ pub fn check_whole(headers: &[&InstanceHeader], spacing_tolerance: f64) -> Resul
     if headers.is_empty() {
         return Err(NotWhole::Empty);
     }
-    if let Some(mf) = headers.iter().find(|h| h.number_of_frames.is_some_and(|n| n > 1)) {
+    if let Some(mf) = headers
+        .iter()
+        .find(|h| h.number_of_frames.is_some_and(|n| n > 1))
+    {
         return if headers.len() == 1 {
             Ok(())
         } else {
@@ -230,7 +249,10 @@ pub(crate) mod tests {
     }
 
     /// Slices at 0, 2.5, 5, … for each index in `present`.
-    pub(crate) fn stack(series: &str, present: impl IntoIterator<Item = u32>) -> Vec<InstanceHeader> {
+    pub(crate) fn stack(
+        series: &str,
+        present: impl IntoIterator<Item = u32>,
+    ) -> Vec<InstanceHeader> {
         present
             .into_iter()
             .map(|i| slice(series, i + 1, i as f64 * 2.5))
@@ -272,7 +294,11 @@ pub(crate) mod tests {
         v[4].geometry.as_mut().unwrap().position[2] += 0.1; // 4% of 2.5 mm
         assert_eq!(check(&v), Ok(()));
         v[4].geometry.as_mut().unwrap().position[2] += 0.4; // 20%
-        assert!(matches!(check(&v), Err(NotWhole::UnevenSpacing { .. })), "{:?}", check(&v));
+        assert!(
+            matches!(check(&v), Err(NotWhole::UnevenSpacing { .. })),
+            "{:?}",
+            check(&v)
+        );
     }
 
     #[test]
@@ -346,7 +372,10 @@ pub(crate) mod tests {
         );
         v[1] = slice("1.2.3", 2, 2.5);
         v[1].geometry.as_mut().unwrap().orientation = [1.0, 0.0, 0.0, 1.0, 0.0, 0.0];
-        assert!(matches!(check(&v), Err(NotWhole::DegenerateOrientation { .. })));
+        assert!(matches!(
+            check(&v),
+            Err(NotWhole::DegenerateOrientation { .. })
+        ));
     }
 
     #[test]

@@ -428,7 +428,10 @@ impl SeriesIndex {
             .conn
             .prepare("SELECT sop_instance_uid, rel_path FROM instances")?;
         let rows = stmt.query_map([], |r| {
-            Ok((r.get::<_, String>(0)?, PathBuf::from(r.get::<_, String>(1)?)))
+            Ok((
+                r.get::<_, String>(0)?,
+                PathBuf::from(r.get::<_, String>(1)?),
+            ))
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
@@ -488,10 +491,19 @@ mod tests {
         let path = dir.path().join("index.sqlite");
         let mut ix = SeriesIndex::open(&path).unwrap();
         let now = SystemTime::now();
-        assert_eq!(ix.insert_instance(&stored("1.2.3", 1, 0.0, 7), now).unwrap(), InsertOutcome::New);
-        assert_eq!(ix.insert_instance(&stored("1.2.3", 2, 2.5, 7), now).unwrap(), InsertOutcome::New);
         assert_eq!(
-            ix.insert_instance(&stored("1.2.3", 2, 2.5, 8), now).unwrap(),
+            ix.insert_instance(&stored("1.2.3", 1, 0.0, 7), now)
+                .unwrap(),
+            InsertOutcome::New
+        );
+        assert_eq!(
+            ix.insert_instance(&stored("1.2.3", 2, 2.5, 7), now)
+                .unwrap(),
+            InsertOutcome::New
+        );
+        assert_eq!(
+            ix.insert_instance(&stored("1.2.3", 2, 2.5, 8), now)
+                .unwrap(),
             InsertOutcome::Duplicate
         );
         assert!(ix.contains_instance(&s("1.2.3.2")).unwrap());

@@ -355,14 +355,28 @@ mod tests {
             .map(|l| serde_json::from_str(l).unwrap())
             .collect();
         assert_eq!(rows.len(), 2);
-        for key in ["series_instance_uid", "state", "instances", "completion_reason"] {
-            assert!(rows.iter().all(|r| r.get(key).is_some()), "missing {key}: {text}");
+        for key in [
+            "series_instance_uid",
+            "state",
+            "instances",
+            "completion_reason",
+        ] {
+            assert!(
+                rows.iter().all(|r| r.get(key).is_some()),
+                "missing {key}: {text}"
+            );
         }
-        let done = rows.iter().find(|r| r["series_instance_uid"] == "1.2.3").unwrap();
+        let done = rows
+            .iter()
+            .find(|r| r["series_instance_uid"] == "1.2.3")
+            .unwrap();
         assert_eq!(done["state"], "complete");
         assert_eq!(done["instances"], 3);
         assert_eq!(done["completion_reason"], "quiet_timer");
-        let open = rows.iter().find(|r| r["series_instance_uid"] == "1.2.4").unwrap();
+        let open = rows
+            .iter()
+            .find(|r| r["series_instance_uid"] == "1.2.4")
+            .unwrap();
         assert_eq!(open["completion_reason"], serde_json::Value::Null);
     }
 
@@ -377,7 +391,10 @@ mod tests {
         assert_eq!(lines.len(), 3, "{text}");
         assert!(lines[0].starts_with("STATE"), "{text}");
         let col = lines[0].find("SERIES UID").unwrap();
-        assert!(lines[1..].iter().all(|l| l[col..].starts_with("1.2.")), "{text}");
+        assert!(
+            lines[1..].iter().all(|l| l[col..].starts_with("1.2.")),
+            "{text}"
+        );
     }
 
     #[test]

@@ -60,7 +60,10 @@ pub fn recover(
         ..Recovery::default()
     };
 
-    let mut missing: Vec<&PathBuf> = on_disk.iter().filter(|p| !indexed.contains_key(*p)).collect();
+    let mut missing: Vec<&PathBuf> = on_disk
+        .iter()
+        .filter(|p| !indexed.contains_key(*p))
+        .collect();
     // Sorted so series are rebuilt in a stable order, which keeps logs diffable.
     missing.sort();
     for rel in missing {
@@ -225,11 +228,18 @@ pub(crate) mod tests {
         let spool = dir.path().join("spool");
         let mut ix = SeriesIndex::open(&dir.path().join("index.sqlite")).unwrap();
         // Nothing there yet.
-        assert_eq!(recover(&mut ix, &spool, SystemTime::now()).unwrap(), Recovery::default());
+        assert_eq!(
+            recover(&mut ix, &spool, SystemTime::now()).unwrap(),
+            Recovery::default()
+        );
 
         let a = write_ct(&spool, "1.2.3", 1, 0.0);
         write_ct(&spool, "1.2.3", 2, 2.5);
-        std::fs::write(spool.join(STUDY).join("1.2.3").join("junk.dcm"), b"not dicom").unwrap();
+        std::fs::write(
+            spool.join(STUDY).join("1.2.3").join("junk.dcm"),
+            b"not dicom",
+        )
+        .unwrap();
         std::fs::write(spool.join(STUDY).join("1.2.3").join("note.txt"), b"ignored").unwrap();
         let r = recover(&mut ix, &spool, SystemTime::now()).unwrap();
         assert_eq!((r.indexed, r.unreadable, r.removed), (2, 1, 0));

@@ -336,15 +336,20 @@ impl Tracker {
         match self.index.mark_complete(&ev, SystemTime::now()) {
             Ok(recorded) => {
                 self.deadlines.remove(series);
-                if !recorded {
-                    tracing::warn!("series changed state while completing; event already queued");
+                if recorded {
+                    tracing::info!(
+                        series = %series,
+                        instances = ev.instances,
+                        generation = ev.generation,
+                        reason = %ev.reason,
+                        "series complete"
+                    );
+                } else {
+                    tracing::warn!(
+                        series = %series,
+                        "series changed state while completing; event already queued"
+                    );
                 }
-                tracing::info!(
-                    instances = ev.instances,
-                    generation = ev.generation,
-                    reason = %ev.reason,
-                    "series complete"
-                );
             }
             Err(error) => {
                 // The event is queued; retrying queues it again with the same
@@ -359,7 +364,10 @@ impl Tracker {
 impl TrackerHandle {
     /// Indexes an instance ingest has fsync'd; resolves once the index
     /// committed, so ingest acknowledges only what the index knows.
-    pub async fn instance_stored(&self, inst: StoredInstance) -> Result<InsertOutcome, SeriesError> {
+    pub async fn instance_stored(
+        &self,
+        inst: StoredInstance,
+    ) -> Result<InsertOutcome, SeriesError> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Msg::Stored {
@@ -411,7 +419,10 @@ impl TrackerHandle {
         let (done, rx) = oneshot::channel();
         if self.tx.send(msg(association_id, done)).await.is_err() || rx.await.is_err() {
             // Shutting down: the quiet timer after restart covers it.
-            tracing::debug!(association_id, "series tracker stopped; association end ignored");
+            tracing::debug!(
+                association_id,
+                "series tracker stopped; association end ignored"
+            );
         }
     }
 }
@@ -521,7 +532,9 @@ mod tests {
         send(&node, "1.2.3", 4, &[], 1).await;
         node.handle.association_released(1).await; // early completion is off
         assert_eq!(node.queue.peek().unwrap(), None);
-        let ev = next_event(&node, Duration::from_secs(5)).await.expect("completes");
+        let ev = next_event(&node, Duration::from_secs(5))
+            .await
+            .expect("completes");
         assert!(t0.elapsed() >= Duration::from_millis(300));
         assert_eq!(ev.reason, CompletionReason::QuietTimer);
         assert_eq!((ev.instances, ev.generation), (4, 1));
@@ -539,13 +552,22 @@ mod tests {
         let node = start(cfg(0.2, false), |_| {});
         let sop = Uid::parse("1.2.3.1").unwrap();
         assert!(!node.handle.is_duplicate(&sop).await.unwrap());
-        let first = node.handle.instance_stored(stored("1.2.3", 1, 0.0, 1)).await;
+        let first = node
+            .handle
+            .instance_stored(stored("1.2.3", 1, 0.0, 1))
+            .await;
         assert_eq!(first.unwrap(), InsertOutcome::New);
         assert!(node.handle.is_duplicate(&sop).await.unwrap());
-        let again = node.handle.instance_stored(stored("1.2.3", 1, 0.0, 2)).await;
+        let again = node
+            .handle
+            .instance_stored(stored("1.2.3", 1, 0.0, 2))
+            .await;
         assert_eq!(again.unwrap(), InsertOutcome::Duplicate);
         assert!(next_event(&node, Duration::from_secs(5)).await.is_some());
-        let late_dup = node.handle.instance_stored(stored("1.2.3", 1, 0.0, 3)).await;
+        let late_dup = node
+            .handle
+            .instance_stored(stored("1.2.3", 1, 0.0, 3))
+            .await;
         assert_eq!(late_dup.unwrap(), InsertOutcome::Duplicate);
         assert_eq!(row(&node, "1.2.3").state, "complete");
         assert_eq!(next_event(&node, Duration::from_millis(500)).await, None);
@@ -576,11 +598,19 @@ mod tests {
         send(&node, "1.2.3", 10, &[], 1).await;
         send(&node, "1.2.4", 10, &[5], 2).await;
         node.handle.association_released(1).await;
-        let ev = node.queue.peek().unwrap().expect("completed before release returned").1;
+        let ev = node
+            .queue
+            .peek()
+            .unwrap()
+            .expect("completed before release returned")
+            .1;
         assert_eq!(ev.series_instance_uid.as_str(), "1.2.3");
         assert_eq!(ev.reason, CompletionReason::AssociationReleased);
         assert_eq!(ev.instances, 10);
-        assert_eq!(row(&node, "1.2.3").completion_reason.as_deref(), Some("association_released"));
+        assert_eq!(
+            row(&node, "1.2.3").completion_reason.as_deref(),
+            Some("association_released")
+        );
         next_event(&node, Duration::from_secs(1)).await.unwrap();
 
         node.handle.association_released(2).await;
@@ -618,7 +648,9 @@ mod tests {
         });
         let r = row(&node, "1.2.7");
         assert_eq!((r.state.as_str(), r.instances), ("receiving", 3));
-        let ev = next_event(&node, Duration::from_secs(5)).await.expect("completes after restart");
+        let ev = next_event(&node, Duration::from_secs(5))
+            .await
+            .expect("completes after restart");
         assert_eq!((ev.reason, ev.instances), (CompletionReason::QuietTimer, 3));
         let sop = Uid::parse("1.2.7.2").unwrap();
         assert!(node.handle.is_duplicate(&sop).await.unwrap());
@@ -675,6 +707,83 @@ mod tests {
         assert_eq!(ev.reason, CompletionReason::QuietTimer);
     }
 
+    /// A queue that refuses its first push, to exercise the retry path.
+    #[derive(Default)]
+    struct FlakyQueue {
+        refused: std::sync::atomic::AtomicBool,
+        events: std::sync::Mutex<Vec<SeriesCompleted>>,
+        notify: tokio::sync::Notify,
+    }
+
+    impl CompletionQueue for FlakyQueue {
+        fn push(&self, ev: &SeriesCompleted) -> Result<(), SeriesError> {
+            if !self.refused.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                return Err(SeriesError::Queue {
+                    message: "broker away".into(),
+                    retryable: true,
+                });
+            }
+            self.events.lock().unwrap().push(ev.clone());
+            self.notify.notify_one();
+            Ok(())
+        }
+        fn peek(&self) -> Result<Option<(i64, SeriesCompleted)>, SeriesError> {
+            Ok(self.events.lock().unwrap().first().cloned().map(|e| (0, e)))
+        }
+        fn ack(&self, _id: i64) -> Result<(), SeriesError> {
+            Ok(())
+        }
+        fn notified(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
+            Box::pin(self.notify.notified())
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn failed_push_keeps_the_series_receiving_and_retries() {
+        let dir = tempfile::tempdir().unwrap();
+        let index_path = dir.path().join("index.sqlite");
+        let queue = Arc::new(FlakyQueue::default());
+        let (handle, _task) = Tracker::spawn(
+            cfg(0.2, true),
+            SeriesIndex::open(&index_path).unwrap(),
+            dir.path().join("spool"),
+            queue.clone(),
+            CancellationToken::new(),
+        )
+        .unwrap();
+        for i in 1..=3 {
+            handle
+                .instance_stored(stored("1.2.9", i, f64::from(i) * 2.5, 1))
+                .await
+                .unwrap();
+        }
+        let t0 = Instant::now();
+        handle.association_released(1).await; // whole, but the push fails
+        assert!(queue.events.lock().unwrap().is_empty());
+        let state = |p: &Path| {
+            SeriesIndex::open_readonly(p)
+                .unwrap()
+                .list_series()
+                .unwrap()[0]
+                .clone()
+        };
+        assert_eq!(state(&index_path).state, "receiving");
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while queue.events.lock().unwrap().is_empty() {
+                queue.notified().await;
+            }
+        })
+        .await
+        .expect("retried after a quiet period");
+        assert!(t0.elapsed() >= Duration::from_millis(200));
+        let ev = queue.events.lock().unwrap()[0].clone();
+        assert_eq!(
+            (ev.reason, ev.generation, ev.instances),
+            (CompletionReason::QuietTimer, 1, 3)
+        );
+        assert_eq!(state(&index_path).state, "complete");
+    }
+
     #[test]
     fn deadlines_stay_ordered_when_moved() {
         let mut d = Deadlines::default();
@@ -692,7 +801,10 @@ mod tests {
 
     #[test]
     fn invalid_quiet_period_is_refused() {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         let _g = rt.enter();
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("i.sqlite");
@@ -703,8 +815,7 @@ mod tests {
             Arc::new(SqliteCompletionQueue::open(&p).unwrap()),
             CancellationToken::new(),
         )
-        .err()
-        .expect("negative quiet period");
+        .expect_err("negative quiet period");
         assert!(matches!(e, SeriesError::InvalidConfig(_)), "{e}");
     }
 }
