@@ -1,28 +1,419 @@
-//! Series tracker — interface stub until the tracker branch merges.
+//! Series tracker: groups stored instances into series and decides when a
+//! series is complete.
+//!
+//! **Input.** A [`StoredInstance`] for every instance ingest has fsync'd under
+//! `<spool>/<study_uid>/<series_uid>/<sop_uid>.dcm`, sent through
+//! [`TrackerHandle::instance_stored`], plus association release / abort
+//! notices. At start, [`recover`] walks the spool itself.
+//!
+//! **Output.** One [`SeriesCompleted`] event per completion, pushed on a
+//! durable [`CompletionQueue`] that routing consumes; and the SQLite index
+//! ([`SeriesIndex`]) that routing and `biomarker-node series` read.
+//!
+//! **When a series is complete.** DICOM has no "end of series" message, so
+//! completion is a heuristic with two triggers:
+//! - *quiet timer*: no new instance for `series.quiet_seconds`;
+//! - *association released* (`series.early_completion`): the association that
+//!   stored into the series ended normally and the instances in the index are
+//!   geometrically whole ([`check_whole`]). A series another open association
+//!   is still storing into is left to the quiet timer.
+//!
+//! **Re-open.** A late *new* SOP instance for a series that is complete (or in
+//! any later state) moves it back to `receiving`; it then completes again with
+//! `generation + 1`. A duplicate SOP Instance UID never re-opens a series:
+//! ingest keeps the first copy and the index is not touched.
+//!
+//! **Invariants.**
+//! - The spool file is the truth; the index is its summary and [`recover`]
+//!   repairs it at start (index missing files, drop rows whose file is gone).
+//!   That is why the index runs with `synchronous=NORMAL`.
+//! - One SOP Instance UID is indexed once, in one series.
+//! - Only the tracker moves a series into or out of `receiving`; later stages
+//!   set later states with [`SeriesIndex::set_state`], which refuses to
+//!   overwrite `receiving` so a re-open is never lost.
+//! - Delivery on the queue is at-least-once: the event is pushed *before* the
+//!   index records the completion, so a crash in between completes the series
+//!   again after restart with the same generation. Consumers dedupe on
+//!   `(series_instance_uid, generation)`.
+//!
+//! **Failure modes.** SQLite busy / I/O errors are retryable
+//! ([`SeriesError::is_retryable`]): ingest answers the peer with a failure
+//! status and the file is indexed by [`recover`] at the next start anyway. A
+//! failed queue push leaves the series `receiving` and retries after another
+//! quiet period. Unreadable spool files found by [`recover`] are logged and
+//! skipped, never deleted. The association → series map lives in memory only;
+//! after a crash the quiet timer covers what early completion would have done.
+
+mod geometry;
+mod index;
+mod queue;
+mod recover;
+mod tracker;
+
 use std::path::PathBuf;
 
-use crate::dicom::header::InstanceHeader;
+use serde::{Deserialize, Serialize};
 
+use crate::dicom::header::InstanceHeader;
+use crate::dicom::Uid;
+
+pub use geometry::{check_whole, NotWhole, MAX_NORMAL_ANGLE_RAD, SAME_POSITION_MM};
+pub use index::SeriesIndex;
+pub use queue::{CompletionQueue, SqliteCompletionQueue};
+pub use recover::{recover, Recovery};
+pub use tracker::{Tracker, TrackerHandle};
+
+/// State names the tracker owns. Later stages add their own (stored as TEXT).
+pub const STATE_RECEIVING: &str = "receiving";
+pub const STATE_COMPLETE: &str = "complete";
+
+/// What ingest hands over once an instance is durably in the spool.
+#[derive(Debug, Clone, PartialEq)]
 pub struct StoredInstance {
     pub header: InstanceHeader,
+    /// Relative to the spool root, so the data dir can move.
     pub rel_path: PathBuf,
     pub transfer_syntax: String,
     pub size_bytes: u64,
+    /// Which association stored it; early completion keys on this. `0` for
+    /// instances found by [`recover`], whose association is unknown.
     pub association_id: u64,
     pub calling_ae: String,
 }
 
-#[derive(Debug, thiserror::Error)]
-#[error("series tracker unavailable")]
-pub struct SeriesError;
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum InsertOutcome {
+    /// First time this SOP instance is seen; its series is (now) receiving.
+    New,
+    /// SOP Instance UID already indexed: ingest keeps the first copy and acks.
+    Duplicate,
+    /// New instance for a series that had completed; it is receiving again.
+    Reopened,
+}
 
-#[derive(Clone)]
-pub struct TrackerHandle;
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CompletionReason {
+    QuietTimer,
+    AssociationReleased,
+}
 
-impl TrackerHandle {
-    pub async fn instance_stored(&self, _inst: StoredInstance) -> Result<(), SeriesError> {
-        Ok(())
+impl CompletionReason {
+    /// The same spelling serde uses, for the index's TEXT column and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CompletionReason::QuietTimer => "quiet_timer",
+            CompletionReason::AssociationReleased => "association_released",
+        }
     }
-    pub async fn association_released(&self, _id: u64) {}
-    pub async fn association_aborted(&self, _id: u64) {}
+}
+
+impl std::fmt::Display for CompletionReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The hand-off to routing: one per completion of one generation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SeriesCompleted {
+    pub series_instance_uid: Uid,
+    pub study_instance_uid: Uid,
+    pub reason: CompletionReason,
+    /// Instances in the index when the series completed.
+    pub instances: u32,
+    /// 1 for the first completion; +1 each time a late instance re-opened it.
+    pub generation: u32,
+}
+
+/// One row of `biomarker-node series`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SeriesSummary {
+    pub series_instance_uid: Uid,
+    pub study_instance_uid: Uid,
+    pub modality: Option<String>,
+    /// `receiving`, `complete`, or a later stage's state.
+    pub state: String,
+    pub instances: u32,
+    /// Reason of the latest completion; `None` while receiving.
+    pub completion_reason: Option<String>,
+    /// Generation being received, or the one that last completed.
+    pub generation: u32,
+    /// RFC 3339, UTC, millisecond precision.
+    pub first_received_at: String,
+    pub last_received_at: String,
+    pub completed_at: Option<String>,
+    pub series_description: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SeriesError {
+    #[error("cannot open series index {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error("series index: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("series index {path} has schema version {found}; this build knows {supported}")]
+    Schema {
+        path: PathBuf,
+        found: i64,
+        supported: i64,
+    },
+    #[error("spool {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("corrupt index row: {0}")]
+    Corrupt(String),
+    #[error("series {0} is not in the index")]
+    UnknownSeries(Uid),
+    #[error("`{0}` is not a state a later stage may set")]
+    InvalidState(String),
+    /// A later stage tried to move a series the tracker has re-opened.
+    #[error("series {series} is {current}; its next completion will be queued again")]
+    StateConflict { series: Uid, current: String },
+    /// For [`CompletionQueue`] implementations other than SQLite.
+    #[error("completion queue: {message}")]
+    Queue { message: String, retryable: bool },
+    #[error("invalid series configuration: {0}")]
+    InvalidConfig(String),
+    #[error("the series tracker has stopped")]
+    TrackerStopped,
+    #[error("cannot write the series listing: {0}")]
+    Output(std::io::Error),
+}
+
+impl SeriesError {
+    /// Whether the same call may succeed later without anyone fixing anything:
+    /// lock contention, I/O and full disks are; corruption, schema mismatch
+    /// and bad arguments are not. A stopped tracker is not: it only stops at
+    /// shutdown.
+    pub fn is_retryable(&self) -> bool {
+        use rusqlite::ErrorCode as C;
+        let sqlite = |e: &rusqlite::Error| {
+            matches!(
+                e.sqlite_error_code(),
+                Some(
+                    C::DatabaseBusy
+                        | C::DatabaseLocked
+                        | C::SystemIoFailure
+                        | C::DiskFull
+                        | C::OutOfMemory
+                        | C::CannotOpen
+                )
+            )
+        };
+        match self {
+            SeriesError::Open { source, .. } => sqlite(source),
+            SeriesError::Sqlite(e) => sqlite(e),
+            SeriesError::Io { .. } => true,
+            SeriesError::Queue { retryable, .. } => *retryable,
+            SeriesError::Schema { .. }
+            | SeriesError::Corrupt(_)
+            | SeriesError::UnknownSeries(_)
+            | SeriesError::InvalidState(_)
+            | SeriesError::InvalidConfig(_)
+            | SeriesError::StateConflict { .. }
+            | SeriesError::TrackerStopped
+            | SeriesError::Output(_) => false,
+        }
+    }
+}
+
+/// `biomarker-node series`: list the index, safe while `serve` writes it.
+///
+/// `json`: one object per line (a [`SeriesSummary`]); otherwise an aligned
+/// table, newest activity first in both.
+pub fn print_series(
+    index_path: &std::path::Path,
+    json: bool,
+    out: &mut dyn std::io::Write,
+) -> Result<(), SeriesError> {
+    let index = SeriesIndex::open_readonly(index_path)?;
+    let rows = index.list_series()?;
+    if json {
+        for row in &rows {
+            let line = serde_json::to_string(row)
+                .map_err(|e| SeriesError::Output(std::io::Error::other(e)))?;
+            writeln!(out, "{line}").map_err(SeriesError::Output)?;
+        }
+        return Ok(());
+    }
+    write_table(&rows, out).map_err(SeriesError::Output)
+}
+
+fn write_table(rows: &[SeriesSummary], out: &mut dyn std::io::Write) -> std::io::Result<()> {
+    const HEAD: [&str; 8] = [
+        "STATE",
+        "INST",
+        "GEN",
+        "REASON",
+        "MOD",
+        "LAST RECEIVED",
+        "SERIES UID",
+        "DESCRIPTION",
+    ];
+    let cells: Vec<[String; 8]> = rows
+        .iter()
+        .map(|r| {
+            [
+                r.state.clone(),
+                r.instances.to_string(),
+                r.generation.to_string(),
+                r.completion_reason.clone().unwrap_or_else(|| "-".into()),
+                r.modality.clone().unwrap_or_else(|| "-".into()),
+                r.last_received_at.clone(),
+                r.series_instance_uid.to_string(),
+                r.series_description.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    let mut width = HEAD.map(str::len);
+    for row in &cells {
+        for (w, c) in width.iter_mut().zip(row) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let mut line = |fields: [&str; 8]| -> std::io::Result<()> {
+        let mut s = String::new();
+        for (i, (f, w)) in fields.iter().zip(width).enumerate() {
+            if i + 1 == fields.len() {
+                s.push_str(f);
+            } else if i == 1 || i == 2 {
+                // Counts read better right-aligned.
+                s.push_str(&format!("{f:>w$}  "));
+            } else {
+                s.push_str(&format!("{f:<w$}  "));
+            }
+        }
+        writeln!(out, "{}", s.trim_end())
+    };
+    line(HEAD)?;
+    for row in &cells {
+        line(row.each_ref().map(String::as_str))?;
+    }
+    Ok(())
+}
+
+/// RFC 3339 in UTC with fixed millisecond width, so the TEXT columns sort
+/// chronologically.
+pub(crate) fn rfc3339(t: std::time::SystemTime) -> String {
+    let fmt = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+    );
+    let dt = time::OffsetDateTime::from(t);
+    dt.format(&fmt).unwrap_or_else(|_| {
+        // Only a year outside 0..=9999 gets here; keep something sortable-ish
+        // rather than failing an insert over a clock.
+        format!("{}", dt.unix_timestamp())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::SystemTime;
+
+    fn indexed(dir: &std::path::Path) -> PathBuf {
+        let path = dir.join("index.sqlite");
+        let mut ix = SeriesIndex::open(&path).unwrap();
+        for (series, n) in [("1.2.3", 3), ("1.2.4", 1)] {
+            for i in 1..=n {
+                let header = geometry::tests::slice(series, i, f64::from(i));
+                let inst = StoredInstance {
+                    rel_path: PathBuf::from(format!("s/{series}/{i}.dcm")),
+                    header,
+                    transfer_syntax: "1.2.840.10008.1.2.1".into(),
+                    size_bytes: 1,
+                    association_id: 1,
+                    calling_ae: "CT01".into(),
+                };
+                ix.insert_instance(&inst, SystemTime::now()).unwrap();
+            }
+        }
+        let ev = ix
+            .pending_completion(&Uid::parse("1.2.3").unwrap(), CompletionReason::QuietTimer)
+            .unwrap()
+            .unwrap();
+        ix.mark_complete(&ev, SystemTime::now()).unwrap();
+        path
+    }
+
+    #[test]
+    fn print_series_json_has_one_object_per_series_with_required_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = indexed(dir.path());
+        let mut out = Vec::new();
+        print_series(&path, true, &mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        let rows: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(rows.len(), 2);
+        for key in [
+            "series_instance_uid",
+            "state",
+            "instances",
+            "completion_reason",
+        ] {
+            assert!(
+                rows.iter().all(|r| r.get(key).is_some()),
+                "missing {key}: {text}"
+            );
+        }
+        let done = rows
+            .iter()
+            .find(|r| r["series_instance_uid"] == "1.2.3")
+            .unwrap();
+        assert_eq!(done["state"], "complete");
+        assert_eq!(done["instances"], 3);
+        assert_eq!(done["completion_reason"], "quiet_timer");
+        let open = rows
+            .iter()
+            .find(|r| r["series_instance_uid"] == "1.2.4")
+            .unwrap();
+        assert_eq!(open["completion_reason"], serde_json::Value::Null);
+    }
+
+    #[test]
+    fn print_series_text_is_an_aligned_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = indexed(dir.path());
+        let mut out = Vec::new();
+        print_series(&path, false, &mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        assert!(lines[0].starts_with("STATE"), "{text}");
+        let col = lines[0].find("SERIES UID").unwrap();
+        assert!(
+            lines[1..].iter().all(|l| l[col..].starts_with("1.2.")),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn retryable_classification() {
+        let busy = rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_BUSY),
+            None,
+        );
+        assert!(SeriesError::Sqlite(busy).is_retryable());
+        let corrupt = rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CORRUPT),
+            None,
+        );
+        assert!(!SeriesError::Sqlite(corrupt).is_retryable());
+        assert!(!SeriesError::Corrupt("x".into()).is_retryable());
+        assert!(SeriesError::Io {
+            path: "p".into(),
+            source: std::io::Error::other("x")
+        }
+        .is_retryable());
+    }
 }

@@ -1,0 +1,584 @@
+//! The SQLite index of stored instances, grouped by series.
+//!
+//! One writer (the tracker actor, plus later stages calling `set_state`) and
+//! any number of readers (routing, `biomarker-node series`) share the file:
+//! WAL lets readers see a consistent snapshot while the writer commits.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
+
+use super::{
+    rfc3339, InsertOutcome, SeriesCompleted, SeriesError, SeriesSummary, StoredInstance,
+    STATE_COMPLETE, STATE_RECEIVING,
+};
+use crate::dicom::header::InstanceHeader;
+use crate::dicom::Uid;
+
+/// Bumped on every incompatible schema change; an index from a newer build is
+/// refused rather than misread.
+const SCHEMA_VERSION: i64 = 1;
+
+/// How long a statement waits for another connection's write lock. Writes
+/// are single-row and short, so 5 s means something is wrong, not busy.
+pub(super) const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS series (
+    series_instance_uid TEXT PRIMARY KEY NOT NULL,
+    study_instance_uid  TEXT NOT NULL,
+    modality            TEXT,
+    series_description  TEXT,
+    state               TEXT NOT NULL,
+    completion_reason   TEXT,
+    generation          INTEGER NOT NULL,
+    first_received_at   TEXT NOT NULL,
+    last_received_at    TEXT NOT NULL,
+    completed_at        TEXT
+);
+CREATE TABLE IF NOT EXISTS instances (
+    sop_instance_uid    TEXT PRIMARY KEY NOT NULL,
+    series_instance_uid TEXT NOT NULL REFERENCES series(series_instance_uid),
+    rel_path            TEXT NOT NULL,
+    transfer_syntax     TEXT NOT NULL,
+    size_bytes          INTEGER NOT NULL,
+    association_id      INTEGER NOT NULL,
+    calling_ae          TEXT NOT NULL,
+    received_at         TEXT NOT NULL,
+    header_json         TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS instances_by_series ON instances(series_instance_uid);
+";
+
+/// Owns one connection to the index file; see the module doc of
+/// [`crate::series`] for who writes what.
+pub struct SeriesIndex {
+    conn: Connection,
+}
+
+/// Shared by the index and the SQLite queue, which may use the same file.
+pub(super) fn open_rw(path: &Path) -> Result<Connection, SeriesError> {
+    let open_err = |source| SeriesError::Open {
+        path: path.to_owned(),
+        source,
+    };
+    let conn = Connection::open(path).map_err(open_err)?;
+    // Before journal_mode: switching to WAL takes a lock another process may hold.
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(open_err)?;
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
+        .map_err(open_err)?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        // E.g. a network file system; still correct, but the CLI then blocks
+        // behind the writer.
+        tracing::warn!(path = %path.display(), mode, "series index is not in WAL mode");
+    }
+    // The spool is the truth and recover() repairs the index, so losing the
+    // last commits on power loss is acceptable; NORMAL spares an fsync per insert.
+    conn.pragma_update(None, "synchronous", "NORMAL")
+        .map_err(open_err)?;
+    conn.pragma_update(None, "foreign_keys", "ON")
+        .map_err(open_err)?;
+    Ok(conn)
+}
+
+fn check_version(conn: &Connection, path: &Path) -> Result<(), SeriesError> {
+    let found: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if found != SCHEMA_VERSION {
+        return Err(SeriesError::Schema {
+            path: path.to_owned(),
+            found,
+            supported: SCHEMA_VERSION,
+        });
+    }
+    Ok(())
+}
+
+fn uid(raw: String, column: &str) -> Result<Uid, SeriesError> {
+    Uid::parse(&raw).map_err(|e| SeriesError::Corrupt(format!("{column} `{raw}`: {e}")))
+}
+
+fn path_text(p: &Path) -> Result<&str, SeriesError> {
+    // Spool paths are built from UIDs, so they are ASCII; anything else did
+    // not come from ingest.
+    p.to_str()
+        .ok_or_else(|| SeriesError::Corrupt(format!("path {} is not UTF-8", p.display())))
+}
+
+impl SeriesIndex {
+    /// Opens (creating if needed) the index for writing.
+    pub fn open(path: &Path) -> Result<Self, SeriesError> {
+        let mut conn = open_rw(path)?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let found: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        if found == 0 {
+            tx.execute_batch(SCHEMA)?;
+            tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        }
+        tx.commit()?;
+        check_version(&conn, path)?;
+        Ok(SeriesIndex { conn })
+    }
+
+    /// Opens an existing index read-only, for the CLI while `serve` writes.
+    pub fn open_readonly(path: &Path) -> Result<Self, SeriesError> {
+        let open_err = |source| SeriesError::Open {
+            path: path.to_owned(),
+            source,
+        };
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(open_err)?;
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(open_err)?;
+        check_version(&conn, path)?;
+        Ok(SeriesIndex { conn })
+    }
+
+    /// Records one stored instance; see [`InsertOutcome`]. A duplicate leaves
+    /// the index untouched.
+    pub fn insert_instance(
+        &mut self,
+        inst: &StoredInstance,
+        now: SystemTime,
+    ) -> Result<InsertOutcome, SeriesError> {
+        let h = &inst.header;
+        let rel_path = path_text(&inst.rel_path)?;
+        let header_json = serde_json::to_string(h)
+            .map_err(|e| SeriesError::Corrupt(format!("cannot encode header: {e}")))?;
+        let now = rfc3339(now);
+        // IMMEDIATE: take the write lock up front, so a concurrent writer makes
+        // us wait (busy_timeout) instead of failing the read→write upgrade.
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let known = tx
+            .query_row(
+                "SELECT 1 FROM instances WHERE sop_instance_uid = ?1",
+                [h.sop_instance_uid.as_str()],
+                |_| Ok(()),
+            )
+            .optional()?
+            .is_some();
+        if known {
+            return Ok(InsertOutcome::Duplicate);
+        }
+        let existing: Option<(String, String)> = tx
+            .query_row(
+                "SELECT state, study_instance_uid FROM series WHERE series_instance_uid = ?1",
+                [h.series_instance_uid.as_str()],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        let outcome = match existing {
+            None => {
+                tx.execute(
+                    "INSERT INTO series (series_instance_uid, study_instance_uid, modality,
+                         series_description, state, generation, first_received_at,
+                         last_received_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, 1, ?6, ?6)",
+                    params![
+                        h.series_instance_uid.as_str(),
+                        h.study_instance_uid.as_str(),
+                        h.modality,
+                        h.series_description,
+                        STATE_RECEIVING,
+                        now
+                    ],
+                )?;
+                InsertOutcome::New
+            }
+            Some((state, study)) => {
+                if study != h.study_instance_uid.as_str() {
+                    // A sender bug; the series keeps its first study so the
+                    // event stays consistent with what routing already saw.
+                    tracing::warn!(
+                        series = %h.series_instance_uid,
+                        indexed_study = %study,
+                        instance_study = %h.study_instance_uid,
+                        "instance names another study than its series"
+                    );
+                }
+                let reopen = state != STATE_RECEIVING;
+                tx.execute(
+                    "UPDATE series SET
+                         last_received_at = ?2,
+                         modality = COALESCE(modality, ?3),
+                         series_description = COALESCE(series_description, ?4),
+                         state = ?5,
+                         generation = generation + ?6,
+                         completion_reason = CASE WHEN ?6 = 1 THEN NULL ELSE completion_reason END,
+                         completed_at = CASE WHEN ?6 = 1 THEN NULL ELSE completed_at END
+                     WHERE series_instance_uid = ?1",
+                    params![
+                        h.series_instance_uid.as_str(),
+                        now,
+                        h.modality,
+                        h.series_description,
+                        STATE_RECEIVING,
+                        i64::from(reopen)
+                    ],
+                )?;
+                if reopen {
+                    InsertOutcome::Reopened
+                } else {
+                    InsertOutcome::New
+                }
+            }
+        };
+        tx.execute(
+            "INSERT INTO instances (sop_instance_uid, series_instance_uid, rel_path,
+                 transfer_syntax, size_bytes, association_id, calling_ae, received_at,
+                 header_json)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            params![
+                h.sop_instance_uid.as_str(),
+                h.series_instance_uid.as_str(),
+                rel_path,
+                inst.transfer_syntax,
+                // SQLite integers are i64; a >8 EiB file is not a CT slice.
+                i64::try_from(inst.size_bytes).unwrap_or(i64::MAX),
+                // Informational only: keep the bits, sign notwithstanding.
+                inst.association_id as i64,
+                inst.calling_ae,
+                now,
+                header_json
+            ],
+        )?;
+        tx.commit()?;
+        Ok(outcome)
+    }
+
+    pub fn contains_instance(&self, sop_instance_uid: &Uid) -> Result<bool, SeriesError> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT 1 FROM instances WHERE sop_instance_uid = ?1",
+                [sop_instance_uid.as_str()],
+                |_| Ok(()),
+            )
+            .optional()?
+            .is_some())
+    }
+
+    /// Every series, most recently active first.
+    pub fn list_series(&self) -> Result<Vec<SeriesSummary>, SeriesError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT s.series_instance_uid, s.study_instance_uid, s.modality, s.state,
+                    (SELECT COUNT(*) FROM instances i
+                      WHERE i.series_instance_uid = s.series_instance_uid),
+                    s.completion_reason, s.generation, s.first_received_at,
+                    s.last_received_at, s.completed_at, s.series_description
+             FROM series s
+             ORDER BY s.last_received_at DESC, s.series_instance_uid",
+        )?;
+        let mut rows = stmt.query([])?;
+        let mut out = Vec::new();
+        while let Some(r) = rows.next()? {
+            out.push(SeriesSummary {
+                series_instance_uid: uid(r.get(0)?, "series_instance_uid")?,
+                study_instance_uid: uid(r.get(1)?, "study_instance_uid")?,
+                modality: r.get(2)?,
+                state: r.get(3)?,
+                instances: r.get(4)?,
+                completion_reason: r.get(5)?,
+                generation: r.get(6)?,
+                first_received_at: r.get(7)?,
+                last_received_at: r.get(8)?,
+                completed_at: r.get(9)?,
+                series_description: r.get(10)?,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Spool paths (relative to the spool root) and headers of one series, in
+    /// the order they were received.
+    pub fn series_instances(
+        &self,
+        series: &Uid,
+    ) -> Result<Vec<(PathBuf, InstanceHeader)>, SeriesError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT rel_path, header_json FROM instances
+             WHERE series_instance_uid = ?1 ORDER BY rowid",
+        )?;
+        let rows = stmt.query_map([series.as_str()], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (path, json) = row?;
+            let header: InstanceHeader = serde_json::from_str(&json)
+                .map_err(|e| SeriesError::Corrupt(format!("header of {path}: {e}")))?;
+            out.push((PathBuf::from(path), header));
+        }
+        Ok(out)
+    }
+
+    /// For later stages (`routed`, `reported`, …). `receiving` belongs to the
+    /// tracker: setting it is refused, and so is overwriting it, because the
+    /// series was re-opened after the caller saw it complete and will be
+    /// queued again.
+    pub fn set_state(&mut self, series: &Uid, state: &str) -> Result<(), SeriesError> {
+        let valid = !state.is_empty()
+            && state.len() <= 32
+            && state
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+        if !valid || state == STATE_RECEIVING {
+            return Err(SeriesError::InvalidState(state.to_owned()));
+        }
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let current: Option<String> = tx
+            .query_row(
+                "SELECT state FROM series WHERE series_instance_uid = ?1",
+                [series.as_str()],
+                |r| r.get(0),
+            )
+            .optional()?;
+        match current {
+            None => return Err(SeriesError::UnknownSeries(series.clone())),
+            Some(current) if current == STATE_RECEIVING => {
+                return Err(SeriesError::StateConflict {
+                    series: series.clone(),
+                    current,
+                })
+            }
+            Some(_) => {}
+        }
+        tx.execute(
+            "UPDATE series SET state = ?2 WHERE series_instance_uid = ?1",
+            params![series.as_str(), state],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The event completing `series` now would produce, or `None` when the
+    /// series is not receiving (already complete, or unknown).
+    pub(super) fn pending_completion(
+        &self,
+        series: &Uid,
+        reason: super::CompletionReason,
+    ) -> Result<Option<SeriesCompleted>, SeriesError> {
+        let row: Option<(String, String, u32, u32)> = self
+            .conn
+            .query_row(
+                "SELECT s.state, s.study_instance_uid, s.generation,
+                        (SELECT COUNT(*) FROM instances i
+                          WHERE i.series_instance_uid = s.series_instance_uid)
+                 FROM series s WHERE s.series_instance_uid = ?1",
+                [series.as_str()],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
+            .optional()?;
+        let Some((state, study, generation, instances)) = row else {
+            return Ok(None);
+        };
+        if state != STATE_RECEIVING {
+            return Ok(None);
+        }
+        Ok(Some(SeriesCompleted {
+            series_instance_uid: series.clone(),
+            study_instance_uid: uid(study, "study_instance_uid")?,
+            reason,
+            instances,
+            generation,
+        }))
+    }
+
+    /// Records the completion `ev` describes. False when the series moved on
+    /// meanwhile (it cannot while the tracker is its only writer, but the
+    /// guard keeps a stray writer from completing the wrong generation).
+    pub(super) fn mark_complete(
+        &mut self,
+        ev: &SeriesCompleted,
+        now: SystemTime,
+    ) -> Result<bool, SeriesError> {
+        let n = self.conn.execute(
+            "UPDATE series SET state = ?3, completion_reason = ?4, completed_at = ?5
+             WHERE series_instance_uid = ?1 AND generation = ?2 AND state = ?6",
+            params![
+                ev.series_instance_uid.as_str(),
+                ev.generation,
+                STATE_COMPLETE,
+                ev.reason.as_str(),
+                rfc3339(now),
+                STATE_RECEIVING
+            ],
+        )?;
+        Ok(n == 1)
+    }
+
+    pub(super) fn receiving_series(&self) -> Result<Vec<Uid>, SeriesError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT series_instance_uid FROM series WHERE state = ?1")?;
+        let rows = stmt.query_map([STATE_RECEIVING], |r| r.get::<_, String>(0))?;
+        rows.map(|r| uid(r?, "series_instance_uid")).collect()
+    }
+
+    /// `(sop_instance_uid, rel_path)` of every indexed instance, for recover().
+    pub(super) fn indexed_paths(&self) -> Result<Vec<(String, PathBuf)>, SeriesError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT sop_instance_uid, rel_path FROM instances")?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                PathBuf::from(r.get::<_, String>(1)?),
+            ))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Drops instance rows whose spool file is gone, then receiving series
+    /// left empty (nothing to complete). Series in later states keep their
+    /// row as history even when the spool was cleaned behind them.
+    pub(super) fn remove_instances(&mut self, sops: &[String]) -> Result<usize, SeriesError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut removed = 0;
+        {
+            let mut del = tx.prepare("DELETE FROM instances WHERE sop_instance_uid = ?1")?;
+            for sop in sops {
+                removed += del.execute([sop])?;
+            }
+        }
+        tx.execute(
+            "DELETE FROM series WHERE state = ?1 AND NOT EXISTS
+                 (SELECT 1 FROM instances i
+                   WHERE i.series_instance_uid = series.series_instance_uid)",
+            [STATE_RECEIVING],
+        )?;
+        tx.commit()?;
+        Ok(removed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::series::geometry::tests::slice;
+
+    pub(crate) fn stored(series: &str, i: u32, z: f64, assoc: u64) -> StoredInstance {
+        let header = slice(series, i, z);
+        StoredInstance {
+            rel_path: PathBuf::from(format!(
+                "{}/{}/{}.dcm",
+                header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid
+            )),
+            header,
+            transfer_syntax: "1.2.840.10008.1.2.1".into(),
+            size_bytes: 1234,
+            association_id: assoc,
+            calling_ae: "MODALITY".into(),
+        }
+    }
+
+    fn s(u: &str) -> Uid {
+        Uid::parse(u).unwrap()
+    }
+
+    #[test]
+    fn insert_duplicate_and_listing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("index.sqlite");
+        let mut ix = SeriesIndex::open(&path).unwrap();
+        let now = SystemTime::now();
+        assert_eq!(
+            ix.insert_instance(&stored("1.2.3", 1, 0.0, 7), now)
+                .unwrap(),
+            InsertOutcome::New
+        );
+        assert_eq!(
+            ix.insert_instance(&stored("1.2.3", 2, 2.5, 7), now)
+                .unwrap(),
+            InsertOutcome::New
+        );
+        assert_eq!(
+            ix.insert_instance(&stored("1.2.3", 2, 2.5, 8), now)
+                .unwrap(),
+            InsertOutcome::Duplicate
+        );
+        assert!(ix.contains_instance(&s("1.2.3.2")).unwrap());
+        assert!(!ix.contains_instance(&s("1.2.3.3")).unwrap());
+        let list = ix.list_series().unwrap();
+        assert_eq!(list.len(), 1);
+        assert_eq!(list[0].instances, 2);
+        assert_eq!(list[0].state, "receiving");
+        assert_eq!(list[0].generation, 1);
+        assert_eq!(list[0].modality.as_deref(), Some("CT"));
+        assert!(list[0].first_received_at.ends_with('Z'));
+        let inst = ix.series_instances(&s("1.2.3")).unwrap();
+        assert_eq!(inst.len(), 2);
+        assert_eq!(inst[1].1, slice("1.2.3", 2, 2.5));
+        assert_eq!(inst[0].0, PathBuf::from("1.2.826.0.1.99/1.2.3/1.2.3.1.dcm"));
+    }
+
+    #[test]
+    fn reader_sees_writer_commits_and_cannot_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("index.sqlite");
+        let mut ix = SeriesIndex::open(&path).unwrap();
+        let mut ro = SeriesIndex::open_readonly(&path).unwrap();
+        assert!(ro.list_series().unwrap().is_empty());
+        ix.insert_instance(&stored("1.2.3", 1, 0.0, 1), SystemTime::now())
+            .unwrap();
+        assert_eq!(ro.list_series().unwrap().len(), 1);
+        let e = ro
+            .insert_instance(&stored("1.2.3", 2, 2.5, 1), SystemTime::now())
+            .unwrap_err();
+        assert!(!e.is_retryable(), "{e}");
+    }
+
+    #[test]
+    fn open_readonly_refuses_a_missing_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = SeriesIndex::open_readonly(&dir.path().join("nope.sqlite"))
+            .err()
+            .expect("missing file must not open");
+        assert!(matches!(e, SeriesError::Open { .. }), "{e}");
+    }
+
+    #[test]
+    fn set_state_guards_receiving() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ix = SeriesIndex::open(&dir.path().join("i.sqlite")).unwrap();
+        ix.insert_instance(&stored("1.2.3", 1, 0.0, 1), SystemTime::now())
+            .unwrap();
+        assert!(matches!(
+            ix.set_state(&s("1.2.3"), "routed"),
+            Err(SeriesError::StateConflict { .. })
+        ));
+        assert!(matches!(
+            ix.set_state(&s("1.2.3"), "receiving"),
+            Err(SeriesError::InvalidState(_))
+        ));
+        assert!(matches!(
+            ix.set_state(&s("1.2.9"), "routed"),
+            Err(SeriesError::UnknownSeries(_))
+        ));
+        let ev = ix
+            .pending_completion(&s("1.2.3"), super::super::CompletionReason::QuietTimer)
+            .unwrap()
+            .unwrap();
+        assert!(ix.mark_complete(&ev, SystemTime::now()).unwrap());
+        ix.set_state(&s("1.2.3"), "routed").unwrap();
+        assert_eq!(ix.list_series().unwrap()[0].state, "routed");
+        // A late instance re-opens it from any later state.
+        assert_eq!(
+            ix.insert_instance(&stored("1.2.3", 2, 2.5, 2), SystemTime::now())
+                .unwrap(),
+            InsertOutcome::Reopened
+        );
+        let row = &ix.list_series().unwrap()[0];
+        assert_eq!((row.state.as_str(), row.generation), ("receiving", 2));
+        assert_eq!(row.completion_reason, None);
+    }
+}
