@@ -8,7 +8,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::ingest::{Listener, Shared};
-use crate::series::TrackerHandle;
+use crate::series::{CompletionQueue, SeriesIndex, SqliteCompletionQueue, Tracker};
 use crate::spool::DiskSpool;
 
 pub fn init_tracing(cfg: &Config) {
@@ -37,7 +37,21 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         .with_context(|| format!("cannot create data_dir {}", cfg.node.data_dir.display()))?;
     let spool = Arc::new(DiskSpool::open(&cfg.node.data_dir).context("cannot open the spool")?);
     let shutdown = CancellationToken::new();
-    let tracker = TrackerHandle;
+    // The tracker outlives ingest: it is cancelled only after every
+    // association has finished, so no stored instance misses the index.
+    let tracker_shutdown = CancellationToken::new();
+    let index = SeriesIndex::open(&cfg.index_path()).context("cannot open the series index")?;
+    let queue: Arc<dyn CompletionQueue> =
+        Arc::new(SqliteCompletionQueue::open(&cfg.index_path()).context("cannot open the completion queue")?);
+    let (tracker, tracker_task) = Tracker::spawn(
+        cfg.series.clone(),
+        index,
+        cfg.spool_dir(),
+        queue.clone(),
+        tracker_shutdown.clone(),
+    )
+    .context("series tracker failed to start")?;
+    let consumer = tokio::spawn(consume_completions(queue, shutdown.clone()));
     if cfg.node.allowed_callers.is_empty() {
         tracing::warn!("node.allowed_callers is empty: any calling AE may store to this node");
     }
@@ -60,6 +74,9 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     tracing::info!("shutting down: no new associations; open ones are aborted, unacknowledged data is dropped");
     shutdown.cancel();
     accept.await.context("accept loop panicked")?;
+    tracker_shutdown.cancel();
+    tracker_task.await.context("series tracker panicked")?;
+    consumer.await.context("completion consumer panicked")?;
     tracing::info!("stopped");
     Ok(())
 }
@@ -73,6 +90,47 @@ async fn wait_for_signal() {
     }
 }
 
-pub fn print_series(_config: &Path, _json: bool) -> anyhow::Result<()> {
-    anyhow::bail!("series listing lands with the tracker")
+/// The next stage's end of the completion queue. Routing and inference are
+/// not built yet, so a completed series is logged and acknowledged here;
+/// this is the seam where the router will consume instead.
+async fn consume_completions(queue: Arc<dyn CompletionQueue>, shutdown: CancellationToken) {
+    loop {
+        match queue.peek() {
+            Ok(Some((id, ev))) => {
+                tracing::info!(
+                    series_instance_uid = %ev.series_instance_uid,
+                    instances = ev.instances,
+                    reason = ev.reason.as_str(),
+                    generation = ev.generation,
+                    "series ready for routing"
+                );
+                if let Err(e) = queue.ack(id) {
+                    tracing::error!(error = %e, "cannot acknowledge a completion event");
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                }
+                continue;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the completion queue");
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = queue.notified() => {}
+        }
+    }
+}
+
+pub fn print_series(config_path: &Path, json: bool) -> anyhow::Result<()> {
+    let cfg = Config::load(config_path)?;
+    let path = cfg.index_path();
+    if !path.exists() {
+        anyhow::bail!("no series index at {} yet: has `serve` run with this config?", path.display());
+    }
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    crate::series::print_series(&path, json, &mut out)?;
+    Ok(())
 }
