@@ -327,3 +327,20 @@ def assert_serving(node: Node) -> None:
     node.assert_alive()
     r = echoscu(node)
     assert r.returncode == 0, f"echoscu failed ({r.returncode}):\n{r.stdout}{r.stderr}\n--- node log ---\n{node.log_tail()}"
+
+
+def storescu_exact(node: Node, path, sop_class: str, ts: str, workdir: Path, calling: str = "STORESCU") -> subprocess.CompletedProcess:
+    """storescu proposing exactly one presentation context: (sop_class, ts).
+
+    Plain storescu proposes only uncompressed syntaxes and converts (or fails
+    to convert) compressed files; `-R` does not change that. An association
+    profile (-xf) makes it send each file in its own transfer syntax, or fail
+    with "No Acceptable Presentation Contexts" when the node refuses it.
+    """
+    cfg = Path(workdir) / f"storescu-{abs(hash((sop_class, ts)))}.cfg"
+    cfg.write_text(
+        "[[TransferSyntaxes]]\n[TS]\nTransferSyntax1 = " + ts + "\n\n"
+        "[[PresentationContexts]]\n[PC]\nPresentationContext1 = " + sop_class + "\\TS\n\n"
+        "[[Profiles]]\n[EXACT]\nPresentationContexts = PC\n"
+    )
+    return storescu(node, [path], calling=calling, extra=["-xf", str(cfg), "EXACT"], timeout=60)

@@ -9,7 +9,7 @@ import pytest
 from pydicom.tag import Tag
 
 import rawdul as ul
-from nodeharness import REALCT, assert_serving, sha256, storescu
+from nodeharness import REALCT, assert_serving, sha256, storescu_exact
 
 # What the node accepts (src/dicom/mod.rs ACCEPTED_TRANSFER_SYNTAXES) and what
 # it must refuse at negotiation because it cannot decode it.
@@ -95,8 +95,8 @@ def realct_node(node_factory, realct):
 
 
 @pytest.mark.slow
-def test_storescu_every_storage_object(realct_node, realct):
-    """Each file in its own association and its own transfer syntax (storescu -R).
+def test_storescu_every_storage_object(realct_node, realct, tmp_path):
+    """Each file in its own association and its own transfer syntax (storescu -xf profile).
 
     Accepted syntaxes: stored, and the stored dataset equals the source. A SOP
     instance sent again (the chest encodings share one) is acknowledged and
@@ -110,7 +110,7 @@ def test_storescu_every_storage_object(realct_node, realct):
     digest_after_first: dict[str, str] = {}
     failures = []
     for src in sources:
-        r = storescu(node, [src.path], extra=["-R"], timeout=60)
+        r = storescu_exact(node, src.path, src.media_class, src.ts, tmp_path)
         out = r.stdout + r.stderr
         if src.ts in REFUSED_TS:
             if r.returncode == 0 and "Success" in out:
@@ -204,13 +204,13 @@ def test_dicomdir_is_refused_at_negotiation(realct_node, realct):
     assert_serving(node)
 
 
-def test_refused_transfer_syntaxes_with_storescu(realct_node, realct):
-    """.51/.53/.55: storescu -R gets no presentation context; nothing stored; the node serves on."""
+def test_refused_transfer_syntaxes_with_storescu(realct_node, realct, tmp_path):
+    """.51/.53/.55: storescu gets no presentation context; nothing stored; the node serves on."""
     node = realct_node
     refused = [s for s in SOURCES if s.ts in REFUSED_TS]
     assert len(refused) >= 4  # the three chest encodings and the WG04 Enhanced CT
     for src in refused:
-        r = storescu(node, [src.path], extra=["-R"], timeout=60)
+        r = storescu_exact(node, src.path, src.media_class, src.ts, tmp_path)
         out = (r.stdout + r.stderr).lower()
         assert "presentation context" in out, f"{src.rel}: rc={r.returncode}\n{out[-600:]}"
         assert "received store response (success)" not in out

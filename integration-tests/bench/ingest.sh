@@ -1,0 +1,242 @@
+#!/usr/bin/env bash
+# Ingest throughput: biomarker-node vs DCMTK storescp vs Orthanc, same data, same sender.
+#
+#   bash integration-tests/bench/ingest.sh            # 500 instances, 1 and 8 senders
+#   N=200 SENDERS=4 bash integration-tests/bench/ingest.sh
+#
+# Prints numbers; it is not a test and CI does not run it. Needs a release
+# build (cargo build --release) and scripts/install-deps.sh's packages.
+#
+# Data: N clones of the 530 kB real chest slice (explicit VR LE, new UIDs, one
+# series), split round-robin into SENDERS directories. Every sender is one DCMTK
+# storescu process sending its whole directory in ONE association (+sd).
+# Each (peer, sender count) run starts its peer on empty storage, so no run
+# sees the previous run's instances as duplicates.
+#
+# Peers:
+#   node      target/release/biomarker-node serve, under /usr/bin/time -v for peak RSS
+#   storescp  DCMTK storescp +B (bit-preserving, like the node: bytes as received);
+#             --fork when there is more than one sender. It does not fsync.
+#   orthanc   Orthanc with a throw-away config and storage (SQLite index, fsync on)
+# TCP_NODELAY=1 is exported for the DCMTK peers (DCMTK reads it from the environment).
+set -euo pipefail
+
+N="${N:-500}"
+SENDERS="${SENDERS:-8}"
+PEERS="${PEERS:-node storescp orthanc}"
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+BIN="${BIOMARKER_NODE_BIN:-$root/target/release/biomarker-node}"
+DCMTK_BIN="${DCMTK_BIN:-/usr/bin}" # not the pynetdicom console scripts of the same name
+STORESCU="$DCMTK_BIN/storescu"
+STORESCP="$DCMTK_BIN/storescp"
+ORTHANC="${ORTHANC:-$(command -v Orthanc || echo /usr/sbin/Orthanc)}"
+export TCP_NODELAY=1
+
+for tool in "$BIN" "$STORESCU" "$STORESCP" "$ORTHANC" /usr/bin/time curl; do
+    [ -x "$tool" ] || command -v "$tool" >/dev/null || { echo "missing: $tool" >&2; exit 1; }
+done
+
+work="$(mktemp -d /tmp/ingest-bench.XXXXXX)"
+peer_pid=""
+cleanup() {
+    if [ -n "$peer_pid" ] && kill -0 "$peer_pid" 2>/dev/null; then
+        kill "$peer_pid" 2>/dev/null || true
+        wait "$peer_pid" 2>/dev/null || true
+    fi
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+wait_port() { # port, pid
+    for _ in $(seq 1 300); do
+        if ! kill -0 "$2" 2>/dev/null; then
+            echo "peer exited during start-up" >&2
+            return 1
+        fi
+        if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then
+            return 0
+        fi
+        sleep 0.1
+    done
+    echo "port $1 never opened" >&2
+    return 1
+}
+
+echo "== generating $N instances in $SENDERS directories under $work/src"
+PYTHONPATH="$root/integration-tests" python3 - "$work/src" "$N" "$SENDERS" <<'EOF'
+import sys
+from pathlib import Path
+import instances
+
+out, n, senders = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+s = instances.write_series(out / "all", n)
+for i, inst in enumerate(s.instances):
+    d = out / f"s{i % senders}"
+    d.mkdir(parents=True, exist_ok=True)
+    inst.path.rename(d / inst.path.name)
+(out / "all").rmdir()
+print(f"{n} instances, {sum(p.stat().st_size for p in out.rglob('*.dcm')) / 1e6:.0f} MB")
+EOF
+
+# send <port> <called AE> <senders> -> prints elapsed seconds; fails if any storescu failed
+send() {
+    local port="$1" aec="$2" senders="$3"
+    local pids=() logs=() t0 t1 i
+    t0=$(date +%s.%N)
+    if [ "$senders" -eq 1 ]; then
+        "$STORESCU" -v -aet STORESCU -aec "$aec" +sd +r 127.0.0.1 "$port" "$work/src" \
+            >"$work/send0.log" 2>&1 &
+        pids+=($!)
+        logs+=("$work/send0.log")
+    else
+        for i in $(seq 0 $((senders - 1))); do
+            "$STORESCU" -v -aet STORESCU -aec "$aec" +sd 127.0.0.1 "$port" "$work/src/s$i" \
+                >"$work/send$i.log" 2>&1 &
+            pids+=($!)
+            logs+=("$work/send$i.log")
+        done
+    fi
+    local failed=0
+    for p in "${pids[@]}"; do
+        wait "$p" || failed=1
+    done
+    t1=$(date +%s.%N)
+    local ok assocs
+    ok=$(cat "${logs[@]}" | grep -c "Received Store Response (Success)" || true)
+    assocs=$(cat "${logs[@]}" | grep -c "Association Accepted" || true)
+    if [ "$failed" -ne 0 ] || [ "$ok" -ne "$N" ] || [ "$assocs" -ne "$senders" ]; then
+        echo "send failed: $ok/$N successes over $assocs associations" >&2
+        tail -n 5 "${logs[@]}" >&2
+        return 1
+    fi
+    python3 -c "print(f'{$t1 - $t0:.3f}')"
+}
+
+stop_peer() {
+    if [ -n "$peer_pid" ]; then
+        kill -TERM "$peer_pid" 2>/dev/null || true
+        wait "$peer_pid" 2>/dev/null || true
+        peer_pid=""
+    fi
+}
+
+declare -A RATE RSS COUNT
+
+run_node() { # senders
+    local senders="$1" d="$work/node-$1" port
+    port=$(free_port)
+    mkdir -p "$d"
+    cat >"$d/node.yaml" <<EOF
+node:
+  ae_title: BIOMARKER
+  bind: 127.0.0.1
+  port: $port
+  data_dir: $d/data
+  max_pdu: 262144
+  max_associations: 16
+  min_free_disk_mb: 64
+  allowed_callers: []
+series:
+  quiet_seconds: 30
+log:
+  format: text
+  level: warn
+EOF
+    /usr/bin/time -v -o "$d/time.txt" "$BIN" serve --config "$d/node.yaml" >"$d/node.log" 2>&1 &
+    local time_pid=$!
+    local node_pid=""
+    for _ in $(seq 1 50); do
+        node_pid=$(pgrep -P "$time_pid" || true)
+        [ -n "$node_pid" ] && break
+        sleep 0.1
+    done
+    peer_pid="$node_pid"
+    wait_port "$port" "$node_pid"
+    local secs
+    secs=$(send "$port" BIOMARKER "$senders")
+    COUNT[node,$senders]=$(find "$d/data/spool" -name '*.dcm' | wc -l)
+    kill -TERM "$node_pid"
+    wait "$time_pid" || true
+    peer_pid=""
+    RATE[node,$senders]=$(python3 -c "print(f'{$N / $secs:.1f}')")
+    RSS[node,$senders]=$(awk -F: '/Maximum resident set size/ {gsub(/ /,"",$2); print $2}' "$d/time.txt")
+}
+
+run_storescp() { # senders
+    local senders="$1" d="$work/storescp-$1" port fork=()
+    port=$(free_port)
+    mkdir -p "$d/out"
+    [ "$senders" -gt 1 ] && fork=(--fork)
+    "$STORESCP" +B "${fork[@]}" -aet STORESCP -od "$d/out" "$port" >"$d/storescp.log" 2>&1 &
+    peer_pid=$!
+    wait_port "$port" "$peer_pid"
+    local secs
+    secs=$(send "$port" STORESCP "$senders")
+    stop_peer
+    COUNT[storescp,$senders]=$(find "$d/out" -type f | wc -l)
+    RATE[storescp,$senders]=$(python3 -c "print(f'{$N / $secs:.1f}')")
+}
+
+run_orthanc() { # senders
+    local senders="$1" d="$work/orthanc-$1" port http
+    port=$(free_port)
+    http=$(free_port)
+    mkdir -p "$d"
+    cat >"$d/orthanc.json" <<EOF
+{
+  "Name": "ingest-bench",
+  "StorageDirectory": "$d/storage",
+  "IndexDirectory": "$d/index",
+  "DicomAet": "ORTHANC",
+  "DicomPort": $port,
+  "HttpPort": $http,
+  "RemoteAccessAllowed": false,
+  "AuthenticationEnabled": false,
+  "DicomCheckCalledAet": false,
+  "DicomAlwaysAllowStore": true,
+  "DicomAlwaysAllowEcho": true,
+  "DicomThreadsCount": $((senders > 4 ? senders : 4)),
+  "StorageCompression": false,
+  "Plugins": []
+}
+EOF
+    "$ORTHANC" "$d/orthanc.json" >"$d/orthanc.log" 2>&1 &
+    peer_pid=$!
+    wait_port "$port" "$peer_pid"
+    local secs
+    secs=$(send "$port" ORTHANC "$senders")
+    COUNT[orthanc,$senders]=$(curl -s "http://127.0.0.1:$http/statistics" |
+        python3 -c 'import json,sys; print(json.load(sys.stdin)["CountInstances"])')
+    stop_peer
+    RATE[orthanc,$senders]=$(python3 -c "print(f'{$N / $secs:.1f}')")
+}
+
+for senders in 1 "$SENDERS"; do
+    for peer in $PEERS; do
+        echo "== $senders sender(s): $peer"
+        "run_$peer" "$senders"
+    done
+done
+
+echo
+echo "Ingest of $N CT instances (530 kB, explicit VR LE), loopback, $(nproc) cores"
+printf '%-10s %8s %12s %10s\n' peer senders "inst/s" stored
+for senders in 1 "$SENDERS"; do
+    for peer in $PEERS; do
+        printf '%-10s %8s %12s %10s\n' "$peer" "$senders" "${RATE[$peer,$senders]:-}" "${COUNT[$peer,$senders]:-}"
+    done
+done
+echo
+case " $PEERS " in *" node "*" storescp "*" orthanc "*) ;; *) exit 0 ;; esac
+for senders in 1 "$SENDERS"; do
+    python3 - "$senders" "${RATE[node,$senders]}" "${RATE[storescp,$senders]}" "${RATE[orthanc,$senders]}" "${RSS[node,$senders]}" <<'EOF'
+import sys
+s, node, scp, orth, rss = sys.argv[1], *map(float, sys.argv[2:5]), int(sys.argv[5])
+print(f"{s} sender(s): node/storescp = {node / scp:.2f}, node/orthanc = {node / orth:.2f}, "
+      f"node peak RSS = {rss / 1024:.1f} MiB")
+EOF
+done
