@@ -82,7 +82,7 @@ class Direct(nn.Module):
     def forward(self, x):
         z = self.raw(x)
         if self.kind == "agatston":
-            return torch.expm1(torch.relu(z))
+            return torch.exp(torch.relu(z)) - 1.0
         return z * self.value_scale
 
 
