@@ -24,6 +24,7 @@
 pub mod assembler;
 pub mod association;
 pub mod framing;
+pub mod harness;
 pub mod negotiation;
 
 use std::net::SocketAddr;
