@@ -13,6 +13,7 @@ this file, so a change of layout is a change here only:
 from __future__ import annotations
 
 import copy
+import re
 import hashlib
 import json
 import os
@@ -23,6 +24,7 @@ import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def _find_realct() -> Path:
@@ -205,6 +207,13 @@ class Node:
                 f"{self.log_tail()}"
             )
 
+    def peak_rss_mib(self) -> float:
+        """VmHWM of the running node: its peak resident memory so far."""
+        for line in open(f"/proc/{self.proc.pid}/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        raise AssertionError("no VmHWM in /proc status")
+
     def died_unexpectedly(self) -> bool:
         return self.proc is not None and self.proc.poll() is not None and not self._expected_exit
 
@@ -215,7 +224,8 @@ class Node:
             return ""
 
     def log_tail(self, lines: int = 60) -> str:
-        return "\n".join(self.log_text().splitlines()[-lines:])
+        text = _ANSI.sub("", self.log_text())
+        return "\n".join(text.splitlines()[-lines:])
 
     # ---------------------------------------------------------------- CLI
     def series(self) -> list[dict]:

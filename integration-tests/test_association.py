@@ -170,10 +170,9 @@ def _associate_eventually(port: int, timeout: float = 5.0) -> ul.RawAssociation:
 class TestAssociationLimit:
     def test_over_limit_is_rejected_transient_then_recovers(self, node_factory):
         n = node_factory({"node": {"max_associations": 2}})
-        held = [ul.RawAssociation("127.0.0.1", n.port) for _ in range(2)]
+        # _associate_eventually: the harness's own port probe may hold a slot for a moment.
+        held = [_associate_eventually(n.port) for _ in range(2)]
         try:
-            for a in held:
-                a.associate()
             rj = _reject(n)
             assert (rj.result, rj.source, rj.reason) == (
                 ul.RJ_TRANSIENT, ul.RJ_SOURCE_PRESENTATION, ul.RJ_PRES_LOCAL_LIMIT_EXCEEDED

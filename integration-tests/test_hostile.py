@@ -172,6 +172,29 @@ class TestDuringAssociation:
             assert a.wait_closed_or_abort(timeout=10) == "abort"
         assert_serving(node)
 
+    def test_lying_element_length_is_refused_without_allocating_it(self, node):
+        """20 bytes claiming a 4 GiB PixelData: 0xC000, promptly, without a 4 GiB buffer.
+
+        Sixteen such peers at once must not be able to exhaust the machine.
+        """
+        ds, _ = _ct_instance()
+        del ds.PixelData
+        body = instances.dataset_bytes(ds) + (
+            b"\xe0\x7f\x10\x00OB\x00\x00" + (0xFFFFFFF0).to_bytes(4, "little") + b"\x00" * 16
+        )
+        before = node.peak_rss_mib()
+        with ul.RawAssociation("127.0.0.1", node.port, timeout=60) as a:
+            a.associate(contexts=CT_CONTEXTS)
+            t0 = time.monotonic()
+            rsp = a.c_store(3, ul.CT_IMAGE_STORAGE, ds.SOPInstanceUID, body)
+            took = time.monotonic() - t0
+            a.release()
+        assert rsp.status == 0xC000, f"status 0x{rsp.status:04X}"
+        peak = node.peak_rss_mib()
+        assert peak < before + 256, f"peak RSS rose from {before:.0f} to {peak:.0f} MiB for a 6 kB message"
+        assert took < 3, f"{took:.1f}s to refuse a 6 kB message"
+        assert_serving(node)
+
     def test_garbage_command_set(self, node):
         """A command PDV that is not a command set: abort, or a failure response. Never a crash."""
         with _connect(node) as a:

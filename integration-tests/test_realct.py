@@ -79,13 +79,22 @@ def _comparable(ds: pydicom.Dataset) -> dict:
     return out
 
 
+def _same_element(x, y) -> bool:
+    if x == y:
+        return True
+    # Encapsulated PixelData is OB by definition (PS3.5 A.4); some sources
+    # (the .91 chest slice) label it OW and DCMTK corrects the VR on the way
+    # out. The value must still be identical.
+    return x.tag == y.tag and {x.VR, y.VR} <= {"OB", "OW"} and x.value == y.value
+
+
 def assert_same_dataset(stored: Path, source: Path) -> None:
     a = _comparable(pydicom.dcmread(stored))
     b = _comparable(pydicom.dcmread(source))
     only_a = sorted(set(a) - set(b))
     only_b = sorted(set(b) - set(a))
     assert not only_a and not only_b, f"{source}: stored has extra {only_a}, lacks {only_b}"
-    diffs = [t for t in b if a[t] != b[t]]
+    diffs = [t for t in b if not _same_element(a[t], b[t])]
     assert not diffs, f"{source}: {len(diffs)} elements differ, first: stored {a[diffs[0]]!r} vs source {b[diffs[0]]!r}"
 
 
@@ -195,7 +204,9 @@ def test_dicomdir_is_refused_at_negotiation(realct_node, realct):
         assert DICOMDIR_CLASS not in accepted
         rejected = {cx.abstract_syntax: cx.result for cx in assoc.rejected_contexts}
         assert rejected.get(DICOMDIR_CLASS) == ul.PC_ABSTRACT_SYNTAX_NOT_SUPPORTED, rejected
-        with pytest.raises((ValueError, RuntimeError)):
+        # pynetdicom refuses locally (no accepted context; DIRFILE has no SOP
+        # class/instance of its own), so nothing goes on the wire.
+        with pytest.raises((ValueError, RuntimeError, AttributeError)):
             assoc.send_c_store(dirfiles[0])
         assert assoc.send_c_echo().Status == 0
     finally:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pydicom
 import pytest
 
@@ -29,7 +31,8 @@ def _clone(**changes) -> pydicom.Dataset:
 
 
 def _store_assoc(node) -> ul.RawAssociation:
-    a = ul.RawAssociation("127.0.0.1", node.port)
+    # Generous timeout: these tests judge statuses; test_hostile judges speed and memory.
+    a = ul.RawAssociation("127.0.0.1", node.port, timeout=30)
     a.associate(
         contexts=[
             (1, ul.VERIFICATION, [ul.IMPLICIT_LE]),
@@ -86,7 +89,7 @@ class TestSpool:
 class TestDuplicates:
     def test_duplicate_is_success_and_first_copy_kept(self, node):
         first = _clone(PatientName="FIRST^COPY")
-        second = first.copy()
+        second = copy.deepcopy(first)
         second.PatientName = "SECOND^COPY"
         with _store_assoc(node) as a:
             assert a.c_store(3, ul.CT_IMAGE_STORAGE, first.SOPInstanceUID, instances.dataset_bytes(first)).status == SUCCESS
