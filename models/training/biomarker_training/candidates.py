@@ -181,3 +181,35 @@ def normalise(hu: np.ndarray, spec: TaskSpec) -> np.ndarray:
 def aggregate(map_model: np.ndarray, w_model: np.ndarray) -> float:
     """The biomarker: sum over slices and pixels of map * pooled weight (float64)."""
     return float(np.sum(np.asarray(map_model, dtype=np.float64) * w_model))
+
+
+LESION_THRESHOLD = 0.5
+
+
+def lesion_means(map_native: np.ndarray, lesions, labels: np.ndarray) -> np.ndarray:
+    """Mean of the (native-resolution) map over each lesion, in `lesions` order (float64)."""
+    out = np.zeros(len(lesions))
+    by_slice: dict = {}
+    for i, les in enumerate(lesions):
+        by_slice.setdefault(les.slice, []).append(i)
+    for s, idx in by_slice.items():
+        lab_ids = [lesions[i].label for i in idx]
+        out[idx] = ndimage.mean(np.asarray(map_native[s], dtype=np.float64), labels[s], index=lab_ids)
+    return out
+
+
+def agatston_from_map(map_model: np.ndarray, lesions, labels: np.ndarray, native_hw, mode: str) -> float:
+    """CAC value from a model-resolution map [S,H,W].
+
+    mode "soft": sum_L mean_map(L) * score(L)   (the trained quantity; equals the pixel sum)
+    mode "lesion_threshold": sum_L score(L) * [mean_map(L) >= 0.5]   (shipped: a lesion counts fully or not)
+    """
+    if not lesions:
+        return 0.0
+    means = lesion_means(upsample_nearest(map_model, native_hw), lesions, labels)
+    scores = np.array([les.score for les in lesions])
+    if mode == "soft":
+        return float(np.sum(means * scores))
+    if mode == "lesion_threshold":
+        return float(np.sum(scores[means >= LESION_THRESHOLD]))
+    raise ValueError(mode)

@@ -24,6 +24,7 @@ from . import data as D
 from . import export as E
 
 DICE_THRESHOLD = 0.5
+SOFT = "localization, soft sum"  # CAC only: the trained soft aggregation, reported beside the shipped one
 TARGETS = {"pma": 0.98, "sfa": 0.99, "cac": 0.95, "liver": 0.95}
 
 
@@ -74,6 +75,9 @@ def evaluate_task(task: str, csv_path, models_dir, max_cases: int = 0) -> dict:
     if not sessions:
         return res
     acc = {m: {"pred": [], "dice": [], "sec": []} for m in sessions}
+    soft = SOFT if task == "cac" and "localization" in sessions else None
+    if soft:
+        acc[soft] = {"pred": [], "dice": [], "sec": []}
     ys, cand_only, cand_dice = [], [], []
     for d, y in rows:
         s = D.load_series(d)
@@ -84,13 +88,17 @@ def evaluate_task(task: str, csv_path, models_dir, max_cases: int = 0) -> dict:
             t0 = time.perf_counter()
             out = sess.run(None, {"input": x[:, None].astype(np.float32)})[0]
             acc[method]["sec"].append((time.perf_counter() - t0) / x.shape[0])
-            acc[method]["pred"].append(E.biomarker_from_output(method, out, wm))
+            if method == "localization" and spec.aggregation == "agatston":
+                acc[method]["pred"].append(C.agatston_from_map(out[:, 0], lesions, labels, s.hu.shape[1:],
+                                                               "lesion_threshold"))
+                acc[soft]["pred"].append(E.biomarker_from_output(method, out, wm))
+                acc[soft]["sec"].append(acc[method]["sec"][-1])
+            else:
+                acc[method]["pred"].append(E.biomarker_from_output(method, out, wm))
             if method == "localization":
                 if mask is not None:
                     up = C.upsample_nearest(out[:, 0], s.hu.shape[1:]) >= DICE_THRESHOLD
                     acc[method]["dice"].append(dice(up & cand, mask))
-                if not cand_only:
-                    pass
                 cand_only.append(float(w.sum()))
                 if mask is not None:
                     cand_dice.append(dice(cand, mask))
@@ -99,7 +107,9 @@ def evaluate_task(task: str, csv_path, models_dir, max_cases: int = 0) -> dict:
         dl = [v for v in a["dice"] if v is not None]
         m["dice"] = float(np.mean(dl)) if dl else None
         m["dice_n"] = len(dl)
-        m["dice_threshold"] = DICE_THRESHOLD if method == "localization" else None
+        if method == soft:
+            m["dice"], m["dice_n"] = res["methods"]["localization"]["dice"], res["methods"]["localization"]["dice_n"]
+        m["dice_threshold"] = DICE_THRESHOLD if method in ("localization", soft) else None
         m["sec_per_slice_ort"] = float(np.median(a["sec"]))
         if task == "cac":
             ti = [C.risk_index(v) for v in ys]
@@ -116,6 +126,8 @@ def evaluate_task(task: str, csv_path, models_dir, max_cases: int = 0) -> dict:
     for method, (_, _, cpath) in sessions.items():
         card = E.read_card(cpath)
         card.setdefault("metrics", {})["heldout"] = _rounded(res["methods"][method])
+        if method == "localization" and soft:
+            card["metrics"]["heldout_soft_sum"] = _rounded(res["methods"][soft])
         card["metrics"]["heldout"]["csv"] = str(csv_path)
         E.write_card(cpath, card)
     return res

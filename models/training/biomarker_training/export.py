@@ -90,15 +90,19 @@ def card_dict(spec: TaskSpec, method: str, onnx_file: str, digest: str, widths, 
         "unit_scale": spec.unit_scale,
         "upsample": "nearest: native index i reads model index (i * model_n) // native_n, per axis",
         "formula": ("value = sum(up(map) * cand) * pixel_area_mm2 * unit_scale" if spec.aggregation == "area"
-                    else "value = sum over lesions L of mean(up(map) over L) * area_mm2(L) * weight(L) "
-                         "* slice_thickness_mm / 3"),
+                    else "value = sum over lesions L of [mean(up(map) over L) >= lesion_threshold] * area_mm2(L) "
+                         "* weight(L) * slice_thickness_mm / 3"),
         "map_threshold": None,
     }
     if spec.aggregation == "agatston":
         agg.update({
-            "lesion_aggregation": "mean_map_times_lesion_score",
-            "lesion_aggregation_note": ("linear in the map; identical to summing map * lesion weight * "
-                                        "pixel_area * thickness/3 over lesion pixels"),
+            "lesion_aggregation": "lesion_threshold",
+            "lesion_threshold": C.LESION_THRESHOLD,
+            "lesion_aggregation_note": ("shipped value = sum over lesions of score(L) * [mean(up(map) over L) >= "
+                                        "lesion_threshold], score(L) = area_mm2 * weight * thickness/3. Training "
+                                        "used the soft sum, sum_L mean_map(L) * score(L) (linear in the map, equal "
+                                        "to the pixel sum); evaluation reports both. Thresholding per lesion makes "
+                                        "a zero score exactly zero and the risk category insensitive to soft maps."),
             "weights": {"130": 1, "200": 2, "300": 3, "400": 4},
             "thickness_scaling": "slice_thickness_mm / 3",
             "risk_categories": {"0": "score == 0", "1-10": "(0,10]", "11-100": "(10,100]",

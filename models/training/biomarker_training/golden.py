@@ -49,6 +49,10 @@ def make_case(task: str, series_dir, value_truth: float, models_dir, out_dir) ->
            "n_candidates": int(cand.sum())}
     if spec.aggregation == "agatston":
         up = C.upsample_nearest(out[:, 0].astype(np.float64), s.hu.shape[1:])
+        doc["value_soft_sum"] = value
+        value = C.agatston_from_map(out[:, 0], lesions, labels, s.hu.shape[1:], "lesion_threshold")
+        doc["value"] = value
+        doc["lesion_threshold"] = C.LESION_THRESHOLD
         doc["risk_category"] = C.risk_category(value)
         doc["lesions"] = []
         for les in lesions:
@@ -57,7 +61,8 @@ def make_case(task: str, series_dir, value_truth: float, models_dir, out_dir) ->
             ys, xs = np.nonzero(sel)
             doc["lesions"].append({"slice": les.slice, "n_pixels": les.n_pixels, "area_mm2": les.area_mm2,
                                    "peak_hu": les.peak_hu, "weight": les.weight, "score": les.score,
-                                   "mean_map": mean_map, "contribution": mean_map * les.score,
+                                   "mean_map": mean_map, "counted": mean_map >= C.LESION_THRESHOLD,
+                                   "contribution": les.score if mean_map >= C.LESION_THRESHOLD else 0.0,
                                    "first_pixel_rc": [int(ys[0]), int(xs[0])]})
     (out_dir / "value.json").write_text(json.dumps(doc, indent=1))
     return doc

@@ -125,3 +125,20 @@ class TestAggregation:
         x = C.normalise(hu, spec)
         assert x.shape == (1,) + spec.size and x.dtype == np.float32
         assert np.allclose(x, -1.0)  # clipped to -250 then / 250
+
+
+class TestLesionAggregation:
+    def test_soft_and_threshold(self):
+        spec = get("cac")
+        hu = np.zeros((1, 8, 8))
+        hu[0, 0:2, 0:2] = 250  # weight 2, 4 px -> score 4 * 1 * 2 * 3/3 = 8
+        hu[0, 4:8, 4:8] = 420  # weight 4, 16 px -> score 64
+        lesions, labels = C.cac_lesions(hu, spec, 1.0, 3.0)
+        m = np.zeros((1, 4, 4))  # model map at half resolution
+        m[0, 0, 0] = 0.6
+        m[0, 2:4, 2:4] = 0.4
+        soft = C.agatston_from_map(m, lesions, labels, (8, 8), "soft")
+        hard = C.agatston_from_map(m, lesions, labels, (8, 8), "lesion_threshold")
+        assert soft == pytest.approx(0.6 * 8 + 0.4 * 64)
+        assert hard == pytest.approx(8.0)
+        assert C.agatston_from_map(m, [], labels, (8, 8), "lesion_threshold") == 0.0

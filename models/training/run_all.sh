@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# The full pipeline that produced models/: phantoms -> 8 trainings -> held-out evaluation -> golden set.
+# Run from the repository root. Data stays outside git (DATA). Steps whose output exists are skipped
+# (delete the file to redo one). Every number here is the one used for the shipped models.
+#
+#   BIOMARKER_NODE_BIN=/path/to/biomarker-node bash models/training/run_all.sh [phantoms|train|evaluate|golden|all]
+set -euo pipefail
+STEP=${1:-all}
+BIN=${BIOMARKER_NODE_BIN:-/work/wt-phantom/target/release/biomarker-node}
+DATA=${DATA:-/work/data-phantoms}
+OUT=${OUT:-models}
+DEVICE=${DEVICE:-cpu}
+export PYTHONPATH="$(pwd)/models/training${PYTHONPATH:+:$PYTHONPATH}"
+TASKS=${TASKS:-"pma sfa liver cac"}
+
+# training seed 1, held-out seed 901 (never used for training or tuning)
+declare -A NTRAIN=([pma]=${N2D:-700} [sfa]=${N2D:-700} [liver]=${N2D:-700} [cac]=${NCAC:-160})
+declare -A NTEST=([pma]=100 [sfa]=100 [liver]=100 [cac]=80)
+declare -A EPOCHS=([pma]=${E2D:-8} [sfa]=${E2D:-8} [liver]=${E2D:-8} [cac]=${ECAC:-6})
+declare -A EPOCHS_DIRECT=([pma]=${E2D:-8} [sfa]=${E2D:-8} [liver]=${E2D:-8} [cac]=${ECAC:-6})
+
+phantoms() {
+  for t in $TASKS; do
+    [ -f "$DATA/train/$t/labels.csv" ] || nice "$BIN" phantom --task "$t" --seed 1 --out "$DATA/train/$t" --count "${NTRAIN[$t]}"
+    [ -f "$DATA/test/$t/labels.csv" ] || nice "$BIN" phantom --task "$t" --seed 901 --out "$DATA/test/$t" --count "${NTEST[$t]}"
+  done
+}
+
+train() {
+  for t in $TASKS; do
+    for m in localization direct; do
+      if [ "$m" = localization ]; then f="$OUT/$t.onnx"; e=${EPOCHS[$t]}; else f="$OUT/baseline/$t-direct.onnx"; e=${EPOCHS_DIRECT[$t]}; fi
+      [ -f "$f" ] && continue
+      nice -n 10 python -m biomarker_training.train --task "$t" --csv "$DATA/train/$t/labels.csv" --method "$m" \
+        --device "$DEVICE" --seed 1 --epochs "$e" --out "$OUT/" \
+        --data-note "biomarker-node phantom --task $t --seed 1 --count ${NTRAIN[$t]} (90% train / 10% val)" \
+        2>&1 | grep -v -i warning | tee "$DATA/train-$t-$m.log"
+    done
+  done
+}
+
+evaluate() {
+  args=()
+  for t in $TASKS; do args+=(--set "$t=$DATA/test/$t/labels.csv"); done
+  python -m biomarker_training.evaluate --models "$OUT/" "${args[@]}" --notes "$OUT/training/EVALUATION_NOTES.md"
+}
+
+golden() {
+  args=()
+  for t in $TASKS; do args+=(--set "$t=$DATA/test/$t/labels.csv"); done
+  python -m biomarker_training.golden --models "$OUT/" --out "$OUT/golden" "${args[@]}"
+}
+
+case "$STEP" in
+  phantoms) phantoms ;;
+  train) train ;;
+  evaluate) evaluate ;;
+  golden) golden ;;
+  all) phantoms; train; evaluate; golden ;;
+  *) echo "unknown step $STEP" >&2; exit 2 ;;
+esac
