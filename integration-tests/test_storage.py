@@ -102,6 +102,21 @@ class TestDuplicates:
         assert str(pydicom.dcmread(p).PatientName) == "FIRST^COPY"
         assert list(node.spool_files()) == [first.SOPInstanceUID]
 
+    def test_duplicate_uid_in_another_series_keeps_first_copy(self, node):
+        """Same SOP Instance UID, different Study/Series: still the same instance (PS3.3 C.12.1.1.1)."""
+        first = _clone(PatientName="FIRST^COPY")
+        second = copy.deepcopy(first)
+        second.StudyInstanceUID = instances.new_uid()
+        second.SeriesInstanceUID = instances.new_uid()
+        with _store_assoc(node) as a:
+            assert a.c_store(3, ul.CT_IMAGE_STORAGE, first.SOPInstanceUID, instances.dataset_bytes(first)).status == SUCCESS
+            digest = node.spool_digest()
+            rsp = a.c_store(3, ul.CT_IMAGE_STORAGE, second.SOPInstanceUID, instances.dataset_bytes(second))
+            a.release()
+        assert rsp.status == SUCCESS
+        assert node.spool_digest() == digest, "a second copy of the instance appeared under another series"
+        assert second.SeriesInstanceUID not in node.series_by_uid()
+
     def test_duplicate_across_associations_and_restart(self, node, tmp_path):
         s = instances.write_series(tmp_path / "in", 2)
         assert storescu(node, s.paths).returncode == 0
