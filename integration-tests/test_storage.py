@@ -223,3 +223,76 @@ def _find_element(buf: bytes | bytearray, group: int, elem: int) -> int:
     off = bytes(buf).find(tag)
     assert off >= 0, f"({group:04x},{elem:04x}) not found"
     return off
+
+
+class TestFraming:
+    """Legal ways to cut a message into PDVs and PDUs that real peers use."""
+
+    def test_several_pdvs_in_one_pdu_and_fragmented_command(self, node):
+        ds = _clone()
+        body = instances.dataset_bytes(ds)
+        cmd = ul.c_store_rq(9, ul.CT_IMAGE_STORAGE, ds.SOPInstanceUID)
+
+        def pdv(data, command, last):
+            return len(data + b"xx").to_bytes(4, "big") + bytes([3, (1 if command else 0) | (2 if last else 0)]) + data
+
+        with _store_assoc(node) as a:
+            # PDU 1: the command in three fragments, then the first dataset fragment.
+            third = len(cmd) // 3
+            pdu1 = (
+                pdv(cmd[:third], True, False)
+                + pdv(cmd[third : 2 * third], True, False)
+                + pdv(cmd[2 * third :], True, True)
+                + pdv(body[:1000], False, False)
+            )
+            a.send(ul.pdu(ul.P_DATA_TF, pdu1))
+            # PDU 2: many small dataset fragments; PDU 3: the rest, last flag set.
+            a.send(ul.pdu(ul.P_DATA_TF, b"".join(pdv(body[o : o + 500], False, False) for o in range(1000, 11000, 500))))
+            rest = body[11000:]
+            step = a._max_data() - 6
+            for off in range(0, len(rest), step):
+                last = off + step >= len(rest)
+                a.send(ul.pdu(ul.P_DATA_TF, pdv(rest[off : off + step], False, last)))
+            rsp = a.recv_response()
+            assert rsp.status == SUCCESS, f"0x{rsp.status:04X}"
+            assert rsp.message_id_responded == 9
+            a.release()
+        stored = node.spool_path(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+        assert ul.split_part10(stored)[1] == body
+
+    def test_pynetdicom_store_then_abort_keeps_what_was_acknowledged(self, node, tmp_path):
+        from pynetdicom import AE
+        from pynetdicom.sop_class import CTImageStorage
+
+        s = instances.write_series(tmp_path / "in", 3)
+        ae = AE(ae_title="PYNETDICOM")
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+        ae.add_requested_context(CTImageStorage, [ul.EXPLICIT_LE])
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="BIOMARKER")
+        assert assoc.is_established
+        for inst in s.instances:
+            assert assoc.send_c_store(inst.path).Status == SUCCESS
+        assoc.abort()
+        assert_serving(node)
+        assert set(node.spool_files()) == {i.sop for i in s.instances}
+
+    def test_unsupported_dimse_command_does_not_crash(self, node):
+        """A C-FIND-RQ on a storage context: a failure response or an abort, never a crash."""
+        cmd = ul.encode_command(
+            [
+                (0, 0x0002, b"1.2.840.10008.5.1.4.1.1.2\x00"),
+                (0, 0x0100, ul.us(0x0020)),  # C-FIND-RQ
+                (0, 0x0110, ul.us(5)),
+                (0, 0x0700, ul.us(0)),
+                (0, 0x0800, ul.us(0x0101)),
+            ]
+        )
+        with _store_assoc(node) as a:
+            a.send(ul.p_data(3, cmd, command=True, last=True))
+            try:
+                rsp = a.recv_response(timeout=10)
+                assert rsp.status != SUCCESS, "a C-FIND on a storage context reported success"
+                a.release()
+            except (ul.UnexpectedPdu, ul.PeerClosed, ConnectionResetError):
+                pass  # aborted: also acceptable
+        assert_serving(node)

@@ -231,7 +231,9 @@ for senders in 1 "$SENDERS"; do
     done
 done
 echo
-case " $PEERS " in *" node "*" storescp "*" orthanc "*) ;; *) exit 0 ;; esac
+for p in node storescp orthanc; do
+    case " $PEERS " in *" $p "*) ;; *) exit 0 ;; esac # ratios need all three
+done
 for senders in 1 "$SENDERS"; do
     python3 - "$senders" "${RATE[node,$senders]}" "${RATE[storescp,$senders]}" "${RATE[orthanc,$senders]}" "${RSS[node,$senders]}" <<'EOF'
 import sys
