@@ -18,14 +18,25 @@ def _block(cin: int, cout: int) -> nn.Sequential:
 
 
 class Encoder(nn.Module):
-    def __init__(self, widths=(8, 16, 32, 64)):
+    """Conv blocks with max-pooling; with `size` set, two constant coordinate channels (y, x in [-1,1])
+    are appended to the 1-channel input inside the graph, so the ONNX input stays [N,1,H,W] and the
+    net knows where it is (pectoralis is anterior, the liver on the patient's right)."""
+
+    def __init__(self, widths=(8, 16, 32, 64), size=None):
         super().__init__()
         self.widths = tuple(widths)
-        chans = (1,) + self.widths
+        if size is not None:
+            yy, xx = torch.meshgrid(torch.linspace(-1, 1, size[0]), torch.linspace(-1, 1, size[1]), indexing="ij")
+            self.register_buffer("coords", torch.stack([yy, xx])[None], persistent=True)
+        else:
+            self.coords = None
+        chans = (1 if size is None else 3,) + self.widths
         self.blocks = nn.ModuleList(_block(chans[i], chans[i + 1]) for i in range(len(self.widths)))
         self.pool = nn.MaxPool2d(2)
 
     def forward(self, x):
+        if self.coords is not None:
+            x = torch.cat([x, self.coords.expand(x.shape[0], -1, -1, -1)], 1)
         skips = []
         for i, b in enumerate(self.blocks):
             if i > 0:
@@ -38,9 +49,9 @@ class Encoder(nn.Module):
 class UNet(nn.Module):
     """[N,1,H,W] (H, W divisible by 2**(levels-1)) -> sigmoid map [N,1,H,W]."""
 
-    def __init__(self, widths=(8, 16, 32, 64)):
+    def __init__(self, widths=(8, 16, 32, 64), size=None):
         super().__init__()
-        self.encoder = Encoder(widths)
+        self.encoder = Encoder(widths, size)
         w = self.encoder.widths
         self.ups = nn.ModuleList(nn.ConvTranspose2d(w[i + 1], w[i], 2, stride=2)
                                  for i in reversed(range(len(w) - 1)))
@@ -64,9 +75,9 @@ class Direct(nn.Module):
     """
 
     def __init__(self, widths=(8, 16, 32, 64), kind: str = "area", value_scale: float = 1.0,
-                 per_volume: bool = False):
+                 per_volume: bool = False, size=None):
         super().__init__()
-        self.encoder = Encoder(widths)
+        self.encoder = Encoder(widths, size)
         self.fc = nn.Linear(self.encoder.widths[-1], 1)
         self.kind = kind
         self.value_scale = float(value_scale)
@@ -88,7 +99,7 @@ class Direct(nn.Module):
 
 def build(method: str, spec, widths=(8, 16, 32, 64)) -> nn.Module:
     if method == "localization":
-        return UNet(widths)
+        return UNet(widths, spec.size)
     if method == "direct":
-        return Direct(widths, spec.aggregation, spec.value_scale, per_volume=spec.slices == "all")
+        return Direct(widths, spec.aggregation, spec.value_scale, per_volume=spec.slices == "all", size=spec.size)
     raise ValueError(f"unknown method {method!r}")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from biomarker_training import evaluate, export, golden, nets, synth, train
-from biomarker_training.tasks import get
+from biomarker_training.tasks import get, with_size
 
 
 def _phantoms(task, tmp_path, count):
@@ -61,7 +61,7 @@ class TestNets:
 
     def test_direct_cac_pools_over_slices(self):
         import torch
-        net = nets.build("direct", get("cac"), (4, 8)).eval()
+        net = nets.build("direct", with_size(get("cac"), 16), (4, 8)).eval()
         assert net(torch.randn(5, 1, 16, 16)).shape == (1, 1)
 
     def test_parity_check_detects_mismatch(self):
