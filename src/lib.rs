@@ -10,10 +10,12 @@
 //! `pipeline` is the one place that wires the stages together; stages never
 //! create their own channels.
 
+pub mod biomarkers;
 pub mod config;
 pub mod dimse;
 pub mod telemetry;
 pub mod dicom;
+pub mod inference;
 pub mod ingest;
 pub mod phantom;
 pub mod pipeline;

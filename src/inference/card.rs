@@ -1,0 +1,156 @@
+//! Model cards (`models/<name>.yaml`): everything needed to turn HU into the
+//! model's input and its output into a biomarker, written by the training
+//! code (`models/training/biomarker_training/export.py`). Unknown keys are
+//! allowed: cards also carry training provenance and metrics for people.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use crate::biomarkers::CandidateSpec;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CardError {
+    #[error("cannot read model card {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("model card {path}: {source}")]
+    Parse { path: PathBuf, source: serde_yaml::Error },
+    #[error("model card {path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+    #[error("ONNX file {path} has sha256 {actual}, the card says {expected}")]
+    Digest { path: PathBuf, expected: String, actual: String },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Code {
+    pub scheme: String,
+    pub value: String,
+    pub meaning: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Unit {
+    pub ucum: String,
+    pub meaning: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct BiomarkerSpec {
+    pub concept: Code,
+    pub unit: Unit,
+    pub finding_site: Code,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Scale {
+    pub subtract: f64,
+    pub divide: f64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct InputSpec {
+    pub size: [usize; 2],
+    pub hu_clip: [f64; 2],
+    pub scale: Scale,
+    /// "single": one 2D slice; "all": every slice of the volume as a batch.
+    pub slices: String,
+    #[serde(default = "default_input_name")]
+    pub input_name: String,
+    #[serde(default = "default_output_name")]
+    pub output_name: String,
+}
+
+fn default_input_name() -> String {
+    "input".into()
+}
+fn default_output_name() -> String {
+    "map".into()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct AggregationSpec {
+    /// "area", "agatston" or "direct".
+    pub kind: String,
+    #[serde(default = "one")]
+    pub unit_scale: f64,
+    /// Agatston only: "lesion_threshold" (a lesion counts fully when the mean
+    /// map over it reaches `lesion_threshold`) or "soft" (mean map × score).
+    #[serde(default)]
+    pub lesion_aggregation: Option<String>,
+    #[serde(default)]
+    pub lesion_threshold: Option<f64>,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ModelCard {
+    pub name: String,
+    pub version: String,
+    pub task: String,
+    #[serde(default)]
+    pub method: Option<String>,
+    pub onnx: String,
+    pub sha256: String,
+    pub input: InputSpec,
+    pub candidates: CandidateSpec,
+    pub aggregation: AggregationSpec,
+    pub biomarker: BiomarkerSpec,
+    /// Where the card was read from; the ONNX path is relative to it.
+    #[serde(skip)]
+    pub path: PathBuf,
+}
+
+impl ModelCard {
+    pub fn load(path: &Path) -> Result<ModelCard, CardError> {
+        let text = std::fs::read_to_string(path).map_err(|source| CardError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut card: ModelCard = serde_yaml::from_str(&text).map_err(|source| CardError::Parse {
+            path: path.to_owned(),
+            source,
+        })?;
+        card.path = path.to_owned();
+        let bad = |message: String| CardError::Invalid {
+            path: path.to_owned(),
+            message,
+        };
+        if !matches!(card.aggregation.kind.as_str(), "area" | "agatston" | "direct") {
+            return Err(bad(format!("unknown aggregation kind `{}`", card.aggregation.kind)));
+        }
+        if !matches!(card.input.slices.as_str(), "single" | "all") {
+            return Err(bad(format!("unknown input.slices `{}`", card.input.slices)));
+        }
+        if card.input.size.contains(&0) || card.input.scale.divide == 0.0 {
+            return Err(bad("input.size and input.scale.divide must be non-zero".into()));
+        }
+        Ok(card)
+    }
+
+    pub fn onnx_path(&self) -> PathBuf {
+        self.path.parent().unwrap_or(Path::new(".")).join(&self.onnx)
+    }
+
+    /// The ONNX file must be the one the card describes.
+    pub fn verify_digest(&self) -> Result<(), CardError> {
+        let p = self.onnx_path();
+        let bytes = std::fs::read(&p).map_err(|source| CardError::Read { path: p.clone(), source })?;
+        let actual = format!("{:x}", Sha256::digest(&bytes));
+        if !actual.eq_ignore_ascii_case(self.sha256.trim()) {
+            return Err(CardError::Digest {
+                path: p,
+                expected: self.sha256.clone(),
+                actual,
+            });
+        }
+        Ok(())
+    }
+
+    pub fn is_agatston(&self) -> bool {
+        self.aggregation.kind == "agatston"
+    }
+}

@@ -1,0 +1,255 @@
+//! Inference: ONNX Runtime sessions for the model cards.
+//!
+//! Input: a model card and normalised slices `[N, 1, H, W]`. Output: the
+//! model's map (or value) for each slice, and which execution provider ran.
+//!
+//! Invariants:
+//! - ONNX Runtime is loaded at run time (`load-dynamic`) from the configured
+//!   path or `ORT_DYLIB_PATH`; a missing library is an error, never a panic.
+//! - Each model is loaded once; `max_concurrency` sessions bound how many
+//!   runs proceed at once (a GPU semaphore in effect).
+//! - CUDA is verified by an actual run at load. If it fails we fall back to
+//!   CPU with a log line and a counter, unless the model is `fail_hard`.
+
+pub mod card;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
+
+use ndarray::Array4;
+use ort::session::Session;
+use ort::value::Tensor;
+
+pub use card::{CardError, ModelCard};
+
+/// CUDA → CPU fallbacks since start, for the metrics endpoint.
+pub static CUDA_FALLBACKS: AtomicU64 = AtomicU64::new(0);
+
+#[derive(Debug, thiserror::Error)]
+pub enum InferenceError {
+    #[error("ONNX Runtime library not found: set onnxruntime.library in the config or ORT_DYLIB_PATH (tried {0})")]
+    LibraryMissing(String),
+    #[error("cannot load ONNX Runtime from {path}: {message}")]
+    LibraryLoad { path: PathBuf, message: String },
+    #[error(transparent)]
+    Card(#[from] CardError),
+    #[error("model {model}: {message}")]
+    Session { model: String, message: String },
+    #[error("model {model}: CUDA execution provider failed ({message}) and fail_hard is set")]
+    CudaRequired { model: String, message: String },
+    #[error("model {model}: output has shape {shape:?}, expected [N,1,H,W]")]
+    OutputShape { model: String, shape: Vec<usize> },
+}
+
+impl InferenceError {
+    /// Environment problems may pass (a GPU busy, a library being installed);
+    /// a bad card or model will not.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, InferenceError::Session { .. })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExecutionProvider {
+    Cpu,
+    Cuda,
+}
+
+impl ExecutionProvider {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExecutionProvider::Cpu => "cpu",
+            ExecutionProvider::Cuda => "cuda",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RuntimeOptions {
+    pub execution_provider: ExecutionProvider,
+    pub device_id: i32,
+    pub fail_hard: bool,
+    pub max_concurrency: usize,
+    /// Intra-op threads per session; 0 lets ONNX Runtime decide.
+    pub intra_threads: usize,
+}
+
+impl Default for RuntimeOptions {
+    fn default() -> Self {
+        RuntimeOptions {
+            execution_provider: ExecutionProvider::Cpu,
+            device_id: 0,
+            fail_hard: false,
+            max_concurrency: 1,
+            intra_threads: 0,
+        }
+    }
+}
+
+static ORT: OnceLock<Result<ort::environment::Environment, String>> = OnceLock::new();
+
+/// Where to find libonnxruntime: the config's path, then `ORT_DYLIB_PATH`.
+pub fn resolve_library(configured: Option<&Path>) -> Result<PathBuf, InferenceError> {
+    let candidates: Vec<PathBuf> = configured
+        .map(Path::to_path_buf)
+        .into_iter()
+        .chain(std::env::var_os("ORT_DYLIB_PATH").map(PathBuf::from))
+        .collect();
+    candidates
+        .iter()
+        .find(|p| p.is_file())
+        .cloned()
+        .ok_or_else(|| {
+            InferenceError::LibraryMissing(if candidates.is_empty() {
+                "nothing configured".into()
+            } else {
+                candidates.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+            })
+        })
+}
+
+/// Load ONNX Runtime once per process.
+pub fn init(configured: Option<&Path>) -> Result<(), InferenceError> {
+    let path = resolve_library(configured)?;
+    let r = ORT.get_or_init(|| {
+        let builder = ort::init_from(&path).map_err(|e| e.to_string())?;
+        builder.with_name("biomarker-node").build().map_err(|e| e.to_string())
+    });
+    match r {
+        Ok(_) => Ok(()),
+        Err(message) => Err(InferenceError::LibraryLoad {
+            path,
+            message: message.clone(),
+        }),
+    }
+}
+
+/// One loaded model: its card and a small pool of sessions.
+pub struct Model {
+    pub card: ModelCard,
+    /// The provider that passed the start-up check.
+    pub provider: ExecutionProvider,
+    sessions: Vec<Mutex<Session>>,
+    next: AtomicU64,
+}
+
+impl Model {
+    /// Load and verify. [`init`] must have succeeded first.
+    pub fn load(card_path: &Path, opts: &RuntimeOptions) -> Result<Model, InferenceError> {
+        let card = ModelCard::load(card_path)?;
+        card.verify_digest()?;
+        let n = opts.max_concurrency.max(1);
+        let mut provider = opts.execution_provider;
+        let mut sessions = Vec::with_capacity(n);
+        if provider == ExecutionProvider::Cuda {
+            match build_session(&card, opts, ExecutionProvider::Cuda).and_then(|mut s| {
+                smoke_run(&card, &mut s)?;
+                Ok(s)
+            }) {
+                Ok(s) => sessions.push(Mutex::new(s)),
+                Err(e) if opts.fail_hard => {
+                    return Err(InferenceError::CudaRequired {
+                        model: card.name.clone(),
+                        message: e.to_string(),
+                    })
+                }
+                Err(e) => {
+                    CUDA_FALLBACKS.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(model = %card.name, error = %e, "CUDA execution provider unusable; falling back to CPU");
+                    provider = ExecutionProvider::Cpu;
+                }
+            }
+        }
+        while sessions.len() < n {
+            let mut s = build_session(&card, opts, provider)?;
+            if sessions.is_empty() {
+                smoke_run(&card, &mut s)?;
+            }
+            sessions.push(Mutex::new(s));
+        }
+        tracing::info!(model = %card.name, version = %card.version, provider = provider.as_str(), sessions = n, "model loaded");
+        Ok(Model {
+            card,
+            provider,
+            sessions,
+            next: AtomicU64::new(0),
+        })
+    }
+
+    /// Run a batch `[N,1,H,W]`; returns the first output as `[N,1,H,W]`
+    /// (or `[N,1,1,1]` for a direct-regression model). Blocking.
+    pub fn run(&self, input: Array4<f32>) -> Result<Array4<f32>, InferenceError> {
+        let i = (self.next.fetch_add(1, Ordering::Relaxed) as usize) % self.sessions.len();
+        // A poisoned lock means a panic inside ONNX Runtime's caller; the
+        // session itself holds no Rust invariants, so keep using it.
+        let mut s = self.sessions[i].lock().unwrap_or_else(|p| p.into_inner());
+        run_session(&self.card, &mut s, input)
+    }
+}
+
+fn session_err(card: &ModelCard, e: impl std::fmt::Display) -> InferenceError {
+    InferenceError::Session {
+        model: card.name.clone(),
+        message: e.to_string(),
+    }
+}
+
+fn environment() -> Option<&'static ort::environment::Environment> {
+    ORT.get().and_then(|r| r.as_ref().ok())
+}
+
+fn build_session(card: &ModelCard, opts: &RuntimeOptions, ep: ExecutionProvider) -> Result<Session, InferenceError> {
+    let env = environment().ok_or_else(|| session_err(card, "ONNX Runtime is not initialised"))?;
+    let mut b = Session::builder(env).map_err(|e| session_err(card, e))?;
+    if opts.intra_threads > 0 {
+        b = b.with_intra_threads(opts.intra_threads).map_err(|e| session_err(card, e))?;
+    }
+    if ep == ExecutionProvider::Cuda {
+        b = b
+            .with_execution_providers([ort::ep::CUDA::default()
+                .with_device_id(opts.device_id)
+                .build()
+                .error_on_failure()])
+            .map_err(|e| session_err(card, e))?;
+    }
+    b.commit_from_file(card.onnx_path()).map_err(|e| session_err(card, e))
+}
+
+/// A run on a zero input proves the provider can execute this graph.
+fn smoke_run(card: &ModelCard, s: &mut Session) -> Result<(), InferenceError> {
+    let [h, w] = card.input.size;
+    run_session(card, s, Array4::zeros((1, 1, h, w))).map(|_| ())
+}
+
+fn run_session(card: &ModelCard, s: &mut Session, input: Array4<f32>) -> Result<Array4<f32>, InferenceError> {
+    // ort links its own ndarray version; cross the boundary as shape + buffer.
+    let dims: Vec<i64> = input.shape().iter().map(|&d| d as i64).collect();
+    let (data, _) = input.into_raw_vec_and_offset();
+    let tensor = Tensor::from_array((dims, data)).map_err(|e| session_err(card, e))?;
+    let outputs = s
+        .run(ort::inputs![card.input.input_name.as_str() => tensor])
+        .map_err(|e| session_err(card, e))?;
+    let out = outputs
+        .get(card.input.output_name.as_str())
+        .ok_or_else(|| session_err(card, format!("no output named {}", card.input.output_name)))?;
+    let (shape, values) = out.try_extract_tensor::<f32>().map_err(|e| session_err(card, e))?;
+    let shape: Vec<usize> = shape.iter().map(|&d| d.max(0) as usize).collect();
+    let dims4 = match shape.as_slice() {
+        [n, c, h, w] => (*n, *c, *h, *w),
+        // direct regression: [N,1] → [N,1,1,1]
+        [n, 1] => (*n, 1, 1, 1),
+        [n] => (*n, 1, 1, 1),
+        _ => {
+            return Err(InferenceError::OutputShape {
+                model: card.name.clone(),
+                shape,
+            })
+        }
+    };
+    Array4::from_shape_vec(dims4, values.to_vec()).map_err(|_| InferenceError::OutputShape {
+        model: card.name.clone(),
+        shape,
+    })
+}
