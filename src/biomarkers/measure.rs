@@ -129,3 +129,30 @@ pub fn measure(model: &Model, hu: ArrayView3<f32>, geom: PixelGeometry) -> Resul
         .sum();
     Ok(base(sum * area * card.aggregation.unit_scale, None, vec![], map, candidates))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::inference::{init_for_tests, RuntimeOptions};
+
+    #[test]
+    fn area_is_map_inside_candidates_times_pixel_area() {
+        if !init_for_tests() {
+            return;
+        }
+        let card = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/inference/testdata/sigmoid_map.yaml");
+        let model = Model::load(&card, &RuntimeOptions::default()).unwrap();
+        // 16×16 at 40 HU (a candidate), with a 4×4 block of fat (-100 HU, not a candidate)
+        let mut hu = Array3::<f32>::from_elem((1, 16, 16), 40.0);
+        hu.slice_mut(s![0, 0..4, 0..4]).fill(-100.0);
+        let geom = PixelGeometry { pixel_spacing: [0.5, 2.0], slice_thickness_mm: 5.0 };
+        let m = measure(&model, hu.view(), geom).unwrap();
+        // The 4×4 fat block is exactly model cells [0..2, 0..2]: their input is
+        // -100/250, elsewhere 40/250; only candidate pixels count.
+        let expected = 240.0 * (1.0 / (1.0 + (-0.16f64).exp())) * 1.0 * 0.01;
+        assert!((m.value - expected).abs() < 1e-6, "{} vs {expected}", m.value);
+        assert_eq!(m.unit, "cm2");
+        assert_eq!(m.candidates.iter().filter(|&&c| c).count(), 240);
+        assert_eq!(m.execution_provider, "cpu");
+    }
+}

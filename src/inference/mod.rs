@@ -253,3 +253,84 @@ fn run_session(card: &ModelCard, s: &mut Session, input: Array4<f32>) -> Result<
         shape,
     })
 }
+
+/// Find the ONNX Runtime library for tests: `ORT_DYLIB_PATH`, else the one
+/// inside the `onnxruntime` wheel that scripts/install-deps.sh installs.
+#[cfg(test)]
+pub(crate) fn test_library() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("ORT_DYLIB_PATH") {
+        return Some(PathBuf::from(p));
+    }
+    let out = std::process::Command::new("python3")
+        .args(["-c", "import onnxruntime, os; print(os.path.join(os.path.dirname(onnxruntime.__file__), 'capi'))"])
+        .output()
+        .ok()?;
+    let dir = PathBuf::from(String::from_utf8(out.stdout).ok()?.trim());
+    std::fs::read_dir(&dir)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("libonnxruntime.so.")))
+}
+
+/// Tests that need ONNX Runtime: skip on a developer machine without it,
+/// but never in CI, where install-deps.sh provides it.
+#[cfg(test)]
+pub(crate) fn init_for_tests() -> bool {
+    match test_library() {
+        Some(p) => {
+            init(Some(&p)).expect("ONNX Runtime loads");
+            true
+        }
+        None if std::env::var_os("CI").is_some() => panic!("ONNX Runtime library missing in CI"),
+        None => {
+            eprintln!("skipping: no ONNX Runtime library (set ORT_DYLIB_PATH)");
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("src/inference/testdata/sigmoid_map.yaml")
+    }
+
+    #[test]
+    fn missing_library_is_a_clear_error() {
+        let e = resolve_library(Some(Path::new("/nonexistent/libonnxruntime.so"))).unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/libonnxruntime.so"), "{e}");
+    }
+
+    #[test]
+    fn cuda_falls_back_to_cpu_unless_fail_hard() {
+        if !init_for_tests() {
+            return;
+        }
+        let before = CUDA_FALLBACKS.load(Ordering::Relaxed);
+        let opts = RuntimeOptions { execution_provider: ExecutionProvider::Cuda, ..Default::default() };
+        let m = Model::load(&fixture(), &opts).expect("falls back to CPU");
+        assert_eq!(m.provider, ExecutionProvider::Cpu);
+        assert!(CUDA_FALLBACKS.load(Ordering::Relaxed) > before);
+        let out = m.run(Array4::zeros((2, 1, 8, 8))).unwrap();
+        assert_eq!(out.shape(), &[2, 1, 8, 8]);
+        assert!((out[[1, 0, 3, 3]] - 0.5).abs() < 1e-6, "sigmoid(0) = 0.5");
+
+        let hard = RuntimeOptions { fail_hard: true, ..opts };
+        assert!(matches!(Model::load(&fixture(), &hard), Err(InferenceError::CudaRequired { .. })));
+    }
+
+    #[test]
+    fn tampered_model_is_refused_by_digest() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = fixture();
+        let card = std::fs::read_to_string(&src).unwrap();
+        std::fs::write(dir.path().join("sigmoid_map.yaml"), card).unwrap();
+        let mut onnx = std::fs::read(src.with_file_name("sigmoid_map.onnx")).unwrap();
+        onnx.push(0);
+        std::fs::write(dir.path().join("sigmoid_map.onnx"), onnx).unwrap();
+        let c = ModelCard::load(&dir.path().join("sigmoid_map.yaml")).unwrap();
+        assert!(matches!(c.verify_digest(), Err(CardError::Digest { .. })));
+    }
+}
