@@ -17,6 +17,7 @@ pub mod telemetry;
 pub mod dicom;
 pub mod inference;
 pub mod ingest;
+pub mod jobs;
 pub mod phantom;
 pub mod pipeline;
 pub mod series;

@@ -1,0 +1,261 @@
+//! Durable jobs: one per (series, route, model version, series generation).
+//!
+//! Input: routed matches for a completed series. Output: claimed jobs for
+//! the inference workers, and their results or failures.
+//!
+//! Invariants:
+//! - Each (series, route, model version, generation) is inserted once, so a
+//!   completion event delivered twice (the queue is at-least-once) or a
+//!   restart never runs a job twice; a re-opened series (new generation) or
+//!   an explicit `retrigger` runs it again.
+//! - Jobs left `running` by a crash go back to `pending` at start-up.
+//!
+//! The [`JobStore`] trait is the seam for a distributed queue.
+
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::SystemTime;
+
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::Serialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    #[error("job store: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("job store: bad JSON in row {id}: {message}")]
+    Corrupt { id: i64, message: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct JobKey {
+    pub series_instance_uid: String,
+    pub route: String,
+    pub model: String,
+    pub model_version: String,
+    pub generation: u32,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Job {
+    pub id: i64,
+    #[serde(flatten)]
+    pub key: JobKey,
+    pub state: String,
+    pub attempts: u32,
+    pub error: Option<String>,
+    pub result: Option<serde_json::Value>,
+    pub created_at: String,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+}
+
+pub trait JobStore: Send + Sync + 'static {
+    /// Ok(Some(id)) for a new job, Ok(None) when this key already exists.
+    fn enqueue(&self, key: &JobKey) -> Result<Option<i64>, JobError>;
+    /// Oldest pending job, now marked running.
+    fn claim(&self) -> Result<Option<Job>, JobError>;
+    fn finish(&self, id: i64, outcome: Result<&serde_json::Value, &str>) -> Result<(), JobError>;
+    /// At start-up: running → pending. Returns how many.
+    fn requeue_interrupted(&self) -> Result<usize, JobError>;
+    fn list(&self) -> Result<Vec<Job>, JobError>;
+}
+
+pub struct SqliteJobStore {
+    conn: Mutex<Connection>,
+}
+
+fn now() -> String {
+    time::OffsetDateTime::from(SystemTime::now())
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+impl SqliteJobStore {
+    pub fn open(path: &Path) -> Result<SqliteJobStore, JobError> {
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        let _: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
+        conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS jobs (
+                 id            INTEGER PRIMARY KEY AUTOINCREMENT,
+                 series_uid    TEXT NOT NULL,
+                 route         TEXT NOT NULL,
+                 model         TEXT NOT NULL,
+                 model_version TEXT NOT NULL,
+                 generation    INTEGER NOT NULL,
+                 state         TEXT NOT NULL,
+                 attempts      INTEGER NOT NULL DEFAULT 0,
+                 error         TEXT,
+                 result_json   TEXT,
+                 created_at    TEXT NOT NULL,
+                 started_at    TEXT,
+                 finished_at   TEXT,
+                 UNIQUE (series_uid, route, model_version, generation)
+             );
+             CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, id);",
+        )?;
+        Ok(SqliteJobStore { conn: Mutex::new(conn) })
+    }
+
+    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+        // A panic while holding the lock leaves SQLite consistent (statements are atomic).
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Run a job again: a new generation of the same key is not needed, the
+    /// finished row goes back to pending.
+    pub fn retrigger(&self, id: i64) -> Result<bool, JobError> {
+        let n = self.conn().execute(
+            "UPDATE jobs SET state = 'pending', error = NULL WHERE id = ?1 AND state IN ('done', 'failed')",
+            params![id],
+        )?;
+        Ok(n == 1)
+    }
+}
+
+fn row_to_job(r: &rusqlite::Row<'_>) -> rusqlite::Result<(Job, Option<String>)> {
+    Ok((
+        Job {
+            id: r.get(0)?,
+            key: JobKey {
+                series_instance_uid: r.get(1)?,
+                route: r.get(2)?,
+                model: r.get(3)?,
+                model_version: r.get(4)?,
+                generation: r.get(5)?,
+            },
+            state: r.get(6)?,
+            attempts: r.get(7)?,
+            error: r.get(8)?,
+            result: None,
+            created_at: r.get(10)?,
+            started_at: r.get(11)?,
+            finished_at: r.get(12)?,
+        },
+        r.get(9)?,
+    ))
+}
+
+const COLS: &str = "id, series_uid, route, model, model_version, generation, state, attempts, error, result_json, created_at, started_at, finished_at";
+
+fn with_result((mut job, json): (Job, Option<String>)) -> Result<Job, JobError> {
+    if let Some(j) = json {
+        job.result = Some(serde_json::from_str(&j).map_err(|e| JobError::Corrupt {
+            id: job.id,
+            message: e.to_string(),
+        })?);
+    }
+    Ok(job)
+}
+
+impl JobStore for SqliteJobStore {
+    fn enqueue(&self, key: &JobKey) -> Result<Option<i64>, JobError> {
+        let c = self.conn();
+        let n = c.execute(
+            "INSERT OR IGNORE INTO jobs (series_uid, route, model, model_version, generation, state, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, 'pending', ?6)",
+            params![key.series_instance_uid, key.route, key.model, key.model_version, key.generation, now()],
+        )?;
+        Ok((n == 1).then(|| c.last_insert_rowid()))
+    }
+
+    fn claim(&self) -> Result<Option<Job>, JobError> {
+        let mut c = self.conn();
+        let tx = c.transaction()?;
+        let row = tx
+            .query_row(
+                &format!("SELECT {COLS} FROM jobs WHERE state = 'pending' ORDER BY id LIMIT 1"),
+                [],
+                row_to_job,
+            )
+            .optional()?;
+        let Some((mut job, json)) = row else {
+            return Ok(None);
+        };
+        let started = now();
+        tx.execute(
+            "UPDATE jobs SET state = 'running', attempts = attempts + 1, started_at = ?2 WHERE id = ?1",
+            params![job.id, started],
+        )?;
+        tx.commit()?;
+        job.state = "running".into();
+        job.attempts += 1;
+        job.started_at = Some(started);
+        with_result((job, json)).map(Some)
+    }
+
+    fn finish(&self, id: i64, outcome: Result<&serde_json::Value, &str>) -> Result<(), JobError> {
+        let c = self.conn();
+        match outcome {
+            Ok(v) => c.execute(
+                "UPDATE jobs SET state = 'done', result_json = ?2, error = NULL, finished_at = ?3 WHERE id = ?1",
+                params![id, v.to_string(), now()],
+            )?,
+            Err(e) => c.execute(
+                "UPDATE jobs SET state = 'failed', error = ?2, finished_at = ?3 WHERE id = ?1",
+                params![id, e, now()],
+            )?,
+        };
+        Ok(())
+    }
+
+    fn requeue_interrupted(&self) -> Result<usize, JobError> {
+        Ok(self.conn().execute("UPDATE jobs SET state = 'pending' WHERE state = 'running'", [])?)
+    }
+
+    fn list(&self) -> Result<Vec<Job>, JobError> {
+        let c = self.conn();
+        let mut st = c.prepare(&format!("SELECT {COLS} FROM jobs ORDER BY id"))?;
+        let rows = st.query_map([], row_to_job)?.collect::<Result<Vec<_>, _>>()?;
+        rows.into_iter().map(with_result).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(g: u32) -> JobKey {
+        JobKey {
+            series_instance_uid: "1.2.3".into(),
+            route: "pma".into(),
+            model: "pma".into(),
+            model_version: "1".into(),
+            generation: g,
+        }
+    }
+
+    #[test]
+    fn a_key_runs_once_and_a_new_generation_again() {
+        let d = tempfile::tempdir().unwrap();
+        let s = SqliteJobStore::open(&d.path().join("j.sqlite")).unwrap();
+        assert!(s.enqueue(&key(1)).unwrap().is_some());
+        assert!(s.enqueue(&key(1)).unwrap().is_none());
+        assert!(s.enqueue(&key(2)).unwrap().is_some());
+        assert_eq!(s.list().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn interrupted_jobs_resume_after_restart_and_results_persist() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("j.sqlite");
+        {
+            let s = SqliteJobStore::open(&p).unwrap();
+            s.enqueue(&key(1)).unwrap();
+            let j = s.claim().unwrap().unwrap();
+            assert_eq!(j.state, "running");
+            assert!(s.claim().unwrap().is_none());
+        } // crash while running
+        let s = SqliteJobStore::open(&p).unwrap();
+        assert_eq!(s.requeue_interrupted().unwrap(), 1);
+        let j = s.claim().unwrap().unwrap();
+        assert_eq!(j.attempts, 2);
+        s.finish(j.id, Ok(&serde_json::json!({"value": 12.5}))).unwrap();
+        let all = s.list().unwrap();
+        assert_eq!(all[0].state, "done");
+        assert_eq!(all[0].result.as_ref().unwrap()["value"], 12.5);
+        assert!(s.retrigger(j.id).unwrap());
+        assert_eq!(s.claim().unwrap().unwrap().id, j.id);
+    }
+}
