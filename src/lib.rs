@@ -18,6 +18,7 @@ pub mod dicom;
 pub mod inference;
 pub mod ingest;
 pub mod jobs;
+pub mod npy;
 pub mod phantom;
 pub mod pipeline;
 pub mod series;

@@ -1,0 +1,119 @@
+//! Minimal NumPy `.npy` (format 1.0) reading and writing, C order only:
+//! the exchange format with the Python training code (golden set, maps).
+
+use std::io::{self, Write};
+use std::path::Path;
+
+use ndarray::{ArrayD, IxDyn};
+
+#[derive(Debug, thiserror::Error)]
+pub enum NpyError {
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    #[error("not a supported .npy file: {0}")]
+    Format(String),
+}
+
+/// Element types we exchange.
+pub trait Element: Copy {
+    const DESCR: &'static str;
+    fn write_le(self, out: &mut Vec<u8>);
+}
+impl Element for f32 {
+    const DESCR: &'static str = "<f4";
+    fn write_le(self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.to_le_bytes());
+    }
+}
+impl Element for u8 {
+    const DESCR: &'static str = "|u1";
+    fn write_le(self, out: &mut Vec<u8>) {
+        out.push(self);
+    }
+}
+
+pub fn write<T: Element>(path: &Path, shape: &[usize], data: impl IntoIterator<Item = T>) -> Result<(), NpyError> {
+    let shape_txt = match shape {
+        [n] => format!("({n},)"),
+        _ => format!("({})", shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")),
+    };
+    let mut header = format!("{{'descr': '{}', 'fortran_order': False, 'shape': {shape_txt}, }}", T::DESCR);
+    // magic(6) + version(2) + len(2) + header + '\n' is a multiple of 64
+    let total = 10 + header.len() + 1;
+    header.push_str(&" ".repeat((64 - total % 64) % 64));
+    header.push('\n');
+    let mut out = Vec::with_capacity(10 + header.len() + shape.iter().product::<usize>() * 4);
+    out.extend_from_slice(b"\x93NUMPY\x01\x00");
+    out.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    out.extend_from_slice(header.as_bytes());
+    for v in data {
+        v.write_le(&mut out);
+    }
+    std::fs::File::create(path)?.write_all(&out)?;
+    Ok(())
+}
+
+/// Read any of `<f4 <f8 |u1 |b1 <i2 <i4 <i8` as f64.
+pub fn read_f64(path: &Path) -> Result<ArrayD<f64>, NpyError> {
+    let bytes = std::fs::read(path)?;
+    let bad = |m: &str| NpyError::Format(format!("{}: {m}", path.display()));
+    if bytes.len() < 10 || &bytes[..6] != b"\x93NUMPY" {
+        return Err(bad("no NUMPY magic"));
+    }
+    let (hlen, start) = match bytes[6] {
+        1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
+        2 | 3 => (u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize, 12),
+        _ => return Err(bad("unknown version")),
+    };
+    let header = std::str::from_utf8(bytes.get(start..start + hlen).ok_or_else(|| bad("short header"))?)
+        .map_err(|_| bad("header not UTF-8"))?;
+    if header.contains("'fortran_order': True") {
+        return Err(bad("Fortran order"));
+    }
+    let field = |key: &str| -> Option<&str> {
+        let i = header.find(key)? + key.len();
+        Some(header[i..].trim_start_matches([':', ' ', '\'']))
+    };
+    let descr = field("'descr'").and_then(|s| s.split('\'').next()).ok_or_else(|| bad("no descr"))?;
+    let shape_txt = field("'shape'").and_then(|s| s.split(')').next()).ok_or_else(|| bad("no shape"))?;
+    let shape: Vec<usize> = shape_txt
+        .trim_start_matches('(')
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse().map_err(|_| bad("bad shape")))
+        .collect::<Result<_, _>>()?;
+    let data = &bytes[start + hlen..];
+    let n: usize = shape.iter().product();
+    let vals: Vec<f64> = match descr {
+        "<f4" => data.chunks_exact(4).take(n).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64).collect(),
+        "<f8" => data.chunks_exact(8).take(n).map(|c| f64::from_le_bytes(c.try_into().expect("chunk of 8"))).collect(),
+        "|u1" | "|b1" => data.iter().take(n).map(|&b| b as f64).collect(),
+        "<i2" => data.chunks_exact(2).take(n).map(|c| i16::from_le_bytes([c[0], c[1]]) as f64).collect(),
+        "<i4" => data.chunks_exact(4).take(n).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64).collect(),
+        "<i8" => data.chunks_exact(8).take(n).map(|c| i64::from_le_bytes(c.try_into().expect("chunk of 8")) as f64).collect(),
+        other => return Err(bad(&format!("dtype {other} not supported"))),
+    };
+    if vals.len() != n {
+        return Err(bad("data shorter than its shape"));
+    }
+    ArrayD::from_shape_vec(IxDyn(&shape), vals).map_err(|e| bad(&e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_numpy_reads_it() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("a.npy");
+        write(&p, &[2, 3], (0..6).map(|i| i as f32 * 0.5)).unwrap();
+        let a = read_f64(&p).unwrap();
+        assert_eq!(a.shape(), &[2, 3]);
+        assert_eq!(a[[1, 2]], 2.5);
+        let bytes = std::fs::read(&p).unwrap();
+        let hlen = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
+        assert_eq!((10 + hlen) % 64, 0);
+    }
+}
