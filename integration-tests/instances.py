@@ -12,7 +12,6 @@ AE that dicom-rs refuses; clones are written without it.
 from __future__ import annotations
 
 import copy
-import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,7 +41,7 @@ def template() -> Dataset:
 
 @dataclass
 class Instance:
-    path: Path | None
+    path: Path
     study: str
     series: str
     sop: str

@@ -347,7 +347,7 @@ def storescu_exact(node: Node, path, sop_class: str, ts: str, workdir: Path, cal
     profile (-xf) makes it send each file in its own transfer syntax, or fail
     with "No Acceptable Presentation Contexts" when the node refuses it.
     """
-    cfg = Path(workdir) / f"storescu-{abs(hash((sop_class, ts)))}.cfg"
+    cfg = Path(workdir) / f"storescu-{sop_class}-{ts}.cfg"
     cfg.write_text(
         "[[TransferSyntaxes]]\n[TS]\nTransferSyntax1 = " + ts + "\n\n"
         "[[PresentationContexts]]\n[PC]\nPresentationContext1 = " + sop_class + "\\TS\n\n"
