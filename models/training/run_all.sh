@@ -6,7 +6,7 @@
 #   BIOMARKER_NODE_BIN=/path/to/biomarker-node bash models/training/run_all.sh [phantoms|train|evaluate|golden|all]
 set -euo pipefail
 STEP=${1:-all}
-BIN=${BIOMARKER_NODE_BIN:-/work/wt-phantom/target/release/biomarker-node}
+BIN=${BIOMARKER_NODE_BIN:-/work/data-phantoms/biomarker-node}
 DATA=${DATA:-/work/data-phantoms}
 OUT=${OUT:-models}
 DEVICE=${DEVICE:-cpu}
@@ -14,10 +14,12 @@ export PYTHONPATH="$(pwd)/models/training${PYTHONPATH:+:$PYTHONPATH}"
 TASKS=${TASKS:-"pma sfa liver cac"}
 
 # training seed 1, held-out seed 901 (never used for training or tuning)
-declare -A NTRAIN=([pma]=${N2D:-700} [sfa]=${N2D:-700} [liver]=${N2D:-700} [cac]=${NCAC:-160})
-declare -A NTEST=([pma]=100 [sfa]=100 [liver]=100 [cac]=80)
-declare -A EPOCHS=([pma]=${E2D:-8} [sfa]=${E2D:-8} [liver]=${E2D:-8} [cac]=${ECAC:-6})
-declare -A EPOCHS_DIRECT=([pma]=${E2D:-8} [sfa]=${E2D:-8} [liver]=${E2D:-8} [cac]=${ECAC:-6})
+declare -A NTRAIN=([pma]=${N2D:-600} [sfa]=${N2D:-600} [liver]=${N2D:-600} [cac]=${NCAC:-150})
+declare -A NTEST=([pma]=100 [sfa]=100 [liver]=100 [cac]=60)
+declare -A EPOCHS=([pma]=${E2D:-5} [sfa]=${E2D:-5} [liver]=${E2D:-5} [cac]=${ECAC:-3})
+declare -A EPOCHS_DIRECT=([pma]=${E2D:-5} [sfa]=${E2D:-5} [liver]=${E2D:-5} [cac]=${ECAC:-3})
+declare -A SIZE=([pma]=128 [sfa]=128 [liver]=128 [cac]=64)
+METHODS=${METHODS:-"localization direct"}
 
 phantoms() {
   for t in $TASKS; do
@@ -28,13 +30,13 @@ phantoms() {
 
 train() {
   for t in $TASKS; do
-    for m in localization direct; do
+    for m in $METHODS; do
       if [ "$m" = localization ]; then f="$OUT/$t.onnx"; e=${EPOCHS[$t]}; else f="$OUT/baseline/$t-direct.onnx"; e=${EPOCHS_DIRECT[$t]}; fi
       [ -f "$f" ] && continue
       nice -n 10 python -m biomarker_training.train --task "$t" --csv "$DATA/train/$t/labels.csv" --method "$m" \
-        --device "$DEVICE" --seed 1 --epochs "$e" --out "$OUT/" \
+        --device "$DEVICE" --seed 1 --epochs "$e" --size "${SIZE[$t]}" --batch-size 8 --threads "${THREADS:-2}" --out "$OUT/" \
         --data-note "biomarker-node phantom --task $t --seed 1 --count ${NTRAIN[$t]} (90% train / 10% val)" \
-        2>&1 | grep -v -i warning | tee "$DATA/train-$t-$m.log"
+        2>&1 | grep --line-buffered -v -i warning | tee "$DATA/train-$t-$m.log"
     done
   done
 }
