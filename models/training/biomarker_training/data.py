@@ -138,10 +138,10 @@ def load_cases(csv_path, spec: TaskSpec, cache_dir=None, workers: int = 2) -> li
     cache_dir = Path(cache_dir) if cache_dir else csv_path.parent
     cache = cache_dir / f".bmcache-{spec.name}-{key}.npz"
     if cache.exists():
-        z = np.load(cache)
-        off = z["offsets"]
-        return [Case(z["x"][off[i]:off[i + 1]].astype(np.float32), z["w"][off[i]:off[i + 1]],
-                     float(z["v"][i])) for i in range(len(off) - 1)]
+        with np.load(cache) as z:  # each z[...] access re-reads the array: read each once
+            x, w, v, off = z["x"], z["w"], z["v"], z["offsets"]
+        return [Case(x[off[i]:off[i + 1]].astype(np.float32), w[off[i]:off[i + 1]], float(v[i]))
+                for i in range(len(off) - 1)]
     jobs = [(str(d), v, spec.name, tuple(spec.size)) for d, v in rows]
     if workers > 1 and len(jobs) > 8:
         with Pool(workers) as pool:
