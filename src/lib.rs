@@ -17,5 +17,7 @@ pub mod dicom;
 pub mod ingest;
 pub mod phantom;
 pub mod pipeline;
+pub mod routing;
 pub mod series;
 pub mod spool;
+pub mod volume;
