@@ -17,10 +17,6 @@ pub(crate) fn floats(obj: &InMemDicomObject, tag: Tag) -> Option<Vec<f64>> {
     (!v.is_empty()).then_some(v)
 }
 
-pub(crate) fn float(obj: &InMemDicomObject, tag: Tag) -> Option<f64> {
-    floats(obj, tag)?.first().copied()
-}
-
 pub(crate) fn int(obj: &InMemDicomObject, tag: Tag) -> Option<i64> {
     obj.element_opt(tag).ok()??.to_int::<i64>().ok()
 }
