@@ -668,12 +668,10 @@ pub fn locate(text: &str, key: &str) -> Option<(usize, usize)> {
     let path = key_path(key);
     let (mut lo, mut hi) = (0usize, toks.len());
     let mut found: Option<&Token> = None;
-    for (depth, seg) in path.iter().enumerate() {
-        if lo >= hi {
-            break;
-        }
-        let col = toks[lo].col;
+    for seg in &path {
+        let col = toks.get(lo).map(|t| t.col).unwrap_or(0);
         let hit = match seg {
+            _ if lo >= hi => None,
             Seg::Key(k) => (lo..hi).find(|&i| toks[i].col == col && toks[i].key == Some(*k)),
             Seg::Index(n) => (lo..hi)
                 .filter(|&i| toks[i].col == col && toks[i].key.is_none())
@@ -684,8 +682,8 @@ pub fn locate(text: &str, key: &str) -> Option<(usize, usize)> {
             // there so at least the column is close.
             if let (Some(f), Seg::Key(k)) = (found, seg) {
                 let line = text.lines().nth(f.line)?;
-                if let Some(c) = line.find(&format!("{k}:")) {
-                    return Some((f.line + 1, c + 1));
+                if let Some(c) = line.get(f.col..).and_then(|rest| rest.find(&format!("{k}:"))) {
+                    return Some((f.line + 1, f.col + c + 1));
                 }
             }
             break;
@@ -704,7 +702,6 @@ pub fn locate(text: &str, key: &str) -> Option<(usize, usize)> {
             .unwrap_or(hi);
         lo = i + 1;
         hi = end;
-        let _ = depth;
     }
     found.map(|t| (t.line + 1, t.col + 1))
 }

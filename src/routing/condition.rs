@@ -345,7 +345,10 @@ fn compile_op(
         }
         return match Regex::new(r) {
             Ok(re) => Some(Op::Regex(re)),
-            Err(e) => fail("regex", format!("bad regex: {}", e.to_string().replace('\n', " "))),
+            Err(e) => fail(
+                "regex",
+                format!("bad regex: {}", e.to_string().split_whitespace().collect::<Vec<_>>().join(" ")),
+            ),
         };
     }
     if let Some(r) = &spec.range {
