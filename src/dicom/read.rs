@@ -76,6 +76,11 @@ pub fn open_dicom(path: &Path, depth: ReadDepth) -> Result<DefaultDicomObject, O
                 path: path.to_owned(),
                 source,
             })?;
+            if !(bytes.len() >= 132 && &bytes[128..132] == b"DICM") {
+                return Err(OpenError::NotDicom {
+                    path: path.to_owned(),
+                });
+            }
             let Some(repaired) = repair_meta(&bytes) else {
                 return Err(OpenError::Parse {
                     path: path.to_owned(),
@@ -240,9 +245,11 @@ mod tests {
     #[test]
     fn text_file_is_not_dicom() {
         let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("notes.txt");
-        std::fs::write(&p, "hello").unwrap();
-        let e = open_dicom(&p, ReadDepth::Header).unwrap_err();
-        assert!(e.is_not_dicom(), "{e}");
+        for (name, text) in [("short.txt", "hello".to_string()), ("long.md", "# notes\n".repeat(40))] {
+            let p = dir.path().join(name);
+            std::fs::write(&p, text).unwrap();
+            let e = open_dicom(&p, ReadDepth::Header).unwrap_err();
+            assert!(e.is_not_dicom(), "{e}");
+        }
     }
 }

@@ -17,7 +17,6 @@ use serde::Serialize;
 use super::{RouteTable, SeriesFacts};
 use crate::dicom::header::InstanceHeader;
 use crate::dicom::read::{open_dicom, ReadDepth};
-use crate::volume::attrs;
 
 /// Media Storage Directory Storage (PS3.10 8.6): a DICOMDIR.
 const MEDIA_DIRECTORY: &str = "1.2.840.10008.1.3.10";
@@ -38,6 +37,30 @@ pub struct RouteReport<'a> {
     pub reason: Option<&'a str>,
 }
 
+/// A file or path the dry run did not use, and why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Note {
+    pub path: PathBuf,
+    pub reason: String,
+}
+
+/// One line per note, but files in one directory skipped for the same
+/// reason become one line (a series without UIDs is 20 identical notes).
+pub fn summarize(notes: &[Note]) -> Vec<String> {
+    let mut groups: BTreeMap<(PathBuf, &str), Vec<&Path>> = BTreeMap::new();
+    for n in notes {
+        let dir = n.path.parent().map(Path::to_owned).unwrap_or_default();
+        groups.entry((dir, n.reason.as_str())).or_default().push(&n.path);
+    }
+    groups
+        .into_iter()
+        .map(|((dir, reason), paths)| match paths.as_slice() {
+            [one] => format!("{}: {reason}", one.display()),
+            many => format!("{}: {} files: {reason}", dir.display(), many.len()),
+        })
+        .collect()
+}
+
 /// A series found on disk.
 pub struct FoundSeries {
     pub uid: String,
@@ -46,7 +69,7 @@ pub struct FoundSeries {
 
 /// Walk `paths` and group files into series; `notes` collects what was
 /// skipped and why.
-pub fn collect(paths: &[PathBuf], notes: &mut Vec<String>) -> Vec<FoundSeries> {
+pub fn collect(paths: &[PathBuf], notes: &mut Vec<Note>) -> Vec<FoundSeries> {
     let mut files = Vec::new();
     for p in paths {
         walk(p, &mut files, notes);
@@ -54,33 +77,43 @@ pub fn collect(paths: &[PathBuf], notes: &mut Vec<String>) -> Vec<FoundSeries> {
     files.sort();
     files.dedup();
     let mut series: BTreeMap<String, Vec<(PathBuf, InstanceHeader)>> = BTreeMap::new();
+    let mut seen: BTreeMap<String, PathBuf> = BTreeMap::new();
     for f in files {
         let obj = match open_dicom(&f, ReadDepth::Header) {
             Ok(o) => o,
             Err(e) if e.is_not_dicom() => {
-                notes.push(format!("{}: skipped, not a DICOM file", f.display()));
+                notes.push(note(&f, "skipped, not a DICOM file".into()));
                 continue;
             }
             Err(e) => {
-                notes.push(format!("skipped: {e}"));
+                let reason = e.to_string();
+                let prefix = format!("{}: ", f.display());
+                let reason = reason.strip_prefix(&prefix).unwrap_or(&reason);
+                notes.push(note(&f, format!("skipped, {reason}")));
                 continue;
             }
         };
         let media_class = obj.meta().media_storage_sop_class_uid().trim_end_matches(['\0', ' ']);
         if media_class == MEDIA_DIRECTORY || obj.element_opt(tags::DIRECTORY_RECORD_SEQUENCE).ok().flatten().is_some() {
-            notes.push(format!("{}: skipped, a DICOMDIR (media directory), not a storage object", f.display()));
+            notes.push(note(&f, "skipped, a DICOMDIR (media directory), not a storage object".into()));
             continue;
         }
         match InstanceHeader::from_dataset(&obj) {
+            Ok(h) if seen.contains_key(h.sop_instance_uid.as_str()) => notes.push(note(
+                &f,
+                format!(
+                    "skipped, same SOP Instance UID as {} (ingest keeps the first copy)",
+                    seen[h.sop_instance_uid.as_str()].display()
+                ),
+            )),
             Ok(h) => series
                 .entry(h.series_instance_uid.to_string())
                 .or_default()
-                .push((f, h)),
-            Err(e) => notes.push(format!(
-                "{}: skipped, {e} (ingest would refuse it; SOP class {})",
-                f.display(),
-                attrs::text(&obj, tags::SOP_CLASS_UID).unwrap_or_else(|| "missing".into())
-            )),
+                .push((f.clone(), {
+                    seen.insert(h.sop_instance_uid.to_string(), f);
+                    h
+                })),
+            Err(e) => notes.push(note(&f, format!("skipped, {e}: ingest would refuse it"))),
         }
     }
     series
@@ -89,7 +122,14 @@ pub fn collect(paths: &[PathBuf], notes: &mut Vec<String>) -> Vec<FoundSeries> {
         .collect()
 }
 
-fn walk(p: &Path, out: &mut Vec<PathBuf>, notes: &mut Vec<String>) {
+fn note(path: &Path, reason: String) -> Note {
+    Note {
+        path: path.to_owned(),
+        reason,
+    }
+}
+
+fn walk(p: &Path, out: &mut Vec<PathBuf>, notes: &mut Vec<Note>) {
     match std::fs::metadata(p) {
         Ok(m) if m.is_dir() => match std::fs::read_dir(p) {
             Ok(rd) => {
@@ -97,11 +137,11 @@ fn walk(p: &Path, out: &mut Vec<PathBuf>, notes: &mut Vec<String>) {
                     walk(&e.path(), out, notes);
                 }
             }
-            Err(e) => notes.push(format!("{}: cannot list: {e}", p.display())),
+            Err(e) => notes.push(note(p, format!("cannot list: {e}"))),
         },
         Ok(m) if m.is_file() => out.push(p.to_owned()),
-        Ok(_) => notes.push(format!("{}: skipped, not a regular file", p.display())),
-        Err(e) => notes.push(format!("{}: {e}", p.display())),
+        Ok(_) => notes.push(note(p, "skipped, not a regular file".into())),
+        Err(e) => notes.push(note(p, e.to_string())),
     }
 }
 
@@ -116,7 +156,7 @@ pub fn run(
 ) -> std::io::Result<()> {
     let mut notes = Vec::new();
     let found = collect(paths, &mut notes);
-    for n in &notes {
+    for n in summarize(&notes) {
         if json {
             writeln!(err, "note: {n}")?;
         } else {
