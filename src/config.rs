@@ -539,12 +539,20 @@ impl ConfigDiagnostic {
             },
             ConfigError::Parse { path, source } => {
                 let loc = source.location();
+                let mut message = source.to_string();
+                // serde_yaml repeats the position at the end; it is already
+                // in front.
+                if loc.is_some() {
+                    if let Some(i) = message.rfind(" at line ") {
+                        message.truncate(i);
+                    }
+                }
                 ConfigDiagnostic {
                     file: path.clone(),
                     line: loc.as_ref().map(|l| l.line()),
                     column: loc.as_ref().map(|l| l.column()),
                     key: String::new(),
-                    message: source.to_string(),
+                    message,
                 }
             }
             ConfigError::Invalid { path, key, message } => {
@@ -773,6 +781,8 @@ mod tests {
         let e = Config::parse(&y, Path::new("t.yaml")).unwrap_err();
         let d = ConfigDiagnostic::from_error(&e, Some(&y));
         assert_eq!(d.line, Some(6), "{d}");
+        assert!(d.to_string().starts_with("t.yaml:6:5: routes[0]: unknown field `colour`"), "{d}");
+        assert!(!d.message.contains("at line"), "{d}");
     }
 
     #[test]

@@ -153,6 +153,16 @@ impl SeriesFacts {
         Ok(Self::from_parts(first, first_path, instances.iter().map(|(_, h)| h)))
     }
 
+    /// [`SeriesFacts::load`] for `SeriesIndex::series_instances` output,
+    /// whose paths are relative to the spool root.
+    pub fn load_spooled(spool_root: &Path, instances: &[(PathBuf, InstanceHeader)]) -> Result<SeriesFacts, FactsError> {
+        let abs: Vec<(PathBuf, InstanceHeader)> = instances
+            .iter()
+            .map(|(p, h)| (spool_root.join(p), h.clone()))
+            .collect();
+        Self::load(&abs)
+    }
+
     /// Build from an already-read first header and the headers of all
     /// instances (including the first).
     pub fn from_parts<'a>(

@@ -324,3 +324,17 @@ fn sagittal_single_slice_is_not_axial_and_has_no_spacing() {
     let v = eval("{derived: slice_spacing, range: {max: 5}}", &sag);
     assert_eq!(v.why, "slice_spacing is absent");
 }
+
+#[test]
+fn enhanced_ct_facts_come_from_functional_groups() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("enh.dcm");
+    crate::volume::tests::write_enhanced(&p, [10.0, 6.0, 2.0]);
+    let f = &series_under(dir.path())[0];
+    assert_eq!(f.derived(Derived::InstanceCount), Some(FactValue::Number(vec![1.0])));
+    assert_eq!(f.derived(Derived::SliceCount), Some(FactValue::Number(vec![3.0])));
+    assert_eq!(f.derived(Derived::SliceThickness), Some(FactValue::Number(vec![2.0])));
+    assert_eq!(f.derived(Derived::SliceSpacing), Some(FactValue::Number(vec![4.0])));
+    assert_eq!(f.derived(Derived::Axial), Some(FactValue::Bool(true)));
+    assert!(eval("{derived: sop_class, equals: Enhanced CT Image Storage}", f).holds);
+}

@@ -33,12 +33,7 @@ pub(crate) fn items(obj: &InMemDicomObject, tag: Tag) -> &[InMemDicomObject] {
 /// The first item of functional group macro `group` that holds `attr`, looked
 /// up first in the frame's Per-Frame item, then in the Shared item, as PS3.3
 /// C.7.6.16 prescribes.
-pub(crate) fn functional<'a>(
-    obj: &'a InMemDicomObject,
-    frame: usize,
-    group: Tag,
-    attr: Tag,
-) -> Option<&'a InMemDicomObject> {
+pub(crate) fn functional(obj: &InMemDicomObject, frame: usize, group: Tag, attr: Tag) -> Option<&InMemDicomObject> {
     let per_frame = items(obj, tags::PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE).get(frame);
     let shared = items(obj, tags::SHARED_FUNCTIONAL_GROUPS_SEQUENCE).first();
     [per_frame, shared]

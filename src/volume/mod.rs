@@ -529,4 +529,4 @@ fn assemble(mut frames: Vec<Frame>, opts: &VolumeOptions) -> Result<Volume, Volu
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -200,7 +200,7 @@ fn item(elements: Vec<DataElement<InMemDicomObject>>) -> InMemDicomObject {
 
 /// A 3-frame Enhanced CT, frames stored in descending z, 2x2 pixels,
 /// slope 2 intercept -1000 in the shared group.
-fn write_enhanced(path: &Path, z: [f64; 3]) {
+pub(crate) fn write_enhanced(path: &Path, z: [f64; 3]) {
     let ds = |v: &str| PrimitiveValue::from(v);
     let shared = item(vec![
         DataElement::new(
@@ -244,6 +244,9 @@ fn write_enhanced(path: &Path, z: [f64; 3]) {
     let obj = InMemDicomObject::from_element_iter(vec![
         DataElement::new(tags::SOP_CLASS_UID, VR::UI, ds(uids::ENHANCED_CT_IMAGE_STORAGE)),
         DataElement::new(tags::SOP_INSTANCE_UID, VR::UI, ds("1.2.3.4.5")),
+        DataElement::new(tags::STUDY_INSTANCE_UID, VR::UI, ds("1.2.3")),
+        DataElement::new(tags::SERIES_INSTANCE_UID, VR::UI, ds("1.2.3.4")),
+        DataElement::new(tags::IMAGE_TYPE, VR::CS, ds("ORIGINAL\\PRIMARY\\AXIAL")),
         DataElement::new(tags::MODALITY, VR::CS, ds("CT")),
         DataElement::new(tags::SAMPLES_PER_PIXEL, VR::US, PrimitiveValue::from(1u16)),
         DataElement::new(tags::PHOTOMETRIC_INTERPRETATION, VR::CS, ds("MONOCHROME2")),
