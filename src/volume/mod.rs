@@ -300,7 +300,7 @@ fn read_frames(path: &Path, out: &mut Vec<Frame>) -> Result<(), VolumeError> {
     }
     let n_frames = frame_count(&obj);
     let multi = attrs::has_functional_groups(&obj);
-    let padding = padding_range(&obj, signed, bits_stored as u32);
+    let padding = padding_range(&obj, signed);
 
     let decoded = decode(&obj, path, &ts)?;
     let frame_len = rows * cols * (bits_allocated as usize / 8);
@@ -382,7 +382,7 @@ fn ts_name(uid: &str) -> String {
 
 /// Stored values in `[lo, hi]` are padding (PS3.3 C.7.5.1.1.2), compared after
 /// masking and sign extension.
-fn padding_range(obj: &InMemDicomObject, signed: bool, bits_stored: u32) -> Option<(i32, i32)> {
+fn padding_range(obj: &InMemDicomObject, signed: bool) -> Option<(i32, i32)> {
     let norm = |v: i64| -> i32 {
         // US-or-SS elements may have been read as US; reinterpret.
         let v = if signed && v > i16::MAX as i64 && v <= u16::MAX as i64 {
@@ -390,7 +390,6 @@ fn padding_range(obj: &InMemDicomObject, signed: bool, bits_stored: u32) -> Opti
         } else {
             v
         };
-        let _ = bits_stored;
         v as i32
     };
     let pad = norm(int(obj, tags::PIXEL_PADDING_VALUE)?);
