@@ -4,7 +4,15 @@
 //! default. Defaults come from functions so the README's reference and the
 //! code cannot drift apart. `validate()` checks what serde cannot: value
 //! ranges and cross-field rules, and names the offending key.
+//!
+//! The routing sections (`models`, `destinations`, `routes`, `onnxruntime`)
+//! are optional and default to empty. Their semantic checks — a route naming
+//! an unknown model, a bad regex, an unknown DICOM keyword — live in
+//! [`crate::routing::RouteTable::compile`], which needs the DICOM dictionary
+//! and the regex engine; [`check_file`] runs both and reports every problem
+//! as a [`ConfigDiagnostic`] positioned at `file:line:column`.
 
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
@@ -38,6 +46,168 @@ pub struct Config {
     pub series: SeriesConfig,
     #[serde(default)]
     pub log: LogConfig,
+    /// Biomarker models by name; routes refer to these names.
+    #[serde(default)]
+    pub models: BTreeMap<String, ModelConfig>,
+    /// Where results go, by name; routes refer to these names.
+    #[serde(default)]
+    pub destinations: BTreeMap<String, DestinationConfig>,
+    /// Evaluated in order against every completed series; every matching
+    /// route is one job. See docs/ROUTING.md.
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
+    #[serde(default)]
+    pub onnxruntime: OnnxRuntimeConfig,
+    /// The file and text this config came from, so later semantic checks can
+    /// point at a line. Absent for configs built in code.
+    #[serde(skip)]
+    pub source: Option<ConfigSource>,
+}
+
+/// Where a [`Config`] was read from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConfigSource {
+    pub path: PathBuf,
+    pub text: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// The model card (YAML); relative paths resolve against the config
+    /// file's directory.
+    pub card: PathBuf,
+    #[serde(default)]
+    pub execution_provider: ExecutionProvider,
+    /// GPU ordinal for `cuda`; ignored for `cpu`.
+    #[serde(default)]
+    pub device_id: u32,
+    /// When the model fails to load at start, refuse to start (true) or run
+    /// without it and fail its jobs (false).
+    #[serde(default)]
+    pub fail_hard: bool,
+    /// Jobs of this model run at most this many at a time.
+    #[serde(default = "default_max_concurrency")]
+    pub max_concurrency: usize,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ExecutionProvider {
+    #[default]
+    Cpu,
+    Cuda,
+}
+
+/// A C-STORE SCP results are sent to.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DestinationConfig {
+    pub ae_title: String,
+    pub host: String,
+    pub port: u16,
+}
+
+/// One routing rule. `match` is a condition tree (docs/ROUTING.md).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    pub name: String,
+    #[serde(rename = "match")]
+    pub condition: ConditionSpec,
+    /// A key of `models`.
+    pub model: String,
+    /// Keys of `destinations`.
+    #[serde(default)]
+    pub send_to: Vec<String>,
+    /// For 2-D models: which slice of the series to give them.
+    #[serde(default)]
+    pub slices: Option<SliceSelectionConfig>,
+}
+
+/// A condition as written in YAML: either a combinator (`all`, `any`, `not`)
+/// or a subject (`keyword` or `derived`) with exactly one operator. The shape
+/// is checked by `RouteTable::compile`, which can say which rule was broken.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ConditionSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub all: Option<Vec<ConditionSpec>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub any: Option<Vec<ConditionSpec>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not: Option<Box<ConditionSpec>>,
+    /// A DICOM keyword from the standard dictionary, e.g. `ImageType`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keyword: Option<String>,
+    /// A value the node derives from the series, e.g. `axial`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub derived: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub equals: Option<serde_yaml::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub one_of: Option<Vec<serde_yaml::Value>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub regex: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub range: Option<RangeSpec>,
+    /// One value of a multi-valued attribute equals this (e.g. ImageType).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub contains: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub present: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub absent: Option<bool>,
+}
+
+/// Inclusive numeric bounds; either may be left out.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RangeSpec {
+    #[serde(default)]
+    pub min: Option<f64>,
+    #[serde(default)]
+    pub max: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SliceSelectionConfig {
+    pub mode: SliceMode,
+    /// For `mode: index`.
+    #[serde(default)]
+    pub index: Option<usize>,
+    /// For `mode: z_mm`: patient z (mm) of the wanted slice.
+    #[serde(default)]
+    pub z_mm: Option<f64>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum SliceMode {
+    Single,
+    Middle,
+    Index,
+    ZMm,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct OnnxRuntimeConfig {
+    /// Path of the ONNX Runtime shared library; relative paths resolve
+    /// against the config file's directory. `ORT_DYLIB_PATH` overrides it.
+    #[serde(default)]
+    pub library: Option<PathBuf>,
+}
+
+impl OnnxRuntimeConfig {
+    /// The library to load: `ORT_DYLIB_PATH` if set, else `library`.
+    pub fn library_path(&self) -> Option<PathBuf> {
+        std::env::var_os("ORT_DYLIB_PATH")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+            .or_else(|| self.library.clone())
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -146,6 +316,9 @@ fn default_idle_timeout() -> u64 {
 fn default_quiet() -> f64 {
     30.0
 }
+fn default_max_concurrency() -> usize {
+    1
+}
 fn default_true() -> bool {
     true
 }
@@ -197,24 +370,43 @@ impl Config {
             source,
         })?;
         let mut cfg = Self::parse(&text, path)?;
-        if cfg.node.data_dir.is_relative() {
-            let base = path.parent().unwrap_or(Path::new("."));
-            let base = if base.as_os_str().is_empty() {
-                Path::new(".")
-            } else {
-                base
-            };
-            cfg.node.data_dir = base.join(&cfg.node.data_dir);
-        }
+        cfg.resolve_paths(path);
         Ok(cfg)
     }
 
+    /// Make `data_dir`, model cards and the ORT library absolute relative to
+    /// the config file, so a checkout runs from anywhere.
+    fn resolve_paths(&mut self, path: &Path) {
+        let base = path.parent().unwrap_or(Path::new("."));
+        let base = if base.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            base
+        };
+        let resolve = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        resolve(&mut self.node.data_dir);
+        for m in self.models.values_mut() {
+            resolve(&mut m.card);
+        }
+        if let Some(lib) = self.onnxruntime.library.as_mut() {
+            resolve(lib);
+        }
+    }
+
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let cfg: Config = serde_yaml::from_str(text).map_err(|source| ConfigError::Parse {
+        let mut cfg: Config = serde_yaml::from_str(text).map_err(|source| ConfigError::Parse {
             path: path.to_owned(),
             source,
         })?;
         cfg.validate(path)?;
+        cfg.source = Some(ConfigSource {
+            path: path.to_owned(),
+            text: text.to_owned(),
+        });
         Ok(cfg)
     }
 
@@ -251,6 +443,20 @@ impl Config {
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return Err(bad("log.format", "must be `text` or `json`".into()));
         }
+        for (name, m) in &self.models {
+            if m.max_concurrency == 0 {
+                return Err(bad(&format!("models.{name}.max_concurrency"), "must be at least 1".into()));
+            }
+        }
+        for (name, d) in &self.destinations {
+            check_ae(&d.ae_title).map_err(|m| bad(&format!("destinations.{name}.ae_title"), m))?;
+            if d.host.trim().is_empty() {
+                return Err(bad(&format!("destinations.{name}.host"), "is empty".into()));
+            }
+            if d.port == 0 {
+                return Err(bad(&format!("destinations.{name}.port"), "must be 1-65535".into()));
+            }
+        }
         Ok(())
     }
 
@@ -277,6 +483,235 @@ pub fn check_ae(ae: &str) -> Result<(), String> {
         return Err(format!("AE title `{ae}` has a character outside the AE repertoire"));
     }
     Ok(())
+}
+
+/// One problem in a config file, positioned for a human:
+/// `path/to/file.yaml:LINE:COL: routes[1].model: unknown model "foo"`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ConfigDiagnostic {
+    pub file: PathBuf,
+    /// 1-based; `None` when the key could not be found in the text.
+    pub line: Option<usize>,
+    pub column: Option<usize>,
+    /// The key path, e.g. `routes[2].match.all[0].keyword`; empty for a
+    /// syntax error.
+    pub key: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for ConfigDiagnostic {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let (Some(l), Some(c)) = (self.line, self.column) {
+            write!(f, ":{l}:{c}")?;
+        }
+        if self.key.is_empty() {
+            write!(f, ": {}", self.message)
+        } else {
+            write!(f, ": {}: {}", self.key, self.message)
+        }
+    }
+}
+
+impl ConfigDiagnostic {
+    /// A diagnostic for `key`, positioned by finding that key path in the
+    /// source text when there is one.
+    pub fn at(source: Option<&ConfigSource>, key: &str, message: String) -> ConfigDiagnostic {
+        let pos = source.and_then(|s| locate(&s.text, key));
+        ConfigDiagnostic {
+            file: source.map(|s| s.path.clone()).unwrap_or_default(),
+            line: pos.map(|p| p.0),
+            column: pos.map(|p| p.1),
+            key: key.to_owned(),
+            message,
+        }
+    }
+
+    /// Turn a load error into a positioned diagnostic.
+    pub fn from_error(e: &ConfigError, text: Option<&str>) -> ConfigDiagnostic {
+        match e {
+            ConfigError::Read { path, source } => ConfigDiagnostic {
+                file: path.clone(),
+                line: None,
+                column: None,
+                key: String::new(),
+                message: format!("cannot read: {source}"),
+            },
+            ConfigError::Parse { path, source } => {
+                let loc = source.location();
+                let mut message = source.to_string();
+                // serde_yaml repeats the position at the end; it is already
+                // in front.
+                if loc.is_some() {
+                    if let Some(i) = message.rfind(" at line ") {
+                        message.truncate(i);
+                    }
+                }
+                ConfigDiagnostic {
+                    file: path.clone(),
+                    line: loc.as_ref().map(|l| l.line()),
+                    column: loc.as_ref().map(|l| l.column()),
+                    key: String::new(),
+                    message,
+                }
+            }
+            ConfigError::Invalid { path, key, message } => {
+                let pos = text.and_then(|t| locate(t, key));
+                ConfigDiagnostic {
+                    file: path.clone(),
+                    line: pos.map(|p| p.0),
+                    column: pos.map(|p| p.1),
+                    key: key.clone(),
+                    message: message.clone(),
+                }
+            }
+        }
+    }
+}
+
+/// Load a config and compile its routes, collecting every problem: what
+/// `check-config` runs, and what a reload must pass before it replaces the
+/// running config.
+pub fn check_file(path: &Path) -> Result<(Config, crate::routing::RouteTable), Vec<ConfigDiagnostic>> {
+    let text = std::fs::read_to_string(path).ok();
+    let cfg = Config::load(path).map_err(|e| vec![ConfigDiagnostic::from_error(&e, text.as_deref())])?;
+    let table = crate::routing::RouteTable::compile(&cfg)?;
+    Ok((cfg, table))
+}
+
+/// One step of a key path.
+#[derive(Debug, Clone, PartialEq)]
+enum Seg<'a> {
+    Key(&'a str),
+    Index(usize),
+}
+
+fn key_path(key: &str) -> Vec<Seg<'_>> {
+    let mut out = Vec::new();
+    for part in key.split('.') {
+        let (name, mut rest) = match part.find('[') {
+            Some(i) => (&part[..i], &part[i..]),
+            None => (part, ""),
+        };
+        if !name.is_empty() {
+            out.push(Seg::Key(name));
+        }
+        while let Some(end) = rest.find(']') {
+            if let Ok(i) = rest[1..end].parse() {
+                out.push(Seg::Index(i));
+            }
+            rest = &rest[end + 1..];
+        }
+    }
+    out
+}
+
+/// A block-style YAML token that can start a node: a `- ` sequence entry or a
+/// `key:`; columns are 0-based here.
+#[derive(Debug)]
+struct Token<'a> {
+    line: usize,
+    col: usize,
+    key: Option<&'a str>,
+}
+
+fn tokens(text: &str) -> Vec<Token<'_>> {
+    let mut out = Vec::new();
+    // Inside a block scalar (`|` or `>`), lines deeper than its key are text.
+    let mut block_scalar_above: Option<usize> = None;
+    for (n, line) in text.lines().enumerate() {
+        let indent = line.len() - line.trim_start_matches(' ').len();
+        let content = line[indent..].trim_end();
+        if content.is_empty() || content.starts_with('#') {
+            continue;
+        }
+        if let Some(c) = block_scalar_above {
+            if indent > c {
+                continue;
+            }
+            block_scalar_above = None;
+        }
+        if content == "---" || content == "..." {
+            continue;
+        }
+        let mut col = indent;
+        let mut rest = content;
+        while rest == "-" || rest.starts_with("- ") {
+            out.push(Token { line: n, col, key: None });
+            let after = rest[1..].trim_start_matches(' ');
+            col += rest.len() - after.len();
+            rest = after;
+        }
+        if rest.starts_with(['{', '[', '"', '\'', '&', '*', '|', '>']) && !rest.starts_with(['"', '\'']) {
+            continue;
+        }
+        let Some(key) = yaml_key(rest) else { continue };
+        out.push(Token { line: n, col, key: Some(key) });
+        let value = rest[rest.find(':').map_or(rest.len(), |i| i + 1)..].trim();
+        let value = value.split(" #").next().unwrap_or("").trim();
+        if value.starts_with('|') || value.starts_with('>') {
+            block_scalar_above = Some(col);
+        }
+    }
+    out
+}
+
+/// The key of a `key: value` line, unquoted.
+fn yaml_key(s: &str) -> Option<&str> {
+    if let Some(q) = s.chars().next().filter(|c| *c == '"' || *c == '\'') {
+        let end = s[1..].find(q)? + 1;
+        return s[end + 1..].starts_with(':').then(|| &s[1..end]);
+    }
+    let i = s.find(": ").or_else(|| s.ends_with(':').then(|| s.len() - 1))?;
+    let key = s[..i].trim_end();
+    (!key.is_empty() && !key.contains(['{', '[', ','])).then_some(key)
+}
+
+/// Best-effort position (1-based line and column) of a key path such as
+/// `routes[2].match.all[0].keyword` in block-style YAML. Flow collections
+/// (`{...}`, `[...]`) are not entered: the deepest block-style node found is
+/// returned, which is the line an admin needs to look at anyway.
+pub fn locate(text: &str, key: &str) -> Option<(usize, usize)> {
+    let toks = tokens(text);
+    let path = key_path(key);
+    let (mut lo, mut hi) = (0usize, toks.len());
+    let mut found: Option<&Token> = None;
+    for seg in &path {
+        let col = toks.get(lo).map(|t| t.col).unwrap_or(0);
+        let hit = match seg {
+            _ if lo >= hi => None,
+            Seg::Key(k) => (lo..hi).find(|&i| toks[i].col == col && toks[i].key == Some(*k)),
+            Seg::Index(n) => (lo..hi)
+                .filter(|&i| toks[i].col == col && toks[i].key.is_none())
+                .nth(*n),
+        };
+        let Some(i) = hit else {
+            // A flow collection on the parent's line: look for the key text
+            // there so at least the column is close.
+            if let (Some(f), Seg::Key(k)) = (found, seg) {
+                let line = text.lines().nth(f.line)?;
+                if let Some(c) = line.get(f.col..).and_then(|rest| rest.find(&format!("{k}:"))) {
+                    return Some((f.line + 1, f.col + c + 1));
+                }
+            }
+            break;
+        };
+        found = Some(&toks[i]);
+        let parent_col = toks[i].col;
+        let is_key = toks[i].key.is_some();
+        // The node's children run until the next token at the node's own
+        // column (or left of it). A block sequence may sit at its key's
+        // column (`routes:\n- name: a`), so keys do not end at those.
+        let end = (i + 1..hi)
+            .find(|&j| {
+                toks[j].col < parent_col
+                    || (toks[j].col == parent_col && (toks[j].key.is_some() || !is_key))
+            })
+            .unwrap_or(hi);
+        lo = i + 1;
+        hi = end;
+    }
+    found.map(|t| (t.line + 1, t.col + 1))
 }
 
 #[cfg(test)]
@@ -313,5 +748,71 @@ mod tests {
         std::fs::write(&p, MIN).unwrap();
         let c = Config::load(&p).unwrap();
         assert_eq!(c.node.data_dir, dir.path().join("data"));
+    }
+
+    #[test]
+    fn routing_sections_are_optional_and_parse() {
+        let y = format!(
+            "{MIN}models:\n  pma:\n    card: ../models/pma.yaml\n    execution_provider: cuda\n\
+             destinations:\n  pacs: {{ae_title: ORTHANC, host: 127.0.0.1, port: 4242}}\n\
+             onnxruntime:\n  library: lib/libonnxruntime.so\n"
+        );
+        let c = Config::parse(&y, Path::new("t.yaml")).unwrap();
+        assert_eq!(c.models["pma"].execution_provider, ExecutionProvider::Cuda);
+        assert_eq!(c.models["pma"].max_concurrency, 1);
+        assert_eq!(c.destinations["pacs"].port, 4242);
+        assert!(c.routes.is_empty());
+        let c = Config::parse(MIN, Path::new("t.yaml")).unwrap();
+        assert!(c.models.is_empty() && c.destinations.is_empty() && c.onnxruntime.library.is_none());
+    }
+
+    #[test]
+    fn bad_destination_ae_names_the_key_and_line() {
+        let y = format!("{MIN}destinations:\n  pacs:\n    ae_title: ABCDEFGHIJKLMNOPQ\n    host: h\n    port: 1\n");
+        let e = Config::parse(&y, Path::new("t.yaml")).unwrap_err();
+        let d = ConfigDiagnostic::from_error(&e, Some(&y));
+        assert_eq!(d.to_string().split(": ").next(), Some("t.yaml:6:5"), "{d}");
+        assert_eq!(d.key, "destinations.pacs.ae_title");
+    }
+
+    #[test]
+    fn parse_error_carries_its_position() {
+        let y = format!("{MIN}routes:\n  - name: a\n    colour: red\n");
+        let e = Config::parse(&y, Path::new("t.yaml")).unwrap_err();
+        let d = ConfigDiagnostic::from_error(&e, Some(&y));
+        assert_eq!(d.line, Some(6), "{d}");
+        assert!(d.to_string().starts_with("t.yaml:6:5: routes[0]: unknown field `colour`"), "{d}");
+        assert!(!d.message.contains("at line"), "{d}");
+    }
+
+    #[test]
+    fn locate_walks_block_yaml() {
+        let y = "\
+node:
+  ae_title: X
+routes:
+- name: a          # first
+  match:
+    all:
+      - keyword: Modality
+        equals: CT
+      - not:
+          keyword: ImageType
+          regex: LOCALIZER
+  model: pma
+- name: b
+  description: |
+    model: not a key
+  match: {all: [{keyword: Modality, equals: CT}]}
+  model: sfa
+";
+        assert_eq!(locate(y, "routes[0].model"), Some((12, 3)));
+        assert_eq!(locate(y, "routes[0].match.all[1].not.regex"), Some((11, 11)));
+        assert_eq!(locate(y, "routes[0].match.all[0].equals"), Some((8, 9)));
+        assert_eq!(locate(y, "routes[1].model"), Some((17, 3)));
+        assert_eq!(locate(y, "routes[1]"), Some((13, 1)));
+        // Inside a flow mapping: the line of the parent, near the key.
+        assert_eq!(locate(y, "routes[1].match.all[0].keyword").map(|p| p.0), Some(16));
+        assert_eq!(locate(y, "node.ae_title"), Some((2, 3)));
     }
 }

@@ -21,5 +21,7 @@ pub mod jobs;
 pub mod npy;
 pub mod phantom;
 pub mod pipeline;
+pub mod routing;
 pub mod series;
 pub mod spool;
+pub mod volume;

@@ -1,4 +1,4 @@
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -26,13 +26,51 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Validate a config file and exit non-zero on error.
+    /// Validate a config file, routes included; print every problem as
+    /// file:line:column and exit non-zero on error.
     CheckConfig {
         #[arg(long, default_value = "config/node.yaml")]
         config: PathBuf,
     },
+    /// Dry-run routing: group the DICOM files under PATHs into series and
+    /// show which routes match each, and why the others do not.
+    Route {
+        #[arg(long, default_value = "config/node.yaml")]
+        config: PathBuf,
+        /// One JSON object per (series, route) line.
+        #[arg(long)]
+        json: bool,
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
     /// Write synthetic CT phantoms with ground truth.
     Phantom(biomarker_node::phantom::PhantomArgs),
+}
+
+/// Every diagnostic on its own line, then a one-line summary as the error.
+fn load_checked(config: &Path) -> anyhow::Result<biomarker_node::routing::RouteTable> {
+    match biomarker_node::config::check_file(config) {
+        Ok((_, table)) => Ok(table),
+        Err(diags) => {
+            for d in &diags {
+                eprintln!("{d}");
+            }
+            anyhow::bail!("{}: {} problem(s)", config.display(), diags.len())
+        }
+    }
+}
+
+fn check_config(config: &Path) -> anyhow::Result<()> {
+    let table = load_checked(config)?;
+    println!("{}: ok ({} route(s))", config.display(), table.routes.len());
+    Ok(())
+}
+
+fn route(config: &Path, json: bool, paths: &[PathBuf]) -> anyhow::Result<()> {
+    let table = load_checked(config)?;
+    let (stdout, stderr) = (std::io::stdout(), std::io::stderr());
+    biomarker_node::routing::dry_run::run(&table, paths, json, &mut stdout.lock(), &mut stderr.lock())?;
+    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -40,9 +78,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve { config } => biomarker_node::pipeline::serve(&config),
         Command::Series { config, json } => biomarker_node::pipeline::print_series(&config, json),
-        Command::CheckConfig { config } => biomarker_node::config::Config::load(&config)
-            .map(|_| println!("{}: ok", config.display()))
-            .map_err(anyhow::Error::from),
+        Command::CheckConfig { config } => check_config(&config),
+        Command::Route { config, json, paths } => route(&config, json, &paths),
         Command::Phantom(args) => biomarker_node::phantom::run(&args),
     };
     match result {

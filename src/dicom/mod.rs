@@ -5,6 +5,7 @@
 //! knows about datasets only.
 
 pub mod header;
+pub mod read;
 
 use std::fmt;
 

@@ -1,0 +1,531 @@
+//! Volume assembly: the files of one series → a HU volume with its geometry.
+//!
+//! **Input.** The spool paths of one series: single-frame CT Image Storage
+//! files, or Enhanced CT (1.2.840.10008.5.1.4.1.1.2.1) multi-frame objects,
+//! in any order.
+//!
+//! **Output.** A [`Volume`]: `hu[slice, row, col]` as `f32` Hounsfield units,
+//! slices sorted along the plane normal, with pixel spacing, slice positions,
+//! and the SOP Instance UID (and frame number) behind every slice, so that
+//! a report can reference the exact images it measured (TID 1500 image
+//! library).
+//!
+//! **HU.** PS3.3 C.7.6.3.1 / C.11.1 (Modality LUT): the stored value is masked
+//! to BitsStored, sign-extended when PixelRepresentation = 1, then
+//! `HU = stored × RescaleSlope + RescaleIntercept` (slope 1 and intercept 0
+//! when absent). Enhanced CT takes slope/intercept per frame from the Pixel
+//! Value Transformation functional group. We never use the decoder's VOI
+//! (window) path: the numbers are the stored values, not display values.
+//!
+//! **Padding.** A stored value equal to PixelPaddingValue (0028,0120) — or
+//! within [PixelPaddingValue, PixelPaddingRangeLimit] when the limit is
+//! present — lies outside the reconstructed field of view. It becomes
+//! [`PADDING_HU`] (−1024, air) rather than its rescaled value (which would be
+//! e.g. −33792 HU), and [`Volume::padding_voxels`] counts such voxels.
+//!
+//! **Geometry invariants** (checked, never repaired):
+//! - all frames have the same Rows/Columns, PixelSpacing and orientation
+//!   (direction cosines equal within 1e-3);
+//! - slices are ordered by `dot(ImagePositionPatient, normal)`, not by
+//!   InstanceNumber; two slices at the same position are refused
+//!   ([`VolumeError::DuplicatePosition`], e.g. two phases in one series);
+//! - the step between neighbouring slices is along the normal: more than
+//!   [`VolumeOptions::max_tilt_deg`] off is a gantry tilt (or a sheared
+//!   stack) and is refused with [`VolumeError::GantryTilt`];
+//! - spacing is even: `(max − min) / median` above
+//!   [`VolumeOptions::spacing_tolerance`] is [`VolumeError::UnevenSpacing`].
+//!
+//! A mis-scaled volume would give wrong biomarker values silently; refusing
+//! is the only safe answer for the stages after this one.
+//!
+//! **Failure modes.** Every error is permanent for the given files
+//! ([`VolumeError::is_retryable`] is true only for I/O). Decoders run under
+//! `catch_unwind`, so a decoder panic becomes [`VolumeError::Decode`].
+//! Objects whose SOP Instance UID is empty (shared/realct/abdomen-siemens-j2k)
+//! are refused with [`VolumeError::MissingAttribute`]: a slice we cannot
+//! reference cannot be reported on, and ingest never spools such objects.
+
+pub(crate) mod attrs;
+
+use std::path::{Path, PathBuf};
+
+use dicom_dictionary_std::tags;
+use dicom_object::InMemDicomObject;
+use ndarray::{Array3, ArrayView2, Axis};
+
+use crate::dicom::read::{open_dicom, OpenError, ReadDepth};
+use attrs::{dot, frame_count, frame_floats, frame_plane, int, normal, text};
+
+/// What padding voxels become; see the module doc.
+pub const PADDING_HU: f32 = -1024.0;
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum VolumeError {
+    #[error("no image files given")]
+    Empty,
+    #[error(transparent)]
+    Open(#[from] OpenError),
+    #[error("{path}: {attribute} is missing or empty")]
+    MissingAttribute { path: PathBuf, attribute: &'static str },
+    /// Pixel data this build cannot decode, including transfer syntaxes the
+    /// registry does not know at all.
+    #[error("{path}: cannot decode pixel data ({transfer_syntax}): {message}")]
+    Decode {
+        path: PathBuf,
+        transfer_syntax: String,
+        message: String,
+    },
+    #[error("{path}: unsupported image: {reason}")]
+    Unsupported { path: PathBuf, reason: String },
+    #[error("{path}: {what} differs from the first slice ({detail})")]
+    Inconsistent {
+        path: PathBuf,
+        what: &'static str,
+        detail: String,
+    },
+    #[error("two slices at the same position {position_mm:.3} mm along the normal (several phases or acquisitions in one series?)")]
+    DuplicatePosition { position_mm: f64 },
+    #[error("gantry tilt or sheared stack: slices step {degrees:.1}° off the plane normal; refusing to resample")]
+    GantryTilt { degrees: f64 },
+    #[error("uneven slice spacing: {min_mm:.3} to {max_mm:.3} mm; refusing to treat it as a regular grid")]
+    UnevenSpacing { min_mm: f64, max_mm: f64 },
+    #[error("slice selection `{selection}`: {reason}")]
+    Selection { selection: String, reason: String },
+}
+
+impl VolumeError {
+    /// Only an I/O error may succeed on a later try; everything else is a
+    /// property of the files.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, VolumeError::Open(OpenError::Io { .. }))
+    }
+}
+
+/// Tolerances for [`Volume::from_files_with`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct VolumeOptions {
+    /// Largest angle between a slice step and the normal still taken as
+    /// "along the normal". Positions are written with ~0.01 mm precision, so
+    /// 1° is far above rounding and far below any real tilt (typ. 10–30°).
+    pub max_tilt_deg: f64,
+    /// Relative spread `(max − min) / median` of slice steps still "even";
+    /// the same meaning as `series.spacing_tolerance`.
+    pub spacing_tolerance: f64,
+}
+
+impl Default for VolumeOptions {
+    fn default() -> Self {
+        VolumeOptions {
+            max_tilt_deg: 1.0,
+            spacing_tolerance: 0.1,
+        }
+    }
+}
+
+/// A CT volume in HU with the geometry needed to measure in mm and to
+/// reference the source images.
+#[derive(Debug, Clone)]
+pub struct Volume {
+    /// `[slice, row, col]`, slices ascending along [`Volume::normal`].
+    pub hu: Array3<f32>,
+    /// PixelSpacing: between rows, between columns (mm).
+    pub pixel_spacing: [f64; 2],
+    /// `dot(ImagePositionPatient, normal)` of every slice (mm), ascending.
+    pub slice_positions: Vec<f64>,
+    /// ImagePositionPatient of every slice.
+    pub positions: Vec<[f64; 3]>,
+    /// SliceThickness of the first slice (mm), when given.
+    pub slice_thickness: Option<f64>,
+    /// Mean distance between neighbouring slices (mm); `None` for one slice.
+    pub spacing_mm: Option<f64>,
+    /// ImagePositionPatient of slice 0.
+    pub origin: [f64; 3],
+    /// ImageOrientationPatient: row then column direction cosines.
+    pub orientation: [f64; 6],
+    /// Unit normal, row × column.
+    pub normal: [f64; 3],
+    /// SOP Instance UID behind every slice.
+    pub sop_instance_uids: Vec<String>,
+    /// 1-based frame number within its instance for multi-frame objects,
+    /// `None` for single-frame images (PS3.3 C.10.5 Referenced Frame Number).
+    pub frame_numbers: Vec<Option<u32>>,
+    /// The file every slice came from.
+    pub source_paths: Vec<PathBuf>,
+    /// Voxels that held PixelPaddingValue and were set to [`PADDING_HU`].
+    pub padding_voxels: usize,
+}
+
+/// How to pick one 2-D slice for a model that works on a single image.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SliceSelection {
+    /// The series must have exactly one image; that one.
+    Single,
+    /// Index `(n − 1) / 2` in the sorted stack.
+    Middle,
+    /// This index in the sorted stack (0 = lowest along the normal).
+    Index(usize),
+    /// The slice whose ImagePositionPatient z (patient axis, mm) is nearest;
+    /// refused when z is more than half a spacing (or thickness) outside
+    /// the stack.
+    ZMm(f64),
+}
+
+impl std::fmt::Display for SliceSelection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SliceSelection::Single => f.write_str("single"),
+            SliceSelection::Middle => f.write_str("middle"),
+            SliceSelection::Index(i) => write!(f, "index {i}"),
+            SliceSelection::ZMm(z) => write!(f, "z_mm {z}"),
+        }
+    }
+}
+
+/// One decoded frame before sorting.
+struct Frame {
+    hu: Vec<f32>,
+    position: [f64; 3],
+    orientation: [f64; 6],
+    pixel_spacing: [f64; 2],
+    thickness: Option<f64>,
+    rows: usize,
+    cols: usize,
+    sop_instance_uid: String,
+    frame_number: Option<u32>,
+    path: PathBuf,
+    padding: usize,
+}
+
+impl Volume {
+    pub fn from_files(paths: &[PathBuf]) -> Result<Volume, VolumeError> {
+        Self::from_files_with(paths, &VolumeOptions::default())
+    }
+
+    pub fn from_files_with(paths: &[PathBuf], opts: &VolumeOptions) -> Result<Volume, VolumeError> {
+        if paths.is_empty() {
+            return Err(VolumeError::Empty);
+        }
+        let mut frames = Vec::new();
+        for p in paths {
+            // One file at a time: the decoded object is dropped before the
+            // next is read, so peak memory is about one volume.
+            read_frames(p, &mut frames)?;
+        }
+        assemble(frames, opts)
+    }
+
+    pub fn slices(&self) -> usize {
+        self.hu.len_of(Axis(0))
+    }
+
+    /// One slice of the sorted stack.
+    pub fn slice(&self, index: usize) -> Option<ArrayView2<'_, f32>> {
+        (index < self.slices()).then(|| self.hu.index_axis(Axis(0), index))
+    }
+
+    /// The index [`SliceSelection`] picks, or why it cannot.
+    pub fn select(&self, selection: &SliceSelection) -> Result<usize, VolumeError> {
+        let n = self.slices();
+        let refuse = |reason: String| VolumeError::Selection {
+            selection: selection.to_string(),
+            reason,
+        };
+        match *selection {
+            SliceSelection::Single if n == 1 => Ok(0),
+            SliceSelection::Single => Err(refuse(format!("the series has {n} slices, not exactly 1"))),
+            SliceSelection::Middle => Ok((n - 1) / 2),
+            SliceSelection::Index(i) if i < n => Ok(i),
+            SliceSelection::Index(i) => Err(refuse(format!("index {i} is outside 0..{n}"))),
+            SliceSelection::ZMm(z) => {
+                let (best, dist) = self
+                    .positions
+                    .iter()
+                    .enumerate()
+                    .map(|(i, p)| (i, (p[2] - z).abs()))
+                    .min_by(|a, b| a.1.total_cmp(&b.1))
+                    .ok_or_else(|| refuse("the volume is empty".into()))?;
+                let half = self.spacing_mm.or(self.slice_thickness).unwrap_or(1.0) / 2.0;
+                if dist > half + 1e-6 {
+                    return Err(refuse(format!(
+                        "nearest slice is {dist:.2} mm away (z = {:.2} mm)",
+                        self.positions[best][2]
+                    )));
+                }
+                Ok(best)
+            }
+        }
+    }
+}
+
+fn missing(path: &Path, attribute: &'static str) -> VolumeError {
+    VolumeError::MissingAttribute {
+        path: path.to_owned(),
+        attribute,
+    }
+}
+
+fn read_frames(path: &Path, out: &mut Vec<Frame>) -> Result<(), VolumeError> {
+    let obj = match open_dicom(path, ReadDepth::Full) {
+        Ok(obj) => obj,
+        Err(OpenError::UnsupportedTransferSyntax { path, uid }) => {
+            return Err(VolumeError::Decode {
+                path,
+                transfer_syntax: ts_name(&uid),
+                message: "no decoder for this transfer syntax".into(),
+            })
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let ts = obj.meta().transfer_syntax().trim_end_matches('\0').to_owned();
+    let sop_instance_uid = text(&obj, tags::SOP_INSTANCE_UID).ok_or_else(|| missing(path, "SOPInstanceUID"))?;
+    let spp = int(&obj, tags::SAMPLES_PER_PIXEL).unwrap_or(1);
+    let photometric = text(&obj, tags::PHOTOMETRIC_INTERPRETATION).unwrap_or_default();
+    if spp != 1 || !photometric.starts_with("MONOCHROME") {
+        return Err(VolumeError::Unsupported {
+            path: path.to_owned(),
+            reason: format!("{spp} samples per pixel, {photometric:?}: not a greyscale CT image"),
+        });
+    }
+    let rows = int(&obj, tags::ROWS).filter(|v| *v > 0).ok_or_else(|| missing(path, "Rows"))? as usize;
+    let cols = int(&obj, tags::COLUMNS).filter(|v| *v > 0).ok_or_else(|| missing(path, "Columns"))? as usize;
+    let bits_allocated = int(&obj, tags::BITS_ALLOCATED).ok_or_else(|| missing(path, "BitsAllocated"))?;
+    let bits_stored = int(&obj, tags::BITS_STORED).unwrap_or(bits_allocated);
+    let signed = int(&obj, tags::PIXEL_REPRESENTATION).unwrap_or(0) == 1;
+    if !matches!(bits_allocated, 8 | 16) || !(1..=bits_allocated).contains(&bits_stored) {
+        return Err(VolumeError::Unsupported {
+            path: path.to_owned(),
+            reason: format!("BitsAllocated {bits_allocated}, BitsStored {bits_stored}"),
+        });
+    }
+    let n_frames = frame_count(&obj);
+    let multi = attrs::has_functional_groups(&obj);
+    let padding = padding_range(&obj, signed);
+
+    let decoded = decode(&obj, path, &ts)?;
+    let frame_len = rows * cols * (bits_allocated as usize / 8);
+    let data = decoded.data();
+    if data.len() < frame_len * n_frames {
+        return Err(VolumeError::Decode {
+            path: path.to_owned(),
+            transfer_syntax: ts,
+            message: format!(
+                "decoded {} bytes, expected {} for {n_frames} frame(s) of {rows}x{cols}",
+                data.len(),
+                frame_len * n_frames
+            ),
+        });
+    }
+
+    for f in 0..n_frames {
+        let (position, orientation) = frame_plane(&obj, f);
+        let position = position.ok_or_else(|| missing(path, "ImagePositionPatient"))?;
+        let orientation = orientation.ok_or_else(|| missing(path, "ImageOrientationPatient"))?;
+        let spacing = frame_floats(&obj, f, tags::PIXEL_MEASURES_SEQUENCE, tags::PIXEL_SPACING)
+            .filter(|s| s.len() == 2 && s[0] > 0.0 && s[1] > 0.0)
+            .ok_or_else(|| missing(path, "PixelSpacing"))?;
+        let thickness = frame_floats(&obj, f, tags::PIXEL_MEASURES_SEQUENCE, tags::SLICE_THICKNESS)
+            .and_then(|v| v.first().copied());
+        let group = tags::PIXEL_VALUE_TRANSFORMATION_SEQUENCE;
+        let slope = frame_floats(&obj, f, group, tags::RESCALE_SLOPE)
+            .and_then(|v| v.first().copied())
+            .unwrap_or(1.0);
+        let intercept = frame_floats(&obj, f, group, tags::RESCALE_INTERCEPT)
+            .and_then(|v| v.first().copied())
+            .unwrap_or(0.0);
+        let bytes = &data[f * frame_len..(f + 1) * frame_len];
+        let (hu, pad) = to_hu(bytes, bits_allocated as u32, bits_stored as u32, signed, slope, intercept, padding);
+        out.push(Frame {
+            hu,
+            position,
+            orientation,
+            pixel_spacing: [spacing[0], spacing[1]],
+            thickness,
+            rows,
+            cols,
+            sop_instance_uid: sop_instance_uid.clone(),
+            frame_number: multi.then_some(f as u32 + 1),
+            path: path.to_owned(),
+            padding: pad,
+        });
+    }
+    Ok(())
+}
+
+fn decode<'a>(
+    obj: &'a dicom_object::DefaultDicomObject,
+    path: &Path,
+    ts: &str,
+) -> Result<dicom_pixeldata::DecodedPixelData<'a>, VolumeError> {
+    use dicom_pixeldata::PixelDecoder;
+    let fail = |message: String| VolumeError::Decode {
+        path: path.to_owned(),
+        transfer_syntax: ts_name(ts),
+        message,
+    };
+    // Some codecs assert on malformed input; a panic must not take the
+    // worker down with it.
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| obj.decode_pixel_data())) {
+        Ok(Ok(d)) => Ok(d),
+        Ok(Err(e)) => Err(fail(e.to_string())),
+        Err(_) => Err(fail("the decoder panicked".into())),
+    }
+}
+
+fn ts_name(uid: &str) -> String {
+    use dicom_encoding::TransferSyntaxIndex;
+    match dicom_transfer_syntax_registry::TransferSyntaxRegistry.get(uid) {
+        Some(ts) => format!("{uid} {}", ts.name()),
+        None => format!("{uid}, unknown transfer syntax"),
+    }
+}
+
+/// Stored values in `[lo, hi]` are padding (PS3.3 C.7.5.1.1.2), compared after
+/// masking and sign extension.
+fn padding_range(obj: &InMemDicomObject, signed: bool) -> Option<(i32, i32)> {
+    let norm = |v: i64| -> i32 {
+        // US-or-SS elements may have been read as US; reinterpret.
+        let v = if signed && v > i16::MAX as i64 && v <= u16::MAX as i64 {
+            v - 65536
+        } else {
+            v
+        };
+        v as i32
+    };
+    let pad = norm(int(obj, tags::PIXEL_PADDING_VALUE)?);
+    let limit = int(obj, tags::PIXEL_PADDING_RANGE_LIMIT).map(norm).unwrap_or(pad);
+    Some((pad.min(limit), pad.max(limit)))
+}
+
+/// Modality LUT on one frame: mask, sign-extend, rescale. Decoded data is in
+/// native byte order (dicom-pixeldata converts big endian sources).
+fn to_hu(
+    bytes: &[u8],
+    bits_allocated: u32,
+    bits_stored: u32,
+    signed: bool,
+    slope: f64,
+    intercept: f64,
+    padding: Option<(i32, i32)>,
+) -> (Vec<f32>, usize) {
+    let mask: u32 = if bits_stored >= 32 { u32::MAX } else { (1u32 << bits_stored) - 1 };
+    let sign_bit = 1u32 << (bits_stored - 1);
+    let stored = |raw: u32| -> i32 {
+        let v = raw & mask;
+        if signed && v & sign_bit != 0 {
+            v as i32 - (1i32 << bits_stored)
+        } else {
+            v as i32
+        }
+    };
+    let mut pad_count = 0;
+    let mut convert = |raw: u32| -> f32 {
+        let s = stored(raw);
+        if let Some((lo, hi)) = padding {
+            if (lo..=hi).contains(&s) {
+                pad_count += 1;
+                return PADDING_HU;
+            }
+        }
+        (s as f64 * slope + intercept) as f32
+    };
+    let hu = if bits_allocated == 16 {
+        bytes
+            .chunks_exact(2)
+            .map(|c| convert(u16::from_ne_bytes([c[0], c[1]]) as u32))
+            .collect()
+    } else {
+        bytes.iter().map(|b| convert(*b as u32)).collect()
+    };
+    (hu, pad_count)
+}
+
+fn angle_deg(cos: f64) -> f64 {
+    cos.clamp(-1.0, 1.0).acos().to_degrees()
+}
+
+fn assemble(mut frames: Vec<Frame>, opts: &VolumeOptions) -> Result<Volume, VolumeError> {
+    let first = frames.first().ok_or(VolumeError::Empty)?;
+    let (rows, cols, orientation, pixel_spacing) = (first.rows, first.cols, first.orientation, first.pixel_spacing);
+    let n = normal(&orientation);
+    for f in &frames {
+        let bad = |what: &'static str, detail: String| VolumeError::Inconsistent {
+            path: f.path.clone(),
+            what,
+            detail,
+        };
+        if (f.rows, f.cols) != (rows, cols) {
+            return Err(bad("image size", format!("{}x{} vs {rows}x{cols}", f.rows, f.cols)));
+        }
+        if f.orientation.iter().zip(&orientation).any(|(a, b)| (a - b).abs() > 1e-3) {
+            let angle = angle_deg(dot(&normal(&f.orientation), &n));
+            return Err(bad("ImageOrientationPatient", format!("{:?}, normal {angle:.2}° apart", f.orientation)));
+        }
+        let rel = |a: f64, b: f64| (a - b).abs() / b.abs().max(1e-9);
+        if rel(f.pixel_spacing[0], pixel_spacing[0]) > 1e-3 || rel(f.pixel_spacing[1], pixel_spacing[1]) > 1e-3 {
+            return Err(bad("PixelSpacing", format!("{:?} vs {pixel_spacing:?}", f.pixel_spacing)));
+        }
+    }
+    frames.sort_by(|a, b| dot(&a.position, &n).total_cmp(&dot(&b.position, &n)));
+    let slice_positions: Vec<f64> = frames.iter().map(|f| dot(&f.position, &n)).collect();
+    let mut steps = Vec::with_capacity(frames.len().saturating_sub(1));
+    let mut max_tilt: f64 = 0.0;
+    for w in frames.windows(2) {
+        let d = [
+            w[1].position[0] - w[0].position[0],
+            w[1].position[1] - w[0].position[1],
+            w[1].position[2] - w[0].position[2],
+        ];
+        let along = dot(&d, &n);
+        if along.abs() < 1e-3 {
+            return Err(VolumeError::DuplicatePosition {
+                position_mm: dot(&w[0].position, &n),
+            });
+        }
+        let len = dot(&d, &d).sqrt();
+        max_tilt = max_tilt.max(angle_deg(along.abs() / len));
+        steps.push(along);
+    }
+    if max_tilt > opts.max_tilt_deg {
+        return Err(VolumeError::GantryTilt { degrees: max_tilt });
+    }
+    let spacing_mm = if steps.is_empty() {
+        None
+    } else {
+        let min = steps.iter().copied().fold(f64::INFINITY, f64::min);
+        let max = steps.iter().copied().fold(0.0, f64::max);
+        let mut sorted = steps.clone();
+        sorted.sort_by(f64::total_cmp);
+        let median = sorted[sorted.len() / 2];
+        if (max - min) / median > opts.spacing_tolerance {
+            return Err(VolumeError::UnevenSpacing { min_mm: min, max_mm: max });
+        }
+        Some(steps.iter().sum::<f64>() / steps.len() as f64)
+    };
+
+    let mut hu = Array3::<f32>::zeros((frames.len(), rows, cols));
+    let mut padding_voxels = 0;
+    for (mut dst, f) in hu.outer_iter_mut().zip(&frames) {
+        let src = ArrayView2::from_shape((rows, cols), &f.hu).expect("frame length was checked against rows x cols");
+        dst.assign(&src);
+        padding_voxels += f.padding;
+    }
+    Ok(Volume {
+        hu,
+        pixel_spacing,
+        positions: frames.iter().map(|f| f.position).collect(),
+        slice_positions,
+        slice_thickness: frames[0].thickness,
+        spacing_mm,
+        origin: frames[0].position,
+        orientation,
+        normal: n,
+        sop_instance_uids: frames.iter().map(|f| f.sop_instance_uid.clone()).collect(),
+        frame_numbers: frames.iter().map(|f| f.frame_number).collect(),
+        source_paths: frames.iter().map(|f| f.path.clone()).collect(),
+        padding_voxels,
+    })
+}
+
+#[cfg(test)]
+pub(crate) mod tests;

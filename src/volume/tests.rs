@@ -1,0 +1,312 @@
+use std::path::{Path, PathBuf};
+
+use dicom_core::value::DataSetSequence;
+use dicom_core::{DataElement, PrimitiveValue, VR};
+use dicom_dictionary_std::{tags, uids};
+use dicom_object::{FileMetaTableBuilder, InMemDicomObject};
+
+use super::*;
+
+fn realct() -> Option<PathBuf> {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/realct");
+    if p.is_dir() {
+        Some(p)
+    } else {
+        eprintln!("skipping: {} is absent (real CT test data)", p.display());
+        None
+    }
+}
+
+fn files(dir: &Path, filter: impl Fn(&Path) -> bool) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| filter(p))
+        .collect();
+    v.sort();
+    v
+}
+
+fn chest(root: &Path, ts: &str) -> PathBuf {
+    let dir = root.join("chest-slice-encodings");
+    files(&dir, |p| p.to_string_lossy().ends_with(&format!("_{ts}.dcm")))
+        .pop()
+        .unwrap_or_else(|| panic!("no chest slice in {ts}"))
+}
+
+#[test]
+fn chest_lossless_encodings_decode_to_identical_hu_and_lossy_ones_close() {
+    let Some(root) = realct() else { return };
+    let reference = Volume::from_files(&[chest(&root, "1.2.840.10008.1.2")]).unwrap();
+    assert_eq!(reference.hu.dim(), (1, 512, 512));
+    assert!((reference.pixel_spacing[0] - 0.676).abs() < 0.01, "{:?}", reference.pixel_spacing);
+    let (min, max) = reference.hu.iter().fold((f32::MAX, f32::MIN), |(a, b), v| (a.min(*v), b.max(*v)));
+    // GE writes -2000 (→ -3024 HU) outside the reconstruction circle even
+    // though its PixelPaddingValue says -32768.
+    assert!(min >= -3024.0 && max > 500.0, "HU range {min}..{max}");
+    for ts in [
+        "1.2.840.10008.1.2.1",
+        "1.2.840.10008.1.2.2",
+        "1.2.840.10008.1.2.1.99",
+        "1.2.840.10008.1.2.5",
+        "1.2.840.10008.1.2.4.57",
+        "1.2.840.10008.1.2.4.70",
+        "1.2.840.10008.1.2.4.80",
+        "1.2.840.10008.1.2.4.90",
+    ] {
+        let v = Volume::from_files(&[chest(&root, ts)]).unwrap_or_else(|e| panic!("{ts}: {e}"));
+        assert_eq!(v.hu, reference.hu, "{ts} differs from implicit VR LE");
+        assert_eq!(v.padding_voxels, reference.padding_voxels, "{ts}");
+    }
+    for (ts, max_tol, mean_tol) in [
+        ("1.2.840.10008.1.2.4.50", 400.0, 30.0),
+        ("1.2.840.10008.1.2.4.81", 50.0, 10.0),
+        ("1.2.840.10008.1.2.4.91", 400.0, 30.0),
+    ] {
+        let v = Volume::from_files(&[chest(&root, ts)]).unwrap_or_else(|e| panic!("{ts}: {e}"));
+        let diff: Vec<f32> = v.hu.iter().zip(&reference.hu).map(|(a, b)| (a - b).abs()).collect();
+        let max = diff.iter().copied().fold(0.0, f32::max);
+        let mean = diff.iter().sum::<f32>() / diff.len() as f32;
+        eprintln!("{ts}: max |ΔHU| {max}, mean |ΔHU| {mean:.3}");
+        assert!(max <= max_tol && mean <= mean_tol, "{ts}: max {max} mean {mean}");
+    }
+}
+
+#[test]
+fn chest_undecodable_encodings_give_a_decode_error() {
+    let Some(root) = realct() else { return };
+    for ts in ["1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.53", "1.2.840.10008.1.2.4.55"] {
+        match Volume::from_files(&[chest(&root, ts)]) {
+            Err(e @ VolumeError::Decode { .. }) => {
+                eprintln!("{ts}: {e}");
+                assert!(e.to_string().contains(ts), "{e}");
+                assert!(!e.is_retryable());
+            }
+            other => panic!("{ts}: expected a decode error, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn philips_head_unsigned_with_intercept_has_plausible_hu() {
+    let Some(root) = realct() else { return };
+    let paths = files(&root.join("head-philips/S2010"), |p| {
+        p.file_name().unwrap().to_string_lossy().starts_with('I')
+    });
+    assert_eq!(paths.len(), 28); // I10..I280; SOURCES.md says 29 but DIRFILE is the 29th file
+    let v = Volume::from_files(&paths).unwrap();
+    assert_eq!(v.hu.dim(), (28, 512, 512));
+    let spacing = v.spacing_mm.unwrap();
+    assert!((spacing - 5.0).abs() < 0.1, "spacing {spacing}");
+    assert!(v.slice_positions.windows(2).all(|w| w[1] > w[0]));
+    // Reference values from pydicom (pixel_array * slope + intercept):
+    // lowest slice I10 (z 696.21): min -1024, max 770, median of the central
+    // 40x40 block 94; whole volume max 782.
+    assert_eq!(v.positions[0][2], 696.21);
+    let s0 = v.slice(0).unwrap();
+    let mut centre: Vec<f32> = s0.slice(ndarray::s![236..276, 236..276]).iter().copied().collect();
+    centre.sort_by(f32::total_cmp);
+    assert_eq!((centre[799] + centre[800]) / 2.0, 94.0);
+    let (min, max) = v.hu.iter().fold((f32::MAX, f32::MIN), |(a, b), x| (a.min(*x), b.max(*x)));
+    assert_eq!((min, max), (-1024.0, 782.0));
+    // Air around the phantom, some water-ish tissue inside.
+    let corner = v.hu[[14, 5, 5]];
+    assert!((-1024.0..=-900.0).contains(&corner), "corner {corner} HU");
+    let tissue = v.hu.iter().filter(|x| (0.0..=80.0).contains(*x)).count();
+    assert!(tissue > v.hu.len() / 400, "only {tissue} voxels in 0..80 HU");
+    assert_eq!(v.sop_instance_uids.len(), 28);
+}
+
+#[test]
+fn dicomdir_is_refused_not_crashed() {
+    let Some(root) = realct() else { return };
+    let e = Volume::from_files(&[root.join("head-philips/S2010/DIRFILE")]).unwrap_err();
+    eprintln!("{e}");
+}
+
+#[test]
+fn ge_abdomen_three_slices_assemble() {
+    let Some(root) = realct() else { return };
+    let mut paths = files(&root.join("abdomen-ge-3slice"), |_| true);
+    paths.reverse(); // order must come from positions, not from the caller
+    let v = Volume::from_files(&paths).unwrap();
+    assert_eq!(v.slices(), 3);
+    // 1.25 mm thick slices reconstructed every 1 mm.
+    assert!((v.spacing_mm.unwrap() - 1.0).abs() < 0.01, "{:?}", v.spacing_mm);
+    assert_eq!(v.slice_thickness, Some(1.25));
+    let min = v.hu.iter().copied().fold(f32::MAX, f32::min);
+    assert!(min >= PADDING_HU, "padding must not leak as {min} HU");
+}
+
+#[test]
+fn tilted_ge_head_is_refused_with_gantry_tilt() {
+    let Some(root) = realct() else { return };
+    let paths = files(&root.join("head-ge-tilted"), |_| true);
+    match Volume::from_files(&paths) {
+        Err(VolumeError::GantryTilt { degrees }) => {
+            assert!((15.0..=22.0).contains(&degrees), "{degrees}°")
+        }
+        other => panic!("expected GantryTilt, got {other:?}"),
+    }
+    // With the tilt check off, the uneven spacing is still caught.
+    let opts = VolumeOptions {
+        max_tilt_deg: 90.0,
+        ..VolumeOptions::default()
+    };
+    match Volume::from_files_with(&paths, &opts) {
+        Err(VolumeError::UnevenSpacing { min_mm, max_mm }) => {
+            assert!(min_mm < 2.0 && max_mm > 5.0, "{min_mm}..{max_mm}")
+        }
+        other => panic!("expected UnevenSpacing, got {other:?}"),
+    }
+}
+
+#[test]
+fn siemens_without_uids_is_refused_clearly() {
+    let Some(root) = realct() else { return };
+    let paths = files(&root.join("abdomen-siemens-j2k"), |_| true);
+    match Volume::from_files(&paths) {
+        Err(VolumeError::MissingAttribute { attribute, .. }) => assert_eq!(attribute, "SOPInstanceUID"),
+        other => panic!("expected MissingAttribute, got {other:?}"),
+    }
+}
+
+#[test]
+fn wg04_enhanced_ct_in_fragmented_jpeg_is_a_decode_error() {
+    let Some(root) = realct() else { return };
+    let p = root.join("wg04-single-slices/CT0012.fragmented_no_bot_jpeg_baseline.51.dcm");
+    match Volume::from_files(&[p]) {
+        Err(e @ VolumeError::Decode { .. }) => eprintln!("{e}"),
+        other => panic!("expected Decode, got {other:?}"),
+    }
+}
+
+#[test]
+fn wg04_j2k_slices_decode() {
+    let Some(root) = realct() else { return };
+    for name in ["CT1_J2KR.dcm", "CT2_J2KR.dcm"] {
+        let v = Volume::from_files(&[root.join("wg04-single-slices").join(name)]).unwrap();
+        assert_eq!(v.slices(), 1, "{name}");
+    }
+}
+
+fn seq(items: Vec<InMemDicomObject>) -> DataSetSequence<InMemDicomObject> {
+    DataSetSequence::from(items)
+}
+
+fn item(elements: Vec<DataElement<InMemDicomObject>>) -> InMemDicomObject {
+    InMemDicomObject::from_element_iter(elements)
+}
+
+/// A 3-frame Enhanced CT, frames stored in descending z, 2x2 pixels,
+/// slope 2 intercept -1000 in the shared group.
+pub(crate) fn write_enhanced(path: &Path, z: [f64; 3]) {
+    let ds = |v: &str| PrimitiveValue::from(v);
+    let shared = item(vec![
+        DataElement::new(
+            tags::PLANE_ORIENTATION_SEQUENCE,
+            VR::SQ,
+            seq(vec![item(vec![DataElement::new(tags::IMAGE_ORIENTATION_PATIENT, VR::DS, ds("1\\0\\0\\0\\1\\0"))])]),
+        ),
+        DataElement::new(
+            tags::PIXEL_MEASURES_SEQUENCE,
+            VR::SQ,
+            seq(vec![item(vec![
+                DataElement::new(tags::PIXEL_SPACING, VR::DS, ds("0.5\\0.5")),
+                DataElement::new(tags::SLICE_THICKNESS, VR::DS, ds("2")),
+            ])]),
+        ),
+        DataElement::new(
+            tags::PIXEL_VALUE_TRANSFORMATION_SEQUENCE,
+            VR::SQ,
+            seq(vec![item(vec![
+                DataElement::new(tags::RESCALE_SLOPE, VR::DS, ds("2")),
+                DataElement::new(tags::RESCALE_INTERCEPT, VR::DS, ds("-1000")),
+            ])]),
+        ),
+    ]);
+    let per_frame: Vec<InMemDicomObject> = z
+        .iter()
+        .map(|z| {
+            item(vec![DataElement::new(
+                tags::PLANE_POSITION_SEQUENCE,
+                VR::SQ,
+                seq(vec![item(vec![DataElement::new(
+                    tags::IMAGE_POSITION_PATIENT,
+                    VR::DS,
+                    ds(&format!("-10\\-10\\{z}")),
+                )])]),
+            )])
+        })
+        .collect();
+    // Frame f holds stored values 100*f + 0..4.
+    let pixels: Vec<u16> = (0..3u16).flat_map(|f| (0..4u16).map(move |i| 100 * f + i)).collect();
+    let obj = InMemDicomObject::from_element_iter(vec![
+        DataElement::new(tags::SOP_CLASS_UID, VR::UI, ds(uids::ENHANCED_CT_IMAGE_STORAGE)),
+        DataElement::new(tags::SOP_INSTANCE_UID, VR::UI, ds("1.2.3.4.5")),
+        DataElement::new(tags::STUDY_INSTANCE_UID, VR::UI, ds("1.2.3")),
+        DataElement::new(tags::SERIES_INSTANCE_UID, VR::UI, ds("1.2.3.4")),
+        DataElement::new(tags::IMAGE_TYPE, VR::CS, ds("ORIGINAL\\PRIMARY\\AXIAL")),
+        DataElement::new(tags::MODALITY, VR::CS, ds("CT")),
+        DataElement::new(tags::SAMPLES_PER_PIXEL, VR::US, PrimitiveValue::from(1u16)),
+        DataElement::new(tags::PHOTOMETRIC_INTERPRETATION, VR::CS, ds("MONOCHROME2")),
+        DataElement::new(tags::NUMBER_OF_FRAMES, VR::IS, ds("3")),
+        DataElement::new(tags::ROWS, VR::US, PrimitiveValue::from(2u16)),
+        DataElement::new(tags::COLUMNS, VR::US, PrimitiveValue::from(2u16)),
+        DataElement::new(tags::BITS_ALLOCATED, VR::US, PrimitiveValue::from(16u16)),
+        DataElement::new(tags::BITS_STORED, VR::US, PrimitiveValue::from(12u16)),
+        DataElement::new(tags::HIGH_BIT, VR::US, PrimitiveValue::from(11u16)),
+        DataElement::new(tags::PIXEL_REPRESENTATION, VR::US, PrimitiveValue::from(0u16)),
+        DataElement::new(tags::SHARED_FUNCTIONAL_GROUPS_SEQUENCE, VR::SQ, seq(vec![shared])),
+        DataElement::new(tags::PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE, VR::SQ, seq(per_frame)),
+        DataElement::new(tags::PIXEL_DATA, VR::OW, PrimitiveValue::U16(pixels.into())),
+    ]);
+    obj.with_meta(FileMetaTableBuilder::new().transfer_syntax(uids::EXPLICIT_VR_LITTLE_ENDIAN))
+        .unwrap()
+        .write_to_file(path)
+        .unwrap();
+}
+
+#[test]
+fn enhanced_ct_frames_are_sorted_and_rescaled_per_functional_groups() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("enh.dcm");
+    write_enhanced(&p, [10.0, 6.0, 2.0]);
+    let v = Volume::from_files(&[p]).unwrap();
+    assert_eq!(v.hu.dim(), (3, 2, 2));
+    assert_eq!(v.slice_positions, vec![2.0, 6.0, 10.0]);
+    // Lowest z is frame 3 (stored 200..203) → 2*200-1000 = -600.
+    assert_eq!(v.frame_numbers, vec![Some(3), Some(2), Some(1)]);
+    assert_eq!(v.hu[[0, 0, 0]], -600.0);
+    assert_eq!(v.hu[[2, 1, 1]], -994.0);
+    assert_eq!(v.pixel_spacing, [0.5, 0.5]);
+    assert_eq!(v.slice_thickness, Some(2.0));
+    assert_eq!(v.spacing_mm, Some(4.0));
+    assert_eq!(v.select(&SliceSelection::Middle).unwrap(), 1);
+    assert_eq!(v.select(&SliceSelection::ZMm(9.0)).unwrap(), 2);
+    assert!(v.select(&SliceSelection::ZMm(20.0)).is_err());
+    assert!(v.select(&SliceSelection::Single).is_err());
+    assert!(v.select(&SliceSelection::Index(3)).is_err());
+}
+
+#[test]
+fn enhanced_ct_with_uneven_frames_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("enh.dcm");
+    write_enhanced(&p, [0.0, 1.0, 5.0]);
+    assert!(matches!(Volume::from_files(&[p]), Err(VolumeError::UnevenSpacing { .. })));
+}
+
+#[test]
+fn modality_lut_masks_and_sign_extends() {
+    // 12 bits stored, signed: 0x0FFF is -1; garbage in the high bits ignored.
+    let bytes: Vec<u8> = [0xF_FFFu16, 0x0800, 0x07FF, 0x0005]
+        .iter()
+        .flat_map(|v| v.to_ne_bytes())
+        .collect();
+    let (hu, pad) = to_hu(&bytes, 16, 12, true, 1.0, 0.0, Some((-2048, -2048)));
+    assert_eq!(hu, vec![-1.0, PADDING_HU, 2047.0, 5.0]);
+    assert_eq!(pad, 1);
+    let (hu, _) = to_hu(&bytes, 16, 12, false, 1.0, -1024.0, None);
+    assert_eq!(hu, vec![4095.0 - 1024.0, 2048.0 - 1024.0, 2047.0 - 1024.0, 5.0 - 1024.0]);
+}
