@@ -13,19 +13,36 @@ DEVICE=${DEVICE:-cpu}
 export PYTHONPATH="$(pwd)/models/training${PYTHONPATH:+:$PYTHONPATH}"
 TASKS=${TASKS:-"pma sfa liver cac"}
 
-# training seed 1, held-out seed 901 (never used for training or tuning)
-declare -A NTRAIN=([pma]=${N2D:-600} [sfa]=${N2D:-600} [liver]=${N2D:-600} [cac]=${NCAC:-150})
-declare -A NTEST=([pma]=100 [sfa]=100 [liver]=100 [cac]=60)
-declare -A EPOCHS=([pma]=${E2D:-5} [sfa]=${E2D:-5} [liver]=${E2D:-5} [cac]=${ECAC:-3})
-declare -A EPOCHS_DIRECT=([pma]=${E2D:-5} [sfa]=${E2D:-5} [liver]=${E2D:-5} [cac]=${ECAC:-3})
+# training seed 1 (cac: seeds 1 and 2), held-out seed 901 (never used for training or tuning).
+# The held-out CAC set is the first 36 volumes of seed 901 (generation was cut there for time).
+declare -A NTRAIN=([pma]=${N2D:-600} [sfa]=${N2D:-600} [liver]=${N2D:-600} [cac]=90)
+declare -A NTEST=([pma]=100 [sfa]=100 [liver]=100 [cac]=36)
+declare -A EPOCHS=([pma]=8 [sfa]=5 [liver]=8 [cac]=4)
+declare -A EPOCHS_DIRECT=([pma]=4 [sfa]=4 [liver]=4 [cac]=4)
 declare -A SIZE=([pma]=128 [sfa]=128 [liver]=128 [cac]=64)
 METHODS=${METHODS:-"localization direct"}
 
 phantoms() {
   for t in $TASKS; do
-    [ -f "$DATA/train/$t/labels.csv" ] || nice "$BIN" phantom --task "$t" --seed 1 --out "$DATA/train/$t" --count "${NTRAIN[$t]}"
     [ -f "$DATA/test/$t/labels.csv" ] || nice "$BIN" phantom --task "$t" --seed 901 --out "$DATA/test/$t" --count "${NTEST[$t]}"
+    [ -f "$DATA/train/$t/labels.csv" ] && continue
+    if [ "$t" = cac ]; then
+      # two generator processes (seeds 1 and 2, 45 volumes each), merged into one CSV
+      nice "$BIN" phantom --task cac --seed 1 --out "$DATA/train/cac-a" --count 45 >/dev/null &
+      nice "$BIN" phantom --task cac --seed 2 --out "$DATA/train/cac-b" --count 45 >/dev/null &
+      wait
+      mkdir -p "$DATA/train/cac"
+      { echo "series_dir,value"; for p in cac-a cac-b; do tail -n +2 "$DATA/train/$p/labels.csv" | sed "s#^#../$p/#"; done; } \
+        > "$DATA/train/cac/labels.csv"
+    else
+      nice "$BIN" phantom --task "$t" --seed 1 --out "$DATA/train/$t" --count "${NTRAIN[$t]}"
+    fi
   done
+}
+
+note() {
+  if [ "$1" = cac ]; then echo "biomarker-node phantom --task cac --seed 1 and --seed 2, --count 45 each (90% train / 10% val)"
+  else echo "biomarker-node phantom --task $1 --seed 1 --count ${NTRAIN[$1]} (90% train / 10% val)"; fi
 }
 
 train() {
@@ -35,7 +52,7 @@ train() {
       [ -f "$f" ] && continue
       nice -n 10 python -m biomarker_training.train --task "$t" --csv "$DATA/train/$t/labels.csv" --method "$m" \
         --device "$DEVICE" --seed 1 --epochs "$e" --size "${SIZE[$t]}" --batch-size 8 --threads "${THREADS:-2}" --out "$OUT/" \
-        --data-note "biomarker-node phantom --task $t --seed 1 --count ${NTRAIN[$t]} (90% train / 10% val)" \
+        --data-note "$(note "$t")" \
         2>&1 | grep --line-buffered -v -i warning | tee "$DATA/train-$t-$m.log"
     done
   done

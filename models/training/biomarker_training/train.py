@@ -85,6 +85,22 @@ def direct_loss(z, y, spec):
     return torch.mean(torch.abs(z - y / spec.value_scale))
 
 
+def init_bias(net, method: str, spec, train) -> None:
+    """Start from the mean answer: map bias = logit(mean truth / mean candidate value), so the first steps
+    learn where the target is instead of first switching off most candidates (liver tumour, CAC: the target
+    is a few percent of the candidates). Direct: output bias = mean normalised target."""
+    y = np.array([c.value for c in train], dtype=np.float64)
+    with torch.no_grad():
+        if method == "localization":
+            full = np.array([float(c.w.sum()) for c in train])
+            p0 = float(np.clip(y.mean() / max(full.mean(), 1e-9), 1e-3, 0.5))
+            net.head.bias.fill_(float(np.log(p0 / (1 - p0))))
+        elif spec.aggregation == "agatston":
+            net.fc.bias.fill_(float(np.log1p(y).mean()))
+        else:
+            net.fc.bias.fill_(float(y.mean() / spec.value_scale))
+
+
 def git_commit() -> str:
     try:
         return subprocess.check_output(["git", "rev-parse", "HEAD"], text=True,
@@ -142,8 +158,7 @@ def main(argv=None):
           f"(prepared in {time.time() - t0:.0f}s)", flush=True)
 
     net = nets.build(a.method, spec, widths).to(device)
-    if a.method == "localization":
-        torch.nn.init.constant_(net.head.bias, 0.0)
+    init_bias(net, a.method, spec, train)
     opt = torch.optim.AdamW(net.parameters(), lr=a.lr, weight_decay=1e-4)
     bs = max(1, a.batch_size // 8) if spec.slices == "all" else a.batch_size
     batcher = Batcher(train, spec, bs, device, skip_empty_slices=True)
