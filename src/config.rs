@@ -91,13 +91,7 @@ pub struct ModelConfig {
     pub max_concurrency: usize,
 }
 
-#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum ExecutionProvider {
-    #[default]
-    Cpu,
-    Cuda,
-}
+pub use crate::inference::ExecutionProvider;
 
 /// A C-STORE SCP results are sent to.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -10,6 +10,7 @@
 //! `pipeline` is the one place that wires the stages together; stages never
 //! create their own channels.
 
+pub mod analysis;
 pub mod biomarkers;
 pub mod config;
 pub mod dimse;

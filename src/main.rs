@@ -43,6 +43,16 @@ enum Command {
         #[arg(required = true)]
         paths: Vec<PathBuf>,
     },
+    /// Route and analyze DICOM files offline: one JSON line per (series,
+    /// route) on stdout, outputs under --out.
+    Analyze {
+        #[arg(long, default_value = "config/node.yaml")]
+        config: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
     /// Write synthetic CT phantoms with ground truth.
     Phantom(biomarker_node::phantom::PhantomArgs),
 }
@@ -80,6 +90,7 @@ fn main() -> ExitCode {
         Command::Series { config, json } => biomarker_node::pipeline::print_series(&config, json),
         Command::CheckConfig { config } => check_config(&config),
         Command::Route { config, json, paths } => route(&config, json, &paths),
+        Command::Analyze { config, out, paths } => biomarker_node::pipeline::analyze(&config, &out, &paths),
         Command::Phantom(args) => biomarker_node::phantom::run(&args),
     };
     match result {

@@ -134,3 +134,67 @@ pub fn print_series(config_path: &Path, json: bool) -> anyhow::Result<()> {
     crate::series::print_series(&path, json, &mut out)?;
     Ok(())
 }
+
+/// `biomarker-node analyze`: the same routing and analysis as `serve`, on
+/// files. Exits non-zero when there is nothing usable or a job failed.
+pub fn analyze(config_path: &Path, out: &Path, paths: &[std::path::PathBuf]) -> anyhow::Result<()> {
+    use crate::routing::{dry_run, SeriesFacts};
+    let (cfg, table) = crate::config::check_file(config_path).map_err(|diags| {
+        for d in &diags {
+            eprintln!("{d}");
+        }
+        anyhow::anyhow!("{}: {} problem(s)", config_path.display(), diags.len())
+    })?;
+    {
+        use tracing_subscriber::EnvFilter;
+        let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
+        let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    }
+    let mut notes = Vec::new();
+    let series = dry_run::collect(paths, &mut notes);
+    for n in dry_run::summarize(&notes) {
+        eprintln!("note: {n}");
+    }
+    if series.is_empty() {
+        anyhow::bail!("no usable DICOM series under the given paths");
+    }
+    let models = crate::analysis::Models::load(&cfg)?;
+    let opts = crate::volume::VolumeOptions {
+        spacing_tolerance: cfg.series.spacing_tolerance,
+        ..Default::default()
+    };
+    let mut failures = 0usize;
+    let mut jobs = 0usize;
+    for s in &series {
+        let facts = match SeriesFacts::load(&s.instances) {
+            Ok(f) => f,
+            Err(e) => {
+                eprintln!("error: series {}: {e}", s.uid);
+                failures += 1;
+                continue;
+            }
+        };
+        let files: Vec<_> = s.instances.iter().map(|(p, _)| p.clone()).collect();
+        for m in table.matches(&facts) {
+            jobs += 1;
+            match crate::analysis::run(&models, &s.uid, &m, &files, &opts) {
+                Ok(a) => {
+                    let dir = out.join(&s.uid).join(&m.route);
+                    crate::analysis::write_outputs(&a, &dir)?;
+                    println!("{}", serde_json::to_string(&a.line)?);
+                }
+                Err(e) => {
+                    eprintln!("error: series {} route {}: {e}", s.uid, m.route);
+                    failures += 1;
+                }
+            }
+        }
+    }
+    if jobs == 0 {
+        eprintln!("note: no route matched any of the {} series", series.len());
+    }
+    if failures > 0 {
+        anyhow::bail!("{failures} job(s) failed");
+    }
+    Ok(())
+}

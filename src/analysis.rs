@@ -1,0 +1,220 @@
+//! One job: a routed series through volume assembly, slice selection,
+//! inference and aggregation. Shared by `analyze` (files) and `serve`
+//! (spooled series), so both compute the same thing.
+//!
+//! Input: the series' files and a [`RouteMatch`]. Output: an [`Analysis`]
+//! whose JSON line is what `analyze` prints and what the job store keeps.
+//! Failure: an [`AnalysisError`] that says whether the input was unusable
+//! (permanent) or the environment failed (retryable).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use ndarray::{s, Array3};
+use serde::Serialize;
+
+use crate::biomarkers::{measure, Measurement, PixelGeometry};
+use crate::config::Config;
+use crate::inference::{self, InferenceError, Model, RuntimeOptions};
+use crate::routing::RouteMatch;
+use crate::volume::{SliceSelection, Volume, VolumeError, VolumeOptions};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AnalysisError {
+    #[error("volume: {0}")]
+    Volume(#[from] VolumeError),
+    #[error("inference: {0}")]
+    Inference(#[from] InferenceError),
+    #[error("model `{model}` is not loaded: {reason}")]
+    ModelUnavailable { model: String, reason: String },
+    #[error("no slice thickness or spacing to scale the Agatston score")]
+    NoThickness,
+    #[error("writing outputs: {0}")]
+    Output(String),
+}
+
+impl AnalysisError {
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            AnalysisError::Volume(e) => e.is_retryable(),
+            AnalysisError::Inference(e) => e.is_retryable(),
+            AnalysisError::Output(_) => true,
+            _ => false,
+        }
+    }
+}
+
+/// Every configured model, loaded once at start.
+pub struct Models {
+    loaded: BTreeMap<String, Arc<Model>>,
+    /// Models that failed to load and why; their jobs fail with this reason.
+    failed: BTreeMap<String, String>,
+}
+
+impl Models {
+    /// Loads ONNX Runtime and every model in `cfg.models`. A model marked
+    /// `fail_hard` that fails to load is an error; others are recorded.
+    pub fn load(cfg: &Config) -> Result<Models, InferenceError> {
+        let mut loaded = BTreeMap::new();
+        let mut failed = BTreeMap::new();
+        if cfg.models.is_empty() {
+            return Ok(Models { loaded, failed });
+        }
+        if let Err(e) = inference::init(cfg.onnxruntime.library_path().as_deref()) {
+            if cfg.models.values().any(|m| m.fail_hard) {
+                return Err(e);
+            }
+            tracing::error!(error = %e, "ONNX Runtime unavailable: every model's jobs will fail");
+            for name in cfg.models.keys() {
+                failed.insert(name.clone(), e.to_string());
+            }
+            return Ok(Models { loaded, failed });
+        }
+        for (name, m) in &cfg.models {
+            let opts = RuntimeOptions {
+                execution_provider: m.execution_provider,
+                device_id: m.device_id as i32,
+                fail_hard: m.fail_hard,
+                max_concurrency: m.max_concurrency,
+                intra_threads: 0,
+            };
+            match Model::load(&m.card, &opts) {
+                Ok(model) => {
+                    loaded.insert(name.clone(), Arc::new(model));
+                }
+                Err(e) if m.fail_hard => return Err(e),
+                Err(e) => {
+                    tracing::error!(model = %name, error = %e, "model failed to load; its jobs will fail");
+                    failed.insert(name.clone(), e.to_string());
+                }
+            }
+        }
+        Ok(Models { loaded, failed })
+    }
+
+    pub fn get(&self, name: &str) -> Result<&Arc<Model>, AnalysisError> {
+        self.loaded.get(name).ok_or_else(|| AnalysisError::ModelUnavailable {
+            model: name.to_owned(),
+            reason: self.failed.get(name).cloned().unwrap_or_else(|| "not configured".into()),
+        })
+    }
+
+    /// The version a job for `model` would run, for job identity.
+    pub fn version(&self, name: &str) -> String {
+        self.loaded.get(name).map(|m| m.card.version.clone()).unwrap_or_else(|| "unavailable".into())
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &Arc<Model>)> {
+        self.loaded.iter()
+    }
+}
+
+/// What one job produced.
+pub struct Analysis {
+    pub line: ResultLine,
+    pub measurement: Measurement,
+    /// HU of the slices the model saw, `[S,R,C]`.
+    pub hu: Array3<f32>,
+    /// Source file and SOP Instance UID of each of those slices.
+    pub slices: Vec<(PathBuf, String)>,
+}
+
+/// The JSON line `analyze` prints, one per (series, route).
+#[derive(Debug, Clone, Serialize)]
+pub struct ResultLine {
+    pub series_instance_uid: String,
+    pub route: String,
+    pub model: String,
+    pub model_version: String,
+    pub biomarker: String,
+    pub value: f64,
+    pub unit: String,
+    pub execution_provider: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub risk_category: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lesions: Option<usize>,
+    pub slices: usize,
+    pub elapsed_ms: f64,
+}
+
+/// Run one routed job on a series' files. Blocking.
+pub fn run(
+    models: &Models,
+    series_uid: &str,
+    m: &RouteMatch,
+    files: &[PathBuf],
+    volume_opts: &VolumeOptions,
+) -> Result<Analysis, AnalysisError> {
+    let t0 = Instant::now();
+    let model = models.get(&m.model)?;
+    let card = &model.card;
+    let vol = Volume::from_files_with(files, volume_opts)?;
+    let (hu, idx): (Array3<f32>, Vec<usize>) = if card.input.slices == "single" {
+        let sel = m.slices.clone().unwrap_or(if vol.slices() == 1 {
+            SliceSelection::Single
+        } else {
+            SliceSelection::Middle
+        });
+        let i = vol.select(&sel)?;
+        (vol.hu.slice(s![i..i + 1, .., ..]).to_owned(), vec![i])
+    } else {
+        (vol.hu.clone(), (0..vol.slices()).collect())
+    };
+    let thickness = vol.slice_thickness.or(vol.spacing_mm);
+    if card.is_agatston() && thickness.is_none() {
+        return Err(AnalysisError::NoThickness);
+    }
+    let geom = PixelGeometry {
+        pixel_spacing: vol.pixel_spacing,
+        slice_thickness_mm: thickness.unwrap_or(1.0),
+    };
+    let measurement = measure(model, hu.view(), geom)?;
+    let line = ResultLine {
+        series_instance_uid: series_uid.to_owned(),
+        route: m.route.clone(),
+        model: m.model.clone(),
+        model_version: card.version.clone(),
+        biomarker: card.task.clone(),
+        value: measurement.value,
+        unit: measurement.unit.clone(),
+        execution_provider: measurement.execution_provider.to_owned(),
+        risk_category: measurement.risk_category.map(|r| r.as_str().to_owned()),
+        lesions: card.is_agatston().then(|| measurement.lesions.iter().filter(|l| l.counted).count()),
+        slices: idx.len(),
+        elapsed_ms: t0.elapsed().as_secs_f64() * 1000.0,
+    };
+    let slices = idx
+        .iter()
+        .map(|&i| (vol.source_paths[i].clone(), vol.sop_instance_uids[i].clone()))
+        .collect();
+    Ok(Analysis {
+        line,
+        measurement,
+        hu,
+        slices,
+    })
+}
+
+/// Write a job's outputs under `dir`: result.json, map.npy (f32) and
+/// candidates.npy (u8), all `[S,R,C]`.
+pub fn write_outputs(a: &Analysis, dir: &Path) -> Result<(), AnalysisError> {
+    let out = |e: &dyn std::fmt::Display| AnalysisError::Output(format!("{}: {e}", dir.display()));
+    std::fs::create_dir_all(dir).map_err(|e| out(&e))?;
+    let json = serde_json::json!({
+        "result": a.line,
+        "measurement": a.measurement,
+        "source_instances": a.slices.iter().map(|(_, uid)| uid).collect::<Vec<_>>(),
+    });
+    std::fs::write(dir.join("result.json"), serde_json::to_vec_pretty(&json).map_err(|e| out(&e))?)
+        .map_err(|e| out(&e))?;
+    let m = &a.measurement;
+    if !m.map.is_empty() {
+        crate::npy::write(&dir.join("map.npy"), m.map.shape(), m.map.iter().copied()).map_err(|e| out(&e))?;
+        crate::npy::write(&dir.join("candidates.npy"), m.candidates.shape(), m.candidates.iter().map(|&c| c as u8))
+            .map_err(|e| out(&e))?;
+    }
+    Ok(())
+}
