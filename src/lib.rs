@@ -22,3 +22,4 @@ pub mod phantom;
 pub mod pipeline;
 pub mod series;
 pub mod spool;
+pub mod outbox;
