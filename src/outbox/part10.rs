@@ -133,7 +133,7 @@ pub(crate) mod tests {
             DataElement::new(tags::BITS_STORED, VR::US, dicom_value!(U16, [8])),
             DataElement::new(tags::HIGH_BIT, VR::US, dicom_value!(U16, [7])),
             DataElement::new(tags::PIXEL_REPRESENTATION, VR::US, dicom_value!(U16, [0])),
-            DataElement::new(tags::PIXEL_DATA, VR::OB, dicom_value!(U8, pixels.clone())),
+            DataElement::new(tags::PIXEL_DATA, VR::OB, dicom_core::PrimitiveValue::U8(pixels.clone().into())),
         ]);
         let file = obj
             .with_meta(FileMetaTableBuilder::new().transfer_syntax(EXPLICIT_VR_LE))
