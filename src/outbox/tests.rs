@@ -66,8 +66,14 @@ fn wait_listening(port: u16) {
 
 /// storescp with a small max PDU, so our datasets are split into PDVs.
 fn storescp(port: u16, dir: &Path) -> Scp {
+    storescp_with(port, dir, &[])
+}
+
+fn storescp_with(port: u16, dir: &Path, extra: &[&str]) -> Scp {
     let child = Command::new(STORESCP)
-        .args(["-aet", "PACS", "--max-pdu", "4096", "-od"])
+        .args(["-aet", "PACS", "--max-pdu", "4096"])
+        .args(extra)
+        .arg("-od")
         .arg(dir)
         .arg(port.to_string())
         .env("TCP_NODELAY", "1")
@@ -320,9 +326,19 @@ async fn rejected_context_kills_only_that_sop_class() {
     // Both go on one association: CT is accepted, Secondary Capture is not.
     let (pc, cc, sc, _) = fx.result(CT_IMAGE, "1.2.826.0.1.3680043.10.9.6", 8);
     let (ps, cs, ss, _) = fx.result(SECONDARY_CAPTURE, "1.2.826.0.1.3680043.10.9.7", 8);
+    // Enqueued before the worker starts, so its first claim takes both.
+    let enqueue = |path: PathBuf, class: Uid, sop: Uid| {
+        let item = NewItem {
+            destination: "pacs".into(),
+            path,
+            sop_class_uid: class,
+            sop_instance_uid: sop,
+        };
+        fx.store.enqueue(&item, SystemTime::now()).unwrap().id()
+    };
+    let ct = enqueue(pc, cc, sc);
+    let sec = enqueue(ps, cs, ss);
     let (h, worker) = fx.spawn("REFUSER", port, fast_cfg());
-    let ct = h.enqueue("pacs", &pc, &cc, &sc).unwrap().id();
-    let sec = h.enqueue("pacs", &ps, &cs, &ss).unwrap().id();
 
     wait_until(&h, ct, "CT delivered", |i| i.state == ItemState::Delivered).await;
     let it = wait_until(&h, sec, "SC dead", |i| i.state == ItemState::Dead).await;
@@ -347,6 +363,45 @@ async fn a_file_that_does_not_match_its_item_is_never_sent() {
     assert!(it.last_error.unwrap_or_default().contains("file meta"));
     let it = wait_until(&h, missing, "dead letter", |i| i.state == ItemState::Dead).await;
     assert!(it.last_error.unwrap_or_default().contains("cannot read"));
+    fx.stop(worker).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transcodes_for_a_peer_that_accepts_only_implicit_vr() {
+    if !have_storescp() {
+        return;
+    }
+    let fx = Fixture::new();
+    let port = free_port();
+    let _scp = storescp_with(port, &fx.received(), &["+xi"]);
+    let (h, worker) = fx.spawn("PACS", port, fast_cfg());
+    let (p, class, sop, pixels) = fx.result(SECONDARY_CAPTURE, "1.2.826.0.1.3680043.10.9.10", 64);
+    let id = h.enqueue("pacs", &p, &class, &sop).unwrap().id();
+    wait_until(&h, id, "delivery", |i| i.state == ItemState::Delivered).await;
+    fx.stop(worker).await;
+    let files = files_in(&fx.received());
+    assert_eq!(files.len(), 1);
+    let obj = dicom_object::open_file(&files[0]).unwrap();
+    assert_eq!(obj.meta().transfer_syntax(), part10::IMPLICIT_VR_LE);
+    let got = obj.element(dicom_dictionary_std::tags::PIXEL_DATA).unwrap().to_bytes().unwrap();
+    assert_eq!(&got[..], &pixels[..]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn association_rejected_permanently_is_a_dead_letter() {
+    if !have_storescp() {
+        return;
+    }
+    let fx = Fixture::new();
+    let port = free_port();
+    let _scp = storescp_with(port, &fx.received(), &["--refuse"]);
+    let (h, worker) = fx.spawn("PACS", port, fast_cfg());
+    let (p, class, sop, _) = fx.result(SECONDARY_CAPTURE, "1.2.826.0.1.3680043.10.9.11", 8);
+    let id = h.enqueue("pacs", &p, &class, &sop).unwrap().id();
+    let it = wait_until(&h, id, "dead letter", |i| i.state == ItemState::Dead).await;
+    assert_eq!(it.attempts, 1);
+    let err = it.last_error.unwrap_or_default();
+    assert!(err.contains("association rejected (permanent)"), "{err}");
     fx.stop(worker).await;
 }
 
