@@ -44,6 +44,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 pub use cli::print_outbox;
 pub use policy::Fault;
@@ -420,7 +421,14 @@ async fn run_batch(ctx: &BatchContext, destination: &str, items: Vec<OutboxItem>
         dimse_timeout: ctx.cfg.dimse_timeout(),
     };
     let mut record = |it: &OutboxItem, outcome: Outcome| apply(ctx, destination, &dest.ae_title, it, outcome);
-    scu::send_batch(&peer, &items, cancel, &mut record).await;
+    let span = tracing::info_span!(
+        "outbox_association",
+        destination,
+        called_ae = %dest.ae_title,
+        calling_ae = %ctx.calling_ae,
+        items = items.len()
+    );
+    scu::send_batch(&peer, &items, cancel, &mut record).instrument(span).await;
 }
 
 /// Write one item's outcome to the store and emit its event. A store error

@@ -84,6 +84,9 @@ pub enum LinkError {
     DimseTimeout(Duration),
     #[error("network: {0}")]
     Network(String),
+    /// dicom-ul's per-read/per-write timeout (our DIMSE timeout).
+    #[error("timed out waiting for the peer: {0}")]
+    Timeout(String),
     #[error("protocol: {0}")]
     Protocol(String),
     #[error("local: {0}")]
@@ -144,9 +147,8 @@ fn ul_error(e: dicom_ul::association::Error) -> LinkError {
         E::NoAcceptedPresentationContexts { .. } => LinkError::NoContexts,
         E::Aborted { .. } => LinkError::Aborted("A-ABORT".into()),
         e @ (E::Connect { .. } | E::ToAddress { .. }) => LinkError::Associate(chain(&e)),
-        e @ (E::Timeout { .. } | E::WireRead { .. } | E::WireSend { .. } | E::ConnectionClosed { .. }) => {
-            LinkError::Network(chain(&e))
-        }
+        e @ E::Timeout { .. } => LinkError::Timeout(chain(&e)),
+        e @ (E::WireRead { .. } | E::WireSend { .. } | E::ConnectionClosed { .. }) => LinkError::Network(chain(&e)),
         e => LinkError::Protocol(chain(&e)),
     }
 }

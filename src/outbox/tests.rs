@@ -405,6 +405,50 @@ async fn association_rejected_permanently_is_a_dead_letter() {
     fx.stop(worker).await;
 }
 
+/// Accepts TCP (the kernel completes the handshake from the backlog) but
+/// never answers the A-ASSOCIATE-RQ.
+fn silent_peer() -> (TcpListener, u16) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    (l, port)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_peer_times_out_and_is_retried() {
+    let fx = Fixture::new();
+    let (_l, port) = silent_peer();
+    let cfg = OutboxConfig {
+        dimse_timeout_s: 0.3,
+        retry_base_s: 30.0,
+        retry_cap_s: 30.0,
+        ..fast_cfg()
+    };
+    let (h, worker) = fx.spawn("PACS", port, cfg);
+    let (p, class, sop, _) = fx.result(SECONDARY_CAPTURE, "1.2.826.0.1.3680043.10.9.12", 8);
+    let id = h.enqueue("pacs", &p, &class, &sop).unwrap().id();
+    let it = wait_until(&h, id, "retry scheduled", |i| i.state == ItemState::Pending && i.attempts == 1).await;
+    let err = it.last_error.unwrap_or_default();
+    assert!(err.contains("timed out"), "{err}");
+    let wait = it.next_attempt_at.duration_since(SystemTime::now()).unwrap_or_default();
+    assert!(wait > Duration::from_secs(25), "base delay applies: {wait:?}");
+    fx.stop(worker).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_mid_association_gives_the_attempt_back() {
+    let fx = Fixture::new();
+    let (_l, port) = silent_peer();
+    let (h, worker) = fx.spawn("PACS", port, fast_cfg()); // 5 s DIMSE timeout
+    let (p, class, sop, _) = fx.result(SECONDARY_CAPTURE, "1.2.826.0.1.3680043.10.9.13", 8);
+    let id = h.enqueue("pacs", &p, &class, &sop).unwrap().id();
+    wait_until(&h, id, "sending", |i| i.state == ItemState::Sending).await;
+    let t0 = Instant::now();
+    fx.stop(worker).await;
+    assert!(t0.elapsed() < Duration::from_secs(2), "did not wait for the peer");
+    let it = h.get(id).unwrap().unwrap();
+    assert_eq!((it.state, it.attempts), (ItemState::Pending, 0));
+}
+
 #[test]
 fn config_defaults_and_validation() {
     let c: OutboxConfig = serde_yaml::from_str("{}").unwrap();
