@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use dicom_ul::association::client::ClientAssociationOptions;
 use dicom_ul::association::AsyncClientAssociation;
-use dicom_ul::pdu::{AssociationRJResult, PDataValue, PDataValueType, PresentationContextNegotiated};
+use dicom_ul::pdu::{AbortRQSource, AssociationRJResult, PDataValue, PDataValueType, PresentationContextNegotiated};
 use dicom_ul::Pdu;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncSeekExt};
 use tokio::net::TcpStream;
@@ -359,7 +359,13 @@ pub async fn send_batch(
         }
     }
     if broken.is_some() {
-        let _ = tokio::time::timeout(peer.dimse_timeout, assoc.abort()).await;
+        // We are the service user: A-ABORT source 0 (PS3.8 9.3.8). dicom-ul's
+        // `abort()` sends source "service provider", which is the UL's own.
+        let abort = Pdu::AbortRQ {
+            source: AbortRQSource::ServiceUser,
+        };
+        let _ = tokio::time::timeout(peer.dimse_timeout, assoc.send(&abort)).await;
+        // Dropping the association closes the socket.
     } else {
         match tokio::time::timeout(peer.dimse_timeout, assoc.release()).await {
             Ok(Ok(())) => {}
