@@ -409,9 +409,11 @@ async fn store_one(
             send_fragments(assoc, pc.id, PDataValueType::Data, &bytes[..], len, max_pdv).await?;
         }
     }
-    let rsp = tokio::time::timeout(dimse_timeout, read_command(assoc))
-        .await
-        .map_err(|_| LinkError::DimseTimeout(dimse_timeout))??;
+    // dicom-ul's read timeout (the same value) usually fires first.
+    let rsp = match tokio::time::timeout(dimse_timeout, read_command(assoc)).await {
+        Err(_) | Ok(Err(LinkError::Timeout(_))) => return Err(LinkError::DimseTimeout(dimse_timeout)),
+        Ok(r) => r?,
+    };
     if rsp.field() != CommandField::CStoreRsp {
         return Err(LinkError::Protocol(format!(
             "expected a C-STORE-RSP, got command field 0x{:04X}",

@@ -405,6 +405,41 @@ async fn association_rejected_permanently_is_a_dead_letter() {
     fx.stop(worker).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dimse_timeout_aborts_and_retries_the_rest_of_the_batch() {
+    if !have_pynetdicom() {
+        return;
+    }
+    let fx = Fixture::new();
+    let port = free_port();
+    let _scp = refusing_scp(port, "slow");
+    let mut ids = Vec::new();
+    for sop in ["1.2.826.0.1.3680043.10.9.14", "1.2.826.0.1.3680043.10.9.15"] {
+        let (path, class, sop, _) = fx.result(SECONDARY_CAPTURE, sop, 8);
+        let item = NewItem {
+            destination: "pacs".into(),
+            path,
+            sop_class_uid: class,
+            sop_instance_uid: sop,
+        };
+        ids.push(fx.store.enqueue(&item, SystemTime::now()).unwrap().id());
+    }
+    let cfg = OutboxConfig {
+        dimse_timeout_s: 0.5,
+        retry_base_s: 30.0,
+        retry_cap_s: 30.0,
+        ..fast_cfg()
+    };
+    let (h, worker) = fx.spawn("REFUSER", port, cfg);
+    let first = wait_until(&h, ids[0], "retry", |i| i.state == ItemState::Pending && i.attempts == 1).await;
+    let second = wait_until(&h, ids[1], "retry", |i| i.state == ItemState::Pending && i.attempts == 1).await;
+    let e1 = first.last_error.unwrap_or_default();
+    let e2 = second.last_error.unwrap_or_default();
+    assert!(e1.contains("no C-STORE-RSP"), "{e1}");
+    assert!(e2.starts_with("not sent, association lost"), "{e2}");
+    fx.stop(worker).await;
+}
+
 /// Accepts TCP (the kernel completes the handshake from the backlog) but
 /// never answers the A-ASSOCIATE-RQ.
 fn silent_peer() -> (TcpListener, u16) {

@@ -5,8 +5,11 @@ usage: refusing_scp.py PORT MODE
            (dataset does not match SOP class): a permanent refusal
   context  accepts only CT Image Storage (answers success, stores nothing), so
            the presentation context of any other SOP class is rejected
+  slow     accepts every storage SOP class and takes 5 s to answer (success):
+           longer than the tests' DIMSE timeout
 """
 import sys
+import time
 
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import CTImageStorage
@@ -19,11 +22,16 @@ if mode == "status":
 elif mode == "context":
     ae.add_supported_context(CTImageStorage)
     status = 0x0000
+elif mode == "slow":
+    ae.supported_contexts = AllStoragePresentationContexts
+    status = 0x0000
 else:
     sys.exit(f"unknown mode {mode}")
 
 
 def on_store(event):
+    if mode == "slow":
+        time.sleep(5)
     return status
 
 
