@@ -30,7 +30,11 @@ pub fn print_outbox(db_path: &Path, json: bool, out: &mut dyn Write) -> Result<(
             _ => "-".into(),
         };
         // One line per item: a multi-line reason would break `grep`.
-        let err = it.last_error.as_deref().unwrap_or("-").replace(['\n', '\r'], " ");
+        let err = it
+            .last_error
+            .as_deref()
+            .unwrap_or("-")
+            .replace(['\n', '\r'], " ");
         writeln!(
             out,
             "{:>6}  {:<9}  {:>8}  {:<16}  {:<64}  {:<25}  {}",
@@ -65,7 +69,8 @@ mod tests {
             .unwrap();
         }
         let c = s.claim_due(SystemTime::now(), &[], 1).unwrap();
-        s.mark_dead(c[0].id, "C-STORE status 0xA900\nsecond line").unwrap();
+        s.mark_dead(c[0].id, "C-STORE status 0xA900\nsecond line")
+            .unwrap();
 
         let mut buf = Vec::new();
         print_outbox(&p, true, &mut buf).unwrap();
@@ -85,6 +90,9 @@ mod tests {
         print_outbox(&p, false, &mut buf).unwrap();
         let text = String::from_utf8(buf).unwrap();
         assert_eq!(text.lines().count(), 3, "{text}");
-        assert!(text.contains("dead") && text.contains("0xA900 second line"), "{text}");
+        assert!(
+            text.contains("dead") && text.contains("0xA900 second line"),
+            "{text}"
+        );
     }
 }

@@ -73,9 +73,9 @@ impl OutboxError {
     pub fn fault(&self) -> Fault {
         match self {
             OutboxError::Sqlite(_) | OutboxError::Io(_) => Fault::Transient,
-            OutboxError::Corrupt { .. } | OutboxError::UnknownDestination(_) | OutboxError::NonUtf8Path(_) => {
-                Fault::Permanent
-            }
+            OutboxError::Corrupt { .. }
+            | OutboxError::UnknownDestination(_)
+            | OutboxError::NonUtf8Path(_) => Fault::Permanent,
         }
     }
 }
@@ -296,7 +296,10 @@ impl Outbox {
     ) -> Result<(OutboxHandle, JoinHandle<()>), OutboxError> {
         let requeued = store.requeue_interrupted(SystemTime::now())?;
         if requeued > 0 {
-            tracing::warn!(requeued, "outbox: items interrupted while sending are due again");
+            tracing::warn!(
+                requeued,
+                "outbox: items interrupted while sending are due again"
+            );
         }
         let destinations = Arc::new(destinations);
         let wake = Arc::new(Notify::new());
@@ -340,7 +343,12 @@ impl Worker {
         // Destination of each running batch, so it is not claimed twice.
         let mut in_flight: HashMap<tokio::task::Id, String> = HashMap::new();
         loop {
-            let busy: Vec<String> = in_flight.values().cloned().collect::<HashSet<_>>().into_iter().collect();
+            let busy: Vec<String> = in_flight
+                .values()
+                .cloned()
+                .collect::<HashSet<_>>()
+                .into_iter()
+                .collect();
             let now = SystemTime::now();
             let wait = match self.ctx.store.claim_due(now, &busy, CLAIM_LIMIT) {
                 Ok(items) => {
@@ -348,12 +356,15 @@ impl Worker {
                         let ctx = self.ctx.clone();
                         let cancel = self.shutdown.clone();
                         let dest = destination.clone();
-                        let h = batches.spawn(async move { run_batch(&ctx, &dest, items, &cancel).await });
+                        let h = batches
+                            .spawn(async move { run_batch(&ctx, &dest, items, &cancel).await });
                         in_flight.insert(h.id(), destination);
                     }
                     let busy: Vec<String> = in_flight.values().cloned().collect();
                     match self.ctx.store.next_due(&busy) {
-                        Ok(Some(t)) => t.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO),
+                        Ok(Some(t)) => t
+                            .duration_since(SystemTime::now())
+                            .unwrap_or(Duration::ZERO),
                         Ok(None) => IDLE_POLL,
                         Err(e) => {
                             tracing::error!(error = %e, "outbox: cannot read the next due time");
@@ -400,16 +411,27 @@ fn group_by_destination(items: Vec<OutboxItem>) -> Vec<(String, Vec<OutboxItem>)
     out
 }
 
-async fn run_batch(ctx: &BatchContext, destination: &str, items: Vec<OutboxItem>, cancel: &CancellationToken) {
+async fn run_batch(
+    ctx: &BatchContext,
+    destination: &str,
+    items: Vec<OutboxItem>,
+    cancel: &CancellationToken,
+) {
     let Some(dest) = ctx.destinations.get(destination) else {
         // Removed from config since it was enqueued; `retry` after fixing it.
         for it in &items {
             let reason = format!("destination `{destination}` is not configured");
-            apply(ctx, destination, "", it, Outcome::Failed {
-                fault: Fault::Permanent,
-                status: None,
-                reason,
-            });
+            apply(
+                ctx,
+                destination,
+                "",
+                it,
+                Outcome::Failed {
+                    fault: Fault::Permanent,
+                    status: None,
+                    reason,
+                },
+            );
         }
         return;
     };
@@ -420,7 +442,8 @@ async fn run_batch(ctx: &BatchContext, destination: &str, items: Vec<OutboxItem>
         connect_timeout: ctx.cfg.connect_timeout(),
         dimse_timeout: ctx.cfg.dimse_timeout(),
     };
-    let mut record = |it: &OutboxItem, outcome: Outcome| apply(ctx, destination, &dest.ae_title, it, outcome);
+    let mut record =
+        |it: &OutboxItem, outcome: Outcome| apply(ctx, destination, &dest.ae_title, it, outcome);
     let span = tracing::info_span!(
         "outbox_association",
         destination,
@@ -428,12 +451,20 @@ async fn run_batch(ctx: &BatchContext, destination: &str, items: Vec<OutboxItem>
         calling_ae = %ctx.calling_ae,
         items = items.len()
     );
-    scu::send_batch(&peer, &items, cancel, &mut record).instrument(span).await;
+    scu::send_batch(&peer, &items, cancel, &mut record)
+        .instrument(span)
+        .await;
 }
 
 /// Write one item's outcome to the store and emit its event. A store error
 /// leaves the item `sending`; the next start-up requeues it.
-fn apply(ctx: &BatchContext, destination: &str, called_ae: &str, it: &OutboxItem, outcome: Outcome) {
+fn apply(
+    ctx: &BatchContext,
+    destination: &str,
+    called_ae: &str,
+    it: &OutboxItem,
+    outcome: Outcome,
+) {
     let now = SystemTime::now();
     let event = |status: Option<u16>, disposition: Disposition, reason: Option<&str>| {
         Delivery {

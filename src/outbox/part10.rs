@@ -97,7 +97,8 @@ pub fn transcode(path: &Path, ts: &str) -> Result<Vec<u8>, String> {
     let ts = dicom_transfer_syntax_registry::TransferSyntaxRegistry
         .get(ts)
         .ok_or_else(|| format!("transfer syntax {ts} unknown"))?;
-    let obj = dicom_object::open_file(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let obj = dicom_object::open_file(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let mut out = Vec::new();
     obj.write_dataset_with_ts(&mut out, ts)
         .map_err(|e| format!("cannot encode {} in {}: {e}", path.display(), ts.uid()))?;
@@ -117,12 +118,18 @@ pub(crate) mod tests {
 
     /// A small Part-10 image in explicit VR LE with `side`×`side` 8-bit pixels.
     pub fn write_image(path: &Path, sop_class: &str, sop_instance: &str, side: u16) -> Vec<u8> {
-        let pixels: Vec<u8> = (0..usize::from(side) * usize::from(side)).map(|i| (i % 251) as u8).collect();
+        let pixels: Vec<u8> = (0..usize::from(side) * usize::from(side))
+            .map(|i| (i % 251) as u8)
+            .collect();
         let obj = InMemDicomObject::from_element_iter([
             DataElement::new(tags::SOP_CLASS_UID, VR::UI, sop_class),
             DataElement::new(tags::SOP_INSTANCE_UID, VR::UI, sop_instance),
             DataElement::new(tags::STUDY_INSTANCE_UID, VR::UI, "1.2.826.0.1.3680043.10.1"),
-            DataElement::new(tags::SERIES_INSTANCE_UID, VR::UI, "1.2.826.0.1.3680043.10.2"),
+            DataElement::new(
+                tags::SERIES_INSTANCE_UID,
+                VR::UI,
+                "1.2.826.0.1.3680043.10.2",
+            ),
             DataElement::new(tags::MODALITY, VR::CS, "OT"),
             DataElement::new(tags::CONVERSION_TYPE, VR::CS, "WSD"),
             DataElement::new(tags::SAMPLES_PER_PIXEL, VR::US, dicom_value!(U16, [1])),
@@ -133,7 +140,11 @@ pub(crate) mod tests {
             DataElement::new(tags::BITS_STORED, VR::US, dicom_value!(U16, [8])),
             DataElement::new(tags::HIGH_BIT, VR::US, dicom_value!(U16, [7])),
             DataElement::new(tags::PIXEL_REPRESENTATION, VR::US, dicom_value!(U16, [0])),
-            DataElement::new(tags::PIXEL_DATA, VR::OB, dicom_core::PrimitiveValue::U8(pixels.clone().into())),
+            DataElement::new(
+                tags::PIXEL_DATA,
+                VR::OB,
+                dicom_core::PrimitiveValue::U8(pixels.clone().into()),
+            ),
         ]);
         let file = obj
             .with_meta(FileMetaTableBuilder::new().transfer_syntax(EXPLICIT_VR_LE))
@@ -164,7 +175,10 @@ pub(crate) mod tests {
         let p = d.path().join("junk");
         std::fs::write(&p, b"hello").unwrap();
         assert!(matches!(inspect(&p), Err(Part10Error::NotPart10 { .. })));
-        assert!(matches!(inspect(&d.path().join("gone")), Err(Part10Error::Io { .. })));
+        assert!(matches!(
+            inspect(&d.path().join("gone")),
+            Err(Part10Error::Io { .. })
+        ));
     }
 
     #[test]
@@ -175,6 +189,9 @@ pub(crate) mod tests {
         let ds = transcode(&p, IMPLICIT_VR_LE).unwrap();
         // implicit: tag then a 4-byte length, no VR
         assert_eq!(&ds[..4], &[0x08, 0x00, 0x16, 0x00]);
-        assert_eq!(u32::from_le_bytes([ds[4], ds[5], ds[6], ds[7]]) as usize, SECONDARY_CAPTURE.len() + 1);
+        assert_eq!(
+            u32::from_le_bytes([ds[4], ds[5], ds[6], ds[7]]) as usize,
+            SECONDARY_CAPTURE.len() + 1
+        );
     }
 }

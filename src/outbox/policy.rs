@@ -81,7 +81,9 @@ mod tests {
     #[test]
     fn backoff_doubles_from_base_up_to_cap() {
         let s = Duration::from_secs;
-        let sched: Vec<_> = (1..=10).map(|n| backoff(n, s(2), s(300)).as_secs()).collect();
+        let sched: Vec<_> = (1..=10)
+            .map(|n| backoff(n, s(2), s(300)).as_secs())
+            .collect();
         assert_eq!(sched, [2, 4, 8, 16, 32, 64, 128, 256, 300, 300]);
         // no overflow at absurd attempt counts
         assert_eq!(backoff(u32::MAX, s(2), s(300)), s(300));
@@ -91,9 +93,18 @@ mod tests {
     #[test]
     fn dead_letter_after_max_attempts() {
         let s = Duration::from_secs;
-        assert_eq!(after_transient_failure(1, 3, s(2), s(60)), AfterFailure::RetryIn(s(2)));
-        assert_eq!(after_transient_failure(2, 3, s(2), s(60)), AfterFailure::RetryIn(s(4)));
-        assert_eq!(after_transient_failure(3, 3, s(2), s(60)), AfterFailure::DeadLetter);
+        assert_eq!(
+            after_transient_failure(1, 3, s(2), s(60)),
+            AfterFailure::RetryIn(s(2))
+        );
+        assert_eq!(
+            after_transient_failure(2, 3, s(2), s(60)),
+            AfterFailure::RetryIn(s(4))
+        );
+        assert_eq!(
+            after_transient_failure(3, 3, s(2), s(60)),
+            AfterFailure::DeadLetter
+        );
     }
 
     #[test]

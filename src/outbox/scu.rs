@@ -17,7 +17,9 @@ use std::time::Duration;
 
 use dicom_ul::association::client::ClientAssociationOptions;
 use dicom_ul::association::AsyncClientAssociation;
-use dicom_ul::pdu::{AbortRQSource, AssociationRJResult, PDataValue, PDataValueType, PresentationContextNegotiated};
+use dicom_ul::pdu::{
+    AbortRQSource, AssociationRJResult, PDataValue, PDataValueType, PresentationContextNegotiated,
+};
 use dicom_ul::Pdu;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncSeekExt};
 use tokio::net::TcpStream;
@@ -46,7 +48,10 @@ const MAX_COMMAND: usize = 64 * 1024;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     /// Success or warning: the peer kept the instance.
-    Stored { status: u16, comment: Option<String> },
+    Stored {
+        status: u16,
+        comment: Option<String>,
+    },
     Failed {
         fault: Fault,
         status: Option<u16>,
@@ -71,7 +76,11 @@ impl Outcome {
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
     #[error("association rejected ({result}): {reason}")]
-    Rejected { result: &'static str, permanent: bool, reason: String },
+    Rejected {
+        result: &'static str,
+        permanent: bool,
+        reason: String,
+    },
     #[error("peer accepted none of the proposed presentation contexts")]
     NoContexts,
     #[error("cannot associate: {0}")]
@@ -100,7 +109,10 @@ impl LinkError {
     /// considered answer; the rest is the link or the peer's state.
     pub fn fault(&self) -> Fault {
         match self {
-            LinkError::Rejected { permanent: true, .. } | LinkError::NoContexts => Fault::Permanent,
+            LinkError::Rejected {
+                permanent: true, ..
+            }
+            | LinkError::NoContexts => Fault::Permanent,
             _ => Fault::Transient,
         }
     }
@@ -148,7 +160,9 @@ fn ul_error(e: dicom_ul::association::Error) -> LinkError {
         E::Aborted { .. } => LinkError::Aborted("A-ABORT".into()),
         e @ (E::Connect { .. } | E::ToAddress { .. }) => LinkError::Associate(chain(&e)),
         e @ E::Timeout { .. } => LinkError::Timeout(chain(&e)),
-        e @ (E::WireRead { .. } | E::WireSend { .. } | E::ConnectionClosed { .. }) => LinkError::Network(chain(&e)),
+        e @ (E::WireRead { .. } | E::WireSend { .. } | E::ConnectionClosed { .. }) => {
+            LinkError::Network(chain(&e))
+        }
         e => LinkError::Protocol(chain(&e)),
     }
 }
@@ -180,13 +194,18 @@ pub fn plan(file_ts: &str, accepted_ts: &str) -> Result<Plan, String> {
 /// then any other syntax a file of that class is in, so such a file can
 /// still go as it is. At most 128 classes; the caller leaves the rest for
 /// the next association.
-pub fn proposed_contexts<'a>(files: impl IntoIterator<Item = &'a Part10Info>) -> Vec<(String, Vec<String>)> {
+pub fn proposed_contexts<'a>(
+    files: impl IntoIterator<Item = &'a Part10Info>,
+) -> Vec<(String, Vec<String>)> {
     let mut out: Vec<(String, Vec<String>)> = Vec::new();
     for f in files {
         let i = match out.iter().position(|(c, _)| *c == f.sop_class_uid) {
             Some(i) => i,
             None if out.len() < MAX_CONTEXTS => {
-                out.push((f.sop_class_uid.clone(), vec![EXPLICIT_VR_LE.into(), IMPLICIT_VR_LE.into()]));
+                out.push((
+                    f.sop_class_uid.clone(),
+                    vec![EXPLICIT_VR_LE.into(), IMPLICIT_VR_LE.into()],
+                ));
                 out.len() - 1
             }
             None => continue,
@@ -283,7 +302,11 @@ pub async fn send_batch(
             return;
         }
     };
-    let max_pdv = (assoc.acceptor_max_pdu_length().min(SEND_CAP).saturating_sub(PDV_HEADER)).max(1) as usize;
+    let max_pdv = (assoc
+        .acceptor_max_pdu_length()
+        .min(SEND_CAP)
+        .saturating_sub(PDV_HEADER))
+    .max(1) as usize;
     let mut message_id: u16 = 0;
     let mut broken: Option<LinkError> = None;
     for (it, info) in &ready {
@@ -303,7 +326,10 @@ pub async fn send_batch(
             .cloned()
         else {
             let reason = if contexts.iter().any(|(c, _)| *c == info.sop_class_uid) {
-                format!("peer rejected the presentation context for SOP class {}", info.sop_class_uid)
+                format!(
+                    "peer rejected the presentation context for SOP class {}",
+                    info.sop_class_uid
+                )
             } else {
                 // Over 128 SOP classes in one batch: the next one takes it.
                 record(it, Outcome::NotAttempted);
@@ -370,14 +396,20 @@ pub async fn send_batch(
         match tokio::time::timeout(peer.dimse_timeout, assoc.release()).await {
             Ok(Ok(())) => {}
             // Every item already has its answer; a sloppy release changes nothing.
-            Ok(Err(e)) => tracing::debug!(destination = peer.destination, error = %chain(&e), "A-RELEASE failed"),
+            Ok(Err(e)) => {
+                tracing::debug!(destination = peer.destination, error = %chain(&e), "A-RELEASE failed")
+            }
             Err(_) => tracing::debug!(destination = peer.destination, "A-RELEASE timed out"),
         }
     }
 }
 
 enum Payload {
-    File { path: PathBuf, offset: u64, len: u64 },
+    File {
+        path: PathBuf,
+        offset: u64,
+        len: u64,
+    },
     Memory(Vec<u8>),
 }
 
@@ -393,7 +425,15 @@ async fn store_one(
 ) -> Result<Outcome, LinkError> {
     let command = dimse::encode_c_store_rq(message_id, &item.sop_class_uid, &item.sop_instance_uid);
     let len = command.len() as u64;
-    send_fragments(assoc, pc.id, PDataValueType::Command, &command[..], len, max_pdv).await?;
+    send_fragments(
+        assoc,
+        pc.id,
+        PDataValueType::Command,
+        &command[..],
+        len,
+        max_pdv,
+    )
+    .await?;
     match payload {
         Payload::File { path, offset, len } => {
             let mut f = tokio::fs::File::open(&path)
@@ -411,7 +451,9 @@ async fn store_one(
     }
     // dicom-ul's read timeout (the same value) usually fires first.
     let rsp = match tokio::time::timeout(dimse_timeout, read_command(assoc)).await {
-        Err(_) | Ok(Err(LinkError::Timeout(_))) => return Err(LinkError::DimseTimeout(dimse_timeout)),
+        Err(_) | Ok(Err(LinkError::Timeout(_))) => {
+            return Err(LinkError::DimseTimeout(dimse_timeout))
+        }
         Ok(r) => r?,
     };
     if rsp.field() != CommandField::CStoreRsp {
@@ -494,19 +536,26 @@ async fn read_command(assoc: &mut Assoc) -> Result<dimse::Command, LinkError> {
             Pdu::PData { data } => {
                 for pdv in data {
                     if pdv.value_type != PDataValueType::Command {
-                        return Err(LinkError::Protocol("data PDV where a C-STORE-RSP was due".into()));
+                        return Err(LinkError::Protocol(
+                            "data PDV where a C-STORE-RSP was due".into(),
+                        ));
                     }
                     buf.extend_from_slice(&pdv.data);
                     if buf.len() > MAX_COMMAND {
                         return Err(LinkError::Protocol("response command set too large".into()));
                     }
                     if pdv.is_last {
-                        return dimse::decode_command(&buf).map_err(|e| LinkError::Protocol(e.to_string()));
+                        return dimse::decode_command(&buf)
+                            .map_err(|e| LinkError::Protocol(e.to_string()));
                     }
                 }
             }
             Pdu::AbortRQ { source } => return Err(LinkError::Aborted(format!("{source:?}"))),
-            Pdu::ReleaseRQ => return Err(LinkError::Protocol("peer asked to release mid-operation".into())),
+            Pdu::ReleaseRQ => {
+                return Err(LinkError::Protocol(
+                    "peer asked to release mid-operation".into(),
+                ))
+            }
             other => {
                 return Err(LinkError::Protocol(format!(
                     "unexpected {} while waiting for a C-STORE-RSP",
@@ -540,27 +589,48 @@ mod tests {
         ];
         let c = proposed_contexts(files.iter());
         assert_eq!(c.len(), 2);
-        assert_eq!(c[0], ("1.1".to_string(), vec![EXPLICIT_VR_LE.to_string(), IMPLICIT_VR_LE.to_string()]));
-        assert_eq!(c[1].1.last().map(String::as_str), Some("1.2.840.10008.1.2.4.70"));
-        let many: Vec<_> = (0..200).map(|i| info(&format!("1.{i}"), EXPLICIT_VR_LE)).collect();
+        assert_eq!(
+            c[0],
+            (
+                "1.1".to_string(),
+                vec![EXPLICIT_VR_LE.to_string(), IMPLICIT_VR_LE.to_string()]
+            )
+        );
+        assert_eq!(
+            c[1].1.last().map(String::as_str),
+            Some("1.2.840.10008.1.2.4.70")
+        );
+        let many: Vec<_> = (0..200)
+            .map(|i| info(&format!("1.{i}"), EXPLICIT_VR_LE))
+            .collect();
         assert_eq!(proposed_contexts(many.iter()).len(), 128);
     }
 
     #[test]
     fn transcoding_only_between_uncompressed_little_endian() {
         assert_eq!(plan(EXPLICIT_VR_LE, EXPLICIT_VR_LE), Ok(Plan::AsIs));
-        assert_eq!(plan(EXPLICIT_VR_LE, IMPLICIT_VR_LE), Ok(Plan::Transcode(IMPLICIT_VR_LE.into())));
+        assert_eq!(
+            plan(EXPLICIT_VR_LE, IMPLICIT_VR_LE),
+            Ok(Plan::Transcode(IMPLICIT_VR_LE.into()))
+        );
         assert!(plan("1.2.840.10008.1.2.4.70", IMPLICIT_VR_LE).is_err());
     }
 
     #[test]
     fn faults_of_link_errors() {
-        let rj = |permanent| LinkError::Rejected { result: "x", permanent, reason: "y".into() };
+        let rj = |permanent| LinkError::Rejected {
+            result: "x",
+            permanent,
+            reason: "y".into(),
+        };
         assert_eq!(rj(true).fault(), Fault::Permanent);
         assert_eq!(rj(false).fault(), Fault::Transient);
         assert_eq!(LinkError::NoContexts.fault(), Fault::Permanent);
         assert_eq!(LinkError::Aborted("x".into()).fault(), Fault::Transient);
-        assert_eq!(LinkError::DimseTimeout(Duration::from_secs(1)).fault(), Fault::Transient);
+        assert_eq!(
+            LinkError::DimseTimeout(Duration::from_secs(1)).fault(),
+            Fault::Transient
+        );
         assert_eq!(LinkError::Cancelled.outcome(""), Outcome::NotAttempted);
     }
 }

@@ -160,7 +160,12 @@ pub trait OutboxStore: Send + Sync + 'static {
     /// The earliest `next_attempt_at` of a pending item outside `skip_destinations`.
     fn next_due(&self, skip_destinations: &[String]) -> Result<Option<SystemTime>, OutboxError>;
     /// sending → delivered. `note` keeps a warning status for the record.
-    fn mark_delivered(&self, id: i64, now: SystemTime, note: Option<&str>) -> Result<(), OutboxError>;
+    fn mark_delivered(
+        &self,
+        id: i64,
+        now: SystemTime,
+        note: Option<&str>,
+    ) -> Result<(), OutboxError>;
     /// sending → pending, due at `at`.
     fn schedule_retry(&self, id: i64, at: SystemTime, error: &str) -> Result<(), OutboxError>;
     /// sending → dead.
@@ -275,9 +280,15 @@ fn row_to_item(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<OutboxItem, Out
     }))
 }
 
-fn select(conn: &Connection, where_: &str, p: impl rusqlite::Params) -> Result<Vec<OutboxItem>, OutboxError> {
+fn select(
+    conn: &Connection,
+    where_: &str,
+    p: impl rusqlite::Params,
+) -> Result<Vec<OutboxItem>, OutboxError> {
     let mut st = conn.prepare(&format!("SELECT {COLS} FROM outbox WHERE {where_}"))?;
-    let rows = st.query_map(p, row_to_item)?.collect::<Result<Vec<_>, _>>()?;
+    let rows = st
+        .query_map(p, row_to_item)?
+        .collect::<Result<Vec<_>, _>>()?;
     rows.into_iter().collect()
 }
 
@@ -363,7 +374,12 @@ impl OutboxStore for SqliteOutboxStore {
         Ok(ms.map(from_ms))
     }
 
-    fn mark_delivered(&self, id: i64, now: SystemTime, note: Option<&str>) -> Result<(), OutboxError> {
+    fn mark_delivered(
+        &self,
+        id: i64,
+        now: SystemTime,
+        note: Option<&str>,
+    ) -> Result<(), OutboxError> {
         self.transition(
             "UPDATE outbox SET state = 'delivered', delivered_at = ?2, last_error = ?3
              WHERE id = ?1 AND state = 'sending'",
@@ -457,15 +473,24 @@ mod tests {
         let (_d, s) = open();
         let a = s.enqueue(&item("pacs", "1.2.3"), t(0)).unwrap();
         assert!(matches!(a, Enqueued::New(_)));
-        assert_eq!(s.enqueue(&item("pacs", "1.2.3"), t(5)).unwrap(), Enqueued::Existing(a.id()));
-        assert!(matches!(s.enqueue(&item("archive", "1.2.3"), t(0)).unwrap(), Enqueued::New(_)));
+        assert_eq!(
+            s.enqueue(&item("pacs", "1.2.3"), t(5)).unwrap(),
+            Enqueued::Existing(a.id())
+        );
+        assert!(matches!(
+            s.enqueue(&item("archive", "1.2.3"), t(0)).unwrap(),
+            Enqueued::New(_)
+        ));
         assert_eq!(s.list().unwrap().len(), 2);
         // Even after delivery, the same result is not queued again.
         let c = s.claim_due(t(0), &[], 10).unwrap();
         for it in &c {
             s.mark_delivered(it.id, t(1), None).unwrap();
         }
-        assert_eq!(s.enqueue(&item("pacs", "1.2.3"), t(9)).unwrap(), Enqueued::Existing(a.id()));
+        assert_eq!(
+            s.enqueue(&item("pacs", "1.2.3"), t(9)).unwrap(),
+            Enqueued::Existing(a.id())
+        );
         assert!(s.claim_due(t(100), &[], 10).unwrap().is_empty());
     }
 
@@ -479,11 +504,18 @@ mod tests {
         assert_eq!(c[0].destination, "archive");
         assert_eq!((c[0].state, c[0].attempts), (ItemState::Sending, 1));
         // The in-flight item is not claimed twice.
-        assert!(s.claim_due(t(0), &["pacs".to_string()], 10).unwrap().is_empty());
-        s.schedule_retry(c[0].id, t(2), "connection refused").unwrap();
+        assert!(s
+            .claim_due(t(0), &["pacs".to_string()], 10)
+            .unwrap()
+            .is_empty());
+        s.schedule_retry(c[0].id, t(2), "connection refused")
+            .unwrap();
         assert_eq!(s.next_due(&["pacs".to_string()]).unwrap(), Some(t(2)));
         assert_eq!(s.next_due(&[]).unwrap(), Some(t(0)));
-        assert_eq!(s.claim_due(t(1), &["pacs".to_string()], 10).unwrap().len(), 0);
+        assert_eq!(
+            s.claim_due(t(1), &["pacs".to_string()], 10).unwrap().len(),
+            0
+        );
         let again = s.claim_due(t(2), &["pacs".to_string()], 10).unwrap();
         assert_eq!(again[0].attempts, 2);
         assert_eq!(again[0].last_error.as_deref(), Some("connection refused"));
@@ -497,7 +529,10 @@ mod tests {
         s.mark_dead(id, "status 0xA900").unwrap();
         assert!(s.claim_due(t(1000), &[], 10).unwrap().is_empty());
         let dead = s.get(id).unwrap().unwrap();
-        assert_eq!((dead.state, dead.last_error.as_deref()), (ItemState::Dead, Some("status 0xA900")));
+        assert_eq!(
+            (dead.state, dead.last_error.as_deref()),
+            (ItemState::Dead, Some("status 0xA900"))
+        );
         // Only dead items can be retried or dismissed.
         assert!(!s.dismiss(id + 1).unwrap());
         assert!(s.retry(id, t(5)).unwrap());
@@ -541,7 +576,10 @@ mod tests {
         s.enqueue(&item("pacs", "1.1"), t(0)).unwrap();
         assert_eq!(list_read_only(&d.path().join("o.sqlite")).unwrap().len(), 1);
         let other = d.path().join("other.sqlite");
-        Connection::open(&other).unwrap().execute_batch("CREATE TABLE x (a);").unwrap();
+        Connection::open(&other)
+            .unwrap()
+            .execute_batch("CREATE TABLE x (a);")
+            .unwrap();
         assert!(list_read_only(&other).unwrap().is_empty());
         assert!(list_read_only(&d.path().join("missing.sqlite")).is_err());
     }

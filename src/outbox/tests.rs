@@ -43,7 +43,11 @@ fn have_pynetdicom() -> bool {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A child process killed when the test ends, pass or fail.
@@ -59,7 +63,10 @@ impl Drop for Scp {
 fn wait_listening(port: u16) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "SCP on port {port} did not come up");
+        assert!(
+            Instant::now() < deadline,
+            "SCP on port {port} did not come up"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -146,10 +153,20 @@ impl Fixture {
     fn result(&self, class: &str, sop: &str, side: u16) -> (PathBuf, Uid, Uid, Vec<u8>) {
         let p = self.dir.path().join("results").join(format!("{sop}.dcm"));
         let pixels = write_image(&p, class, sop, side);
-        (p, Uid::parse(class).unwrap(), Uid::parse(sop).unwrap(), pixels)
+        (
+            p,
+            Uid::parse(class).unwrap(),
+            Uid::parse(sop).unwrap(),
+            pixels,
+        )
     }
 
-    fn spawn(&self, ae: &str, port: u16, cfg: OutboxConfig) -> (OutboxHandle, tokio::task::JoinHandle<()>) {
+    fn spawn(
+        &self,
+        ae: &str,
+        port: u16,
+        cfg: OutboxConfig,
+    ) -> (OutboxHandle, tokio::task::JoinHandle<()>) {
         let dests = HashMap::from([(
             "pacs".to_string(),
             Destination {
@@ -177,14 +194,22 @@ impl Fixture {
     }
 }
 
-async fn wait_until(h: &OutboxHandle, id: i64, what: &str, pred: impl Fn(&OutboxItem) -> bool) -> OutboxItem {
+async fn wait_until(
+    h: &OutboxHandle,
+    id: i64,
+    what: &str,
+    pred: impl Fn(&OutboxItem) -> bool,
+) -> OutboxItem {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         let it = h.get(id).unwrap().expect("item exists");
         if pred(&it) {
             return it;
         }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}: {it:?}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}: {it:?}"
+        );
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
@@ -213,14 +238,23 @@ async fn delivers_to_storescp_once_including_an_item_interrupted_by_a_crash() {
         )
         .unwrap()
         .id();
-    assert_eq!(fx.store.claim_due(SystemTime::now(), &[], 10).unwrap().len(), 1);
+    assert_eq!(
+        fx.store
+            .claim_due(SystemTime::now(), &[], 10)
+            .unwrap()
+            .len(),
+        1
+    );
 
     let (h, worker) = fx.spawn("PACS", port, fast_cfg());
     // 64×64 pixels: the dataset needs two PDVs at storescp's 4096-byte PDU.
     let (p, class, sop, pixels) = fx.result(SECONDARY_CAPTURE, "1.2.826.0.1.3680043.10.9.2", 64);
     let id = h.enqueue("pacs", &p, &class, &sop).unwrap();
     assert!(matches!(id, Enqueued::New(_)));
-    assert_eq!(h.enqueue("pacs", &p, &class, &sop).unwrap(), Enqueued::Existing(id.id()));
+    assert_eq!(
+        h.enqueue("pacs", &p, &class, &sop).unwrap(),
+        Enqueued::Existing(id.id())
+    );
     assert!(matches!(
         h.enqueue("nowhere", &p, &class, &sop),
         Err(OutboxError::UnknownDestination(_))
@@ -229,7 +263,10 @@ async fn delivers_to_storescp_once_including_an_item_interrupted_by_a_crash() {
     let it = wait_until(&h, id.id(), "delivery", |i| i.state == ItemState::Delivered).await;
     assert_eq!(it.attempts, 1);
     assert!(it.delivered_at.is_some());
-    let again = wait_until(&h, crashed, "requeued delivery", |i| i.state == ItemState::Delivered).await;
+    let again = wait_until(&h, crashed, "requeued delivery", |i| {
+        i.state == ItemState::Delivered
+    })
+    .await;
     assert_eq!(again.attempts, 2, "the crashed attempt still counts");
 
     fx.stop(worker).await;
@@ -240,7 +277,11 @@ async fn delivers_to_storescp_once_including_an_item_interrupted_by_a_crash() {
         .find(|f| f.to_string_lossy().contains(sop.as_str()))
         .expect("storescp names files by SOP instance UID");
     let obj = dicom_object::open_file(sc).unwrap();
-    let got = obj.element(dicom_dictionary_std::tags::PIXEL_DATA).unwrap().to_bytes().unwrap();
+    let got = obj
+        .element(dicom_dictionary_std::tags::PIXEL_DATA)
+        .unwrap()
+        .to_bytes()
+        .unwrap();
     assert_eq!(&got[..], &pixels[..], "dataset arrives intact across PDVs");
 }
 
@@ -263,7 +304,10 @@ async fn destination_down_retries_then_delivers_exactly_once() {
     assert!(err.to_lowercase().contains("refused"), "{err}");
 
     let _scp = storescp(port, &fx.received());
-    let it = wait_until(&h, id, "delivery after the outage", |i| i.state == ItemState::Delivered).await;
+    let it = wait_until(&h, id, "delivery after the outage", |i| {
+        i.state == ItemState::Delivered
+    })
+    .await;
     assert!(it.attempts >= 3);
     fx.stop(worker).await;
     assert_eq!(files_in(&fx.received()).len(), 1);
@@ -356,7 +400,12 @@ async fn a_file_that_does_not_match_its_item_is_never_sent() {
     let other = Uid::parse("1.2.826.0.1.3680043.10.9.9").unwrap();
     let id = h.enqueue("pacs", &p, &class, &other).unwrap().id();
     let missing = h
-        .enqueue("pacs", &fx.dir.path().join("gone.dcm"), &class, &Uid::parse("1.2.3.99").unwrap())
+        .enqueue(
+            "pacs",
+            &fx.dir.path().join("gone.dcm"),
+            &class,
+            &Uid::parse("1.2.3.99").unwrap(),
+        )
         .unwrap()
         .id();
     let it = wait_until(&h, id, "dead letter", |i| i.state == ItemState::Dead).await;
@@ -383,7 +432,11 @@ async fn transcodes_for_a_peer_that_accepts_only_implicit_vr() {
     assert_eq!(files.len(), 1);
     let obj = dicom_object::open_file(&files[0]).unwrap();
     assert_eq!(obj.meta().transfer_syntax(), part10::IMPLICIT_VR_LE);
-    let got = obj.element(dicom_dictionary_std::tags::PIXEL_DATA).unwrap().to_bytes().unwrap();
+    let got = obj
+        .element(dicom_dictionary_std::tags::PIXEL_DATA)
+        .unwrap()
+        .to_bytes()
+        .unwrap();
     assert_eq!(&got[..], &pixels[..]);
 }
 
@@ -431,8 +484,14 @@ async fn dimse_timeout_aborts_and_retries_the_rest_of_the_batch() {
         ..fast_cfg()
     };
     let (h, worker) = fx.spawn("REFUSER", port, cfg);
-    let first = wait_until(&h, ids[0], "retry", |i| i.state == ItemState::Pending && i.attempts == 1).await;
-    let second = wait_until(&h, ids[1], "retry", |i| i.state == ItemState::Pending && i.attempts == 1).await;
+    let first = wait_until(&h, ids[0], "retry", |i| {
+        i.state == ItemState::Pending && i.attempts == 1
+    })
+    .await;
+    let second = wait_until(&h, ids[1], "retry", |i| {
+        i.state == ItemState::Pending && i.attempts == 1
+    })
+    .await;
     let e1 = first.last_error.unwrap_or_default();
     let e2 = second.last_error.unwrap_or_default();
     assert!(e1.contains("no C-STORE-RSP"), "{e1}");
@@ -461,11 +520,20 @@ async fn silent_peer_times_out_and_is_retried() {
     let (h, worker) = fx.spawn("PACS", port, cfg);
     let (p, class, sop, _) = fx.result(SECONDARY_CAPTURE, "1.2.826.0.1.3680043.10.9.12", 8);
     let id = h.enqueue("pacs", &p, &class, &sop).unwrap().id();
-    let it = wait_until(&h, id, "retry scheduled", |i| i.state == ItemState::Pending && i.attempts == 1).await;
+    let it = wait_until(&h, id, "retry scheduled", |i| {
+        i.state == ItemState::Pending && i.attempts == 1
+    })
+    .await;
     let err = it.last_error.unwrap_or_default();
     assert!(err.contains("timed out"), "{err}");
-    let wait = it.next_attempt_at.duration_since(SystemTime::now()).unwrap_or_default();
-    assert!(wait > Duration::from_secs(25), "base delay applies: {wait:?}");
+    let wait = it
+        .next_attempt_at
+        .duration_since(SystemTime::now())
+        .unwrap_or_default();
+    assert!(
+        wait > Duration::from_secs(25),
+        "base delay applies: {wait:?}"
+    );
     fx.stop(worker).await;
 }
 
@@ -479,7 +547,10 @@ async fn shutdown_mid_association_gives_the_attempt_back() {
     wait_until(&h, id, "sending", |i| i.state == ItemState::Sending).await;
     let t0 = Instant::now();
     fx.stop(worker).await;
-    assert!(t0.elapsed() < Duration::from_secs(2), "did not wait for the peer");
+    assert!(
+        t0.elapsed() < Duration::from_secs(2),
+        "did not wait for the peer"
+    );
     let it = h.get(id).unwrap().unwrap();
     assert_eq!((it.state, it.attempts), (ItemState::Pending, 0));
 }
@@ -488,7 +559,10 @@ async fn shutdown_mid_association_gives_the_attempt_back() {
 fn config_defaults_and_validation() {
     let c: OutboxConfig = serde_yaml::from_str("{}").unwrap();
     assert_eq!(c, OutboxConfig::default());
-    assert_eq!((c.retry_base_s, c.retry_cap_s, c.max_attempts), (2.0, 300.0, 10));
+    assert_eq!(
+        (c.retry_base_s, c.retry_cap_s, c.max_attempts),
+        (2.0, 300.0, 10)
+    );
     assert!(c.validate().is_ok());
     assert!(serde_yaml::from_str::<OutboxConfig>("retry_bsae_s: 1").is_err());
     let bad = OutboxConfig {
@@ -501,11 +575,15 @@ fn config_defaults_and_validation() {
         ..OutboxConfig::default()
     };
     assert_eq!(bad.validate().unwrap_err().key, "dimse_timeout_s");
-    let d: Destination = serde_yaml::from_str("{ae_title: PACS, host: pacs.local, port: 104}").unwrap();
+    let d: Destination =
+        serde_yaml::from_str("{ae_title: PACS, host: pacs.local, port: 104}").unwrap();
     assert!(d.validate("main").is_ok());
     let bad = Destination {
         ae_title: "A_VERY_LONG_AE_TITLE".into(),
         ..d
     };
-    assert_eq!(bad.validate("main").unwrap_err().key, "destinations.main.ae_title");
+    assert_eq!(
+        bad.validate("main").unwrap_err().key,
+        "destinations.main.ae_title"
+    );
 }
