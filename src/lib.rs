@@ -20,6 +20,7 @@ pub mod inference;
 pub mod ingest;
 pub mod jobs;
 pub mod npy;
+pub mod outbox;
 pub mod phantom;
 pub mod pipeline;
 pub mod routing;

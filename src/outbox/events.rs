@@ -1,0 +1,115 @@
+//! Typed outbox events: one structured log line and one counter each.
+//! UIDs, AE titles, statuses and counts only, never patient data.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+#[derive(Debug, Default)]
+pub struct OutboxCounters {
+    pub delivered: AtomicU64,
+    pub retries_scheduled: AtomicU64,
+    pub dead_letters: AtomicU64,
+    pub associations_failed: AtomicU64,
+}
+
+pub static COUNTERS: OutboxCounters = OutboxCounters {
+    delivered: AtomicU64::new(0),
+    retries_scheduled: AtomicU64::new(0),
+    dead_letters: AtomicU64::new(0),
+    associations_failed: AtomicU64::new(0),
+};
+
+fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+/// What became of one item after one attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disposition {
+    Delivered,
+    RetryIn(Duration),
+    Dead,
+}
+
+/// One per item per attempt.
+pub struct Delivery<'a> {
+    pub destination: &'a str,
+    pub called_ae: &'a str,
+    pub sop_instance_uid: &'a str,
+    /// 1-based attempt number.
+    pub attempt: u32,
+    /// The C-STORE-RSP status, when one came back.
+    pub status: Option<u16>,
+    pub disposition: Disposition,
+    /// Why it failed, or a warning's comment.
+    pub reason: Option<&'a str>,
+}
+
+impl Delivery<'_> {
+    pub fn emit(self) {
+        let status = self.status.map(|s| format!("0x{s:04X}"));
+        let status = status.as_deref().unwrap_or("none");
+        let reason = self.reason.unwrap_or("");
+        match self.disposition {
+            Disposition::Delivered => {
+                bump(&COUNTERS.delivered);
+                tracing::info!(
+                    destination = self.destination,
+                    called_ae = self.called_ae,
+                    sop_instance_uid = self.sop_instance_uid,
+                    attempt = self.attempt,
+                    status,
+                    reason,
+                    "outbox: delivered"
+                );
+            }
+            Disposition::RetryIn(d) => {
+                bump(&COUNTERS.retries_scheduled);
+                tracing::warn!(
+                    destination = self.destination,
+                    called_ae = self.called_ae,
+                    sop_instance_uid = self.sop_instance_uid,
+                    attempt = self.attempt,
+                    status,
+                    reason,
+                    retry_in_s = d.as_secs_f64(),
+                    "outbox: delivery failed, will retry"
+                );
+            }
+            Disposition::Dead => {
+                bump(&COUNTERS.dead_letters);
+                tracing::error!(
+                    destination = self.destination,
+                    called_ae = self.called_ae,
+                    sop_instance_uid = self.sop_instance_uid,
+                    attempt = self.attempt,
+                    status,
+                    reason,
+                    "outbox: dead letter"
+                );
+            }
+        }
+    }
+}
+
+/// An association to a destination could not be used at all; the items of
+/// the batch each get their own [`Delivery`] event as well.
+pub struct AssociationFailed<'a> {
+    pub destination: &'a str,
+    pub called_ae: &'a str,
+    pub items: usize,
+    pub reason: &'a str,
+}
+
+impl AssociationFailed<'_> {
+    pub fn emit(self) {
+        bump(&COUNTERS.associations_failed);
+        tracing::warn!(
+            destination = self.destination,
+            called_ae = self.called_ae,
+            items = self.items,
+            reason = self.reason,
+            "outbox: association failed"
+        );
+    }
+}

@@ -1,0 +1,523 @@
+//! Outbox: results back to the PACS by C-STORE SCU (PS3.4 B, PS3.7 9.1.1).
+//!
+//! Input: [`OutboxHandle::enqueue`] with a destination name and a Part-10
+//! file the report stage has already written durably under
+//! `<data_dir>/results/`, with its (stable) SOP Class and Instance UIDs.
+//! Output: the instance stored at the destination, or a dead letter with
+//! the reason; both visible through [`OutboxHandle::list`] and
+//! [`print_outbox`].
+//!
+//! Invariants:
+//! - Persist first, deliver second: `enqueue` returns after the row is
+//!   committed (WAL, `synchronous=FULL`); the worker only reads the store.
+//! - One row per (destination, SOP Instance UID): a result enqueued twice,
+//!   or retried across restarts, is one instance at the PACS. A crash while
+//!   `sending` re-sends on start-up, which a PACS treats as the same
+//!   instance (same SOP Instance UID).
+//! - One association per destination batch; at most one batch per
+//!   destination in flight; destinations do not wait for each other.
+//!
+//! Failure modes (see [`policy`]): success or warning status → delivered;
+//! a refusal (failure status other than 0xA7xx, a rejected presentation
+//! context, A-ASSOCIATE-RJ permanent, an unreadable or mismatched file) →
+//! dead letter at once; connection refused, timeouts, A-ABORT,
+//! A-ASSOCIATE-RJ transient, 0xA7xx → retry after `base * 2^(n-1)` (capped)
+//! until `max_attempts`, then dead letter with the last reason. Dead
+//! letters wait for an operator's `retry` or `dismiss`.
+
+pub mod cli;
+pub mod events;
+pub mod part10;
+pub mod policy;
+pub mod scu;
+pub mod store;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+use tokio::task::{JoinHandle, JoinSet};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+pub use cli::print_outbox;
+pub use policy::Fault;
+pub use store::{Enqueued, ItemState, NewItem, OutboxItem, OutboxStore, SqliteOutboxStore};
+
+use crate::dicom::{AeTitle, Uid};
+use events::{Delivery, Disposition};
+use scu::Outcome;
+
+#[derive(Debug, thiserror::Error)]
+pub enum OutboxError {
+    #[error("outbox store: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("outbox store: row {id}: {message}")]
+    Corrupt { id: i64, message: String },
+    #[error("unknown outbox destination `{0}`")]
+    UnknownDestination(String),
+    #[error("result path {0} is not valid UTF-8")]
+    NonUtf8Path(PathBuf),
+    #[error("outbox: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl OutboxError {
+    /// Whether the caller may try the same call again later.
+    pub fn fault(&self) -> Fault {
+        match self {
+            OutboxError::Sqlite(_) | OutboxError::Io(_) => Fault::Transient,
+            OutboxError::Corrupt { .. }
+            | OutboxError::UnknownDestination(_)
+            | OutboxError::NonUtf8Path(_) => Fault::Permanent,
+        }
+    }
+}
+
+/// The `outbox:` config section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutboxConfig {
+    /// Delay before the 2nd attempt; doubles per failed attempt.
+    #[serde(default = "default_retry_base")]
+    pub retry_base_s: f64,
+    /// Longest delay between attempts.
+    #[serde(default = "default_retry_cap")]
+    pub retry_cap_s: f64,
+    /// Attempts (transient failures) before an item becomes a dead letter.
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+    /// TCP connect timeout.
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout_s: f64,
+    /// Time allowed for the A-ASSOCIATE-AC, each PDU write, each C-STORE-RSP
+    /// and the A-RELEASE-RP.
+    #[serde(default = "default_dimse_timeout")]
+    pub dimse_timeout_s: f64,
+}
+
+fn default_retry_base() -> f64 {
+    2.0
+}
+fn default_retry_cap() -> f64 {
+    300.0
+}
+fn default_max_attempts() -> u32 {
+    10
+}
+fn default_connect_timeout() -> f64 {
+    10.0
+}
+fn default_dimse_timeout() -> f64 {
+    60.0
+}
+
+impl Default for OutboxConfig {
+    fn default() -> Self {
+        OutboxConfig {
+            retry_base_s: default_retry_base(),
+            retry_cap_s: default_retry_cap(),
+            max_attempts: default_max_attempts(),
+            connect_timeout_s: default_connect_timeout(),
+            dimse_timeout_s: default_dimse_timeout(),
+        }
+    }
+}
+
+/// A config key that failed validation, relative to its section
+/// (`retry_cap_s`, `destinations.pacs.port`), for `ConfigError::Invalid`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`{key}`: {message}")]
+pub struct InvalidField {
+    pub key: String,
+    pub message: String,
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> InvalidField {
+    InvalidField {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+impl OutboxConfig {
+    pub fn validate(&self) -> Result<(), InvalidField> {
+        for (key, v) in [
+            ("retry_base_s", self.retry_base_s),
+            ("retry_cap_s", self.retry_cap_s),
+            ("connect_timeout_s", self.connect_timeout_s),
+            ("dimse_timeout_s", self.dimse_timeout_s),
+        ] {
+            // Also bounds Duration::from_secs_f64, which panics on huge values.
+            if !(v > 0.0 && v <= 86_400.0 * 7.0) {
+                return Err(invalid(key, format!("{v} is outside (0, 604800] seconds")));
+            }
+        }
+        if self.retry_cap_s < self.retry_base_s {
+            return Err(invalid("retry_cap_s", "must be at least retry_base_s"));
+        }
+        if self.max_attempts == 0 {
+            return Err(invalid("max_attempts", "must be at least 1"));
+        }
+        Ok(())
+    }
+    fn secs(v: f64) -> Duration {
+        Duration::try_from_secs_f64(v).unwrap_or(Duration::from_secs(1))
+    }
+    pub fn retry_base(&self) -> Duration {
+        Self::secs(self.retry_base_s)
+    }
+    pub fn retry_cap(&self) -> Duration {
+        Self::secs(self.retry_cap_s)
+    }
+    pub fn connect_timeout(&self) -> Duration {
+        Self::secs(self.connect_timeout_s)
+    }
+    pub fn dimse_timeout(&self) -> Duration {
+        Self::secs(self.dimse_timeout_s)
+    }
+}
+
+/// A Storage SCP we send results to; routes name it by its map key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Destination {
+    /// Called AE title.
+    pub ae_title: String,
+    /// Host name or IP address.
+    pub host: String,
+    pub port: u16,
+}
+
+impl Destination {
+    /// `name` is the map key, for the error's position.
+    pub fn validate(&self, name: &str) -> Result<(), InvalidField> {
+        let key = |k: &str| format!("destinations.{name}.{k}");
+        crate::config::check_ae(&self.ae_title).map_err(|m| invalid(key("ae_title"), m))?;
+        if self.host.trim().is_empty() {
+            return Err(invalid(key("host"), "is empty"));
+        }
+        if self.port == 0 {
+            return Err(invalid(key("port"), "must be 1..=65535"));
+        }
+        Ok(())
+    }
+}
+
+/// Most items one claim takes; a destination's batch is at most this.
+const CLAIM_LIMIT: usize = 64;
+/// How long the worker sleeps with nothing due (a wake or enqueue ends it).
+const IDLE_POLL: Duration = Duration::from_secs(60);
+/// Pause after a store error, so a broken disk is not hammered.
+const STORE_ERROR_PAUSE: Duration = Duration::from_secs(1);
+
+/// The caller's side: enqueue and operate. Cheap to clone.
+#[derive(Clone)]
+pub struct OutboxHandle {
+    store: Arc<dyn OutboxStore>,
+    /// To refuse an unknown destination at enqueue, where the caller can
+    /// still see the mistake, rather than as a dead letter later.
+    destinations: Arc<HashMap<String, Destination>>,
+    /// Wakes the worker; `notify_one` keeps a permit when it is busy, so
+    /// an enqueue during a batch is not missed.
+    wake: Arc<Notify>,
+}
+
+impl OutboxHandle {
+    /// Durable when it returns `Ok`; wakes the worker. Enqueueing the same
+    /// (destination, SOP instance) again returns the existing id.
+    pub fn enqueue(
+        &self,
+        destination: &str,
+        path: &Path,
+        sop_class_uid: &Uid,
+        sop_instance_uid: &Uid,
+    ) -> Result<Enqueued, OutboxError> {
+        if !self.destinations.contains_key(destination) {
+            return Err(OutboxError::UnknownDestination(destination.to_owned()));
+        }
+        let r = self.store.enqueue(
+            &NewItem {
+                destination: destination.to_owned(),
+                path: path.to_owned(),
+                sop_class_uid: sop_class_uid.clone(),
+                sop_instance_uid: sop_instance_uid.clone(),
+            },
+            SystemTime::now(),
+        )?;
+        if matches!(r, Enqueued::New(_)) {
+            self.wake.notify_one();
+        }
+        Ok(r)
+    }
+
+    pub fn list(&self) -> Result<Vec<OutboxItem>, OutboxError> {
+        self.store.list()
+    }
+
+    pub fn get(&self, id: i64) -> Result<Option<OutboxItem>, OutboxError> {
+        self.store.get(id)
+    }
+
+    /// Dead letter → pending with a full set of attempts. False if `id` is
+    /// not a dead letter.
+    pub fn retry(&self, id: i64) -> Result<bool, OutboxError> {
+        let ok = self.store.retry(id, SystemTime::now())?;
+        if ok {
+            self.wake.notify_one();
+        }
+        Ok(ok)
+    }
+
+    /// Dead letter → dismissed. False if `id` is not a dead letter.
+    pub fn dismiss(&self, id: i64) -> Result<bool, OutboxError> {
+        self.store.dismiss(id)
+    }
+}
+
+pub struct Outbox;
+
+impl Outbox {
+    /// Requeue what a crash left `sending`, then start the delivery worker.
+    /// The worker stops when `shutdown` is cancelled, after its in-flight
+    /// batches have released or aborted their associations.
+    pub fn spawn(
+        store: Arc<dyn OutboxStore>,
+        destinations: HashMap<String, Destination>,
+        cfg: OutboxConfig,
+        calling_ae: AeTitle,
+        shutdown: CancellationToken,
+    ) -> Result<(OutboxHandle, JoinHandle<()>), OutboxError> {
+        let requeued = store.requeue_interrupted(SystemTime::now())?;
+        if requeued > 0 {
+            tracing::warn!(
+                requeued,
+                "outbox: items interrupted while sending are due again"
+            );
+        }
+        let destinations = Arc::new(destinations);
+        let wake = Arc::new(Notify::new());
+        let handle = OutboxHandle {
+            store: store.clone(),
+            destinations: destinations.clone(),
+            wake: wake.clone(),
+        };
+        let worker = Worker {
+            ctx: Arc::new(BatchContext {
+                store,
+                destinations,
+                cfg,
+                calling_ae,
+            }),
+            wake,
+            shutdown,
+        };
+        Ok((handle, tokio::spawn(worker.run())))
+    }
+}
+
+/// What every batch task reads; read-only.
+struct BatchContext {
+    store: Arc<dyn OutboxStore>,
+    destinations: Arc<HashMap<String, Destination>>,
+    cfg: OutboxConfig,
+    calling_ae: AeTitle,
+}
+
+/// Claims due items and runs one batch task per destination.
+struct Worker {
+    ctx: Arc<BatchContext>,
+    wake: Arc<Notify>,
+    shutdown: CancellationToken,
+}
+
+impl Worker {
+    async fn run(self) {
+        let mut batches: JoinSet<()> = JoinSet::new();
+        // Destination of each running batch, so it is not claimed twice.
+        let mut in_flight: HashMap<tokio::task::Id, String> = HashMap::new();
+        loop {
+            let busy: Vec<String> = in_flight
+                .values()
+                .cloned()
+                .collect::<HashSet<_>>()
+                .into_iter()
+                .collect();
+            let now = SystemTime::now();
+            let wait = match self.ctx.store.claim_due(now, &busy, CLAIM_LIMIT) {
+                Ok(items) => {
+                    for (destination, items) in group_by_destination(items) {
+                        let ctx = self.ctx.clone();
+                        let cancel = self.shutdown.clone();
+                        let dest = destination.clone();
+                        let h = batches
+                            .spawn(async move { run_batch(&ctx, &dest, items, &cancel).await });
+                        in_flight.insert(h.id(), destination);
+                    }
+                    let busy: Vec<String> = in_flight.values().cloned().collect();
+                    match self.ctx.store.next_due(&busy) {
+                        Ok(Some(t)) => t
+                            .duration_since(SystemTime::now())
+                            .unwrap_or(Duration::ZERO),
+                        Ok(None) => IDLE_POLL,
+                        Err(e) => {
+                            tracing::error!(error = %e, "outbox: cannot read the next due time");
+                            STORE_ERROR_PAUSE
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "outbox: cannot claim items");
+                    STORE_ERROR_PAUSE
+                }
+            };
+            tokio::select! {
+                _ = self.shutdown.cancelled() => break,
+                _ = self.wake.notified() => {}
+                Some(done) = batches.join_next_with_id(), if !batches.is_empty() => {
+                    let id = match done {
+                        Ok((id, ())) => id,
+                        Err(e) => {
+                            // Its items stay `sending` until the next start-up requeues them.
+                            tracing::error!(error = %e, "outbox: batch task failed");
+                            e.id()
+                        }
+                    };
+                    in_flight.remove(&id);
+                }
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+        // Batches see the same token: each stops before its next item.
+        while batches.join_next().await.is_some() {}
+        tracing::info!("outbox: worker stopped");
+    }
+}
+
+fn group_by_destination(items: Vec<OutboxItem>) -> Vec<(String, Vec<OutboxItem>)> {
+    let mut out: Vec<(String, Vec<OutboxItem>)> = Vec::new();
+    for it in items {
+        match out.iter_mut().find(|(d, _)| *d == it.destination) {
+            Some((_, v)) => v.push(it),
+            None => out.push((it.destination.clone(), vec![it])),
+        }
+    }
+    out
+}
+
+async fn run_batch(
+    ctx: &BatchContext,
+    destination: &str,
+    items: Vec<OutboxItem>,
+    cancel: &CancellationToken,
+) {
+    let Some(dest) = ctx.destinations.get(destination) else {
+        // Removed from config since it was enqueued; `retry` after fixing it.
+        for it in &items {
+            let reason = format!("destination `{destination}` is not configured");
+            apply(
+                ctx,
+                destination,
+                "",
+                it,
+                Outcome::Failed {
+                    fault: Fault::Permanent,
+                    status: None,
+                    reason,
+                },
+            );
+        }
+        return;
+    };
+    let peer = scu::Peer {
+        destination,
+        dest,
+        calling_ae: ctx.calling_ae.as_str(),
+        connect_timeout: ctx.cfg.connect_timeout(),
+        dimse_timeout: ctx.cfg.dimse_timeout(),
+    };
+    let mut record =
+        |it: &OutboxItem, outcome: Outcome| apply(ctx, destination, &dest.ae_title, it, outcome);
+    let span = tracing::info_span!(
+        "outbox_association",
+        destination,
+        called_ae = %dest.ae_title,
+        calling_ae = %ctx.calling_ae,
+        items = items.len()
+    );
+    scu::send_batch(&peer, &items, cancel, &mut record)
+        .instrument(span)
+        .await;
+}
+
+/// Write one item's outcome to the store and emit its event. A store error
+/// leaves the item `sending`; the next start-up requeues it.
+fn apply(
+    ctx: &BatchContext,
+    destination: &str,
+    called_ae: &str,
+    it: &OutboxItem,
+    outcome: Outcome,
+) {
+    let now = SystemTime::now();
+    let event = |status: Option<u16>, disposition: Disposition, reason: Option<&str>| {
+        Delivery {
+            destination,
+            called_ae,
+            sop_instance_uid: &it.sop_instance_uid,
+            attempt: it.attempts,
+            status,
+            disposition,
+            reason,
+        }
+        .emit()
+    };
+    let r = match outcome {
+        Outcome::NotAttempted => ctx.store.unclaim(it.id),
+        Outcome::Stored { status, comment } => {
+            let note = (status != 0).then(|| match &comment {
+                Some(c) => format!("warning 0x{status:04X}: {c}"),
+                None => format!("warning 0x{status:04X}"),
+            });
+            event(Some(status), Disposition::Delivered, note.as_deref());
+            ctx.store.mark_delivered(it.id, now, note.as_deref())
+        }
+        Outcome::Failed {
+            fault: Fault::Permanent,
+            status,
+            reason,
+        } => {
+            event(status, Disposition::Dead, Some(&reason));
+            ctx.store.mark_dead(it.id, &reason)
+        }
+        Outcome::Failed {
+            fault: Fault::Transient,
+            status,
+            reason,
+        } => match policy::after_transient_failure(
+            it.attempts,
+            ctx.cfg.max_attempts,
+            ctx.cfg.retry_base(),
+            ctx.cfg.retry_cap(),
+        ) {
+            policy::AfterFailure::RetryIn(d) => {
+                event(status, Disposition::RetryIn(d), Some(&reason));
+                ctx.store.schedule_retry(it.id, now + d, &reason)
+            }
+            policy::AfterFailure::DeadLetter => {
+                let reason = format!("gave up after {} attempts: {reason}", it.attempts);
+                event(status, Disposition::Dead, Some(&reason));
+                ctx.store.mark_dead(it.id, &reason)
+            }
+        },
+    };
+    if let Err(e) = r {
+        tracing::error!(id = it.id, error = %e, "outbox: cannot record a delivery outcome");
+    }
+}
