@@ -293,6 +293,16 @@ class Node:
         return {str(p.relative_to(self.spool_dir)): sha256(p) for p in self.spool_entries()}
 
 
+def completed(entry: dict | None) -> bool:
+    """A series that has completed: `complete`, or any later stage's state
+    (routing and analysis move it on), with the reason it completed."""
+    return (
+        entry is not None
+        and entry["state"] != "receiving"
+        and entry["completion_reason"] in ("quiet_timer", "association_released")
+    )
+
+
 def sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

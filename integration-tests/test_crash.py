@@ -11,7 +11,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 
 import instances
-from nodeharness import assert_serving
+from nodeharness import assert_serving, completed
 
 
 def _send_recording(port: int, paths, acked: list, stop: threading.Event) -> None:
@@ -72,11 +72,11 @@ def test_kill_9_mid_transfer_keeps_every_acknowledged_instance(node_factory, tmp
     node.start()
     after = node.spool_files()
     assert acked_sops <= set(after)
-    e = node.wait_series(s.series, lambda e: e["state"] == "complete", timeout=15)
+    e = node.wait_series(s.series, completed, timeout=15)
     assert e is not None, f"series not in the index after restart: {node.series()}"
     assert e["instances"] == len(after), f"index says {e['instances']}, spool has {len(after)}"
     assert e["instances"] >= len(acked_sops)
-    assert e["state"] == "complete", f"series did not complete after restart: {e}"
+    assert completed(e), f"series did not complete after restart: {e}"
     assert e["completion_reason"] == "quiet_timer"
     # Partial files (if any remain in tmp/) never surface in spool/.
     assert set(after) <= {i.sop for i in s.instances}

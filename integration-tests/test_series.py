@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 import instances
-from nodeharness import storescu
+from nodeharness import completed, storescu
 
 
 def _release_and_time(node, files) -> float:
@@ -18,12 +18,12 @@ class TestSeriesJson:
     def test_fields_and_counts(self, node, tmp_path):
         s = instances.write_series(tmp_path / "a", 4)
         _release_and_time(node, s.paths)
-        entry = node.wait_series(s.series, lambda e: e["state"] == "complete", timeout=10)
+        entry = node.wait_series(s.series, completed, timeout=10)
         assert entry is not None, f"series missing from series --json: {node.series()}"
         for key in ("series_instance_uid", "state", "instances", "completion_reason"):
             assert key in entry, f"{key} missing from {entry}"
         assert entry["instances"] == 4
-        assert entry["state"] == "complete"
+        assert completed(entry)
 
     def test_empty_node_lists_nothing(self, node):
         assert node.series() == []
@@ -40,8 +40,8 @@ class TestSeriesJson:
         b = instances.write_series(tmp_path / "b", 5, study=a.study)
         _release_and_time(node, a.paths + b.paths)
         for s, n in ((a, 3), (b, 5)):
-            e = node.wait_series(s.series, lambda e: e["state"] == "complete", timeout=10)
-            assert e and e["instances"] == n and e["state"] == "complete", e
+            e = node.wait_series(s.series, completed, timeout=10)
+            assert e and e["instances"] == n and completed(e), e
 
 
 class TestCompletion:
@@ -50,9 +50,9 @@ class TestCompletion:
         node = node_factory({"series": {"quiet_seconds": 30, "early_completion": True}})
         s = instances.write_series(tmp_path / "a", 6)
         released = _release_and_time(node, s.paths)
-        e = node.wait_series(s.series, lambda e: e["state"] == "complete", timeout=1.0, poll=0.05)
+        e = node.wait_series(s.series, completed, timeout=1.0, poll=0.05)
         took = time.monotonic() - released
-        assert e is not None and e["state"] == "complete", f"not complete {took:.2f}s after release: {e}"
+        assert e is not None and completed(e), f"not complete {took:.2f}s after release: {e}"
         assert e["completion_reason"] == "association_released"
         assert e["instances"] == 6
 
@@ -65,9 +65,9 @@ class TestCompletion:
         assert e is not None
         assert e["state"] == "receiving", f"a series with a missing slice completed early: {e}"
         assert e["completion_reason"] is None
-        e = node.wait_series(s.series, lambda e: e["state"] == "complete", timeout=8)
+        e = node.wait_series(s.series, completed, timeout=8)
         took = time.monotonic() - released
-        assert e["state"] == "complete", f"still {e['state']} {took:.1f}s after release"
+        assert completed(e), f"still {e['state']} {took:.1f}s after release"
         assert e["completion_reason"] == "quiet_timer"
         assert took >= 2.5, f"completed after {took:.1f}s, before quiet_seconds=3"
         assert e["instances"] == 6
@@ -78,13 +78,13 @@ class TestCompletion:
         _release_and_time(node, s.paths)
         e = node.series_by_uid()[s.series]
         assert e["state"] == "receiving", e
-        e = node.wait_series(s.series, lambda e: e["state"] == "complete", timeout=8)
-        assert e["state"] == "complete" and e["completion_reason"] == "quiet_timer", e
+        e = node.wait_series(s.series, completed, timeout=8)
+        assert completed(e) and e["completion_reason"] == "quiet_timer", e
 
     def test_single_slice_series_completes_by_quiet_timer(self, node, tmp_path):
         # quiet_seconds is 0.5 in the default test config.
         s = instances.write_series(tmp_path / "a", 1)
         _release_and_time(node, s.paths)
-        e = node.wait_series(s.series, lambda e: e["state"] == "complete", timeout=5)
-        assert e and e["state"] == "complete", e
+        e = node.wait_series(s.series, completed, timeout=5)
+        assert e and completed(e), e
         assert e["completion_reason"] in ("quiet_timer", "association_released")
