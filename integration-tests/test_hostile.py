@@ -236,3 +236,58 @@ def test_store_after_hostile_traffic_still_works(node, tmp_path):
     r = storescu(node, s.paths)
     assert r.returncode == 0, r.stdout + r.stderr
     assert set(node.spool_files()) == {i.sop for i in s.instances}
+
+
+def _rq_variant(kind: str) -> bytes:
+    ctx = [(1, ul.VERIFICATION, [ul.IMPLICIT_LE])]
+    if kind == "no-contexts":
+        return ul.associate_rq("BIOMARKER", "RAWSCU", [])
+    if kind == "even-context-id":
+        return ul.associate_rq("BIOMARKER", "RAWSCU", [(2, ul.VERIFICATION, [ul.IMPLICIT_LE])])
+    if kind == "200-contexts":
+        return ul.associate_rq(
+            "BIOMARKER", "RAWSCU", [(1 + 2 * (i % 128), ul.CT_IMAGE_STORAGE, [ul.EXPLICIT_LE]) for i in range(200)]
+        )
+    if kind == "3000-transfer-syntaxes":
+        return ul.associate_rq(
+            "BIOMARKER", "RAWSCU", [(1, ul.CT_IMAGE_STORAGE, [f"1.2.3.{i}" for i in range(3000)] + [ul.EXPLICIT_LE])]
+        )
+    if kind == "peer-max-pdu-0":
+        return ul.associate_rq("BIOMARKER", "RAWSCU", ctx, max_pdu=0)
+    if kind == "wrong-protocol-version":
+        rq = bytearray(ul.associate_rq("BIOMARKER", "RAWSCU", ctx))
+        rq[6:8] = b"\x00\x02"
+        return bytes(rq)
+    if kind == "non-ascii-calling-ae":
+        rq = bytearray(ul.associate_rq("BIOMARKER", "RAWSCU", ctx))
+        rq[6 + 20 : 6 + 36] = bytes(range(0x80, 0x90))
+        return bytes(rq)
+    if kind == "no-user-information":
+        rq = ul.associate_rq("BIOMARKER", "RAWSCU", ctx)
+        cut = rq.rfind(b"\x50\x00")
+        body = rq[6:cut]
+        return ul.pdu(ul.A_ASSOCIATE_RQ, body)
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "no-contexts", "even-context-id", "200-contexts", "3000-transfer-syntaxes",
+        "peer-max-pdu-0", "wrong-protocol-version", "non-ascii-calling-ae", "no-user-information",
+    ],
+)
+def test_odd_association_requests_get_an_answer_not_a_crash(node, kind):
+    """Each gets an AC, an RJ or an A-ABORT within a few seconds; then the node serves on."""
+    with _connect(node) as a:
+        a.send(_rq_variant(kind))
+        try:
+            p = a.recv_pdu(timeout=10)
+            outcome = ul.PDU_NAMES.get(p.type, hex(p.type))
+        except (ul.PeerClosed, ConnectionResetError):
+            outcome = "closed"
+        assert outcome in ("A-ASSOCIATE-AC", "A-ASSOCIATE-RJ", "A-ABORT", "closed"), outcome
+        if outcome == "A-ASSOCIATE-AC" and kind == "peer-max-pdu-0":
+            # Unlimited peer max PDU (PS3.8 D.1): a C-ECHO still works.
+            assert a.c_echo().status == 0
+    assert_serving(node)
