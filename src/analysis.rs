@@ -218,3 +218,115 @@ pub fn write_outputs(a: &Analysis, dir: &Path) -> Result<(), AnalysisError> {
     }
     Ok(())
 }
+
+/// The inference stage in `serve`: claims jobs, runs them on the spooled
+/// files, keeps the outputs under `results/`, and records the outcome.
+pub struct Worker {
+    pub jobs: Arc<dyn crate::jobs::JobStore>,
+    pub index_path: PathBuf,
+    pub spool_root: PathBuf,
+    pub results_dir: PathBuf,
+    pub models: Arc<Models>,
+    pub routes: crate::routing::stage::SharedRoutes,
+    pub work: Arc<tokio::sync::Notify>,
+    pub volume_opts: VolumeOptions,
+}
+
+impl Worker {
+    pub async fn run(self, shutdown: tokio_util::sync::CancellationToken) {
+        let this = Arc::new(self);
+        loop {
+            // Register interest before claiming so a notify in between is not lost.
+            let notified = this.work.notified();
+            let job = match this.jobs.claim() {
+                Ok(j) => j,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot claim a job");
+                    None
+                }
+            };
+            let Some(job) = job else {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = notified => {}
+                    // belt and braces: jobs re-queued by another process
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(30)) => {}
+                }
+                continue;
+            };
+            let me = this.clone();
+            let id = job.id;
+            let series = job.key.series_instance_uid.clone();
+            let outcome = tokio::task::spawn_blocking(move || me.process(&job))
+                .await
+                .unwrap_or_else(|e| Err(format!("job panicked: {e}")));
+            let stored = match &outcome {
+                Ok(v) => this.jobs.finish(id, Ok(v)),
+                Err(e) => this.jobs.finish(id, Err(e.as_str())),
+            };
+            if let Err(e) = stored {
+                tracing::error!(job = id, error = %e, "cannot record a job outcome");
+            }
+            this.update_series_state(&series);
+        }
+    }
+
+    fn process(&self, job: &crate::jobs::Job) -> Result<serde_json::Value, String> {
+        let span = tracing::info_span!("job", id = job.id, series = %job.key.series_instance_uid, route = %job.key.route);
+        let _g = span.enter();
+        let uid = crate::dicom::Uid::parse(&job.key.series_instance_uid).map_err(|e| e.to_string())?;
+        let index = crate::series::SeriesIndex::open_readonly(&self.index_path).map_err(|e| e.to_string())?;
+        let files: Vec<PathBuf> = index
+            .series_instances(&uid)
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .map(|(p, _)| self.spool_root.join(p))
+            .collect();
+        let m = self
+            .routes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .routes
+            .iter()
+            .find(|r| r.name == job.key.route)
+            .map(|r| RouteMatch {
+                route: r.name.clone(),
+                model: r.model.clone(),
+                send_to: r.send_to.clone(),
+                slices: r.slices.clone(),
+            })
+            .unwrap_or_else(|| RouteMatch {
+                route: job.key.route.clone(),
+                model: job.key.model.clone(),
+                send_to: vec![],
+                slices: None,
+            });
+        let a = run(&self.models, uid.as_str(), &m, &files, &self.volume_opts).map_err(|e| e.to_string())?;
+        let dir = self
+            .results_dir
+            .join(uid.as_str())
+            .join(&m.route)
+            .join(format!("g{}", job.key.generation));
+        write_outputs(&a, &dir).map_err(|e| e.to_string())?;
+        tracing::info!(value = a.line.value, unit = %a.line.unit, ms = a.line.elapsed_ms, "job done");
+        serde_json::to_value(&a.line).map_err(|e| e.to_string())
+    }
+
+    fn update_series_state(&self, series: &str) {
+        let Ok(jobs) = self.jobs.for_series(series) else { return };
+        let Some(gen) = jobs.iter().map(|j| j.key.generation).max() else { return };
+        let current: Vec<_> = jobs.iter().filter(|j| j.key.generation == gen).collect();
+        if current.iter().any(|j| j.state == "pending" || j.state == "running") {
+            return;
+        }
+        let state = if current.iter().all(|j| j.state == "done") { "analyzed" } else { "failed" };
+        if let (Ok(uid), Ok(mut index)) = (
+            crate::dicom::Uid::parse(series),
+            crate::series::SeriesIndex::open(&self.index_path),
+        ) {
+            if let Err(e) = index.set_state(&uid, state) {
+                tracing::debug!(error = %e, state, "series state not updated");
+            }
+        }
+    }
+}

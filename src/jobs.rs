@@ -59,6 +59,7 @@ pub trait JobStore: Send + Sync + 'static {
     /// At start-up: running → pending. Returns how many.
     fn requeue_interrupted(&self) -> Result<usize, JobError>;
     fn list(&self) -> Result<Vec<Job>, JobError>;
+    fn for_series(&self, series_instance_uid: &str) -> Result<Vec<Job>, JobError>;
 }
 
 pub struct SqliteJobStore {
@@ -210,6 +211,40 @@ impl JobStore for SqliteJobStore {
         let rows = st.query_map([], row_to_job)?.collect::<Result<Vec<_>, _>>()?;
         rows.into_iter().map(with_result).collect()
     }
+
+    fn for_series(&self, series_instance_uid: &str) -> Result<Vec<Job>, JobError> {
+        let c = self.conn();
+        let mut st = c.prepare(&format!("SELECT {COLS} FROM jobs WHERE series_uid = ?1 ORDER BY id"))?;
+        let rows = st.query_map(params![series_instance_uid], row_to_job)?.collect::<Result<Vec<_>, _>>()?;
+        rows.into_iter().map(with_result).collect()
+    }
+}
+
+/// `biomarker-node jobs`: one JSON object per line, or a table.
+pub fn print_jobs(store: &dyn JobStore, json: bool, out: &mut dyn std::io::Write) -> Result<(), JobError> {
+    let jobs = store.list()?;
+    let w = |e: std::io::Error| JobError::Corrupt { id: 0, message: e.to_string() };
+    if json {
+        for j in &jobs {
+            writeln!(out, "{}", serde_json::to_string(j).unwrap_or_default()).map_err(w)?;
+        }
+        return Ok(());
+    }
+    writeln!(out, "{:>5}  {:<8} {:<20} {:<8} {:>3}  {:<64}  RESULT/ERROR", "ID", "STATE", "ROUTE", "MODEL", "GEN", "SERIES").map_err(w)?;
+    for j in &jobs {
+        let detail = match (&j.result, &j.error) {
+            (Some(r), _) => format!("{} {}", r["value"], r["unit"].as_str().unwrap_or("")),
+            (_, Some(e)) => e.clone(),
+            _ => String::new(),
+        };
+        writeln!(
+            out,
+            "{:>5}  {:<8} {:<20} {:<8} {:>3}  {:<64}  {}",
+            j.id, j.state, j.key.route, j.key.model, j.key.generation, j.key.series_instance_uid, detail
+        )
+        .map_err(w)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -26,6 +26,14 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List jobs (one per series × route × model version); works while
+    /// `serve` runs.
+    Jobs {
+        #[arg(long, default_value = "config/node.yaml")]
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
     /// Validate a config file, routes included; print every problem as
     /// file:line:column and exit non-zero on error.
     CheckConfig {
@@ -88,6 +96,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve { config } => biomarker_node::pipeline::serve(&config),
         Command::Series { config, json } => biomarker_node::pipeline::print_series(&config, json),
+        Command::Jobs { config, json } => biomarker_node::pipeline::print_jobs(&config, json),
         Command::CheckConfig { config } => check_config(&config),
         Command::Route { config, json, paths } => route(&config, json, &paths),
         Command::Analyze { config, out, paths } => biomarker_node::pipeline::analyze(&config, &out, &paths),

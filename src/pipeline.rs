@@ -6,7 +6,12 @@ use std::sync::Arc;
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
+use crate::analysis::{Models, Worker};
 use crate::config::Config;
+use crate::jobs::{JobStore, SqliteJobStore};
+use crate::routing::stage::{Router, SharedRoutes};
+use crate::routing::RouteTable;
+use crate::volume::VolumeOptions;
 use crate::ingest::{Listener, Shared};
 use crate::series::{CompletionQueue, SeriesIndex, SqliteCompletionQueue, Tracker};
 use crate::spool::DiskSpool;
@@ -23,16 +28,26 @@ pub fn init_tracing(cfg: &Config) {
 }
 
 pub fn serve(config_path: &Path) -> anyhow::Result<()> {
-    let cfg = Config::load(config_path)?;
+    let (cfg, table) = checked(config_path)?;
     init_tracing(&cfg);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    rt.block_on(run(cfg))
+    rt.block_on(run(cfg, table, config_path.to_owned()))
 }
 
-async fn run(cfg: Config) -> anyhow::Result<()> {
+/// Load and fully check a config; diagnostics go to stderr one per line.
+fn checked(config_path: &Path) -> anyhow::Result<(Config, RouteTable)> {
+    crate::config::check_file(config_path).map_err(|diags| {
+        for d in &diags {
+            eprintln!("{d}");
+        }
+        anyhow::anyhow!("{}: {} problem(s)", config_path.display(), diags.len())
+    })
+}
+
+async fn run(cfg: Config, table: RouteTable, config_path: std::path::PathBuf) -> anyhow::Result<()> {
     std::fs::create_dir_all(&cfg.node.data_dir)
         .with_context(|| format!("cannot create data_dir {}", cfg.node.data_dir.display()))?;
     let spool = Arc::new(DiskSpool::open(&cfg.node.data_dir).context("cannot open the spool")?);
@@ -51,7 +66,47 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         tracker_shutdown.clone(),
     )
     .context("series tracker failed to start")?;
-    let consumer = tokio::spawn(consume_completions(queue, shutdown.clone()));
+    let models = {
+        let c = cfg.clone();
+        Arc::new(
+            tokio::task::spawn_blocking(move || Models::load(&c))
+                .await
+                .context("model loading panicked")?
+                .context("a fail_hard model could not be loaded")?,
+        )
+    };
+    let jobs: Arc<dyn JobStore> = Arc::new(SqliteJobStore::open(&cfg.index_path()).context("cannot open the job store")?);
+    let requeued = jobs.requeue_interrupted()?;
+    if requeued > 0 {
+        tracing::warn!(requeued, "jobs interrupted by the last stop run again");
+    }
+    let routes: SharedRoutes = Arc::new(std::sync::RwLock::new(Arc::new(table)));
+    let work = Arc::new(tokio::sync::Notify::new());
+    let router = Router {
+        queue: queue.clone(),
+        index_path: cfg.index_path(),
+        spool_root: cfg.spool_dir(),
+        routes: routes.clone(),
+        jobs: jobs.clone(),
+        models: models.clone(),
+        work: work.clone(),
+    };
+    let consumer = tokio::spawn(router.run(shutdown.clone()));
+    let worker = Worker {
+        jobs: jobs.clone(),
+        index_path: cfg.index_path(),
+        spool_root: cfg.spool_dir(),
+        results_dir: cfg.node.data_dir.join("results"),
+        models: models.clone(),
+        routes: routes.clone(),
+        work: work.clone(),
+        volume_opts: VolumeOptions {
+            spacing_tolerance: cfg.series.spacing_tolerance,
+            ..Default::default()
+        },
+    };
+    let worker_task = tokio::spawn(worker.run(shutdown.clone()));
+    let reloader = tokio::spawn(reload_on_sighup(config_path, routes.clone(), shutdown.clone()));
     if cfg.node.allowed_callers.is_empty() {
         tracing::warn!("node.allowed_callers is empty: any calling AE may store to this node");
     }
@@ -74,6 +129,8 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     tracing::info!("shutting down: no new associations; open ones are aborted, unacknowledged data is dropped");
     shutdown.cancel();
     accept.await.context("accept loop panicked")?;
+    let _ = reloader.await;
+    worker_task.await.context("job worker panicked")?;
     tracker_shutdown.cancel();
     tracker_task.await.context("series tracker panicked")?;
     consumer.await.context("completion consumer panicked")?;
@@ -90,35 +147,32 @@ async fn wait_for_signal() {
     }
 }
 
-/// The next stage's end of the completion queue. Routing and inference are
-/// not built yet, so a completed series is logged and acknowledged here;
-/// this is the seam where the router will consume instead.
-async fn consume_completions(queue: Arc<dyn CompletionQueue>, shutdown: CancellationToken) {
+/// SIGHUP: re-read and check the config; a bad one is refused with its
+/// diagnostics and the running routes stay. Models, ports and storage are
+/// fixed for the life of the process (changing them needs a restart).
+async fn reload_on_sighup(config_path: std::path::PathBuf, routes: SharedRoutes, shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::error!("cannot install a SIGHUP handler; config reload disabled");
+        return;
+    };
     loop {
-        match queue.peek() {
-            Ok(Some((id, ev))) => {
-                tracing::info!(
-                    series_instance_uid = %ev.series_instance_uid,
-                    instances = ev.instances,
-                    reason = ev.reason.as_str(),
-                    generation = ev.generation,
-                    "series ready for routing"
-                );
-                if let Err(e) = queue.ack(id) {
-                    tracing::error!(error = %e, "cannot acknowledge a completion event");
-                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-                }
-                continue;
-            }
-            Ok(None) => {}
-            Err(e) => {
-                tracing::error!(error = %e, "cannot read the completion queue");
-                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-            }
-        }
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = queue.notified() => {}
+            _ = hup.recv() => {}
+        }
+        match crate::config::check_file(&config_path) {
+            Ok((_, table)) => {
+                let n = table.routes.len();
+                *routes.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(table);
+                tracing::info!(routes = n, config = %config_path.display(), "config reloaded");
+            }
+            Err(diags) => {
+                for d in &diags {
+                    tracing::error!(diagnostic = %d, "config reload refused");
+                }
+                tracing::error!(problems = diags.len(), "config reload refused; the previous config stays in force");
+            }
         }
     }
 }
@@ -196,5 +250,17 @@ pub fn analyze(config_path: &Path, out: &Path, paths: &[std::path::PathBuf]) -> 
     if failures > 0 {
         anyhow::bail!("{failures} job(s) failed");
     }
+    Ok(())
+}
+
+pub fn print_jobs(config_path: &Path, json: bool) -> anyhow::Result<()> {
+    let cfg = Config::load(config_path)?;
+    let path = cfg.index_path();
+    if !path.exists() {
+        anyhow::bail!("no job store at {} yet: has `serve` run with this config?", path.display());
+    }
+    let store = SqliteJobStore::open(&path)?;
+    let stdout = std::io::stdout();
+    crate::jobs::print_jobs(&store, json, &mut stdout.lock())?;
     Ok(())
 }

@@ -37,6 +37,7 @@
 
 mod condition;
 pub mod dry_run;
+pub mod stage;
 mod facts;
 
 use std::collections::HashMap;
