@@ -1,0 +1,3 @@
+//! stub
+pub struct ScOptions;
+pub fn build_sc() {}
