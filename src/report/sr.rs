@@ -77,7 +77,7 @@ pub fn measurement_report(
         evaluations.push(QualitativeEvaluation::new(codes::CAC_RISK_CATEGORY, risk_code(r)));
     }
     let group = MeasurementGroup {
-        tracking: TrackingIdentifier::new(concept.meaning(), ctx.uid(&format!("sr-tracking|{}", card.name)))?,
+        tracking: TrackingIdentifier::new(&format!("{} ({})", concept.meaning(), card.name), ctx.uid(&format!("sr-tracking|{}", card.name)))?,
         finding_site: Some(site),
         algorithm: Some(algorithm),
         measurements,

@@ -112,6 +112,8 @@ pub fn synthetic_source(patient: &str) -> InMemDicomObject {
         DataElement::new(tags::ACCESSION_NUMBER, VR::SH, "ACC1"),
         DataElement::new(tags::STUDY_ID, VR::SH, "S1"),
         DataElement::new(tags::MODALITY, VR::CS, "CT"),
+        DataElement::new(tags::BODY_PART_EXAMINED, VR::CS, "CHEST"),
+        DataElement::new(tags::PIXEL_SPACING, VR::DS, "0.7\\0.7"),
     ])
 }
 
