@@ -10,14 +10,16 @@
 use super::content::Code;
 
 // TID 1500 Measurement Report, CID 7021.
-pub const IMAGING_MEASUREMENT_REPORT: Code = Code::fixed("126000", "DCM", "Imaging Measurement Report");
+pub const IMAGING_MEASUREMENT_REPORT: Code =
+    Code::fixed("126000", "DCM", "Imaging Measurement Report");
 pub const IMAGING_MEASUREMENTS: Code = Code::fixed("126010", "DCM", "Imaging Measurements");
 pub const MEASUREMENT_GROUP: Code = Code::fixed("125007", "DCM", "Measurement Group");
 pub const PROCEDURE_REPORTED: Code = Code::fixed("121058", "DCM", "Procedure reported");
 
 // TID 1204 Language of Content Item and Descendants. RFC 5646 tag "en"
 // (CID 5000 lists language tags by RFC5646).
-pub const LANGUAGE_OF_CONTENT: Code = Code::fixed("121049", "DCM", "Language of Content Item and Descendants");
+pub const LANGUAGE_OF_CONTENT: Code =
+    Code::fixed("121049", "DCM", "Language of Content Item and Descendants");
 pub const ENGLISH: Code = Code::fixed("en", "RFC5646", "English");
 
 // TID 1002 Observer Context / TID 1004 Device Observer Identifying Attributes.
@@ -25,8 +27,10 @@ pub const OBSERVER_TYPE: Code = Code::fixed("121005", "DCM", "Observer Type");
 pub const DEVICE: Code = Code::fixed("121007", "DCM", "Device");
 pub const DEVICE_OBSERVER_UID: Code = Code::fixed("121012", "DCM", "Device Observer UID");
 pub const DEVICE_OBSERVER_NAME: Code = Code::fixed("121013", "DCM", "Device Observer Name");
-pub const DEVICE_OBSERVER_MANUFACTURER: Code = Code::fixed("121014", "DCM", "Device Observer Manufacturer");
-pub const DEVICE_OBSERVER_MODEL_NAME: Code = Code::fixed("121015", "DCM", "Device Observer Model Name");
+pub const DEVICE_OBSERVER_MANUFACTURER: Code =
+    Code::fixed("121014", "DCM", "Device Observer Manufacturer");
+pub const DEVICE_OBSERVER_MODEL_NAME: Code =
+    Code::fixed("121015", "DCM", "Device Observer Model Name");
 
 // TID 1600 Image Library.
 pub const IMAGE_LIBRARY: Code = Code::fixed("111028", "DCM", "Image Library");
@@ -61,7 +65,11 @@ pub const PRIVATE_SCHEME_NAME: &str = "biomarker-node private codes";
 /// CAC risk category as a qualitative evaluation (TID 1501 row 13, CODE).
 /// No standard concept for the usual 0 / 1-10 / 11-100 / 101-400 / >400
 /// Agatston bands was found, so both name and values are private.
-pub const CAC_RISK_CATEGORY: Code = Code::fixed("CAC-RISK", PRIVATE_SCHEME, "Coronary artery calcium risk category");
+pub const CAC_RISK_CATEGORY: Code = Code::fixed(
+    "CAC-RISK",
+    PRIVATE_SCHEME,
+    "Coronary artery calcium risk category",
+);
 
 /// UCUM units (PS3.16 CID 7181 style: the UCUM expression is the value).
 pub const UNIT_LESIONS: Code = Code::fixed("{lesions}", "UCUM", "lesions");

@@ -39,11 +39,18 @@ impl Code {
 
     /// A code from outside data (a model card): checked here.
     pub fn new(value: &str, scheme: &str, meaning: &str) -> Result<Code, ReportError> {
-        let bad = |reason: String| ReportError::InvalidCode { field: "code", reason };
+        let bad = |reason: String| ReportError::InvalidCode {
+            field: "code",
+            reason,
+        };
         let value = value.trim();
         let scheme = scheme.trim();
         let meaning = meaning.trim();
-        for (what, v, max) in [("value", value, 64), ("scheme designator", scheme, 16), ("meaning", meaning, 64)] {
+        for (what, v, max) in [
+            ("value", value, 64),
+            ("scheme designator", scheme, 16),
+            ("meaning", meaning, 64),
+        ] {
             if v.is_empty() {
                 return Err(bad(format!("{what} is empty")));
             }
@@ -51,7 +58,9 @@ impl Code {
                 return Err(bad(format!("{what} `{v}` is longer than {max} characters")));
             }
             if v.contains('\\') || v.chars().any(|c| c.is_control()) {
-                return Err(bad(format!("{what} `{v}` has a backslash or control character")));
+                return Err(bad(format!(
+                    "{what} `{v}` has a backslash or control character"
+                )));
             }
         }
         Ok(Code {
@@ -75,12 +84,24 @@ impl Code {
     pub fn to_item(&self) -> InMemDicomObject {
         let mut o = InMemDicomObject::new_empty();
         if self.value.chars().count() > 16 {
-            o.put(str_elem(tags::LONG_CODE_VALUE, VR::UC, self.value.to_string()));
+            o.put(str_elem(
+                tags::LONG_CODE_VALUE,
+                VR::UC,
+                self.value.to_string(),
+            ));
         } else {
             o.put(str_elem(tags::CODE_VALUE, VR::SH, self.value.to_string()));
         }
-        o.put(str_elem(tags::CODING_SCHEME_DESIGNATOR, VR::SH, self.scheme.to_string()));
-        o.put(str_elem(tags::CODE_MEANING, VR::LO, self.meaning.to_string()));
+        o.put(str_elem(
+            tags::CODING_SCHEME_DESIGNATOR,
+            VR::SH,
+            self.scheme.to_string(),
+        ));
+        o.put(str_elem(
+            tags::CODE_MEANING,
+            VR::LO,
+            self.meaning.to_string(),
+        ));
         o
     }
 }
@@ -183,7 +204,10 @@ pub struct NumItem {
 impl NumItem {
     pub fn new(name: Code, value: f64, unit: UcumUnit) -> Result<NumItem, ReportError> {
         if !value.is_finite() {
-            return Err(ReportError::NonFinite { what: "NUM value", value });
+            return Err(ReportError::NonFinite {
+                what: "NUM value",
+                value,
+            });
         }
         Ok(NumItem { name, value, unit })
     }
@@ -202,9 +226,15 @@ pub struct TextItem {
 impl TextItem {
     pub fn new(name: Code, value: &str) -> Result<TextItem, ReportError> {
         if value.trim().is_empty() {
-            return Err(ReportError::InvalidText { what: "TEXT value", reason: "empty".into() });
+            return Err(ReportError::InvalidText {
+                what: "TEXT value",
+                reason: "empty".into(),
+            });
         }
-        Ok(TextItem { name, value: value.to_owned() })
+        Ok(TextItem {
+            name,
+            value: value.to_owned(),
+        })
     }
 }
 
@@ -231,7 +261,10 @@ pub struct ImageItem {
 
 impl ImageItem {
     pub fn new(sop_class_uid: Uid, sop_instance_uid: Uid) -> ImageItem {
-        ImageItem { sop_class_uid, sop_instance_uid }
+        ImageItem {
+            sop_class_uid,
+            sop_instance_uid,
+        }
     }
 }
 
@@ -272,7 +305,11 @@ pub struct ContentNode {
 
 impl ContentNode {
     pub fn new(relationship: Relationship, item: impl Into<ContentItem>) -> ContentNode {
-        ContentNode { relationship, item: item.into(), children: Vec::new() }
+        ContentNode {
+            relationship,
+            item: item.into(),
+            children: Vec::new(),
+        }
     }
 
     pub fn with_children(mut self, children: Vec<ContentNode>) -> ContentNode {
@@ -283,7 +320,11 @@ impl ContentNode {
     /// One Content Sequence item.
     pub fn to_dataset(&self) -> InMemDicomObject {
         let mut o = InMemDicomObject::new_empty();
-        o.put(str_elem(tags::RELATIONSHIP_TYPE, VR::CS, self.relationship.as_str()));
+        o.put(str_elem(
+            tags::RELATIONSHIP_TYPE,
+            VR::CS,
+            self.relationship.as_str(),
+        ));
         encode_item(&mut o, &self.item);
         put_children(&mut o, &self.children);
         o
@@ -303,7 +344,10 @@ pub(crate) fn put_children(o: &mut InMemDicomObject, children: &[ContentNode]) {
 /// Content Sequence items and for the root (which has no relationship).
 pub(crate) fn encode_item(o: &mut InMemDicomObject, item: &ContentItem) {
     let name = |o: &mut InMemDicomObject, c: &Code| {
-        o.put(seq_elem(tags::CONCEPT_NAME_CODE_SEQUENCE, vec![c.to_item()]));
+        o.put(seq_elem(
+            tags::CONCEPT_NAME_CODE_SEQUENCE,
+            vec![c.to_item()],
+        ));
     };
     match item {
         ContentItem::Container(c) => {
@@ -320,7 +364,10 @@ pub(crate) fn encode_item(o: &mut InMemDicomObject, item: &ContentItem) {
         ContentItem::Code(c) => {
             o.put(str_elem(tags::VALUE_TYPE, VR::CS, "CODE"));
             name(o, &c.name);
-            o.put(seq_elem(tags::CONCEPT_CODE_SEQUENCE, vec![c.value.to_item()]));
+            o.put(seq_elem(
+                tags::CONCEPT_CODE_SEQUENCE,
+                vec![c.value.to_item()],
+            ));
         }
         ContentItem::Num(n) => {
             o.put(str_elem(tags::VALUE_TYPE, VR::CS, "NUM"));
@@ -334,7 +381,10 @@ pub(crate) fn encode_item(o: &mut InMemDicomObject, item: &ContentItem) {
                 VR::FD,
                 PrimitiveValue::from(n.value),
             ));
-            mv.put(seq_elem(tags::MEASUREMENT_UNITS_CODE_SEQUENCE, vec![n.unit.code().to_item()]));
+            mv.put(seq_elem(
+                tags::MEASUREMENT_UNITS_CODE_SEQUENCE,
+                vec![n.unit.code().to_item()],
+            ));
             o.put(seq_elem(tags::MEASURED_VALUE_SEQUENCE, vec![mv]));
         }
         ContentItem::Text(t) => {
@@ -350,8 +400,16 @@ pub(crate) fn encode_item(o: &mut InMemDicomObject, item: &ContentItem) {
         ContentItem::Image(i) => {
             o.put(str_elem(tags::VALUE_TYPE, VR::CS, "IMAGE"));
             let mut r = InMemDicomObject::new_empty();
-            r.put(str_elem(tags::REFERENCED_SOP_CLASS_UID, VR::UI, i.sop_class_uid.as_str()));
-            r.put(str_elem(tags::REFERENCED_SOP_INSTANCE_UID, VR::UI, i.sop_instance_uid.as_str()));
+            r.put(str_elem(
+                tags::REFERENCED_SOP_CLASS_UID,
+                VR::UI,
+                i.sop_class_uid.as_str(),
+            ));
+            r.put(str_elem(
+                tags::REFERENCED_SOP_INSTANCE_UID,
+                VR::UI,
+                i.sop_instance_uid.as_str(),
+            ));
             o.put(seq_elem(tags::REFERENCED_SOP_SEQUENCE, vec![r]));
         }
     }
@@ -365,8 +423,14 @@ pub fn format_ds(v: f64) -> String {
         return s;
     }
     // Longest fixed and scientific forms that fit; keep the closer one.
-    let fixed = (0..=15usize).rev().map(|p| trim_fraction(format!("{v:.p$}"))).find(|s| s.len() <= 16);
-    let sci = (0..=12usize).rev().map(|p| format!("{v:.p$e}")).find(|s| s.len() <= 16);
+    let fixed = (0..=15usize)
+        .rev()
+        .map(|p| trim_fraction(format!("{v:.p$}")))
+        .find(|s| s.len() <= 16);
+    let sci = (0..=12usize)
+        .rev()
+        .map(|p| format!("{v:.p$e}"))
+        .find(|s| s.len() <= 16);
     let err = |s: &Option<String>| {
         s.as_ref()
             .and_then(|s| s.parse::<f64>().ok())
@@ -374,7 +438,13 @@ pub fn format_ds(v: f64) -> String {
     };
     let (ef, es) = (err(&fixed), err(&sci));
     let best = match (fixed, sci) {
-        (Some(f), Some(s)) => if ef <= es { f } else { s },
+        (Some(f), Some(s)) => {
+            if ef <= es {
+                f
+            } else {
+                s
+            }
+        }
         (f, s) => f.or(s).unwrap_or_else(|| "0".into()),
     };
     best
@@ -394,7 +464,17 @@ mod tests {
 
     #[test]
     fn ds_fits_in_16_and_round_trips_closely() {
-        for v in [0.0, 1.5, -2.25, 23.412345678912345, 1e20, -1.234e-12, 123456789.123456789, -1.5e300, f64::MIN_POSITIVE] {
+        for v in [
+            0.0,
+            1.5,
+            -2.25,
+            23.412345678912345,
+            1e20,
+            -1.234e-12,
+            123456789.123456789,
+            -1.5e300,
+            f64::MIN_POSITIVE,
+        ] {
             let s = format_ds(v);
             assert!(s.len() <= 16, "{s}");
             let back: f64 = s.parse().unwrap();

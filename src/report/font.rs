@@ -80,7 +80,7 @@ const FONT: [[u8; 5]; 95] = [
     [0x38,0x44,0x44,0x48,0x7F], // d
     [0x38,0x54,0x54,0x54,0x18], // e
     [0x08,0x7E,0x09,0x01,0x02], // f
-    [0x08,0x54,0x54,0x54,0x3C], // g
+    [0x0C,0x52,0x52,0x52,0x3E], // g
     [0x7F,0x08,0x04,0x04,0x78], // h
     [0x00,0x44,0x7D,0x40,0x00], // i
     [0x20,0x40,0x44,0x3D,0x00], // j
@@ -125,7 +125,11 @@ mod tests {
 
     #[test]
     fn glyphs_are_distinct_and_space_is_blank() {
-        let bits = |c: char| (0..GLYPH_W).flat_map(move |x| (0..GLYPH_H).map(move |y| pixel(c, x, y))).collect::<Vec<_>>();
+        let bits = |c: char| {
+            (0..GLYPH_W)
+                .flat_map(move |x| (0..GLYPH_H).map(move |y| pixel(c, x, y)))
+                .collect::<Vec<_>>()
+        };
         assert!(bits(' ').iter().all(|b| !b));
         let mut seen = std::collections::HashMap::new();
         for c in (0x21u8..=0x7E).map(char::from) {

@@ -69,7 +69,10 @@ pub enum ReportError {
     #[error("source dataset: {attribute} is missing or empty")]
     MissingSource { attribute: &'static str },
     #[error("{what} is not a valid UID: {source}")]
-    BadUid { what: &'static str, source: UidError },
+    BadUid {
+        what: &'static str,
+        source: UidError,
+    },
     /// No source instances: nothing to reference, nothing to report on.
     #[error("no source instances to reference")]
     NoSources,
@@ -162,7 +165,10 @@ impl ReportContext {
             return Err(ReportError::NoSources);
         }
         if self.seed.is_empty() {
-            return Err(ReportError::InvalidText { what: "seed", reason: "empty".into() });
+            return Err(ReportError::InvalidText {
+                what: "seed",
+                reason: "empty".into(),
+            });
         }
         Ok(())
     }
@@ -201,10 +207,14 @@ pub(crate) fn source_text(obj: &InMemDicomObject, tag: Tag) -> Option<String> {
 
 /// Patient (C.7.1.1) and General Study (C.7.2.1) modules, copied from the
 /// source. Type 2 attributes are written empty when the source lacks them.
-pub(crate) fn put_patient_and_study(obj: &mut InMemDicomObject, source: &InMemDicomObject) -> Result<Uid, ReportError> {
-    let study_raw = source_text(source, tags::STUDY_INSTANCE_UID).ok_or(ReportError::MissingSource {
-        attribute: "StudyInstanceUID",
-    })?;
+pub(crate) fn put_patient_and_study(
+    obj: &mut InMemDicomObject,
+    source: &InMemDicomObject,
+) -> Result<Uid, ReportError> {
+    let study_raw =
+        source_text(source, tags::STUDY_INSTANCE_UID).ok_or(ReportError::MissingSource {
+            attribute: "StudyInstanceUID",
+        })?;
     let study = Uid::parse(&study_raw).map_err(|source| ReportError::BadUid {
         what: "StudyInstanceUID",
         source,
@@ -221,7 +231,11 @@ pub(crate) fn put_patient_and_study(obj: &mut InMemDicomObject, source: &InMemDi
         (tags::STUDY_ID, VR::SH),
     ];
     for (tag, vr) in copy {
-        obj.put(str_elem(tag, vr, source_text(source, tag).unwrap_or_default()));
+        obj.put(str_elem(
+            tag,
+            vr,
+            source_text(source, tag).unwrap_or_default(),
+        ));
     }
     // Optional, but PACS worklists show them; copied when present.
     for (tag, vr) in [
@@ -249,16 +263,32 @@ pub(crate) fn put_sop_common(
 ) {
     obj.put(str_elem(tags::SPECIFIC_CHARACTER_SET, VR::CS, "ISO_IR 192"));
     obj.put(str_elem(tags::SOP_CLASS_UID, VR::UI, sop_class));
-    obj.put(str_elem(tags::SOP_INSTANCE_UID, VR::UI, sop_instance.as_str()));
-    obj.put(str_elem(tags::INSTANCE_CREATION_DATE, VR::DA, da(ctx.created)));
-    obj.put(str_elem(tags::INSTANCE_CREATION_TIME, VR::TM, tm(ctx.created)));
+    obj.put(str_elem(
+        tags::SOP_INSTANCE_UID,
+        VR::UI,
+        sop_instance.as_str(),
+    ));
+    obj.put(str_elem(
+        tags::INSTANCE_CREATION_DATE,
+        VR::DA,
+        da(ctx.created),
+    ));
+    obj.put(str_elem(
+        tags::INSTANCE_CREATION_TIME,
+        VR::TM,
+        tm(ctx.created),
+    ));
 
     let mut eq = InMemDicomObject::new_empty();
     eq.put(seq_elem(
         tags::PURPOSE_OF_REFERENCE_CODE_SEQUENCE,
         vec![codes::PROCESSING_EQUIPMENT.to_item()],
     ));
-    eq.put(str_elem(tags::MANUFACTURER, VR::LO, ctx.device.manufacturer.clone()));
+    eq.put(str_elem(
+        tags::MANUFACTURER,
+        VR::LO,
+        ctx.device.manufacturer.clone(),
+    ));
     eq.put(str_elem(tags::MANUFACTURER_MODEL_NAME, VR::LO, algorithm.0));
     eq.put(str_elem(tags::SOFTWARE_VERSIONS, VR::LO, algorithm.1));
     eq.put(str_elem(
@@ -277,17 +307,36 @@ pub(crate) fn put_sop_common(
 /// General Equipment (C.7.5.1) and Enhanced General Equipment (C.7.5.2):
 /// this node made the instance.
 pub(crate) fn put_equipment(obj: &mut InMemDicomObject, ctx: &ReportContext) {
-    obj.put(str_elem(tags::MANUFACTURER, VR::LO, ctx.device.manufacturer.clone()));
-    obj.put(str_elem(tags::MANUFACTURER_MODEL_NAME, VR::LO, "biomarker-node"));
-    obj.put(str_elem(tags::DEVICE_SERIAL_NUMBER, VR::LO, ctx.device.serial_number.clone()));
-    obj.put(str_elem(tags::SOFTWARE_VERSIONS, VR::LO, ctx.device.software_version.clone()));
+    obj.put(str_elem(
+        tags::MANUFACTURER,
+        VR::LO,
+        ctx.device.manufacturer.clone(),
+    ));
+    obj.put(str_elem(
+        tags::MANUFACTURER_MODEL_NAME,
+        VR::LO,
+        "biomarker-node",
+    ));
+    obj.put(str_elem(
+        tags::DEVICE_SERIAL_NUMBER,
+        VR::LO,
+        ctx.device.serial_number.clone(),
+    ));
+    obj.put(str_elem(
+        tags::SOFTWARE_VERSIONS,
+        VR::LO,
+        ctx.device.software_version.clone(),
+    ));
 }
 
 /// Check a value against a VR's length limit (PS3.5 6.2) and its character
 /// rules for the VRs we fill from outside data.
 pub(crate) fn check_text(what: &'static str, v: &str, max_chars: usize) -> Result<(), ReportError> {
     if v.trim().is_empty() {
-        return Err(ReportError::InvalidText { what, reason: "empty".into() });
+        return Err(ReportError::InvalidText {
+            what,
+            reason: "empty".into(),
+        });
     }
     if v.chars().count() > max_chars {
         return Err(ReportError::InvalidText {

@@ -20,7 +20,11 @@ pub struct RgbImage {
 
 impl RgbImage {
     pub fn new(rows: usize, cols: usize) -> RgbImage {
-        RgbImage { rows, cols, data: vec![0; rows * cols * 3] }
+        RgbImage {
+            rows,
+            cols,
+            data: vec![0; rows * cols * 3],
+        }
     }
 
     pub fn get(&self, r: usize, c: usize) -> [u8; 3] {
@@ -36,8 +40,16 @@ impl RgbImage {
     /// `alpha` of `px` over what is there.
     pub fn blend(&mut self, r: usize, c: usize, px: [u8; 3], alpha: f32) {
         let old = self.get(r, c);
-        let mix = |o: u8, n: u8| (o as f32 * (1.0 - alpha) + n as f32 * alpha).round().clamp(0.0, 255.0) as u8;
-        self.set(r, c, [mix(old[0], px[0]), mix(old[1], px[1]), mix(old[2], px[2])]);
+        let mix = |o: u8, n: u8| {
+            (o as f32 * (1.0 - alpha) + n as f32 * alpha)
+                .round()
+                .clamp(0.0, 255.0) as u8
+        };
+        self.set(
+            r,
+            c,
+            [mix(old[0], px[0]), mix(old[1], px[1]), mix(old[2], px[2])],
+        );
     }
 }
 
@@ -49,9 +61,15 @@ pub struct Window {
 }
 
 impl Window {
-    pub const SOFT_TISSUE: Window = Window { center: 40.0, width: 400.0 };
+    pub const SOFT_TISSUE: Window = Window {
+        center: 40.0,
+        width: 400.0,
+    };
     /// Calcium: wide enough that 130–1000 HU lesions stay distinct.
-    pub const CALCIUM: Window = Window { center: 200.0, width: 800.0 };
+    pub const CALCIUM: Window = Window {
+        center: 200.0,
+        width: 800.0,
+    };
 
     pub fn grey(&self, hu: f32) -> u8 {
         let lo = self.center - self.width / 2.0;
@@ -71,7 +89,11 @@ pub struct OverlayStyle {
 
 impl Default for OverlayStyle {
     fn default() -> OverlayStyle {
-        OverlayStyle { map_threshold: 0.1, max_alpha: 0.55, outline: [0, 255, 0] }
+        OverlayStyle {
+            map_threshold: 0.1,
+            max_alpha: 0.55,
+            outline: [0, 255, 0],
+        }
     }
 }
 
@@ -113,7 +135,11 @@ pub fn render_slice(
             }
             let outside = |dr: isize, dc: isize| {
                 let (y, x) = (r as isize + dr, c as isize + dc);
-                y < 0 || x < 0 || y >= rows as isize || x >= cols as isize || !cand[[y as usize, x as usize]]
+                y < 0
+                    || x < 0
+                    || y >= rows as isize
+                    || x >= cols as isize
+                    || !cand[[y as usize, x as usize]]
             };
             if outside(-1, 0) || outside(1, 0) || outside(0, -1) || outside(0, 1) {
                 img.set(r, c, style.outline);
@@ -133,7 +159,14 @@ pub fn text_scale(cols: usize, longest: usize) -> usize {
 
 /// Burn `text` in at (`row`, `col`) on a darkened box so it reads on any
 /// background. Clipped at the image edges.
-pub fn draw_text(img: &mut RgbImage, row: usize, col: usize, text: &str, scale: usize, colour: [u8; 3]) {
+pub fn draw_text(
+    img: &mut RgbImage,
+    row: usize,
+    col: usize,
+    text: &str,
+    scale: usize,
+    colour: [u8; 3],
+) {
     let n = text.chars().count();
     let (h, w) = ((GLYPH_H + 2) * scale, ((GLYPH_W + 1) * n + 1) * scale);
     for r in row..(row + h).min(img.rows) {
@@ -193,7 +226,13 @@ mod tests {
         map[[0, 0]] = 0.05;
         map[[0, 7]] = 0.9;
         let style = OverlayStyle::default();
-        let img = render_slice(hu.view(), Some(map.view()), Some(cand.view()), Window::SOFT_TISSUE, &style);
+        let img = render_slice(
+            hu.view(),
+            Some(map.view()),
+            Some(cand.view()),
+            Window::SOFT_TISSUE,
+            &style,
+        );
         assert_eq!(img.get(2, 2), style.outline);
         assert_eq!(img.get(2, 4), style.outline);
         assert_eq!(img.get(3, 3), [128, 128, 128], "interior stays grey");

@@ -21,19 +21,27 @@ use dicom_object::{FileDicomObject, InMemDicomObject};
 use ndarray::{ArrayView3, Axis};
 
 use super::content::Code;
-use super::overlay::{draw_text, line_height, render_slice, text_scale, OverlayStyle, RgbImage, Window};
+use super::overlay::{
+    draw_text, line_height, render_slice, text_scale, OverlayStyle, RgbImage, Window,
+};
 use super::sr::EXPLICIT_VR_LITTLE_ENDIAN;
-use super::{da, put_equipment, put_patient_and_study, put_sop_common, seq_elem, source_text, str_elem, tm};
+use super::{
+    da, put_equipment, put_patient_and_study, put_sop_common, seq_elem, source_text, str_elem, tm,
+};
 use super::{ReportContext, ReportError};
 use crate::biomarkers::Measurement;
-use crate::ingest::negotiation::{IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION};
 use crate::inference::card::ModelCard;
+use crate::ingest::negotiation::{IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION};
 
 pub const SECONDARY_CAPTURE: &str = "1.2.840.10008.5.1.4.1.1.7";
 /// Series Number of the overlay series in the source study.
 pub const SC_SERIES_NUMBER: i32 = 9902;
 /// CID 7202 Source Image Purposes of Reference.
-const SOURCE_FOR_PROCESSING: Code = Code::fixed("121322", "DCM", "Source image for image processing operation");
+const SOURCE_FOR_PROCESSING: Code = Code::fixed(
+    "121322",
+    "DCM",
+    "Source image for image processing operation",
+);
 
 pub const DISCLAIMER: &str = "NOT FOR DIAGNOSTIC USE";
 
@@ -50,7 +58,11 @@ impl ScOptions {
     /// Calcium window for Agatston, soft tissue for the rest.
     pub fn for_card(card: &ModelCard) -> ScOptions {
         ScOptions {
-            window: if card.is_agatston() { Window::CALCIUM } else { Window::SOFT_TISSUE },
+            window: if card.is_agatston() {
+                Window::CALCIUM
+            } else {
+                Window::SOFT_TISSUE
+            },
             style: OverlayStyle::default(),
             max_images: 16,
         }
@@ -58,7 +70,12 @@ impl ScOptions {
 }
 
 /// The slices to show, in slice order.
-pub fn choose_slices(card: &ModelCard, m: &Measurement, n_slices: usize, max_images: usize) -> Vec<usize> {
+pub fn choose_slices(
+    card: &ModelCard,
+    m: &Measurement,
+    n_slices: usize,
+    max_images: usize,
+) -> Vec<usize> {
     if n_slices == 0 {
         return vec![];
     }
@@ -96,7 +113,13 @@ pub fn choose_slices(card: &ModelCard, m: &Measurement, n_slices: usize, max_ima
                 .sum();
             (s, sum)
         })
-        .fold((n_slices / 2, f64::NEG_INFINITY), |acc, x| if x.1 > acc.1 { x } else { acc });
+        .fold((n_slices / 2, f64::NEG_INFINITY), |acc, x| {
+            if x.1 > acc.1 {
+                x
+            } else {
+                acc
+            }
+        });
     vec![best.0]
 }
 
@@ -104,12 +127,20 @@ pub fn choose_slices(card: &ModelCard, m: &Measurement, n_slices: usize, max_ima
 pub fn caption(card: &ModelCard, m: &Measurement) -> Vec<String> {
     // UCUM annotations ({Agatston}) read better without braces.
     let unit = m.unit.trim_start_matches('{').trim_end_matches('}');
-    let value = if card.is_agatston() { format!("{:.1}", m.value) } else { format!("{:.2}", m.value) };
-    let mut first = format!("{}: {} {}", card.biomarker.concept.meaning, value, unit);
+    let value = if card.is_agatston() {
+        format!("{:.1}", m.value)
+    } else {
+        format!("{:.2}", m.value)
+    };
+    let mut result = format!("{value} {unit}");
     if let Some(r) = m.risk_category {
-        first.push_str(&format!(" (category {})", r.as_str()));
+        result.push_str(&format!(" (category {})", r.as_str()));
     }
-    vec![first, format!("{} v{}", m.model, m.model_version)]
+    vec![
+        card.biomarker.concept.meaning.clone(),
+        result,
+        format!("{} v{}", m.model, m.model_version),
+    ]
 }
 
 /// Render the chosen slices: `(slice index, image)`.
@@ -132,7 +163,12 @@ pub fn render_overlays(
     }
     let lines = caption(card, m);
     let (_, rows, cols) = hu.dim();
-    let longest = lines.iter().map(|l| l.chars().count()).chain([DISCLAIMER.len()]).max().unwrap_or(1);
+    let longest = lines
+        .iter()
+        .map(|l| l.chars().count())
+        .chain([DISCLAIMER.len()])
+        .max()
+        .unwrap_or(1);
     let scale = text_scale(cols, longest);
     let pad = 2 * scale;
     Ok(choose_slices(card, m, hu.dim().0, opts.max_images)
@@ -146,7 +182,14 @@ pub fn render_overlays(
                 &opts.style,
             );
             for (i, l) in lines.iter().enumerate() {
-                draw_text(&mut img, pad + i * line_height(scale), pad, l, scale, [255, 255, 255]);
+                draw_text(
+                    &mut img,
+                    pad + i * line_height(scale),
+                    pad,
+                    l,
+                    scale,
+                    [255, 255, 255],
+                );
             }
             let bottom = rows.saturating_sub(pad + line_height(scale));
             draw_text(&mut img, bottom, pad, DISCLAIMER, scale, [255, 220, 0]);
@@ -168,7 +211,11 @@ pub fn build_sc(
     ctx.check()?;
     if ctx.source_refs.len() != hu.dim().0 {
         return Err(ReportError::Shape {
-            what: format!("{} source instances for {} slices", ctx.source_refs.len(), hu.dim().0),
+            what: format!(
+                "{} source instances for {} slices",
+                ctx.source_refs.len(),
+                hu.dim().0
+            ),
         });
     }
     let series = ctx.uid("sc-series");
@@ -182,16 +229,30 @@ pub fn build_sc(
         .map(|(k, (slice, img))| {
             let sop = ctx.uid(&format!("sc-instance|{slice}"));
             let mut o = InMemDicomObject::new_empty();
-            put_sop_common(&mut o, ctx, SECONDARY_CAPTURE, &sop, (&m.model, &m.model_version));
+            put_sop_common(
+                &mut o,
+                ctx,
+                SECONDARY_CAPTURE,
+                &sop,
+                (&m.model, &m.model_version),
+            );
             put_patient_and_study(&mut o, &ctx.source)?;
 
             // General Series (C.7.3.1): our own series in the source study.
             o.put(str_elem(tags::MODALITY, VR::CS, "OT"));
             o.put(str_elem(tags::SERIES_INSTANCE_UID, VR::UI, series.as_str()));
-            o.put(str_elem(tags::SERIES_NUMBER, VR::IS, SC_SERIES_NUMBER.to_string()));
+            o.put(str_elem(
+                tags::SERIES_NUMBER,
+                VR::IS,
+                SC_SERIES_NUMBER.to_string(),
+            ));
             o.put(str_elem(tags::SERIES_DATE, VR::DA, da(ctx.created)));
             o.put(str_elem(tags::SERIES_TIME, VR::TM, tm(ctx.created)));
-            o.put(str_elem(tags::SERIES_DESCRIPTION, VR::LO, format!("Biomarker overlay {}", m.model)));
+            o.put(str_elem(
+                tags::SERIES_DESCRIPTION,
+                VR::LO,
+                format!("Biomarker overlay {}", m.model),
+            ));
             // Laterality is Type 2C (paired body parts): with the source's
             // Body Part Examined a checker can tell it is not needed; without
             // it, empty means "unknown".
@@ -207,9 +268,21 @@ pub fn build_sc(
 
             // SC Equipment (C.8.6.1): made on a workstation from CT.
             o.put(str_elem(tags::CONVERSION_TYPE, VR::CS, "WSD"));
-            o.put(str_elem(tags::SECONDARY_CAPTURE_DEVICE_MANUFACTURER, VR::LO, ctx.device.manufacturer.clone()));
-            o.put(str_elem(tags::SECONDARY_CAPTURE_DEVICE_MANUFACTURER_MODEL_NAME, VR::LO, "biomarker-node"));
-            o.put(str_elem(tags::SECONDARY_CAPTURE_DEVICE_SOFTWARE_VERSIONS, VR::LO, ctx.device.software_version.clone()));
+            o.put(str_elem(
+                tags::SECONDARY_CAPTURE_DEVICE_MANUFACTURER,
+                VR::LO,
+                ctx.device.manufacturer.clone(),
+            ));
+            o.put(str_elem(
+                tags::SECONDARY_CAPTURE_DEVICE_MANUFACTURER_MODEL_NAME,
+                VR::LO,
+                "biomarker-node",
+            ));
+            o.put(str_elem(
+                tags::SECONDARY_CAPTURE_DEVICE_SOFTWARE_VERSIONS,
+                VR::LO,
+                ctx.device.software_version.clone(),
+            ));
 
             // General Image (C.7.6.1).
             o.put(str_elem(tags::INSTANCE_NUMBER, VR::IS, (k + 1).to_string()));
@@ -217,20 +290,43 @@ pub fn build_sc(
             o.put(str_elem(tags::CONTENT_DATE, VR::DA, da(ctx.created)));
             o.put(str_elem(tags::CONTENT_TIME, VR::TM, tm(ctx.created)));
             o.put(str_elem(tags::IMAGE_TYPE, VR::CS, "DERIVED\\SECONDARY"));
-            o.put(str_elem(tags::DERIVATION_DESCRIPTION, VR::ST, description.clone()));
+            o.put(str_elem(
+                tags::DERIVATION_DESCRIPTION,
+                VR::ST,
+                description.clone(),
+            ));
             o.put(str_elem(tags::BURNED_IN_ANNOTATION, VR::CS, "YES"));
             o.put(str_elem(tags::LOSSY_IMAGE_COMPRESSION, VR::CS, "00"));
             let src = &ctx.source_refs[slice];
             let mut r = InMemDicomObject::new_empty();
-            r.put(str_elem(tags::REFERENCED_SOP_CLASS_UID, VR::UI, src.sop_class_uid.as_str()));
-            r.put(str_elem(tags::REFERENCED_SOP_INSTANCE_UID, VR::UI, src.sop_instance_uid.as_str()));
-            r.put(seq_elem(tags::PURPOSE_OF_REFERENCE_CODE_SEQUENCE, vec![SOURCE_FOR_PROCESSING.to_item()]));
+            r.put(str_elem(
+                tags::REFERENCED_SOP_CLASS_UID,
+                VR::UI,
+                src.sop_class_uid.as_str(),
+            ));
+            r.put(str_elem(
+                tags::REFERENCED_SOP_INSTANCE_UID,
+                VR::UI,
+                src.sop_instance_uid.as_str(),
+            ));
+            r.put(seq_elem(
+                tags::PURPOSE_OF_REFERENCE_CODE_SEQUENCE,
+                vec![SOURCE_FOR_PROCESSING.to_item()],
+            ));
             o.put(seq_elem(tags::SOURCE_IMAGE_SEQUENCE, vec![r]));
 
             // SC Image (C.8.6.2): the overlay is at native resolution, so
             // the source pixel spacing still holds (as nominal spacing).
-            o.put(str_elem(tags::DATE_OF_SECONDARY_CAPTURE, VR::DA, da(ctx.created)));
-            o.put(str_elem(tags::TIME_OF_SECONDARY_CAPTURE, VR::TM, tm(ctx.created)));
+            o.put(str_elem(
+                tags::DATE_OF_SECONDARY_CAPTURE,
+                VR::DA,
+                da(ctx.created),
+            ));
+            o.put(str_elem(
+                tags::TIME_OF_SECONDARY_CAPTURE,
+                VR::TM,
+                tm(ctx.created),
+            ));
             if let Some(ps) = source_text(&ctx.source, tags::PIXEL_SPACING) {
                 o.put(str_elem(tags::NOMINAL_SCANNED_PIXEL_SPACING, VR::DS, ps));
             }
@@ -238,22 +334,60 @@ pub fn build_sc(
             // Image Pixel (C.7.6.3).
             let (rows, cols) = (img.rows, img.cols);
             let dim = |v: usize, what: &str| {
-                u16::try_from(v).map_err(|_| ReportError::Shape { what: format!("{what} {v} exceeds 65535") })
+                u16::try_from(v).map_err(|_| ReportError::Shape {
+                    what: format!("{what} {v} exceeds 65535"),
+                })
             };
-            o.put(DataElement::new(tags::SAMPLES_PER_PIXEL, VR::US, PrimitiveValue::from(3u16)));
+            o.put(DataElement::new(
+                tags::SAMPLES_PER_PIXEL,
+                VR::US,
+                PrimitiveValue::from(3u16),
+            ));
             o.put(str_elem(tags::PHOTOMETRIC_INTERPRETATION, VR::CS, "RGB"));
-            o.put(DataElement::new(tags::PLANAR_CONFIGURATION, VR::US, PrimitiveValue::from(0u16)));
-            o.put(DataElement::new(tags::ROWS, VR::US, PrimitiveValue::from(dim(rows, "rows")?)));
-            o.put(DataElement::new(tags::COLUMNS, VR::US, PrimitiveValue::from(dim(cols, "columns")?)));
-            o.put(DataElement::new(tags::BITS_ALLOCATED, VR::US, PrimitiveValue::from(8u16)));
-            o.put(DataElement::new(tags::BITS_STORED, VR::US, PrimitiveValue::from(8u16)));
-            o.put(DataElement::new(tags::HIGH_BIT, VR::US, PrimitiveValue::from(7u16)));
-            o.put(DataElement::new(tags::PIXEL_REPRESENTATION, VR::US, PrimitiveValue::from(0u16)));
+            o.put(DataElement::new(
+                tags::PLANAR_CONFIGURATION,
+                VR::US,
+                PrimitiveValue::from(0u16),
+            ));
+            o.put(DataElement::new(
+                tags::ROWS,
+                VR::US,
+                PrimitiveValue::from(dim(rows, "rows")?),
+            ));
+            o.put(DataElement::new(
+                tags::COLUMNS,
+                VR::US,
+                PrimitiveValue::from(dim(cols, "columns")?),
+            ));
+            o.put(DataElement::new(
+                tags::BITS_ALLOCATED,
+                VR::US,
+                PrimitiveValue::from(8u16),
+            ));
+            o.put(DataElement::new(
+                tags::BITS_STORED,
+                VR::US,
+                PrimitiveValue::from(8u16),
+            ));
+            o.put(DataElement::new(
+                tags::HIGH_BIT,
+                VR::US,
+                PrimitiveValue::from(7u16),
+            ));
+            o.put(DataElement::new(
+                tags::PIXEL_REPRESENTATION,
+                VR::US,
+                PrimitiveValue::from(0u16),
+            ));
             let mut px = img.data;
             if px.len() % 2 == 1 {
                 px.push(0); // OB values have even length (PS3.5 7.1.1)
             }
-            o.put(DataElement::new(tags::PIXEL_DATA, VR::OB, PrimitiveValue::from(px)));
+            o.put(DataElement::new(
+                tags::PIXEL_DATA,
+                VR::OB,
+                PrimitiveValue::from(px),
+            ));
 
             o.with_meta(
                 FileMetaTableBuilder::new()
@@ -274,10 +408,14 @@ mod tests {
 
     fn write_png(path: &Path, img: &RgbImage) {
         let f = std::fs::File::create(path).unwrap();
-        let mut enc = png::Encoder::new(std::io::BufWriter::new(f), img.cols as u32, img.rows as u32);
+        let mut enc =
+            png::Encoder::new(std::io::BufWriter::new(f), img.cols as u32, img.rows as u32);
         enc.set_color(png::ColorType::Rgb);
         enc.set_depth(png::BitDepth::Eight);
-        enc.write_header().unwrap().write_image_data(&img.data).unwrap();
+        enc.write_header()
+            .unwrap()
+            .write_image_data(&img.data)
+            .unwrap();
     }
 
     #[test]
@@ -296,8 +434,18 @@ mod tests {
             f.write_to_file(&p).unwrap();
             keep(&p, &format!("sc-cac-{i}.dcm"));
             dciodvfy_clean(&p);
-            uids.push(f.element(tags::SOP_INSTANCE_UID).unwrap().to_str().unwrap().into_owned());
-            let src = f.element(tags::SOURCE_IMAGE_SEQUENCE).unwrap().items().unwrap()[0]
+            uids.push(
+                f.element(tags::SOP_INSTANCE_UID)
+                    .unwrap()
+                    .to_str()
+                    .unwrap()
+                    .into_owned(),
+            );
+            let src = f
+                .element(tags::SOURCE_IMAGE_SEQUENCE)
+                .unwrap()
+                .items()
+                .unwrap()[0]
                 .element(tags::REFERENCED_SOP_INSTANCE_UID)
                 .unwrap()
                 .to_str()

@@ -9,20 +9,23 @@
 //! not negotiate .88.34, the outbox could relabel it .88.33 (the IOD modules
 //! we fill are a superset) — not done here.
 
-use dicom_dictionary_std::tags;
 use dicom_core::VR;
+use dicom_dictionary_std::tags;
 use dicom_object::meta::FileMetaTableBuilder;
 use dicom_object::{FileDicomObject, InMemDicomObject};
 
 use super::content::{encode_item, put_children, Code, ContentItem, ImageItem, UcumUnit};
 use super::tid1500::{
-    AlgorithmIdentification, DeviceObserver, ImageLibrary, Measurement, MeasurementGroup, MeasurementReport,
-    QualitativeEvaluation, TrackingIdentifier,
+    AlgorithmIdentification, DeviceObserver, ImageLibrary, Measurement, MeasurementGroup,
+    MeasurementReport, QualitativeEvaluation, TrackingIdentifier,
 };
-use super::{codes, da, put_equipment, put_patient_and_study, put_sop_common, seq_elem, str_elem, tm, ReportContext, ReportError};
+use super::{
+    codes, da, put_equipment, put_patient_and_study, put_sop_common, seq_elem, str_elem, tm,
+    ReportContext, ReportError,
+};
 use crate::biomarkers::{Measurement as BiomarkerMeasurement, RiskCategory};
-use crate::ingest::negotiation::{IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION};
 use crate::inference::card::ModelCard;
+use crate::ingest::negotiation::{IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION};
 
 pub const COMPREHENSIVE_3D_SR: &str = "1.2.840.10008.5.1.4.1.1.88.34";
 pub const EXPLICIT_VR_LITTLE_ENDIAN: &str = "1.2.840.10008.1.2.1";
@@ -52,7 +55,10 @@ pub fn measurement_report(
     if m.unit != card.biomarker.unit.ucum {
         return Err(ReportError::InvalidCode {
             field: "unit",
-            reason: format!("measurement unit `{}` is not the card's `{}`", m.unit, card.biomarker.unit.ucum),
+            reason: format!(
+                "measurement unit `{}` is not the card's `{}`",
+                m.unit, card.biomarker.unit.ucum
+            ),
         });
     }
     let concept = Code::try_from(&card.biomarker.concept)?;
@@ -60,7 +66,12 @@ pub fn measurement_report(
     let unit = UcumUnit::new(&card.biomarker.unit.ucum, &card.biomarker.unit.meaning)?;
     let algorithm = AlgorithmIdentification::new(&m.model, &m.model_version)?;
 
-    let mut measurements = vec![Measurement::new(concept.clone(), m.value, unit, Some(algorithm.clone()))?];
+    let mut measurements = vec![Measurement::new(
+        concept.clone(),
+        m.value,
+        unit,
+        Some(algorithm.clone()),
+    )?];
     let mut evaluations = Vec::new();
     if card.is_agatston() {
         // Lesions that count toward the score (all of them under "soft"
@@ -74,17 +85,28 @@ pub fn measurement_report(
         )?);
     }
     if let Some(r) = m.risk_category {
-        evaluations.push(QualitativeEvaluation::new(codes::CAC_RISK_CATEGORY, risk_code(r)));
+        evaluations.push(QualitativeEvaluation::new(
+            codes::CAC_RISK_CATEGORY,
+            risk_code(r),
+        ));
     }
     let group = MeasurementGroup {
-        tracking: TrackingIdentifier::new(&format!("{} ({})", concept.meaning(), card.name), ctx.uid(&format!("sr-tracking|{}", card.name)))?,
+        tracking: TrackingIdentifier::new(
+            &format!("{} ({})", concept.meaning(), card.name),
+            ctx.uid(&format!("sr-tracking|{}", card.name)),
+        )?,
         finding_site: Some(site),
         algorithm: Some(algorithm),
         measurements,
         evaluations,
     };
     Ok(MeasurementReport {
-        observer: DeviceObserver::new(ctx.device.uid.clone(), &ctx.device.name, &ctx.device.manufacturer, &m.model)?,
+        observer: DeviceObserver::new(
+            ctx.device.uid.clone(),
+            &ctx.device.name,
+            &ctx.device.manufacturer,
+            &m.model,
+        )?,
         procedure: codes::COMPUTED_TOMOGRAPHY,
         library: ImageLibrary {
             modality: codes::MODALITY_CT,
@@ -108,23 +130,55 @@ pub fn build_sr(
     let sop_instance = ctx.uid("sr-instance");
     let mut o = InMemDicomObject::new_empty();
 
-    put_sop_common(&mut o, ctx, COMPREHENSIVE_3D_SR, &sop_instance, (&m.model, &m.model_version));
+    put_sop_common(
+        &mut o,
+        ctx,
+        COMPREHENSIVE_3D_SR,
+        &sop_instance,
+        (&m.model, &m.model_version),
+    );
     // The private scheme used by the risk category and (maybe) the card.
     let mut scheme = InMemDicomObject::new_empty();
-    scheme.put(str_elem(tags::CODING_SCHEME_DESIGNATOR, VR::SH, codes::PRIVATE_SCHEME));
-    scheme.put(str_elem(tags::CODING_SCHEME_NAME, VR::ST, codes::PRIVATE_SCHEME_NAME));
-    o.put(seq_elem(tags::CODING_SCHEME_IDENTIFICATION_SEQUENCE, vec![scheme]));
+    scheme.put(str_elem(
+        tags::CODING_SCHEME_DESIGNATOR,
+        VR::SH,
+        codes::PRIVATE_SCHEME,
+    ));
+    scheme.put(str_elem(
+        tags::CODING_SCHEME_NAME,
+        VR::ST,
+        codes::PRIVATE_SCHEME_NAME,
+    ));
+    o.put(seq_elem(
+        tags::CODING_SCHEME_IDENTIFICATION_SEQUENCE,
+        vec![scheme],
+    ));
 
     let study = put_patient_and_study(&mut o, &ctx.source)?;
 
     // SR Document Series (C.17.1).
     o.put(str_elem(tags::MODALITY, VR::CS, "SR"));
-    o.put(str_elem(tags::SERIES_INSTANCE_UID, VR::UI, ctx.uid("sr-series").as_str()));
-    o.put(str_elem(tags::SERIES_NUMBER, VR::IS, SR_SERIES_NUMBER.to_string()));
+    o.put(str_elem(
+        tags::SERIES_INSTANCE_UID,
+        VR::UI,
+        ctx.uid("sr-series").as_str(),
+    ));
+    o.put(str_elem(
+        tags::SERIES_NUMBER,
+        VR::IS,
+        SR_SERIES_NUMBER.to_string(),
+    ));
     o.put(str_elem(tags::SERIES_DATE, VR::DA, da(ctx.created)));
     o.put(str_elem(tags::SERIES_TIME, VR::TM, tm(ctx.created)));
-    o.put(str_elem(tags::SERIES_DESCRIPTION, VR::LO, format!("Biomarker report {}", m.model)));
-    o.put(seq_elem(tags::REFERENCED_PERFORMED_PROCEDURE_STEP_SEQUENCE, vec![]));
+    o.put(str_elem(
+        tags::SERIES_DESCRIPTION,
+        VR::LO,
+        format!("Biomarker report {}", m.model),
+    ));
+    o.put(seq_elem(
+        tags::REFERENCED_PERFORMED_PROCEDURE_STEP_SEQUENCE,
+        vec![],
+    ));
 
     put_equipment(&mut o, ctx);
 
@@ -163,13 +217,25 @@ fn evidence_item(ctx: &ReportContext, study: &str) -> InMemDicomObject {
         .iter()
         .map(|s| {
             let mut r = InMemDicomObject::new_empty();
-            r.put(str_elem(tags::REFERENCED_SOP_CLASS_UID, VR::UI, s.sop_class_uid.as_str()));
-            r.put(str_elem(tags::REFERENCED_SOP_INSTANCE_UID, VR::UI, s.sop_instance_uid.as_str()));
+            r.put(str_elem(
+                tags::REFERENCED_SOP_CLASS_UID,
+                VR::UI,
+                s.sop_class_uid.as_str(),
+            ));
+            r.put(str_elem(
+                tags::REFERENCED_SOP_INSTANCE_UID,
+                VR::UI,
+                s.sop_instance_uid.as_str(),
+            ));
             r
         })
         .collect();
     let mut series = InMemDicomObject::new_empty();
-    series.put(str_elem(tags::SERIES_INSTANCE_UID, VR::UI, ctx.series_instance_uid.as_str()));
+    series.put(str_elem(
+        tags::SERIES_INSTANCE_UID,
+        VR::UI,
+        ctx.series_instance_uid.as_str(),
+    ));
     series.put(seq_elem(tags::REFERENCED_SOP_SEQUENCE, sops));
     let mut item = InMemDicomObject::new_empty();
     item.put(str_elem(tags::STUDY_INSTANCE_UID, VR::UI, study));
@@ -204,13 +270,19 @@ mod tests {
     fn bad_inputs_are_rejected_at_the_boundary() {
         let (ctx, card, mut m) = area_fixture();
         m.value = f64::NAN;
-        assert!(matches!(build_sr(&ctx, &card, &m), Err(ReportError::NonFinite { .. })));
+        assert!(matches!(
+            build_sr(&ctx, &card, &m),
+            Err(ReportError::NonFinite { .. })
+        ));
         let (ctx, card, mut m) = area_fixture();
         m.unit = "mm2".into();
         assert!(build_sr(&ctx, &card, &m).is_err());
         let (mut ctx, card, m) = area_fixture();
         ctx.source_refs.clear();
-        assert_eq!(build_sr(&ctx, &card, &m).unwrap_err(), ReportError::NoSources);
+        assert_eq!(
+            build_sr(&ctx, &card, &m).unwrap_err(),
+            ReportError::NoSources
+        );
     }
 
     #[test]
@@ -218,7 +290,10 @@ mod tests {
         let (ctx, card, m) = area_fixture();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sr.dcm");
-        build_sr(&ctx, &card, &m).unwrap().write_to_file(&path).unwrap();
+        build_sr(&ctx, &card, &m)
+            .unwrap()
+            .write_to_file(&path)
+            .unwrap();
         keep(&path, "sr-area.dcm");
         dciodvfy_clean(&path);
         let dump = dsrdump(&path);
@@ -235,7 +310,10 @@ mod tests {
         let (ctx, card, m) = cac_fixture();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sr.dcm");
-        build_sr(&ctx, &card, &m).unwrap().write_to_file(&path).unwrap();
+        build_sr(&ctx, &card, &m)
+            .unwrap()
+            .write_to_file(&path)
+            .unwrap();
         keep(&path, "sr-cac.dcm");
         dciodvfy_clean(&path);
         if let Some(dump) = dsrdump(&path) {
@@ -243,6 +321,12 @@ mod tests {
             assert!(dump.contains("Number of lesions"), "{dump}");
             assert!(dump.contains("({Agatston},UCUM"), "{dump}");
         }
-        highdicom_readback(&path, "CAC-AGATSTON", 123.5, "{Agatston}", Some("CAC-RISK-101-400"));
+        highdicom_readback(
+            &path,
+            "CAC-AGATSTON",
+            123.5,
+            "{Agatston}",
+            Some("CAC-RISK-101-400"),
+        );
     }
 }

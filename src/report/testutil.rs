@@ -70,7 +70,10 @@ fn created() -> time::OffsetDateTime {
 /// synthetic one.
 pub fn real_or_synthetic_source() -> InMemDicomObject {
     let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(REAL_CT);
-    match dicom_object::open_file(&p).map(|f| f.into_inner()).or_else(|e| dataset_after_meta(&p).ok_or(e)) {
+    match dicom_object::open_file(&p)
+        .map(|f| f.into_inner())
+        .or_else(|e| dataset_after_meta(&p).ok_or(e))
+    {
         Ok(mut o) => {
             o.remove_element(tags::PIXEL_DATA);
             o
@@ -100,9 +103,21 @@ pub fn synthetic_source(patient: &str) -> InMemDicomObject {
     InMemDicomObject::from_element_iter([
         DataElement::new(tags::SPECIFIC_CHARACTER_SET, VR::CS, "ISO_IR 192"),
         DataElement::new(tags::SOP_CLASS_UID, VR::UI, "1.2.840.10008.5.1.4.1.1.2"),
-        DataElement::new(tags::SOP_INSTANCE_UID, VR::UI, "1.2.826.0.1.3680043.10.1484.99.1.1"),
-        DataElement::new(tags::STUDY_INSTANCE_UID, VR::UI, "1.2.826.0.1.3680043.10.1484.99.1"),
-        DataElement::new(tags::SERIES_INSTANCE_UID, VR::UI, "1.2.826.0.1.3680043.10.1484.99.1.2"),
+        DataElement::new(
+            tags::SOP_INSTANCE_UID,
+            VR::UI,
+            "1.2.826.0.1.3680043.10.1484.99.1.1",
+        ),
+        DataElement::new(
+            tags::STUDY_INSTANCE_UID,
+            VR::UI,
+            "1.2.826.0.1.3680043.10.1484.99.1",
+        ),
+        DataElement::new(
+            tags::SERIES_INSTANCE_UID,
+            VR::UI,
+            "1.2.826.0.1.3680043.10.1484.99.1.2",
+        ),
         DataElement::new(tags::PATIENT_NAME, VR::PN, patient),
         DataElement::new(tags::PATIENT_ID, VR::LO, "P-0001"),
         DataElement::new(tags::PATIENT_BIRTH_DATE, VR::DA, "19500101"),
@@ -121,7 +136,10 @@ fn refs(source: &InMemDicomObject, n: usize) -> (Uid, Vec<SourceInstance>) {
     let get = |t| Uid::parse(&source.element(t).unwrap().to_str().unwrap()).unwrap();
     let class = get(tags::SOP_CLASS_UID);
     let first = get(tags::SOP_INSTANCE_UID);
-    let mut v = vec![SourceInstance { sop_class_uid: class.clone(), sop_instance_uid: first.clone() }];
+    let mut v = vec![SourceInstance {
+        sop_class_uid: class.clone(),
+        sop_instance_uid: first.clone(),
+    }];
     for i in 1..n {
         v.push(SourceInstance {
             sop_class_uid: class.clone(),
@@ -133,7 +151,14 @@ fn refs(source: &InMemDicomObject, n: usize) -> (Uid, Vec<SourceInstance>) {
 
 pub fn context(source: InMemDicomObject, n_slices: usize, seed: &str) -> ReportContext {
     let (series, source_refs) = refs(&source, n_slices);
-    ReportContext { source, source_refs, series_instance_uid: series, seed: seed.into(), device: device(), created: created() }
+    ReportContext {
+        source,
+        source_refs,
+        series_instance_uid: series,
+        seed: seed.into(),
+        device: device(),
+        created: created(),
+    }
 }
 
 /// A phantom-like axial slice: air outside an elliptic body, fat rim, muscle
@@ -144,7 +169,10 @@ pub fn phantom_hu(rows: usize, cols: usize) -> ndarray::Array2<f32> {
     let (cy, cx) = (rows as f32 / 2.0, cols as f32 / 2.0);
     for r in 0..rows {
         for c in 0..cols {
-            let (y, x) = ((r as f32 - cy) / (rows as f32 * 0.36), (c as f32 - cx) / (cols as f32 * 0.45));
+            let (y, x) = (
+                (r as f32 - cy) / (rows as f32 * 0.36),
+                (c as f32 - cx) / (cols as f32 * 0.45),
+            );
             let d = x * x + y * y;
             if d < 1.0 {
                 hu[[r, c]] = if d > 0.8 { -100.0 } else { 40.0 };
@@ -224,19 +252,30 @@ pub fn cac_measurement(n: usize, rows: usize, cols: usize) -> (Array3<f32>, Meas
     for i in 0..n {
         hu.slice_mut(s![i, .., ..]).assign(&slice);
     }
-    // lesions on slices 1 and 3 only
-    for (k, &(sl, r, c)) in [(1usize, rows * 45 / 100, cols * 55 / 100), (3, rows * 50 / 100, cols * 42 / 100)]
-        .iter()
-        .enumerate()
+    // lesions on slices 1 and 3 only, in the mediastinum between the lungs
+    let size = (rows / 40).max(3);
+    for (k, &(sl, r, c)) in [
+        (1usize, rows * 40 / 100, cols * 47 / 100),
+        (3, rows * 46 / 100, cols * 51 / 100),
+    ]
+    .iter()
+    .enumerate()
     {
         if sl >= n {
             continue;
         }
-        for dr in 0..4 {
-            for dc in 0..5 {
+        // the map spills a little around the lesion, weaker
+        let halo = size / 2 + 1;
+        for rr in r.saturating_sub(halo)..(r + size + halo).min(rows) {
+            for cc in c.saturating_sub(halo)..(c + size + halo).min(cols) {
+                map[[sl, rr, cc]] = 0.35;
+            }
+        }
+        for dr in 0..size {
+            for dc in 0..size + 1 {
                 hu[[sl, r + dr, c + dc]] = 450.0;
                 cand[[sl, r + dr, c + dc]] = true;
-                map[[sl, r + dr, c + dc]] = 0.8;
+                map[[sl, r + dr, c + dc]] = 0.85;
             }
         }
         lesions.push(LesionResult {
@@ -269,12 +308,20 @@ pub fn cac_measurement(n: usize, rows: usize, cols: usize) -> (Array3<f32>, Meas
 
 pub fn area_fixture() -> (ReportContext, ModelCard, Measurement) {
     let (_, m) = area_measurement(1, 32, 32);
-    (context(real_or_synthetic_source(), 1, "1.2.3|pma|1.2.0|0"), card(AREA_CARD), m)
+    (
+        context(real_or_synthetic_source(), 1, "1.2.3|pma|1.2.0|0"),
+        card(AREA_CARD),
+        m,
+    )
 }
 
 pub fn cac_fixture() -> (ReportContext, ModelCard, Measurement) {
     let (_, m) = cac_measurement(4, 32, 32);
-    (context(synthetic_source("Müller^Jörg"), 4, "1.2.3|cac|0.3.1|0"), card(CAC_CARD), m)
+    (
+        context(synthetic_source("Müller^Jörg"), 4, "1.2.3|cac|0.3.1|0"),
+        card(CAC_CARD),
+        m,
+    )
 }
 
 /// Whether a tool can be run; when not: fail under CI, else say so.
@@ -295,7 +342,11 @@ pub fn dciodvfy_clean(path: &Path) {
         return;
     }
     let out = Command::new("dciodvfy").arg(path).output().unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     let errors: Vec<&str> = text.lines().filter(|l| l.contains("Error")).collect();
     for l in text.lines().filter(|l| !l.contains("Error")) {
         eprintln!("dciodvfy {}: {l}", path.display());
@@ -308,10 +359,22 @@ pub fn dsrdump(path: &Path) -> Option<String> {
     if !available("dsrdump", &["--version"]) {
         return None;
     }
-    let out = Command::new("dsrdump").args(["+Pc", "-Ec"]).arg(path).output().unwrap();
+    let out = Command::new("dsrdump")
+        .args(["+Pc", "-Ec"])
+        .arg(path)
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(out.status.success(), "dsrdump failed: {}{text}", String::from_utf8_lossy(&out.stderr));
-    assert!(!String::from_utf8_lossy(&out.stderr).contains("E:"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "dsrdump failed: {}{text}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("E:"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     Some(text)
 }
 
@@ -332,8 +395,16 @@ print("highdicom ok", ms[0].name.meaning, ms[0].value, ms[0].unit.value)
 "#;
 
 /// highdicom reads the SR back and finds the measurement with its unit.
-pub fn highdicom_readback(path: &Path, concept: &str, value: f64, unit: &str, evaluation: Option<&str>) {
-    let probe = Command::new("python3").args(["-c", "import highdicom"]).output();
+pub fn highdicom_readback(
+    path: &Path,
+    concept: &str,
+    value: f64,
+    unit: &str,
+    evaluation: Option<&str>,
+) {
+    let probe = Command::new("python3")
+        .args(["-c", "import highdicom"])
+        .output();
     if !matches!(&probe, Ok(o) if o.status.success()) {
         if std::env::var_os("CI").is_some() {
             panic!("python3 with highdicom is required under CI");
@@ -350,7 +421,11 @@ pub fn highdicom_readback(path: &Path, concept: &str, value: f64, unit: &str, ev
         .args(evaluation)
         .output()
         .unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(out.status.success(), "highdicom readback failed:\n{text}");
     eprintln!("{}", text.trim());
 }

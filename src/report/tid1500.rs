@@ -15,7 +15,8 @@
 
 use super::codes;
 use super::content::{
-    Code, CodeItem, ContainerItem, ContentNode, ImageItem, NumItem, Relationship, TextItem, UcumUnit, UidRefItem,
+    Code, CodeItem, ContainerItem, ContentNode, ImageItem, NumItem, Relationship, TextItem,
+    UcumUnit, UidRefItem,
 };
 use super::ReportError;
 use crate::dicom::Uid;
@@ -24,7 +25,10 @@ use Relationship::{Contains, HasAcqContext, HasConceptMod, HasObsContext};
 
 /// TID 1204 Language of Content Item and Descendants: English, RFC 5646.
 pub fn language_of_content() -> ContentNode {
-    ContentNode::new(HasConceptMod, CodeItem::new(codes::LANGUAGE_OF_CONTENT, codes::ENGLISH))
+    ContentNode::new(
+        HasConceptMod,
+        CodeItem::new(codes::LANGUAGE_OF_CONTENT, codes::ENGLISH),
+    )
 }
 
 /// TID 1002 Observer Context with TID 1004 Device Observer Identifying
@@ -38,7 +42,12 @@ pub struct DeviceObserver {
 }
 
 impl DeviceObserver {
-    pub fn new(uid: Uid, name: &str, manufacturer: &str, model_name: &str) -> Result<DeviceObserver, ReportError> {
+    pub fn new(
+        uid: Uid,
+        name: &str,
+        manufacturer: &str,
+        model_name: &str,
+    ) -> Result<DeviceObserver, ReportError> {
         Ok(DeviceObserver {
             uid,
             name: TextItem::new(codes::DEVICE_OBSERVER_NAME, name)?,
@@ -49,8 +58,14 @@ impl DeviceObserver {
 
     pub fn nodes(&self) -> Vec<ContentNode> {
         vec![
-            ContentNode::new(HasObsContext, CodeItem::new(codes::OBSERVER_TYPE, codes::DEVICE)),
-            ContentNode::new(HasObsContext, UidRefItem::new(codes::DEVICE_OBSERVER_UID, self.uid.clone())),
+            ContentNode::new(
+                HasObsContext,
+                CodeItem::new(codes::OBSERVER_TYPE, codes::DEVICE),
+            ),
+            ContentNode::new(
+                HasObsContext,
+                UidRefItem::new(codes::DEVICE_OBSERVER_UID, self.uid.clone()),
+            ),
             ContentNode::new(HasObsContext, self.name.clone()),
             ContentNode::new(HasObsContext, self.manufacturer.clone()),
             ContentNode::new(HasObsContext, self.model_name.clone()),
@@ -92,13 +107,19 @@ pub struct TrackingIdentifier {
 
 impl TrackingIdentifier {
     pub fn new(identifier: &str, uid: Uid) -> Result<TrackingIdentifier, ReportError> {
-        Ok(TrackingIdentifier { identifier: TextItem::new(codes::TRACKING_IDENTIFIER, identifier)?, uid })
+        Ok(TrackingIdentifier {
+            identifier: TextItem::new(codes::TRACKING_IDENTIFIER, identifier)?,
+            uid,
+        })
     }
 
     pub fn nodes(&self) -> Vec<ContentNode> {
         vec![
             ContentNode::new(HasObsContext, self.identifier.clone()),
-            ContentNode::new(HasObsContext, UidRefItem::new(codes::TRACKING_UID, self.uid.clone())),
+            ContentNode::new(
+                HasObsContext,
+                UidRefItem::new(codes::TRACKING_UID, self.uid.clone()),
+            ),
         ]
     }
 }
@@ -118,11 +139,18 @@ impl Measurement {
         unit: UcumUnit,
         algorithm: Option<AlgorithmIdentification>,
     ) -> Result<Measurement, ReportError> {
-        Ok(Measurement { num: NumItem::new(concept, value, unit)?, algorithm })
+        Ok(Measurement {
+            num: NumItem::new(concept, value, unit)?,
+            algorithm,
+        })
     }
 
     pub fn node(&self) -> ContentNode {
-        let children = self.algorithm.as_ref().map(|a| a.nodes()).unwrap_or_default();
+        let children = self
+            .algorithm
+            .as_ref()
+            .map(|a| a.nodes())
+            .unwrap_or_default();
         ContentNode::new(Contains, self.num.clone()).with_children(children)
     }
 }
@@ -156,14 +184,21 @@ impl MeasurementGroup {
     pub fn node(&self) -> ContentNode {
         let mut c = self.tracking.nodes();
         if let Some(site) = &self.finding_site {
-            c.push(ContentNode::new(HasConceptMod, CodeItem::new(codes::FINDING_SITE, site.clone())));
+            c.push(ContentNode::new(
+                HasConceptMod,
+                CodeItem::new(codes::FINDING_SITE, site.clone()),
+            ));
         }
         if let Some(a) = &self.algorithm {
             c.extend(a.nodes());
         }
         c.extend(self.measurements.iter().map(Measurement::node));
         c.extend(self.evaluations.iter().map(QualitativeEvaluation::node));
-        ContentNode::new(Contains, ContainerItem::new(codes::MEASUREMENT_GROUP, Some("1501"))).with_children(c)
+        ContentNode::new(
+            Contains,
+            ContainerItem::new(codes::MEASUREMENT_GROUP, Some("1501")),
+        )
+        .with_children(c)
     }
 }
 
@@ -176,10 +211,26 @@ pub struct ImageLibrary {
 
 impl ImageLibrary {
     pub fn node(&self) -> ContentNode {
-        let mut group = vec![ContentNode::new(HasAcqContext, CodeItem::new(codes::MODALITY, self.modality.clone()))];
-        group.extend(self.images.iter().cloned().map(|i| ContentNode::new(Contains, i)));
-        let group = ContentNode::new(Contains, ContainerItem::new(codes::IMAGE_LIBRARY_GROUP, None)).with_children(group);
-        ContentNode::new(Contains, ContainerItem::new(codes::IMAGE_LIBRARY, Some("1600"))).with_children(vec![group])
+        let mut group = vec![ContentNode::new(
+            HasAcqContext,
+            CodeItem::new(codes::MODALITY, self.modality.clone()),
+        )];
+        group.extend(
+            self.images
+                .iter()
+                .cloned()
+                .map(|i| ContentNode::new(Contains, i)),
+        );
+        let group = ContentNode::new(
+            Contains,
+            ContainerItem::new(codes::IMAGE_LIBRARY_GROUP, None),
+        )
+        .with_children(group);
+        ContentNode::new(
+            Contains,
+            ContainerItem::new(codes::IMAGE_LIBRARY, Some("1600")),
+        )
+        .with_children(vec![group])
     }
 }
 
@@ -204,9 +255,15 @@ impl MeasurementReport {
         ));
         c.push(self.library.node());
         c.push(
-            ContentNode::new(Contains, ContainerItem::new(codes::IMAGING_MEASUREMENTS, None))
-                .with_children(self.groups.iter().map(MeasurementGroup::node).collect()),
+            ContentNode::new(
+                Contains,
+                ContainerItem::new(codes::IMAGING_MEASUREMENTS, None),
+            )
+            .with_children(self.groups.iter().map(MeasurementGroup::node).collect()),
         );
-        (ContainerItem::new(codes::IMAGING_MEASUREMENT_REPORT, Some("1500")), c)
+        (
+            ContainerItem::new(codes::IMAGING_MEASUREMENT_REPORT, Some("1500")),
+            c,
+        )
     }
 }
