@@ -437,7 +437,7 @@ pub fn format_ds(v: f64) -> String {
             .map_or(f64::INFINITY, |b| (b - v).abs())
     };
     let (ef, es) = (err(&fixed), err(&sci));
-    let best = match (fixed, sci) {
+    match (fixed, sci) {
         (Some(f), Some(s)) => {
             if ef <= es {
                 f
@@ -446,8 +446,7 @@ pub fn format_ds(v: f64) -> String {
             }
         }
         (f, s) => f.or(s).unwrap_or_else(|| "0".into()),
-    };
-    best
+    }
 }
 
 fn trim_fraction(s: String) -> String {
@@ -471,7 +470,7 @@ mod tests {
             23.412345678912345,
             1e20,
             -1.234e-12,
-            123456789.123456789,
+            123456789.12345679,
             -1.5e300,
             f64::MIN_POSITIVE,
         ] {

@@ -150,7 +150,7 @@ pub fn render_overlays(
     hu: ArrayView3<f32>,
     opts: &ScOptions,
 ) -> Result<Vec<(usize, RgbImage)>, ReportError> {
-    let has_map = m.map.len() > 0;
+    let has_map = !m.map.is_empty();
     if has_map && (m.map.dim() != hu.dim() || m.candidates.dim() != hu.dim()) {
         return Err(ReportError::Shape {
             what: format!(
@@ -209,6 +209,8 @@ pub fn build_sc(
     opts: &ScOptions,
 ) -> Result<Vec<FileDicomObject<InMemDicomObject>>, ReportError> {
     ctx.check()?;
+    super::check_text("model name", &m.model, 64)?;
+    super::check_text("model version", &m.model_version, 64)?;
     if ctx.source_refs.len() != hu.dim().0 {
         return Err(ReportError::Shape {
             what: format!(
@@ -473,6 +475,7 @@ mod tests {
         files[0].write_to_file(&p).unwrap();
         keep(&p, "sc-area.dcm");
         dciodvfy_clean(&p);
+        pydicom_rgb(&p, 64, 64);
     }
 
     #[test]

@@ -61,6 +61,10 @@ pub fn measurement_report(
             ),
         });
     }
+    // Model name and version also go into LO attributes (Contributing
+    // Equipment), 64 characters.
+    super::check_text("model name", &m.model, 64)?;
+    super::check_text("model version", &m.model_version, 64)?;
     let concept = Code::try_from(&card.biomarker.concept)?;
     let site = Code::try_from(&card.biomarker.finding_site)?;
     let unit = UcumUnit::new(&card.biomarker.unit.ucum, &card.biomarker.unit.meaning)?;

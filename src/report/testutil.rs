@@ -430,6 +430,44 @@ pub fn highdicom_readback(
     eprintln!("{}", text.trim());
 }
 
+const RGB_CHECK: &str = r#"
+import sys, pydicom
+ds = pydicom.dcmread(sys.argv[1])
+a = ds.pixel_array
+assert a.shape == (int(sys.argv[2]), int(sys.argv[3]), 3), a.shape
+assert ds.PhotometricInterpretation == "RGB" and ds.BurnedInAnnotation == "YES"
+assert a.max() > 0
+print("pydicom ok", a.shape, ds.SOPClassUID.name)
+"#;
+
+/// pydicom decodes the SC pixels as an RGB image of the expected size.
+pub fn pydicom_rgb(path: &Path, rows: usize, cols: usize) {
+    let probe = Command::new("python3")
+        .args(["-c", "import pydicom, numpy"])
+        .output();
+    if !matches!(&probe, Ok(o) if o.status.success()) {
+        if std::env::var_os("CI").is_some() {
+            panic!("python3 with pydicom and numpy is required under CI");
+        }
+        eprintln!("SKIP: pydicom not importable");
+        return;
+    }
+    let out = Command::new("python3")
+        .args(["-c", RGB_CHECK])
+        .arg(path)
+        .arg(rows.to_string())
+        .arg(cols.to_string())
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "pydicom check failed:\n{text}");
+    eprintln!("{}", text.trim());
+}
+
 /// With `REPORT_OUT=<dir>`, keep a copy of a test output for people.
 pub fn keep(path: &Path, name: &str) {
     if let Some(dir) = std::env::var_os("REPORT_OUT") {
