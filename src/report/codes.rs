@@ -58,6 +58,18 @@ pub const PROCESSING_EQUIPMENT: Code = Code::fixed("109102", "DCM", "Processing 
 /// Lesion count for CAC (SCT observable entity).
 pub const NUMBER_OF_LESIONS: Code = Code::fixed("246206008", "SCT", "Number of lesions");
 
+// Per-lesion detail (TID 1501 groups, one per CAC lesion).
+pub const FINDING: Code = Code::fixed("121071", "DCM", "Finding");
+pub const SOURCE_OF_MEASUREMENT: Code = Code::fixed("121112", "DCM", "Source of Measurement");
+pub const CALCIFIED_ATHEROMATOUS_PLAQUE: Code =
+    Code::fixed("29483008", "SCT", "calcified atheromatous plaque");
+pub const AREA: Code = Code::fixed("42798000", "SCT", "Area");
+pub const ATTENUATION_COEFFICIENT: Code = Code::fixed("112031", "DCM", "Attenuation Coefficient");
+pub const DERIVATION: Code = Code::fixed("121401", "DCM", "Derivation");
+pub const MAXIMUM: Code = Code::fixed("56851009", "SCT", "Maximum");
+pub const UNIT_MM2: Code = Code::fixed("mm2", "UCUM", "square millimeter");
+pub const UNIT_HU: Code = Code::fixed("[hnsf'U]", "UCUM", "Hounsfield unit");
+
 /// Private scheme of this node (PS3.16 8.2: "99" prefix).
 pub const PRIVATE_SCHEME: &str = "99BMN";
 pub const PRIVATE_SCHEME_NAME: &str = "biomarker-node private codes";
@@ -107,6 +119,15 @@ mod tests {
             NUMBER_OF_LESIONS,
             CAC_RISK_CATEGORY,
             UNIT_LESIONS,
+            FINDING,
+            SOURCE_OF_MEASUREMENT,
+            CALCIFIED_ATHEROMATOUS_PLAQUE,
+            AREA,
+            ATTENUATION_COEFFICIENT,
+            DERIVATION,
+            MAXIMUM,
+            UNIT_MM2,
+            UNIT_HU,
         ] {
             Code::new(c.value(), c.scheme(), c.meaning()).unwrap();
         }

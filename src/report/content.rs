@@ -251,10 +251,11 @@ impl UidRefItem {
     }
 }
 
-/// IMAGE (C.18.4): a reference to one image instance, no concept name
-/// (as in TID 1601 Image Library Entry).
+/// IMAGE (C.18.4): a reference to one image instance; unnamed in TID 1601
+/// Image Library Entry, (121112, DCM, "Source of Measurement") in TID 1501.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ImageItem {
+    pub name: Option<Code>,
     pub sop_class_uid: Uid,
     pub sop_instance_uid: Uid,
 }
@@ -262,9 +263,15 @@ pub struct ImageItem {
 impl ImageItem {
     pub fn new(sop_class_uid: Uid, sop_instance_uid: Uid) -> ImageItem {
         ImageItem {
+            name: None,
             sop_class_uid,
             sop_instance_uid,
         }
+    }
+
+    pub fn named(mut self, name: Code) -> ImageItem {
+        self.name = Some(name);
+        self
     }
 }
 
@@ -399,6 +406,9 @@ pub(crate) fn encode_item(o: &mut InMemDicomObject, item: &ContentItem) {
         }
         ContentItem::Image(i) => {
             o.put(str_elem(tags::VALUE_TYPE, VR::CS, "IMAGE"));
+            if let Some(n) = &i.name {
+                name(o, n);
+            }
             let mut r = InMemDicomObject::new_empty();
             r.put(str_elem(
                 tags::REFERENCED_SOP_CLASS_UID,

@@ -94,16 +94,53 @@ pub fn measurement_report(
             risk_code(r),
         ));
     }
-    let group = MeasurementGroup {
+    let source = |slice: usize| -> Result<ImageItem, ReportError> {
+        let r = ctx
+            .source_refs
+            .get(slice)
+            .ok_or_else(|| ReportError::Shape {
+                what: format!(
+                    "lesion on slice {slice} of {} source instances",
+                    ctx.source_refs.len()
+                ),
+            })?;
+        Ok(ImageItem::new(
+            r.sop_class_uid.clone(),
+            r.sop_instance_uid.clone(),
+        ))
+    };
+    let main_sources: Vec<ImageItem> = if card.is_agatston() {
+        let mut slices: Vec<usize> = m
+            .lesions
+            .iter()
+            .filter(|l| l.counted)
+            .map(|l| l.lesion.slice)
+            .collect();
+        slices.sort_unstable();
+        slices.dedup();
+        slices.into_iter().map(source).collect::<Result<_, _>>()?
+    } else {
+        (0..ctx.source_refs.len())
+            .map(source)
+            .collect::<Result<_, _>>()?
+    };
+    let mut groups = vec![MeasurementGroup {
         tracking: TrackingIdentifier::new(
             &format!("{} ({})", concept.meaning(), card.name),
             ctx.uid(&format!("sr-tracking|{}", card.name)),
         )?,
-        finding_site: Some(site),
-        algorithm: Some(algorithm),
+        finding: None,
+        finding_site: Some(site.clone()),
+        algorithm: Some(algorithm.clone()),
+        sources: main_sources,
         measurements,
         evaluations,
-    };
+    }];
+    if card.is_agatston() {
+        groups.extend(lesion_groups(
+            ctx, card, m, &concept, &site, &algorithm, &source,
+        )?);
+    }
     Ok(MeasurementReport {
         observer: DeviceObserver::new(
             ctx.device.uid.clone(),
@@ -120,8 +157,78 @@ pub fn measurement_report(
                 .map(|s| ImageItem::new(s.sop_class_uid.clone(), s.sop_instance_uid.clone()))
                 .collect(),
         },
-        groups: vec![group],
+        groups,
     })
+}
+
+/// At most this many per-lesion groups; beyond it, the largest
+/// contributions are kept (the total is always in the main group).
+pub const MAX_LESION_GROUPS: usize = 64;
+
+/// One TID 1501 group per CAC lesion: its Agatston contribution, area and
+/// peak attenuation, on the slice it lies on.
+fn lesion_groups(
+    ctx: &ReportContext,
+    card: &ModelCard,
+    m: &BiomarkerMeasurement,
+    concept: &Code,
+    site: &Code,
+    algorithm: &AlgorithmIdentification,
+    source: &dyn Fn(usize) -> Result<ImageItem, ReportError>,
+) -> Result<Vec<MeasurementGroup>, ReportError> {
+    let soft = card.aggregation.lesion_aggregation.as_deref() == Some("soft");
+    let contribution = |l: &crate::biomarkers::LesionResult| {
+        if soft {
+            l.mean_map * l.lesion.score
+        } else if l.counted {
+            l.lesion.score
+        } else {
+            0.0
+        }
+    };
+    let mut keep: Vec<usize> = (0..m.lesions.len()).collect();
+    if keep.len() > MAX_LESION_GROUPS {
+        keep.sort_by(|&a, &b| {
+            contribution(&m.lesions[b])
+                .total_cmp(&contribution(&m.lesions[a]))
+                .then(a.cmp(&b))
+        });
+        keep.truncate(MAX_LESION_GROUPS);
+        keep.sort_unstable();
+    }
+    let unit = UcumUnit::new(&card.biomarker.unit.ucum, &card.biomarker.unit.meaning)?;
+    keep.into_iter()
+        .map(|k| {
+            let l = &m.lesions[k];
+            Ok(MeasurementGroup {
+                tracking: TrackingIdentifier::new(
+                    &format!("Lesion {} (slice {})", k + 1, l.lesion.slice + 1),
+                    ctx.uid(&format!("sr-tracking|{}|lesion|{k}", card.name)),
+                )?,
+                finding: Some(codes::CALCIFIED_ATHEROMATOUS_PLAQUE),
+                finding_site: Some(site.clone()),
+                algorithm: Some(algorithm.clone()),
+                sources: vec![source(l.lesion.slice)?],
+                measurements: vec![
+                    Measurement::new(concept.clone(), contribution(l), unit.clone(), None)?,
+                    Measurement::new(
+                        codes::AREA,
+                        l.lesion.area_mm2,
+                        UcumUnit::fixed(codes::UNIT_MM2),
+                        None,
+                    )?,
+                    Measurement::new(
+                        codes::ATTENUATION_COEFFICIENT,
+                        l.lesion.peak_hu,
+                        UcumUnit::fixed(codes::UNIT_HU),
+                        None,
+                    )?
+                    .with_derivation(codes::MAXIMUM),
+                ],
+                evaluations: vec![],
+            })
+        })
+        .collect()
 }
 
 /// Build the SR for one measurement. Deterministic in its inputs.
@@ -141,22 +248,29 @@ pub fn build_sr(
         &sop_instance,
         (&m.model, &m.model_version),
     );
-    // The private scheme used by the risk category and (maybe) the card.
-    let mut scheme = InMemDicomObject::new_empty();
-    scheme.put(str_elem(
-        tags::CODING_SCHEME_DESIGNATOR,
-        VR::SH,
-        codes::PRIVATE_SCHEME,
-    ));
-    scheme.put(str_elem(
-        tags::CODING_SCHEME_NAME,
-        VR::ST,
-        codes::PRIVATE_SCHEME_NAME,
-    ));
-    o.put(seq_elem(
-        tags::CODING_SCHEME_IDENTIFICATION_SEQUENCE,
-        vec![scheme],
-    ));
+    // Declare our private scheme (PS3.3 C.12.1.1.5) when the content uses
+    // it: the risk category does, and a card may.
+    let private = |c: &crate::inference::card::Code| c.scheme.trim() == codes::PRIVATE_SCHEME;
+    if m.risk_category.is_some()
+        || private(&card.biomarker.concept)
+        || private(&card.biomarker.finding_site)
+    {
+        let mut scheme = InMemDicomObject::new_empty();
+        scheme.put(str_elem(
+            tags::CODING_SCHEME_DESIGNATOR,
+            VR::SH,
+            codes::PRIVATE_SCHEME,
+        ));
+        scheme.put(str_elem(
+            tags::CODING_SCHEME_NAME,
+            VR::ST,
+            codes::PRIVATE_SCHEME_NAME,
+        ));
+        o.put(seq_elem(
+            tags::CODING_SCHEME_IDENTIFICATION_SEQUENCE,
+            vec![scheme],
+        ));
+    }
 
     let study = put_patient_and_study(&mut o, &ctx.source)?;
 
@@ -306,7 +420,7 @@ mod tests {
             assert!(dump.contains("(cm2,UCUM,\"square centimeter\")"), "{dump}");
             assert!(dump.contains("Imaging Measurement Report"));
         }
-        highdicom_readback(&path, "42798000", 23.456, "cm2", None);
+        highdicom_readback(&path, "42798000", 23.456, "cm2", 0, None);
     }
 
     #[test]
@@ -330,6 +444,7 @@ mod tests {
             "CAC-AGATSTON",
             123.5,
             "{Agatston}",
+            2,
             Some("CAC-RISK-101-400"),
         );
     }

@@ -382,15 +382,18 @@ const READBACK: &str = r#"
 import sys, highdicom as hd
 sr = hd.sr.srread(sys.argv[1])
 groups = sr.content.get_image_measurement_groups()
-assert len(groups) == 1, groups
+main = [g for g in groups if not g.tracking_identifier.startswith("Lesion")]
+assert len(main) == 1, [g.tracking_identifier for g in groups]
+assert len(groups) == 1 + int(sys.argv[5]), len(groups)
+groups = main
 assert groups[0].tracking_uid, "tracking UID"
 ms = [m for m in groups[0].get_measurements() if m.name.value == sys.argv[2]]
 assert len(ms) == 1, [m.name for m in groups[0].get_measurements()]
 assert abs(ms[0].value - float(sys.argv[3])) < 1e-9, ms[0].value
 assert ms[0].unit.value == sys.argv[4], ms[0].unit
-if len(sys.argv) > 5:
+if len(sys.argv) > 6:
     ev = [e.value.value for e in groups[0].get_qualitative_evaluations()]
-    assert ev == [sys.argv[5]], ev
+    assert ev == [sys.argv[6]], ev
 print("highdicom ok", ms[0].name.meaning, ms[0].value, ms[0].unit.value)
 "#;
 
@@ -400,6 +403,7 @@ pub fn highdicom_readback(
     concept: &str,
     value: f64,
     unit: &str,
+    lesion_groups: usize,
     evaluation: Option<&str>,
 ) {
     let probe = Command::new("python3")
@@ -418,6 +422,7 @@ pub fn highdicom_readback(
         .arg(concept)
         .arg(value.to_string())
         .arg(unit)
+        .arg(lesion_groups.to_string())
         .args(evaluation)
         .output()
         .unwrap();

@@ -129,6 +129,8 @@ impl TrackingIdentifier {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Measurement {
     num: NumItem,
+    /// (121401, DCM, "Derivation"), CID 7464, e.g. (56851009, SCT, "Maximum").
+    derivation: Option<Code>,
     algorithm: Option<AlgorithmIdentification>,
 }
 
@@ -141,16 +143,25 @@ impl Measurement {
     ) -> Result<Measurement, ReportError> {
         Ok(Measurement {
             num: NumItem::new(concept, value, unit)?,
+            derivation: None,
             algorithm,
         })
     }
 
+    pub fn with_derivation(mut self, derivation: Code) -> Measurement {
+        self.derivation = Some(derivation);
+        self
+    }
+
     pub fn node(&self) -> ContentNode {
-        let children = self
-            .algorithm
-            .as_ref()
-            .map(|a| a.nodes())
-            .unwrap_or_default();
+        let mut children = Vec::new();
+        if let Some(d) = &self.derivation {
+            children.push(ContentNode::new(
+                HasConceptMod,
+                CodeItem::new(codes::DERIVATION, d.clone()),
+            ));
+        }
+        children.extend(self.algorithm.iter().flat_map(|a| a.nodes()));
         ContentNode::new(Contains, self.num.clone()).with_children(children)
     }
 }
@@ -173,9 +184,13 @@ impl QualitativeEvaluation {
 #[derive(Debug, Clone, PartialEq)]
 pub struct MeasurementGroup {
     pub tracking: TrackingIdentifier,
+    /// (121071, DCM, "Finding"), CID 7472-ish, e.g. a calcified plaque.
+    pub finding: Option<Code>,
     /// (363698007, SCT, "Finding Site"), value from CID 7151-ish anatomy.
     pub finding_site: Option<Code>,
     pub algorithm: Option<AlgorithmIdentification>,
+    /// IMAGE (121112, DCM, "Source of Measurement"): the slices measured on.
+    pub sources: Vec<ImageItem>,
     pub measurements: Vec<Measurement>,
     pub evaluations: Vec<QualitativeEvaluation>,
 }
@@ -183,6 +198,12 @@ pub struct MeasurementGroup {
 impl MeasurementGroup {
     pub fn node(&self) -> ContentNode {
         let mut c = self.tracking.nodes();
+        if let Some(f) = &self.finding {
+            c.push(ContentNode::new(
+                Contains,
+                CodeItem::new(codes::FINDING, f.clone()),
+            ));
+        }
         if let Some(site) = &self.finding_site {
             c.push(ContentNode::new(
                 HasConceptMod,
@@ -192,6 +213,11 @@ impl MeasurementGroup {
         if let Some(a) = &self.algorithm {
             c.extend(a.nodes());
         }
+        c.extend(
+            self.sources
+                .iter()
+                .map(|i| ContentNode::new(Contains, i.clone().named(codes::SOURCE_OF_MEASUREMENT))),
+        );
         c.extend(self.measurements.iter().map(Measurement::node));
         c.extend(self.evaluations.iter().map(QualitativeEvaluation::node));
         ContentNode::new(
