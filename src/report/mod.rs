@@ -19,8 +19,9 @@
 //!   a bad model card or a NaN fails here, as a permanent error, rather than
 //!   as a C-STORE the PACS rejects.
 //!
-//! Failure modes: [`ReportError`]; all are permanent (re-running the job
-//! gives the same result) except none today, see [`ReportError::is_retryable`].
+//! Failure modes: [`ReportError`]; every variant is permanent (re-running
+//! the job gives the same error), see [`ReportError::is_retryable`]. Writing
+//! the files is the outbox's job, so no I/O error arises here.
 //!
 //! Layout, after highdicom: [`content`] has one type per SR content item,
 //! [`codes`] the fixed coded concepts, [`tid1500`] one type per template,

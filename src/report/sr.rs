@@ -2,8 +2,8 @@
 //! a TID 1500 Measurement Report with one TID 1501 group per biomarker.
 //!
 //! Why Comprehensive 3D SR (1.2.840.10008.5.1.4.1.1.88.34) and not
-//! Comprehensive SR (.88.33): it is what the project's issue and IHE AI
-//! Results name for TID 1500, highdicom's default, and the only one that can
+//! Comprehensive SR (.88.33): it is what the project's issue asks for,
+//! highdicom's default for TID 1500, and the only one of the two that can
 //! later carry SCOORD3D lesion locations in patient coordinates. Today's
 //! content (no coordinates) is also valid Comprehensive SR; if a PACS does
 //! not negotiate .88.34, the outbox could relabel it .88.33 (the IOD modules
