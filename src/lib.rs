@@ -23,6 +23,7 @@ pub mod npy;
 pub mod outbox;
 pub mod phantom;
 pub mod pipeline;
+pub mod report;
 pub mod routing;
 pub mod series;
 pub mod spool;
