@@ -48,7 +48,7 @@ fn u(rng: &mut ChaCha8Rng, lo: f64, hi: f64) -> f64 {
 pub(crate) fn generate(rng: &mut ChaCha8Rng, size: usize) -> Phantom {
     use std::f64::consts::{FRAC_PI_2, PI};
     let n = size;
-    let spacing = u(rng, 0.65, 0.9) * 512.0 / n as f64;
+    let spacing = (u(rng, 0.65, 0.9) * 512.0 / n as f64 * 1e4).round() / 1e4;
     let fov = spacing * n as f64;
     let x0 = -fov / 2.0 + spacing / 2.0;
     let y0 = -fov / 2.0 + spacing / 2.0 + u(rng, -20.0, 20.0);

@@ -116,7 +116,7 @@ pub fn score(
 }
 
 pub fn total(components: &[Component]) -> f64 {
-    components.iter().map(|c| c.score).sum()
+    components.iter().fold(0.0, |acc, c| acc + c.score)
 }
 
 #[cfg(test)]

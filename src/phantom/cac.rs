@@ -69,17 +69,6 @@ impl Blob {
             dot(d, d) < r * r
         })
     }
-    fn bbox(&self) -> (V3, V3) {
-        let mut lo = [f64::MAX; 3];
-        let mut hi = [f64::MIN; 3];
-        for (c, r) in &self.spheres {
-            for k in 0..3 {
-                lo[k] = lo[k].min(c[k] - r);
-                hi[k] = hi[k].max(c[k] + r);
-            }
-        }
-        (lo, hi)
-    }
 }
 
 /// Heart ellipsoid frame: centre, unit axes (e1 base→apex, e2 anterior,
@@ -121,7 +110,7 @@ fn chain(points: &[V3], r: f64) -> Vec<(V3, f64)> {
 pub(crate) fn generate(rng: &mut ChaCha8Rng, size: usize) -> Phantom {
     use std::f64::consts::{FRAC_PI_2, PI};
     let n = size;
-    let spacing = u(rng, 0.7, 1.0) * 256.0 / n as f64;
+    let spacing = (u(rng, 0.7, 1.0) * 256.0 / n as f64 * 1e4).round() / 1e4;
     let thick3 = rng.gen_bool(0.6);
     let (thickness, slices) = if thick3 { (3.0, 40) } else { (2.5, 48) };
     let fov = spacing * n as f64;
@@ -437,38 +426,47 @@ pub(crate) fn generate(rng: &mut ChaCha8Rng, size: usize) -> Phantom {
     // Small objects with sub-voxel sampling (3×3 in-plane × 5 along z).
     let mut region = vec![false; np * slices];
     let mut plaque_of = vec![u16::MAX; np * slices];
-    for b in &blobs {
-        let (lo, hi) = b.bbox();
-        let c0 = (((lo[0] - x0) / spacing).floor().max(0.0)) as usize;
-        let c1 = ((((hi[0] - x0) / spacing).ceil() + 1.0).max(0.0) as usize).min(n);
-        let r0 = (((lo[1] - y0) / spacing).floor().max(0.0)) as usize;
-        let r1 = ((((hi[1] - y0) / spacing).ceil() + 1.0).max(0.0) as usize).min(n);
-        let s0 = (((lo[2] - z0) / thickness).floor().max(0.0)) as usize;
-        let s1 = ((((hi[2] - z0) / thickness).ceil() + 1.0).max(0.0) as usize).min(slices);
-        for s in s0..s1 {
-            for r in r0..r1 {
-                for c in c0..c1 {
-                    let mut inside = 0;
-                    for k in 0..45 {
-                        let (i, j, l) = (k % 3, (k / 3) % 3, k / 9);
-                        let p = [
-                            x0 + (c as f64 + (i as f64 - 1.0) / 3.0) * spacing,
-                            y0 + (r as f64 + (j as f64 - 1.0) / 3.0) * spacing,
-                            z0 + (s as f64 + (l as f64 - 2.0) / 5.0) * thickness,
-                        ];
-                        if b.inside(p) {
-                            inside += 1;
+    // Each blob visits the union of its spheres' voxel boxes once (`stamp`).
+    let mut stamp = vec![u32::MAX; np * slices];
+    for (bi, b) in blobs.iter().enumerate() {
+        for (centre, rad) in &b.spheres {
+            let lo = sub(*centre, [*rad; 3]);
+            let hi = add(*centre, [*rad; 3]);
+            let c0 = (((lo[0] - x0) / spacing).floor().max(0.0)) as usize;
+            let c1 = ((((hi[0] - x0) / spacing).ceil() + 1.0).max(0.0) as usize).min(n);
+            let r0 = (((lo[1] - y0) / spacing).floor().max(0.0)) as usize;
+            let r1 = ((((hi[1] - y0) / spacing).ceil() + 1.0).max(0.0) as usize).min(n);
+            let s0 = (((lo[2] - z0) / thickness).floor().max(0.0)) as usize;
+            let s1 = ((((hi[2] - z0) / thickness).ceil() + 1.0).max(0.0) as usize).min(slices);
+            for s in s0..s1 {
+                for r in r0..r1 {
+                    for c in c0..c1 {
+                        let v = s * np + r * n + c;
+                        if stamp[v] == bi as u32 {
+                            continue;
                         }
-                    }
-                    if inside == 0 {
-                        continue;
-                    }
-                    let f = inside as f32 / 45.0;
-                    let v = s * np + r * n + c;
-                    vol[v] = vol[v] * (1.0 - f) + b.hu as f32 * f;
-                    if let Some(pi) = b.plaque {
-                        region[v] = true;
-                        plaque_of[v] = pi as u16;
+                        stamp[v] = bi as u32;
+                        let mut inside = 0;
+                        for k in 0..45 {
+                            let (i, j, l) = (k % 3, (k / 3) % 3, k / 9);
+                            let p = [
+                                x0 + (c as f64 + (i as f64 - 1.0) / 3.0) * spacing,
+                                y0 + (r as f64 + (j as f64 - 1.0) / 3.0) * spacing,
+                                z0 + (s as f64 + (l as f64 - 2.0) / 5.0) * thickness,
+                            ];
+                            if b.inside(p) {
+                                inside += 1;
+                            }
+                        }
+                        if inside == 0 {
+                            continue;
+                        }
+                        let f = inside as f32 / 45.0;
+                        vol[v] = vol[v] * (1.0 - f) + b.hu as f32 * f;
+                        if let Some(pi) = b.plaque {
+                            region[v] = true;
+                            plaque_of[v] = pi as u16;
+                        }
                     }
                 }
             }

@@ -52,7 +52,7 @@ fn u(rng: &mut ChaCha8Rng, lo: f64, hi: f64) -> f64 {
 pub fn generate(rng: &mut ChaCha8Rng, task: Task, size: usize) -> Phantom {
     use std::f64::consts::{FRAC_PI_2, PI};
     let n = size;
-    let spacing = u(rng, 0.6, 0.9) * 512.0 / n as f64;
+    let spacing = (u(rng, 0.6, 0.9) * 512.0 / n as f64 * 1e4).round() / 1e4;
     let fov = spacing * n as f64;
     let x0 = -fov / 2.0 + spacing / 2.0;
     let table_y = u(rng, -30.0, 30.0);
@@ -62,21 +62,23 @@ pub fn generate(rng: &mut ChaCha8Rng, task: Task, size: usize) -> Phantom {
     // Body outline.
     let bx = u(rng, -15.0, 15.0);
     let by = table_y + u(rng, -20.0, 20.0);
-    let big_a = u(rng, 125.0, 185.0);
-    let big_b = big_a * u(rng, 0.6, 0.8);
+    // Thoracic cavity first; the wall layers grow outward from it, so body
+    // habitus (fat, muscle) changes the body, not the lungs.
+    let cav_a = u(rng, 100.0, 140.0);
+    let cav_b = cav_a * u(rng, 0.58, 0.75);
     let flat = u(rng, 0.0, 0.1);
     let wobble = AngleProfile::smooth(rng, 0.0, 0.02, 5);
-    let radius = AngleProfile::from_fn(|th| {
+    let cav_r = AngleProfile::from_fn(|th| {
         let (s, c) = th.sin_cos();
-        let r = big_a * big_b / ((big_b * c).powi(2) + (big_a * s).powi(2)).sqrt();
+        let r = cav_a * cav_b / ((cav_b * c).powi(2) + (cav_a * s).powi(2)).sqrt();
         let post = if s > 0.0 { 1.0 - flat * s.powi(4) } else { 1.0 };
         r * post * (1.0 + wobble.at(th))
     });
     let skin = u(rng, 1.5, 2.5);
     // Subcutaneous fat: body-habitus level, thicker posterolaterally.
-    let fat_level = (u(rng, 1.4f64.ln(), 3.6f64.ln())).exp();
+    let fat_level = (u(rng, 4f64.ln(), 36f64.ln())).exp();
     let fat_var = AngleProfile::smooth(rng, 1.0, 0.3, 6);
-    let tsf = AngleProfile::from_fn(|th| {
+    let tsf_raw = AngleProfile::from_fn(|th| {
         let a = wrap(th + FRAC_PI_2).abs();
         let region = 0.8 + 0.5 * bump(a, 2.0, 1.2);
         (fat_level * region * fat_var.at(th)).max(1.2)
@@ -86,11 +88,11 @@ pub fn generate(rng: &mut ChaCha8Rng, task: Task, size: usize) -> Phantom {
     let mscale = u(rng, 0.6, 1.3);
     let pec_s = u(rng, 0.1, 0.16);
     let pec_l = u(rng, 0.85, 1.1);
-    let pec_pk = u(rng, 6.0, 20.0) * mscale;
+    let pec_pk = u(rng, 8.0, 24.0) * mscale;
     let pec_j = side_j(rng);
     let pmi_c = u(rng, 0.55, 0.72);
     let pmi_w = u(rng, 0.18, 0.28);
-    let pmi_pk = u(rng, 3.0, 10.0) * mscale;
+    let pmi_pk = u(rng, 4.0, 12.0) * mscale;
     let pmi_j = side_j(rng);
     let lat_c = u(rng, 1.65, 2.0);
     let lat_w = u(rng, 0.45, 0.65);
@@ -163,8 +165,21 @@ pub fn generate(rng: &mut ChaCha8Rng, task: Task, size: usize) -> Phantom {
     let rib_wall = u(rng, 9.0, 13.0);
     // Depth of the rib wall's outer surface and of the cavity.
     let d_rib = AngleProfile::from_fn(|th| {
-        skin + tsf.at(th) + outer_t.at(th) + scap_t.at(th) + fp.at(th) + inner_t.at(th) + fr.at(th).max(0.0)
+        skin + tsf_raw.at(th) + outer_t.at(th) + scap_t.at(th) + fp.at(th) + inner_t.at(th) + fr.at(th).max(0.0)
     });
+    // The outline is a smoothed envelope of the wall; subcutaneous fat
+    // fills what the smoothing adds, as it does over muscle bulges.
+    let deep = AngleProfile::from_fn(|th| cav_r.at(th) + rib_wall + d_rib.at(th) - skin - tsf_raw.at(th));
+    let raw_outline = AngleProfile::from_fn(|th| deep.at(th) + skin + tsf_raw.at(th));
+    let radius = AngleProfile::from_fn(|th| {
+        let k = 30;
+        let avg = (-k..=k).map(|i| raw_outline.at(wrap(th + 0.4 * i as f64 / k as f64))).sum::<f64>() / (2 * k + 1) as f64;
+        avg.max(deep.at(th) + skin + 1.2)
+    });
+    let tsf = AngleProfile::from_fn(|th| radius.at(th) - deep.at(th) - skin);
+    let d_rib = AngleProfile::from_fn(|th| radius.at(th) - cav_r.at(th) - rib_wall);
+    let big_a = radius.at(0.0).max(radius.at(std::f64::consts::PI));
+    let big_b = radius.at(-FRAC_PI_2).max(radius.at(FRAC_PI_2));
     // Rib centres (angle from anterior midline), per side.
     let mut ribs: Vec<(f64, f64)> = Vec::new(); // (signed angle, half-length mm)
     for side in [-1.0, 1.0] {
@@ -189,7 +204,7 @@ pub fn generate(rng: &mut ChaCha8Rng, task: Task, size: usize) -> Phantom {
     let vb_y = canal_y - canal_r - vb_r - 1.5;
     let ant_cav_y = by - (radius.at(-FRAC_PI_2) - d_rib.at(-FRAC_PI_2) - rib_wall);
     let mx = bx + u(rng, -5.0, 10.0);
-    let med_w = u(rng, 24.0, 40.0);
+    let med_w = u(rng, 20.0, 34.0);
     let med_cy = (ant_cav_y + vb_y) / 2.0;
     let med_h = (vb_y - ant_cav_y) / 2.0 + 6.0;
 
@@ -323,7 +338,7 @@ pub fn generate(rng: &mut ChaCha8Rng, task: Task, size: usize) -> Phantom {
     // subcutaneous fat with no visible boundary.
     let female = rng.gen_bool(0.4);
     let gland_noise = ValueNoise::new(rng, [x0 - 10.0, y0 - 10.0, 0.0], [x0 + fov + 10.0, y0 + fov + 10.0, 1.0], 6.0);
-    let gland_density = u(rng, 0.1, 0.5);
+    let gland_density = u(rng, 0.05, 0.35);
     let mut breast_info = None;
     if female {
         let size = u(rng, 0.6, 1.6);
@@ -332,7 +347,7 @@ pub fn generate(rng: &mut ChaCha8Rng, task: Task, size: usize) -> Phantom {
             let rb = radius.at(a);
             let (cx, cy) = (bx + rb * a.cos(), by + rb * a.sin());
             let along = u(rng, 45.0, 75.0) * size.sqrt();
-            let out = u(rng, 18.0, 45.0) * size;
+            let out = u(rng, 12.0, 35.0) * size;
             let rot = a + FRAC_PI_2; // ellipse b axis radial
             cv.ellipse(cx, cy, along, out, rot, |o, rho2| {
                 if o == t::AIR {
