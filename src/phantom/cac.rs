@@ -282,10 +282,16 @@ pub(crate) fn generate(rng: &mut ChaCha8Rng, size: usize) -> Phantom {
     let vessels = [lm, lad, lcx, rca];
 
     // Plaques: burden class drives count, size and density.
-    let class = if rng.gen_bool(0.2) { 0 } else { rng.gen_range(1..=4) };
+    let class = match rng.gen_range(0..100) {
+        0..=17 => 0,
+        18..=41 => 1,
+        42..=59 => 2,
+        60..=77 => 3,
+        _ => 4,
+    };
     let (n_pl, len_r, rad_r, hu_r) = match class {
         0 => (0, (0.0, 0.0), (0.0, 0.0), (0.0, 0.0)),
-        1 => (rng.gen_range(1..=2), (0.3, 2.0), (0.5, 1.1), (180.0, 450.0)),
+        1 => (rng.gen_range(1..=2), (0.2, 1.2), (0.45, 0.9), (150.0, 380.0)),
         2 => (rng.gen_range(1..=4), (1.0, 5.0), (0.8, 1.6), (250.0, 800.0)),
         3 => (rng.gen_range(3..=7), (2.0, 9.0), (1.0, 2.0), (350.0, 1100.0)),
         _ => (rng.gen_range(6..=13), (3.0, 15.0), (1.3, 2.6), (450.0, 1500.0)),
