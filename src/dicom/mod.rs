@@ -4,6 +4,7 @@
 //! Network encoding (PDUs, DIMSE command sets) lives in `ingest`; this module
 //! knows about datasets only.
 
+pub mod ct_writer;
 pub mod header;
 pub mod read;
 
