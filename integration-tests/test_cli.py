@@ -63,3 +63,12 @@ def test_series_json_is_valid_json_lines(node, tmp_path):
     assert [row["series_instance_uid"] for row in rows] == [s.series]
     r = _run("series", "--config", node.config_path)
     assert r.returncode == 0 and s.series in r.stdout
+
+
+def test_default_config_passes_check_config(binary):
+    """README's first command serves config/node.yaml: in a fresh clone it must pass
+    the same check `serve` runs at start-up (model cards present, routes valid)."""
+    from nodeharness import REPO_ROOT
+
+    r = _run("check-config", "--config", REPO_ROOT / "config" / "node.yaml")
+    assert r.returncode == 0, f"config/node.yaml fails check-config; `serve` would refuse it:\n{r.stderr}"
