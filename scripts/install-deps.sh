@@ -37,6 +37,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
         printf '#!/bin/sh\nexit 101\n' | $SUDO tee "$policy" >/dev/null
         $SUDO chmod +x "$policy"
         made_policy=1
+        trap '$SUDO rm -f "$policy"' EXIT
     fi
     $SUDO apt-get update -qq
     $SUDO apt-get install -y -qq --no-install-recommends \
