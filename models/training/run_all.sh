@@ -19,6 +19,9 @@ declare -A NTRAIN=([pma]=${N2D:-600} [sfa]=${N2D:-600} [liver]=${N2D:-600} [cac]
 declare -A NTEST=([pma]=100 [sfa]=100 [liver]=100 [cac]=36)
 declare -A EPOCHS=([pma]=8 [sfa]=5 [liver]=8 [cac]=4)
 declare -A EPOCHS_DIRECT=([pma]=4 [sfa]=4 [liver]=4 [cac]=4)
+# liver: a first run with the L1 loss did not learn (val r 0.12, flat loss, constant map ~0.01);
+# the shipped liver run uses smooth-L1 (Huber, beta 1 on value / 10 cm2)
+declare -A LOSS=([pma]=l1 [sfa]=l1 [liver]=smooth_l1 [cac]=l1)
 declare -A SIZE=([pma]=128 [sfa]=128 [liver]=128 [cac]=64)
 METHODS=${METHODS:-"localization direct"}
 
@@ -51,7 +54,7 @@ train() {
       if [ "$m" = localization ]; then f="$OUT/$t.onnx"; e=${EPOCHS[$t]}; else f="$OUT/baseline/$t-direct.onnx"; e=${EPOCHS_DIRECT[$t]}; fi
       [ -f "$f" ] && continue
       nice -n 10 python -m biomarker_training.train --task "$t" --csv "$DATA/train/$t/labels.csv" --method "$m" \
-        --device "$DEVICE" --seed 1 --epochs "$e" --size "${SIZE[$t]}" --batch-size 8 --threads "${THREADS:-2}" --out "$OUT/" \
+        --device "$DEVICE" --seed 1 --epochs "$e" --size "${SIZE[$t]}" --batch-size 8 --loss "${LOSS[$t]}" --threads "${THREADS:-2}" --out "$OUT/" \
         --data-note "$(note "$t")" \
         2>&1 | grep --line-buffered -v -i warning | tee "$DATA/train-$t-$m.log"
     done

@@ -32,9 +32,14 @@ def _seed(seed: int):
     torch.manual_seed(seed)
 
 
-def value_loss(pred: torch.Tensor, y: torch.Tensor, spec) -> torch.Tensor:
+def value_loss(pred: torch.Tensor, y: torch.Tensor, spec, kind: str = "l1") -> torch.Tensor:
+    """l1: |pred - y| / value_scale. smooth_l1: Huber (beta 1) on value / value_scale, whose gradient grows
+    with the error, so large under-estimates dominate early training; used for the liver, where L1's sign
+    gradients from empty and non-empty cases cancelled and the map collapsed to a constant."""
     if spec.aggregation == "agatston":
         return torch.nn.functional.smooth_l1_loss(torch.log1p(pred.clamp(min=0)), torch.log1p(y), beta=0.1)
+    if kind == "smooth_l1":
+        return torch.nn.functional.smooth_l1_loss(pred / spec.value_scale, y / spec.value_scale, beta=1.0)
     return torch.mean(torch.abs(pred - y)) / spec.value_scale
 
 
@@ -79,9 +84,11 @@ def forward_values(net, method, spec, x, w, seg, n):
     return net.raw(x).reshape(-1), None
 
 
-def direct_loss(z, y, spec):
+def direct_loss(z, y, spec, kind: str = "l1"):
     if spec.aggregation == "agatston":
         return torch.nn.functional.smooth_l1_loss(z, torch.log1p(y), beta=0.1)
+    if kind == "smooth_l1":
+        return torch.nn.functional.smooth_l1_loss(z, y / spec.value_scale, beta=1.0)
     return torch.mean(torch.abs(z - y / spec.value_scale))
 
 
@@ -128,6 +135,7 @@ def main(argv=None):
     p.add_argument("--max-cases", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--loss", default="l1", choices=["l1", "smooth_l1"], help="value loss (area tasks)")
     p.add_argument("--sparsity", type=float, default=1e-2, help="lambda of the L1 map penalty")
     p.add_argument("--widths", default="8,16,32", help="encoder widths, comma separated")
     p.add_argument("--size", type=int, default=0, help="override the model input size (square)")
@@ -177,10 +185,10 @@ def main(argv=None):
                 break
             if a.method == "localization":
                 pred, m = forward_values(net, a.method, spec, x, w, seg, len(y))
-                loss = value_loss(pred, y, spec) + a.sparsity * m.mean()
+                loss = value_loss(pred, y, spec, a.loss) + a.sparsity * m.mean()
             else:
                 z, _ = forward_values(net, a.method, spec, x, w, seg, len(y))
-                loss = direct_loss(z, y, spec)
+                loss = direct_loss(z, y, spec, a.loss)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -205,7 +213,7 @@ def main(argv=None):
                                                                         (argv if argv is not None else sys.argv[1:])),
             "data": a.data_note or str(a.csv),
             "seed": a.seed, "epochs": a.epochs, "steps": step, "train_cases": len(train),
-            "val_cases": len(val), "lr": a.lr, "sparsity_lambda": a.sparsity, "batch_size": a.batch_size,
+            "val_cases": len(val), "lr": a.lr, "loss": a.loss, "sparsity_lambda": a.sparsity, "batch_size": a.batch_size,
             "git_commit": git_commit(), "seconds": round(time.time() - t0, 1),
         },
         val_metrics=val_metrics, version=a.version)
