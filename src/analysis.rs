@@ -198,6 +198,95 @@ pub fn run(
     })
 }
 
+/// A DICOM object this node made and keeps under `results/`.
+#[derive(Debug, Clone)]
+pub struct ReportFile {
+    pub path: PathBuf,
+    pub sop_class_uid: crate::dicom::Uid,
+    pub sop_instance_uid: crate::dicom::Uid,
+}
+
+/// Identity of the node as the SR's device observer.
+pub fn device_info(ae_title: &str) -> crate::report::DeviceInfo {
+    crate::report::DeviceInfo {
+        uid: crate::report::result_uid(ae_title, "device"),
+        name: ae_title.to_owned(),
+        manufacturer: "biomarker-node".into(),
+        serial_number: ae_title.to_owned(),
+        software_version: env!("CARGO_PKG_VERSION").into(),
+    }
+}
+
+/// Build the TID 1500 SR and the overlay SCs for a result and write them
+/// durably (fsync'd file and directory) as `sr.dcm`, `sc-NN.dcm` under
+/// `dir`. `seed` and `created` fix the UIDs and dates, so a rebuild after a
+/// crash writes the very same instances.
+pub fn write_reports(
+    a: &Analysis,
+    model: &Model,
+    seed: &str,
+    created: time::OffsetDateTime,
+    device: crate::report::DeviceInfo,
+    dir: &Path,
+) -> Result<Vec<ReportFile>, AnalysisError> {
+    use crate::dicom::read::{open_dicom, ReadDepth};
+    use crate::report::{build_sc, build_sr, ReportContext, ScOptions, SourceInstance};
+    let out = |e: &dyn std::fmt::Display| AnalysisError::Output(format!("{}: {e}", dir.display()));
+    let first = a.slices.first().ok_or_else(|| out(&"no source slices"))?;
+    let source = open_dicom(&first.0, ReadDepth::Header).map_err(|e| out(&e))?.into_inner();
+    let text = |tag| {
+        source
+            .element_opt(tag)
+            .ok()
+            .flatten()
+            .and_then(|e| e.to_str().ok())
+            .map(|s| s.trim_end_matches(['\0', ' ']).to_owned())
+            .unwrap_or_default()
+    };
+    let sop_class = crate::dicom::Uid::parse(&text(dicom_dictionary_std::tags::SOP_CLASS_UID)).map_err(|e| out(&e))?;
+    let series = crate::dicom::Uid::parse(&text(dicom_dictionary_std::tags::SERIES_INSTANCE_UID)).map_err(|e| out(&e))?;
+    let source_refs = a
+        .slices
+        .iter()
+        .map(|(_, uid)| {
+            Ok(SourceInstance {
+                sop_class_uid: sop_class.clone(),
+                sop_instance_uid: crate::dicom::Uid::parse(uid).map_err(|e| out(&e))?,
+            })
+        })
+        .collect::<Result<Vec<_>, AnalysisError>>()?;
+    let ctx = ReportContext {
+        source,
+        source_refs,
+        series_instance_uid: series,
+        seed: seed.to_owned(),
+        device,
+        created,
+    };
+    let card = &model.card;
+    let sr = build_sr(&ctx, card, &a.measurement).map_err(|e| out(&e))?;
+    let scs = build_sc(&ctx, card, &a.measurement, a.hu.view(), &ScOptions::for_card(card)).map_err(|e| out(&e))?;
+    std::fs::create_dir_all(dir).map_err(|e| out(&e))?;
+    let mut files = Vec::new();
+    let objects = std::iter::once(("sr.dcm".to_owned(), sr))
+        .chain(scs.into_iter().enumerate().map(|(i, o)| (format!("sc-{i:02}.dcm"), o)));
+    for (name, obj) in objects {
+        let path = dir.join(&name);
+        let tmp = dir.join(format!(".{name}.tmp"));
+        obj.write_to_file(&tmp).map_err(|e| out(&e))?;
+        std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(|e| out(&e))?;
+        std::fs::rename(&tmp, &path).map_err(|e| out(&e))?;
+        let meta = obj.meta();
+        files.push(ReportFile {
+            path,
+            sop_class_uid: crate::dicom::Uid::parse(meta.media_storage_sop_class_uid()).map_err(|e| out(&e))?,
+            sop_instance_uid: crate::dicom::Uid::parse(meta.media_storage_sop_instance_uid()).map_err(|e| out(&e))?,
+        });
+    }
+    std::fs::File::open(dir).and_then(|f| f.sync_all()).map_err(|e| out(&e))?;
+    Ok(files)
+}
+
 /// Write a job's outputs under `dir`: result.json, map.npy (f32) and
 /// candidates.npy (u8), all `[S,R,C]`.
 pub fn write_outputs(a: &Analysis, dir: &Path) -> Result<(), AnalysisError> {
@@ -230,6 +319,10 @@ pub struct Worker {
     pub routes: crate::routing::stage::SharedRoutes,
     pub work: Arc<tokio::sync::Notify>,
     pub volume_opts: VolumeOptions,
+    /// Where finished reports go; `None` keeps them under results/ only.
+    pub outbox: Option<crate::outbox::OutboxHandle>,
+    /// This node's AE title, as the reports' device observer.
+    pub ae_title: String,
 }
 
 impl Worker {
@@ -308,8 +401,29 @@ impl Worker {
             .join(&m.route)
             .join(format!("g{}", job.key.generation));
         write_outputs(&a, &dir).map_err(|e| e.to_string())?;
-        tracing::info!(value = a.line.value, unit = %a.line.unit, ms = a.line.elapsed_ms, "job done");
-        serde_json::to_value(&a.line).map_err(|e| e.to_string())
+        let model = self.models.get(&m.model).map_err(|e| e.to_string())?;
+        let seed = format!("{}|{}|{}|{}", uid, m.route, job.key.model_version, job.key.generation);
+        // The job's persisted creation time, so a rerun makes identical objects.
+        let created = time::OffsetDateTime::parse(&job.created_at, &time::format_description::well_known::Rfc3339)
+            .unwrap_or_else(|_| time::OffsetDateTime::now_utc());
+        let files = write_reports(&a, model, &seed, created, device_info(&self.ae_title), &dir)
+            .map_err(|e| e.to_string())?;
+        if let Some(outbox) = &self.outbox {
+            for dest in &m.send_to {
+                for f in &files {
+                    outbox
+                        .enqueue(dest, &f.path, &f.sop_class_uid, &f.sop_instance_uid)
+                        .map_err(|e| format!("outbox: {e}"))?;
+                }
+            }
+        }
+        tracing::info!(value = a.line.value, unit = %a.line.unit, ms = a.line.elapsed_ms, reports = files.len(), "job done");
+        let mut v = serde_json::to_value(&a.line).map_err(|e| e.to_string())?;
+        v["reports"] = files
+            .iter()
+            .map(|f| serde_json::json!({"path": f.path, "sop_instance_uid": f.sop_instance_uid}))
+            .collect();
+        Ok(v)
     }
 
     fn update_series_state(&self, series: &str) {

@@ -58,6 +58,9 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
     #[serde(default)]
     pub onnxruntime: OnnxRuntimeConfig,
+    /// Delivery of results: retries, backoff and timeouts.
+    #[serde(default)]
+    pub outbox: crate::outbox::OutboxConfig,
     /// The file and text this config came from, so later semantic checks can
     /// point at a line. Absent for configs built in code.
     #[serde(skip)]
@@ -411,6 +414,9 @@ impl Config {
             message,
         };
         check_ae(&self.node.ae_title).map_err(|m| bad("node.ae_title", m))?;
+        self.outbox
+            .validate()
+            .map_err(|f| bad(&format!("outbox.{}", f.key), f.message))?;
         for (i, c) in self.node.allowed_callers.iter().enumerate() {
             check_ae(&c.ae_title)
                 .map_err(|m| bad(&format!("node.allowed_callers[{i}].ae_title"), m))?;

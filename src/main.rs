@@ -34,6 +34,13 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List the outbox (results waiting, delivered and dead-lettered).
+    Outbox {
+        #[arg(long, default_value = "config/node.yaml")]
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
     /// Validate a config file, routes included; print every problem as
     /// file:line:column and exit non-zero on error.
     CheckConfig {
@@ -97,6 +104,7 @@ fn main() -> ExitCode {
         Command::Serve { config } => biomarker_node::pipeline::serve(&config),
         Command::Series { config, json } => biomarker_node::pipeline::print_series(&config, json),
         Command::Jobs { config, json } => biomarker_node::pipeline::print_jobs(&config, json),
+        Command::Outbox { config, json } => biomarker_node::pipeline::print_outbox(&config, json),
         Command::CheckConfig { config } => check_config(&config),
         Command::Route { config, json, paths } => route(&config, json, &paths),
         Command::Analyze { config, out, paths } => biomarker_node::pipeline::analyze(&config, &out, &paths),

@@ -92,7 +92,34 @@ async fn run(cfg: Config, table: RouteTable, config_path: std::path::PathBuf) ->
         work: work.clone(),
     };
     let consumer = tokio::spawn(router.run(shutdown.clone()));
+    let outbox_store: Arc<dyn crate::outbox::OutboxStore> = Arc::new(
+        crate::outbox::SqliteOutboxStore::open(&cfg.node.data_dir.join("outbox.sqlite")).context("cannot open the outbox")?,
+    );
+    let destinations = cfg
+        .destinations
+        .iter()
+        .map(|(k, d)| {
+            (
+                k.clone(),
+                crate::outbox::Destination {
+                    ae_title: d.ae_title.clone(),
+                    host: d.host.clone(),
+                    port: d.port,
+                },
+            )
+        })
+        .collect();
+    let (outbox, outbox_task) = crate::outbox::Outbox::spawn(
+        outbox_store,
+        destinations,
+        cfg.outbox.clone(),
+        crate::dicom::AeTitle::new(&cfg.node.ae_title),
+        shutdown.clone(),
+    )
+    .context("cannot start the outbox")?;
     let worker = Worker {
+        outbox: Some(outbox),
+        ae_title: cfg.node.ae_title.clone(),
         jobs: jobs.clone(),
         index_path: cfg.index_path(),
         spool_root: cfg.spool_dir(),
@@ -131,6 +158,7 @@ async fn run(cfg: Config, table: RouteTable, config_path: std::path::PathBuf) ->
     accept.await.context("accept loop panicked")?;
     let _ = reloader.await;
     worker_task.await.context("job worker panicked")?;
+    outbox_task.await.context("outbox panicked")?;
     tracker_shutdown.cancel();
     tracker_task.await.context("series tracker panicked")?;
     consumer.await.context("completion consumer panicked")?;
@@ -235,6 +263,10 @@ pub fn analyze(config_path: &Path, out: &Path, paths: &[std::path::PathBuf]) -> 
                 Ok(a) => {
                     let dir = out.join(&s.uid).join(&m.route);
                     crate::analysis::write_outputs(&a, &dir)?;
+                    let seed = format!("{}|{}|{}|analyze", s.uid, m.route, a.line.model_version);
+                    let model = models.get(&m.model)?;
+                    let device = crate::analysis::device_info(&cfg.node.ae_title);
+                    crate::analysis::write_reports(&a, model, &seed, time::OffsetDateTime::now_utc(), device, &dir)?;
                     println!("{}", serde_json::to_string(&a.line)?);
                 }
                 Err(e) => {
@@ -262,5 +294,12 @@ pub fn print_jobs(config_path: &Path, json: bool) -> anyhow::Result<()> {
     let store = SqliteJobStore::open(&path)?;
     let stdout = std::io::stdout();
     crate::jobs::print_jobs(&store, json, &mut stdout.lock())?;
+    Ok(())
+}
+
+pub fn print_outbox(config_path: &Path, json: bool) -> anyhow::Result<()> {
+    let cfg = Config::load(config_path)?;
+    let stdout = std::io::stdout();
+    crate::outbox::print_outbox(&cfg.node.data_dir.join("outbox.sqlite"), json, &mut stdout.lock())?;
     Ok(())
 }
