@@ -93,15 +93,13 @@ def direct_loss(z, y, spec, kind: str = "l1"):
 
 
 def init_bias(net, method: str, spec, train) -> None:
-    """Start from the mean answer: map bias = logit(mean truth / mean candidate value), so the first steps
-    learn where the target is instead of first switching off most candidates (liver tumour, CAC: the target
-    is a few percent of the candidates). Direct: output bias = mean normalised target."""
+    """Localization: map bias 0 (map 0.5). Direct: output bias = mean normalised target."""
     y = np.array([c.value for c in train], dtype=np.float64)
     with torch.no_grad():
         if method == "localization":
-            full = np.array([float(c.w.sum()) for c in train])
-            p0 = float(np.clip(y.mean() / max(full.mean(), 1e-9), 1e-3, 0.5))
-            net.head.bias.fill_(float(np.log(p0 / (1 - p0))))
+            # map starts at 0.5. A data-driven start (logit(mean truth / mean candidate value)) was tried and
+            # made pma/sfa plateau and the liver map collapse to a constant: the sigmoid's steep range matters.
+            net.head.bias.fill_(0.0)
         elif spec.aggregation == "agatston":
             net.fc.bias.fill_(float(np.log1p(y).mean()))
         else:
