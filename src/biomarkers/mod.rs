@@ -21,6 +21,8 @@
 pub mod aggregate;
 pub mod candidates;
 pub mod measure;
+#[cfg(test)]
+mod golden;
 
 pub use aggregate::{area_resample, normalise_slice, upsample_nearest};
 pub use candidates::{agatston_weight, cac_lesions, candidate_mask, label8, CandidateSpec, Lesion, RiskCategory};

@@ -1,0 +1,117 @@
+//! Parity with the Python pipeline on `models/golden/` (tolerances from
+//! models/golden/README.md): Rust must reproduce HU, candidates, model
+//! input, map and value from the DICOM files and the card alone.
+
+use std::path::{Path, PathBuf};
+
+use ndarray::{s, Array4, Axis};
+
+use super::{candidate_mask, measure, normalise_slice, PixelGeometry};
+use crate::inference::{init_for_tests, Model, RuntimeOptions};
+use crate::npy::read_f64;
+use crate::volume::Volume;
+
+/// `models/`, or another models folder (with its `golden/`) for checking a
+/// new training run before it is shipped.
+fn models_dir() -> PathBuf {
+    std::env::var_os("BIOMARKER_MODELS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("models"))
+}
+
+fn cases() -> Vec<(String, PathBuf)> {
+    let root = models_dir().join("golden");
+    let mut out = Vec::new();
+    for task in ["pma", "sfa", "liver", "cac"] {
+        let Ok(rd) = std::fs::read_dir(root.join(task)) else { continue };
+        for e in rd.flatten() {
+            if e.path().join("value.json").is_file() {
+                out.push((task.to_owned(), e.path()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn rust_reproduces_the_python_golden_set() {
+    let root = models_dir();
+    let shipped: Vec<&str> = ["pma", "sfa", "liver", "cac"]
+        .into_iter()
+        .filter(|t| root.join(format!("{t}.yaml")).is_file())
+        .collect();
+    let cases = cases();
+    for t in &shipped {
+        assert!(cases.iter().any(|(task, _)| task == t), "model {t} is shipped without a golden case");
+    }
+    if cases.is_empty() || !init_for_tests() {
+        return;
+    }
+    for (task, dir) in cases {
+        let doc: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("value.json")).unwrap()).unwrap();
+        let model = Model::load(&root.join(format!("{task}.yaml")), &RuntimeOptions::default()).unwrap();
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir.join("dicom"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        files.sort();
+        let vol = Volume::from_files(&files).unwrap();
+        let hu_ref = read_f64(&dir.join("hu.npy")).unwrap();
+        assert_eq!(hu_ref.shape(), vol.hu.shape(), "{task}: hu shape");
+        let hu_diff = hu_ref.iter().zip(vol.hu.iter()).map(|(a, b)| (a - *b as f64).abs()).fold(0.0, f64::max);
+        assert_eq!(hu_diff, 0.0, "{task} {}: HU must match exactly", dir.display());
+
+        let card = &model.card;
+        let area = vol.pixel_spacing[0] * vol.pixel_spacing[1];
+        if !card.is_agatston() {
+            let cand = candidate_mask(vol.hu.view(), &card.candidates, area);
+            let cref = read_f64(&dir.join("candidates.npy")).unwrap();
+            let mism = cref.iter().zip(cand.iter()).filter(|(a, b)| (**a != 0.0) != **b).count();
+            assert_eq!(mism, 0, "{task}: candidate pixels differ");
+        }
+
+        let [h, w] = card.input.size;
+        let xref = read_f64(&dir.join("input.npy")).unwrap();
+        let mut x = Array4::<f32>::zeros((vol.slices(), 1, h, w));
+        for (i, sl) in vol.hu.axis_iter(Axis(0)).enumerate() {
+            let n = normalise_slice(
+                sl,
+                (card.input.hu_clip[0], card.input.hu_clip[1]),
+                (h, w),
+                card.input.scale.subtract,
+                card.input.scale.divide,
+            );
+            x.slice_mut(s![i, 0, .., ..]).assign(&n);
+        }
+        let dx = xref.iter().zip(x.iter()).map(|(a, b)| (a - *b as f64).abs()).fold(0.0, f64::max);
+        assert!(dx <= 1e-5, "{task}: model input differs by {dx}");
+        let map = model.run(x).unwrap();
+        let mref = read_f64(&dir.join("map.npy")).unwrap();
+        let dm = mref.iter().zip(map.iter()).map(|(a, b)| (a - *b as f64).abs()).fold(0.0, f64::max);
+        assert!(dm <= 1e-4, "{task}: map differs by {dm}");
+
+        let thickness = doc["slice_thickness_mm"].as_f64().unwrap_or(1.0);
+        let m = measure(
+            &model,
+            vol.hu.view(),
+            PixelGeometry { pixel_spacing: vol.pixel_spacing, slice_thickness_mm: thickness },
+        )
+        .unwrap();
+        let want = doc["value"].as_f64().unwrap();
+        let tol = if want == 0.0 { 1e-6 } else { want.abs() * 1e-4 };
+        assert!((m.value - want).abs() <= tol, "{task} {}: value {} vs python {want}", dir.display(), m.value);
+        if card.is_agatston() {
+            assert_eq!(m.risk_category.map(|r| r.as_str()), doc["risk_category"].as_str(), "{task}: category");
+            let lesions = doc["lesions"].as_array().unwrap();
+            assert_eq!(m.lesions.len(), lesions.len(), "{task}: lesion count");
+            for (r, p) in m.lesions.iter().zip(lesions) {
+                assert_eq!(r.lesion.n_pixels as u64, p["n_pixels"].as_u64().unwrap());
+                assert_eq!(r.lesion.weight as u64, p["weight"].as_u64().unwrap());
+                assert!((r.mean_map - p["mean_map"].as_f64().unwrap()).abs() <= 1e-4);
+            }
+        }
+        eprintln!("golden {task} {}: value {} (python {want}), map max diff {dm:.2e}", dir.display(), m.value);
+    }
+}
