@@ -72,3 +72,19 @@ def test_default_config_passes_check_config(binary):
 
     r = _run("check-config", "--config", REPO_ROOT / "config" / "node.yaml")
     assert r.returncode == 0, f"config/node.yaml fails check-config; `serve` would refuse it:\n{r.stderr}"
+
+
+def test_sighup_reloads_instead_of_killing(node, tmp_path):
+    """SIGHUP re-reads the config (README); it must not end the process, valid config or not."""
+    import signal
+    import time
+
+    from nodeharness import assert_serving
+
+    node.proc.send_signal(signal.SIGHUP)
+    time.sleep(0.5)
+    assert_serving(node)
+    node.config_path.write_text("node: [this is not a config\n")
+    node.proc.send_signal(signal.SIGHUP)
+    time.sleep(0.5)
+    assert_serving(node)

@@ -1,0 +1,212 @@
+#!/usr/bin/env bash
+# Time to result: last C-STORE acknowledged by the node -> the TID 1500 SR
+# stored in the PACS (Orthanc), on CPU.
+#
+#   bash integration-tests/bench/time_to_result.sh
+#   RUNS=5 bash integration-tests/bench/time_to_result.sh
+#
+# Prints numbers; it is not a test and CI does not run it. Needs a release
+# build (cargo build --release) and scripts/install-deps.sh's packages.
+#
+# Set-up: one node and one Orthanc (throw-away storage, SQLite index) on free
+# loopback ports. The node has series.quiet_seconds = 30, so only early
+# completion (association released + geometrically whole) can complete a
+# series within the measurement; a run that takes longer than that says so.
+# Its routes are config/node.yaml's pma-single-slice and cac-non-contrast,
+# both sending to Orthanc. Models: models/<task>.yaml when it exists (trained),
+# else the fixture src/inference/testdata/sigmoid_map.yaml (map = sigmoid,
+# 8x8: plumbing cost only); the table says which.
+#
+# One run: a fresh phantom (its own seed, so its own UIDs) is sent with DCMTK
+# storescu in one association; t0 = `date +%s.%N` right after storescu exits
+# (every C-STORE-RSP received, association released). Then Orthanc's REST
+# API is polled every 20 ms until a series with Modality SR appears in the
+# phantom's study: t_pacs. The breakdown columns come from the node's JSON
+# log (same clock): series complete, job done, SR C-STORE-RSP received.
+set -euo pipefail
+
+RUNS="${RUNS:-3}"
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+BIN="${BIOMARKER_NODE_BIN:-$root/target/release/biomarker-node}"
+DCMTK_BIN="${DCMTK_BIN:-/usr/bin}" # not the pynetdicom console scripts of the same name
+STORESCU="$DCMTK_BIN/storescu"
+ORTHANC="${ORTHANC:-$(command -v Orthanc || echo /usr/sbin/Orthanc)}"
+FIXTURE="$root/src/inference/testdata/sigmoid_map.yaml"
+export TCP_NODELAY=1
+if [ -z "${ORT_DYLIB_PATH:-}" ]; then
+    ORT_DYLIB_PATH="$(python3 -c 'import onnxruntime,os,glob; print(sorted(glob.glob(os.path.join(os.path.dirname(onnxruntime.__file__),"capi","libonnxruntime.so*")),key=len)[-1])')"
+    export ORT_DYLIB_PATH
+fi
+
+for tool in "$BIN" "$STORESCU" "$ORTHANC" curl; do
+    [ -x "$tool" ] || command -v "$tool" >/dev/null || { echo "missing: $tool" >&2; exit 1; }
+done
+
+work="$(mktemp -d /tmp/ttr-bench.XXXXXX)"
+pids=()
+cleanup() {
+    for p in "${pids[@]}"; do
+        kill "$p" 2>/dev/null || true
+        wait "$p" 2>/dev/null || true
+    done
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+wait_port() { # port, pid
+    for _ in $(seq 1 600); do
+        kill -0 "$2" 2>/dev/null || { echo "peer exited during start-up" >&2; return 1; }
+        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+        sleep 0.05
+    done
+    echo "port $1 not listening" >&2
+    return 1
+}
+
+card_for() { # task -> card path
+    if [ -f "$root/models/$1.yaml" ]; then echo "$root/models/$1.yaml"; else echo "$FIXTURE"; fi
+}
+model_label() { # task
+    if [ -f "$root/models/$1.yaml" ]; then echo "trained"; else echo "fixture"; fi
+}
+
+# ---------------------------------------------------------------- Orthanc
+o_port=$(free_port)
+o_http=$(free_port)
+node_port=$(free_port)
+mkdir -p "$work/orthanc"
+cat >"$work/orthanc/orthanc.json" <<EOF
+{
+  "Name": "ttr-bench",
+  "StorageDirectory": "$work/orthanc/storage",
+  "IndexDirectory": "$work/orthanc/index",
+  "DicomAet": "ORTHANC",
+  "DicomPort": $o_port,
+  "HttpPort": $o_http,
+  "RemoteAccessAllowed": false,
+  "AuthenticationEnabled": false,
+  "DicomCheckCalledAet": false,
+  "DicomAlwaysAllowStore": true,
+  "StorageCompression": false,
+  "Plugins": []
+}
+EOF
+"$ORTHANC" "$work/orthanc/orthanc.json" >"$work/orthanc/orthanc.log" 2>&1 &
+pids+=($!)
+wait_port "$o_port" "${pids[-1]}"
+
+# ---------------------------------------------------------------- node
+python3 - "$root" "$work" "$node_port" "$o_port" "$(card_for pma)" "$(card_for cac)" "$FIXTURE" <<'EOF'
+import json, sys, yaml
+root, work, port, o_port, pma, cac, fixture = sys.argv[1:]
+routes = [r for r in yaml.safe_load(open(f"{root}/config/node.yaml"))["routes"]
+          if r["name"] in ("pma-single-slice", "cac-non-contrast")]
+cfg = {
+    "node": {"ae_title": "BIOMARKER", "bind": "127.0.0.1", "port": int(port),
+             "data_dir": f"{work}/node/data", "min_free_disk_mb": 64},
+    "series": {"quiet_seconds": 30, "early_completion": True},
+    "log": {"format": "json", "level": "info,ort=warn"},
+    "models": {"pma": {"card": pma}, "cac": {"card": cac},
+               "sfa": {"card": fixture}, "liver": {"card": fixture}},
+    "destinations": {"pacs": {"ae_title": "ORTHANC", "host": "127.0.0.1", "port": int(o_port)}},
+    "routes": routes,
+}
+import os
+os.makedirs(f"{work}/node", exist_ok=True)
+json.dump(cfg, open(f"{work}/node/node.yaml", "w"), indent=1)
+EOF
+"$BIN" check-config --config "$work/node/node.yaml" >/dev/null
+"$BIN" serve --config "$work/node/node.yaml" 2>"$work/node/node.log" &
+pids+=($!)
+wait_port "$node_port" "${pids[-1]}"
+
+# ---------------------------------------------------------------- runs
+results="$work/results.tsv"
+: >"$results"
+run_one() { # task seed
+    local task="$1" seed="$2" d="$work/phantoms/$1-$2" t0 t_send0
+    mkdir -p "$d"
+    "$BIN" phantom --task "$task" --seed "$seed" --out "$d" --count 1 >/dev/null
+    local dir="$d/$task-$seed-0"
+    local files=("$dir"/*.dcm)
+    t_send0=$(date +%s.%N)
+    "$STORESCU" -aet BENCH -aec BIOMARKER 127.0.0.1 "$node_port" "${files[@]}"
+    t0=$(date +%s.%N)
+    python3 - "$o_http" "$dir/truth.json" "$t0" "$t_send0" "$work/node/node.log" "$task" "$(model_label "$task")" "${#files[@]}" >>"$results" <<'EOF'
+import json, sys, time, datetime, requests
+http, truth, t0, t_send0, log, task, model, nfiles = sys.argv[1:]
+t0, t_send0 = float(t0), float(t_send0)
+tr = json.load(open(truth))
+study, series = tr["study_instance_uid"], tr["series_instance_uid"]
+url = f"http://127.0.0.1:{http}"
+q = {"Level": "Series", "Query": {"StudyInstanceUID": study, "Modality": "SR"}}
+deadline = time.time() + 120
+while True:
+    r = requests.post(url + "/tools/find", json=q, timeout=10).json()
+    if r:
+        t_pacs = time.time()
+        break
+    if time.time() > deadline:
+        print(f"no SR for {task} seed study {study} within 120 s", file=sys.stderr)
+        sys.exit(1)
+    time.sleep(0.02)
+inst = requests.get(f"{url}/series/{r[0]}/instances", timeout=10).json()
+sr_uid = inst[0]["MainDicomTags"]["SOPInstanceUID"]
+
+def ts(s):
+    return datetime.datetime.fromisoformat(s.replace("Z", "+00:00")).timestamp()
+
+t_complete = t_job = t_deliv = None
+reason = "?"
+time.sleep(0.1)  # the log line of the delivery may trail Orthanc's index by a hair
+for line in open(log):
+    try:
+        j = json.loads(line)
+    except ValueError:
+        continue
+    f, msg = j.get("fields", {}), j.get("fields", {}).get("message", "")
+    span = json.dumps(j.get("spans", []))
+    if msg == "series complete" and f.get("series") == series:
+        t_complete, reason = ts(j["timestamp"]), f.get("reason", "?")
+    elif msg == "job done" and series in span:
+        t_job = ts(j["timestamp"]) if t_job is None else t_job
+    elif msg == "outbox: delivered" and f.get("sop_instance_uid") == sr_uid:
+        t_deliv = ts(j["timestamp"])
+rel = lambda t: f"{t - t0:.3f}" if t is not None else "nan"
+print("\t".join([task, model, nfiles, f"{t0 - t_send0:.3f}", rel(t_complete), rel(t_job), rel(t_deliv),
+                 f"{t_pacs - t0:.3f}", reason]))
+EOF
+}
+
+seed=100
+for task in pma cac; do
+    for _ in $(seq 1 "$RUNS"); do
+        seed=$((seed + 1))
+        run_one "$task" "$seed"
+    done
+done
+
+# ---------------------------------------------------------------- table
+python3 - "$results" "$RUNS" "$(nproc)" <<'EOF'
+import statistics, sys
+path, runs, cores = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+rows = [l.rstrip("\n").split("\t") for l in open(path) if l.strip()]
+print()
+print(f"Time to result, last C-STORE-RSP -> SR in Orthanc (s); CPU, loopback, {cores} cores; {runs} run(s) each")
+print("t0 = storescu exited. complete/job/delivered: node log, relative to t0 (median). "
+      "reason: completion_reason of the series.")
+hdr = f"{'task':5} {'model':8} {'slices':>6} {'send':>7} {'best':>7} {'median':>7}   {'complete':>8} {'job done':>8} {'SR acked':>8}  reason"
+print(hdr)
+print("-" * len(hdr))
+for task in dict.fromkeys(r[0] for r in rows):
+    rs = [r for r in rows if r[0] == task]
+    col = lambda i: [float(r[i]) for r in rs]
+    med = lambda i: statistics.median(col(i))
+    reasons = ",".join(sorted({r[8] for r in rs}))
+    print(f"{task:5} {rs[0][1]:8} {rs[0][2]:>6} {med(3):7.3f} {min(col(7)):7.3f} {med(7):7.3f}   "
+          f"{med(4):8.3f} {med(5):8.3f} {med(6):8.3f}  {reasons}")
+EOF
