@@ -31,6 +31,8 @@ pub enum AnalysisError {
     ModelUnavailable { model: String, reason: String },
     #[error("no slice thickness or spacing to scale the Agatston score")]
     NoThickness,
+    #[error("pixel values are stored in steps of {step} HU (a lossy 8-bit encoding?); HU-threshold biomarkers need steps of at most {MAX_HU_STEP} HU")]
+    CoarseHu { step: f64 },
     #[error("writing outputs: {0}")]
     Output(String),
 }
@@ -45,6 +47,11 @@ impl AnalysisError {
         }
     }
 }
+
+/// Candidate heuristics threshold HU at single-HU edges (e.g. −29, −30,
+/// 130); stored steps coarser than this make the candidates, and so the
+/// value, an artefact of the encoding rather than of the patient.
+pub const MAX_HU_STEP: f64 = 2.0;
 
 /// Every configured model, loaded once at start.
 pub struct Models {
@@ -152,6 +159,9 @@ pub fn run(
     let model = models.get(&m.model)?;
     let card = &model.card;
     let vol = Volume::from_files_with(files, volume_opts)?;
+    if vol.hu_step > MAX_HU_STEP {
+        return Err(AnalysisError::CoarseHu { step: vol.hu_step });
+    }
     let (hu, idx): (Array3<f32>, Vec<usize>) = if card.input.slices == "single" {
         let sel = m.slices.clone().unwrap_or(if vol.slices() == 1 {
             SliceSelection::Single

@@ -115,3 +115,51 @@ fn rust_reproduces_the_python_golden_set() {
         eprintln!("golden {task} {}: value {} (python {want}), map max diff {dm:.2e}", dir.display(), m.value);
     }
 }
+
+/// Every encoding of the real chest slice gives the same PMA and SFA:
+/// identical for lossless syntaxes, within 2% for lossy ones.
+#[test]
+fn chest_slice_encodings_agree() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/realct/chest-slice-encodings");
+    let root = models_dir();
+    let tasks: Vec<&str> = ["pma", "sfa"].into_iter().filter(|t| root.join(format!("{t}.yaml")).is_file()).collect();
+    if !dir.is_dir() || tasks.is_empty() || !init_for_tests() {
+        eprintln!("skipping: realct or models absent");
+        return;
+    }
+    const LOSSY: [&str; 2] = ["1.2.840.10008.1.2.4.81", "1.2.840.10008.1.2.4.91"];
+    const UNDECODABLE: [&str; 3] = ["1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.53", "1.2.840.10008.1.2.4.55"];
+    for task in tasks {
+        let model = Model::load(&root.join(format!("{task}.yaml")), &RuntimeOptions::default()).unwrap();
+        let reference = {
+            let v = Volume::from_files(&[dir.join("CTImage.dcm_LittleEndianImplicitTransferSyntax_1.2.840.10008.1.2.dcm")]).unwrap();
+            let g = PixelGeometry { pixel_spacing: v.pixel_spacing, slice_thickness_mm: 5.0 };
+            measure(&model, v.hu.view(), g).unwrap().value
+        };
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            let name = p.file_name().unwrap().to_string_lossy().to_string();
+            if UNDECODABLE.iter().any(|t| name.ends_with(&format!("{t}.dcm"))) {
+                assert!(Volume::from_files(&[p.clone()]).is_err(), "{name} should be refused");
+                continue;
+            }
+            let v = Volume::from_files(&[p.clone()]).unwrap_or_else(|e| panic!("{name}: {e}"));
+            if name.ends_with("1.2.840.10008.1.2.4.50.dcm") {
+                // 8-bit baseline JPEG: this file stores HU in steps of ~32, which
+                // analysis refuses (crate::analysis::MAX_HU_STEP).
+                assert!(v.hu_step > crate::analysis::MAX_HU_STEP, "{name}: step {}", v.hu_step);
+                continue;
+            }
+            assert!(v.hu_step <= crate::analysis::MAX_HU_STEP, "{name}: step {}", v.hu_step);
+            let g = PixelGeometry { pixel_spacing: v.pixel_spacing, slice_thickness_mm: 5.0 };
+            let value = measure(&model, v.hu.view(), g).unwrap().value;
+            let rel = (value - reference).abs() / reference.abs().max(1e-9);
+            eprintln!("{task} {name}: {value:.4} (rel diff {rel:.2e})");
+            if LOSSY.iter().any(|t| name.ends_with(&format!("{t}.dcm"))) {
+                assert!(rel <= 0.02, "{task} {name}: lossy value {value} vs {reference}");
+            } else {
+                assert_eq!(value, reference, "{task} {name}: lossless must be identical");
+            }
+        }
+    }
+}

@@ -154,6 +154,10 @@ pub struct Volume {
     pub source_paths: Vec<PathBuf>,
     /// Voxels that held PixelPaddingValue and were set to [`PADDING_HU`].
     pub padding_voxels: usize,
+    /// The coarsest HU step any slice can represent: max |RescaleSlope|.
+    /// 8-bit lossy encodings of CT carry slopes of ~32 HU, too coarse for
+    /// HU-threshold biomarkers; callers decide what step they accept.
+    pub hu_step: f64,
 }
 
 /// How to pick one 2-D slice for a model that works on a single image.
@@ -195,6 +199,7 @@ struct Frame {
     frame_number: Option<u32>,
     path: PathBuf,
     padding: usize,
+    slope: f64,
 }
 
 impl Volume {
@@ -347,6 +352,7 @@ fn read_frames(path: &Path, out: &mut Vec<Frame>) -> Result<(), VolumeError> {
             frame_number: multi.then_some(f as u32 + 1),
             path: path.to_owned(),
             padding: pad,
+            slope,
         });
     }
     Ok(())
@@ -505,6 +511,7 @@ fn assemble(mut frames: Vec<Frame>, opts: &VolumeOptions) -> Result<Volume, Volu
 
     let mut hu = Array3::<f32>::zeros((frames.len(), rows, cols));
     let mut padding_voxels = 0;
+    let hu_step = frames.iter().map(|f| f.slope.abs()).fold(0.0, f64::max);
     for (mut dst, f) in hu.outer_iter_mut().zip(&frames) {
         let src = ArrayView2::from_shape((rows, cols), &f.hu).expect("frame length was checked against rows x cols");
         dst.assign(&src);
@@ -524,6 +531,7 @@ fn assemble(mut frames: Vec<Frame>, opts: &VolumeOptions) -> Result<Volume, Volu
         frame_numbers: frames.iter().map(|f| f.frame_number).collect(),
         source_paths: frames.iter().map(|f| f.path.clone()).collect(),
         padding_voxels,
+        hu_step,
     })
 }
 
