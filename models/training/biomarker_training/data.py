@@ -105,6 +105,7 @@ class Case:
     x: np.ndarray  # float32 [S, H, W] model input (S = 1 for single-slice tasks)
     w: np.ndarray  # float32 [S, H, W] pooled aggregation weights
     value: float
+    source: str = ""  # series folder, for checks that need native resolution (CAC lesions)
 
 
 def prepare_series(series: Series, spec: TaskSpec):
@@ -140,7 +141,7 @@ def load_cases(csv_path, spec: TaskSpec, cache_dir=None, workers: int = 2) -> li
     if cache.exists():
         with np.load(cache) as z:  # each z[...] access re-reads the array: read each once
             x, w, v, off = z["x"], z["w"], z["v"], z["offsets"]
-        return [Case(x[off[i]:off[i + 1]].astype(np.float32), w[off[i]:off[i + 1]], float(v[i]))
+        return [Case(x[off[i]:off[i + 1]].astype(np.float32), w[off[i]:off[i + 1]], float(v[i]), str(rows[i][0]))
                 for i in range(len(off) - 1)]
     jobs = [(str(d), v, spec.name, tuple(spec.size)) for d, v in rows]
     if workers > 1 and len(jobs) > 8:
@@ -154,4 +155,4 @@ def load_cases(csv_path, spec: TaskSpec, cache_dir=None, workers: int = 2) -> li
                  v=np.array([o[2] for o in out]), offsets=offsets)
     except OSError:
         pass  # read-only data folder: just don't cache
-    return [Case(o[0].astype(np.float32), o[1], float(o[2])) for o in out]
+    return [Case(o[0].astype(np.float32), o[1], float(o[2]), str(d)) for o, (d, _) in zip(out, rows)]
