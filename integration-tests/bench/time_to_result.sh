@@ -20,7 +20,8 @@
 # One run: a fresh phantom (its own seed, so its own UIDs) is sent with DCMTK
 # storescu in one association; t0 = `date +%s.%N` right after storescu exits
 # (every C-STORE-RSP received, association released). Then Orthanc's REST
-# API is polled every 20 ms until a series with Modality SR appears in the
+# API is polled every 20 ms (by a poller started before the send, so its
+# start-up is not measured) until a series with Modality SR appears in the
 # phantom's study: t_pacs. The breakdown columns come from the node's JSON
 # log (same clock): series complete, job done, SR C-STORE-RSP received.
 set -euo pipefail
@@ -128,47 +129,54 @@ wait_port "$node_port" "${pids[-1]}"
 results="$work/results.tsv"
 : >"$results"
 run_one() { # task seed
-    local task="$1" seed="$2" d="$work/phantoms/$1-$2" t0 t_send0
+    local task="$1" seed="$2" d="$work/phantoms/$1-$2" t0 t_send0 poller
     mkdir -p "$d"
     "$BIN" phantom --task "$task" --seed "$seed" --out "$d" --count 1 >/dev/null
     local dir="$d/$task-$seed-0"
     local files=("$dir"/*.dcm)
-    t_send0=$(date +%s.%N)
-    "$STORESCU" -aet BENCH -aec BIOMARKER 127.0.0.1 "$node_port" "${files[@]}"
-    t0=$(date +%s.%N)
-    python3 - "$o_http" "$dir/truth.json" "$t0" "$t_send0" "$work/node/node.log" "$task" "$(model_label "$task")" "${#files[@]}" >>"$results" <<'EOF'
-import json, sys, time, datetime, requests
-http, truth, t0, t_send0, log, task, model, nfiles = sys.argv[1:]
-t0, t_send0 = float(t0), float(t_send0)
+    python3 - "$o_http" "$dir/truth.json" "$d" "$work/node/node.log" "$task" "$(model_label "$task")" "${#files[@]}" >>"$results" <<'EOF' &
+import json, os, sys, time, datetime, requests
+http, truth, d, log, task, model, nfiles = sys.argv[1:]
 tr = json.load(open(truth))
 study, series = tr["study_instance_uid"], tr["series_instance_uid"]
 url = f"http://127.0.0.1:{http}"
 q = {"Level": "Series", "Query": {"StudyInstanceUID": study, "Modality": "SR"}}
+s = requests.Session()
 deadline = time.time() + 120
+first = True
 while True:
-    r = requests.post(url + "/tools/find", json=q, timeout=10).json()
+    r = s.post(url + "/tools/find", json=q, timeout=10).json()
     if r:
         t_pacs = time.time()
         break
+    if first:
+        open(os.path.join(d, "ready"), "w").close()
+        first = False
     if time.time() > deadline:
-        print(f"no SR for {task} seed study {study} within 120 s", file=sys.stderr)
+        print(f"no SR for {task} study {study} within 120 s", file=sys.stderr)
         sys.exit(1)
     time.sleep(0.02)
-inst = requests.get(f"{url}/series/{r[0]}/instances", timeout=10).json()
+while not os.path.exists(os.path.join(d, "t0")):
+    time.sleep(0.01)
+t_send0, t0 = map(float, open(os.path.join(d, "t0")).read().split())
+inst = s.get(f"{url}/series/{r[0]}/instances", timeout=10).json()
 sr_uid = inst[0]["MainDicomTags"]["SOPInstanceUID"]
 
-def ts(s):
-    return datetime.datetime.fromisoformat(s.replace("Z", "+00:00")).timestamp()
+
+def ts(v):
+    return datetime.datetime.fromisoformat(v.replace("Z", "+00:00")).timestamp()
+
 
 t_complete = t_job = t_deliv = None
 reason = "?"
-time.sleep(0.1)  # the log line of the delivery may trail Orthanc's index by a hair
+time.sleep(0.1)  # let the node's log catch up
 for line in open(log):
     try:
         j = json.loads(line)
     except ValueError:
         continue
-    f, msg = j.get("fields", {}), j.get("fields", {}).get("message", "")
+    f = j.get("fields", {})
+    msg = f.get("message", "")
     span = json.dumps(j.get("spans", []))
     if msg == "series complete" and f.get("series") == series:
         t_complete, reason = ts(j["timestamp"]), f.get("reason", "?")
@@ -180,6 +188,16 @@ rel = lambda t: f"{t - t0:.3f}" if t is not None else "nan"
 print("\t".join([task, model, nfiles, f"{t0 - t_send0:.3f}", rel(t_complete), rel(t_job), rel(t_deliv),
                  f"{t_pacs - t0:.3f}", reason]))
 EOF
+    poller=$!
+    while [ ! -e "$d/ready" ]; do
+        kill -0 "$poller" 2>/dev/null || { echo "poller died" >&2; exit 1; }
+        sleep 0.01
+    done
+    t_send0=$(date +%s.%N)
+    "$STORESCU" -aet BENCH -aec BIOMARKER 127.0.0.1 "$node_port" "${files[@]}"
+    t0=$(date +%s.%N)
+    echo "$t_send0 $t0" >"$d/t0.tmp" && mv "$d/t0.tmp" "$d/t0"
+    wait "$poller"
 }
 
 seed=100
