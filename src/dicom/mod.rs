@@ -6,6 +6,7 @@
 
 pub mod ct_writer;
 pub mod header;
+pub mod scan;
 pub mod read;
 
 use std::fmt;

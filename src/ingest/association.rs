@@ -140,6 +140,9 @@ enum Pending {
         cmd: Command,
         writer: Box<dyn SpoolWriter>,
     },
+    /// Already stored (same SOP Instance UID): read and drop the dataset,
+    /// answer success. The first copy stays byte-identical.
+    Duplicate { cmd: Command },
     /// Read and drop the dataset, then answer with this status.
     Discard {
         cmd: Command,
@@ -360,7 +363,13 @@ impl Association {
                 self.respond(ctx, Response::to_request(&cmd, status, None)).await
             }
             CommandField::CStoreRq if cmd.has_dataset() => {
-                self.pending = Some(self.begin_store(cmd, &context));
+                // A re-sent instance is acknowledged without storing it again,
+                // whichever study or series it names this time.
+                let dup = match cmd.affected_sop_instance_uid.as_deref().map(crate::dicom::Uid::parse) {
+                    Some(Ok(uid)) => self.shared.tracker.is_duplicate(&uid).await.unwrap_or(false),
+                    _ => false,
+                };
+                self.pending = Some(if dup { Pending::Duplicate { cmd } } else { self.begin_store(cmd, &context) });
                 self.assembler.expect_data(ctx);
                 Ok(())
             }
@@ -430,7 +439,7 @@ impl Association {
                     }
                 }
             },
-            d @ Pending::Discard { .. } => d,
+            other => other,
         });
         Ok(())
     }
@@ -440,6 +449,17 @@ impl Association {
             return Err(AssociationError::Assembly(AssemblyError::DataWithoutCommand));
         };
         let rsp = match pending {
+            Pending::Duplicate { cmd } => {
+                let sop = cmd.affected_sop_instance_uid.clone().unwrap_or_default();
+                telemetry::InstanceStored {
+                    sop_instance_uid: &sop,
+                    series_instance_uid: "",
+                    bytes: 0,
+                    duplicate: true,
+                }
+                .emit();
+                Response::to_request(&cmd, Status::Success, None)
+            }
             Pending::Discard { cmd, status, comment } => {
                 telemetry::StoreFailed {
                     sop_instance_uid: cmd.affected_sop_instance_uid.as_deref().unwrap_or(""),
@@ -472,10 +492,19 @@ impl Association {
                                 association_id: self.id,
                                 calling_ae: calling_ae.to_owned(),
                             };
+                            let placed = self.shared.spool.root().join(&inst.rel_path);
                             // The file is durable: an index failure is repaired by
                             // recovery at the next start, so it does not fail the store.
-                            if let Err(e) = self.shared.tracker.instance_stored(inst).await {
-                                tracing::error!(error = %e, "series index update failed; recovery will re-index");
+                            match self.shared.tracker.instance_stored(inst).await {
+                                Ok(crate::series::InsertOutcome::Duplicate) => {
+                                    // Lost a race with another association storing the same
+                                    // UID under another series: keep the first copy only.
+                                    if let Err(e) = std::fs::remove_file(&placed) {
+                                        tracing::warn!(error = %e, "cannot remove a second copy of an instance");
+                                    }
+                                }
+                                Ok(_) => {}
+                                Err(e) => tracing::error!(error = %e, "series index update failed; recovery will re-index"),
                             }
                         }
                         Response::to_request(&cmd, Status::Success, None)

@@ -96,6 +96,10 @@ pub fn drive(mut bytes: &[u8], max_pdu: u32) -> Outcome {
                                 let ts = data_ctx
                                     .and_then(|c| accepted.iter().find(|(id, _)| *id == c))
                                     .and_then(|(_, ts)| TransferSyntaxRegistry.get(ts));
+                                let scanned = ts.and_then(|t| crate::dicom::scan::Encoding::of(t.uid()));
+                                let ts = ts.filter(|_| {
+                                    scanned.is_some_and(|enc| crate::dicom::scan::check_lengths(&dataset, enc).is_ok())
+                                });
                                 if let Some(ts) = ts {
                                     // A failure here is a status, not a fatal error.
                                     if InMemDicomObject::read_dataset_with_ts(&dataset[..], ts).is_ok() {

@@ -515,6 +515,21 @@ mod tests {
         .ok()
     }
 
+    /// Poll a row until it reaches `state` (or 5 s pass), then return it.
+    async fn settle(
+        f: impl Fn() -> crate::series::SeriesSummary,
+        state: &str,
+    ) -> crate::series::SeriesSummary {
+        let t0 = Instant::now();
+        loop {
+            let r = f();
+            if r.state == state || t0.elapsed() > Duration::from_secs(5) {
+                return r;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     fn row(node: &Node, series: &str) -> crate::series::SeriesSummary {
         SeriesIndex::open_readonly(&node.index_path)
             .unwrap()
@@ -539,7 +554,9 @@ mod tests {
         assert_eq!(ev.reason, CompletionReason::QuietTimer);
         assert_eq!((ev.instances, ev.generation), (4, 1));
         assert_eq!(ev.series_instance_uid.as_str(), "1.2.3");
-        let r = row(&node, "1.2.3");
+        // The event is pushed before the index commits (at-least-once), so
+        // the row may lag the event by a moment.
+        let r = settle(|| row(&node, "1.2.3"), "complete").await;
         assert_eq!(r.state, "complete");
         assert_eq!(r.completion_reason.as_deref(), Some("quiet_timer"));
         assert!(r.completed_at.is_some());
@@ -781,7 +798,7 @@ mod tests {
             (ev.reason, ev.generation, ev.instances),
             (CompletionReason::QuietTimer, 1, 3)
         );
-        assert_eq!(state(&index_path).state, "complete");
+        assert_eq!(settle(|| state(&index_path), "complete").await.state, "complete");
     }
 
     #[test]

@@ -13,9 +13,11 @@
 //! - Layout: `spool/<StudyUID>/<SeriesUID>/<SOPInstanceUID>.dcm`, each a
 //!   Part 10 file: our file meta, then the dataset bytes exactly as
 //!   received in the negotiated transfer syntax.
-//! - Duplicates (a SOP Instance UID already stored in the same series): the
-//!   first copy wins and stays byte-identical; the new copy is dropped and
-//!   the store still succeeds. A hard link, not a rename, puts files in
+//! - Duplicates: ingest asks the series index first, so a SOP Instance UID
+//!   already stored (in any series) is acknowledged without a second copy.
+//!   Here, a copy racing into the same path loses: the first copy wins and
+//!   stays byte-identical; the new copy is dropped and the store still
+//!   succeeds. A hard link, not a rename, puts files in
 //!   place, so two associations racing on one UID cannot overwrite each
 //!   other.
 //!
@@ -139,12 +141,15 @@ impl Spool for DiskSpool {
         let tmp_path = self.tmp.join(format!("{}-{n}.part", std::process::id()));
         let file = File::create(&tmp_path)?;
         let mut out = BufWriter::with_capacity(256 * 1024, file);
-        write_part10_header(&mut out, incoming)?;
+        let mut header = Vec::with_capacity(512);
+        write_part10_header(&mut header, incoming)?;
+        out.write_all(&header)?;
         Ok(Box::new(DiskWriter {
             root: self.root.clone(),
             tmp_path,
             out: Some(out),
             incoming: incoming.clone(),
+            dataset_offset: header.len(),
         }))
     }
 
@@ -177,6 +182,8 @@ struct DiskWriter {
     tmp_path: PathBuf,
     out: Option<BufWriter<File>>,
     incoming: Incoming,
+    /// Where the received dataset starts (after preamble and file meta).
+    dataset_offset: usize,
 }
 
 impl SpoolWriter for DiskWriter {
@@ -206,7 +213,7 @@ impl DiskWriter {
         let file = out.into_inner().map_err(|e| e.into_error())?;
         let size_bytes = file.metadata()?.len();
         // Parse before fsync: a dataset we refuse costs no disk flush.
-        let header = validate(&self.tmp_path, &self.incoming)?;
+        let header = validate(&self.tmp_path, self.dataset_offset, &self.incoming)?;
         file.sync_all()?;
         drop(file);
 
@@ -240,10 +247,18 @@ impl DiskWriter {
 }
 
 /// Full parse of the received dataset: a truncated dataset or an element
-/// whose length overruns fails here, before we acknowledge anything.
-fn validate(path: &Path, incoming: &Incoming) -> Result<InstanceHeader, SpoolError> {
+/// whose length overruns fails here, before we acknowledge anything. The
+/// length walk runs first so a lying length costs nothing (see
+/// [`crate::dicom::scan`]); deflated datasets cannot be walked in place and
+/// rely on the parser alone.
+fn validate(path: &Path, dataset_offset: usize, incoming: &Incoming) -> Result<InstanceHeader, SpoolError> {
+    let bytes = fs::read(path)?;
+    if let Some(enc) = crate::dicom::scan::Encoding::of(&incoming.transfer_syntax) {
+        crate::dicom::scan::check_lengths(&bytes[dataset_offset..], enc)
+            .map_err(|e| SpoolError::Unparseable(e.to_string()))?;
+    }
     let obj = OpenFileOptions::new()
-        .open_file(path)
+        .from_reader(&bytes[128..])
         .map_err(|e| SpoolError::Unparseable(error_chain(&e)))?;
     let header = InstanceHeader::from_dataset(&obj)?;
     if header.sop_class_uid.as_str() != incoming.sop_class_uid.trim_end_matches(['\0', ' ']) {
