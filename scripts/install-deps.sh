@@ -69,6 +69,15 @@ echo "install-deps: pip install ${PIP_PKGS[*]}"
 "$PY" -c "import pydicom, pynetdicom, highdicom, numpy, pytest, requests, onnxruntime" \
     || { echo "install-deps: python packages failed to install" >&2; exit 1; }
 
+# The node loads ONNX Runtime at run time (ort's load-dynamic). Its shared
+# library comes from the onnxruntime wheel; link it where config/node.yaml
+# looks (onnxruntime.library: ../ort/libonnxruntime.so), so the default
+# config runs without ORT_DYLIB_PATH.
+ort_lib="$("$PY" -c "import onnxruntime, os, glob; d = os.path.join(os.path.dirname(onnxruntime.__file__), 'capi'); print(sorted(glob.glob(os.path.join(d, 'libonnxruntime.so.*')))[-1])")"
+mkdir -p "$root/ort"
+ln -sf "$ort_lib" "$root/ort/libonnxruntime.so"
+echo "install-deps: ONNX Runtime at $root/ort/libonnxruntime.so -> $ort_lib"
+
 # The ML engineer's training stack (torch etc.), when it exists.
 if [ -f "$root/models/training/install.sh" ]; then
     echo "install-deps: models/training/install.sh"
