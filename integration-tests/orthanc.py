@@ -126,6 +126,12 @@ class Orthanc:
                 self.proc.kill()
                 self.proc.wait(timeout=10)
 
+    def kill(self) -> None:
+        """SIGKILL (teardown: the storage is thrown away anyway)."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
     def log_tail(self, lines: int = 40) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
