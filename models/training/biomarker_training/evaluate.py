@@ -99,6 +99,10 @@ def evaluate_task(task: str, csv_path, models_dir, max_cases: int = 0) -> dict:
                 if mask is not None:
                     up = C.upsample_nearest(out[:, 0], s.hu.shape[1:]) >= DICE_THRESHOLD
                     acc[method]["dice"].append(dice(up & cand, mask))
+                    soft_map = C.upsample_nearest(out[:, 0].astype(np.float64), s.hu.shape[1:]) * cand
+                    den = soft_map.sum() + mask.sum()
+                    acc[method].setdefault("soft_dice", []).append(
+                        float(2 * (soft_map * mask).sum() / den) if den > 0 else None)
                 cand_only.append(float(w.sum()))
                 if mask is not None:
                     cand_dice.append(dice(cand, mask))
@@ -107,8 +111,11 @@ def evaluate_task(task: str, csv_path, models_dir, max_cases: int = 0) -> dict:
         dl = [v for v in a["dice"] if v is not None]
         m["dice"] = float(np.mean(dl)) if dl else None
         m["dice_n"] = len(dl)
+        sd = [v for v in a.get("soft_dice", []) if v is not None]
+        m["soft_dice"] = float(np.mean(sd)) if sd else None
         if method == soft:
-            m["dice"], m["dice_n"] = res["methods"]["localization"]["dice"], res["methods"]["localization"]["dice_n"]
+            for k in ("dice", "dice_n", "soft_dice"):
+                m[k] = res["methods"]["localization"][k]
         m["dice_threshold"] = DICE_THRESHOLD if method in ("localization", soft) else None
         m["sec_per_slice_ort"] = float(np.median(a["sec"]))
         if task == "cac":
@@ -155,12 +162,13 @@ def markdown(results: list[dict], command: str) -> str:
              "All numbers come from the exported ONNX models run in ONNX Runtime (CPU). Masks are used only here.",
              f"Dice: localization map upsampled to native resolution (nearest), thresholded at {DICE_THRESHOLD}, "
              "restricted to candidates, vs `mask.npy`; mean over cases where truth or prediction is non-empty.",
+             "soft Dice: 2 sum(map * cand * mask) / (sum(map * cand) + sum(mask)), no threshold (supplementary).",
              "`candidates only` = map fixed to 1 (the HU heuristic alone), a floor for both methods.",
              "Relative error: mean |pred - truth| / truth over cases with truth > 0. Bland-Altman: pred - truth, "
              "bias and bias +/- 1.96 SD.", "",
              "Regenerate with:", "", "```", command, "```", "",
-             "| task | method | n | r | MAE | rel. err | BA bias | BA 95% LoA | Dice | cat. acc | kappa (lin.) | ORT s/slice |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| task | method | n | r | MAE | rel. err | BA bias | BA 95% LoA | Dice@0.5 | soft Dice | cat. acc | kappa (lin.) | ORT s/slice |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for res in results:
         t = res["task"]
         items = list(res["methods"].items())
@@ -170,6 +178,7 @@ def markdown(results: list[dict], command: str) -> str:
             lines.append(
                 f"| {t} | {method} | {m['n']} | {_f(m['r'])} | {_f(m['mae'], 2)} | {_f(m['rel_err'])} | "
                 f"{_f(m['ba_bias'], 2)} | [{_f(m['ba_loa'][0], 2)}, {_f(m['ba_loa'][1], 2)}] | {_f(m.get('dice'))} | "
+                f"{_f(m.get('soft_dice'))} | "
                 f"{_f(m.get('category_acc'))} | {_f(m.get('kappa_linear'))} | {_f(m.get('sec_per_slice_ort'), 4)} |")
     lines += ["", "## Targets", ""]
     for res in results:
