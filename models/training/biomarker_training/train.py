@@ -211,7 +211,8 @@ def main(argv=None):
                                                                         (argv if argv is not None else sys.argv[1:])),
             "data": a.data_note or str(a.csv),
             "seed": a.seed, "epochs": a.epochs, "steps": step, "train_cases": len(train),
-            "val_cases": len(val), "lr": a.lr, "loss": a.loss, "sparsity_lambda": a.sparsity, "batch_size": a.batch_size,
+            "val_cases": len(val), "lr": a.lr,
+            "loss": "smooth_l1(log1p(value), beta 0.1)" if spec.aggregation == "agatston" else a.loss, "sparsity_lambda": a.sparsity, "batch_size": a.batch_size,
             "git_commit": git_commit(), "seconds": round(time.time() - t0, 1),
         },
         val_metrics=val_metrics, version=a.version)
