@@ -254,8 +254,13 @@ def _listening(port: int) -> bool:
 
 
 def pending_after_failure(items: list[dict], n: int) -> bool:
-    return len(items) == n and all(i["state"] == "pending" and i["attempts"] >= 1 and i.get("last_error")
-                                   for i in items)
+    """Every item has failed at least once and waits for a retry. One batch
+    per destination is in flight at a time, so against a slow failure (a
+    timeout) one item may be `sending` its next attempt while the others wait."""
+    return (len(items) == n
+            and all(i["state"] in ("pending", "sending") and i["attempts"] >= 1 and i.get("last_error")
+                    for i in items)
+            and any(i["state"] == "pending" for i in items))
 
 
 def all_delivered(items: list[dict], n: int) -> bool:
