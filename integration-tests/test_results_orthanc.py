@@ -542,3 +542,60 @@ def test_hung_destination_times_out_then_delivers(tmp_path, nodes, orthancs, pma
                      diag=lambda: f"{outbox(node)}\n{node.log_tail(30)}\n{o.log_tail(20)}")
     time.sleep(1.0)
     assert_delivered_once(o, node, items)
+
+
+def test_resent_series_is_not_reported_twice(tmp_path, nodes, orthancs, pma_phantom):
+    """The PACS sends the same series again (same SOP Instance UIDs): the
+    node keeps its first copy and does not make or send a second report."""
+    dicom_port = free_port()
+    over = node_overrides(dicom_port, routes_named("pma-single-slice"), outbox=FAST_OUTBOX)
+    n_items = expected_outputs(analyze(tmp_path / "analyze", over, pma_phantom))
+    node = nodes(over, start=False)
+    o = orthancs(dicom_port=dicom_port, modalities={"node": [node.ae_title, "127.0.0.1", node.port]}).start()
+    node.start()
+    ct = o.upload(pma_phantom / "CT0001.dcm")
+    o.store_to("node", [ct["ID"]])
+    first = wait_for(lambda: (lambda it: it if all_delivered(it, n_items) else None)(outbox(node)),
+                     30, "first report delivered", diag=lambda: f"{outbox(node)}\n{node.log_tail(30)}")
+    o.store_to("node", [ct["ID"]])  # the same instance again, in a new association
+    time.sleep(3.0)  # completion, routing, analysis and delivery take < 1 s here
+    assert outbox(node) == first
+    assert len(cli_json(node, "jobs")) == 1
+    assert_delivered_once(o, node, first, also_stored=[ct_uid(o, ct)])
+
+
+def ct_uid(o: Orthanc, uploaded: dict) -> str:
+    return o.instance_tags(uploaded["ID"])["SOPInstanceUID"]
+
+
+def test_hung_destination_does_not_delay_another(tmp_path, nodes, orthancs, pma_phantom):
+    """A route sends to two destinations, one hung (accepts TCP, never
+    answers; the attempt waits dimse_timeout_s = 20 s): Orthanc gets its
+    results within seconds anyway, while the hung destination's items wait."""
+    dicom_port, hung_port = free_port(), free_port()
+    hung = HungPeer(hung_port)
+    try:
+        route = copy.deepcopy(routes_named("pma-single-slice")[0])
+        route["send_to"] = ["hung", "pacs"]
+        over = node_overrides(dicom_port, [route], outbox=dict(FAST_OUTBOX, dimse_timeout_s=20.0))
+        over["destinations"]["hung"] = {"ae_title": "WEDGED", "host": "127.0.0.1", "port": hung_port}
+        n_per_dest = expected_outputs(analyze(tmp_path / "analyze", over, pma_phantom))
+        o = orthancs(dicom_port=dicom_port).start()
+        node = nodes(over)
+        r = storescu(node, [pma_phantom / "CT0001.dcm"])
+        assert r.returncode == 0, r.stdout + r.stderr
+
+        def split():
+            it = outbox(node)
+            pacs = [i for i in it if i["destination"] == "pacs"]
+            other = [i for i in it if i["destination"] == "hung"]
+            return (pacs, other) if all_delivered(pacs, n_per_dest) and len(other) == n_per_dest else None
+
+        pacs, other = wait_for(split, 8, "Orthanc's items delivered while the other destination hangs",
+                               diag=lambda: f"{outbox(node)}\n{node.log_tail(30)}")
+        assert hung.conns, "the node never tried the hung destination"
+        assert all(i["state"] in ("pending", "sending") for i in other), other
+        assert {i["sop_instance_uid"] for i in pacs} == {i["sop_instance_uid"] for i in other}
+        assert_delivered_once(o, node, pacs)
+    finally:
+        hung.close()
