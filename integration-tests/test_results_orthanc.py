@@ -104,11 +104,15 @@ def node_overrides(dest_port: int, routes: list[dict], outbox: dict | None = Non
 
 
 def cli_json(node: Node, command: str) -> list[dict]:
-    """`biomarker-node <command> --config F --json` as a list; [] before the store exists."""
+    """`biomarker-node <command> --config F --json` as a list; [] before the
+    node has created the store the command reads."""
     r = subprocess.run([str(node_binary()), command, "--config", str(node.config_path), "--json"],
                        capture_output=True, text=True, timeout=30)
     if r.returncode != 0:
-        return []
+        store = node.data_dir / ("outbox.sqlite" if command == "outbox" else "index.sqlite")
+        if not store.exists():
+            return []
+        raise AssertionError(f"`{command} --json` exited {r.returncode}:\n{r.stderr}")
     return [json.loads(line) for line in r.stdout.splitlines() if line.strip()]
 
 
@@ -230,8 +234,7 @@ def sr_measurements(data: bytes) -> list[dict]:
                 "concept": (m.name.scheme_designator, m.name.value),
                 "value": float(m.value),
                 "ds": float(mv.NumericValue),
-                "ds_text": str(mv.NumericValue.original_string if hasattr(mv.NumericValue, "original_string")
-                               and mv.NumericValue.original_string else mv.NumericValue),
+                "ds_text": getattr(mv.NumericValue, "original_string", None) or str(mv.NumericValue),
                 "unit": (m.unit.scheme_designator, m.unit.value),
             })
     return out
