@@ -253,11 +253,17 @@ impl DiskWriter {
 /// rely on the parser alone.
 fn validate(path: &Path, dataset_offset: usize, incoming: &Incoming) -> Result<InstanceHeader, SpoolError> {
     let bytes = fs::read(path)?;
-    if let Some(enc) = crate::dicom::scan::Encoding::of(&incoming.transfer_syntax) {
-        crate::dicom::scan::check_lengths(&bytes[dataset_offset..], enc)
-            .map_err(|e| SpoolError::Unparseable(e.to_string()))?;
-    }
-    let obj = OpenFileOptions::new()
+    let opts = match crate::dicom::scan::Encoding::of(&incoming.transfer_syntax) {
+        Some(enc) => {
+            crate::dicom::scan::check_lengths(&bytes[dataset_offset..], enc)
+                .map_err(|e| SpoolError::Unparseable(e.to_string()))?;
+            // Every element is within bounds, so the header is all we need to
+            // parse; copying the pixel data into memory would buy nothing.
+            OpenFileOptions::new().read_until(dicom_dictionary_std::tags::PIXEL_DATA)
+        }
+        None => OpenFileOptions::new(),
+    };
+    let obj = opts
         .from_reader(&bytes[128..])
         .map_err(|e| SpoolError::Unparseable(error_chain(&e)))?;
     let header = InstanceHeader::from_dataset(&obj)?;
