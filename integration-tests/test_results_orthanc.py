@@ -511,10 +511,18 @@ class HungPeer:
             self.conns.append(c)
 
     def close(self):
+        # shutdown() wakes the blocked accept(); close() alone leaves the
+        # socket listening while accept() holds it, and a connection accepted
+        # after the loop below would hang its client.
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self.sock.close()
+        self.thread.join(timeout=5)
+        assert not self.thread.is_alive(), "HungPeer: accept thread did not stop"
         for c in self.conns:
             c.close()
-        self.thread.join(timeout=5)
 
 
 def test_hung_destination_times_out_then_delivers(tmp_path, nodes, orthancs, pma_phantom):
@@ -602,3 +610,42 @@ def test_hung_destination_does_not_delay_another(tmp_path, nodes, orthancs, pma_
         assert_delivered_once(o, node, pacs)
     finally:
         hung.close()
+
+
+def test_stop_and_kill_while_sending(tmp_path, nodes, orthancs, pma_phantom):
+    """Items `sending` to a hung destination (dimse_timeout_s = 60): SIGTERM
+    stops the node at once (it does not wait out the timeout); SIGKILL while
+    sending leaves them `sending` on disk, and the next start-up requeues
+    them. Once a real PACS is there, each is delivered exactly once."""
+    dicom_port = free_port()
+    hung = HungPeer(dicom_port)
+    try:
+        over = node_overrides(dicom_port, routes_named("pma-single-slice"),
+                              outbox=dict(FAST_OUTBOX, dimse_timeout_s=60.0))
+        n_items = expected_outputs(analyze(tmp_path / "analyze", over, pma_phantom))
+        node = nodes(over)
+        r = storescu(node, [pma_phantom / "CT0001.dcm"])
+        assert r.returncode == 0, r.stdout + r.stderr
+        sending = lambda: (lambda it: it if len(it) == n_items and any(i["state"] == "sending" for i in it)
+                           else None)(outbox(node))
+        wait_for(sending, 10, "an item sending to the hung destination", diag=lambda: node.log_tail(30))
+
+        t = time.monotonic()
+        rc = node.stop(timeout=20)
+        took = time.monotonic() - t
+        assert rc == 0 and took < 5, f"SIGTERM with a hung delivery: exit {rc} after {took:.1f}s"
+
+        node.start()
+        wait_for(sending, 10, "sending again after the restart", diag=lambda: node.log_tail(30))
+        node.kill()
+        assert any(i["state"] == "sending" for i in outbox(node))  # as the crash left it
+        node.start()
+        time.sleep(0.5)
+    finally:
+        hung.close()
+    o = orthancs(dicom_port=dicom_port).start()
+    items = wait_for(lambda: (lambda it: it if all_delivered(it, n_items) else None)(outbox(node)),
+                     20, "delivered after the restarts",
+                     diag=lambda: f"{outbox(node)}\n{node.log_tail(30)}\n{o.log_tail(20)}")
+    time.sleep(1.0)
+    assert_delivered_once(o, node, items)
