@@ -17,7 +17,7 @@ TASKS=${TASKS:-"pma sfa liver cac"}
 # The held-out CAC set is the first 36 volumes of seed 901 (generation was cut there for time).
 declare -A NTRAIN=([pma]=${N2D:-600} [sfa]=${N2D:-600} [liver]=${N2D:-600} [cac]=90)
 declare -A NTEST=([pma]=100 [sfa]=100 [liver]=100 [cac]=36)
-declare -A EPOCHS=([pma]=5 [sfa]=10 [liver]=8 [cac]=6)
+declare -A EPOCHS=([pma]=15 [sfa]=20 [liver]=8 [cac]=20)
 declare -A EPOCHS_DIRECT=([pma]=4 [sfa]=4 [liver]=4 [cac]=4)
 # liver: a first run with the L1 loss did not learn (val r 0.12, flat loss, constant map ~0.01);
 # the shipped liver run uses smooth-L1 (Huber, beta 1 on value / 10 cm2). sfa: a first run with L1 and 5 epochs
