@@ -108,13 +108,21 @@ impl Walker<'_> {
                 }
                 _ => {
                     let vr = [self.buf[pos + 4], self.buf[pos + 5]];
-                    if matches!(&vr, b"OB" | b"OD" | b"OF" | b"OL" | b"OV" | b"OW" | b"SQ" | b"SV" | b"UC" | b"UN" | b"UR" | b"UT" | b"UV") {
+                    // PS3.5 7.1.2: these VRs have a 16-bit length; every other
+                    // VR, and an unknown one (read as UN by dicom-rs, as here),
+                    // has 2 reserved bytes and a 32-bit length.
+                    let short = matches!(
+                        &vr,
+                        b"AE" | b"AS" | b"AT" | b"CS" | b"DA" | b"DS" | b"DT" | b"FL" | b"FD" | b"IS" | b"LO"
+                            | b"LT" | b"PN" | b"SH" | b"SL" | b"SS" | b"ST" | b"TM" | b"UI" | b"UL" | b"US"
+                    );
+                    if short {
+                        (None, self.u16(pos + 6) as u32, 8)
+                    } else {
                         if end - pos < 12 {
                             return Err(ScanError::TruncatedHeader(pos));
                         }
                         (Some(vr), self.u32(pos + 8), 12)
-                    } else {
-                        (None, self.u16(pos + 6) as u32, 8)
                     }
                 }
             };
@@ -213,6 +221,14 @@ mod tests {
         d.extend(el((0x0008, 0x0060), b"CS", b"CT"));
         assert_eq!(check_lengths(&d, Encoding::ExplicitLittle), Ok(()));
         assert!(check_lengths(&d[..d.len() - 3], Encoding::ExplicitLittle).is_err());
+    }
+
+    #[test]
+    fn an_unknown_vr_has_a_32_bit_length_as_the_parser_reads_it() {
+        // VR bytes 0xD8D8: dicom-rs reads UN, so 2 reserved bytes + u32 length.
+        let mut d = vec![0x08, 0x00, 0x18, 0x00, 0xD8, 0xD8, 0x00, 0x00];
+        d.extend(0x7FFF_FFF0u32.to_le_bytes());
+        assert!(matches!(check_lengths(&d, Encoding::ExplicitLittle), Err(ScanError::Overrun { .. })));
     }
 
     #[test]
