@@ -95,6 +95,15 @@ impl Walker<'_> {
                         pos = self.item_body(pos, end, len, depth, fragments)?;
                         continue;
                     }
+                    // Any other (FFFE,xxxx) is read by dicom-rs as a value of
+                    // `len` bytes, so it is bounded like one.
+                    _ if len != UNDEFINED => {
+                        if len as usize > end - pos {
+                            return Err(ScanError::Overrun { group, element, offset: pos - 8, len, left: end - pos });
+                        }
+                        pos += len as usize;
+                        continue;
+                    }
                     _ => continue,
                 }
             }
@@ -131,7 +140,14 @@ impl Walker<'_> {
             if len == UNDEFINED {
                 // SQ, UN with undefined length, or encapsulated pixel data: items follow.
                 let pixel_data = group == 0x7FE0 && element == 0x0010;
-                pos = self.elements(pos, end, depth + 1, true, pixel_data)?;
+                if vr == Some(*b"UN") && !pixel_data {
+                    // PS3.5 6.2.2: the content of UN with undefined length is
+                    // implicit VR little endian, and dicom-rs reads it so.
+                    let inner = Walker { buf: self.buf, enc: Encoding::ImplicitLittle };
+                    pos = inner.elements(pos, end, depth + 1, true, false)?;
+                } else {
+                    pos = self.elements(pos, end, depth + 1, true, pixel_data)?;
+                }
                 continue;
             }
             let left = end - pos;
