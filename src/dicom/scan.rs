@@ -140,14 +140,9 @@ impl Walker<'_> {
             if len == UNDEFINED {
                 // SQ, UN with undefined length, or encapsulated pixel data: items follow.
                 let pixel_data = group == 0x7FE0 && element == 0x0010;
-                if vr == Some(*b"UN") && !pixel_data {
-                    // PS3.5 6.2.2: the content of UN with undefined length is
-                    // implicit VR little endian, and dicom-rs reads it so.
-                    let inner = Walker { buf: self.buf, enc: Encoding::ImplicitLittle };
-                    pos = inner.elements(pos, end, depth + 1, true, false)?;
-                } else {
-                    pos = self.elements(pos, end, depth + 1, true, pixel_data)?;
-                }
+                // dicom-rs reads any undefined-length element as a sequence in
+                // the dataset's own encoding (its VR discarded), and so do we.
+                pos = self.elements(pos, end, depth + 1, true, pixel_data)?;
                 continue;
             }
             let left = end - pos;

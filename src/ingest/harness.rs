@@ -159,4 +159,15 @@ mod tests {
             .count();
         assert!(n >= 7, "corpus has {n} entries");
     }
+
+    /// `FUZZ_INPUT=path cargo test --release --lib replay_one -- --ignored`:
+    /// replay one fuzzer artifact (memory is what to watch).
+    #[test]
+    #[ignore]
+    fn replay_one() {
+        if let Some(p) = std::env::var_os("FUZZ_INPUT") {
+            let o = drive(&std::fs::read(p).unwrap(), 16384);
+            eprintln!("{o:?}");
+        }
+    }
 }
