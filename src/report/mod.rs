@@ -208,6 +208,24 @@ pub(crate) fn source_text(obj: &InMemDicomObject, tag: Tag) -> Option<String> {
 
 /// Patient (C.7.1.1) and General Study (C.7.2.1) modules, copied from the
 /// source. Type 2 attributes are written empty when the source lacks them.
+/// General Series (PS3.3 C.7.3.1) for a series this node creates in the
+/// source study; SR and SC differ only in these values.
+pub(crate) fn put_series(
+    o: &mut InMemDicomObject,
+    modality: &str,
+    series_uid: &Uid,
+    number: i32,
+    created: OffsetDateTime,
+    description: &str,
+) {
+    o.put(str_elem(tags::MODALITY, VR::CS, modality));
+    o.put(str_elem(tags::SERIES_INSTANCE_UID, VR::UI, series_uid.as_str()));
+    o.put(str_elem(tags::SERIES_NUMBER, VR::IS, number.to_string()));
+    o.put(str_elem(tags::SERIES_DATE, VR::DA, da(created)));
+    o.put(str_elem(tags::SERIES_TIME, VR::TM, tm(created)));
+    o.put(str_elem(tags::SERIES_DESCRIPTION, VR::LO, description));
+}
+
 pub(crate) fn put_patient_and_study(
     obj: &mut InMemDicomObject,
     source: &InMemDicomObject,

@@ -241,20 +241,14 @@ pub fn build_sc(
             put_patient_and_study(&mut o, &ctx.source)?;
 
             // General Series (C.7.3.1): our own series in the source study.
-            o.put(str_elem(tags::MODALITY, VR::CS, "OT"));
-            o.put(str_elem(tags::SERIES_INSTANCE_UID, VR::UI, series.as_str()));
-            o.put(str_elem(
-                tags::SERIES_NUMBER,
-                VR::IS,
-                SC_SERIES_NUMBER.to_string(),
-            ));
-            o.put(str_elem(tags::SERIES_DATE, VR::DA, da(ctx.created)));
-            o.put(str_elem(tags::SERIES_TIME, VR::TM, tm(ctx.created)));
-            o.put(str_elem(
-                tags::SERIES_DESCRIPTION,
-                VR::LO,
-                format!("Biomarker overlay {}", m.model),
-            ));
+            super::put_series(
+                &mut o,
+                "OT",
+                &series,
+                SC_SERIES_NUMBER,
+                ctx.created,
+                &format!("Biomarker overlay {}", m.model),
+            );
             // Laterality is Type 2C (paired body parts): with the source's
             // Body Part Examined a checker can tell it is not needed; without
             // it, empty means "unknown".

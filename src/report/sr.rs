@@ -275,24 +275,14 @@ pub fn build_sr(
     let study = put_patient_and_study(&mut o, &ctx.source)?;
 
     // SR Document Series (C.17.1).
-    o.put(str_elem(tags::MODALITY, VR::CS, "SR"));
-    o.put(str_elem(
-        tags::SERIES_INSTANCE_UID,
-        VR::UI,
-        ctx.uid("sr-series").as_str(),
-    ));
-    o.put(str_elem(
-        tags::SERIES_NUMBER,
-        VR::IS,
-        SR_SERIES_NUMBER.to_string(),
-    ));
-    o.put(str_elem(tags::SERIES_DATE, VR::DA, da(ctx.created)));
-    o.put(str_elem(tags::SERIES_TIME, VR::TM, tm(ctx.created)));
-    o.put(str_elem(
-        tags::SERIES_DESCRIPTION,
-        VR::LO,
-        format!("Biomarker report {}", m.model),
-    ));
+    super::put_series(
+        &mut o,
+        "SR",
+        &ctx.uid("sr-series"),
+        SR_SERIES_NUMBER,
+        ctx.created,
+        &format!("Biomarker report {}", m.model),
+    );
     o.put(seq_elem(
         tags::REFERENCED_PERFORMED_PROCEDURE_STEP_SEQUENCE,
         vec![],
