@@ -67,9 +67,7 @@ pub struct SqliteJobStore {
 }
 
 fn now() -> String {
-    time::OffsetDateTime::from(SystemTime::now())
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
+    crate::series::rfc3339(SystemTime::now())
 }
 
 impl SqliteJobStore {

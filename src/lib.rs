@@ -28,3 +28,17 @@ pub mod routing;
 pub mod series;
 pub mod spool;
 pub mod volume;
+
+/// `error: source: source...`, for messages that leave the process (DIMSE
+/// ErrorComment, job errors): snafu-based dicom-rs errors keep the useful
+/// part in the source chain.
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

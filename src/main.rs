@@ -72,17 +72,8 @@ enum Command {
     Phantom(biomarker_node::phantom::PhantomArgs),
 }
 
-/// Every diagnostic on its own line, then a one-line summary as the error.
 fn load_checked(config: &Path) -> anyhow::Result<biomarker_node::routing::RouteTable> {
-    match biomarker_node::config::check_file(config) {
-        Ok((_, table)) => Ok(table),
-        Err(diags) => {
-            for d in &diags {
-                eprintln!("{d}");
-            }
-            anyhow::bail!("{}: {} problem(s)", config.display(), diags.len())
-        }
-    }
+    biomarker_node::pipeline::checked(config).map(|(_, table)| table)
 }
 
 fn check_config(config: &Path) -> anyhow::Result<()> {

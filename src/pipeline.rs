@@ -38,7 +38,7 @@ pub fn serve(config_path: &Path) -> anyhow::Result<()> {
 }
 
 /// Load and fully check a config; diagnostics go to stderr one per line.
-fn checked(config_path: &Path) -> anyhow::Result<(Config, RouteTable)> {
+pub fn checked(config_path: &Path) -> anyhow::Result<(Config, RouteTable)> {
     crate::config::check_file(config_path).map_err(|diags| {
         for d in &diags {
             eprintln!("{d}");
@@ -221,12 +221,7 @@ pub fn print_series(config_path: &Path, json: bool) -> anyhow::Result<()> {
 /// files. Exits non-zero when there is nothing usable or a job failed.
 pub fn analyze(config_path: &Path, out: &Path, paths: &[std::path::PathBuf]) -> anyhow::Result<()> {
     use crate::routing::{dry_run, SeriesFacts};
-    let (cfg, table) = crate::config::check_file(config_path).map_err(|diags| {
-        for d in &diags {
-            eprintln!("{d}");
-        }
-        anyhow::anyhow!("{}: {} problem(s)", config_path.display(), diags.len())
-    })?;
+    let (cfg, table) = checked(config_path)?;
     {
         use tracing_subscriber::EnvFilter;
         let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));

@@ -122,7 +122,7 @@ fn classify(path: &Path, e: ReadError) -> OpenError {
         },
         other => OpenError::Parse {
             path: path.to_owned(),
-            message: error_chain(&other),
+            message: crate::error_chain(&other),
         },
     }
 }
@@ -136,16 +136,6 @@ fn has_magic(path: &Path) -> bool {
         .unwrap_or(false)
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
 
 /// Rebuild `DICM` + meta group + data set without over-long AE elements in
 /// the meta group. Returns `None` when the meta group cannot be walked.

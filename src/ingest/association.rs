@@ -163,7 +163,6 @@ pub(super) struct Association {
     conn: Conn,
     shared: Arc<Shared>,
     id: u64,
-    peer: SocketAddr,
     contexts: Vec<AcceptedContext>,
     peer_max_pdu: u32,
     assembler: Assembler,
@@ -252,7 +251,6 @@ pub(super) async fn run(
         conn,
         shared,
         id,
-        peer,
         contexts: accepted.contexts,
         peer_max_pdu: accepted.peer_max_pdu,
         assembler: Assembler::default(),
@@ -532,7 +530,6 @@ impl Association {
     async fn respond(&mut self, ctx: u8, rsp: Response) -> Result<(), AssociationError> {
         let data = rsp.encode();
         debug_assert!(self.peer_max_pdu == 0 || data.len() + 6 <= self.peer_max_pdu as usize);
-        let _ = self.peer;
         self.conn
             .send(&Pdu::PData {
                 data: vec![PDataValue {

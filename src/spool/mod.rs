@@ -265,7 +265,7 @@ fn validate(path: &Path, dataset_offset: usize, incoming: &Incoming) -> Result<I
     };
     let obj = opts
         .from_reader(&bytes[128..])
-        .map_err(|e| SpoolError::Unparseable(error_chain(&e)))?;
+        .map_err(|e| SpoolError::Unparseable(crate::error_chain(&e)))?;
     let header = InstanceHeader::from_dataset(&obj)?;
     if header.sop_class_uid.as_str() != incoming.sop_class_uid.trim_end_matches(['\0', ' ']) {
         return Err(SpoolError::SopClassMismatch {
@@ -282,16 +282,6 @@ fn validate(path: &Path, dataset_offset: usize, incoming: &Incoming) -> Result<I
     Ok(header)
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        src = c.source();
-    }
-    s
-}
 
 /// Create `root/a/b...` one level at a time, fsyncing each parent whose
 /// entries changed, so a new directory survives a crash. Returns whether
@@ -337,7 +327,7 @@ pub fn read_header(path: &Path) -> Result<InstanceHeader, SpoolError> {
     let obj = OpenFileOptions::new()
         .read_until(dicom_dictionary_std::tags::PIXEL_DATA)
         .open_file(path)
-        .map_err(|e| SpoolError::Unparseable(error_chain(&e)))?;
+        .map_err(|e| SpoolError::Unparseable(crate::error_chain(&e)))?;
     Ok(InstanceHeader::from_dataset(&obj)?)
 }
 
