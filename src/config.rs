@@ -61,6 +61,9 @@ pub struct Config {
     /// Delivery of results: retries, backoff and timeouts.
     #[serde(default)]
     pub outbox: crate::outbox::OutboxConfig,
+    /// The administrator's HTTP interface: health, metrics, REST API, status page.
+    #[serde(default)]
+    pub http: HttpConfig,
     /// The file and text this config came from, so later semantic checks can
     /// point at a line. Absent for configs built in code.
     #[serde(skip)]
@@ -273,6 +276,49 @@ pub struct SeriesConfig {
     pub spacing_tolerance: f64,
 }
 
+/// The HTTP interface. Loopback by default: a bearer token is required as
+/// soon as it listens on anything else, because the API can retry, dismiss
+/// and reload.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// `false` turns the HTTP interface off.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Address and port, e.g. `127.0.0.1:8080`.
+    #[serde(default = "default_http_listen")]
+    pub listen: std::net::SocketAddr,
+    /// Bearer token for every endpoint but health and readiness. Required
+    /// when `listen` is not a loopback address. `BIOMARKER_HTTP_TOKEN`
+    /// overrides it, so the token can stay out of the file.
+    #[serde(default)]
+    pub token: Option<String>,
+}
+
+fn default_http_listen() -> std::net::SocketAddr {
+    std::net::SocketAddr::from(([127, 0, 0, 1], 8080))
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            enabled: true,
+            listen: default_http_listen(),
+            token: None,
+        }
+    }
+}
+
+impl HttpConfig {
+    /// The token in force: the environment wins over the file.
+    pub fn effective_token(&self) -> Option<String> {
+        std::env::var("BIOMARKER_HTTP_TOKEN")
+            .ok()
+            .filter(|t| !t.is_empty())
+            .or_else(|| self.token.clone().filter(|t| !t.is_empty()))
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogConfig {
@@ -447,6 +493,18 @@ impl Config {
             if m.max_concurrency == 0 {
                 return Err(bad(&format!("models.{name}.max_concurrency"), "must be at least 1".into()));
             }
+        }
+        if self.http.enabled
+            && !self.http.listen.ip().is_loopback()
+            && self.http.effective_token().is_none()
+        {
+            return Err(bad(
+                "http.token",
+                format!(
+                    "required when http.listen ({}) is not a loopback address",
+                    self.http.listen
+                ),
+            ));
         }
         for (name, d) in &self.destinations {
             check_ae(&d.ae_title).map_err(|m| bad(&format!("destinations.{name}.ae_title"), m))?;
