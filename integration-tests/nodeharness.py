@@ -84,8 +84,10 @@ DEFAULT_CALLERS = [
 ]
 
 
-def default_config(data_dir: Path, port: int) -> dict:
+def default_config(data_dir: Path, port: int, http_port: int) -> dict:
     return {
+        # Every node gets its own HTTP port so tests can run side by side.
+        "http": {"listen": f"127.0.0.1:{http_port}"},
         "node": {
             "ae_title": "BIOMARKER",
             "bind": "127.0.0.1",
@@ -115,7 +117,8 @@ class Node:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.data_dir = self.workdir / "data"
         self.port = free_port()
-        self.config = _merge(default_config(self.data_dir, self.port), overrides or {})
+        self.http_port = free_port()
+        self.config = _merge(default_config(self.data_dir, self.port, self.http_port), overrides or {})
         self.config_path = self.workdir / "node.yaml"
         self.log_path = self.workdir / "node.log"
         self.proc: subprocess.Popen | None = None
@@ -172,6 +175,29 @@ class Node:
             except OSError:
                 time.sleep(0.05)
         raise TimeoutError(f"node did not listen on {self.port} within {timeout}s:\n{self.log_tail()}")
+
+    # ------------------------------------------------------------------ http
+    def http(self, path: str, method: str = "GET", body: bytes | None = None,
+             token: str | None = None, headers: dict | None = None) -> tuple[int, dict, bytes]:
+        """One request to the node's HTTP interface: (status, headers, body)."""
+        import urllib.error
+        import urllib.request
+
+        h = dict(headers or {})
+        if token is not None:
+            h["Authorization"] = f"Bearer {token}"
+        req = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=body, method=method, headers=h)
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return r.status, dict(r.headers), r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, dict(e.headers), e.read()
+
+    def http_json(self, path: str, method: str = "GET", body: bytes | None = None, token: str | None = None,
+                  expect: int = 200):
+        status, _, data = self.http(path, method, body, token)
+        assert status == expect, f"{method} {path}: HTTP {status}, expected {expect}: {data[:500]!r}"
+        return json.loads(data)
 
     def kill(self) -> None:
         """SIGKILL: the crash the node must survive."""

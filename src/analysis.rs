@@ -181,7 +181,15 @@ pub fn run(
         pixel_spacing: vol.pixel_spacing,
         slice_thickness_mm: thickness.unwrap_or(1.0),
     };
+    let t_infer = Instant::now();
     let measurement = measure(model, hu.view(), geom)?;
+    crate::telemetry::METRICS
+        .inference_seconds
+        .get_or_create(&crate::telemetry::InferenceLabels {
+            model: m.model.clone(),
+            provider: measurement.execution_provider.to_owned(),
+        })
+        .observe(t_infer.elapsed().as_secs_f64());
     let line = ResultLine {
         series_instance_uid: series_uid.to_owned(),
         route: m.route.clone(),
@@ -360,9 +368,18 @@ impl Worker {
             let me = this.clone();
             let id = job.id;
             let series = job.key.series_instance_uid.clone();
+            let (route, model) = (job.key.route.clone(), job.key.model.clone());
             let outcome = tokio::task::spawn_blocking(move || me.process(&job))
                 .await
                 .unwrap_or_else(|e| Err(format!("job panicked: {e}")));
+            crate::telemetry::METRICS
+                .jobs
+                .get_or_create(&crate::telemetry::JobLabels {
+                    route: route.clone(),
+                    model: model.clone(),
+                    outcome: if outcome.is_ok() { "done" } else { "failed" }.into(),
+                })
+                .inc();
             let stored = match &outcome {
                 Ok(v) => this.jobs.finish(id, Ok(v)),
                 Err(e) => this.jobs.finish(id, Err(e.as_str())),
@@ -405,6 +422,7 @@ impl Worker {
                 slices: None,
             });
         let a = run(&self.models, uid.as_str(), &m, &files, &self.volume_opts).map_err(|e| e.to_string())?;
+        let inference_finished_at = crate::series::rfc3339(std::time::SystemTime::now());
         let dir = self
             .results_dir
             .join(uid.as_str())
@@ -429,6 +447,7 @@ impl Worker {
         }
         tracing::info!(value = a.line.value, unit = %a.line.unit, ms = a.line.elapsed_ms, reports = files.len(), "job done");
         let mut v = serde_json::to_value(&a.line).map_err(|e| e.to_string())?;
+        v["inference_finished_at"] = inference_finished_at.into();
         v["reports"] = files
             .iter()
             .map(|f| serde_json::json!({"path": f.path, "sop_instance_uid": f.sop_instance_uid}))

@@ -60,6 +60,10 @@ pub trait JobStore: Send + Sync + 'static {
     fn requeue_interrupted(&self) -> Result<usize, JobError>;
     fn list(&self) -> Result<Vec<Job>, JobError>;
     fn for_series(&self, series_instance_uid: &str) -> Result<Vec<Job>, JobError>;
+    fn get(&self, id: i64) -> Result<Option<Job>, JobError>;
+    /// Run a finished (done or failed) job again, same key: false when `id`
+    /// is not finished.
+    fn retrigger(&self, id: i64) -> Result<bool, JobError>;
 }
 
 pub struct SqliteJobStore {
@@ -102,15 +106,6 @@ impl SqliteJobStore {
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Run a job again: a new generation of the same key is not needed, the
-    /// finished row goes back to pending.
-    pub fn retrigger(&self, id: i64) -> Result<bool, JobError> {
-        let n = self.conn().execute(
-            "UPDATE jobs SET state = 'pending', error = NULL WHERE id = ?1 AND state IN ('done', 'failed')",
-            params![id],
-        )?;
-        Ok(n == 1)
-    }
 }
 
 fn row_to_job(r: &rusqlite::Row<'_>) -> rusqlite::Result<(Job, Option<String>)> {
@@ -215,6 +210,22 @@ impl JobStore for SqliteJobStore {
         let mut st = c.prepare(&format!("SELECT {COLS} FROM jobs WHERE series_uid = ?1 ORDER BY id"))?;
         let rows = st.query_map(params![series_instance_uid], row_to_job)?.collect::<Result<Vec<_>, _>>()?;
         rows.into_iter().map(with_result).collect()
+    }
+
+    fn get(&self, id: i64) -> Result<Option<Job>, JobError> {
+        let c = self.conn();
+        let row = c
+            .query_row(&format!("SELECT {COLS} FROM jobs WHERE id = ?1"), params![id], row_to_job)
+            .optional()?;
+        row.map(with_result).transpose()
+    }
+
+    fn retrigger(&self, id: i64) -> Result<bool, JobError> {
+        let n = self.conn().execute(
+            "UPDATE jobs SET state = 'pending', error = NULL WHERE id = ?1 AND state IN ('done', 'failed')",
+            params![id],
+        )?;
+        Ok(n == 1)
     }
 }
 

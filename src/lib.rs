@@ -14,6 +14,7 @@ pub mod analysis;
 pub mod biomarkers;
 pub mod config;
 pub mod dimse;
+pub mod http;
 pub mod telemetry;
 pub mod dicom;
 pub mod inference;

@@ -117,6 +117,7 @@ async fn run(cfg: Config, table: RouteTable, config_path: std::path::PathBuf) ->
         shutdown.clone(),
     )
     .context("cannot start the outbox")?;
+    let outbox_for_http = outbox.clone();
     let worker = Worker {
         outbox: Some(outbox),
         ae_title: cfg.node.ae_title.clone(),
@@ -133,10 +134,35 @@ async fn run(cfg: Config, table: RouteTable, config_path: std::path::PathBuf) ->
         },
     };
     let worker_task = tokio::spawn(worker.run(shutdown.clone()));
-    let reloader = tokio::spawn(reload_on_sighup(config_path, routes.clone(), shutdown.clone()));
+    let reloader = tokio::spawn(reload_on_sighup(config_path.clone(), routes.clone(), shutdown.clone()));
     if cfg.node.allowed_callers.is_empty() {
         tracing::warn!("node.allowed_callers is empty: any calling AE may store to this node");
     }
+    let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let http_task = if cfg.http.enabled {
+        let state = Arc::new(crate::http::AppState {
+            token: cfg.http.effective_token(),
+            config_path: config_path.clone(),
+            ae_title: cfg.node.ae_title.clone(),
+            dicom_port: cfg.node.port,
+            data_dir: cfg.node.data_dir.clone(),
+            index_path: cfg.index_path(),
+            min_free_disk_mb: cfg.node.min_free_disk_mb,
+            jobs: jobs.clone(),
+            outbox: outbox_for_http,
+            routes: routes.clone(),
+            models: models.clone(),
+            model_config: cfg.models.clone(),
+            work: work.clone(),
+            ready: ready.clone(),
+            started: std::time::SystemTime::now(),
+        });
+        let (addr, task) = crate::http::bind(cfg.http.listen, state, shutdown.clone()).await?;
+        tracing::info!(%addr, token = cfg.http.effective_token().is_some(), "HTTP interface listening");
+        Some(task)
+    } else {
+        None
+    };
     let shared = Arc::new(Shared {
         node: cfg.node.clone(),
         spool,
@@ -152,11 +178,15 @@ async fn run(cfg: Config, table: RouteTable, config_path: std::path::PathBuf) ->
         "listening"
     );
     let accept = tokio::spawn(listener.run());
+    ready.store(true, std::sync::atomic::Ordering::Release);
     wait_for_signal().await;
     tracing::info!("shutting down: no new associations; open ones are aborted, unacknowledged data is dropped");
     shutdown.cancel();
     accept.await.context("accept loop panicked")?;
     let _ = reloader.await;
+    if let Some(t) = http_task {
+        let _ = t.await;
+    }
     worker_task.await.context("job worker panicked")?;
     outbox_task.await.context("outbox panicked")?;
     tracker_shutdown.cancel();
@@ -189,18 +219,31 @@ async fn reload_on_sighup(config_path: std::path::PathBuf, routes: SharedRoutes,
             _ = shutdown.cancelled() => return,
             _ = hup.recv() => {}
         }
-        match crate::config::check_file(&config_path) {
-            Ok((_, table)) => {
-                let n = table.routes.len();
-                *routes.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(table);
-                tracing::info!(routes = n, config = %config_path.display(), "config reloaded");
+        // The outcome is logged and counted inside.
+        let _ = reload(&config_path, &routes);
+    }
+}
+
+/// Re-read and check the config; on success swap the routes in. Shared by
+/// SIGHUP and the HTTP API. Returns the number of routes now in force, or
+/// the diagnostics that refused the new config.
+pub fn reload(config_path: &Path, routes: &SharedRoutes) -> Result<usize, Vec<String>> {
+    let metrics = &crate::telemetry::METRICS;
+    match crate::config::check_file(config_path) {
+        Ok((_, table)) => {
+            let n = table.routes.len();
+            *routes.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(table);
+            metrics.count_reload("ok");
+            tracing::info!(routes = n, config = %config_path.display(), "config reloaded");
+            Ok(n)
+        }
+        Err(diags) => {
+            for d in &diags {
+                tracing::error!(diagnostic = %d, "config reload refused");
             }
-            Err(diags) => {
-                for d in &diags {
-                    tracing::error!(diagnostic = %d, "config reload refused");
-                }
-                tracing::error!(problems = diags.len(), "config reload refused; the previous config stays in force");
-            }
+            metrics.count_reload("refused");
+            tracing::error!(problems = diags.len(), "config reload refused; the previous config stays in force");
+            Err(diags.iter().map(|d| d.to_string()).collect())
         }
     }
 }

@@ -1,37 +1,159 @@
 //! Typed operational events: each emits one structured log line and bumps
 //! one counter, so call sites never format log lines themselves and the
-//! metrics endpoint (later) reads the same numbers the logs report.
+//! metrics endpoint (`/metrics`) reads the same numbers the logs report.
 //!
 //! Events carry UIDs, AE titles and counts only, never patient data.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::LazyLock;
 
-#[derive(Debug, Default)]
-pub struct Counters {
-    pub associations_accepted: AtomicU64,
-    pub associations_rejected: AtomicU64,
-    pub associations_aborted: AtomicU64,
-    pub instances_stored: AtomicU64,
-    pub instances_duplicate: AtomicU64,
-    pub instances_failed: AtomicU64,
-    pub bytes_received: AtomicU64,
-    pub series_completed: AtomicU64,
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    pub outcome: String,
 }
 
-pub static COUNTERS: Counters = Counters {
-    associations_accepted: AtomicU64::new(0),
-    associations_rejected: AtomicU64::new(0),
-    associations_aborted: AtomicU64::new(0),
-    instances_stored: AtomicU64::new(0),
-    instances_duplicate: AtomicU64::new(0),
-    instances_failed: AtomicU64::new(0),
-    bytes_received: AtomicU64::new(0),
-    series_completed: AtomicU64::new(0),
-};
-
-fn bump(c: &AtomicU64, n: u64) {
-    c.fetch_add(n, Ordering::Relaxed);
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct InstanceLabels {
+    /// The DIMSE status we answered, `0x0000` style.
+    pub status: String,
+    /// `stored`, `duplicate` or `failed`.
+    pub outcome: String,
 }
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabel {
+    pub state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct JobLabels {
+    pub route: String,
+    pub model: String,
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct InferenceLabels {
+    pub model: String,
+    pub provider: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DeliveryLabels {
+    pub destination: String,
+    /// `delivered`, `retry` or `dead`.
+    pub outcome: String,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+/// Every metric the node exports. Counters are bumped by the events below;
+/// the gauges that describe stored state (series, jobs, outbox, disk) are
+/// set from the stores at scrape time, so they are right after a restart.
+pub struct Metrics {
+    registry: Registry,
+    pub associations: Family<OutcomeLabel, Counter>,
+    pub instances: Family<InstanceLabels, Counter>,
+    pub bytes_received: Counter,
+    pub series_completed: Counter,
+    pub series: Family<StateLabel, Gauge>,
+    pub jobs: Family<JobLabels, Counter>,
+    pub jobs_by_state: Family<StateLabel, Gauge>,
+    pub inference_seconds: HistogramFamily<InferenceLabels>,
+    pub outbox_attempts: Family<DeliveryLabels, Counter>,
+    pub outbox_items: Family<StateLabel, Gauge>,
+    pub cuda_fallbacks: Counter,
+    pub config_reloads: Family<OutcomeLabel, Counter>,
+    pub free_disk_bytes: Gauge,
+}
+
+fn latency_histogram() -> Histogram {
+    // 1 ms .. ~33 s: a CPU slice is ~10 ms, a CPU volume seconds.
+    Histogram::new(exponential_buckets(0.001, 2.0, 16))
+}
+
+impl Metrics {
+    fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("biomarker_node");
+        let m = Metrics {
+            associations: Family::default(),
+            instances: Family::default(),
+            bytes_received: Counter::default(),
+            series_completed: Counter::default(),
+            series: Family::default(),
+            jobs: Family::default(),
+            jobs_by_state: Family::default(),
+            inference_seconds: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
+            outbox_attempts: Family::default(),
+            outbox_items: Family::default(),
+            cuda_fallbacks: Counter::default(),
+            config_reloads: Family::default(),
+            free_disk_bytes: Gauge::default(),
+            registry: Registry::default(),
+        };
+        let r = &mut registry;
+        r.register("associations", "DICOM associations by outcome (accepted, rejected, aborted)", m.associations.clone());
+        r.register("instances", "C-STORE requests by the status we answered", m.instances.clone());
+        r.register("received_bytes", "Dataset bytes received", m.bytes_received.clone());
+        r.register("series_completed", "Series completions (every generation)", m.series_completed.clone());
+        r.register("series", "Series in the index by state", m.series.clone());
+        r.register("jobs", "Finished jobs by route, model and outcome", m.jobs.clone());
+        r.register("jobs_by_state", "Jobs in the job store by state", m.jobs_by_state.clone());
+        r.register(
+            "inference_seconds",
+            "Model inference time per job (ONNX Runtime, candidates and aggregation) by model and execution provider",
+            m.inference_seconds.clone(),
+        );
+        r.register("outbox_attempts", "Delivery attempts by destination and outcome (delivered, retry, dead)", m.outbox_attempts.clone());
+        r.register("outbox_items", "Outbox items by state (pending and sending are the depth)", m.outbox_items.clone());
+        r.register("cuda_fallbacks", "Models that fell back from CUDA to CPU at load", m.cuda_fallbacks.clone());
+        r.register("config_reloads", "Config reloads by outcome (ok, refused)", m.config_reloads.clone());
+        r.register("data_dir_free_bytes", "Free bytes on the data_dir file system", m.free_disk_bytes.clone());
+        Metrics { registry, ..m }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    pub fn count_association(&self, outcome: &str) {
+        self.associations.get_or_create(&OutcomeLabel { outcome: outcome.into() }).inc();
+    }
+
+    pub fn count_instance(&self, status: u16, outcome: &str) {
+        self.instances
+            .get_or_create(&InstanceLabels {
+                status: format!("0x{status:04X}"),
+                outcome: outcome.into(),
+            })
+            .inc();
+    }
+
+    pub fn count_reload(&self, outcome: &str) {
+        self.config_reloads.get_or_create(&OutcomeLabel { outcome: outcome.into() }).inc();
+    }
+
+    /// Replace a by-state gauge family with fresh counts: states that
+    /// vanished must not keep their last value.
+    pub fn set_states<'a>(family: &Family<StateLabel, Gauge>, counts: impl IntoIterator<Item = (&'a str, i64)>) {
+        family.clear();
+        for (state, n) in counts {
+            family.get_or_create(&StateLabel { state: state.into() }).set(n);
+        }
+    }
+}
+
+pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
 
 pub struct AssociationAccepted<'a> {
     pub contexts: usize,
@@ -39,7 +161,7 @@ pub struct AssociationAccepted<'a> {
 }
 impl AssociationAccepted<'_> {
     pub fn emit(self) {
-        bump(&COUNTERS.associations_accepted, 1);
+        METRICS.count_association("accepted");
         tracing::info!(calling_ae = self.calling_ae, contexts = self.contexts, "association accepted");
     }
 }
@@ -51,7 +173,7 @@ pub struct AssociationRejected<'a> {
 }
 impl AssociationRejected<'_> {
     pub fn emit(self) {
-        bump(&COUNTERS.associations_rejected, 1);
+        METRICS.count_association("rejected");
         tracing::warn!(
             calling_ae = self.calling_ae,
             called_ae = self.called_ae,
@@ -67,7 +189,7 @@ pub struct AssociationAborted<'a> {
 }
 impl AssociationAborted<'_> {
     pub fn emit(self) {
-        bump(&COUNTERS.associations_aborted, 1);
+        METRICS.count_association("aborted");
         tracing::warn!(by = self.by, reason = self.reason, "association aborted");
     }
 }
@@ -80,16 +202,16 @@ pub struct InstanceStored<'a> {
 }
 impl InstanceStored<'_> {
     pub fn emit(self) {
-        bump(&COUNTERS.bytes_received, self.bytes);
+        METRICS.bytes_received.inc_by(self.bytes);
         if self.duplicate {
-            bump(&COUNTERS.instances_duplicate, 1);
+            METRICS.count_instance(0x0000, "duplicate");
             tracing::info!(
                 sop_instance_uid = self.sop_instance_uid,
                 series_instance_uid = self.series_instance_uid,
                 "duplicate instance: first copy kept"
             );
         } else {
-            bump(&COUNTERS.instances_stored, 1);
+            METRICS.count_instance(0x0000, "stored");
             tracing::debug!(
                 sop_instance_uid = self.sop_instance_uid,
                 series_instance_uid = self.series_instance_uid,
@@ -107,7 +229,7 @@ pub struct StoreFailed<'a> {
 }
 impl StoreFailed<'_> {
     pub fn emit(self) {
-        bump(&COUNTERS.instances_failed, 1);
+        METRICS.count_instance(self.status, "failed");
         tracing::warn!(
             sop_instance_uid = self.sop_instance_uid,
             status = format_args!("0x{:04X}", self.status),

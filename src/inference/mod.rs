@@ -158,6 +158,7 @@ impl Model {
                 }
                 Err(e) => {
                     CUDA_FALLBACKS.fetch_add(1, Ordering::Relaxed);
+                    crate::telemetry::METRICS.cuda_fallbacks.inc();
                     tracing::warn!(model = %card.name, error = %e, "CUDA execution provider unusable; falling back to CPU");
                     provider = ExecutionProvider::Cpu;
                 }

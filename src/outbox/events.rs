@@ -1,26 +1,18 @@
 //! Typed outbox events: one structured log line and one counter each.
 //! UIDs, AE titles, statuses and counts only, never patient data.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-#[derive(Debug, Default)]
-pub struct OutboxCounters {
-    pub delivered: AtomicU64,
-    pub retries_scheduled: AtomicU64,
-    pub dead_letters: AtomicU64,
-    pub associations_failed: AtomicU64,
-}
+use crate::telemetry::{DeliveryLabels, METRICS};
 
-pub static COUNTERS: OutboxCounters = OutboxCounters {
-    delivered: AtomicU64::new(0),
-    retries_scheduled: AtomicU64::new(0),
-    dead_letters: AtomicU64::new(0),
-    associations_failed: AtomicU64::new(0),
-};
-
-fn bump(c: &AtomicU64) {
-    c.fetch_add(1, Ordering::Relaxed);
+fn count(destination: &str, outcome: &str) {
+    METRICS
+        .outbox_attempts
+        .get_or_create(&DeliveryLabels {
+            destination: destination.into(),
+            outcome: outcome.into(),
+        })
+        .inc();
 }
 
 /// What became of one item after one attempt.
@@ -52,7 +44,7 @@ impl Delivery<'_> {
         let reason = self.reason.unwrap_or("");
         match self.disposition {
             Disposition::Delivered => {
-                bump(&COUNTERS.delivered);
+                count(self.destination, "delivered");
                 tracing::info!(
                     destination = self.destination,
                     called_ae = self.called_ae,
@@ -64,7 +56,7 @@ impl Delivery<'_> {
                 );
             }
             Disposition::RetryIn(d) => {
-                bump(&COUNTERS.retries_scheduled);
+                count(self.destination, "retry");
                 tracing::warn!(
                     destination = self.destination,
                     called_ae = self.called_ae,
@@ -77,7 +69,7 @@ impl Delivery<'_> {
                 );
             }
             Disposition::Dead => {
-                bump(&COUNTERS.dead_letters);
+                count(self.destination, "dead");
                 tracing::error!(
                     destination = self.destination,
                     called_ae = self.called_ae,
@@ -103,7 +95,6 @@ pub struct AssociationFailed<'a> {
 
 impl AssociationFailed<'_> {
     pub fn emit(self) {
-        bump(&COUNTERS.associations_failed);
         tracing::warn!(
             destination = self.destination,
             called_ae = self.called_ae,

@@ -58,6 +58,8 @@ pub struct Route {
     pub model: String,
     pub send_to: Vec<String>,
     pub slices: Option<SliceSelection>,
+    /// The `match` tree as configured, for the API and the status page.
+    pub spec: crate::config::ConditionSpec,
 }
 
 /// The routes of one config, ready to evaluate.
@@ -166,6 +168,7 @@ impl RouteTable {
                     model: r.model.clone(),
                     send_to: r.send_to.clone(),
                     slices,
+                    spec: r.condition.clone(),
                 });
             }
         }

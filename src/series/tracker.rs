@@ -337,6 +337,7 @@ impl Tracker {
             Ok(recorded) => {
                 self.deadlines.remove(series);
                 if recorded {
+                    crate::telemetry::METRICS.series_completed.inc();
                     tracing::info!(
                         series = %series,
                         instances = ev.instances,

@@ -1,0 +1,229 @@
+// Status page: polls the JSON API every 2 s. No framework, no CDN: the node
+// serves this file from its binary.
+"use strict";
+
+const $ = (sel) => document.querySelector(sel);
+let token = localStorage.getItem("biomarker-node-token") || "";
+const thumbs = new Map(); // job id -> object URL
+
+async function api(path, opts = {}) {
+  const headers = Object.assign({}, opts.headers || {});
+  if (token) headers["Authorization"] = "Bearer " + token;
+  const r = await fetch(path, Object.assign({}, opts, { headers }));
+  if (r.status === 401) {
+    $("#auth").hidden = false;
+    throw new Error("this node requires a bearer token");
+  }
+  return r;
+}
+
+async function json(path, opts) {
+  const r = await api(path, opts);
+  const body = await r.json();
+  if (!r.ok) throw new Error(body.error || (body.problems || []).join("; ") || r.statusText);
+  return body;
+}
+
+function text(v) { return v === null || v === undefined ? "" : String(v); }
+
+function cell(tr, v, cls) {
+  const td = document.createElement("td");
+  td.textContent = text(v);
+  if (cls) td.className = cls;
+  tr.appendChild(td);
+  return td;
+}
+
+function fill(table, rows, render) {
+  const body = $(table + " tbody");
+  body.replaceChildren();
+  for (const r of rows) {
+    const tr = document.createElement("tr");
+    render(tr, r);
+    body.appendChild(tr);
+  }
+}
+
+function since(t, from) {
+  if (!t || !from) return "";
+  return ((Date.parse(t) - Date.parse(from)) / 1000).toFixed(2) + " s";
+}
+
+function say(msg, isError) {
+  const m = $("#message");
+  m.textContent = msg;
+  m.className = isError ? "error" : "";
+}
+
+async function thumbnail(job) {
+  if (thumbs.has(job.id)) return thumbs.get(job.id);
+  const r = await api(job.overlay);
+  if (!r.ok) return null;
+  const url = URL.createObjectURL(await r.blob());
+  thumbs.set(job.id, url);
+  return url;
+}
+
+async function renderResults(jobs) {
+  const done = jobs.filter((j) => j.state === "done" && j.result).slice(0, 8);
+  const box = $("#results");
+  if (!done.length) {
+    box.innerHTML = '<p class="empty">No results yet.</p>';
+    return;
+  }
+  const cards = [];
+  for (const j of done) {
+    const card = document.createElement("div");
+    card.className = "result-card";
+    card.dataset.job = j.id;
+    if (j.overlay) {
+      const img = document.createElement("img");
+      img.alt = "overlay of job " + j.id;
+      const url = await thumbnail(j);
+      if (url) img.src = url;
+      card.appendChild(img);
+    }
+    const v = document.createElement("div");
+    v.className = "value";
+    const r = j.result;
+    v.textContent = `${r.biomarker}: ${Number(r.value).toFixed(2)} ${r.unit}` + (r.risk_category ? ` (${r.risk_category})` : "");
+    card.appendChild(v);
+    const meta = document.createElement("div");
+    meta.className = "hint";
+    const ttr = j.timeline.time_to_result_s;
+    meta.textContent = `${r.model} ${r.model_version} · ${r.execution_provider} · ` +
+      (ttr !== null && ttr !== undefined ? `result in ${ttr.toFixed(2)} s` : j.timeline.delivery);
+    card.appendChild(meta);
+    cards.push(card);
+  }
+  box.replaceChildren(...cards);
+}
+
+async function refresh() {
+  try {
+    const [status, series, jobs, outbox, models] = await Promise.all([
+      json("/api/status"), json("/api/series?limit=50"), json("/api/jobs?limit=50"),
+      json("/api/outbox?limit=100"), json("/api/models"),
+    ]);
+    $("#auth").hidden = true;
+    $("#node-id").textContent = `${status.ae_title} · DICOM port ${status.dicom_port} · v${status.version} · up ${status.uptime_s} s`;
+    const ready = $("#ready");
+    ready.textContent = status.ready ? "ready" : "not ready";
+    ready.className = "badge " + (status.ready ? "ok" : "bad");
+    const count = (o) => Object.entries(o).map(([k, v]) => `${v} ${k}`).join(", ") || "none";
+    $("#counts").textContent = `series: ${count(status.series)} · jobs: ${count(status.jobs)} · outbox: ${count(status.outbox)}`;
+    fill("#series-table", series, (tr, s) => {
+      cell(tr, s.series_instance_uid, "uid");
+      cell(tr, s.modality);
+      cell(tr, s.series_description);
+      cell(tr, s.instances);
+      cell(tr, s.state, "state-" + s.state);
+      cell(tr, s.last_received_at);
+    });
+    fill("#jobs-table", jobs, (tr, j) => {
+      const t = j.timeline;
+      cell(tr, j.id);
+      cell(tr, j.state, "state-" + j.state);
+      cell(tr, j.route);
+      cell(tr, j.model);
+      cell(tr, j.series_instance_uid, "uid");
+      cell(tr, j.result ? `${Number(j.result.value).toFixed(2)} ${j.result.unit}` : j.error, j.error ? "err" : "");
+      cell(tr, since(t.completed_at, t.last_received_at));
+      cell(tr, since(t.inference_finished_at, t.last_received_at));
+      cell(tr, since(t.delivered_at, t.last_received_at));
+      cell(tr, t.delivery, "state-" + t.delivery);
+    });
+    fill("#outbox-table", outbox, (tr, i) => {
+      cell(tr, i.id);
+      cell(tr, i.destination);
+      cell(tr, i.sop_instance_uid, "uid");
+      cell(tr, i.state, "state-" + i.state);
+      cell(tr, i.attempts);
+      cell(tr, i.delivered_at);
+      cell(tr, i.last_error, "err");
+    });
+    fill("#dead-table", outbox.filter((i) => i.state === "dead"), (tr, i) => {
+      tr.dataset.item = i.id;
+      cell(tr, i.id);
+      cell(tr, i.destination);
+      cell(tr, i.sop_instance_uid, "uid");
+      cell(tr, i.attempts);
+      cell(tr, i.last_error, "err");
+      const td = cell(tr, "");
+      for (const op of ["retry", "dismiss"]) {
+        const b = document.createElement("button");
+        b.textContent = op === "retry" ? "Retry" : "Dismiss";
+        b.className = op;
+        b.onclick = () => outboxOp(i.id, op);
+        td.appendChild(b);
+      }
+    });
+    fill("#models-table", models, (tr, m) => {
+      cell(tr, m.name);
+      cell(tr, m.status, m.status === "loaded" ? "state-done" : "state-failed");
+      cell(tr, m.card || m.error);
+      cell(tr, m.version);
+      cell(tr, m.execution_provider ? `${m.execution_provider} (asked ${m.execution_provider_requested})` : "");
+    });
+    await renderResults(jobs);
+  } catch (e) {
+    say(e.message, true);
+  }
+}
+
+async function outboxOp(id, op) {
+  try {
+    const item = await json(`/api/outbox/${id}/${op}`, { method: "POST" });
+    say(`Outbox item ${id}: ${op} requested, now ${item.state}.`);
+  } catch (e) {
+    say(e.message, true);
+  }
+  refresh();
+}
+
+async function testRoutes() {
+  const f = $("#route-file").files[0];
+  const out = $("#route-result");
+  if (!f) { say("Choose a DICOM file first.", true); return; }
+  out.textContent = "Testing…";
+  try {
+    const r = await json("/api/routes/test", { method: "POST", body: await f.arrayBuffer(),
+      headers: { "Content-Type": "application/dicom" } });
+    const table = document.createElement("table");
+    table.id = "route-result-table";
+    table.innerHTML = "<thead><tr><th>Route</th><th>Result</th><th>Why</th></tr></thead><tbody></tbody>";
+    for (const o of r.routes) {
+      const tr = document.createElement("tr");
+      tr.dataset.route = o.route;
+      cell(tr, o.route);
+      cell(tr, o.matched ? "MATCH" : "no match", o.matched ? "match" : "nomatch");
+      cell(tr, o.matched ? `model ${o.model} → ${o.send_to.join(", ")}` : `${o.failed_at}: ${o.reason}`);
+      table.tBodies[0].appendChild(tr);
+    }
+    const facts = document.createElement("p");
+    facts.className = "hint";
+    facts.textContent = "Derived: " + Object.entries(r.derived).map(([k, v]) => `${k}=${text(v)}`).join(", ");
+    out.replaceChildren(table, facts);
+  } catch (e) {
+    out.textContent = "";
+    say(e.message, true);
+  }
+}
+
+$("#route-test-btn").onclick = testRoutes;
+$("#reload-btn").onclick = async () => {
+  try {
+    const r = await json("/api/config/reload", { method: "POST" });
+    say(`Config reloaded: ${r.routes} route(s).`);
+  } catch (e) {
+    say("Reload refused: " + e.message, true);
+  }
+};
+$("#token-btn").onclick = () => {
+  token = $("#token").value;
+  localStorage.setItem("biomarker-node-token", token);
+  refresh();
+};
+
+refresh();
+setInterval(refresh, 2000);
