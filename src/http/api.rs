@@ -547,7 +547,7 @@ mod tests {
             [("1.9.1".to_owned(), vec![&a]), ("1.9.2".to_owned(), vec![&b])].into();
         let t = timeline(&j, Some(&s), &map);
         assert_eq!(t.delivery, "delivered");
-        assert_eq!(t.delivered_at.as_deref(), Some("2026-01-01T00:00:05Z"));
+        assert_eq!(t.delivered_at.as_deref(), Some("2026-01-01T00:00:05.000Z"));
         assert_eq!(t.inference_finished_at.as_deref(), Some("2026-01-01T00:00:02.500Z"));
         assert_eq!(t.time_to_result_s, Some(4.5));
     }
