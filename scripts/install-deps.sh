@@ -10,6 +10,7 @@
 #   cmake        dicom-pixeldata's `charls` feature builds C++ with it
 #   sqlite3      to inspect the index by hand
 #   time procps curl  bench: /usr/bin/time -v for peak RSS, ps/pgrep, Orthanc's REST API
+#   chromium chromium-driver  the status page's browser test (headless, via selenium)
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -21,7 +22,7 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 export DEBIAN_FRONTEND=noninteractive
-APT_PKGS=(dcmtk orthanc dicom3tools cmake sqlite3 time curl procps)
+APT_PKGS=(dcmtk orthanc dicom3tools cmake sqlite3 time curl procps chromium chromium-driver)
 
 missing=()
 for p in "${APT_PKGS[@]}"; do
@@ -61,12 +62,12 @@ fi
 
 # Python test dependencies (integration tests, bench helpers, ML runtime).
 PY="${PYTHON:-python3}"
-PIP_PKGS=(pydicom pynetdicom highdicom numpy pytest requests onnxruntime==1.32.0)
+PIP_PKGS=(pydicom pynetdicom highdicom numpy pytest requests selenium onnxruntime==1.32.0)
 echo "install-deps: pip install ${PIP_PKGS[*]}"
 "$PY" -m pip install --quiet --disable-pip-version-check --root-user-action=ignore "${PIP_PKGS[@]}" \
     2>&1 | grep -v "^$" || true
 # pip's exit status is masked by the filter above; check the imports instead.
-"$PY" -c "import pydicom, pynetdicom, highdicom, numpy, pytest, requests, onnxruntime" \
+"$PY" -c "import pydicom, pynetdicom, highdicom, numpy, pytest, requests, selenium, onnxruntime" \
     || { echo "install-deps: python packages failed to install" >&2; exit 1; }
 
 # The node loads ONNX Runtime at run time (ort's load-dynamic). Its shared
