@@ -145,6 +145,8 @@ series:
 log:
   format: text
   level: warn
+http:
+  enabled: false
 EOF
     /usr/bin/time -v -o "$d/time.txt" "$BIN" serve --config "$d/node.yaml" >"$d/node.log" 2>&1 &
     local time_pid=$!

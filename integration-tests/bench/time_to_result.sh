@@ -115,6 +115,7 @@ cfg = {
                "sfa": {"card": fixture}, "liver": {"card": fixture}},
     "destinations": {"pacs": {"ae_title": "ORTHANC", "host": "127.0.0.1", "port": int(o_port)}},
     "routes": routes,
+    "http": {"enabled": False},
 }
 import os
 os.makedirs(f"{work}/node", exist_ok=True)
