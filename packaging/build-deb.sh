@@ -61,22 +61,8 @@ fi
 cp -L "$ort_lib" "$stage/libonnxruntime.so"
 echo "build-deb: ONNX Runtime from $ort_lib"
 
-# The default config with the installed layout's absolute paths. Every
-# relative path of config/node.yaml must be rewritten: fail if one is left.
-sed -e 's|^# biomarker-node default configuration\..*|# biomarker-node configuration (installed by the biomarker-node package).\n# Reference: /usr/share/doc/biomarker-node/CONFIGURATION.md; check with\n#   biomarker-node check-config --config /etc/biomarker-node/node.yaml\n# then `systemctl reload biomarker-node` (routes) or `restart` (the rest).\n# Keep secrets out of this world-readable file: set BIOMARKER_HTTP_TOKEN in a\n# drop-in (systemctl edit biomarker-node) instead of http.token.|' \
-    -e 's|^\(  \)# relative to this file.s directory$|\1# the service'"'"'s StateDirectory (systemd creates it for the DynamicUser)|' \
-    -e 's|^\(  data_dir:\) \.\./data$|\1 /var/lib/biomarker-node|' \
-    -e 's|^\(  \)# made by scripts/install-deps.sh.*$|\1# shipped by the package (ONNX Runtime '"$ORT_VERSION"', CPU)|' \
-    -e 's|^\(  library:\) \.\./ort/libonnxruntime\.so$|\1 /usr/lib/biomarker-node/libonnxruntime.so|' \
-    -e 's|card: \.\./models/\([a-z0-9_-]*\.yaml\)|card: /usr/share/biomarker-node/models/\1|' \
-    config/node.yaml >"$stage/node.yaml"
-if grep -n '\.\./' "$stage/node.yaml"; then
-    echo "build-deb: config/node.yaml has a relative path the packaged config does not rewrite (above)" >&2
-    exit 1
-fi
-for want in 'data_dir: /var/lib/biomarker-node' 'library: /usr/lib/biomarker-node/libonnxruntime.so' 'card: /usr/share/biomarker-node/models/pma.yaml' '^http:'; do
-    grep -q -- "$want" "$stage/node.yaml" || { echo "build-deb: packaged node.yaml lacks $want" >&2; exit 1; }
-done
+# The default config with the installed layout's absolute paths.
+sh packaging/render-config.sh config/node.yaml "$stage/node.yaml"
 
 "$bin" config-schema >"$stage/config-schema.json"
 

@@ -205,8 +205,11 @@ else:
     print("test-deb: PR_SET_MDWE unavailable (kernel < 6.3?): MemoryDenyWriteExecute not emulated", file=sys.stderr)
 os.execvp(sys.argv[1], sys.argv[1:])
 ' )
-    echo "\$ ExecStart: ${start_argv[*]}"
-    (umask 0027; exec "${mdwe_wrapper[@]}" setpriv --reuid="$SVC_UID" --regid="$SVC_UID" --clear-groups --inh-caps=-all --bounding-set=-all --no-new-privs -- "${start_argv[@]}") >"$work/node.log" 2>&1 &
+    # systemd starts services with a clean environment plus Environment=.
+    read -r -a unit_env <<<"$(sed -n 's/^Environment=//p' "$unit" | tr '\n' ' ')"
+    echo "\$ ExecStart: ${unit_env[*]} ${start_argv[*]}"
+    (umask 0027; exec "${mdwe_wrapper[@]}" setpriv --reuid="$SVC_UID" --regid="$SVC_UID" --clear-groups --inh-caps=-all --bounding-set=-all --no-new-privs -- \
+        env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin "${unit_env[@]}" "${start_argv[@]}") >"$work/node.log" 2>&1 &
     node_pid=$!
 fi
 
