@@ -11,6 +11,10 @@
 #   sqlite3      to inspect the index by hand
 #   time procps curl  bench: /usr/bin/time -v for peak RSS, ps/pgrep, Orthanc's REST API
 #   chromium chromium-driver  the status page's browser test (headless, via selenium)
+#   dpkg-dev     dpkg-shlibdeps, which cargo-deb runs for the .deb's Depends
+#   systemd      systemd-analyze verify/security on the packaged unit (packaging/test-deb.sh)
+#
+# Cargo tools: cargo-deb (packaging/build-deb.sh), from crates.io.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -22,7 +26,7 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 export DEBIAN_FRONTEND=noninteractive
-APT_PKGS=(dcmtk orthanc dicom3tools cmake sqlite3 time curl procps chromium chromium-driver)
+APT_PKGS=(dcmtk orthanc dicom3tools cmake sqlite3 time curl procps chromium chromium-driver dpkg-dev systemd)
 
 missing=()
 for p in "${APT_PKGS[@]}"; do
@@ -78,6 +82,17 @@ ort_lib="$("$PY" -c "import onnxruntime, os, glob; d = os.path.join(os.path.dirn
 mkdir -p "$root/ort"
 ln -sf "$ort_lib" "$root/ort/libonnxruntime.so"
 echo "install-deps: ONNX Runtime at $root/ort/libonnxruntime.so -> $ort_lib"
+
+# cargo-deb builds the Debian package (packaging/build-deb.sh, run by
+# packaging/test-deb.sh). A pinned version from crates.io, about two minutes
+# of compiling once; skipped when that version is already installed.
+CARGO_DEB_VERSION=3.8.0
+if cargo deb --version 2>/dev/null | grep -q "$CARGO_DEB_VERSION"; then
+    echo "install-deps: cargo-deb $CARGO_DEB_VERSION already present"
+else
+    echo "install-deps: cargo install cargo-deb --version $CARGO_DEB_VERSION --locked"
+    cargo install cargo-deb --version "$CARGO_DEB_VERSION" --locked --quiet
+fi
 
 # The ML engineer's training stack (torch etc.), when it exists.
 if [ -f "$root/models/training/install.sh" ]; then

@@ -3,8 +3,9 @@
 #   1. cargo build --release       the binary the integration tests drive
 #   2. cargo test --release        unit and stage tests next to the code
 #   3. pytest integration-tests    the real node against DCMTK, pynetdicom and raw sockets
-#   4. pytest models/training/tests  (when that directory exists)
-#   5. scripts/fuzz.sh             a bounded fuzz run (when that script exists)
+#   4. packaging/test-deb.sh       build the .deb, dpkg -i, run the installed service, C-ECHO/C-STORE, dpkg -r
+#   5. pytest models/training/tests  (when that directory exists)
+#   6. scripts/fuzz.sh             a bounded fuzz run (when that script exists)
 # Every step runs even if an earlier one failed (except that nothing runs
 # without a binary); the exit status is non-zero if any step failed.
 #
@@ -56,6 +57,9 @@ if ! run_step "cargo build --release" cargo build --release; then
 else
     run_step "unit tests" cargo test --release
     run_step "integration tests" "$PY" -m pytest integration-tests -v
+    # After the integration tests: it installs the package system-wide and
+    # uses port 11112, so nothing else may run beside it.
+    run_step "deb package" bash packaging/test-deb.sh
 fi
 
 if [ -d models/training/tests ]; then

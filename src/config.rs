@@ -16,6 +16,7 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
@@ -38,7 +39,7 @@ pub enum ConfigError {
     },
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     pub node: NodeConfig,
@@ -77,7 +78,7 @@ pub struct ConfigSource {
     pub text: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
     /// The model card (YAML); relative paths resolve against the config
@@ -100,7 +101,7 @@ pub struct ModelConfig {
 pub use crate::inference::ExecutionProvider;
 
 /// A C-STORE SCP results are sent to.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DestinationConfig {
     pub ae_title: String,
@@ -109,7 +110,7 @@ pub struct DestinationConfig {
 }
 
 /// One routing rule. `match` is a condition tree (docs/ROUTING.md).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RouteConfig {
     pub name: String,
@@ -128,7 +129,7 @@ pub struct RouteConfig {
 /// A condition as written in YAML: either a combinator (`all`, `any`, `not`)
 /// or a subject (`keyword` or `derived`) with exactly one operator. The shape
 /// is checked by `RouteTable::compile`, which can say which rule was broken.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ConditionSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -144,8 +145,10 @@ pub struct ConditionSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub derived: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<serde_json::Value>")]
     pub equals: Option<serde_yaml::Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<Vec<serde_json::Value>>")]
     pub one_of: Option<Vec<serde_yaml::Value>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub regex: Option<String>,
@@ -161,7 +164,7 @@ pub struct ConditionSpec {
 }
 
 /// Inclusive numeric bounds; either may be left out.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RangeSpec {
     #[serde(default)]
@@ -170,7 +173,7 @@ pub struct RangeSpec {
     pub max: Option<f64>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SliceSelectionConfig {
     pub mode: SliceMode,
@@ -182,7 +185,7 @@ pub struct SliceSelectionConfig {
     pub z_mm: Option<f64>,
 }
 
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum SliceMode {
     Single,
@@ -191,7 +194,7 @@ pub enum SliceMode {
     ZMm,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct OnnxRuntimeConfig {
     /// Path of the ONNX Runtime shared library; relative paths resolve
@@ -210,7 +213,7 @@ impl OnnxRuntimeConfig {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NodeConfig {
     /// Our AE title; a called AE title that differs is rejected (PS3.8 9.3.4).
@@ -238,7 +241,7 @@ pub struct NodeConfig {
     pub min_free_disk_mb: u64,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AllowedCaller {
     pub ae_title: String,
@@ -247,7 +250,7 @@ pub struct AllowedCaller {
     pub host: Option<IpAddr>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Timeouts {
     /// ARTIM: time allowed for the A-ASSOCIATE-RQ after TCP accept.
@@ -261,7 +264,7 @@ pub struct Timeouts {
     pub idle_s: u64,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SeriesConfig {
     /// A series with no new instance for this long is complete.
@@ -279,7 +282,7 @@ pub struct SeriesConfig {
 /// The HTTP interface. Loopback by default: a bearer token is required as
 /// soon as it listens on anything else, because the API can retry, dismiss
 /// and reload.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HttpConfig {
     /// `false` turns the HTTP interface off.
@@ -319,7 +322,7 @@ impl HttpConfig {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LogConfig {
     /// `text` or `json`.
@@ -525,6 +528,21 @@ impl Config {
     pub fn spool_dir(&self) -> PathBuf {
         self.node.data_dir.join("spool")
     }
+}
+
+/// The JSON Schema (draft 2020-12) of the config file, generated from the
+/// structs above by `schemars`: what `biomarker-node config-schema` prints,
+/// and what docs/CONFIGURATION.md is checked against.
+pub fn json_schema() -> serde_json::Value {
+    let mut schema = serde_json::to_value(schemars::schema_for!(Config)).expect("a schema serializes");
+    if let Some(o) = schema.as_object_mut() {
+        o.insert("title".into(), "biomarker-node configuration".into());
+        o.insert(
+            "description".into(),
+            "The YAML config of biomarker-node; reference: docs/CONFIGURATION.md".into(),
+        );
+    }
+    schema
 }
 
 /// PS3.5 6.2: AE is 1-16 chars of the default repertoire, no backslash or

@@ -13,6 +13,7 @@
 pub mod analysis;
 pub mod biomarkers;
 pub mod config;
+pub mod config_schema;
 pub mod dimse;
 pub mod http;
 pub mod telemetry;

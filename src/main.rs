@@ -68,6 +68,9 @@ enum Command {
         #[arg(required = true)]
         paths: Vec<PathBuf>,
     },
+    /// Print the JSON Schema of the config file (generated from the code;
+    /// docs/CONFIGURATION.md is the reference), for editors and admins.
+    ConfigSchema,
     /// Write synthetic CT phantoms with ground truth.
     Phantom(biomarker_node::phantom::PhantomArgs),
 }
@@ -99,6 +102,10 @@ fn main() -> ExitCode {
         Command::CheckConfig { config } => check_config(&config),
         Command::Route { config, json, paths } => route(&config, json, &paths),
         Command::Analyze { config, out, paths } => biomarker_node::pipeline::analyze(&config, &out, &paths),
+        Command::ConfigSchema => {
+            println!("{:#}", biomarker_node::config::json_schema());
+            Ok(())
+        }
         Command::Phantom(args) => biomarker_node::phantom::run(&args),
     };
     match result {

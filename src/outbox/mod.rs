@@ -81,7 +81,7 @@ impl OutboxError {
 }
 
 /// The `outbox:` config section.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct OutboxConfig {
     /// Delay before the 2nd attempt; doubles per failed attempt.
