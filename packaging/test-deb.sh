@@ -260,11 +260,12 @@ run_cli "$BIN" jobs --config "$CONF" 2>&1 | sed 's/^/  /'
 [ "$state" = done ] || fail "the pma job did not finish (state: ${state:-none within 120 s})"
 say "pma job done: the packaged model and ONNX Runtime work under the unit's restrictions"
 
-if command -v curl >/dev/null 2>&1; then
-    if h="$(curl -fsS -m 2 http://127.0.0.1:8080/healthz 2>/dev/null)"; then
-        say "GET /healthz: $h"
-    else
-        say "GET /healthz: no answer (the HTTP interface is not in this build)"
-    fi
-fi
+# The packaged config's HTTP interface (loopback): health, readiness and the
+# job the phantom made, as an administrator would check them.
+h="$(curl -fsS -m 5 http://127.0.0.1:8080/healthz)" || fail "GET /healthz: no answer"
+say "GET /healthz: $h"
+r="$(curl -fsS -m 5 http://127.0.0.1:8080/readyz)" || fail "GET /readyz: not ready: $r"
+say "GET /readyz: $r"
+curl -fsS -m 5 http://127.0.0.1:8080/api/jobs | grep -q '"state":"done"' || fail "GET /api/jobs: no done job"
+say "GET /api/jobs: the phantom's jobs are done"
 exit 0
