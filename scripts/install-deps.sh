@@ -9,6 +9,7 @@
 #   dicom3tools  dciodvfy/dcentvfy: validators for what the node writes
 #   cmake        dicom-pixeldata's `charls` feature builds C++ with it
 #   sqlite3      to inspect the index by hand
+#   openssl      the TLS tests make a throwaway CA and certificates with its CLI
 #   time procps curl  bench: /usr/bin/time -v for peak RSS, ps/pgrep, Orthanc's REST API
 set -euo pipefail
 
@@ -21,7 +22,7 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 export DEBIAN_FRONTEND=noninteractive
-APT_PKGS=(dcmtk orthanc dicom3tools cmake sqlite3 time curl procps)
+APT_PKGS=(dcmtk orthanc dicom3tools cmake sqlite3 openssl time curl procps)
 
 missing=()
 for p in "${APT_PKGS[@]}"; do

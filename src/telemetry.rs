@@ -16,6 +16,7 @@ pub struct Counters {
     pub instances_failed: AtomicU64,
     pub bytes_received: AtomicU64,
     pub series_completed: AtomicU64,
+    pub tls_handshakes_failed: AtomicU64,
 }
 
 pub static COUNTERS: Counters = Counters {
@@ -27,6 +28,7 @@ pub static COUNTERS: Counters = Counters {
     instances_failed: AtomicU64::new(0),
     bytes_received: AtomicU64::new(0),
     series_completed: AtomicU64::new(0),
+    tls_handshakes_failed: AtomicU64::new(0),
 };
 
 fn bump(c: &AtomicU64, n: u64) {
@@ -69,6 +71,19 @@ impl AssociationAborted<'_> {
     pub fn emit(self) {
         bump(&COUNTERS.associations_aborted, 1);
         tracing::warn!(by = self.by, reason = self.reason, "association aborted");
+    }
+}
+
+/// A connection to the TLS port that never became a TLS session: a plain
+/// DICOM client, an untrusted or missing client certificate, a timeout.
+pub struct TlsHandshakeFailed<'a> {
+    pub peer: std::net::SocketAddr,
+    pub reason: &'a str,
+}
+impl TlsHandshakeFailed<'_> {
+    pub fn emit(self) {
+        bump(&COUNTERS.tls_handshakes_failed, 1);
+        tracing::warn!(peer = %self.peer, reason = self.reason, "TLS handshake failed");
     }
 }
 

@@ -173,6 +173,7 @@ impl Fixture {
                 ae_title: ae.into(),
                 host: "127.0.0.1".into(),
                 port,
+                tls: None,
             },
         )]);
         Outbox::spawn(
