@@ -197,7 +197,7 @@ impl Listener {
                                 Ok(Ok(tls_stream)) => {
                                     association::run(tls_stream, peer, id, shared, permit, shutdown).await
                                 }
-                                Ok(Err(e)) => telemetry::TlsHandshakeFailed { peer, reason: &e.to_string() }.emit(),
+                                Ok(Err(e)) => telemetry::TlsHandshakeFailed { peer, reason: &handshake_reason(&e) }.emit(),
                                 Err(_) => telemetry::TlsHandshakeFailed {
                                     peer,
                                     reason: &format!("not completed within {artim:?}"),
@@ -213,5 +213,19 @@ impl Listener {
         }
         self.tasks.close();
         self.tasks.wait().await;
+    }
+}
+
+/// rustls' reason, plus the likely cause when the first bytes were not TLS
+/// at all: the usual operator mistake is a plain DICOM peer on this port.
+fn handshake_reason(e: &std::io::Error) -> String {
+    let not_tls = matches!(
+        e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()),
+        Some(rustls::Error::InvalidMessage(rustls::InvalidMessage::InvalidContentType))
+    );
+    if not_tls {
+        format!("{e} (not TLS: a plain DICOM peer on the TLS port?)")
+    } else {
+        e.to_string()
     }
 }
