@@ -84,7 +84,7 @@ pub enum LinkError {
     NoContexts,
     #[error("cannot associate: {0}")]
     Associate(String),
-    #[error("no A-ASSOCIATE response within {0:?}")]
+    #[error("timed out: no A-ASSOCIATE response within {0:?}")]
     AssociateTimeout(Duration),
     #[error("peer aborted the association ({0})")]
     Aborted(String),
@@ -163,6 +163,11 @@ fn ul_error(e: dicom_ul::association::Error) -> LinkError {
             LinkError::Associate(chain(&e))
         }
         e @ E::Timeout { .. } => LinkError::Timeout(chain(&e)),
+        // dicom-ul's guess after the A-ASSOCIATE response could not be read;
+        // timeouts cannot reach here (see `send_batch`).
+        E::TlsNotSupported => LinkError::Network(
+            "no A-ASSOCIATE response: the peer closed the connection or answered with something other than a PDU (a TLS port?)".into(),
+        ),
         e @ (E::WireRead { .. } | E::WireSend { .. } | E::ConnectionClosed { .. }) => {
             LinkError::Network(chain(&e))
         }
@@ -276,7 +281,10 @@ pub async fn send_batch(
         .called_ae_title(peer.dest.ae_title.clone())
         .max_pdu_length(LOCAL_MAX_PDU)
         .connection_timeout(peer.connect_timeout)
-        .read_timeout(peer.dimse_timeout)
+        // No dicom-ul read timeout: with its `async-tls` feature, any error
+        // reading the A-ASSOCIATE response, a timeout included, comes back
+        // as `TlsNotSupported`. Our own timers bound every read instead:
+        // `budget` the set-up, `dimse_timeout` each response and the release.
         .write_timeout(peer.dimse_timeout);
     for (class, tss) in &contexts {
         opts = opts.with_presentation_context(class.clone(), tss.clone());
@@ -488,7 +496,7 @@ async fn store_one<S: Stream>(
             send_fragments(assoc, pc.id, PDataValueType::Data, &bytes[..], len, max_pdv).await?;
         }
     }
-    // dicom-ul's read timeout (the same value) usually fires first.
+    // dicom-ul has no read timeout set (see `send_batch`): this is the one.
     let rsp = match tokio::time::timeout(dimse_timeout, read_command(assoc)).await {
         Err(_) | Ok(Err(LinkError::Timeout(_))) => {
             return Err(LinkError::DimseTimeout(dimse_timeout))
