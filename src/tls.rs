@@ -172,6 +172,46 @@ pub fn check(cfg: &Config) -> Vec<TlsError> {
     errors
 }
 
+/// A throwaway PKI made with the openssl CLI, for stage tests that need a
+/// real TLS peer.
+#[cfg(test)]
+pub(crate) mod testpki {
+    use std::path::{Path, PathBuf};
+    use std::process::Command;
+
+    pub struct Pki {
+        pub ca: PathBuf,
+        /// Issued by `ca` for localhost and 127.0.0.1, for server and client use.
+        pub cert: PathBuf,
+        pub key: PathBuf,
+    }
+
+    fn openssl(dir: &Path, args: &[&str]) -> bool {
+        Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .is_ok_and(|o| o.status.success())
+    }
+
+    /// `None` when openssl is not installed.
+    pub fn make(dir: &Path) -> Option<Pki> {
+        std::fs::write(
+            dir.join("leaf.ext"),
+            "basicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth,clientAuth\nsubjectAltName=DNS:localhost,IP:127.0.0.1\n",
+        )
+        .ok()?;
+        let ok = openssl(dir, &["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=test ca", "-keyout", "ca.key", "-out", "ca.pem"])
+            && openssl(dir, &["req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost", "-keyout", "leaf.key", "-out", "leaf.csr"])
+            && openssl(dir, &["x509", "-req", "-in", "leaf.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-days", "2", "-extfile", "leaf.ext", "-out", "leaf.pem"]);
+        ok.then(|| Pki {
+            ca: dir.join("ca.pem"),
+            cert: dir.join("leaf.pem"),
+            key: dir.join("leaf.key"),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
