@@ -106,13 +106,6 @@ pub struct Listener {
 }
 
 impl Listener {
-    /// The plain listener on `node.bind:node.port`, with a gate of its own.
-    pub async fn bind(shared: Arc<Shared>, shutdown: CancellationToken) -> std::io::Result<Listener> {
-        let addr = SocketAddr::new(shared.node.bind, shared.node.port);
-        let gate = Gate::new(shared.node.max_associations);
-        Listener::bind_on(addr, None, shared, gate, shutdown).await
-    }
-
     /// A listener on `addr`, TLS when `tls` is set, admitting through `gate`.
     pub async fn bind_on(
         addr: SocketAddr,
