@@ -197,6 +197,15 @@ class TestTlsScp:
         assert all("certificate" in l.lower() for l in handshake_failures(node, at_least=2))
         assert_tls_serving(node, pki)
 
+    @pytest.mark.parametrize("version", ["1.2", "1.3"])
+    def test_tls_versions(self, node_factory, pki, version):
+        node = tls_node(node_factory, pki)
+        r = run_tool(["openssl", "s_client", "-connect", f"127.0.0.1:{node.tls_port}", f"-tls{version.replace('.', '_')}",
+                      "-cert", pki.path("client.pem"), "-key", pki.path("client.key"), "-CAfile", pki.path("ca.pem"),
+                      "-verify_return_error", "-brief"], timeout=30)
+        assert f"TLSv{version}" in r.stdout + r.stderr, out(r)
+        assert_tls_serving(node, pki)
+
     def test_anonymous_client_is_served_without_client_ca(self, node_factory, pki):
         node = tls_node(node_factory, pki, client_ca=False)
         r = echo_tls(node, pki, cert=None)
