@@ -1,8 +1,9 @@
 //! Ingest: the Verification and Storage SCP (PS3.4 A, B; PS3.7; PS3.8).
 //!
-//! Input: TCP connections, plain or DICOM TLS (PS3.15 B.1). Output: durable spool files plus a
-//! [`crate::series::StoredInstance`] hand-off to the series tracker for each,
-//! and release/abort notices that drive early completion.
+//! Input: TCP connections, plain or DICOM TLS (PS3.15 B.1). Output: durable
+//! spool files plus a [`crate::series::StoredInstance`] hand-off to the
+//! series tracker for each, and release/abort notices that drive early
+//! completion.
 //!
 //! Invariants:
 //! - C-STORE success is sent only after the spool reports the instance
@@ -13,9 +14,9 @@
 //!   a transient A-ASSOCIATE-RJ (local limit exceeded), not a TCP reset.
 //!
 //! Failure modes: a failed TLS handshake is logged and counted, and closes
-//! only that connection; a protocol violation aborts that association (A-ABORT with
-//! a PS3.8 reason); a bad dataset gets a failure status and the association
-//! goes on; nothing on one association affects another.
+//! only that connection; a protocol violation aborts that association
+//! (A-ABORT with a PS3.8 reason); a bad dataset gets a failure status and the
+//! association goes on; nothing on one association affects another.
 //!
 //! The PDU codec and types are dicom-ul's; the association state machine is
 //! ours, because dicom-ul's `ServerAssociation` reads whole messages into

@@ -7,7 +7,8 @@
 //! Instance UID is idempotent for a PACS).
 //!
 //! Association set-up and PDU codec are dicom-ul's (`establish_async`, or
-//! `establish_tls_async` for a TLS destination, `send`, `receive`); the DIMSE command sets are ours ([`crate::dimse`]).
+//! `establish_tls_async` for a TLS destination, `send`, `receive`); the
+//! DIMSE command sets are ours ([`crate::dimse`]).
 //! We send P-DATA PDUs ourselves rather than through `AsyncPDataWriter`:
 //! the writer needs a multi-thread runtime and hides the PDU boundaries we
 //! want to size from the peer's Maximum Length (PS3.8 D.1).
