@@ -9,6 +9,7 @@
 #   dicom3tools  dciodvfy/dcentvfy: validators for what the node writes
 #   cmake        dicom-pixeldata's `charls` feature builds C++ with it
 #   sqlite3      to inspect the index by hand
+#   openssl      the TLS tests make a throwaway CA and certificates with its CLI
 #   time procps curl  bench: /usr/bin/time -v for peak RSS, ps/pgrep, Orthanc's REST API
 #   chromium chromium-driver  the status page's browser test (headless, via selenium)
 #   dpkg-dev     dpkg-shlibdeps, which cargo-deb runs for the .deb's Depends
@@ -26,7 +27,7 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 export DEBIAN_FRONTEND=noninteractive
-APT_PKGS=(dcmtk orthanc dicom3tools cmake sqlite3 time curl procps chromium chromium-driver dpkg-dev systemd)
+APT_PKGS=(dcmtk orthanc dicom3tools cmake sqlite3 openssl time curl procps chromium chromium-driver dpkg-dev systemd)
 
 missing=()
 for p in "${APT_PKGS[@]}"; do

@@ -107,6 +107,28 @@ pub struct DestinationConfig {
     pub ae_title: String,
     pub host: String,
     pub port: u16,
+    /// Deliver over DICOM TLS (PS3.15 B.1) instead of plain TCP.
+    #[serde(default)]
+    pub tls: Option<DestinationTlsConfig>,
+}
+
+/// How we verify a TLS destination and, optionally, prove who we are.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DestinationTlsConfig {
+    /// PEM file of the roots we trust for the destination's certificate. No
+    /// system store: a PACS certificate is nearly always from a private CA,
+    /// and trusting every public CA would let any web certificate pass.
+    pub ca: PathBuf,
+    /// PEM chain for client authentication, when the destination asks.
+    #[serde(default)]
+    pub certificate: Option<PathBuf>,
+    /// PEM private key for `certificate`; both or neither.
+    #[serde(default)]
+    pub private_key: Option<PathBuf>,
+    /// Name checked against the destination's certificate; defaults to `host`.
+    #[serde(default)]
+    pub server_name: Option<String>,
 }
 
 /// One routing rule. `match` is a condition tree (docs/ROUTING.md).
@@ -239,6 +261,32 @@ pub struct NodeConfig {
     /// transient reject and C-STORE answers 0xA700.
     #[serde(default = "default_min_free_mb")]
     pub min_free_disk_mb: u64,
+    /// A second listener with DICOM TLS (PS3.15 B.1); the same association
+    /// handler, limits and allow-lists serve both.
+    #[serde(default)]
+    pub tls: Option<NodeTlsConfig>,
+}
+
+/// The TLS listener. Relative paths resolve against the config file's
+/// directory, like `data_dir`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NodeTlsConfig {
+    /// 2762 is the registered DICOM-TLS port (PS3.15 B.1).
+    #[serde(default = "default_tls_port")]
+    pub port: u16,
+    /// PEM certificate chain, leaf first.
+    pub certificate: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub private_key: PathBuf,
+    /// PEM roots for client certificates. When set, a client must present a
+    /// certificate that chains to one of them; when absent, none is asked for.
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
+    /// Keep the plain listener on `node.port` as well. `false` makes the
+    /// node TLS-only.
+    #[serde(default = "default_true")]
+    pub plain: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
@@ -338,6 +386,9 @@ fn default_bind() -> IpAddr {
 }
 fn default_port() -> u16 {
     11112
+}
+fn default_tls_port() -> u16 {
+    2762
 }
 fn default_max_pdu() -> u32 {
     // Large PDUs cut per-PDU overhead; memory per association stays bounded
@@ -441,6 +492,21 @@ impl Config {
         if let Some(lib) = self.onnxruntime.library.as_mut() {
             resolve(lib);
         }
+        if let Some(t) = self.node.tls.as_mut() {
+            resolve(&mut t.certificate);
+            resolve(&mut t.private_key);
+            if let Some(ca) = t.client_ca.as_mut() {
+                resolve(ca);
+            }
+        }
+        for d in self.destinations.values_mut() {
+            if let Some(t) = d.tls.as_mut() {
+                resolve(&mut t.ca);
+                for p in [t.certificate.as_mut(), t.private_key.as_mut()].into_iter().flatten() {
+                    resolve(p);
+                }
+            }
+        }
     }
 
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
@@ -516,6 +582,31 @@ impl Config {
             }
             if d.port == 0 {
                 return Err(bad(&format!("destinations.{name}.port"), "must be 1-65535".into()));
+            }
+            if let Some(t) = &d.tls {
+                if t.certificate.is_some() != t.private_key.is_some() {
+                    let missing = if t.certificate.is_some() { "private_key" } else { "certificate" };
+                    return Err(bad(
+                        &format!("destinations.{name}.tls.{missing}"),
+                        "client authentication needs both `certificate` and `private_key`".into(),
+                    ));
+                }
+                if let Some(sn) = &t.server_name {
+                    if rustls::pki_types::ServerName::try_from(sn.as_str()).is_err() {
+                        return Err(bad(
+                            &format!("destinations.{name}.tls.server_name"),
+                            format!("`{sn}` is not a DNS name or IP address"),
+                        ));
+                    }
+                }
+            }
+        }
+        if let Some(t) = &self.node.tls {
+            if t.plain && t.port == self.node.port && t.port != 0 {
+                return Err(bad(
+                    "node.tls.port",
+                    format!("{} is also node.port; the plain and TLS listeners need their own ports", t.port),
+                ));
             }
         }
         Ok(())
@@ -651,8 +742,20 @@ impl ConfigDiagnostic {
 pub fn check_file(path: &Path) -> Result<(Config, crate::routing::RouteTable), Vec<ConfigDiagnostic>> {
     let text = std::fs::read_to_string(path).ok();
     let cfg = Config::load(path).map_err(|e| vec![ConfigDiagnostic::from_error(&e, text.as_deref())])?;
-    let table = crate::routing::RouteTable::compile(&cfg)?;
-    Ok((cfg, table))
+    // Certificates and keys are read here, not in `load`, so the listing
+    // commands still work on a node whose key file is unreadable to them.
+    let mut diags: Vec<ConfigDiagnostic> = crate::tls::check(&cfg)
+        .into_iter()
+        .map(|e| ConfigDiagnostic::at(cfg.source.as_ref(), e.key(), e.to_string()))
+        .collect();
+    match crate::routing::RouteTable::compile(&cfg) {
+        Ok(table) if diags.is_empty() => Ok((cfg, table)),
+        Ok(_) => Err(diags),
+        Err(more) => {
+            diags.extend(more);
+            Err(diags)
+        }
+    }
 }
 
 /// One step of a key path.
@@ -815,6 +918,61 @@ mod tests {
         let y = "node:\n  ae_title: ABCDEFGHIJKLMNOPQ\n  data_dir: d\n";
         let e = Config::parse(y, Path::new("t.yaml")).unwrap_err();
         assert!(e.to_string().contains("node.ae_title"), "{e}");
+    }
+
+    #[test]
+    fn tls_sections_parse_with_defaults_and_resolve_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("n.yaml");
+        let y = format!(
+            "{MIN}  tls: {{certificate: tls/n.pem, private_key: /abs/n.key}}\n\
+             destinations:\n  pacs: {{ae_title: P, host: h.example, port: 2762, tls: {{ca: ca.pem}}}}\n"
+        );
+        std::fs::write(&p, y).unwrap();
+        let c = Config::load(&p).unwrap();
+        let t = c.node.tls.as_ref().expect("node.tls parsed");
+        assert_eq!(t.port, 2762);
+        assert!(t.plain);
+        assert_eq!(t.client_ca, None);
+        assert_eq!(t.certificate, dir.path().join("tls/n.pem"));
+        assert_eq!(t.private_key, Path::new("/abs/n.key"));
+        let d = c.destinations["pacs"].tls.as_ref().expect("destination tls parsed");
+        assert_eq!(d.ca, dir.path().join("ca.pem"));
+        assert_eq!(d.server_name, None);
+    }
+
+    #[test]
+    fn tls_mistakes_name_their_key() {
+        let cases = [
+            (format!("{MIN}  tls: {{certificate: a, private_key: b, colour: red}}\n"), "colour"),
+            (format!("{MIN}  port: 2762\n  tls: {{certificate: a, private_key: b}}\n"), "node.tls.port"),
+            (
+                format!("{MIN}destinations:\n  pacs: {{ae_title: P, host: h, port: 1, tls: {{ca: c, certificate: x}}}}\n"),
+                "destinations.pacs.tls.private_key",
+            ),
+            (
+                format!("{MIN}destinations:\n  pacs: {{ae_title: P, host: h, port: 1, tls: {{ca: c, server_name: 'a b'}}}}\n"),
+                "destinations.pacs.tls.server_name",
+            ),
+        ];
+        for (y, key) in cases {
+            let e = Config::parse(&y, Path::new("t.yaml")).unwrap_err();
+            assert!(e.to_string().contains(key), "{y}: {e}");
+        }
+        // TLS-only on the plain port is fine: there is one listener.
+        let y = format!("{MIN}  port: 2762\n  tls: {{certificate: a, private_key: b, plain: false}}\n");
+        Config::parse(&y, Path::new("t.yaml")).unwrap();
+    }
+
+    #[test]
+    fn check_file_reports_unreadable_tls_files_at_their_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("n.yaml");
+        std::fs::write(&p, format!("{MIN}  tls:\n    certificate: nope.pem\n    private_key: nope.key\n")).unwrap();
+        let diags = check_file(&p).unwrap_err();
+        assert_eq!(diags.len(), 1, "{diags:?}");
+        assert_eq!(diags[0].key, "node.tls.certificate");
+        assert_eq!(diags[0].line, Some(5), "{diags:?}");
     }
 
     #[test]

@@ -29,6 +29,7 @@ pub mod report;
 pub mod routing;
 pub mod series;
 pub mod spool;
+pub mod tls;
 pub mod volume;
 
 /// `error: source: source...`, for messages that leave the process (DIMSE

@@ -12,7 +12,7 @@ use crate::jobs::{JobStore, SqliteJobStore};
 use crate::routing::stage::{Router, SharedRoutes};
 use crate::routing::RouteTable;
 use crate::volume::VolumeOptions;
-use crate::ingest::{Listener, Shared};
+use crate::ingest::{Gate, Listener, Shared};
 use crate::series::{CompletionQueue, SeriesIndex, SqliteCompletionQueue, Tracker};
 use crate::spool::DiskSpool;
 
@@ -95,20 +95,25 @@ async fn run(cfg: Config, table: RouteTable, config_path: std::path::PathBuf) ->
     let outbox_store: Arc<dyn crate::outbox::OutboxStore> = Arc::new(
         crate::outbox::SqliteOutboxStore::open(&cfg.node.data_dir.join("outbox.sqlite")).context("cannot open the outbox")?,
     );
-    let destinations = cfg
-        .destinations
-        .iter()
-        .map(|(k, d)| {
-            (
-                k.clone(),
-                crate::outbox::Destination {
-                    ae_title: d.ae_title.clone(),
-                    host: d.host.clone(),
-                    port: d.port,
-                },
-            )
-        })
-        .collect();
+    let mut destinations = std::collections::HashMap::new();
+    for (k, d) in &cfg.destinations {
+        let tls = match &d.tls {
+            None => None,
+            Some(t) => Some(crate::outbox::ClientTls {
+                config: crate::tls::client_config(k, t).with_context(|| format!("destinations.{k}.tls"))?,
+                server_name: t.server_name.clone().unwrap_or_else(|| d.host.clone()),
+            }),
+        };
+        destinations.insert(
+            k.clone(),
+            crate::outbox::Destination {
+                ae_title: d.ae_title.clone(),
+                host: d.host.clone(),
+                port: d.port,
+                tls,
+            },
+        );
+    }
     let (outbox, outbox_task) = crate::outbox::Outbox::spawn(
         outbox_store,
         destinations,
@@ -168,21 +173,42 @@ async fn run(cfg: Config, table: RouteTable, config_path: std::path::PathBuf) ->
         spool,
         tracker,
     });
-    let listener = Listener::bind(shared, shutdown.clone())
-        .await
-        .with_context(|| format!("cannot listen on {}:{}", cfg.node.bind, cfg.node.port))?;
-    tracing::info!(
-        addr = %listener.local_addr()?,
-        ae_title = %cfg.node.ae_title,
-        data_dir = %cfg.node.data_dir.display(),
-        "listening"
-    );
-    let accept = tokio::spawn(listener.run());
+    // One gate for both ports: the association limit is the node's, not a port's.
+    let gate = Gate::new(cfg.node.max_associations);
+    let mut listeners = Vec::new();
+    if cfg.node.tls.as_ref().is_none_or(|t| t.plain) {
+        let addr = std::net::SocketAddr::new(cfg.node.bind, cfg.node.port);
+        let l = Listener::bind_on(addr, None, shared.clone(), gate.clone(), shutdown.clone())
+            .await
+            .with_context(|| format!("cannot listen on {addr}"))?;
+        listeners.push(l);
+    }
+    if let Some(t) = &cfg.node.tls {
+        let server = crate::tls::server_config(t).context("node.tls")?;
+        let addr = std::net::SocketAddr::new(cfg.node.bind, t.port);
+        let l = Listener::bind_on(addr, Some(server), shared.clone(), gate.clone(), shutdown.clone())
+            .await
+            .with_context(|| format!("cannot listen on {addr} (node.tls.port)"))?;
+        listeners.push(l);
+    }
+    let mut accept = Vec::new();
+    for l in listeners {
+        tracing::info!(
+            addr = %l.local_addr()?,
+            tls = l.is_tls(),
+            ae_title = %cfg.node.ae_title,
+            data_dir = %cfg.node.data_dir.display(),
+            "listening"
+        );
+        accept.push(tokio::spawn(l.run()));
+    }
     ready.store(true, std::sync::atomic::Ordering::Release);
     wait_for_signal().await;
     tracing::info!("shutting down: no new associations; open ones are aborted, unacknowledged data is dropped");
     shutdown.cancel();
-    accept.await.context("accept loop panicked")?;
+    for a in accept {
+        a.await.context("accept loop panicked")?;
+    }
     let _ = reloader.await;
     if let Some(t) = http_task {
         let _ = t.await;

@@ -69,6 +69,7 @@ pub struct Metrics {
     pub outbox_attempts: Family<DeliveryLabels, Counter>,
     pub outbox_items: Family<StateLabel, Gauge>,
     pub cuda_fallbacks: Counter,
+    pub tls_handshakes_failed: Counter,
     pub config_reloads: Family<OutcomeLabel, Counter>,
     pub free_disk_bytes: Gauge,
 }
@@ -93,6 +94,7 @@ impl Metrics {
             outbox_attempts: Family::default(),
             outbox_items: Family::default(),
             cuda_fallbacks: Counter::default(),
+            tls_handshakes_failed: Counter::default(),
             config_reloads: Family::default(),
             free_disk_bytes: Gauge::default(),
             registry: Registry::default(),
@@ -113,6 +115,7 @@ impl Metrics {
         r.register("outbox_attempts", "Delivery attempts by destination and outcome (delivered, retry, dead)", m.outbox_attempts.clone());
         r.register("outbox_items", "Outbox items by state (pending and sending are the depth)", m.outbox_items.clone());
         r.register("cuda_fallbacks", "Models that fell back from CUDA to CPU at load", m.cuda_fallbacks.clone());
+        r.register("tls_handshakes_failed", "Connections to the TLS port that never became a TLS session", m.tls_handshakes_failed.clone());
         r.register("config_reloads", "Config reloads by outcome (ok, refused)", m.config_reloads.clone());
         r.register("data_dir_free_bytes", "Free bytes on the data_dir file system", m.free_disk_bytes.clone());
         Metrics { registry, ..m }
@@ -191,6 +194,19 @@ impl AssociationAborted<'_> {
     pub fn emit(self) {
         METRICS.count_association("aborted");
         tracing::warn!(by = self.by, reason = self.reason, "association aborted");
+    }
+}
+
+/// A connection to the TLS port that never became a TLS session: a plain
+/// DICOM client, an untrusted or missing client certificate, a timeout.
+pub struct TlsHandshakeFailed<'a> {
+    pub peer: std::net::SocketAddr,
+    pub reason: &'a str,
+}
+impl TlsHandshakeFailed<'_> {
+    pub fn emit(self) {
+        METRICS.tls_handshakes_failed.inc();
+        tracing::warn!(peer = %self.peer, reason = self.reason, "TLS handshake failed");
     }
 }
 

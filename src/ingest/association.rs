@@ -14,8 +14,7 @@ use dicom_ul::pdu::{
     write_pdu, AbortRQServiceProviderReason, AbortRQSource, AssociationRJ, PDataValue,
     PDataValueType, Pdu,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
@@ -80,14 +79,18 @@ impl AssociationError {
     }
 }
 
+/// What an association runs over: a TCP socket, or a TLS session on one.
+pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Transport for T {}
+
 /// Framed PDU I/O over one socket.
-struct Conn {
-    stream: TcpStream,
+struct Conn<S> {
+    stream: S,
     buf: BytesMut,
     max_pdata: u32,
 }
 
-impl Conn {
+impl<S: Transport> Conn<S> {
     /// Next PDU; `first_byte` bounds the wait for a PDU to start, `read`
     /// bounds the time to finish one that has started.
     async fn read_pdu(&mut self, first_byte: Duration, read: Duration) -> Result<Pdu, AssociationError> {
@@ -159,8 +162,8 @@ impl Pending {
     }
 }
 
-pub(super) struct Association {
-    conn: Conn,
+pub(super) struct Association<S> {
+    conn: Conn<S>,
     shared: Arc<Shared>,
     id: u64,
     contexts: Vec<AcceptedContext>,
@@ -172,16 +175,16 @@ pub(super) struct Association {
 
 /// Run one connection to its end. `permit` is None when the association
 /// limit is reached: we still read the request so the peer gets a proper
-/// transient A-ASSOCIATE-RJ instead of a reset.
-pub(super) async fn run(
-    stream: TcpStream,
+/// transient A-ASSOCIATE-RJ instead of a reset. `peer` is the TCP peer,
+/// also under TLS: the IP allow-list is about the socket, not the certificate.
+pub(super) async fn run<S: Transport>(
+    stream: S,
     peer: SocketAddr,
     id: u64,
     shared: Arc<Shared>,
     permit: Option<OwnedSemaphorePermit>,
     shutdown: CancellationToken,
 ) {
-    let _ = stream.set_nodelay(true);
     let mut conn = Conn {
         stream,
         buf: BytesMut::with_capacity(64 * 1024),
@@ -280,7 +283,7 @@ pub(super) async fn run(
     drop(permit);
 }
 
-async fn reject(conn: &mut Conn, calling: &str, called: &str, rj: AssociationRJ) {
+async fn reject<S: Transport>(conn: &mut Conn<S>, calling: &str, called: &str, rj: AssociationRJ) {
     telemetry::AssociationRejected {
         calling_ae: calling.trim(),
         called_ae: called.trim(),
@@ -294,7 +297,7 @@ async fn reject(conn: &mut Conn, calling: &str, called: &str, rj: AssociationRJ)
     let _ = conn.stream.shutdown().await;
 }
 
-impl Association {
+impl<S: Transport> Association<S> {
     async fn serve(&mut self, calling_ae: &str) -> Result<(), AssociationError> {
         let idle = Duration::from_secs(self.shared.node.timeouts.idle_s);
         let read = Duration::from_secs(self.shared.node.timeouts.read_s);

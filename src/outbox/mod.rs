@@ -193,7 +193,33 @@ pub struct Destination {
     /// Host name or IP address.
     pub host: String,
     pub port: u16,
+    /// DICOM TLS to this destination; built from `destinations.<name>.tls`.
+    #[serde(skip)]
+    pub tls: Option<ClientTls>,
 }
+
+/// What the SCU needs to open a TLS association.
+#[derive(Clone)]
+pub struct ClientTls {
+    pub config: std::sync::Arc<rustls::ClientConfig>,
+    /// Checked against the destination's certificate (SAN DNS name or IP).
+    pub server_name: String,
+}
+
+impl std::fmt::Debug for ClientTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientTls").field("server_name", &self.server_name).finish_non_exhaustive()
+    }
+}
+
+/// Two destinations are the same when they share one built config: rustls
+/// configs cannot be compared, and are built once per destination.
+impl PartialEq for ClientTls {
+    fn eq(&self, other: &Self) -> bool {
+        std::sync::Arc::ptr_eq(&self.config, &other.config) && self.server_name == other.server_name
+    }
+}
+impl Eq for ClientTls {}
 
 impl Destination {
     /// `name` is the map key, for the error's position.

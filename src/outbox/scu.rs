@@ -6,8 +6,9 @@
 //! the item on the wire (which is re-sent; a C-STORE of the same SOP
 //! Instance UID is idempotent for a PACS).
 //!
-//! Association set-up and PDU codec are dicom-ul's (`establish_async`,
-//! `send`, `receive`); the DIMSE command sets are ours ([`crate::dimse`]).
+//! Association set-up and PDU codec are dicom-ul's (`establish_async`, or
+//! `establish_tls_async` for a TLS destination, `send`, `receive`); the
+//! DIMSE command sets are ours ([`crate::dimse`]).
 //! We send P-DATA PDUs ourselves rather than through `AsyncPDataWriter`:
 //! the writer needs a multi-thread runtime and hides the PDU boundaries we
 //! want to size from the peer's Maximum Length (PS3.8 D.1).
@@ -22,7 +23,6 @@ use dicom_ul::pdu::{
 };
 use dicom_ul::Pdu;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncSeekExt};
-use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use super::part10::{self, Part10Info, EXPLICIT_VR_LE, IMPLICIT_VR_LE};
@@ -85,7 +85,7 @@ pub enum LinkError {
     NoContexts,
     #[error("cannot associate: {0}")]
     Associate(String),
-    #[error("no A-ASSOCIATE response within {0:?}")]
+    #[error("timed out: no A-ASSOCIATE response within {0:?}")]
     AssociateTimeout(Duration),
     #[error("peer aborted the association ({0})")]
     Aborted(String),
@@ -158,8 +158,17 @@ fn ul_error(e: dicom_ul::association::Error) -> LinkError {
         }
         E::NoAcceptedPresentationContexts { .. } => LinkError::NoContexts,
         E::Aborted { .. } => LinkError::Aborted("A-ABORT".into()),
-        e @ (E::Connect { .. } | E::ToAddress { .. }) => LinkError::Associate(chain(&e)),
+        // A certificate the peer or we refuse surfaces as `Connect`, with
+        // rustls' reason in the chain.
+        e @ (E::Connect { .. } | E::ToAddress { .. } | E::TlsHandshake { .. } | E::TlsConnection { .. }) => {
+            LinkError::Associate(chain(&e))
+        }
         e @ E::Timeout { .. } => LinkError::Timeout(chain(&e)),
+        // dicom-ul's guess after the A-ASSOCIATE response could not be read;
+        // timeouts cannot reach here (see `send_batch`).
+        E::TlsNotSupported => LinkError::Network(
+            "no A-ASSOCIATE response: the peer closed the connection or answered with something other than a PDU (a TLS port?)".into(),
+        ),
         e @ (E::WireRead { .. } | E::WireSend { .. } | E::ConnectionClosed { .. }) => {
             LinkError::Network(chain(&e))
         }
@@ -243,7 +252,11 @@ fn check_file(item: &OutboxItem) -> Result<Part10Info, String> {
     Ok(info)
 }
 
-type Assoc = AsyncClientAssociation<TcpStream>;
+type Assoc<S> = AsyncClientAssociation<S>;
+
+/// What an association runs over: TCP, or TLS on TCP.
+trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Stream for T {}
 
 /// Deliver `items` (all of one destination) on one association.
 /// `record` is called exactly once per item, in order of outcome.
@@ -269,21 +282,56 @@ pub async fn send_batch(
         .called_ae_title(peer.dest.ae_title.clone())
         .max_pdu_length(LOCAL_MAX_PDU)
         .connection_timeout(peer.connect_timeout)
-        .read_timeout(peer.dimse_timeout)
+        // No dicom-ul read timeout: with its `async-tls` feature, any error
+        // reading the A-ASSOCIATE response, a timeout included, comes back
+        // as `TlsNotSupported`. Our own timers bound every read instead:
+        // `budget` the set-up, `dimse_timeout` each response and the release.
         .write_timeout(peer.dimse_timeout);
     for (class, tss) in &contexts {
         opts = opts.with_presentation_context(class.clone(), tss.clone());
     }
     let budget = peer.connect_timeout + peer.dimse_timeout;
-    let established = tokio::select! {
-        _ = cancel.cancelled() => Err(LinkError::Cancelled),
-        r = tokio::time::timeout(budget, opts.establish_async((peer.dest.host.as_str(), peer.dest.port))) => {
-            match r {
-                Err(_) => Err(LinkError::AssociateTimeout(budget)),
-                Ok(r) => r.map_err(ul_error),
-            }
+    let addr = (peer.dest.host.as_str(), peer.dest.port);
+    // Two arms because the association's type differs by transport; the
+    // delivery after it is one generic function.
+    match &peer.dest.tls {
+        None => {
+            let est = establish(opts.establish_async(addr), budget, cancel).await;
+            deliver(est, peer, &ready, &contexts, cancel, record).await
         }
-    };
+        Some(tls) => {
+            let opts = opts.tls_config(tls.config.clone()).server_name(&tls.server_name);
+            let est = establish(opts.establish_tls_async(addr), budget, cancel).await;
+            deliver(est, peer, &ready, &contexts, cancel, record).await
+        }
+    }
+}
+
+/// TCP connect, TLS handshake if any, and A-ASSOCIATE, all within `budget`.
+async fn establish<S>(
+    fut: impl std::future::Future<Output = Result<Assoc<S>, dicom_ul::association::Error>>,
+    budget: Duration,
+    cancel: &CancellationToken,
+) -> Result<Assoc<S>, LinkError> {
+    tokio::select! {
+        _ = cancel.cancelled() => Err(LinkError::Cancelled),
+        r = tokio::time::timeout(budget, fut) => match r {
+            Err(_) => Err(LinkError::AssociateTimeout(budget)),
+            Ok(r) => r.map_err(ul_error),
+        }
+    }
+}
+
+/// Everything after association set-up: one C-STORE per ready item, then
+/// A-RELEASE, or A-ABORT when the link broke.
+async fn deliver<S: Stream>(
+    established: Result<Assoc<S>, LinkError>,
+    peer: &Peer<'_>,
+    ready: &[(&OutboxItem, Part10Info)],
+    contexts: &[(String, Vec<String>)],
+    cancel: &CancellationToken,
+    record: &mut (dyn FnMut(&OutboxItem, Outcome) + Send),
+) {
     let mut assoc = match established {
         Ok(a) => a,
         Err(e) => {
@@ -296,7 +344,7 @@ pub async fn send_batch(
                 }
                 .emit();
             }
-            for (it, _) in &ready {
+            for (it, _) in ready {
                 record(it, e.outcome(""));
             }
             return;
@@ -309,7 +357,7 @@ pub async fn send_batch(
     .max(1) as usize;
     let mut message_id: u16 = 0;
     let mut broken: Option<LinkError> = None;
-    for (it, info) in &ready {
+    for (it, info) in ready {
         if let Some(e) = &broken {
             record(it, e.outcome("not sent, association lost: "));
             continue;
@@ -414,8 +462,8 @@ enum Payload {
 }
 
 /// One C-STORE (PS3.7 9.1.1): command, dataset, response.
-async fn store_one(
-    assoc: &mut Assoc,
+async fn store_one<S: Stream>(
+    assoc: &mut Assoc<S>,
     message_id: u16,
     item: &OutboxItem,
     pc: &PresentationContextNegotiated,
@@ -449,7 +497,7 @@ async fn store_one(
             send_fragments(assoc, pc.id, PDataValueType::Data, &bytes[..], len, max_pdv).await?;
         }
     }
-    // dicom-ul's read timeout (the same value) usually fires first.
+    // dicom-ul has no read timeout set (see `send_batch`): this is the one.
     let rsp = match tokio::time::timeout(dimse_timeout, read_command(assoc)).await {
         Err(_) | Ok(Err(LinkError::Timeout(_))) => {
             return Err(LinkError::DimseTimeout(dimse_timeout))
@@ -497,8 +545,8 @@ async fn store_one(
 
 /// `len` bytes from `src` as PDVs of at most `max_pdv` bytes, one PDV per
 /// P-DATA-TF, the last one flagged (PS3.8 E.2).
-async fn send_fragments(
-    assoc: &mut Assoc,
+async fn send_fragments<S: Stream>(
+    assoc: &mut Assoc<S>,
     pc_id: u8,
     value_type: PDataValueType,
     mut src: impl AsyncRead + Unpin,
@@ -529,7 +577,7 @@ async fn send_fragments(
 }
 
 /// Read P-DATA until a whole command set has arrived.
-async fn read_command(assoc: &mut Assoc) -> Result<dimse::Command, LinkError> {
+async fn read_command<S: Stream>(assoc: &mut Assoc<S>) -> Result<dimse::Command, LinkError> {
     let mut buf = Vec::new();
     loop {
         match assoc.receive().await.map_err(ul_error)? {

@@ -173,6 +173,7 @@ impl Fixture {
                 ae_title: ae.into(),
                 host: "127.0.0.1".into(),
                 port,
+                tls: None,
             },
         )]);
         Outbox::spawn(
@@ -586,4 +587,87 @@ fn config_defaults_and_validation() {
         bad.validate("main").unwrap_err().key,
         "destinations.main.ae_title"
     );
+}
+
+/// A storescp with TLS (`+tls`), requiring our client certificate.
+fn tls_storescp(port: u16, dir: &Path, pki: &crate::tls::testpki::Pki) -> Scp {
+    let (key, cert, ca) = (pki.key.to_str().unwrap(), pki.cert.to_str().unwrap(), pki.ca.to_str().unwrap());
+    storescp_with(port, dir, &["+tls", key, cert, "+cf", ca])
+}
+
+fn tls_destination(port: u16, pki: &crate::tls::testpki::Pki) -> Destination {
+    let cfg = crate::config::DestinationTlsConfig {
+        ca: pki.ca.clone(),
+        certificate: Some(pki.cert.clone()),
+        private_key: Some(pki.key.clone()),
+        server_name: None,
+    };
+    Destination {
+        ae_title: "PACS".into(),
+        host: "127.0.0.1".into(),
+        port,
+        tls: Some(ClientTls {
+            config: crate::tls::client_config("pacs", &cfg).unwrap(),
+            server_name: "127.0.0.1".into(),
+        }),
+    }
+}
+
+fn spawn_with(fx: &Fixture, dest: Destination) -> (OutboxHandle, tokio::task::JoinHandle<()>) {
+    Outbox::spawn(
+        fx.store.clone(),
+        HashMap::from([("pacs".to_string(), dest)]),
+        fast_cfg(),
+        AeTitle::new("BIOMARKER"),
+        fx.shutdown.clone(),
+    )
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivers_over_tls_with_a_client_certificate() {
+    let pki_dir = tempfile::tempdir().unwrap();
+    let Some(pki) = crate::tls::testpki::make(pki_dir.path()) else {
+        have("openssl", false);
+        return;
+    };
+    if !have_storescp() {
+        return;
+    }
+    let fx = Fixture::new();
+    let port = free_port();
+    let _scp = tls_storescp(port, &fx.received(), &pki);
+    let (h, worker) = spawn_with(&fx, tls_destination(port, &pki));
+    // 64×64: several PDVs at storescp's 4096-byte PDU, all inside TLS records.
+    let (p, class, sop, _) = fx.result(SECONDARY_CAPTURE, "1.2.826.0.1.3680043.10.9.40", 64);
+    let id = h.enqueue("pacs", &p, &class, &sop).unwrap().id();
+    wait_until(&h, id, "delivery over TLS", |i| i.state == ItemState::Delivered).await;
+    fx.stop(worker).await;
+    assert_eq!(files_in(&fx.received()).len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_destination_on_a_tls_port_is_a_transient_failure() {
+    let pki_dir = tempfile::tempdir().unwrap();
+    let Some(pki) = crate::tls::testpki::make(pki_dir.path()) else {
+        have("openssl", false);
+        return;
+    };
+    if !have_storescp() {
+        return;
+    }
+    let fx = Fixture::new();
+    let port = free_port();
+    let _scp = tls_storescp(port, &fx.received(), &pki);
+    let (h, worker) = fx.spawn("PACS", port, fast_cfg());
+    let (p, class, sop, _) = fx.result(SECONDARY_CAPTURE, "1.2.826.0.1.3680043.10.9.41", 8);
+    let id = h.enqueue("pacs", &p, &class, &sop).unwrap().id();
+    let it = wait_until(&h, id, "a failed attempt", |i| {
+        i.attempts >= 1 && i.state == ItemState::Pending
+    })
+    .await;
+    let err = it.last_error.unwrap_or_default();
+    assert!(err.contains("no A-ASSOCIATE response"), "{err}");
+    fx.stop(worker).await;
+    assert!(files_in(&fx.received()).is_empty());
 }
