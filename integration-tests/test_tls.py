@@ -175,6 +175,11 @@ class TestTlsScp:
         assert_tls_serving(node, pki)
         fails = handshake_failures(node, at_least=2)
         assert "127.0.0.1:" in fails[0], fails[0]
+        # ... and counted where monitoring sees it
+        metrics = node.http("/metrics")[2].decode()
+        n = [float(l.split()[-1]) for l in metrics.splitlines()
+             if l.startswith("biomarker_node_tls_handshakes_failed_total ")]
+        assert n and n[0] >= 2, metrics
 
     def test_silent_client_is_closed_after_artim(self, node_factory, pki):
         node = tls_node(node_factory, pki, timeouts={"association_request_s": 2, "read_s": 10, "idle_s": 30})

@@ -5,6 +5,11 @@
 //! reads only element headers and checks every defined length against the
 //! bytes that are actually there, descending into sequences and items, so
 //! a lying length is refused in O(size) time with no allocation.
+//!
+//! It also refuses a binary value whose length is not a whole number of
+//! values (a 15-byte UL): dicom-rs reads the whole values only and then
+//! parses the rest of the dataset out of step, where any four bytes can
+//! become a "length" this walk never saw.
 
 use dicom_core::dictionary::DataDictionary;
 use dicom_core::Tag;
@@ -19,6 +24,15 @@ pub enum ScanError {
         offset: usize,
         len: u32,
         left: usize,
+    },
+    #[error("element ({group:04X},{element:04X}) at offset {offset} has {len} bytes, not a multiple of its VR {vr}'s {size}-byte values")]
+    Misaligned {
+        group: u16,
+        element: u16,
+        offset: usize,
+        len: u32,
+        vr: String,
+        size: usize,
     },
     #[error("dataset ends inside an element header at offset {0}")]
     TruncatedHeader(usize),
@@ -48,6 +62,16 @@ impl Encoding {
 }
 
 const MAX_DEPTH: usize = 64;
+
+/// Size of one value of the binary VRs that dicom-rs decodes value by value.
+fn value_size(vr: &[u8; 2]) -> Option<usize> {
+    match vr {
+        b"US" | b"SS" | b"OW" => Some(2),
+        b"UL" | b"SL" | b"FL" | b"AT" | b"OL" | b"OF" => Some(4),
+        b"FD" | b"OD" | b"SV" | b"UV" | b"OV" => Some(8),
+        _ => None,
+    }
+}
 const UNDEFINED: u32 = 0xFFFF_FFFF;
 
 struct Walker<'a> {
@@ -109,11 +133,16 @@ impl Walker<'_> {
             }
             let (vr, len, header) = match self.enc {
                 Encoding::ImplicitLittle => {
-                    let vr = StandardDataDictionary
-                        .by_tag(Tag(group, element))
-                        .map(|e| e.vr.relaxed())
-                        .filter(|v| *v == dicom_core::VR::SQ);
-                    (vr.map(|_| *b"SQ"), self.u32(pos + 4), 8)
+                    // As dicom-rs's implicit decoder: group lengths are UL,
+                    // other tags take the dictionary's VR (unknown: UN).
+                    let vr = if element == 0x0000 {
+                        Some(*b"UL")
+                    } else {
+                        StandardDataDictionary
+                            .by_tag(Tag(group, element))
+                            .and_then(|e| e.vr.relaxed().to_string().as_bytes().try_into().ok())
+                    };
+                    (vr, self.u32(pos + 4), 8)
                 }
                 _ => {
                     let vr = [self.buf[pos + 4], self.buf[pos + 5]];
@@ -126,7 +155,7 @@ impl Walker<'_> {
                             | b"LT" | b"PN" | b"SH" | b"SL" | b"SS" | b"ST" | b"TM" | b"UI" | b"UL" | b"US"
                     );
                     if short {
-                        (None, self.u16(pos + 6) as u32, 8)
+                        (Some(vr), self.u16(pos + 6) as u32, 8)
                     } else {
                         if end - pos < 12 {
                             return Err(ScanError::TruncatedHeader(pos));
@@ -148,6 +177,12 @@ impl Walker<'_> {
             let left = end - pos;
             if len as usize > left {
                 return Err(ScanError::Overrun { group, element, offset: start, len, left });
+            }
+            if let Some(size) = vr.as_ref().and_then(value_size) {
+                if len as usize % size != 0 {
+                    let vr = vr.map(|v| String::from_utf8_lossy(&v).into_owned()).unwrap_or_default();
+                    return Err(ScanError::Misaligned { group, element, offset: start, len, vr, size });
+                }
             }
             if vr == Some(*b"SQ") {
                 self.elements(pos, pos + len as usize, depth + 1, false, false)?;
@@ -248,5 +283,21 @@ mod tests {
         d.extend([0x08, 0x00, 0x60, 0x00, 2, 0, 0, 0, b'C', b'T']);
         d.extend([0xE0, 0x7F, 0x10, 0x00, 0xF0, 0xFF, 0xFF, 0xFF]);
         assert!(matches!(check_lengths(&d, Encoding::ImplicitLittle), Err(ScanError::Overrun { .. })));
+    }
+
+    #[test]
+    fn a_binary_value_that_is_not_whole_values_is_refused() {
+        // 15 bytes of UL: dicom-rs reads 12 and parses the rest out of step.
+        let mut d = el((0x0028, 0x0010), b"US", &[0, 2]);
+        d.extend(el((0x0018, 0x9219), b"SS", &[1, 0, 2]));
+        assert!(matches!(check_lengths(&d, Encoding::ExplicitLittle), Err(ScanError::Misaligned { size: 2, .. })));
+        // implicit VR: the dictionary says (0028,0030) is DS (text, any length)
+        // and a group length is UL
+        let mut imp = vec![0x28, 0x00, 0x00, 0x00, 15, 0, 0, 0];
+        imp.extend([0u8; 15]);
+        assert!(matches!(check_lengths(&imp, Encoding::ImplicitLittle), Err(ScanError::Misaligned { size: 4, .. })));
+        let mut ok = vec![0x28, 0x00, 0x30, 0x00, 5, 0, 0, 0];
+        ok.extend(b"0.5\\1");
+        assert_eq!(check_lengths(&ok[..13], Encoding::ImplicitLittle), Ok(()));
     }
 }
