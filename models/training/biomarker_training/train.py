@@ -40,21 +40,33 @@ def value_loss(pred: torch.Tensor, y: torch.Tensor, spec, kind: str = "l1") -> t
         return torch.nn.functional.smooth_l1_loss(torch.log1p(pred.clamp(min=0)), torch.log1p(y), beta=0.1)
     if kind == "smooth_l1":
         return torch.nn.functional.smooth_l1_loss(pred / spec.value_scale, y / spec.value_scale, beta=1.0)
+    if kind == "log1p":
+        # the agatston loss applied to an area (cm2): scale-free, each case weighted by its relative error
+        return torch.nn.functional.smooth_l1_loss(torch.log1p(pred.clamp(min=0)), torch.log1p(y), beta=0.1)
     return torch.mean(torch.abs(pred - y)) / spec.value_scale
 
 
 class Batcher:
     """Yields (x [N,1,H,W], w [N,1,H,W] or None, seg [N] case index within batch, y [B])."""
 
-    def __init__(self, cases, spec, batch_size: int, device, skip_empty_slices: bool, positive_fraction: float = 0.0):
+    def __init__(self, cases, spec, batch_size: int, device, skip_empty_slices: bool, positive_fraction: float = 0.0,
+                 value_weighted: bool = False):
         self.cases, self.spec, self.bs, self.device = cases, spec, batch_size, device
         self.skip = skip_empty_slices
         self.positive_fraction = positive_fraction
+        self.value_weighted = value_weighted
 
     def order(self, rng: np.random.Generator) -> np.ndarray:
         """Case order for one epoch (len(cases) draws). positive_fraction > 0: class-balanced sampling, each
         draw is a value > 0 case with that probability (with replacement), else a value == 0 case."""
         n = len(self.cases)
+        if self.value_weighted:
+            # draw cases with probability proportional to value + mean value (with replacement): cases where the
+            # target is a larger share of the candidates come more often. A map that localizes is unbiased
+            # whatever the sampling, because the value is computed from the map, not regressed.
+            v = np.array([max(c.value, 0.0) for c in self.cases])
+            p = v + v.mean() if v.mean() > 0 else np.ones(n)
+            return rng.choice(n, n, p=p / p.sum())
         if self.positive_fraction <= 0:
             return rng.permutation(n)
         pos = np.array([i for i, c in enumerate(self.cases) if c.value > 0])
@@ -148,7 +160,8 @@ def main(argv=None):
     p.add_argument("--max-cases", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--loss", default="l1", choices=["l1", "smooth_l1"], help="value loss (area tasks)")
+    p.add_argument("--loss", default="l1", choices=["l1", "smooth_l1", "log1p"],
+                   help="value loss (area tasks); log1p = smooth-L1 (beta 0.1) on log1p(cm2), as for agatston")
     p.add_argument("--sparsity", type=float, default=1e-2, help="lambda of the L1 map penalty")
     p.add_argument("--sparsity-norm", default="all", choices=["all", "value"],
                    help="all: lambda * mean(map) over every pixel (default); value: lambda * sum(map * W) / "
@@ -156,6 +169,8 @@ def main(argv=None):
     p.add_argument("--map-bias", type=float, default=0.0, help="initial bias of the map head (logit)")
     p.add_argument("--positive-fraction", type=float, default=0.0,
                    help="> 0: class-balanced sampling, this fraction of draws from value > 0 cases")
+    p.add_argument("--value-weighted", action="store_true",
+                   help="sample cases with probability proportional to value + mean value")
     p.add_argument("--select", default="last", choices=["last", "best_val"],
                    help="best_val: keep the epoch with the lowest validation MAE (validation split only)")
     p.add_argument("--widths", default="8,16,32", help="encoder widths, comma separated")
@@ -190,7 +205,8 @@ def main(argv=None):
     init_bias(net, a.method, spec, train, a.map_bias)
     opt = torch.optim.AdamW(net.parameters(), lr=a.lr, weight_decay=1e-4)
     bs = max(1, a.batch_size // 8) if spec.slices == "all" else a.batch_size
-    batcher = Batcher(train, spec, bs, device, skip_empty_slices=True, positive_fraction=a.positive_fraction)
+    batcher = Batcher(train, spec, bs, device, skip_empty_slices=True, positive_fraction=a.positive_fraction,
+                      value_weighted=a.value_weighted)
     steps_per_epoch = (len(train) + bs - 1) // bs
     total = a.epochs * steps_per_epoch
     if a.max_steps:
@@ -248,8 +264,9 @@ def main(argv=None):
             "data": a.data_note or str(a.csv),
             "seed": a.seed, "epochs": a.epochs, "steps": step, "train_cases": len(train),
             "val_cases": len(val), "lr": a.lr,
-            "loss": "smooth_l1(log1p(value), beta 0.1)" if spec.aggregation == "agatston" else a.loss, "sparsity_lambda": a.sparsity, "batch_size": a.batch_size,
+            "loss": "smooth_l1(log1p(value), beta 0.1)" if spec.aggregation == "agatston" or (a.loss == "log1p" and a.method == "localization") else a.loss, "sparsity_lambda": a.sparsity, "batch_size": a.batch_size,
             "sparsity_norm": a.sparsity_norm, "map_bias": a.map_bias, "positive_fraction": a.positive_fraction,
+            "value_weighted_sampling": a.value_weighted,
             "select": a.select, "chosen_epoch": chosen_epoch,
             "git_commit": git_commit(), "seconds": round(time.time() - t0, 1),
         },

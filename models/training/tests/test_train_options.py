@@ -26,6 +26,14 @@ class TestBalancedSampling:
         frac = np.mean([cases[i].value > 0 for i in draws])
         assert len(draws) == 2000 and 0.75 < frac < 0.85
 
+    def test_value_weighted(self):
+        cases = _cases([0.0] * 50 + [10.0] * 50)  # mean 5: weights 5 and 15 -> 25 % / 75 %
+        b = train.Batcher(cases, get("liver"), 4, "cpu", True, value_weighted=True)
+        rng = np.random.default_rng(0)
+        draws = np.concatenate([b.order(rng) for _ in range(40)])
+        frac = np.mean([cases[i].value > 0 for i in draws])
+        assert len(draws) == 4000 and 0.72 < frac < 0.78
+
     def test_all_positive_falls_back_to_permutation(self):
         b = train.Batcher(_cases([1, 2, 3]), get("liver"), 2, "cpu", True, positive_fraction=0.9)
         assert sorted(b.order(np.random.default_rng(0)).tolist()) == [0, 1, 2]
