@@ -40,18 +40,44 @@ def value_loss(pred: torch.Tensor, y: torch.Tensor, spec, kind: str = "l1") -> t
         return torch.nn.functional.smooth_l1_loss(torch.log1p(pred.clamp(min=0)), torch.log1p(y), beta=0.1)
     if kind == "smooth_l1":
         return torch.nn.functional.smooth_l1_loss(pred / spec.value_scale, y / spec.value_scale, beta=1.0)
+    if kind == "log1p":
+        # the agatston loss applied to an area (cm2): scale-free, each case weighted by its relative error
+        return torch.nn.functional.smooth_l1_loss(torch.log1p(pred.clamp(min=0)), torch.log1p(y), beta=0.1)
     return torch.mean(torch.abs(pred - y)) / spec.value_scale
 
 
 class Batcher:
     """Yields (x [N,1,H,W], w [N,1,H,W] or None, seg [N] case index within batch, y [B])."""
 
-    def __init__(self, cases, spec, batch_size: int, device, skip_empty_slices: bool):
+    def __init__(self, cases, spec, batch_size: int, device, skip_empty_slices: bool, positive_fraction: float = 0.0,
+                 value_weighted: bool = False):
         self.cases, self.spec, self.bs, self.device = cases, spec, batch_size, device
         self.skip = skip_empty_slices
+        self.positive_fraction = positive_fraction
+        self.value_weighted = value_weighted
+
+    def order(self, rng: np.random.Generator) -> np.ndarray:
+        """Case order for one epoch (len(cases) draws). positive_fraction > 0: class-balanced sampling, each
+        draw is a value > 0 case with that probability (with replacement), else a value == 0 case."""
+        n = len(self.cases)
+        if self.value_weighted:
+            # draw cases with probability proportional to value + mean value (with replacement): cases where the
+            # target is a larger share of the candidates come more often. A map that localizes is unbiased
+            # whatever the sampling, because the value is computed from the map, not regressed.
+            v = np.array([max(c.value, 0.0) for c in self.cases])
+            p = v + v.mean() if v.mean() > 0 else np.ones(n)
+            return rng.choice(n, n, p=p / p.sum())
+        if self.positive_fraction <= 0:
+            return rng.permutation(n)
+        pos = np.array([i for i, c in enumerate(self.cases) if c.value > 0])
+        neg = np.array([i for i, c in enumerate(self.cases) if c.value <= 0])
+        if pos.size == 0 or neg.size == 0:
+            return rng.permutation(n)
+        take_pos = rng.random(n) < self.positive_fraction
+        return np.where(take_pos, rng.choice(pos, n), rng.choice(neg, n))
 
     def epoch(self, rng: np.random.Generator):
-        order = rng.permutation(len(self.cases))
+        order = self.order(rng)
         for i in range(0, len(order), self.bs):
             idx = order[i:i + self.bs]
             xs, ws, seg = [], [], []
@@ -92,14 +118,15 @@ def direct_loss(z, y, spec, kind: str = "l1"):
     return torch.mean(torch.abs(z - y / spec.value_scale))
 
 
-def init_bias(net, method: str, spec, train) -> None:
-    """Localization: map bias 0 (map 0.5). Direct: output bias = mean normalised target."""
+def init_bias(net, method: str, spec, train, map_bias: float = 0.0) -> None:
+    """Localization: map head bias `map_bias` (0 -> map 0.5). Direct: output bias = mean normalised target."""
     y = np.array([c.value for c in train], dtype=np.float64)
     with torch.no_grad():
         if method == "localization":
-            # map starts at 0.5. A data-driven start (logit(mean truth / mean candidate value)) was tried and
-            # made pma/sfa plateau and the liver map collapse to a constant: the sigmoid's steep range matters.
-            net.head.bias.fill_(0.0)
+            # default: map starts at 0.5. A data-driven start (logit(mean truth / mean candidate value)) was tried
+            # on the old generator and made pma/sfa plateau and the liver map collapse: the sigmoid's steep range
+            # matters. --map-bias sets it explicitly (recorded in the card).
+            net.head.bias.fill_(float(map_bias))
         elif spec.aggregation == "agatston":
             net.fc.bias.fill_(float(np.log1p(y).mean()))
         else:
@@ -133,8 +160,19 @@ def main(argv=None):
     p.add_argument("--max-cases", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--loss", default="l1", choices=["l1", "smooth_l1"], help="value loss (area tasks)")
+    p.add_argument("--loss", default="l1", choices=["l1", "smooth_l1", "log1p"],
+                   help="value loss (area tasks); log1p = smooth-L1 (beta 0.1) on log1p(cm2), as for agatston")
     p.add_argument("--sparsity", type=float, default=1e-2, help="lambda of the L1 map penalty")
+    p.add_argument("--sparsity-norm", default="all", choices=["all", "value"],
+                   help="all: lambda * mean(map) over every pixel (default); value: lambda * sum(map * W) / "
+                        "value_scale, the L1 of the map inside candidates in the loss's units")
+    p.add_argument("--map-bias", type=float, default=0.0, help="initial bias of the map head (logit)")
+    p.add_argument("--positive-fraction", type=float, default=0.0,
+                   help="> 0: class-balanced sampling, this fraction of draws from value > 0 cases")
+    p.add_argument("--value-weighted", action="store_true",
+                   help="sample cases with probability proportional to value + mean value")
+    p.add_argument("--select", default="last", choices=["last", "best_val"],
+                   help="best_val: keep the epoch with the lowest validation MAE (validation split only)")
     p.add_argument("--widths", default="8,16,32", help="encoder widths, comma separated")
     p.add_argument("--size", type=int, default=0, help="override the model input size (square)")
     p.add_argument("--val-fraction", type=float, default=0.1)
@@ -164,10 +202,11 @@ def main(argv=None):
           f"(prepared in {time.time() - t0:.0f}s)", flush=True)
 
     net = nets.build(a.method, spec, widths).to(device)
-    init_bias(net, a.method, spec, train)
+    init_bias(net, a.method, spec, train, a.map_bias)
     opt = torch.optim.AdamW(net.parameters(), lr=a.lr, weight_decay=1e-4)
     bs = max(1, a.batch_size // 8) if spec.slices == "all" else a.batch_size
-    batcher = Batcher(train, spec, bs, device, skip_empty_slices=True)
+    batcher = Batcher(train, spec, bs, device, skip_empty_slices=True, positive_fraction=a.positive_fraction,
+                      value_weighted=a.value_weighted)
     steps_per_epoch = (len(train) + bs - 1) // bs
     total = a.epochs * steps_per_epoch
     if a.max_steps:
@@ -175,6 +214,7 @@ def main(argv=None):
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=a.lr, total_steps=max(total, 1), pct_start=0.15)
     rng = np.random.default_rng(a.seed)
     step = 0
+    best = None  # (val mae, epoch, state) with --select best_val
     net.train()
     for ep in range(a.epochs):
         losses = []
@@ -183,7 +223,7 @@ def main(argv=None):
                 break
             if a.method == "localization":
                 pred, m = forward_values(net, a.method, spec, x, w, seg, len(y))
-                loss = value_loss(pred, y, spec, a.loss) + a.sparsity * m.mean()
+                loss = value_loss(pred, y, spec, a.loss) + a.sparsity * sparsity_term(m, w, spec, a.sparsity_norm, len(y))
             else:
                 z, _ = forward_values(net, a.method, spec, x, w, seg, len(y))
                 loss = direct_loss(z, y, spec, a.loss)
@@ -193,11 +233,23 @@ def main(argv=None):
             sched.step()
             step += 1
             losses.append(loss.item())
-        print(f"[train] epoch {ep + 1}/{a.epochs} step {step} loss {np.mean(losses) if losses else float('nan'):.4f} "
-              f"({time.time() - t0:.0f}s)", flush=True)
+        msg = f"[train] epoch {ep + 1}/{a.epochs} step {step} loss {np.mean(losses) if losses else float('nan'):.4f}"
+        if a.select == "best_val" and val:
+            net.eval()
+            vm = quick_val(net, a.method, spec, val, device)
+            net.train()
+            msg += f" val r {vm['r']} mae {vm['mae']}"
+            if best is None or vm["mae"] < best[0]:
+                best = (vm["mae"], ep + 1, {k: v.detach().clone() for k, v in net.state_dict().items()})
+        print(msg + f" ({time.time() - t0:.0f}s)", flush=True)
         if step >= total:
             break
 
+    chosen_epoch = ep + 1
+    if best is not None:
+        net.load_state_dict(best[2])
+        chosen_epoch = best[1]
+        print(f"[train] kept epoch {chosen_epoch} (lowest validation MAE {best[0]})", flush=True)
     net.eval().cpu()
     val_metrics = quick_val(net, a.method, spec, val)
     print(f"[train] val: {json.dumps(val_metrics)}", flush=True)
@@ -212,7 +264,10 @@ def main(argv=None):
             "data": a.data_note or str(a.csv),
             "seed": a.seed, "epochs": a.epochs, "steps": step, "train_cases": len(train),
             "val_cases": len(val), "lr": a.lr,
-            "loss": "smooth_l1(log1p(value), beta 0.1)" if spec.aggregation == "agatston" else a.loss, "sparsity_lambda": a.sparsity, "batch_size": a.batch_size,
+            "loss": "smooth_l1(log1p(value), beta 0.1)" if spec.aggregation == "agatston" or (a.loss == "log1p" and a.method == "localization") else a.loss, "sparsity_lambda": a.sparsity, "batch_size": a.batch_size,
+            "sparsity_norm": a.sparsity_norm, "map_bias": a.map_bias, "positive_fraction": a.positive_fraction,
+            "value_weighted_sampling": a.value_weighted,
+            "select": a.select, "chosen_epoch": chosen_epoch,
             "git_commit": git_commit(), "seconds": round(time.time() - t0, 1),
         },
         val_metrics=val_metrics, version=a.version)
@@ -220,15 +275,26 @@ def main(argv=None):
     return net
 
 
+def sparsity_term(m, w, spec, norm: str, n: int):
+    """L1 penalty on the (non-negative) map. all: mean over every pixel of the batch. value: the map's L1
+    inside the candidates weighted like the value, sum(map * W) / value_scale per case (for agatston the
+    log1p scale has no value_scale, so it is divided by 100 there)."""
+    if norm == "all":
+        return m.mean()
+    return (m * w).sum() / (spec.value_scale * n)
+
+
 @torch.no_grad()
-def quick_val(net, method, spec, val):
+def quick_val(net, method, spec, val, device=None):
     if not val:
         return {}
     preds = []
     for c in val:
         x = torch.from_numpy(c.x[:, None]).float()
+        if device is not None:
+            x = x.to(device)
         if method == "localization":
-            m = net(x).double().numpy()[:, 0]
+            m = net(x).double().cpu().numpy()[:, 0]
             preds.append(float((m * c.w).sum()))
         else:
             preds.append(float(net(x).reshape(-1)[0]))
