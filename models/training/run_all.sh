@@ -12,6 +12,9 @@ OUT=${OUT:-models}
 DEVICE=${DEVICE:-cpu}
 export PYTHONPATH="$(pwd)/models/training${PYTHONPATH:+:$PYTHONPATH}"
 TASKS=${TASKS:-"pma sfa liver cac"}
+# 0.1.0: trained on the generator at ffb176d; 0.2.0: retrained on the current generator (4-level U-Net).
+# The version is part of a job's identity and of the SR's algorithm version, so a retrained model must change it.
+VERSION=${VERSION:-0.2.0}
 
 # training seed 1 (cac: seeds 1 and 2), held-out seed 901 (never used for training or tuning).
 # The held-out CAC set is the first 36 volumes of seed 901. For the shipped models the held-out set is
@@ -68,7 +71,7 @@ train() {
       # shellcheck disable=SC2086
       nice -n 19 python -m biomarker_training.train --task "$t" --csv "$DATA/train/$t/labels.csv" --method "$m" \
         --device "$DEVICE" --seed 1 --epochs "$e" --size "${SIZE[$t]}" --batch-size 8 --loss "$loss" \
-        --widths "$WIDTHS" --select best_val $extra --threads "${THREADS:-1}" --out "$OUT/" \
+        --widths "$WIDTHS" --select best_val $extra --version "$VERSION" --threads "${THREADS:-1}" --out "$OUT/" \
         --data-note "$(note "$t")" \
         2>&1 | grep --line-buffered -v -i warning | tee "$DATA/train-$t-$m.log"
     done
