@@ -624,16 +624,19 @@ fn spawn_with(fx: &Fixture, dest: Destination) -> (OutboxHandle, tokio::task::Jo
     .unwrap()
 }
 
+/// A throwaway PKI (openssl) and DCMTK's storescp; None, with a note, without them.
+fn tls_prereqs() -> Option<(tempfile::TempDir, crate::tls::testpki::Pki)> {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(pki) = crate::tls::testpki::make(dir.path()) else {
+        have("openssl", false);
+        return None;
+    };
+    have_storescp().then_some((dir, pki))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delivers_over_tls_with_a_client_certificate() {
-    let pki_dir = tempfile::tempdir().unwrap();
-    let Some(pki) = crate::tls::testpki::make(pki_dir.path()) else {
-        have("openssl", false);
-        return;
-    };
-    if !have_storescp() {
-        return;
-    }
+    let Some((_pki_dir, pki)) = tls_prereqs() else { return };
     let fx = Fixture::new();
     let port = free_port();
     let _scp = tls_storescp(port, &fx.received(), &pki);
@@ -648,14 +651,7 @@ async fn delivers_over_tls_with_a_client_certificate() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plain_destination_on_a_tls_port_is_a_transient_failure() {
-    let pki_dir = tempfile::tempdir().unwrap();
-    let Some(pki) = crate::tls::testpki::make(pki_dir.path()) else {
-        have("openssl", false);
-        return;
-    };
-    if !have_storescp() {
-        return;
-    }
+    let Some((_pki_dir, pki)) = tls_prereqs() else { return };
     let fx = Fixture::new();
     let port = free_port();
     let _scp = tls_storescp(port, &fx.received(), &pki);
