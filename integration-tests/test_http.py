@@ -102,6 +102,15 @@ def test_metrics_are_prometheus_text(tmp_path, nodes):
     assert r.returncode != 0
     text = node.http("/metrics")[2].decode()
     assert metric(text, "biomarker_node_associations_total", outcome="rejected") == 1
+    # a connection holds an association slot until it goes away
+    assert metric(text, "biomarker_node_association_limit") == 16
+    assert metric(text, "biomarker_node_connections_open") == 0
+    import socket
+    with socket.create_connection(("127.0.0.1", node.port)):
+        wait_for(lambda: metric(node.http("/metrics")[2].decode(), "biomarker_node_connections_open") == 1,
+                 10, "one open connection counted")
+    wait_for(lambda: metric(node.http("/metrics")[2].decode(), "biomarker_node_connections_open") == 0,
+             15, "the slot freed after the peer left")
 
 
 def test_result_timeline_dead_letter_retry_and_overlay(tmp_path, nodes, orthancs, pma_phantom):

@@ -144,6 +144,8 @@ async fn run(cfg: Config, table: RouteTable, config_path: std::path::PathBuf) ->
         tracing::warn!("node.allowed_callers is empty: any calling AE may store to this node");
     }
     let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // One gate for both ports: the association limit is the node's, not a port's.
+    let gate = Gate::new(cfg.node.max_associations);
     let http_task = if cfg.http.enabled {
         let state = Arc::new(crate::http::AppState {
             token: cfg.http.effective_token(),
@@ -160,6 +162,7 @@ async fn run(cfg: Config, table: RouteTable, config_path: std::path::PathBuf) ->
             model_config: cfg.models.clone(),
             work: work.clone(),
             ready: ready.clone(),
+            gate: gate.clone(),
             started: std::time::SystemTime::now(),
         });
         let (addr, task) = crate::http::bind(cfg.http.listen, state, shutdown.clone()).await?;
@@ -173,8 +176,6 @@ async fn run(cfg: Config, table: RouteTable, config_path: std::path::PathBuf) ->
         spool,
         tracker,
     });
-    // One gate for both ports: the association limit is the node's, not a port's.
-    let gate = Gate::new(cfg.node.max_associations);
     let mut listeners = Vec::new();
     if cfg.node.tls.as_ref().is_none_or(|t| t.plain) {
         let addr = std::net::SocketAddr::new(cfg.node.bind, cfg.node.port);

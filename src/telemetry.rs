@@ -72,6 +72,8 @@ pub struct Metrics {
     pub tls_handshakes_failed: Counter,
     pub config_reloads: Family<OutcomeLabel, Counter>,
     pub free_disk_bytes: Gauge,
+    pub connections_open: Gauge,
+    pub association_limit: Gauge,
 }
 
 fn latency_histogram() -> Histogram {
@@ -97,6 +99,8 @@ impl Metrics {
             tls_handshakes_failed: Counter::default(),
             config_reloads: Family::default(),
             free_disk_bytes: Gauge::default(),
+            connections_open: Gauge::default(),
+            association_limit: Gauge::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -118,6 +122,12 @@ impl Metrics {
         r.register("tls_handshakes_failed", "Connections to the TLS port that never became a TLS session", m.tls_handshakes_failed.clone());
         r.register("config_reloads", "Config reloads by outcome (ok, refused)", m.config_reloads.clone());
         r.register("data_dir_free_bytes", "Free bytes on the data_dir file system", m.free_disk_bytes.clone());
+        r.register(
+            "connections_open",
+            "DICOM connections holding an association slot (both ports); at association_limit new ones are rejected",
+            m.connections_open.clone(),
+        );
+        r.register("association_limit", "node.max_associations", m.association_limit.clone());
         Metrics { registry, ..m }
     }
 

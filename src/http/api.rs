@@ -130,6 +130,8 @@ pub async fn metrics(State(st): State<Shared>) -> Result<Response, ApiError> {
     if let Some(f) = c.free_disk_bytes {
         m.free_disk_bytes.set(f.min(i64::MAX as u64) as i64);
     }
+    m.connections_open.set(st.gate.in_use() as i64);
+    m.association_limit.set(st.gate.limit() as i64);
     Ok((
         [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
         m.encode(),
@@ -152,6 +154,8 @@ pub async fn status(State(st): State<Shared>) -> Result<Json<Value>, ApiError> {
         "jobs": c.jobs,
         "outbox": c.outbox,
         "free_disk_bytes": c.free_disk_bytes,
+        "dicom_connections": st.gate.in_use(),
+        "association_limit": st.gate.limit(),
     })))
 }
 

@@ -55,6 +55,8 @@ pub struct AppState {
     pub work: Arc<tokio::sync::Notify>,
     /// Set once the DICOM listener is bound: readiness means "can receive".
     pub ready: Arc<AtomicBool>,
+    /// The DICOM association limit, to report slots in use.
+    pub gate: Arc<crate::ingest::Gate>,
     pub started: SystemTime,
 }
 

@@ -74,9 +74,20 @@ pub struct Gate {
     /// connections cannot spawn unbounded tasks.
     reject_slots: Arc<Semaphore>,
     next_id: AtomicU64,
+    max: usize,
 }
 
 impl Gate {
+    /// Connections holding an association slot now (both ports), for
+    /// monitoring: a node stuck at its limit rejects new associations.
+    pub fn in_use(&self) -> usize {
+        self.max.saturating_sub(self.limit.available_permits())
+    }
+
+    pub fn limit(&self) -> usize {
+        self.max
+    }
+
     pub fn new(max_associations: usize) -> Arc<Gate> {
         // Association ids only need to be unique within one process's logs
         // and the index; seeding from the clock keeps them apart across restarts.
@@ -88,6 +99,7 @@ impl Gate {
             limit: Arc::new(Semaphore::new(max_associations)),
             reject_slots: Arc::new(Semaphore::new(64)),
             next_id: AtomicU64::new(seed),
+            max: max_associations,
         })
     }
 }
