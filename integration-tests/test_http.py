@@ -246,3 +246,28 @@ def test_http_can_be_turned_off(tmp_path, nodes):
     except OSError:
         pass
     assert status is None, "nothing should listen on the HTTP port"
+
+
+def test_send_now_skips_the_backoff(tmp_path, nodes, orthancs, pma_phantom):
+    """The PACS was down and the items wait out a long backoff; once it is
+    back, the administrator's retry sends them at once instead."""
+    dicom_port = __import__("nodeharness").free_port()
+    slow = dict(FAST_OUTBOX, retry_base_s=600.0, retry_cap_s=600.0)
+    over = node_overrides(dicom_port, routes_named("pma-single-slice"), outbox=slow)
+    node = nodes(over)
+    assert storescu(node, [pma_phantom / "CT0001.dcm"]).returncode == 0
+    waiting = wait_for(lambda: (lambda it: it if it and all(i["state"] == "pending" and i["attempts"] >= 1
+                                                           for i in it) else None)(node.http_json("/api/outbox")),
+                       30, "items pending after a failed attempt", diag=lambda: node.log_tail(30))
+    o = orthancs(dicom_port=dicom_port).start()
+    time.sleep(1.0)
+    assert all(i["state"] == "pending" for i in node.http_json("/api/outbox")), "the backoff is 600 s"
+    for i in waiting:
+        after = node.http_json(f"/api/outbox/{i['id']}/retry", "POST")
+        assert after["attempts"] >= 1, after  # attempts kept: the dead-letter limit still counts them
+    wait_for(lambda: all(i["state"] == "delivered" for i in node.http_json("/api/outbox")), 20,
+             "delivered right after the retry", diag=lambda: node.log_tail(30))
+    assert len(o.find_instances(Modality="SR")) == 1
+    status, _, body = node.http(f"/api/outbox/{waiting[0]['id']}/retry", "POST")
+    assert status == 409 and b"delivered" in body
+

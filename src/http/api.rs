@@ -348,9 +348,10 @@ async fn outbox_op(st: Shared, id: i64, op: &'static str) -> Result<Json<Value>,
         }
         .map_err(internal)?;
         if !ok {
+            let allowed = if op == "retry" { "a dead letter or a pending item" } else { "a dead letter" };
             return Err(ApiError(
                 StatusCode::CONFLICT,
-                format!("outbox item {id} is {}, only a dead letter can be {op}ed", item.state.as_str()),
+                format!("outbox item {id} is {}, only {allowed} can be {op}ed", item.state.as_str()),
             ));
         }
         st.outbox.get(id).map_err(internal)?.ok_or_else(|| not_found("outbox item", id))

@@ -291,8 +291,8 @@ impl OutboxHandle {
         self.store.get(id)
     }
 
-    /// Dead letter → pending with a full set of attempts. False if `id` is
-    /// not a dead letter.
+    /// Send again now: a dead letter with a full set of attempts, or a
+    /// pending item without waiting out its backoff. False otherwise.
     pub fn retry(&self, id: i64) -> Result<bool, OutboxError> {
         let ok = self.store.retry(id, SystemTime::now())?;
         if ok {

@@ -177,7 +177,10 @@ pub trait OutboxStore: Send + Sync + 'static {
     fn requeue_interrupted(&self, now: SystemTime) -> Result<usize, OutboxError>;
     fn list(&self) -> Result<Vec<OutboxItem>, OutboxError>;
     fn get(&self, id: i64) -> Result<Option<OutboxItem>, OutboxError>;
-    /// dead → pending, due now, attempts reset. False if `id` is not dead.
+    /// Send again now: a dead letter goes back to pending with its attempts
+    /// reset; a pending item waiting out its backoff becomes due now (its
+    /// attempts kept, so the dead-letter limit still holds). False for any
+    /// other state (sending, delivered, dismissed).
     fn retry(&self, id: i64, now: SystemTime) -> Result<bool, OutboxError>;
     /// dead → dismissed. False if `id` is not dead.
     fn dismiss(&self, id: i64) -> Result<bool, OutboxError>;
@@ -431,8 +434,9 @@ impl OutboxStore for SqliteOutboxStore {
 
     fn retry(&self, id: i64, now: SystemTime) -> Result<bool, OutboxError> {
         self.transition(
-            "UPDATE outbox SET state = 'pending', attempts = 0, next_attempt_at = ?2
-             WHERE id = ?1 AND state = 'dead'",
+            "UPDATE outbox SET attempts = CASE state WHEN 'dead' THEN 0 ELSE attempts END,
+                               state = 'pending', next_attempt_at = ?2
+             WHERE id = ?1 AND state IN ('dead', 'pending')",
             params![id, to_ms(now)],
         )
     }
@@ -533,12 +537,14 @@ mod tests {
             (dead.state, dead.last_error.as_deref()),
             (ItemState::Dead, Some("status 0xA900"))
         );
-        // Only dead items can be retried or dismissed.
+        // Only dead items can be dismissed; dead and pending ones retried.
         assert!(!s.dismiss(id + 1).unwrap());
         assert!(s.retry(id, t(5)).unwrap());
-        assert!(!s.retry(id, t(5)).unwrap());
-        let c = s.claim_due(t(5), &[], 10).unwrap();
+        assert!(s.retry(id, t(4)).unwrap(), "a pending item can be made due now");
+        assert_eq!(s.get(id).unwrap().unwrap().attempts, 0);
+        let c = s.claim_due(t(4), &[], 10).unwrap();
         assert_eq!(c[0].attempts, 1, "retry gives a full set of attempts");
+        assert!(!s.retry(id, t(5)).unwrap(), "not while it is being sent");
         s.mark_dead(id, "again").unwrap();
         assert!(s.dismiss(id).unwrap());
         assert_eq!(s.get(id).unwrap().unwrap().state, ItemState::Dismissed);

@@ -134,6 +134,7 @@ async function refresh() {
       cell(tr, t.delivery, "state-" + t.delivery);
     });
     fill("#outbox-table", outbox, (tr, i) => {
+      tr.dataset.item = i.id;
       cell(tr, i.id);
       cell(tr, i.destination);
       cell(tr, i.sop_instance_uid, "uid");
@@ -141,6 +142,16 @@ async function refresh() {
       cell(tr, i.attempts);
       cell(tr, i.delivered_at);
       cell(tr, i.last_error, "err");
+      const td = cell(tr, "");
+      // A pending item that failed waits out its backoff; once the PACS is
+      // back an administrator can send it now.
+      if (i.state === "pending" && i.last_error) {
+        const b = document.createElement("button");
+        b.textContent = "Send now";
+        b.className = "retry";
+        b.onclick = () => outboxOp(i.id, "retry");
+        td.appendChild(b);
+      }
     });
     fill("#dead-table", outbox.filter((i) => i.state === "dead"), (tr, i) => {
       tr.dataset.item = i.id;
