@@ -61,6 +61,10 @@ pub trait JobStore: Send + Sync + 'static {
     fn list(&self) -> Result<Vec<Job>, JobError>;
     fn for_series(&self, series_instance_uid: &str) -> Result<Vec<Job>, JobError>;
     fn get(&self, id: i64) -> Result<Option<Job>, JobError>;
+    /// The newest `limit` jobs, newest first.
+    fn recent(&self, limit: usize) -> Result<Vec<Job>, JobError>;
+    /// How many jobs are in each state.
+    fn count_by_state(&self) -> Result<Vec<(String, i64)>, JobError>;
     /// Run a finished (done or failed) job again, same key: false when `id`
     /// is not finished.
     fn retrigger(&self, id: i64) -> Result<bool, JobError>;
@@ -220,6 +224,19 @@ impl JobStore for SqliteJobStore {
         row.map(with_result).transpose()
     }
 
+    fn recent(&self, limit: usize) -> Result<Vec<Job>, JobError> {
+        let c = self.conn();
+        let mut st = c.prepare(&format!("SELECT {COLS} FROM jobs ORDER BY id DESC LIMIT ?1"))?;
+        let rows = st
+            .query_map(params![limit.min(i64::MAX as usize) as i64], row_to_job)?
+            .collect::<Result<Vec<_>, _>>()?;
+        rows.into_iter().map(with_result).collect()
+    }
+
+    fn count_by_state(&self) -> Result<Vec<(String, i64)>, JobError> {
+        crate::sqlite::count_by_state(&self.conn(), "jobs").map_err(JobError::from)
+    }
+
     fn retrigger(&self, id: i64) -> Result<bool, JobError> {
         let n = self.conn().execute(
             "UPDATE jobs SET state = 'pending', error = NULL WHERE id = ?1 AND state IN ('done', 'failed')",
@@ -278,6 +295,9 @@ mod tests {
         assert!(s.enqueue(&key(1)).unwrap().is_none());
         assert!(s.enqueue(&key(2)).unwrap().is_some());
         assert_eq!(s.list().unwrap().len(), 2);
+        assert_eq!(s.count_by_state().unwrap(), vec![("pending".to_owned(), 2)]);
+        let newest: Vec<u32> = s.recent(1).unwrap().iter().map(|j| j.key.generation).collect();
+        assert_eq!(newest, vec![2]);
     }
 
     #[test]

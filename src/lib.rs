@@ -29,6 +29,7 @@ pub mod report;
 pub mod routing;
 pub mod series;
 pub mod spool;
+mod sqlite;
 pub mod tls;
 pub mod volume;
 

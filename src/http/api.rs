@@ -92,22 +92,11 @@ struct StoredCounts {
 }
 
 fn stored_counts(st: &Shared) -> Result<StoredCounts, ApiError> {
-    let mut series = BTreeMap::new();
-    for s in list_series(st)? {
-        *series.entry(s.state).or_insert(0) += 1;
-    }
-    let mut jobs = BTreeMap::new();
-    for j in st.jobs.list().map_err(internal)? {
-        *jobs.entry(j.state).or_insert(0) += 1;
-    }
-    let mut outbox = BTreeMap::new();
-    for i in st.outbox.list().map_err(internal)? {
-        *outbox.entry(i.state.as_str().to_owned()).or_insert(0) += 1;
-    }
+    let index = SeriesIndex::open_readonly(&st.index_path).map_err(internal)?;
     Ok(StoredCounts {
-        series,
-        jobs,
-        outbox,
+        series: index.count_by_state().map_err(internal)?.into_iter().collect(),
+        jobs: st.jobs.count_by_state().map_err(internal)?.into_iter().collect(),
+        outbox: st.outbox.count_by_state().map_err(internal)?.into_iter().collect(),
         free_disk_bytes: crate::spool::free_bytes(&st.data_dir).ok(),
     })
 }
@@ -285,10 +274,8 @@ fn job_views(st: &Shared, jobs: Vec<Job>) -> Result<Vec<JobView>, ApiError> {
 /// Newest first.
 pub async fn jobs(State(st): State<Shared>, Query(q): Query<Limit>) -> Result<Json<Vec<JobView>>, ApiError> {
     let views = blocking(move || {
-        let mut all = st.jobs.list().map_err(internal)?;
-        all.reverse();
-        all.truncate(q.limit.unwrap_or(DEFAULT_LIMIT));
-        job_views(&st, all)
+        let recent = st.jobs.recent(q.limit.unwrap_or(DEFAULT_LIMIT)).map_err(internal)?;
+        job_views(&st, recent)
     })
     .await?;
     Ok(Json(views))

@@ -291,6 +291,10 @@ impl OutboxHandle {
         self.store.get(id)
     }
 
+    pub fn count_by_state(&self) -> Result<Vec<(String, i64)>, OutboxError> {
+        self.store.count_by_state()
+    }
+
     /// Send again now: a dead letter with a full set of attempts, or a
     /// pending item without waiting out its backoff. False otherwise.
     pub fn retry(&self, id: i64) -> Result<bool, OutboxError> {

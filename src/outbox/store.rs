@@ -177,6 +177,8 @@ pub trait OutboxStore: Send + Sync + 'static {
     fn requeue_interrupted(&self, now: SystemTime) -> Result<usize, OutboxError>;
     fn list(&self) -> Result<Vec<OutboxItem>, OutboxError>;
     fn get(&self, id: i64) -> Result<Option<OutboxItem>, OutboxError>;
+    /// How many items are in each state.
+    fn count_by_state(&self) -> Result<Vec<(String, i64)>, OutboxError>;
     /// Send again now: a dead letter goes back to pending with its attempts
     /// reset; a pending item waiting out its backoff becomes due now (its
     /// attempts kept, so the dead-letter limit still holds). False for any
@@ -426,6 +428,10 @@ impl OutboxStore for SqliteOutboxStore {
 
     fn list(&self) -> Result<Vec<OutboxItem>, OutboxError> {
         select(&self.conn(), "1 = 1 ORDER BY id", [])
+    }
+
+    fn count_by_state(&self) -> Result<Vec<(String, i64)>, OutboxError> {
+        Ok(crate::sqlite::count_by_state(&self.conn(), "outbox")?)
     }
 
     fn get(&self, id: i64) -> Result<Option<OutboxItem>, OutboxError> {

@@ -264,6 +264,11 @@ impl SeriesIndex {
     }
 
     /// Every series, most recently active first.
+    /// How many series are in each state.
+    pub fn count_by_state(&self) -> Result<Vec<(String, i64)>, SeriesError> {
+        Ok(crate::sqlite::count_by_state(&self.conn, "series")?)
+    }
+
     pub fn list_series(&self) -> Result<Vec<SeriesSummary>, SeriesError> {
         let mut stmt = self.conn.prepare(
             "SELECT s.series_instance_uid, s.study_instance_uid, s.modality, s.state,
