@@ -93,7 +93,7 @@ def parity_check(net, method: str, sess, cases, n: int = 4, spec=None) -> list[d
 
 
 def card_dict(spec: TaskSpec, method: str, onnx_file: str, digest: str, widths, training: dict,
-              metrics: dict, version: str) -> dict:
+              metrics: dict, version: str, contrast=()) -> dict:
     agg = {
         "kind": spec.aggregation if method == "localization" else "direct",
         "unit_scale": spec.unit_scale,
@@ -130,7 +130,12 @@ def card_dict(spec: TaskSpec, method: str, onnx_file: str, digest: str, widths, 
         "opset": OPSET,
         "architecture": {"kind": "unet2d" if method == "localization" else "encoder_gap_linear",
                          "widths": list(widths),
-                         "coord_channels": "2 constant channels (y, x) linspace(-1,1) appended inside the graph"},
+                         "coord_channels": "2 constant channels (y, x) linspace(-1,1) appended inside the graph",
+                         **({"contrast_channels": {
+                             "box_sizes": list(contrast),
+                             "formula": "4 * (x - mean of x over a k x k box, padding not counted), per box size k, "
+                                        "appended inside the graph after the coordinate channels"}}
+                            if contrast else {})},
         "input": {
             "layout": "NCHW", "size": list(spec.size), "dtype": "float32",
             "input_name": "input", "output_name": "map" if method == "localization" else "value",
@@ -160,7 +165,7 @@ def card_dict(spec: TaskSpec, method: str, onnx_file: str, digest: str, widths, 
 
 
 def export_and_card(net, method: str, spec: TaskSpec, out, val_cases, widths, training: dict,
-                    val_metrics: dict, version: str):
+                    val_metrics: dict, version: str, contrast=()):
     d = model_dir(out, method)
     d.mkdir(parents=True, exist_ok=True)
     onnx_path = d / onnx_name(spec.name, method)
@@ -175,7 +180,8 @@ def export_and_card(net, method: str, spec: TaskSpec, out, val_cases, widths, tr
     if card_path.exists():  # keep held-out metrics from a previous evaluate if present
         old = yaml.safe_load(card_path.read_text()) or {}
         metrics["heldout"] = None if old.get("sha256") != sha256(onnx_path) else old.get("metrics", {}).get("heldout")
-    card = card_dict(spec, method, onnx_path.name, sha256(onnx_path), widths, training, metrics, version)
+    card = card_dict(spec, method, onnx_path.name, sha256(onnx_path), widths, training, metrics, version,
+                     contrast)
     write_card(card_path, card)
     return onnx_path, card_path
 

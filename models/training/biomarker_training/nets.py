@@ -7,6 +7,7 @@ sigmoid map (localization) vs. global average pooling + linear (direct), as in C
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -20,23 +21,36 @@ def _block(cin: int, cout: int) -> nn.Sequential:
 class Encoder(nn.Module):
     """Conv blocks with max-pooling; with `size` set, two constant coordinate channels (y, x in [-1,1])
     are appended to the 1-channel input inside the graph, so the ONNX input stays [N,1,H,W] and the
-    net knows where it is (pectoralis is anterior, the liver on the patient's right)."""
+    net knows where it is (pectoralis is anterior, the liver on the patient's right).
 
-    def __init__(self, widths=(8, 16, 32, 64), size=None):
+    `contrast` (box sizes, e.g. (9, 21)) appends local-contrast channels 4 * (x - box_mean_k(x)), also inside
+    the graph (AveragePool, padding not counted). A liver tumour differs from the parenchyma around it by
+    25-70 HU while the parenchyma itself ranges 50-120 HU with the contrast phase; without these channels no
+    liver model left the constant map (EVALUATION_NOTES.md), with them the same loss learns to localise."""
+
+    def __init__(self, widths=(8, 16, 32, 64), size=None, contrast=()):
         super().__init__()
         self.widths = tuple(widths)
+        self.contrast = tuple(int(k) for k in contrast)
+        if any(k % 2 == 0 for k in self.contrast):
+            raise ValueError("contrast box sizes must be odd")
         if size is not None:
             yy, xx = torch.meshgrid(torch.linspace(-1, 1, size[0]), torch.linspace(-1, 1, size[1]), indexing="ij")
             self.register_buffer("coords", torch.stack([yy, xx])[None], persistent=True)
         else:
             self.coords = None
-        chans = (1 if size is None else 3,) + self.widths
+        chans = ((1 if size is None else 3) + len(self.contrast),) + self.widths
         self.blocks = nn.ModuleList(_block(chans[i], chans[i + 1]) for i in range(len(self.widths)))
         self.pool = nn.MaxPool2d(2)
 
     def forward(self, x):
+        parts = [x]
         if self.coords is not None:
-            x = torch.cat([x, self.coords.expand(x.shape[0], -1, -1, -1)], 1)
+            parts.append(self.coords.expand(x.shape[0], -1, -1, -1))
+        for k in self.contrast:
+            parts.append(4.0 * (x - F.avg_pool2d(x, k, 1, k // 2, count_include_pad=False)))
+        if len(parts) > 1:
+            x = torch.cat(parts, 1)
         skips = []
         for i, b in enumerate(self.blocks):
             if i > 0:
@@ -49,9 +63,9 @@ class Encoder(nn.Module):
 class UNet(nn.Module):
     """[N,1,H,W] (H, W divisible by 2**(levels-1)) -> sigmoid map [N,1,H,W]."""
 
-    def __init__(self, widths=(8, 16, 32, 64), size=None):
+    def __init__(self, widths=(8, 16, 32, 64), size=None, contrast=()):
         super().__init__()
-        self.encoder = Encoder(widths, size)
+        self.encoder = Encoder(widths, size, contrast)
         w = self.encoder.widths
         self.ups = nn.ModuleList(nn.ConvTranspose2d(w[i + 1], w[i], 2, stride=2)
                                  for i in reversed(range(len(w) - 1)))
@@ -75,9 +89,9 @@ class Direct(nn.Module):
     """
 
     def __init__(self, widths=(8, 16, 32, 64), kind: str = "area", value_scale: float = 1.0,
-                 per_volume: bool = False, size=None):
+                 per_volume: bool = False, size=None, contrast=()):
         super().__init__()
-        self.encoder = Encoder(widths, size)
+        self.encoder = Encoder(widths, size, contrast)
         self.fc = nn.Linear(self.encoder.widths[-1], 1)
         self.kind = kind
         self.value_scale = float(value_scale)
@@ -97,9 +111,11 @@ class Direct(nn.Module):
         return z * self.value_scale
 
 
-def build(method: str, spec, widths=(8, 16, 32, 64)) -> nn.Module:
+def build(method: str, spec, widths=(8, 16, 32, 64), contrast=()) -> nn.Module:
+    """`contrast`: local-contrast box sizes, given to both methods so they keep one encoder."""
     if method == "localization":
-        return UNet(widths, spec.size)
+        return UNet(widths, spec.size, contrast)
     if method == "direct":
-        return Direct(widths, spec.aggregation, spec.value_scale, per_volume=spec.slices == "all", size=spec.size)
+        return Direct(widths, spec.aggregation, spec.value_scale, per_volume=spec.slices == "all", size=spec.size,
+                      contrast=contrast)
     raise ValueError(f"unknown method {method!r}")

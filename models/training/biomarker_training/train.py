@@ -40,6 +40,9 @@ def value_loss(pred: torch.Tensor, y: torch.Tensor, spec, kind: str = "l1") -> t
         return torch.nn.functional.smooth_l1_loss(torch.log1p(pred.clamp(min=0)), torch.log1p(y), beta=0.1)
     if kind == "smooth_l1":
         return torch.nn.functional.smooth_l1_loss(pred / spec.value_scale, y / spec.value_scale, beta=1.0)
+    if kind == "mse":
+        # squared error: the largest misses (big tumours, the visible ones) lead early training
+        return torch.mean(((pred - y) / spec.value_scale) ** 2)
     if kind == "log1p":
         # the agatston loss applied to an area (cm2): scale-free, each case weighted by its relative error
         return torch.nn.functional.smooth_l1_loss(torch.log1p(pred.clamp(min=0)), torch.log1p(y), beta=0.1)
@@ -115,6 +118,8 @@ def direct_loss(z, y, spec, kind: str = "l1"):
         return torch.nn.functional.smooth_l1_loss(z, torch.log1p(y), beta=0.1)
     if kind == "smooth_l1":
         return torch.nn.functional.smooth_l1_loss(z, y / spec.value_scale, beta=1.0)
+    if kind == "mse":
+        return torch.mean((z - y / spec.value_scale) ** 2)
     return torch.mean(torch.abs(z - y / spec.value_scale))
 
 
@@ -160,7 +165,7 @@ def main(argv=None):
     p.add_argument("--max-cases", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--loss", default="l1", choices=["l1", "smooth_l1", "log1p"],
+    p.add_argument("--loss", default="l1", choices=["l1", "smooth_l1", "mse", "log1p"],
                    help="value loss (area tasks); log1p = smooth-L1 (beta 0.1) on log1p(cm2), as for agatston")
     p.add_argument("--sparsity", type=float, default=1e-2, help="lambda of the L1 map penalty")
     p.add_argument("--sparsity-norm", default="all", choices=["all", "value"],
@@ -174,6 +179,8 @@ def main(argv=None):
     p.add_argument("--select", default="last", choices=["last", "best_val"],
                    help="best_val: keep the epoch with the lowest validation MAE (validation split only)")
     p.add_argument("--widths", default="8,16,32", help="encoder widths, comma separated")
+    p.add_argument("--contrast", default="",
+                   help="local-contrast input channels: odd box sizes, comma separated (e.g. 9,21); both methods")
     p.add_argument("--size", type=int, default=0, help="override the model input size (square)")
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--threads", type=int, default=2)
@@ -192,6 +199,7 @@ def main(argv=None):
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda requested but CUDA is not available")
     widths = tuple(int(v) for v in a.widths.split(","))
+    contrast = tuple(int(v) for v in a.contrast.split(",") if v.strip())
 
     t0 = time.time()
     cases = D.load_cases(a.csv, spec, a.cache_dir)
@@ -201,7 +209,7 @@ def main(argv=None):
     print(f"[train] {a.task}/{a.method}: {len(train)} train, {len(val)} val cases "
           f"(prepared in {time.time() - t0:.0f}s)", flush=True)
 
-    net = nets.build(a.method, spec, widths).to(device)
+    net = nets.build(a.method, spec, widths, contrast).to(device)
     init_bias(net, a.method, spec, train, a.map_bias)
     opt = torch.optim.AdamW(net.parameters(), lr=a.lr, weight_decay=1e-4)
     bs = max(1, a.batch_size // 8) if spec.slices == "all" else a.batch_size
@@ -270,7 +278,7 @@ def main(argv=None):
             "select": a.select, "chosen_epoch": chosen_epoch,
             "git_commit": git_commit(), "seconds": round(time.time() - t0, 1),
         },
-        val_metrics=val_metrics, version=a.version)
+        val_metrics=val_metrics, version=a.version, contrast=contrast)
     print(f"[train] wrote {onnx_path} and {card_path}", flush=True)
     return net
 

@@ -74,3 +74,28 @@ class TestNets:
         case = type("Case", (), {"x": np.ones((1, 8, 8), np.float32), "w": np.ones((1, 8, 8))})()
         with pytest.raises(AssertionError):
             export.parity_check(lambda t: torch.ones_like(t), "localization", Fake(), [case])
+
+
+class TestContrastChannels:
+    def test_liver_with_contrast_channels_exports_and_matches_ort(self, tmp_path):
+        # the contrast channels are AveragePool nodes inside the graph: ORT must agree with torch (parity is
+        # asserted inside export_and_card) and the card must say how they are computed
+        csv_path = _phantoms("liver", tmp_path, 6)
+        out = tmp_path / "models"
+        train.main(["--task", "liver", "--csv", str(csv_path), "--method", "localization", "--epochs", "1",
+                    "--max-steps", "2", "--batch-size", "4", "--size", "32", "--seed", "0", "--loss", "mse",
+                    "--contrast", "5,9", "--out", str(out), "--val-fraction", "0.5"])
+        card = export.read_card(export.model_dir(out, "localization") / export.card_name("liver", "localization"))
+        assert card["architecture"]["contrast_channels"]["box_sizes"] == [5, 9]
+        assert "--contrast 5,9" in card["training"]["command"]
+
+    def test_contrast_channel_is_zero_on_a_flat_image_and_odd_sizes_only(self):
+        import torch
+        enc = nets.Encoder((4,), size=(16, 16), contrast=(5,))
+        seen = {}
+        enc.blocks[0].register_forward_pre_hook(lambda _m, inp: seen.setdefault("x", inp[0]))
+        enc(torch.full((1, 1, 16, 16), 0.3))
+        assert seen["x"].shape[1] == 4  # raw, y, x, contrast
+        assert float(seen["x"][:, 3].abs().max()) < 1e-6
+        with pytest.raises(ValueError):
+            nets.Encoder((4,), size=(16, 16), contrast=(4,))
