@@ -54,21 +54,23 @@ phantoms() {
       nice "$BIN" phantom --task cac --seed 2 --out "$DATA/train/cac-b" --count 45 >/dev/null &
       wait
       nice "$BIN" phantom --task cac --seed 3 --out "$DATA/train/cac-c" --count "$CAC_EXTRA" >/dev/null
-      mkdir -p "$DATA/train/cac225"
-      { echo "series_dir,value"; for p in cac-a cac-b cac-c; do tail -n +2 "$DATA/train/$p/labels.csv" | sed "s#^#../$p/#"; done; } \
-        > "$DATA/train/cac225/labels.csv"
+      merge_csv cac225 cac-a cac-b cac-c
     elif [ "$t" = liver ]; then
       nice "$BIN" phantom --task liver --seed 1 --out "$DATA/train/liver" --count "${NTRAIN[liver]}"
       nice "$BIN" phantom --task liver --seed 2 --out "$DATA/train/liver-s2" --count "$LIVER_EXTRA"
+      merge_csv liver3k liver liver-s2
     else
       nice "$BIN" phantom --task "$t" --seed 1 --out "$DATA/train/$t" --count "${NTRAIN[$t]}"
     fi
-    if [ "$t" = liver ]; then
-      mkdir -p "$DATA/train/liver3k"
-      { echo "series_dir,value"; for p in liver liver-s2; do tail -n +2 "$DATA/train/$p/labels.csv" | sed "s#^#../$p/#"; done; } \
-        > "$DATA/train/liver3k/labels.csv"
-    fi
   done
+}
+
+# merge_csv OUT PART...: one labels.csv under DATA/train/OUT listing every series of the PART folders
+merge_csv() {
+  local out=$1; shift
+  mkdir -p "$DATA/train/$out"
+  { echo "series_dir,value"; for p in "$@"; do tail -n +2 "$DATA/train/$p/labels.csv" | sed "s#^#../$p/#"; done; } \
+    > "$DATA/train/$out/labels.csv"
 }
 
 # the CSV each task trains on (under DATA/train)
