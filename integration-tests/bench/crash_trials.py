@@ -47,7 +47,6 @@ start).
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import shutil
 import subprocess
@@ -177,7 +176,7 @@ def run_trial(t: Trial, work: Path, data: Path, senders: int, by_path: dict, ser
                and any(p.proc.poll() is None for p in procs) and time.monotonic() < deadline):
             time.sleep(0.002)
         node.kill()
-        for i, p in enumerate(procs):
+        for p in procs:
             p.finish(timeout=60)
         acked_sops = set()
         for p in procs:
