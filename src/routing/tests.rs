@@ -9,13 +9,7 @@ use crate::config::{check_file, Config};
 use crate::dicom::header::InstanceHeader;
 
 fn realct() -> Option<PathBuf> {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/realct");
-    if p.is_dir() {
-        Some(p)
-    } else {
-        eprintln!("skipping: {} is absent (real CT test data)", p.display());
-        None
-    }
+    crate::test_data::realct()
 }
 
 /// The shipped config/node.yaml, in a temp dir with the model cards it names.
