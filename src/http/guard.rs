@@ -166,9 +166,27 @@ pub async fn same_origin_guard(State(state): State<Shared>, req: Request, next: 
         Ok(()) => next.run(req).await,
         Err(refusal) => {
             tracing::warn!(method = %req.method(), path = %path, reason = %refusal, "HTTP request refused");
+            discard_body(req.into_body()).await;
             (StatusCode::FORBIDDEN, axum::Json(serde_json::json!({ "error": refusal.to_string() }))).into_response()
         }
     }
+}
+
+/// Reads and drops what the client is still sending (bounded in bytes and
+/// time, never held), so that it reads our 403 instead of a connection
+/// reset in the middle of its upload.
+async fn discard_body(mut body: axum::body::Body) {
+    use axum::body::HttpBody;
+    let drain = async move {
+        let mut seen = 0usize;
+        while let Some(Ok(frame)) = std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx)).await {
+            seen += frame.data_ref().map_or(0, |d| d.len());
+            if seen > super::api::MAX_UPLOAD {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), drain).await;
 }
 
 #[cfg(test)]

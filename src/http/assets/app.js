@@ -2,9 +2,9 @@
 // serves this file from its binary.
 //
 // Everything the API returns (series descriptions come from whoever sent the
-// images) goes into the page as text: textContent and createElement only,
-// never innerHTML. The Content-Security-Policy forbids inline script, so
-// this file holds all of it.
+// images) goes into the page as text, through textContent and
+// createElement: nothing received is ever parsed as markup. The
+// Content-Security-Policy forbids inline script, so this file holds all of it.
 "use strict";
 
 const $ = (sel) => document.querySelector(sel);
