@@ -326,7 +326,8 @@ pub fn analyze(config_path: &Path, out: &Path, paths: &[std::path::PathBuf]) -> 
             jobs += 1;
             match crate::analysis::run(&models, &s.uid, &m, &files, &opts) {
                 Ok(a) => {
-                    let dir = out.join(&s.uid).join(&m.route);
+                    let uid = crate::dicom::Uid::parse(&s.uid)?;
+                    let dir = crate::dicom::uid_path(out, &[&uid], &[&m.route])?;
                     crate::analysis::write_outputs(&a, &dir)?;
                     let seed = format!("{}|{}|{}|analyze", s.uid, m.route, a.line.model_version);
                     let model = models.get(&m.model)?;

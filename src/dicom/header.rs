@@ -14,9 +14,12 @@ use super::{Uid, UidError};
 pub enum HeaderError {
     #[error("{attribute} is missing or empty")]
     Missing { attribute: &'static str },
-    #[error("{attribute} is not a valid UID: {source}")]
+    /// `value` is the refused value, escaped and cut to 80 characters: it is
+    /// peer input, fit for a log line but not for a path or a terminal.
+    #[error("{attribute} {value} is not a valid UID: {source}")]
     BadUid {
         attribute: &'static str,
+        value: String,
         source: UidError,
     },
 }
@@ -90,7 +93,17 @@ fn int<T: std::str::FromStr>(obj: &InMemDicomObject, tag: Tag) -> Option<T> {
 
 fn uid(obj: &InMemDicomObject, tag: Tag, attribute: &'static str) -> Result<Uid, HeaderError> {
     let raw = text(obj, tag).ok_or(HeaderError::Missing { attribute })?;
-    Uid::parse(&raw).map_err(|source| HeaderError::BadUid { attribute, source })
+    Uid::parse(&raw).map_err(|source| HeaderError::BadUid { attribute, value: escaped(&raw), source })
+}
+
+/// `raw` as a quoted, escaped string of at most 80 characters.
+pub fn escaped(raw: &str) -> String {
+    let cut: String = raw.chars().take(80).collect();
+    if cut.len() < raw.len() {
+        format!("{cut:?}...")
+    } else {
+        format!("{cut:?}")
+    }
 }
 
 impl InstanceHeader {

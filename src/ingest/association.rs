@@ -402,8 +402,12 @@ impl<S: Transport> Association<S> {
         if sop_class != context.abstract_syntax || !is_storage_sop_class(&sop_class) {
             return refuse(Status::SopClassNotSupported, "SOP class differs from the presentation context");
         }
-        if crate::dicom::Uid::parse(&sop_instance).is_err() {
-            return refuse(Status::CannotUnderstand, "Affected SOP Instance UID missing or invalid");
+        // Refused before a byte is written: this UID names the spool file.
+        if let Err(e) = crate::dicom::Uid::parse(&sop_instance) {
+            return refuse(Status::CannotUnderstand, &format!(
+                "AffectedSOPInstanceUID {} is not a valid UID: {e}",
+                crate::dicom::header::escaped(&sop_instance)
+            ));
         }
         if self.shared.disk_low() {
             return refuse(Status::OutOfResources, "free disk below the configured minimum");
@@ -551,8 +555,9 @@ pub fn status_for(e: &SpoolError) -> Status {
     match e {
         SpoolError::Io(_) | SpoolError::Meta(_) => Status::OutOfResources,
         SpoolError::SopClassMismatch { .. } => Status::DataSetDoesNotMatchSopClass,
-        SpoolError::Unparseable(_) | SpoolError::Header(_) | SpoolError::SopInstanceMismatch { .. } => {
-            Status::CannotUnderstand
-        }
+        SpoolError::Unparseable(_)
+        | SpoolError::Header(_)
+        | SpoolError::SopInstanceMismatch { .. }
+        | SpoolError::Path(_) => Status::CannotUnderstand,
     }
 }
