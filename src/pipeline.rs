@@ -145,7 +145,7 @@ async fn run(cfg: Config, table: RouteTable, config_path: std::path::PathBuf) ->
     }
     let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
     // One gate for both ports: the association limit is the node's, not a port's.
-    let gate = Gate::new(cfg.node.max_associations);
+    let gate = Gate::new(cfg.node.max_associations, cfg.node.max_pending_connections);
     let http_task = if cfg.http.enabled {
         let state = Arc::new(crate::http::AppState {
             token: cfg.http.effective_token(),

@@ -348,12 +348,16 @@ mod tests {
     const ELE: &str = "1.2.840.10008.1.2.1";
 
     fn dataset_bytes(sop: &str) -> Vec<u8> {
+        dataset_bytes_in(sop, "1.2.3", "1.2.3.4")
+    }
+
+    fn dataset_bytes_in(sop: &str, study: &str, series: &str) -> Vec<u8> {
         let mut o = InMemDicomObject::new_empty();
         for (t, vr, v) in [
             (tags::SOP_CLASS_UID, VR::UI, CT),
             (tags::SOP_INSTANCE_UID, VR::UI, sop),
-            (tags::STUDY_INSTANCE_UID, VR::UI, "1.2.3"),
-            (tags::SERIES_INSTANCE_UID, VR::UI, "1.2.3.4"),
+            (tags::STUDY_INSTANCE_UID, VR::UI, study),
+            (tags::SERIES_INSTANCE_UID, VR::UI, series),
             (tags::MODALITY, VR::CS, "CT"),
         ] {
             o.put(DataElement::new(t, vr, PrimitiveValue::from(v)));
@@ -422,6 +426,31 @@ mod tests {
 
         assert_eq!(fs::read_dir(d.path().join("tmp")).unwrap().count(), 0);
         assert_eq!(fs::read_dir(spool.root()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn uids_that_would_leave_the_spool_are_refused_and_nothing_is_written() {
+        let outer = tempfile::tempdir().unwrap();
+        let data = outer.path().join("data");
+        let spool = DiskSpool::open(&data).unwrap();
+        for (study, series) in [("..", ".."), (".", "."), ("..", "1.2"), ("1.2", ".."), ("1..2", "1.2"), ("01.2", "1.2")] {
+            let mut w = spool.begin(&incoming("1.2.3.4.8")).unwrap();
+            w.write(&dataset_bytes_in("1.2.3.4.8", study, series)).unwrap();
+            match w.commit() {
+                Err(SpoolError::Header(HeaderError::BadUid { attribute, .. })) => {
+                    assert!(attribute.ends_with("InstanceUID"), "{attribute}")
+                }
+                other => panic!("{study}/{series}: {other:?}"),
+            }
+        }
+        assert_eq!(fs::read_dir(data.join("tmp")).unwrap().count(), 0);
+        assert_eq!(fs::read_dir(spool.root()).unwrap().count(), 0);
+        // next to data_dir: only data_dir itself
+        let beside: Vec<_> = fs::read_dir(outer.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(beside, vec![std::ffi::OsString::from("data")]);
+        let mut names: Vec<_> = fs::read_dir(&data).unwrap().map(|e| e.unwrap().file_name()).collect();
+        names.sort();
+        assert_eq!(names, vec![std::ffi::OsString::from("spool"), std::ffi::OsString::from("tmp")]);
     }
 
     #[test]
