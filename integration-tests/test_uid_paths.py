@@ -117,3 +117,45 @@ def test_study_and_series_both_dotdot_do_not_escape_data_dir(node):
         a.release()
     _assert_nothing_written(node, around, before, [sop])
     assert_serving(node)
+
+
+def test_analyze_out_paths_cannot_escape_with_a_dotdot_series_uid(tmp_path, binary):
+    """`analyze --out OUT`: results go to OUT/<series>/<route>/. A file whose
+    SeriesInstanceUID is `..` used to put them in OUT's parent; now it is not a
+    usable series at all and nothing is written outside OUT."""
+    import pydicom
+    from nodeharness import Node, free_port, node_binary, run_tool
+    from test_results_orthanc import node_overrides, routes_named
+
+    r = run_tool([str(node_binary()), "phantom", "--task", "pma", "--seed", "7", "--out", str(tmp_path / "ph"),
+                  "--count", "1"])
+    assert r.returncode == 0, r.stderr
+    src = tmp_path / "ph" / "pma-7-0" / "CT0001.dcm"
+    cfg = Node(tmp_path / "cfg", node_overrides(free_port(), routes_named("pma-single-slice")))  # config only
+
+    def run(dataset_path: Path, out: Path):
+        return run_tool([str(node_binary()), "analyze", "--config", str(cfg.config_path), "--out", str(out),
+                         str(dataset_path)], timeout=300)
+
+    # Control: the valid file is analysed and lands under OUT.
+    good_out = tmp_path / "good" / "out"
+    r = run(src, good_out)
+    assert r.returncode == 0, r.stdout + r.stderr
+    series = pydicom.dcmread(src).SeriesInstanceUID
+    assert (good_out / series / "pma-single-slice" / "sr.dcm").is_file(), list(good_out.rglob("*"))
+
+    ds = pydicom.dcmread(src)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom: '..' is not a UI value; that is the point
+        ds.SeriesInstanceUID = ".."
+    bad_dir = tmp_path / "bad-in"
+    bad_dir.mkdir()
+    ds.save_as(bad_dir / "CT0001.dcm")
+    box = tmp_path / "bad"
+    out = box / "out"
+    out.mkdir(parents=True)
+    r = run(bad_dir, out)
+    assert r.returncode != 0, r.stdout + r.stderr
+    assert "SeriesInstanceUID" in r.stderr, r.stderr
+    assert sorted(p.name for p in box.iterdir()) == ["out"], list(box.rglob("*"))
+    assert list(out.rglob("*")) == []
