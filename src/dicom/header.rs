@@ -96,14 +96,12 @@ fn uid(obj: &InMemDicomObject, tag: Tag, attribute: &'static str) -> Result<Uid,
     Uid::parse(&raw).map_err(|source| HeaderError::BadUid { attribute, value: escaped(&raw), source })
 }
 
-/// `raw` as a quoted, escaped string of at most 80 characters.
+/// `raw` quoted, cut to 80 characters and escaped to printable ASCII, so it
+/// can go into a log line or a DIMSE Error Comment (default repertoire).
 pub fn escaped(raw: &str) -> String {
-    let cut: String = raw.chars().take(80).collect();
-    if cut.len() < raw.len() {
-        format!("{cut:?}...")
-    } else {
-        format!("{cut:?}")
-    }
+    let cut: String = raw.chars().take(80).flat_map(char::escape_default).collect();
+    let more = if raw.chars().nth(80).is_some() { "..." } else { "" };
+    format!("\"{cut}\"{more}")
 }
 
 impl InstanceHeader {
@@ -148,5 +146,18 @@ impl InstanceHeader {
             series_description: text(obj, tags::SERIES_DESCRIPTION),
             geometry,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::escaped;
+
+    #[test]
+    fn escaped_values_are_quoted_printable_ascii_and_cut() {
+        assert_eq!(escaped(".."), "\"..\"");
+        assert_eq!(escaped("1\n2\u{e9}\0"), "\"1\\n2\\u{e9}\\u{0}\"");
+        let long = "9".repeat(100);
+        assert_eq!(escaped(&long), format!("\"{}\"...", "9".repeat(80)));
     }
 }
