@@ -252,6 +252,10 @@ pub struct NodeConfig {
     pub max_pdu: u32,
     #[serde(default = "default_max_associations")]
     pub max_associations: usize,
+    /// Connections allowed at once before their A-ASSOCIATE-RQ has passed
+    /// negotiation (TLS handshake included); past it the oldest is closed.
+    #[serde(default = "default_max_pending_connections")]
+    pub max_pending_connections: usize,
     /// Callers allowed to associate. Empty means any caller (logged loudly).
     #[serde(default)]
     pub allowed_callers: Vec<AllowedCaller>,
@@ -301,7 +305,8 @@ pub struct AllowedCaller {
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Timeouts {
-    /// ARTIM: time allowed for the A-ASSOCIATE-RQ after TCP accept.
+    /// ARTIM: time allowed from TCP accept to a whole A-ASSOCIATE-RQ, the
+    /// TLS handshake included (the pre-association deadline).
     #[serde(default = "default_assoc_timeout")]
     pub association_request_s: u64,
     /// Time allowed to finish a PDU once its first byte arrived.
@@ -398,11 +403,16 @@ fn default_max_pdu() -> u32 {
 fn default_max_associations() -> usize {
     16
 }
+fn default_max_pending_connections() -> usize {
+    64
+}
 fn default_min_free_mb() -> u64 {
     1024
 }
 fn default_assoc_timeout() -> u64 {
-    30
+    // Short: it is how long a connection nobody has vouched for may sit in
+    // the pre-association budget. A real peer sends its RQ in milliseconds.
+    5
 }
 fn default_read_timeout() -> u64 {
     30
@@ -545,6 +555,9 @@ impl Config {
         }
         if self.node.max_associations == 0 {
             return Err(bad("node.max_associations", "must be at least 1".into()));
+        }
+        if self.node.max_pending_connections == 0 {
+            return Err(bad("node.max_pending_connections", "must be at least 1".into()));
         }
         if !(self.series.quiet_seconds > 0.0) {
             return Err(bad("series.quiet_seconds", "must be positive".into()));

@@ -74,6 +74,7 @@ pub struct Metrics {
     pub free_disk_bytes: Gauge,
     pub connections_open: Gauge,
     pub association_limit: Gauge,
+    pub pre_association_evicted: Counter,
 }
 
 fn latency_histogram() -> Histogram {
@@ -101,6 +102,7 @@ impl Metrics {
             free_disk_bytes: Gauge::default(),
             connections_open: Gauge::default(),
             association_limit: Gauge::default(),
+            pre_association_evicted: Counter::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -128,6 +130,11 @@ impl Metrics {
             m.connections_open.clone(),
         );
         r.register("association_limit", "node.max_associations", m.association_limit.clone());
+        r.register(
+            "pre_association_evicted",
+            "Connections closed before their A-ASSOCIATE-RQ because node.max_pending_connections was full (the oldest waiting one goes)",
+            m.pre_association_evicted.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -262,5 +269,40 @@ impl StoreFailed<'_> {
             reason = self.reason,
             "C-STORE failed"
         );
+    }
+}
+
+/// A connection still in the pre-association stage (TLS handshake or
+/// A-ASSOCIATE-RQ not yet in) closed to make room for a newer one.
+///
+/// A flood brings thousands of these a second, so the log line is limited
+/// to one a second, carrying the count since the last; the counter sees all.
+pub struct PreAssociationEvicted {
+    pub id: u64,
+    pub peer: std::net::SocketAddr,
+    pub budget: usize,
+}
+impl PreAssociationEvicted {
+    pub fn emit(self) {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static LAST_LINE_S: AtomicU64 = AtomicU64::new(0);
+        static SINCE_LAST_LINE: AtomicU64 = AtomicU64::new(0);
+        METRICS.pre_association_evicted.inc();
+        let n = SINCE_LAST_LINE.fetch_add(1, Ordering::Relaxed) + 1;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let last = LAST_LINE_S.load(Ordering::Relaxed);
+        if now > last && LAST_LINE_S.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
+            SINCE_LAST_LINE.fetch_sub(n, Ordering::Relaxed);
+            tracing::warn!(
+                id = self.id,
+                peer = %self.peer,
+                budget = self.budget,
+                evicted = n,
+                "pre-association budget full: closed the oldest connection still without an A-ASSOCIATE-RQ"
+            );
+        }
     }
 }
