@@ -332,3 +332,24 @@ fn enhanced_ct_facts_come_from_functional_groups() {
     assert_eq!(f.derived(Derived::Axial), Some(FactValue::Bool(true)));
     assert!(eval("{derived: sop_class, equals: Enhanced CT Image Storage}", f).holds);
 }
+
+#[test]
+fn route_names_that_are_not_one_file_name_are_refused() {
+    for bad in ["..", ".", "a/b", "..\\\\x", "tab\\there"] {
+        let d = diagnostics(&format!(
+            "  - name: \"{bad}\"
+    model: pma
+    match: {{derived: axial, equals: true}}
+"
+        ));
+        assert_eq!(d.len(), 1, "{bad}: {d:#?}");
+        assert!(d[0].contains("routes[0].name") && d[0].contains("one plain file name"), "{bad}: {}", d[0]);
+    }
+    let d = diagnostics(
+        "  - name: pma.v2 single-slice
+    model: pma
+    match: {derived: axial, equals: true}
+",
+    );
+    assert!(d.is_empty(), "{d:#?}");
+}
