@@ -174,7 +174,7 @@ def test_stow_rs_503_is_retried_then_delivered(tmp_path, nodes, orthancs, pma_ph
         over = stow_overrides({"url": f"http://127.0.0.1:{proxy.port}/dicom-web"})
         n = expected_outputs(analyze(tmp_path / "analyze", over, pma_phantom))
         node = nodes(over)
-            r = storescu(node, [pma_phantom / "CT0001.dcm"])
+        r = storescu(node, [pma_phantom / "CT0001.dcm"])
         assert r.returncode == 0, r.stdout + r.stderr
         items = wait_for(lambda: delivered(node, n), 60, "delivered after the 503s",
                          diag=lambda: f"{outbox(node)}\n{node.log_tail(30)}")
