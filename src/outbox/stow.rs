@@ -723,6 +723,140 @@ mod tests {
         }
     }
 
+    /// Reads one HTTP/1.1 request (headers and a Content-Length body).
+    async fn read_request<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> Option<(String, Vec<u8>)> {
+        use tokio::io::AsyncReadExt;
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 8192];
+        let head_end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            let n = s.read(&mut chunk).await.ok()?;
+            if n == 0 {
+                return None;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+        let len: usize = head
+            .lines()
+            .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap()))
+            .unwrap_or(0);
+        while buf.len() < head_end + len {
+            let n = s.read(&mut chunk).await.ok()?;
+            assert!(n > 0, "body cut short");
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        Some((head, buf[head_end..head_end + len].to_vec()))
+    }
+
+    /// A real HTTPS round trip: TLS against `ca`, the request line and
+    /// headers of PS3.18 10.5, the file as the one part, two requests on one
+    /// connection, and each answer classified for its own item.
+    #[tokio::test]
+    async fn https_batch_sends_stow_requests_on_one_connection() {
+        use tokio::io::AsyncWriteExt;
+        let dir = tempfile::tempdir().unwrap();
+        let Some(pki) = crate::tls::testpki::make(dir.path()) else {
+            assert!(std::env::var_os("CI").is_none(), "openssl is required in CI");
+            eprintln!("skipping: openssl not available");
+            return;
+        };
+        let server = crate::tls::server_config(&crate::config::NodeTlsConfig {
+            port: 0,
+            certificate: pki.cert.clone(),
+            private_key: pki.key.clone(),
+            client_ca: None,
+            plain: true,
+        })
+        .unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let srv = tokio::spawn(async move {
+            let mut connections = 0;
+            let mut got = Vec::new();
+            while got.len() < 2 {
+                let (tcp, _) = listener.accept().await.unwrap();
+                connections += 1;
+                let mut tls = tokio_rustls::TlsAcceptor::from(server.clone()).accept(tcp).await.unwrap();
+                while let Some((head, body)) = read_request(&mut tls).await {
+                    let resp: &[u8] = if got.is_empty() {
+                        b"HTTP/1.1 200 OK\r\nContent-Type: application/dicom+json\r\nContent-Length: 2\r\n\r\n{}"
+                    } else {
+                        b"HTTP/1.1 415 Unsupported Media Type\r\nContent-Length: 7\r\n\r\nno such"
+                    };
+                    tls.write_all(resp).await.unwrap();
+                    got.push((head, body));
+                    if got.len() == 2 {
+                        break;
+                    }
+                }
+            }
+            (connections, got)
+        });
+
+        let mut items = Vec::new();
+        let mut files = Vec::new();
+        for (i, uid) in ["1.2.826.0.1.3680043.10.1.7001", "1.2.826.0.1.3680043.10.1.7002"].iter().enumerate() {
+            let path = dir.path().join(format!("{i}.dcm"));
+            crate::outbox::part10::tests::write_image(&path, crate::outbox::part10::tests::SECONDARY_CAPTURE, uid, 4);
+            files.push(std::fs::read(&path).unwrap());
+            let now = std::time::SystemTime::now();
+            items.push(OutboxItem {
+                id: i as i64 + 1,
+                destination: "web".into(),
+                path,
+                sop_class_uid: crate::outbox::part10::tests::SECONDARY_CAPTURE.into(),
+                sop_instance_uid: (*uid).into(),
+                state: crate::outbox::ItemState::Sending,
+                attempts: 1,
+                next_attempt_at: now,
+                last_error: None,
+                created_at: now,
+                delivered_at: None,
+            });
+        }
+        let tok = dir.path().join("token");
+        std::fs::write(&tok, "tok-123\n").unwrap();
+        let mut c = cfg(&format!("{{url: 'https://127.0.0.1:{port}/dicom-web/', auth: bearer, token_file: t, ca: c}}"));
+        c.token_file = Some(tok);
+        c.ca = Some(pki.ca.clone());
+        let target = StowTarget::build("web", &c).unwrap();
+        let mut outcomes = Vec::new();
+        let mut record = |it: &OutboxItem, o: Outcome| outcomes.push((it.sop_instance_uid.clone(), o));
+        let s = Duration::from_secs(10);
+        send_batch(&target, s, s, &items, &CancellationToken::new(), &mut record).await;
+        let (connections, got) = tokio::time::timeout(s, srv).await.unwrap().unwrap();
+
+        assert_eq!(connections, 1, "the batch reuses one connection");
+        assert_eq!(outcomes[0], (items[0].sop_instance_uid.clone(), Outcome::Stored { status: 0, comment: None }));
+        assert_eq!(outcomes[1].0, items[1].sop_instance_uid);
+        assert_eq!(fault(&outcomes[1].1), Some(Fault::Permanent));
+        assert_eq!(reason(&outcomes[1].1), "HTTP 415 Unsupported Media Type: no such");
+        for ((head, body), file) in got.iter().zip(&files) {
+            let lower = head.to_ascii_lowercase();
+            assert!(head.starts_with("POST /dicom-web/studies HTTP/1.1\r\n"), "{head}");
+            assert!(lower.contains(&format!("host: 127.0.0.1:{port}\r\n")), "{head}");
+            assert!(lower.contains("accept: application/dicom+json\r\n"), "{head}");
+            assert!(head.contains("authorization: Bearer tok-123\r\n"), "{head}");
+            let ct = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-type: "))
+                .expect("a content-type header");
+            let boundary = ct
+                .strip_prefix("multipart/related; type=\"application/dicom\"; boundary=")
+                .expect(ct);
+            let want = [
+                format!("--{boundary}\r\nContent-Type: application/dicom\r\n\r\n").into_bytes(),
+                file.clone(),
+                format!("\r\n--{boundary}--\r\n").into_bytes(),
+            ]
+            .concat();
+            assert!(body == &want, "the body is not the one part holding the file");
+        }
+    }
+
     fn cfg(y: &str) -> StowRsConfig {
         serde_yaml::from_str(y).unwrap()
     }
