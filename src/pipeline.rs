@@ -104,6 +104,10 @@ async fn run(cfg: Config, table: RouteTable, config_path: std::path::PathBuf) ->
                 server_name: t.server_name.clone().unwrap_or_else(|| d.host.clone()),
             }),
         };
+        let stow = match &d.stow_rs {
+            None => None,
+            Some(s) => Some(crate::outbox::stow::StowTarget::build(k, s).map_err(|e| anyhow::anyhow!("{e}"))?),
+        };
         destinations.insert(
             k.clone(),
             crate::outbox::Destination {
@@ -111,6 +115,7 @@ async fn run(cfg: Config, table: RouteTable, config_path: std::path::PathBuf) ->
                 host: d.host.clone(),
                 port: d.port,
                 tls,
+                stow,
             },
         );
     }
