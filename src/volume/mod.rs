@@ -17,6 +17,10 @@
 //! Value Transformation functional group. We never use the decoder's VOI
 //! (window) path: the numbers are the stored values, not display values.
 //!
+//! **Decoding.** All pixel data of the node is decoded in `decode` here:
+//! `dicom-pixeldata` for every accepted transfer syntax except JPEG Extended
+//! (.51, 12-bit DCT), which `jpeg_ext` decodes with libjpeg-turbo.
+//!
 //! **Padding.** A stored value equal to PixelPaddingValue (0028,0120) — or
 //! within [PixelPaddingValue, PixelPaddingRangeLimit] when the limit is
 //! present — lies outside the reconstructed field of view. It becomes

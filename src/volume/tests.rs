@@ -54,6 +54,9 @@ fn chest_lossless_encodings_decode_to_identical_hu_and_lossy_ones_close() {
     }
     for (ts, max_tol, mean_tol) in [
         ("1.2.840.10008.1.2.4.50", 400.0, 30.0),
+        // 12-bit DCT of a range rescaled to slope 2.0002442: measured
+        // (pydicom on dcmdjpeg's output) max 35.6, mean 3.84 HU.
+        ("1.2.840.10008.1.2.4.51", 50.0, 5.0),
         ("1.2.840.10008.1.2.4.81", 50.0, 10.0),
         ("1.2.840.10008.1.2.4.91", 400.0, 30.0),
     ] {
@@ -71,7 +74,8 @@ fn chest_lossless_encodings_decode_to_identical_hu_and_lossy_ones_close() {
 /// build) and read through the uncompressed path, so both sides share the
 /// modality LUT and differ only in the JPEG decoder. Both libjpeg-turbo and
 /// IJG use the accurate integer IDCT by default, so the codecs should agree
-/// to within one stored value (one RescaleSlope in HU).
+/// to within one stored value (one RescaleSlope in HU); measured: identical
+/// (max and mean |ΔHU| 0 on both files).
 #[test]
 fn jpeg_extended_12bit_matches_dcmtk_dcmdjpeg() {
     let Some(root) = realct() else { return };
