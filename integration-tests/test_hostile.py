@@ -146,7 +146,7 @@ class TestDuringAssociation:
         ds, body = _ct_instance()
         with _connect(node) as a:
             ac = a.associate(
-                contexts=CT_CONTEXTS + [(5, ul.CT_IMAGE_STORAGE, ["1.2.840.10008.1.2.4.51"])]
+                contexts=CT_CONTEXTS + [(5, ul.CT_IMAGE_STORAGE, ["1.2.840.10008.1.2.4.53"])]
             )
             assert ac.contexts[5][0] == ul.PC_TRANSFER_SYNTAXES_NOT_SUPPORTED
             a.send(ul.p_data(5, ul.c_store_rq(1, ul.CT_IMAGE_STORAGE, ds.SOPInstanceUID), True, True))

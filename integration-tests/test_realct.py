@@ -15,11 +15,11 @@ from nodeharness import REALCT, assert_serving, sha256, storescu_exact
 # it must refuse at negotiation because it cannot decode it.
 ACCEPTED_TS = {
     "1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99",
-    "1.2.840.10008.1.2.5", "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.57",
+    "1.2.840.10008.1.2.5", "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.57",
     "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81",
     "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91",
 }
-REFUSED_TS = {"1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.53", "1.2.840.10008.1.2.4.55"}
+REFUSED_TS = {"1.2.840.10008.1.2.4.53", "1.2.840.10008.1.2.4.55"}
 DICOMDIR_CLASS = "1.2.840.10008.1.3.10"
 
 
@@ -109,8 +109,8 @@ def test_storescu_every_storage_object(realct_node, realct, tmp_path):
 
     Accepted syntaxes: stored, and the stored dataset equals the source. A SOP
     instance sent again (the chest encodings share one) is acknowledged and
-    the first stored copy stays byte-identical. Refused syntaxes (.51 .53
-    .55): storescu finds no presentation context; the node serves on.
+    the first stored copy stays byte-identical. Refused syntaxes (.53 .55):
+    storescu finds no presentation context; the node serves on.
     """
     node = realct_node
     sources = storage_sources()
@@ -216,10 +216,10 @@ def test_dicomdir_is_refused_at_negotiation(realct_node, realct):
 
 
 def test_refused_transfer_syntaxes_with_storescu(realct_node, realct, tmp_path):
-    """.51/.53/.55: storescu gets no presentation context; nothing stored; the node serves on."""
+    """.53/.55: storescu gets no presentation context; nothing stored; the node serves on."""
     node = realct_node
     refused = [s for s in SOURCES if s.ts in REFUSED_TS]
-    assert len(refused) >= 4  # the three chest encodings and the WG04 Enhanced CT
+    assert len(refused) >= 2  # the chest encodings .53 and .55
     for src in refused:
         r = storescu_exact(node, src.path, src.media_class, src.ts, tmp_path)
         out = (r.stdout + r.stderr).lower()

@@ -7,7 +7,8 @@
 #   dcmtk        storescu/echoscu/storescp/dcmdump: the reference peers in tests
 #   orthanc      a second real peer for the bench
 #   dicom3tools  dciodvfy/dcentvfy: validators for what the node writes
-#   cmake        dicom-pixeldata's `charls` feature builds C++ with it
+#   cmake        dicom-pixeldata's `charls` feature builds C++ with it; turbojpeg-sys
+#                builds libjpeg-turbo (the JPEG Extended .51 decoder) with it
 #   sqlite3      to inspect the index by hand
 #   openssl      the TLS tests make a throwaway CA and certificates with its CLI
 #   time procps curl  bench: /usr/bin/time -v for peak RSS, ps/pgrep, Orthanc's REST API

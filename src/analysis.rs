@@ -53,6 +53,14 @@ impl AnalysisError {
 /// value, an artefact of the encoding rather than of the patient.
 pub const MAX_HU_STEP: f64 = 2.0;
 
+/// Whether a volume's HU step is above [`MAX_HU_STEP`]. The margin is for
+/// slopes that are a 2 HU grid in intent but not in decimal: a 12-bit
+/// re-encoding spreads 8190 HU over 4095 steps (slope 2.0002442, the chest
+/// slice's JPEG Extended encoding in shared/realct).
+pub fn hu_step_too_coarse(step: f64) -> bool {
+    step > MAX_HU_STEP * 1.001
+}
+
 /// Every configured model, loaded once at start.
 pub struct Models {
     loaded: BTreeMap<String, Arc<Model>>,
@@ -159,7 +167,7 @@ pub fn run(
     let model = models.get(&m.model)?;
     let card = &model.card;
     let vol = Volume::from_files_with(files, volume_opts)?;
-    if vol.hu_step > MAX_HU_STEP {
+    if hu_step_too_coarse(vol.hu_step) {
         return Err(AnalysisError::CoarseHu { step: vol.hu_step });
     }
     let (hu, idx): (Array3<f32>, Vec<usize>) = if card.input.slices == "single" {
@@ -468,5 +476,20 @@ impl Worker {
                 tracing::debug!(error = %e, state, "series state not updated");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod hu_step_tests {
+    use super::*;
+
+    #[test]
+    fn hu_step_margin_admits_a_12_bit_two_hu_grid_only() {
+        // shared/realct chest slice, JPEG Extended: RescaleSlope 2.0002442.
+        assert!(!hu_step_too_coarse(2.0002442));
+        assert!(!hu_step_too_coarse(1.0));
+        assert!(hu_step_too_coarse(2.01));
+        // 8-bit JPEG Baseline of the same slice: ~32 HU.
+        assert!(hu_step_too_coarse(32.0));
     }
 }

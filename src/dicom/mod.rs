@@ -180,10 +180,10 @@ pub fn is_storage_sop_class(uid: &str) -> bool {
 /// Transfer syntaxes we accept, in our order of preference, with why.
 ///
 /// Each is one whose pixel data `dicom-pixeldata` (features `openjp2`,
-/// `charls`) decodes, checked against `shared/realct/chest-slice-encodings`.
+/// `charls`) decodes, or, for JPEG Extended (.51, 12-bit DCT), libjpeg-turbo
+/// (`volume::jpeg_ext`); checked against `shared/realct/chest-slice-encodings`.
 /// Left out on purpose, so the peer learns at negotiation rather than after
 /// we acknowledged something we cannot analyse:
-/// - 1.2.840.10008.1.2.4.51 (JPEG extended, 12-bit): the decoder fails on it;
 /// - .53/.55 (retired JPEG processes): unknown to the registry;
 /// - video and JPIP syntaxes: not CT.
 pub const ACCEPTED_TRANSFER_SYNTAXES: &[&str] = &[
@@ -195,6 +195,7 @@ pub const ACCEPTED_TRANSFER_SYNTAXES: &[&str] = &[
     "1.2.840.10008.1.2.4.70", // JPEG lossless SV1
     "1.2.840.10008.1.2.4.57", // JPEG lossless
     "1.2.840.10008.1.2.4.50", // JPEG baseline (lossy)
+    "1.2.840.10008.1.2.4.51", // JPEG extended (lossy, 12-bit)
     "1.2.840.10008.1.2.4.80", // JPEG-LS lossless
     "1.2.840.10008.1.2.4.81", // JPEG-LS near-lossless
     "1.2.840.10008.1.2.4.90", // JPEG 2000 lossless

@@ -238,9 +238,10 @@ mod tests {
                 "SCU",
                 vec![
                     (1, CT, vec!["1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.70"]),
-                    (3, CT, vec!["1.2.840.10008.1.2.4.51"]),
+                    (3, CT, vec!["1.2.840.10008.1.2.4.53"]),
                     (5, "1.2.840.10008.1.3.10", vec!["1.2.840.10008.1.2.1"]),
                     (7, VERIFICATION, vec!["1.2.840.10008.1.2"]),
+                    (9, CT, vec!["1.2.840.10008.1.2.4.51"]),
                 ],
             ),
             &policy(&[]),
@@ -252,7 +253,10 @@ mod tests {
         assert_eq!(r[1].reason, PresentationContextResultReason::TransferSyntaxesNotSupported);
         assert_eq!(r[2].reason, PresentationContextResultReason::AbstractSyntaxNotSupported);
         assert_eq!(r[3].reason, PresentationContextResultReason::Acceptance);
-        assert_eq!(a.contexts.iter().map(|c| c.id).collect::<Vec<_>>(), vec![1, 7]);
+        // JPEG Extended (12-bit) is decoded by libjpeg-turbo: accepted.
+        assert_eq!(r[4].reason, PresentationContextResultReason::Acceptance);
+        assert_eq!(r[4].transfer_syntax, "1.2.840.10008.1.2.4.51");
+        assert_eq!(a.contexts.iter().map(|c| c.id).collect::<Vec<_>>(), vec![1, 7, 9]);
         assert_eq!(a.peer_max_pdu, 16384);
     }
 

@@ -70,13 +70,23 @@ pub const MAXIMUM: Code = Code::fixed("56851009", "SCT", "Maximum");
 pub const UNIT_MM2: Code = Code::fixed("mm2", "UCUM", "square millimeter");
 pub const UNIT_HU: Code = Code::fixed("[hnsf'U]", "UCUM", "Hounsfield unit");
 
+// Calcium scoring (TID 300 rows in the CAC measurement groups). The score
+// concept itself comes from the model card: models/cac.yaml uses
+// (450360000, SCT, "Coronary artery calcium score"), CID 6142.
+/// TID 300 row 2 concept name; value from the template's $Method.
+pub const MEASUREMENT_METHOD: Code = Code::fixed("370129005", "SCT", "Measurement Method");
+/// CID 6140 Calculation Method.
+pub const AGATSTON_SCORING_METHOD: Code = Code::fixed("112055", "DCM", "Agatston scoring method");
+
 /// Private scheme of this node (PS3.16 8.2: "99" prefix).
 pub const PRIVATE_SCHEME: &str = "99BMN";
 pub const PRIVATE_SCHEME_NAME: &str = "biomarker-node private codes";
 
 /// CAC risk category as a qualitative evaluation (TID 1501 row 13, CODE).
-/// No standard concept for the usual 0 / 1-10 / 11-100 / 101-400 / >400
-/// Agatston bands was found, so both name and values are private.
+/// PS3.16 has no concept for the Agatston band and no value set for the
+/// 0 / 1-10 / 11-100 / 101-400 / >400 bands (checked: CID 3118 Level of
+/// Risk, CID 3716 Severity, CID 6140, CID 6142, CID 7041/7042; see
+/// docs/CONFORMANCE.md), so both name and values stay private.
 pub const CAC_RISK_CATEGORY: Code = Code::fixed(
     "CAC-RISK",
     PRIVATE_SCHEME,
@@ -125,6 +135,8 @@ mod tests {
             AREA,
             ATTENUATION_COEFFICIENT,
             DERIVATION,
+            MEASUREMENT_METHOD,
+            AGATSTON_SCORING_METHOD,
             MAXIMUM,
             UNIT_MM2,
             UNIT_HU,

@@ -70,12 +70,18 @@ pub fn measurement_report(
     let unit = UcumUnit::new(&card.biomarker.unit.ucum, &card.biomarker.unit.meaning)?;
     let algorithm = AlgorithmIdentification::new(&m.model, &m.model_version)?;
 
-    let mut measurements = vec![Measurement::new(
+    // An Agatston card's score says how it was calculated: TID 300
+    // Measurement Method from CID 6140 (docs/CONFORMANCE.md, "CAC codes").
+    let with_method = |x: Measurement| match card.is_agatston() {
+        true => x.with_method(codes::AGATSTON_SCORING_METHOD),
+        false => x,
+    };
+    let mut measurements = vec![with_method(Measurement::new(
         concept.clone(),
         m.value,
         unit,
         Some(algorithm.clone()),
-    )?];
+    )?)];
     let mut evaluations = Vec::new();
     if card.is_agatston() {
         // Lesions that count toward the score (all of them under "soft"
@@ -210,7 +216,8 @@ fn lesion_groups(
                 algorithm: Some(algorithm.clone()),
                 sources: vec![source(l.lesion.slice)?],
                 measurements: vec![
-                    Measurement::new(concept.clone(), contribution(l), unit.clone(), None)?,
+                    Measurement::new(concept.clone(), contribution(l), unit.clone(), None)?
+                        .with_method(codes::AGATSTON_SCORING_METHOD),
                     Measurement::new(
                         codes::AREA,
                         l.lesion.area_mm2,
@@ -428,10 +435,16 @@ mod tests {
             assert!(dump.contains("CAC-RISK-101-400"), "{dump}");
             assert!(dump.contains("Number of lesions"), "{dump}");
             assert!(dump.contains("({Agatston},UCUM"), "{dump}");
+            // Standard codes (docs/CONFORMANCE.md "CAC codes"): the score
+            // concept and its Measurement Method, nothing private for them.
+            assert!(dump.contains("(450360000,SCT,\"Coronary artery calcium score\")"), "{dump}");
+            assert!(dump.contains("(370129005,SCT,\"Measurement Method\")"), "{dump}");
+            assert!(dump.contains("(112055,DCM,\"Agatston scoring method\")"), "{dump}");
+            assert!(!dump.contains("CAC-AGATSTON"), "{dump}");
         }
         highdicom_readback(
             &path,
-            "CAC-AGATSTON",
+            "450360000",
             123.5,
             "{Agatston}",
             2,

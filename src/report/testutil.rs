@@ -47,7 +47,7 @@ input: {size: [8, 8], hu_clip: [-200.0, 1300.0], scale: {subtract: 0.0, divide: 
 candidates: {hu_min: 130.0, min_area_mm2: 1.0}
 aggregation: {kind: agatston, lesion_threshold: 0.5}
 biomarker:
-  concept: {scheme: 99BMN, value: CAC-AGATSTON, meaning: Coronary artery calcium score (Agatston)}
+  concept: {scheme: SCT, value: "450360000", meaning: Coronary artery calcium score}
   unit: {ucum: "{Agatston}", meaning: Agatston score}
   finding_site: {scheme: SCT, value: "41801008", meaning: Coronary artery}
 "#;

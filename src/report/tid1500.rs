@@ -129,6 +129,9 @@ impl TrackingIdentifier {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Measurement {
     num: NumItem,
+    /// (370129005, SCT, "Measurement Method"), e.g. CID 6140's
+    /// (112055, DCM, "Agatston scoring method").
+    method: Option<Code>,
     /// (121401, DCM, "Derivation"), CID 7464, e.g. (56851009, SCT, "Maximum").
     derivation: Option<Code>,
     algorithm: Option<AlgorithmIdentification>,
@@ -143,9 +146,15 @@ impl Measurement {
     ) -> Result<Measurement, ReportError> {
         Ok(Measurement {
             num: NumItem::new(concept, value, unit)?,
+            method: None,
             derivation: None,
             algorithm,
         })
+    }
+
+    pub fn with_method(mut self, method: Code) -> Measurement {
+        self.method = Some(method);
+        self
     }
 
     pub fn with_derivation(mut self, derivation: Code) -> Measurement {
@@ -155,6 +164,13 @@ impl Measurement {
 
     pub fn node(&self) -> ContentNode {
         let mut children = Vec::new();
+        // TID 300 order: Measurement Method (row 2) before Derivation (row 3).
+        if let Some(m) = &self.method {
+            children.push(ContentNode::new(
+                HasConceptMod,
+                CodeItem::new(codes::MEASUREMENT_METHOD, m.clone()),
+            ));
+        }
         if let Some(d) = &self.derivation {
             children.push(ContentNode::new(
                 HasConceptMod,

@@ -17,6 +17,10 @@
 //! Value Transformation functional group. We never use the decoder's VOI
 //! (window) path: the numbers are the stored values, not display values.
 //!
+//! **Decoding.** All pixel data of the node is decoded in `decode` here:
+//! `dicom-pixeldata` for every accepted transfer syntax except JPEG Extended
+//! (.51, 12-bit DCT), which `jpeg_ext` decodes with libjpeg-turbo.
+//!
 //! **Padding.** A stored value equal to PixelPaddingValue (0028,0120) — or
 //! within [PixelPaddingValue, PixelPaddingRangeLimit] when the limit is
 //! present — lies outside the reconstructed field of view. It becomes
@@ -46,6 +50,7 @@
 //! reference cannot be reported on, and ingest never spools such objects.
 
 pub(crate) mod attrs;
+mod jpeg_ext;
 
 use std::path::{Path, PathBuf};
 
@@ -307,7 +312,14 @@ fn read_frames(path: &Path, out: &mut Vec<Frame>) -> Result<(), VolumeError> {
     let multi = attrs::has_functional_groups(&obj);
     let padding = padding_range(&obj, signed);
 
-    let decoded = decode(&obj, path, &ts)?;
+    let layout = jpeg_ext::Layout {
+        rows,
+        cols,
+        bits_allocated: bits_allocated as u16,
+        bits_stored: bits_stored as u16,
+        frames: n_frames,
+    };
+    let decoded = decode(&obj, path, &ts, &layout)?;
     let frame_len = rows * cols * (bits_allocated as usize / 8);
     let data = decoded.data();
     if data.len() < frame_len * n_frames {
@@ -358,11 +370,29 @@ fn read_frames(path: &Path, out: &mut Vec<Frame>) -> Result<(), VolumeError> {
     Ok(())
 }
 
+/// Decoded pixel data of one object, whichever decoder produced it.
+enum Decoded<'a> {
+    Pixeldata(dicom_pixeldata::DecodedPixelData<'a>),
+    Owned(Vec<u8>),
+}
+
+impl Decoded<'_> {
+    fn data(&self) -> &[u8] {
+        match self {
+            Decoded::Pixeldata(d) => d.data(),
+            Decoded::Owned(v) => v,
+        }
+    }
+}
+
+/// The one place pixel data is decoded: `dicom-pixeldata` for every accepted
+/// syntax but JPEG Extended, which it cannot decode at 12 bits (`jpeg_ext`).
 fn decode<'a>(
     obj: &'a dicom_object::DefaultDicomObject,
     path: &Path,
     ts: &str,
-) -> Result<dicom_pixeldata::DecodedPixelData<'a>, VolumeError> {
+    layout: &jpeg_ext::Layout,
+) -> Result<Decoded<'a>, VolumeError> {
     use dicom_pixeldata::PixelDecoder;
     let fail = |message: String| VolumeError::Decode {
         path: path.to_owned(),
@@ -371,9 +401,16 @@ fn decode<'a>(
     };
     // Some codecs assert on malformed input; a panic must not take the
     // worker down with it.
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| obj.decode_pixel_data())) {
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        if ts == jpeg_ext::UID {
+            jpeg_ext::decode(obj, layout).map(Decoded::Owned)
+        } else {
+            obj.decode_pixel_data().map(Decoded::Pixeldata).map_err(|e| e.to_string())
+        }
+    }));
+    match result {
         Ok(Ok(d)) => Ok(d),
-        Ok(Err(e)) => Err(fail(e.to_string())),
+        Ok(Err(e)) => Err(fail(e)),
         Err(_) => Err(fail("the decoder panicked".into())),
     }
 }

@@ -54,6 +54,9 @@ fn chest_lossless_encodings_decode_to_identical_hu_and_lossy_ones_close() {
     }
     for (ts, max_tol, mean_tol) in [
         ("1.2.840.10008.1.2.4.50", 400.0, 30.0),
+        // 12-bit DCT of a range rescaled to slope 2.0002442: measured
+        // (pydicom on dcmdjpeg's output) max 35.6, mean 3.84 HU.
+        ("1.2.840.10008.1.2.4.51", 50.0, 5.0),
         ("1.2.840.10008.1.2.4.81", 50.0, 10.0),
         ("1.2.840.10008.1.2.4.91", 400.0, 30.0),
     ] {
@@ -66,10 +69,57 @@ fn chest_lossless_encodings_decode_to_identical_hu_and_lossy_ones_close() {
     }
 }
 
+/// JPEG Extended (.51, 12-bit DCT) decodes to DCMTK's HU. The reference is
+/// the same file decompressed by `/usr/bin/dcmdjpeg` (DCMTK's own 12-bit IJG
+/// build) and read through the uncompressed path, so both sides share the
+/// modality LUT and differ only in the JPEG decoder. Both libjpeg-turbo and
+/// IJG use the accurate integer IDCT by default, so the codecs should agree
+/// to within one stored value (one RescaleSlope in HU); measured: identical
+/// (max and mean |ΔHU| 0 on both files).
+#[test]
+fn jpeg_extended_12bit_matches_dcmtk_dcmdjpeg() {
+    let Some(root) = realct() else { return };
+    let dcmdjpeg = Path::new("/usr/bin/dcmdjpeg");
+    if !dcmdjpeg.exists() {
+        assert!(!crate::test_data::in_ci(), "DCMTK's dcmdjpeg is required under CI");
+        eprintln!("skipping: no /usr/bin/dcmdjpeg");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    for (name, src, frames) in [
+        ("chest .51", chest(&root, "1.2.840.10008.1.2.4.51"), 1),
+        (
+            "CT0012 (Enhanced CT, fragmented, no offset table)",
+            root.join("wg04-single-slices/CT0012.fragmented_no_bot_jpeg_baseline.51.dcm"),
+            2,
+        ),
+    ] {
+        let reference_file = tmp.path().join(format!("ref-{frames}.dcm"));
+        let out = std::process::Command::new(dcmdjpeg).arg(&src).arg(&reference_file).output().unwrap();
+        assert!(out.status.success(), "dcmdjpeg {}: {}", src.display(), String::from_utf8_lossy(&out.stderr));
+        let reference = Volume::from_files(&[reference_file]).unwrap_or_else(|e| panic!("{name} reference: {e}"));
+        let ours = Volume::from_files(&[src]).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(ours.hu.dim(), reference.hu.dim(), "{name}");
+        assert_eq!(ours.hu.dim().0, frames, "{name}");
+        let (min, max) = reference.hu.iter().fold((f32::MAX, f32::MIN), |(a, b), v| (a.min(*v), b.max(*v)));
+        assert!(max - min > 1000.0, "{name}: reference HU range {min}..{max} is not a CT image");
+        let diff: Vec<f32> = ours.hu.iter().zip(&reference.hu).map(|(a, b)| (a - b).abs()).collect();
+        let max_diff = diff.iter().copied().fold(0.0, f32::max);
+        let mean_diff = diff.iter().sum::<f32>() / diff.len() as f32;
+        let step = ours.hu_step as f32;
+        eprintln!(
+            "{name}: {} voxels, HU step {step}, max |ΔHU| {max_diff}, mean |ΔHU| {mean_diff:.4} vs dcmdjpeg",
+            diff.len()
+        );
+        assert!(max_diff <= step * 1.001, "{name}: max |ΔHU| {max_diff} above one stored step {step}");
+        assert!(mean_diff <= 0.01 * step, "{name}: mean |ΔHU| {mean_diff}");
+    }
+}
+
 #[test]
 fn chest_undecodable_encodings_give_a_decode_error() {
     let Some(root) = realct() else { return };
-    for ts in ["1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.53", "1.2.840.10008.1.2.4.55"] {
+    for ts in ["1.2.840.10008.1.2.4.53", "1.2.840.10008.1.2.4.55"] {
         match Volume::from_files(&[chest(&root, ts)]) {
             Err(e @ VolumeError::Decode { .. }) => {
                 eprintln!("{ts}: {e}");
@@ -165,12 +215,30 @@ fn siemens_without_uids_is_refused_clearly() {
     }
 }
 
+/// A .51 frame cut short decodes in libjpeg with a warning and grey for the
+/// missing rows; that must be a decode error, never a measurable image.
 #[test]
-fn wg04_enhanced_ct_in_fragmented_jpeg_is_a_decode_error() {
+fn truncated_jpeg_extended_frame_is_a_decode_error() {
+    use dicom_core::value::{PixelFragmentSequence, Value};
     let Some(root) = realct() else { return };
-    let p = root.join("wg04-single-slices/CT0012.fragmented_no_bot_jpeg_baseline.51.dcm");
-    match Volume::from_files(&[p]) {
-        Err(e @ VolumeError::Decode { .. }) => eprintln!("{e}"),
+    let src = chest(&root, "1.2.840.10008.1.2.4.51");
+    let mut obj = crate::dicom::read::open_dicom(&src, crate::dicom::read::ReadDepth::Full).unwrap();
+    let mut jpeg: Vec<u8> = obj.element(tags::PIXEL_DATA).unwrap().value().fragments().unwrap().concat();
+    jpeg.truncate(jpeg.len() / 2);
+    obj.put(DataElement::new(
+        tags::PIXEL_DATA,
+        VR::OB,
+        Value::<InMemDicomObject, _>::PixelSequence(PixelFragmentSequence::new(Vec::<u32>::new(), vec![jpeg])),
+    ));
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("cut.dcm");
+    obj.write_to_file(&path).unwrap();
+    match Volume::from_files(&[path]) {
+        Err(e @ VolumeError::Decode { .. }) => {
+            eprintln!("{e}");
+            assert!(e.to_string().contains("1.2.840.10008.1.2.4.51"), "{e}");
+            assert!(!e.is_retryable());
+        }
         other => panic!("expected Decode, got {other:?}"),
     }
 }

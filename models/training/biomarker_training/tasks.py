@@ -85,12 +85,14 @@ TASKS = {
         unit_ucum="{Agatston}", unit_meaning="Agatston score", unit_scale=1.0,
         hu_clip=(-300.0, 1000.0), scale_subtract=350.0, scale_divide=650.0,
         size=(128, 128), slices="all",
-        # No code for the Agatston score was verified in this session: private scheme.
-        concept=Code("99BMN", "CAC-AGATSTON", "Coronary artery calcium score (Agatston)"),
+        # PS3.16 CID 6142 "Calculated Value"; the SR adds Measurement Method
+        # (112055, DCM, "Agatston scoring method") from CID 6140.
+        concept=Code("SCT", "450360000", "Coronary artery calcium score"),
         finding_site=Code("SCT", "41801008", "Coronary artery"),
         value_scale=100.0,
-        notes=["concept uses the private coding scheme 99BMN because no standard code for the "
-               "Agatston score was verified in this session."],
+        notes=["concept is (450360000, SCT, \"Coronary artery calcium score\"), PS3.16 CID 6142; the SR adds "
+               "Measurement Method (112055, DCM, \"Agatston scoring method\"), CID 6140 "
+               "(docs/CONFORMANCE.md, \"CAC codes\")."],
     ),
 }
 
