@@ -120,6 +120,16 @@ async fn run(cfg: Config, table: RouteTable, config_path: std::path::PathBuf) ->
             },
         );
     }
+    let retention_task = cfg.retention.enabled().then(|| {
+        let r = crate::retention::Retention {
+            config: cfg.retention.clone(),
+            index_path: cfg.index_path(),
+            spool_root: cfg.spool_dir(),
+            jobs: jobs.clone(),
+            outbox: outbox_store.clone(),
+        };
+        tokio::spawn(r.run(shutdown.clone()))
+    });
     let (outbox, outbox_task) = crate::outbox::Outbox::spawn(
         outbox_store,
         destinations,
@@ -222,6 +232,9 @@ async fn run(cfg: Config, table: RouteTable, config_path: std::path::PathBuf) ->
         let _ = t.await;
     }
     worker_task.await.context("job worker panicked")?;
+    if let Some(t) = retention_task {
+        t.await.context("retention panicked")?;
+    }
     outbox_task.await.context("outbox panicked")?;
     tracker_shutdown.cancel();
     tracker_task.await.context("series tracker panicked")?;
