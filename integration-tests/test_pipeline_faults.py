@@ -276,6 +276,7 @@ def test_retention_by_age_deletes_done_series_and_keeps_pending_ones(tmp_path, n
     # Results stay: a dead letter's retry needs them.
     assert (n.data_dir / "results" / done).is_dir()
     assert metric(n, "biomarker_node_retention_purged_series_total") == 1
+    assert 'biomarker_node_retention_purged_series_total{policy="age"} 1' in n.http("/metrics")[2].decode()
     assert metric(n, "biomarker_node_retention_purged_instances_total") == 1
     lines = [l for l in n.log_text().splitlines() if "retention deleted spooled instances" in l]
     assert len(lines) == 1 and done in lines[0] and "age" in lines[0], lines
@@ -315,6 +316,6 @@ def test_retention_size_cap_deletes_oldest_done_series_first(tmp_path, nodes, pr
         assert len(spooled(n, keep)) == 1
     assert spooled(n, probe) == [] and spooled(n, a1) == []
     assert sum(p.stat().st_size for p in n.spool_dir.rglob("*.dcm")) <= 3.5 * size
-    assert metric(n, "biomarker_node_retention_purged_series_total") == 2
+    assert 'biomarker_node_retention_purged_series_total{policy="size"} 2' in n.http("/metrics")[2].decode()
     log = n.log_text()
     assert len(re.findall(r"retention deleted spooled instances", log)) == 2

@@ -566,3 +566,25 @@ impl Worker {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deadline_and_commit_exclude_each_other() {
+        // The deadline wins: the computation may no longer commit.
+        let g = JobGuard::default();
+        assert!(!g.is_abandoned());
+        assert!(g.abandon());
+        assert!(g.is_abandoned());
+        assert!(!g.begin_commit());
+        // The commit wins: the worker waits instead of failing the job.
+        let g = JobGuard::default();
+        assert!(g.begin_commit());
+        assert!(!g.abandon());
+        assert!(!g.is_abandoned());
+        assert_eq!(deadline_reason(std::time::Duration::from_secs(600)), "deadline of 600 s exceeded");
+        assert_eq!(deadline_reason(std::time::Duration::from_millis(2500)), "deadline of 2.5 s exceeded");
+    }
+}

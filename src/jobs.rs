@@ -9,6 +9,10 @@
 //!   restart never runs a job twice; a re-opened series (new generation) or
 //!   an explicit `retrigger` runs it again.
 //! - Jobs left `running` by a crash go back to `pending` at start-up.
+//! - An outcome is recorded for the attempt that is running
+//!   ([`JobStore::finish_attempt`]): a job failed at its deadline, then
+//!   re-queued or re-triggered, is never overwritten by the abandoned
+//!   attempt's late result.
 //!
 //! The [`JobStore`] trait is the seam for a distributed queue.
 

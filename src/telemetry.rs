@@ -19,6 +19,12 @@ pub struct OutcomeLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PolicyLabel {
+    /// The retention policy: `age` or `size`.
+    pub policy: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct InstanceLabels {
     /// The DIMSE status we answered, `0x0000` style.
     pub status: String,
@@ -76,9 +82,9 @@ pub struct Metrics {
     pub association_limit: Gauge,
     pub series_unroutable: Counter,
     pub jobs_deadline_exceeded: Counter,
-    pub retention_series: Family<OutcomeLabel, Counter>,
-    pub retention_instances: Family<OutcomeLabel, Counter>,
-    pub retention_bytes: Family<OutcomeLabel, Counter>,
+    pub retention_series: Family<PolicyLabel, Counter>,
+    pub retention_instances: Family<PolicyLabel, Counter>,
+    pub retention_bytes: Family<PolicyLabel, Counter>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -348,7 +354,7 @@ pub struct SeriesPurged<'a> {
 }
 impl SeriesPurged<'_> {
     pub fn emit(self) {
-        let l = OutcomeLabel { outcome: self.policy.into() };
+        let l = PolicyLabel { policy: self.policy.into() };
         METRICS.retention_series.get_or_create(&l).inc();
         METRICS.retention_instances.get_or_create(&l).inc_by(self.instances);
         METRICS.retention_bytes.get_or_create(&l).inc_by(self.bytes);

@@ -3,6 +3,11 @@
 //! One writer (the tracker actor, plus later stages calling `set_state`) and
 //! any number of readers (routing, `biomarker-node series`) share the file:
 //! WAL lets readers see a consistent snapshot while the writer commits.
+//!
+//! Retention deletes spool files but keeps their rows, flagged with
+//! `purged_at`: such an instance is no longer a duplicate (a copy sent again
+//! is stored as new), no longer part of its series for routing and jobs,
+//! and not "missing" for recovery.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
