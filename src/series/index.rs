@@ -681,6 +681,39 @@ mod tests {
     }
 
     #[test]
+    fn a_version_1_index_is_read_as_is_and_migrated_by_the_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("index.sqlite");
+        {
+            let c = Connection::open(&path).unwrap();
+            // The version 1 schema: the current one without the added columns.
+            let v1 = SCHEMA
+                .replace(",\n    state_reason        TEXT,\n    purged_at           TEXT,\n    purged_instances    INTEGER NOT NULL DEFAULT 0", "")
+                .replace(",\n    purged_at           TEXT\n", "\n");
+            assert!(!v1.contains("purged"), "{v1}");
+            c.execute_batch(&v1).unwrap();
+            c.pragma_update(None, "user_version", 1).unwrap();
+            c.execute(
+                "INSERT INTO series (series_instance_uid, study_instance_uid, state, generation,
+                     first_received_at, last_received_at) VALUES ('1.2.3', '1.2', 'analyzed', 1, 't', 't')",
+                [],
+            )
+            .unwrap();
+        }
+        let ro = SeriesIndex::open_readonly(&path).unwrap();
+        let row = &ro.list_series().unwrap()[0];
+        assert_eq!((row.state.as_str(), row.state_reason.as_deref(), row.purged_instances), ("analyzed", None, 0));
+        assert!(ro.series_instances(&s("1.2.3")).unwrap().is_empty());
+        drop(ro);
+        let mut ix = SeriesIndex::open(&path).unwrap();
+        ix.set_state_with_reason(&s("1.2.3"), "unroutable", Some("why")).unwrap();
+        let row = &ix.list_series().unwrap()[0];
+        assert_eq!(row.state_reason.as_deref(), Some("why"));
+        let version: i64 = ix.conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+    }
+
+    #[test]
     fn open_readonly_refuses_a_missing_index() {
         let dir = tempfile::tempdir().unwrap();
         let e = SeriesIndex::open_readonly(&dir.path().join("nope.sqlite"))
