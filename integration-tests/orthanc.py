@@ -42,6 +42,18 @@ def orthanc_available() -> bool:
     return Path(ORTHANC_BIN).exists()
 
 
+def dicomweb_plugin() -> Path | None:
+    """The DICOMweb plugin (Debian's `orthanc-dicomweb`), or None."""
+    env = os.environ.get("ORTHANC_DICOMWEB_PLUGIN")
+    if env:
+        return Path(env)
+    for c in [Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so"),
+              *sorted(Path("/usr/lib/orthanc").glob("libOrthancDicomWeb.so*"))]:
+        if c.exists():
+            return c
+    return None
+
+
 class Orthanc:
     def __init__(
         self,
@@ -50,7 +62,12 @@ class Orthanc:
         aet: str = "ORTHANC",
         modalities: dict | None = None,
         always_allow_store: bool = True,
+        dicomweb: bool = False,
+        users: dict[str, str] | None = None,
     ):
+        """`dicomweb`: load the DICOMweb plugin, its root at `/dicom-web/`
+        (`dicomweb_url`). `users`: HTTP basic auth on for every REST call,
+        these user → password pairs; the helpers here use the first."""
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.dicom_port = dicom_port or free_port()
@@ -69,7 +86,8 @@ class Orthanc:
             "DicomPort": self.dicom_port,
             "HttpPort": self.http_port,
             "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
+            "AuthenticationEnabled": bool(users),
+            "RegisteredUsers": users or {},
             "DicomCheckCalledAet": False,
             "DicomAlwaysAllowStore": always_allow_store,
             # Orthanc admits any caller if any of these is true; a
@@ -83,12 +101,23 @@ class Orthanc:
             "LuaScripts": [str(lua)],
             "Plugins": [],
         }
+        self.auth = next(iter(users.items())) if users else None
+        if dicomweb:
+            plugin = dicomweb_plugin()
+            if plugin is None:
+                raise RuntimeError("the Orthanc DICOMweb plugin is not installed (apt-get install orthanc-dicomweb)")
+            self.config["Plugins"] = [str(plugin)]
+            self.config["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/"}
         self.config_path.write_text(json.dumps(self.config, indent=2))
         self.proc: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def dicomweb_url(self) -> str:
+        return f"{self.url}/dicom-web"
 
     # ---------------------------------------------------------------- process
     def start(self, timeout: float = 30.0) -> "Orthanc":
@@ -108,7 +137,7 @@ class Orthanc:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"Orthanc exited with {self.proc.returncode}:\n{self.log_tail()}")
             try:
-                r = requests.get(self.url + "/system", timeout=1)
+                r = requests.get(self.url + "/system", timeout=1, auth=self.auth)
                 if r.ok:
                     with socket.create_connection(("127.0.0.1", self.dicom_port), timeout=1):
                         return self
@@ -156,12 +185,12 @@ class Orthanc:
 
     # ---------------------------------------------------------------- REST
     def get(self, path: str, **kw):
-        r = requests.get(self.url + path, timeout=30, **kw)
+        r = requests.get(self.url + path, timeout=30, auth=self.auth, **kw)
         r.raise_for_status()
         return r.json()
 
     def post(self, path: str, data=None, json_body=None, timeout: float = 60):
-        r = requests.post(self.url + path, data=data, json=json_body, timeout=timeout)
+        r = requests.post(self.url + path, data=data, json=json_body, timeout=timeout, auth=self.auth)
         r.raise_for_status()
         return r.json() if r.content else None
 
@@ -180,7 +209,7 @@ class Orthanc:
         return self.get(f"/instances/{iid}/simplified-tags")
 
     def instance_file(self, iid: str) -> bytes:
-        r = requests.get(f"{self.url}/instances/{iid}/file", timeout=30)
+        r = requests.get(f"{self.url}/instances/{iid}/file", timeout=30, auth=self.auth)
         r.raise_for_status()
         return r.content
 

@@ -102,13 +102,18 @@ def test_metrics_are_prometheus_text(tmp_path, nodes):
     assert r.returncode != 0
     text = node.http("/metrics")[2].decode()
     assert metric(text, "biomarker_node_associations_total", outcome="rejected") == 1
-    # a connection holds an association slot until it goes away
+    # an association holds a slot until it goes away; a bare connection that
+    # has not associated holds none (issue 12: silent peers cannot starve slots)
     assert metric(text, "biomarker_node_association_limit") == 16
     assert metric(text, "biomarker_node_connections_open") == 0
     import socket
+
+    import rawdul as ul
     with socket.create_connection(("127.0.0.1", node.port)):
-        wait_for(lambda: metric(node.http("/metrics")[2].decode(), "biomarker_node_connections_open") == 1,
-                 10, "one open connection counted")
+        with ul.RawAssociation("127.0.0.1", node.port) as a:
+            a.associate()
+            assert metric(node.http("/metrics")[2].decode(), "biomarker_node_connections_open") == 1
+            a.release()
     wait_for(lambda: metric(node.http("/metrics")[2].decode(), "biomarker_node_connections_open") == 0,
              15, "the slot freed after the peer left")
 

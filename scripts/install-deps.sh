@@ -27,7 +27,7 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 export DEBIAN_FRONTEND=noninteractive
-APT_PKGS=(dcmtk orthanc dicom3tools cmake sqlite3 openssl time curl procps chromium chromium-driver dpkg-dev systemd)
+APT_PKGS=(dcmtk orthanc orthanc-dicomweb dicom3tools cmake sqlite3 openssl time curl procps chromium chromium-driver dpkg-dev systemd)
 
 missing=()
 for p in "${APT_PKGS[@]}"; do

@@ -516,11 +516,8 @@ impl Worker {
             return Err(ABANDONED.into());
         }
         let inference_finished_at = crate::series::rfc3339(std::time::SystemTime::now());
-        let dir = self
-            .results_dir
-            .join(uid.as_str())
-            .join(&m.route)
-            .join(format!("g{}", job.key.generation));
+        let dir = crate::dicom::uid_path(&self.results_dir, &[&uid], &[&m.route, &format!("g{}", job.key.generation)])
+            .map_err(|e| e.to_string())?;
         write_outputs(&a, &dir).map_err(|e| e.to_string())?;
         let model = self.models.get(&m.model).map_err(|e| e.to_string())?;
         let seed = format!("{}|{}|{}|{}", uid, m.route, job.key.model_version, job.key.generation);

@@ -107,16 +107,25 @@ pub struct ModelConfig {
 
 pub use crate::inference::ExecutionProvider;
 
-/// A C-STORE SCP results are sent to.
+/// A C-STORE SCP results are sent to, or with `stow_rs` a DICOMweb
+/// origin server.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DestinationConfig {
+    /// Required for C-STORE; `validate` says so at the key. Defaulted so a
+    /// `stow_rs` destination can leave it out.
+    #[serde(default)]
     pub ae_title: String,
+    #[serde(default)]
     pub host: String,
+    #[serde(default)]
     pub port: u16,
     /// Deliver over DICOM TLS (PS3.15 B.1) instead of plain TCP.
     #[serde(default)]
     pub tls: Option<DestinationTlsConfig>,
+    /// Deliver by STOW-RS (PS3.18 10.5) instead of C-STORE.
+    #[serde(default)]
+    pub stow_rs: Option<crate::outbox::stow::StowRsConfig>,
 }
 
 /// How we verify a TLS destination and, optionally, prove who we are.
@@ -259,6 +268,10 @@ pub struct NodeConfig {
     pub max_pdu: u32,
     #[serde(default = "default_max_associations")]
     pub max_associations: usize,
+    /// Connections allowed at once before their A-ASSOCIATE-RQ has passed
+    /// negotiation (TLS handshake included); past it the oldest is closed.
+    #[serde(default = "default_max_pending_connections")]
+    pub max_pending_connections: usize,
     /// Callers allowed to associate. Empty means any caller (logged loudly).
     #[serde(default)]
     pub allowed_callers: Vec<AllowedCaller>,
@@ -308,7 +321,8 @@ pub struct AllowedCaller {
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Timeouts {
-    /// ARTIM: time allowed for the A-ASSOCIATE-RQ after TCP accept.
+    /// ARTIM: time allowed from TCP accept to a whole A-ASSOCIATE-RQ, the
+    /// TLS handshake included (the pre-association deadline).
     #[serde(default = "default_assoc_timeout")]
     pub association_request_s: u64,
     /// Time allowed to finish a PDU once its first byte arrived.
@@ -482,11 +496,16 @@ fn default_max_pdu() -> u32 {
 fn default_max_associations() -> usize {
     16
 }
+fn default_max_pending_connections() -> usize {
+    64
+}
 fn default_min_free_mb() -> u64 {
     1024
 }
 fn default_assoc_timeout() -> u64 {
-    30
+    // Short: it is how long a connection nobody has vouched for may sit in
+    // the pre-association budget. A real peer sends its RQ in milliseconds.
+    5
 }
 fn default_read_timeout() -> u64 {
     30
@@ -584,6 +603,9 @@ impl Config {
             }
         }
         for d in self.destinations.values_mut() {
+            if let Some(s) = d.stow_rs.as_mut() {
+                s.resolve_paths(&resolve);
+            }
             if let Some(t) = d.tls.as_mut() {
                 resolve(&mut t.ca);
                 for p in [t.certificate.as_mut(), t.private_key.as_mut()].into_iter().flatten() {
@@ -630,6 +652,9 @@ impl Config {
         if self.node.max_associations == 0 {
             return Err(bad("node.max_associations", "must be at least 1".into()));
         }
+        if self.node.max_pending_connections == 0 {
+            return Err(bad("node.max_pending_connections", "must be at least 1".into()));
+        }
         if !(self.series.quiet_seconds > 0.0) {
             return Err(bad("series.quiet_seconds", "must be positive".into()));
         }
@@ -664,6 +689,31 @@ impl Config {
             ));
         }
         for (name, d) in &self.destinations {
+            if let Some(s) = &d.stow_rs {
+                let given = [
+                    ("ae_title", !d.ae_title.is_empty()),
+                    ("host", !d.host.is_empty()),
+                    ("port", d.port != 0),
+                    ("tls", d.tls.is_some()),
+                ];
+                if let Some((k, _)) = given.iter().find(|(_, g)| *g) {
+                    return Err(bad(
+                        &format!("destinations.{name}.{k}"),
+                        "is for C-STORE; a `stow_rs` destination takes only `stow_rs`".into(),
+                    ));
+                }
+                s.validate(name).map_err(|f| bad(&f.key, f.message))?;
+                continue;
+            }
+            // Defaulted for `stow_rs`; missing ones say so here, not as "empty".
+            for (k, missing) in [("ae_title", d.ae_title.is_empty()), ("host", d.host.is_empty()), ("port", d.port == 0)] {
+                if missing {
+                    return Err(bad(
+                        &format!("destinations.{name}.{k}"),
+                        "is required for a C-STORE destination (or give `stow_rs`)".into(),
+                    ));
+                }
+            }
             check_ae(&d.ae_title).map_err(|m| bad(&format!("destinations.{name}.ae_title"), m))?;
             if d.host.trim().is_empty() {
                 return Err(bad(&format!("destinations.{name}.host"), "is empty".into()));
@@ -836,6 +886,12 @@ pub fn check_file(path: &Path) -> Result<(Config, crate::routing::RouteTable), V
         .into_iter()
         .map(|e| ConfigDiagnostic::at(cfg.source.as_ref(), e.key(), e.to_string()))
         .collect();
+    // Secrets (environment, files) and `ca` of STOW-RS destinations.
+    for (name, d) in &cfg.destinations {
+        if let Some(Err(e)) = d.stow_rs.as_ref().map(|s| crate::outbox::stow::StowTarget::build(name, s)) {
+            diags.push(ConfigDiagnostic::at(cfg.source.as_ref(), &e.key, e.message));
+        }
+    }
     match crate::routing::RouteTable::compile(&cfg) {
         Ok(table) if diags.is_empty() => Ok((cfg, table)),
         Ok(_) => Err(diags),
@@ -1050,6 +1106,50 @@ mod tests {
         // TLS-only on the plain port is fine: there is one listener.
         let y = format!("{MIN}  port: 2762\n  tls: {{certificate: a, private_key: b, plain: false}}\n");
         Config::parse(&y, Path::new("t.yaml")).unwrap();
+    }
+
+    #[test]
+    fn stow_rs_destination_parses_and_mistakes_name_their_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("n.yaml");
+        let y = format!(
+            "{MIN}destinations:\n  web:\n    stow_rs: {{url: 'https://pacs/dicom-web', ca: ca.pem, auth: bearer, token_file: t}}\n"
+        );
+        std::fs::write(&p, y).unwrap();
+        let c = Config::load(&p).unwrap();
+        let s = c.destinations["web"].stow_rs.as_ref().expect("stow_rs parsed");
+        assert_eq!(s.ca.as_deref(), Some(dir.path().join("ca.pem").as_path()));
+        assert_eq!(s.token_file.as_deref(), Some(dir.path().join("t").as_path()));
+        let cases = [
+            ("{stow_rs: {url: 'http://h/'}, host: h}", "destinations.web.host"),
+            ("{stow_rs: {url: 'http://h/'}, ae_title: P}", "destinations.web.ae_title"),
+            ("{stow_rs: {url: 'http://h/', auth: basic}}", "destinations.web.stow_rs.username"),
+            ("{stow_rs: {url: 'h/x'}}", "destinations.web.stow_rs.url"),
+            ("{stow_rs: {url: 'http://h/', colour: red}}", "colour"),
+            ("{host: h, port: 104}", "destinations.web.ae_title"),
+            ("{ae_title: P, port: 104}", "destinations.web.host"),
+        ];
+        for (d, key) in cases {
+            let y = format!("{MIN}destinations:\n  web: {d}\n");
+            let e = Config::parse(&y, Path::new("t.yaml")).unwrap_err();
+            assert!(e.to_string().contains(key), "{y}: {e}");
+        }
+    }
+
+    #[test]
+    fn check_file_reports_a_missing_stow_secret_at_its_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("n.yaml");
+        let y = format!(
+            "{MIN}destinations:\n  web:\n    stow_rs:\n      url: http://h/dicom-web\n      auth: basic\n      \
+             username: u\n      password_env: BMN_CONFIG_TEST_UNSET_PW_41\n"
+        );
+        std::fs::write(&p, y).unwrap();
+        let diags = check_file(&p).unwrap_err();
+        assert_eq!(diags.len(), 1, "{diags:?}");
+        assert_eq!(diags[0].key, "destinations.web.stow_rs.password_env");
+        assert_eq!(diags[0].line, Some(10), "{diags:?}");
+        assert!(diags[0].message.contains("BMN_CONFIG_TEST_UNSET_PW_41"));
     }
 
     #[test]

@@ -17,6 +17,8 @@ pub mod config_schema;
 pub mod dimse;
 pub mod http;
 pub mod telemetry;
+#[cfg(test)]
+pub(crate) mod test_data;
 pub mod dicom;
 pub mod inference;
 pub mod ingest;

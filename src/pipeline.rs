@@ -110,6 +110,10 @@ async fn run(cfg: Config, table: RouteTable, config_path: std::path::PathBuf) ->
                 server_name: t.server_name.clone().unwrap_or_else(|| d.host.clone()),
             }),
         };
+        let stow = match &d.stow_rs {
+            None => None,
+            Some(s) => Some(crate::outbox::stow::StowTarget::build(k, s).map_err(|e| anyhow::anyhow!("{e}"))?),
+        };
         destinations.insert(
             k.clone(),
             crate::outbox::Destination {
@@ -117,6 +121,7 @@ async fn run(cfg: Config, table: RouteTable, config_path: std::path::PathBuf) ->
                 host: d.host.clone(),
                 port: d.port,
                 tls,
+                stow,
             },
         );
     }
@@ -162,7 +167,7 @@ async fn run(cfg: Config, table: RouteTable, config_path: std::path::PathBuf) ->
     }
     let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
     // One gate for both ports: the association limit is the node's, not a port's.
-    let gate = Gate::new(cfg.node.max_associations);
+    let gate = Gate::new(cfg.node.max_associations, cfg.node.max_pending_connections);
     let http_task = if cfg.http.enabled {
         let state = Arc::new(crate::http::AppState {
             token: cfg.http.effective_token(),
@@ -346,7 +351,8 @@ pub fn analyze(config_path: &Path, out: &Path, paths: &[std::path::PathBuf]) -> 
             jobs += 1;
             match crate::analysis::run(&models, &s.uid, &m, &files, &opts) {
                 Ok(a) => {
-                    let dir = out.join(&s.uid).join(&m.route);
+                    let uid = crate::dicom::Uid::parse(&s.uid)?;
+                    let dir = crate::dicom::uid_path(out, &[&uid], &[&m.route])?;
                     crate::analysis::write_outputs(&a, &dir)?;
                     let seed = format!("{}|{}|{}|analyze", s.uid, m.route, a.line.model_version);
                     let model = models.get(&m.model)?;

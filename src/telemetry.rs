@@ -85,6 +85,7 @@ pub struct Metrics {
     pub retention_series: Family<PolicyLabel, Counter>,
     pub retention_instances: Family<PolicyLabel, Counter>,
     pub retention_bytes: Family<PolicyLabel, Counter>,
+    pub pre_association_evicted: Counter,
 }
 
 fn latency_histogram() -> Histogram {
@@ -117,6 +118,7 @@ impl Metrics {
             retention_series: Family::default(),
             retention_instances: Family::default(),
             retention_bytes: Family::default(),
+            pre_association_evicted: Counter::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -168,6 +170,11 @@ impl Metrics {
             "retention_purged_bytes",
             "Spool bytes retention deleted, by policy (age, size)",
             m.retention_bytes.clone(),
+        );
+        r.register(
+            "pre_association_evicted",
+            "Connections closed before their A-ASSOCIATE-RQ because node.max_pending_connections was full (the oldest waiting one goes)",
+            m.pre_association_evicted.clone(),
         );
         Metrics { registry, ..m }
     }
@@ -365,5 +372,40 @@ impl SeriesPurged<'_> {
             bytes = self.bytes,
             "retention deleted spooled instances"
         );
+    }
+}
+
+/// A connection still in the pre-association stage (TLS handshake or
+/// A-ASSOCIATE-RQ not yet in) closed to make room for a newer one.
+///
+/// A flood brings thousands of these a second, so the log line is limited
+/// to one a second, carrying the count since the last; the counter sees all.
+pub struct PreAssociationEvicted {
+    pub id: u64,
+    pub peer: std::net::SocketAddr,
+    pub budget: usize,
+}
+impl PreAssociationEvicted {
+    pub fn emit(self) {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static LAST_LINE_S: AtomicU64 = AtomicU64::new(0);
+        static SINCE_LAST_LINE: AtomicU64 = AtomicU64::new(0);
+        METRICS.pre_association_evicted.inc();
+        let n = SINCE_LAST_LINE.fetch_add(1, Ordering::Relaxed) + 1;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let last = LAST_LINE_S.load(Ordering::Relaxed);
+        if now > last && LAST_LINE_S.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
+            SINCE_LAST_LINE.fetch_sub(n, Ordering::Relaxed);
+            tracing::warn!(
+                id = self.id,
+                peer = %self.peer,
+                budget = self.budget,
+                evicted = n,
+                "pre-association budget full: closed the oldest connection still without an A-ASSOCIATE-RQ"
+            );
+        }
     }
 }

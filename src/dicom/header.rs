@@ -14,9 +14,12 @@ use super::{Uid, UidError};
 pub enum HeaderError {
     #[error("{attribute} is missing or empty")]
     Missing { attribute: &'static str },
-    #[error("{attribute} is not a valid UID: {source}")]
+    /// `value` is the refused value, escaped and cut to 80 characters: it is
+    /// peer input, fit for a log line but not for a path or a terminal.
+    #[error("{attribute} {value} is not a valid UID: {source}")]
     BadUid {
         attribute: &'static str,
+        value: String,
         source: UidError,
     },
 }
@@ -90,7 +93,15 @@ fn int<T: std::str::FromStr>(obj: &InMemDicomObject, tag: Tag) -> Option<T> {
 
 fn uid(obj: &InMemDicomObject, tag: Tag, attribute: &'static str) -> Result<Uid, HeaderError> {
     let raw = text(obj, tag).ok_or(HeaderError::Missing { attribute })?;
-    Uid::parse(&raw).map_err(|source| HeaderError::BadUid { attribute, source })
+    Uid::parse(&raw).map_err(|source| HeaderError::BadUid { attribute, value: escaped(&raw), source })
+}
+
+/// `raw` quoted, cut to 80 characters and escaped to printable ASCII, so it
+/// can go into a log line or a DIMSE Error Comment (default repertoire).
+pub fn escaped(raw: &str) -> String {
+    let cut: String = raw.chars().take(80).flat_map(char::escape_default).collect();
+    let more = if raw.chars().nth(80).is_some() { "..." } else { "" };
+    format!("\"{cut}\"{more}")
 }
 
 impl InstanceHeader {
@@ -135,5 +146,18 @@ impl InstanceHeader {
             series_description: text(obj, tags::SERIES_DESCRIPTION),
             geometry,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::escaped;
+
+    #[test]
+    fn escaped_values_are_quoted_printable_ascii_and_cut() {
+        assert_eq!(escaped(".."), "\"..\"");
+        assert_eq!(escaped("1\n2\u{e9}\0"), "\"1\\n2\\u{e9}\\u{0}\"");
+        let long = "9".repeat(100);
+        assert_eq!(escaped(&long), format!("\"{}\"...", "9".repeat(80)));
     }
 }

@@ -198,13 +198,7 @@ mod tests {
     use super::*;
 
     fn realct() -> Option<PathBuf> {
-        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/realct");
-        if p.is_dir() {
-            Some(p)
-        } else {
-            eprintln!("skipping: {} is absent", p.display());
-            None
-        }
+        crate::test_data::realct()
     }
 
     #[test]

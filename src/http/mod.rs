@@ -8,11 +8,15 @@
 //!
 //! Security: loopback by default; a bearer token is required for all but
 //! health, readiness and the page's static files whenever one is set, and
-//! config validation refuses a non-loopback listener without one. Responses
-//! carry UIDs, AE titles, states and values, never patient names or IDs.
+//! config validation refuses a non-loopback listener without one. Without a
+//! token, state-changing requests need a same-origin proof and every host
+//! name but a loopback one is refused (`guard`); every response carries a
+//! strict Content-Security-Policy and no CORS header. Responses carry UIDs,
+//! AE titles, states and values, never patient names or IDs.
 
 mod api;
 mod assets;
+mod guard;
 mod thumbnail;
 
 use std::collections::BTreeMap;
@@ -95,6 +99,8 @@ pub fn router(state: Shared) -> Router {
         .route("/assets/{name}", get(assets::asset))
         .merge(api)
         .fallback(|| async { (StatusCode::NOT_FOUND, axum::Json(serde_json::json!({"error": "no such endpoint"}))) })
+        .layer(axum::middleware::from_fn_with_state(state.clone(), guard::same_origin_guard))
+        .layer(axum::middleware::map_response(guard::security_headers))
         .with_state(state)
 }
 
@@ -121,26 +127,16 @@ pub async fn bind(
 }
 
 async fn require_token(State(state): State<Shared>, req: Request, next: Next) -> Response {
-    let Some(expected) = state.token.as_deref() else {
+    if state.token.is_none() || guard::has_valid_token(&state, req.headers()) {
         return next.run(req).await;
-    };
-    let given = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    match given {
-        Some(t) if constant_time_eq(t.as_bytes(), expected.as_bytes()) => next.run(req).await,
-        _ => {
-            tracing::warn!(path = %req.uri().path(), "HTTP request without a valid bearer token");
-            (
-                StatusCode::UNAUTHORIZED,
-                [(header::WWW_AUTHENTICATE, "Bearer")],
-                axum::Json(serde_json::json!({"error": "a valid bearer token is required"})),
-            )
-                .into_response()
-        }
     }
+    tracing::warn!(path = %req.uri().path(), "HTTP request without a valid bearer token");
+    (
+        StatusCode::UNAUTHORIZED,
+        [(header::WWW_AUTHENTICATE, "Bearer")],
+        axum::Json(serde_json::json!({"error": "a valid bearer token is required"})),
+    )
+        .into_response()
 }
 
 /// Token comparison whose time does not depend on where the first

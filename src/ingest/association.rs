@@ -15,7 +15,6 @@ use dicom_ul::pdu::{
     PDataValueType, Pdu,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
 use super::assembler::{Assembler, AssemblyError, Event};
@@ -173,25 +172,36 @@ pub(super) struct Association<S> {
     shutdown: CancellationToken,
 }
 
-/// Run one connection to its end. `permit` is None when the association
-/// limit is reached: we still read the request so the peer gets a proper
-/// transient A-ASSOCIATE-RJ instead of a reset. `peer` is the TCP peer,
-/// also under TLS: the IP allow-list is about the socket, not the certificate.
+/// Run one connection to its end. `admission` is the connection's place in
+/// the pre-association stage: the RQ must arrive before its deadline, and a
+/// newer connection may evict it until then. The association slot is taken
+/// only once negotiation accepted the request; with none free the peer
+/// gets a transient A-ASSOCIATE-RJ instead of a reset. `peer` is the TCP
+/// peer, also under TLS: the IP allow-list is about the socket, not the
+/// certificate.
 pub(super) async fn run<S: Transport>(
     stream: S,
     peer: SocketAddr,
-    id: u64,
     shared: Arc<Shared>,
-    permit: Option<OwnedSemaphorePermit>,
+    admission: super::Admission,
     shutdown: CancellationToken,
 ) {
+    let id = admission.id;
     let mut conn = Conn {
         stream,
         buf: BytesMut::with_capacity(64 * 1024),
         max_pdata: shared.node.max_pdu,
     };
     let artim = Duration::from_secs(shared.node.timeouts.association_request_s);
-    let rq = match conn.read_pdu(artim, artim).await {
+    let left = admission.deadline.saturating_duration_since(tokio::time::Instant::now());
+    let rq = tokio::select! {
+        biased;
+        _ = shutdown.cancelled() => return,
+        // logged by the gate
+        _ = admission.evicted() => return,
+        r = conn.read_pdu(left, left) => r,
+    };
+    let rq = match rq {
         Ok(Pdu::AssociationRQ(rq)) => rq,
         Ok(other) => {
             telemetry::AssociationAborted { by: "us", reason: &format!("expected A-ASSOCIATE-RQ, got {}", other.short_description()) }.emit();
@@ -200,7 +210,7 @@ pub(super) async fn run<S: Transport>(
         }
         Err(e) => {
             let e = match e {
-                AssociationError::Idle(d) | AssociationError::ReadTimeout(d) => AssociationError::ArtimExpired(d),
+                AssociationError::Idle(_) | AssociationError::ReadTimeout(_) => AssociationError::ArtimExpired(artim),
                 e => e,
             };
             telemetry::AssociationAborted { by: "us", reason: &e.to_string() }.emit();
@@ -214,36 +224,42 @@ pub(super) async fn run<S: Transport>(
     span.record("calling_ae", rq.calling_ae_title.trim());
     span.record("called_ae", rq.called_ae_title.trim());
 
-    let overload = if permit.is_none() {
-        Some(Overload::TooManyAssociations)
-    } else if shared.disk_low() {
-        Some(Overload::LowDisk)
-    } else {
-        None
-    };
-    let decision = match overload {
-        Some(o) => Err(negotiation::reject_overload(o)),
-        None => negotiation::negotiate(
-            &rq,
-            &Policy {
-                ae_title: &shared.node.ae_title,
-                allowed_callers: &shared.node.allowed_callers,
-                max_pdu: shared.node.max_pdu,
-                peer: peer.ip(),
-            },
-        ),
-    };
-    let accepted = match decision {
-        Ok(a) => a,
+    // Who may associate is decided before any slot is spent on the caller.
+    let decision = negotiation::negotiate(
+        &rq,
+        &Policy {
+            ae_title: &shared.node.ae_title,
+            allowed_callers: &shared.node.allowed_callers,
+            max_pdu: shared.node.max_pdu,
+            peer: peer.ip(),
+        },
+    );
+    let (accepted, permit) = match decision {
         Err(rj) => {
-            reject(&mut conn, &rq.calling_ae_title, &rq.called_ae_title, rj).await;
+            reject_unless_evicted(&mut conn, &admission, &rq, rj).await;
             return;
         }
+        Ok(a) if shared.disk_low() => {
+            drop(a);
+            let rj = negotiation::reject_overload(Overload::LowDisk);
+            reject_unless_evicted(&mut conn, &admission, &rq, rj).await;
+            return;
+        }
+        Ok(a) => match admission.slot() {
+            Some(permit) => (a, permit),
+            None => {
+                let rj = negotiation::reject_overload(Overload::TooManyAssociations);
+                reject_unless_evicted(&mut conn, &admission, &rq, rj).await;
+                return;
+            }
+        },
     };
     if let Err(e) = conn.send(&Pdu::AssociationAC(accepted.ac)).await {
         tracing::warn!(error = %e, "could not send A-ASSOCIATE-AC");
         return;
     }
+    // An association now: it holds a slot and leaves the pre-association budget.
+    drop(admission);
     telemetry::AssociationAccepted {
         contexts: accepted.contexts.len(),
         calling_ae: rq.calling_ae_title.trim(),
@@ -281,6 +297,20 @@ pub(super) async fn run<S: Transport>(
         }
     }
     drop(permit);
+}
+
+/// A reject is pre-association time too: an eviction cuts its wait for the
+/// peer's close short, so rejected connections stay within the budget.
+async fn reject_unless_evicted<S: Transport>(
+    conn: &mut Conn<S>,
+    admission: &super::Admission,
+    rq: &dicom_ul::pdu::AssociationRQ,
+    rj: AssociationRJ,
+) {
+    tokio::select! {
+        _ = admission.evicted() => {}
+        _ = reject(conn, &rq.calling_ae_title, &rq.called_ae_title, rj) => {}
+    }
 }
 
 async fn reject<S: Transport>(conn: &mut Conn<S>, calling: &str, called: &str, rj: AssociationRJ) {
@@ -402,8 +432,12 @@ impl<S: Transport> Association<S> {
         if sop_class != context.abstract_syntax || !is_storage_sop_class(&sop_class) {
             return refuse(Status::SopClassNotSupported, "SOP class differs from the presentation context");
         }
-        if crate::dicom::Uid::parse(&sop_instance).is_err() {
-            return refuse(Status::CannotUnderstand, "Affected SOP Instance UID missing or invalid");
+        // Refused before a byte is written: this UID names the spool file.
+        if let Err(e) = crate::dicom::Uid::parse(&sop_instance) {
+            return refuse(Status::CannotUnderstand, &format!(
+                "AffectedSOPInstanceUID {} is not a valid UID: {e}",
+                crate::dicom::header::escaped(&sop_instance)
+            ));
         }
         if self.shared.disk_low() {
             return refuse(Status::OutOfResources, "free disk below the configured minimum");
@@ -551,8 +585,9 @@ pub fn status_for(e: &SpoolError) -> Status {
     match e {
         SpoolError::Io(_) | SpoolError::Meta(_) => Status::OutOfResources,
         SpoolError::SopClassMismatch { .. } => Status::DataSetDoesNotMatchSopClass,
-        SpoolError::Unparseable(_) | SpoolError::Header(_) | SpoolError::SopInstanceMismatch { .. } => {
-            Status::CannotUnderstand
-        }
+        SpoolError::Unparseable(_)
+        | SpoolError::Header(_)
+        | SpoolError::SopInstanceMismatch { .. }
+        | SpoolError::Path(_) => Status::CannotUnderstand,
     }
 }

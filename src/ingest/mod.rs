@@ -12,6 +12,10 @@
 //!   stream to disk PDV by PDV.
 //! - At most `max_associations` associations are served; extra requests get
 //!   a transient A-ASSOCIATE-RJ (local limit exceeded), not a TCP reset.
+//! - A slot is taken only after the A-ASSOCIATE-RQ passed negotiation;
+//!   before that a connection sits in a separate, bounded pre-association
+//!   budget under one short deadline (see [`Gate`]), so silent or slow
+//!   connections cannot starve allowed peers.
 //!
 //! Failure modes: a failed TLS handshake is logged and counted, and closes
 //! only that connection; a protocol violation aborts that association
@@ -29,12 +33,13 @@ pub mod framing;
 pub mod harness;
 pub mod negotiation;
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -66,13 +71,28 @@ impl Shared {
 }
 
 /// Admission state shared by every listener of the node, so the plain and
-/// the TLS port draw on one association limit and one id sequence.
+/// the TLS port draw on one association limit, one pre-association budget
+/// and one id sequence.
+///
+/// Two stages, so that connections nobody has vouched for cannot starve the
+/// peers that have been:
+/// - Pre-association (TLS handshake, A-ASSOCIATE-RQ, negotiation, a
+///   reject): every connection is admitted at once into a budget of
+///   `max_pending_connections`, under one deadline of
+///   `timeouts.association_request_s` from TCP accept. When the budget is
+///   full, the connection that has waited longest is closed to make room. A
+///   real peer sends its request within milliseconds of connecting, so a
+///   flood of silent or slow connections mostly evicts itself.
+/// - Association: an association slot (`max_associations`) is taken only
+///   once the request passed negotiation (called AE, allowed caller and
+///   host, contexts), so only callers that are allowed hold slots.
 pub struct Gate {
     /// One permit per association we will serve.
     limit: Arc<Semaphore>,
-    /// Bounds the handlers that only exist to send a reject, so a flood of
-    /// connections cannot spawn unbounded tasks.
-    reject_slots: Arc<Semaphore>,
+    /// Connections in the pre-association stage by id: ids grow, so the
+    /// first is the oldest. Cancelling the token closes that connection.
+    waiting: Mutex<BTreeMap<u64, (CancellationToken, SocketAddr)>>,
+    max_waiting: usize,
     next_id: AtomicU64,
     max: usize,
 }
@@ -88,7 +108,12 @@ impl Gate {
         self.max
     }
 
-    pub fn new(max_associations: usize) -> Arc<Gate> {
+    /// Connections that have not (yet) become an association.
+    pub fn waiting(&self) -> usize {
+        self.waiting.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    pub fn new(max_associations: usize, max_pending_connections: usize) -> Arc<Gate> {
         // Association ids only need to be unique within one process's logs
         // and the index; seeding from the clock keeps them apart across restarts.
         let seed = std::time::SystemTime::now()
@@ -97,10 +122,59 @@ impl Gate {
             .unwrap_or(0);
         Arc::new(Gate {
             limit: Arc::new(Semaphore::new(max_associations)),
-            reject_slots: Arc::new(Semaphore::new(64)),
+            waiting: Mutex::new(BTreeMap::new()),
+            max_waiting: max_pending_connections.max(1),
             next_id: AtomicU64::new(seed),
             max: max_associations,
         })
+    }
+
+    /// Admit a new connection into the pre-association stage, closing the
+    /// oldest waiting one if the budget is full.
+    fn admit(self: &Arc<Self>, peer: SocketAddr, deadline: tokio::time::Instant) -> Admission {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let token = CancellationToken::new();
+        let evicted = {
+            let mut w = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+            let evicted = if w.len() >= self.max_waiting { w.pop_first() } else { None };
+            w.insert(id, (token.clone(), peer));
+            evicted
+        };
+        if let Some((old_id, (old_token, old_peer))) = evicted {
+            old_token.cancel();
+            telemetry::PreAssociationEvicted { id: old_id, peer: old_peer, budget: self.max_waiting }.emit();
+        }
+        Admission { gate: self.clone(), id, evicted: token, deadline }
+    }
+}
+
+/// A connection's place in the pre-association stage. Dropping it leaves
+/// the stage: once the association is accepted, or when the connection ends.
+pub struct Admission {
+    gate: Arc<Gate>,
+    pub id: u64,
+    evicted: CancellationToken,
+    /// TCP accept + `timeouts.association_request_s`: the TLS handshake and
+    /// the A-ASSOCIATE-RQ share it, so a slow handshake cannot double it.
+    pub deadline: tokio::time::Instant,
+}
+
+impl Admission {
+    /// Resolves when a newer connection took this one's place.
+    pub async fn evicted(&self) {
+        self.evicted.cancelled().await
+    }
+
+    /// An association slot, for a request that passed negotiation.
+    pub fn slot(&self) -> Option<OwnedSemaphorePermit> {
+        self.gate.limit.clone().try_acquire_owned().ok()
+    }
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        // A no-op when this one was evicted: ids are never reused.
+        self.gate.waiting.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.id);
     }
 }
 
@@ -163,22 +237,11 @@ impl Listener {
                 },
             };
             let _ = stream.set_nodelay(true);
-            let id = self.gate.next_id.fetch_add(1, Ordering::Relaxed);
-            let permit = self.gate.limit.clone().try_acquire_owned().ok();
-            let reject_slot = if permit.is_none() {
-                match self.gate.reject_slots.clone().try_acquire_owned() {
-                    Ok(s) => Some(s),
-                    Err(_) => {
-                        tracing::warn!(%peer, "connection dropped: association and reject limits reached");
-                        continue;
-                    }
-                }
-            } else {
-                None
-            };
+            let artim = std::time::Duration::from_secs(self.shared.node.timeouts.association_request_s);
+            let admission = self.gate.admit(peer, tokio::time::Instant::now() + artim);
             let span = tracing::info_span!(
                 "association",
-                id,
+                id = admission.id,
                 peer = %peer,
                 transport,
                 calling_ae = tracing::field::Empty,
@@ -190,18 +253,19 @@ impl Listener {
             self.tasks.spawn(
                 async move {
                     match tls {
-                        None => association::run(stream, peer, id, shared, permit, shutdown).await,
+                        None => association::run(stream, peer, shared, admission, shutdown).await,
                         Some(acceptor) => {
-                            // The handshake counts against ARTIM: it is what
-                            // stands before the A-ASSOCIATE-RQ on this port.
-                            let artim = std::time::Duration::from_secs(shared.node.timeouts.association_request_s);
+                            // The handshake is pre-association time: it runs
+                            // under the same deadline and budget as the RQ.
                             let handshake = tokio::select! {
                                 _ = shutdown.cancelled() => return,
-                                r = tokio::time::timeout(artim, acceptor.accept(stream)) => r,
+                                // logged by the gate
+                                _ = admission.evicted() => return,
+                                r = tokio::time::timeout_at(admission.deadline, acceptor.accept(stream)) => r,
                             };
                             match handshake {
                                 Ok(Ok(tls_stream)) => {
-                                    association::run(tls_stream, peer, id, shared, permit, shutdown).await
+                                    association::run(tls_stream, peer, shared, admission, shutdown).await
                                 }
                                 Ok(Err(e)) => telemetry::TlsHandshakeFailed { peer, reason: &handshake_reason(&e) }.emit(),
                                 Err(_) => telemetry::TlsHandshakeFailed {
@@ -212,7 +276,6 @@ impl Listener {
                             }
                         }
                     }
-                    drop(reject_slot);
                 }
                 .instrument(span),
             );
@@ -233,5 +296,35 @@ fn handshake_reason(e: &std::io::Error) -> String {
         format!("{e} (not TLS: a plain DICOM peer on the TLS port?)")
     } else {
         e.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_full_pre_association_budget_evicts_the_oldest_and_never_takes_a_slot() {
+        let gate = Gate::new(1, 3);
+        let peer: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let later = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+        let a: Vec<Admission> = (0..3).map(|_| gate.admit(peer, later)).collect();
+        assert_eq!((gate.waiting(), gate.in_use()), (3, 0));
+        let newest = gate.admit(peer, later);
+        assert_eq!(gate.waiting(), 3);
+        // the oldest is told to go, at once; the others are not
+        tokio::time::timeout(std::time::Duration::from_secs(1), a[0].evicted()).await.unwrap();
+        for other in &a[1..] {
+            assert!(tokio::time::timeout(std::time::Duration::from_millis(10), other.evicted()).await.is_err());
+        }
+        // a slot is a separate thing, taken on request only
+        let slot = newest.slot().expect("one slot");
+        assert_eq!(gate.in_use(), 1);
+        assert!(a[1].slot().is_none());
+        drop(newest);
+        drop(a);
+        assert_eq!(gate.waiting(), 0);
+        drop(slot);
+        assert_eq!(gate.in_use(), 0);
     }
 }

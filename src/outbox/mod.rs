@@ -1,4 +1,5 @@
-//! Outbox: results back to the PACS by C-STORE SCU (PS3.4 B, PS3.7 9.1.1).
+//! Outbox: results back to the PACS by C-STORE SCU (PS3.4 B, PS3.7 9.1.1),
+//! or by STOW-RS (PS3.18 10.5) to a `stow_rs` destination ([`stow`]).
 //!
 //! Input: [`OutboxHandle::enqueue`] with a destination name and a Part-10
 //! file the report stage has already written durably under
@@ -14,16 +15,19 @@
 //!   or retried across restarts, is one instance at the PACS. A crash while
 //!   `sending` re-sends on start-up, which a PACS treats as the same
 //!   instance (same SOP Instance UID).
-//! - One association per destination batch; at most one batch per
-//!   destination in flight; destinations do not wait for each other.
+//! - One association (or HTTP connection) per destination batch; at most
+//!   one batch per destination in flight; destinations do not wait for
+//!   each other.
 //!
 //! Failure modes (see [`policy`]): success or warning status → delivered;
 //! a refusal (failure status other than 0xA7xx, a rejected presentation
 //! context, A-ASSOCIATE-RJ permanent, an unreadable or mismatched file) →
 //! dead letter at once; connection refused, timeouts, A-ABORT,
 //! A-ASSOCIATE-RJ transient, 0xA7xx → retry after `base * 2^(n-1)` (capped)
-//! until `max_attempts`, then dead letter with the last reason. Dead
-//! letters wait for an operator's `retry` or `dismiss`.
+//! until `max_attempts`, then dead letter with the last reason. STOW-RS
+//! maps HTTP statuses and FailureReasons onto the same two faults
+//! ([`stow::classify`]). Dead letters wait for an operator's `retry` or
+//! `dismiss`.
 
 pub mod cli;
 pub mod events;
@@ -31,6 +35,7 @@ pub mod part10;
 pub mod policy;
 pub mod scu;
 pub mod store;
+pub mod stow;
 
 #[cfg(test)]
 mod tests;
@@ -196,6 +201,10 @@ pub struct Destination {
     /// DICOM TLS to this destination; built from `destinations.<name>.tls`.
     #[serde(skip)]
     pub tls: Option<ClientTls>,
+    /// Deliver by STOW-RS instead of C-STORE (`ae_title`, `host`, `port`
+    /// unused); built from `destinations.<name>.stow_rs`.
+    #[serde(skip)]
+    pub stow: Option<stow::StowTarget>,
 }
 
 /// What the SCU needs to open a TLS association.
@@ -465,6 +474,21 @@ async fn run_batch(
         }
         return;
     };
+    if let Some(target) = &dest.stow {
+        let mut record = |it: &OutboxItem, outcome: Outcome| apply(ctx, destination, "", it, outcome);
+        let span = tracing::info_span!("outbox_stow", destination, url = target.url(), items = items.len());
+        stow::send_batch(
+            target,
+            ctx.cfg.connect_timeout(),
+            ctx.cfg.dimse_timeout(),
+            &items,
+            cancel,
+            &mut record,
+        )
+        .instrument(span)
+        .await;
+        return;
+    }
     let peer = scu::Peer {
         destination,
         dest,

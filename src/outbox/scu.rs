@@ -237,7 +237,7 @@ pub struct Peer<'a> {
 
 /// The item's file, checked against what the item says it is: a mix-up
 /// here would send the wrong instance under a stable UID, so it is permanent.
-fn check_file(item: &OutboxItem) -> Result<Part10Info, String> {
+pub(super) fn check_file(item: &OutboxItem) -> Result<Part10Info, String> {
     let info = part10::inspect(&item.path).map_err(|e| e.to_string())?;
     if info.sop_instance_uid != item.sop_instance_uid || info.sop_class_uid != item.sop_class_uid {
         return Err(format!(

@@ -174,6 +174,7 @@ impl Fixture {
                 host: "127.0.0.1".into(),
                 port,
                 tls: None,
+                stow: None,
             },
         )]);
         Outbox::spawn(
@@ -610,6 +611,7 @@ fn tls_destination(port: u16, pki: &crate::tls::testpki::Pki) -> Destination {
             config: crate::tls::client_config("pacs", &cfg).unwrap(),
             server_name: "127.0.0.1".into(),
         }),
+        stow: None,
     }
 }
 

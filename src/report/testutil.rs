@@ -67,9 +67,12 @@ fn created() -> time::OffsetDateTime {
 }
 
 /// The real CT slice's header when the shared data is there, else a
-/// synthetic one.
+/// synthetic one (never under CI: see `crate::test_data`).
 pub fn real_or_synthetic_source() -> InMemDicomObject {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(REAL_CT);
+    let Some(p) = crate::test_data::require(Path::new(env!("CARGO_MANIFEST_DIR")).join(REAL_CT), "real CT slice")
+    else {
+        return synthetic_source("Doe^Jane");
+    };
     match dicom_object::open_file(&p)
         .map(|f| f.into_inner())
         .or_else(|e| dataset_after_meta(&p).ok_or(e))
@@ -79,6 +82,7 @@ pub fn real_or_synthetic_source() -> InMemDicomObject {
             o
         }
         Err(e) => {
+            assert!(!crate::test_data::in_ci(), "{} not usable under CI: {e}", p.display());
             eprintln!("{} not usable ({e}); synthetic source", p.display());
             synthetic_source("Doe^Jane")
         }

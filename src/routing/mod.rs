@@ -128,6 +128,14 @@ impl RouteTable {
             let at = format!("routes[{i}]");
             if r.name.trim().is_empty() {
                 diag(format!("{at}.name"), "route name is empty".into());
+            } else if !is_path_safe_name(&r.name) {
+                // The name is a directory of every result the route writes
+                // (results/<series>/<route>/g<n>), so it must be one plain
+                // file name: refused here rather than when a job runs.
+                diag(
+                    format!("{at}.name"),
+                    format!("route name \"{}\" must be one plain file name (no '/', '\\', control characters, '.' or '..')", r.name.escape_default()),
+                );
             } else if let Some(first) = seen.insert(r.name.as_str(), i) {
                 diag(
                     format!("{at}.name"),
@@ -243,3 +251,8 @@ fn slice_selection(s: &SliceSelectionConfig) -> Result<SliceSelection, (String, 
 
 #[cfg(test)]
 mod tests;
+
+/// One plain path component on every platform we write to.
+fn is_path_safe_name(name: &str) -> bool {
+    name != "." && name != ".." && !name.chars().any(|c| c == '/' || c == '\\' || c.is_control())
+}

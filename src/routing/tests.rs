@@ -9,13 +9,7 @@ use crate::config::{check_file, Config};
 use crate::dicom::header::InstanceHeader;
 
 fn realct() -> Option<PathBuf> {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/realct");
-    if p.is_dir() {
-        Some(p)
-    } else {
-        eprintln!("skipping: {} is absent (real CT test data)", p.display());
-        None
-    }
+    crate::test_data::realct()
 }
 
 /// The shipped config/node.yaml, in a temp dir with the model cards it names.
@@ -337,4 +331,25 @@ fn enhanced_ct_facts_come_from_functional_groups() {
     assert_eq!(f.derived(Derived::SliceSpacing), Some(FactValue::Number(vec![4.0])));
     assert_eq!(f.derived(Derived::Axial), Some(FactValue::Bool(true)));
     assert!(eval("{derived: sop_class, equals: Enhanced CT Image Storage}", f).holds);
+}
+
+#[test]
+fn route_names_that_are_not_one_file_name_are_refused() {
+    for bad in ["..", ".", "a/b", "..\\\\x", "tab\\there"] {
+        let d = diagnostics(&format!(
+            "  - name: \"{bad}\"
+    model: pma
+    match: {{derived: axial, equals: true}}
+"
+        ));
+        assert_eq!(d.len(), 1, "{bad}: {d:#?}");
+        assert!(d[0].contains("routes[0].name") && d[0].contains("one plain file name"), "{bad}: {}", d[0]);
+    }
+    let d = diagnostics(
+        "  - name: pma.v2 single-slice
+    model: pma
+    match: {derived: axial, equals: true}
+",
+    );
+    assert!(d.is_empty(), "{d:#?}");
 }

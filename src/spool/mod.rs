@@ -10,7 +10,9 @@
 //!   created or changed. Only then does ingest answer 0x0000.
 //! - A partial transfer lives only in `tmp/`, which is emptied at start-up,
 //!   so a cut-off transfer never shows up as an instance.
-//! - Layout: `spool/<StudyUID>/<SeriesUID>/<SOPInstanceUID>.dcm`, each a
+//! - Layout: `spool/<StudyUID>/<SeriesUID>/<SOPInstanceUID>.dcm`, made by
+//!   [`crate::dicom::uid_path`] from UIDs valid by PS3.5 9.1, so no dataset
+//!   can place a file outside `spool/`. Each is a
 //!   Part 10 file: our file meta, then the dataset bytes exactly as
 //!   received in the negotiated transfer syntax.
 //! - Duplicates: ingest asks the series index first, so a SOP Instance UID
@@ -33,7 +35,6 @@ use dicom_object::meta::FileMetaTableBuilder;
 use dicom_object::OpenFileOptions;
 
 use crate::dicom::header::{HeaderError, InstanceHeader};
-use crate::dicom::Uid;
 use crate::ingest::negotiation::{IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION};
 
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +51,8 @@ pub enum SpoolError {
     SopClassMismatch { command: String, dataset: String },
     #[error("dataset SOP Instance {dataset} differs from the command's {command}")]
     SopInstanceMismatch { command: String, dataset: String },
+    #[error("dataset identifiers do not make a spool path: {0}")]
+    Path(#[from] crate::dicom::PathEscape),
 }
 
 /// Who is at fault, so ingest can pick a status and the log a level.
@@ -217,14 +220,17 @@ impl DiskWriter {
         file.sync_all()?;
         drop(file);
 
-        let study = header.study_instance_uid.as_str();
-        let series = header.series_instance_uid.as_str();
-        let rel_path = PathBuf::from(study)
-            .join(series)
-            .join(format!("{}.dcm", header.sop_instance_uid));
-        let series_dir = self.root.join(study).join(series);
-        let created = create_dirs_durably(&self.root, &[study, series])?;
-        let final_path = self.root.join(&rel_path);
+        let final_path = crate::dicom::uid_path(
+            &self.root,
+            &[&header.study_instance_uid, &header.series_instance_uid],
+            &[&format!("{}.dcm", header.sop_instance_uid)],
+        )?;
+        let rel_path = final_path
+            .strip_prefix(&self.root)
+            .expect("uid_path builds under its root")
+            .to_path_buf();
+        let series_dir = final_path.parent().expect("uid_path adds components").to_path_buf();
+        let created = create_dirs_durably(&self.root, rel_path.parent().expect("three components"))?;
         let duplicate = match fs::hard_link(&self.tmp_path, &final_path) {
             Ok(()) => false,
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => true,
@@ -283,13 +289,13 @@ fn validate(path: &Path, dataset_offset: usize, incoming: &Incoming) -> Result<I
 }
 
 
-/// Create `root/a/b...` one level at a time, fsyncing each parent whose
+/// Create `root/rel` one level at a time, fsyncing each parent whose
 /// entries changed, so a new directory survives a crash. Returns whether
-/// anything was created.
-fn create_dirs_durably(root: &Path, parts: &[&str]) -> io::Result<bool> {
+/// anything was created. `rel` comes from [`crate::dicom::uid_path`].
+fn create_dirs_durably(root: &Path, rel: &Path) -> io::Result<bool> {
     let mut dir = root.to_path_buf();
     let mut created_any = false;
-    for p in parts {
+    for p in rel.components() {
         let next = dir.join(p);
         match fs::create_dir(&next) {
             Ok(()) => {
@@ -331,10 +337,6 @@ pub fn read_header(path: &Path) -> Result<InstanceHeader, SpoolError> {
     Ok(InstanceHeader::from_dataset(&obj)?)
 }
 
-pub fn uid_for_path(raw: &str) -> Option<Uid> {
-    Uid::parse(raw).ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -346,12 +348,16 @@ mod tests {
     const ELE: &str = "1.2.840.10008.1.2.1";
 
     fn dataset_bytes(sop: &str) -> Vec<u8> {
+        dataset_bytes_in(sop, "1.2.3", "1.2.3.4")
+    }
+
+    fn dataset_bytes_in(sop: &str, study: &str, series: &str) -> Vec<u8> {
         let mut o = InMemDicomObject::new_empty();
         for (t, vr, v) in [
             (tags::SOP_CLASS_UID, VR::UI, CT),
             (tags::SOP_INSTANCE_UID, VR::UI, sop),
-            (tags::STUDY_INSTANCE_UID, VR::UI, "1.2.3"),
-            (tags::SERIES_INSTANCE_UID, VR::UI, "1.2.3.4"),
+            (tags::STUDY_INSTANCE_UID, VR::UI, study),
+            (tags::SERIES_INSTANCE_UID, VR::UI, series),
             (tags::MODALITY, VR::CS, "CT"),
         ] {
             o.put(DataElement::new(t, vr, PrimitiveValue::from(v)));
@@ -420,6 +426,31 @@ mod tests {
 
         assert_eq!(fs::read_dir(d.path().join("tmp")).unwrap().count(), 0);
         assert_eq!(fs::read_dir(spool.root()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn uids_that_would_leave_the_spool_are_refused_and_nothing_is_written() {
+        let outer = tempfile::tempdir().unwrap();
+        let data = outer.path().join("data");
+        let spool = DiskSpool::open(&data).unwrap();
+        for (study, series) in [("..", ".."), (".", "."), ("..", "1.2"), ("1.2", ".."), ("1..2", "1.2"), ("01.2", "1.2")] {
+            let mut w = spool.begin(&incoming("1.2.3.4.8")).unwrap();
+            w.write(&dataset_bytes_in("1.2.3.4.8", study, series)).unwrap();
+            match w.commit() {
+                Err(SpoolError::Header(HeaderError::BadUid { attribute, .. })) => {
+                    assert!(attribute.ends_with("InstanceUID"), "{attribute}")
+                }
+                other => panic!("{study}/{series}: {other:?}"),
+            }
+        }
+        assert_eq!(fs::read_dir(data.join("tmp")).unwrap().count(), 0);
+        assert_eq!(fs::read_dir(spool.root()).unwrap().count(), 0);
+        // next to data_dir: only data_dir itself
+        let beside: Vec<_> = fs::read_dir(outer.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(beside, vec![std::ffi::OsString::from("data")]);
+        let mut names: Vec<_> = fs::read_dir(&data).unwrap().map(|e| e.unwrap().file_name()).collect();
+        names.sort();
+        assert_eq!(names, vec![std::ffi::OsString::from("spool"), std::ffi::OsString::from("tmp")]);
     }
 
     #[test]

@@ -8,13 +8,7 @@ use dicom_object::{FileMetaTableBuilder, InMemDicomObject};
 use super::*;
 
 fn realct() -> Option<PathBuf> {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/realct");
-    if p.is_dir() {
-        Some(p)
-    } else {
-        eprintln!("skipping: {} is absent (real CT test data)", p.display());
-        None
-    }
+    crate::test_data::realct()
 }
 
 fn files(dir: &Path, filter: impl Fn(&Path) -> bool) -> Vec<PathBuf> {

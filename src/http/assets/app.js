@@ -1,9 +1,19 @@
 // Status page: polls the JSON API every 2 s. No framework, no CDN: the node
 // serves this file from its binary.
+//
+// Everything the API returns (series descriptions come from whoever sent the
+// images) goes into the page as text, through textContent and
+// createElement: nothing received is ever parsed as markup. The
+// Content-Security-Policy forbids inline script, so this file holds all of it.
 "use strict";
 
 const $ = (sel) => document.querySelector(sel);
-let token = localStorage.getItem("biomarker-node-token") || "";
+const TOKEN_KEY = "biomarker-node-token";
+// The token lives for this tab only: sessionStorage is gone when the tab
+// closes and is not shared with other tabs or kept on disk like
+// localStorage. Earlier versions kept it in localStorage: remove it.
+localStorage.removeItem(TOKEN_KEY);
+let token = sessionStorage.getItem(TOKEN_KEY) || "";
 const thumbs = new Map(); // job id -> object URL
 
 async function api(path, opts = {}) {
@@ -25,6 +35,13 @@ async function json(path, opts) {
 }
 
 function text(v) { return v === null || v === undefined ? "" : String(v); }
+
+function el(tag, cls, txt) {
+  const e = document.createElement(tag);
+  if (cls) e.className = cls;
+  if (txt !== undefined) e.textContent = txt;
+  return e;
+}
 
 function cell(tr, v, cls) {
   const td = document.createElement("td");
@@ -68,7 +85,7 @@ async function renderResults(jobs) {
   const done = jobs.filter((j) => j.state === "done" && j.result).slice(0, 8);
   const box = $("#results");
   if (!done.length) {
-    box.innerHTML = '<p class="empty">No results yet.</p>';
+    box.replaceChildren(el("p", "empty", "No results yet."));
     return;
   }
   const cards = [];
@@ -202,7 +219,9 @@ async function testRoutes() {
       headers: { "Content-Type": "application/dicom" } });
     const table = document.createElement("table");
     table.id = "route-result-table";
-    table.innerHTML = "<thead><tr><th>Route</th><th>Result</th><th>Why</th></tr></thead><tbody></tbody>";
+    const head = table.createTHead().insertRow();
+    for (const h of ["Route", "Result", "Why"]) head.appendChild(el("th", "", h));
+    table.createTBody();
     for (const o of r.routes) {
       const tr = document.createElement("tr");
       tr.dataset.route = o.route;
@@ -232,7 +251,8 @@ $("#reload-btn").onclick = async () => {
 };
 $("#token-btn").onclick = () => {
   token = $("#token").value;
-  localStorage.setItem("biomarker-node-token", token);
+  $("#token").value = "";
+  sessionStorage.setItem(TOKEN_KEY, token);
   refresh();
 };
 
