@@ -334,8 +334,55 @@ pub fn write_outputs(a: &Analysis, dir: &Path) -> Result<(), AnalysisError> {
     Ok(())
 }
 
+/// Who decides a job's fate once it runs: its computation, by starting to
+/// commit results, or the worker, by abandoning it at the deadline. Exactly
+/// one of them wins, so an abandoned computation never writes or sends.
+#[derive(Debug, Default)]
+pub struct JobGuard(std::sync::atomic::AtomicU8);
+
+impl JobGuard {
+    const RUNNING: u8 = 0;
+    const COMMITTING: u8 = 1;
+    const ABANDONED: u8 = 2;
+
+    fn swap_from_running(&self, to: u8) -> bool {
+        use std::sync::atomic::Ordering::AcqRel;
+        self.0.compare_exchange(Self::RUNNING, to, AcqRel, std::sync::atomic::Ordering::Acquire).is_ok()
+    }
+
+    /// The computation is about to write results; false when it was abandoned.
+    pub fn begin_commit(&self) -> bool {
+        self.swap_from_running(Self::COMMITTING)
+    }
+
+    /// The deadline passed; false when the computation is already committing
+    /// (its remaining work is writing files and outbox rows, which is short).
+    pub fn abandon(&self) -> bool {
+        self.swap_from_running(Self::ABANDONED)
+    }
+
+    pub fn is_abandoned(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Acquire) == Self::ABANDONED
+    }
+}
+
+/// The reason a job failed at its deadline.
+pub fn deadline_reason(timeout: std::time::Duration) -> String {
+    format!("deadline of {} s exceeded", timeout.as_secs_f64())
+}
+
+const ABANDONED: &str = "abandoned at its deadline";
+
 /// The inference stage in `serve`: claims jobs, runs them on the spooled
 /// files, keeps the outputs under `results/`, and records the outcome.
+///
+/// A job that runs past `timeout` is failed with [`deadline_reason`] and
+/// the next job is claimed. Its computation (a `spawn_blocking` thread,
+/// which cannot be cancelled) is abandoned: [`JobGuard`] keeps it from
+/// writing results or enqueueing reports, and the store only records the
+/// outcome of the attempt that is still running. If it is stuck inside ONNX
+/// Runtime it keeps holding that model's session, so jobs of the same model
+/// may wait for it (and fail at their own deadline); other models run.
 pub struct Worker {
     pub jobs: Arc<dyn crate::jobs::JobStore>,
     pub index_path: PathBuf,
@@ -349,6 +396,8 @@ pub struct Worker {
     pub outbox: Option<crate::outbox::OutboxHandle>,
     /// This node's AE title, as the reports' device observer.
     pub ae_title: String,
+    /// `jobs.timeout_s`.
+    pub timeout: std::time::Duration,
 }
 
 impl Worker {
@@ -375,11 +424,39 @@ impl Worker {
             };
             let me = this.clone();
             let id = job.id;
+            let attempt = job.attempts;
             let series = job.key.series_instance_uid.clone();
             let (route, model) = (job.key.route.clone(), job.key.model.clone());
-            let outcome = tokio::task::spawn_blocking(move || me.process(&job))
-                .await
-                .unwrap_or_else(|e| Err(format!("job panicked: {e}")));
+            let guard = Arc::new(JobGuard::default());
+            let g = guard.clone();
+            let mut handle = tokio::task::spawn_blocking(move || me.process(&job, &g));
+            let joined = |r: Result<Result<serde_json::Value, String>, tokio::task::JoinError>| {
+                r.unwrap_or_else(|e| Err(format!("job panicked: {e}")))
+            };
+            let outcome = match tokio::time::timeout(this.timeout, &mut handle).await {
+                Ok(r) => joined(r),
+                Err(_) if guard.abandon() => {
+                    crate::telemetry::JobDeadlineExceeded {
+                        job: id,
+                        series_instance_uid: &series,
+                        route: &route,
+                        timeout_s: this.timeout.as_secs_f64(),
+                    }
+                    .emit();
+                    // Only to say when the abandoned thread is gone.
+                    tokio::spawn(async move {
+                        let late = handle.await;
+                        tracing::info!(
+                            job = id,
+                            panicked = late.is_err(),
+                            "abandoned job computation ended; its outcome is discarded"
+                        );
+                    });
+                    Err(deadline_reason(this.timeout))
+                }
+                // Already writing its results: let it finish.
+                Err(_) => joined(handle.await),
+            };
             crate::telemetry::METRICS
                 .jobs
                 .get_or_create(&crate::telemetry::JobLabels {
@@ -389,17 +466,19 @@ impl Worker {
                 })
                 .inc();
             let stored = match &outcome {
-                Ok(v) => this.jobs.finish(id, Ok(v)),
-                Err(e) => this.jobs.finish(id, Err(e.as_str())),
+                Ok(v) => this.jobs.finish_attempt(id, attempt, Ok(v)),
+                Err(e) => this.jobs.finish_attempt(id, attempt, Err(e.as_str())),
             };
-            if let Err(e) = stored {
-                tracing::error!(job = id, error = %e, "cannot record a job outcome");
+            match stored {
+                Ok(true) => {}
+                Ok(false) => tracing::warn!(job = id, attempt, "job moved on meanwhile; this outcome is not recorded"),
+                Err(e) => tracing::error!(job = id, error = %e, "cannot record a job outcome"),
             }
             this.update_series_state(&series);
         }
     }
 
-    fn process(&self, job: &crate::jobs::Job) -> Result<serde_json::Value, String> {
+    fn process(&self, job: &crate::jobs::Job, guard: &JobGuard) -> Result<serde_json::Value, String> {
         let span = tracing::info_span!("job", id = job.id, series = %job.key.series_instance_uid, route = %job.key.route);
         let _g = span.enter();
         let uid = crate::dicom::Uid::parse(&job.key.series_instance_uid).map_err(|e| e.to_string())?;
@@ -429,7 +508,21 @@ impl Worker {
                 send_to: vec![],
                 slices: None,
             });
+        if files.is_empty() {
+            return Err("no instances of this series are in the spool (deleted by retention?); \
+                        send the series again to analyse it"
+                .into());
+        }
         let a = run(&self.models, uid.as_str(), &m, &files, &self.volume_opts).map_err(|e| e.to_string())?;
+        // The store is checked too: another process may have re-queued the
+        // job, and then that attempt owns the results directory.
+        let still_ours = matches!(
+            self.jobs.get(job.id),
+            Ok(Some(j)) if j.state == "running" && j.attempts == job.attempts
+        );
+        if guard.is_abandoned() || !still_ours || !guard.begin_commit() {
+            return Err(ABANDONED.into());
+        }
         let inference_finished_at = crate::series::rfc3339(std::time::SystemTime::now());
         let dir = crate::dicom::uid_path(&self.results_dir, &[&uid], &[&m.route, &format!("g{}", job.key.generation)])
             .map_err(|e| e.to_string())?;
@@ -491,5 +584,27 @@ mod hu_step_tests {
         assert!(hu_step_too_coarse(2.01));
         // 8-bit JPEG Baseline of the same slice: ~32 HU.
         assert!(hu_step_too_coarse(32.0));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deadline_and_commit_exclude_each_other() {
+        // The deadline wins: the computation may no longer commit.
+        let g = JobGuard::default();
+        assert!(!g.is_abandoned());
+        assert!(g.abandon());
+        assert!(g.is_abandoned());
+        assert!(!g.begin_commit());
+        // The commit wins: the worker waits instead of failing the job.
+        let g = JobGuard::default();
+        assert!(g.begin_commit());
+        assert!(!g.abandon());
+        assert!(!g.is_abandoned());
+        assert_eq!(deadline_reason(std::time::Duration::from_secs(600)), "deadline of 600 s exceeded");
+        assert_eq!(deadline_reason(std::time::Duration::from_millis(2500)), "deadline of 2.5 s exceeded");
     }
 }

@@ -65,6 +65,13 @@ pub struct Config {
     /// The administrator's HTTP interface: health, metrics, REST API, status page.
     #[serde(default)]
     pub http: HttpConfig,
+    /// Analysis jobs: how long one may run.
+    #[serde(default)]
+    pub jobs: JobsConfig,
+    /// Deleting spooled instances whose series has no work left. Off unless
+    /// a policy is set.
+    #[serde(default)]
+    pub retention: RetentionConfig,
     /// The file and text this config came from, so later semantic checks can
     /// point at a line. Absent for configs built in code.
     #[serde(skip)]
@@ -386,6 +393,83 @@ impl HttpConfig {
 
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+pub struct JobsConfig {
+    /// A job still running after this many seconds fails with "deadline of
+    /// N s exceeded" and the next job runs.
+    #[serde(default = "default_job_timeout")]
+    pub timeout_s: f64,
+}
+
+fn default_job_timeout() -> f64 {
+    600.0
+}
+
+impl Default for JobsConfig {
+    fn default() -> Self {
+        JobsConfig { timeout_s: default_job_timeout() }
+    }
+}
+
+/// Retention of spooled instances. A series is only ever deleted when no
+/// work on it is pending: not receiving or waiting for routing, no job
+/// pending or running, no report pending or sending in the outbox. Dead
+/// letters do not hold it: their retry re-sends the reports under
+/// `results/`, which retention never touches.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionConfig {
+    /// Delete a series' spooled instances this many days after its last
+    /// activity (completion, job end, delivery). Fractions are allowed.
+    /// Unset: no age limit.
+    #[serde(default)]
+    pub after_days: Option<f64>,
+    /// When the spooled instances pass this many GB (10^9 bytes), delete
+    /// series, oldest activity first, until they are under it. Unset: no cap.
+    #[serde(default)]
+    pub max_spool_gb: Option<f64>,
+    /// Seconds between retention sweeps in `serve` (the first runs at start).
+    #[serde(default = "default_retention_interval")]
+    pub interval_s: f64,
+}
+
+fn default_retention_interval() -> f64 {
+    600.0
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        RetentionConfig {
+            after_days: None,
+            max_spool_gb: None,
+            interval_s: default_retention_interval(),
+        }
+    }
+}
+
+impl RetentionConfig {
+    /// Whether any policy is set.
+    pub fn enabled(&self) -> bool {
+        self.after_days.is_some() || self.max_spool_gb.is_some()
+    }
+
+    /// `(key, message)` of the first bad value.
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        let ok = |v: f64| v.is_finite() && v >= 0.0;
+        if self.after_days.is_some_and(|v| !ok(v)) {
+            return Err(("after_days", "must be a number of days, 0 or more".into()));
+        }
+        if self.max_spool_gb.is_some_and(|v| !ok(v)) {
+            return Err(("max_spool_gb", "must be a number of GB, 0 or more".into()));
+        }
+        if !(self.interval_s.is_finite() && self.interval_s > 0.0) {
+            return Err(("interval_s", "must be a positive number of seconds".into()));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct LogConfig {
     /// `text` or `json`.
     #[serde(default = "default_log_format")]
@@ -580,6 +664,10 @@ impl Config {
                 "must be in [0, 1)".into(),
             ));
         }
+        if !(self.jobs.timeout_s > 0.0 && self.jobs.timeout_s.is_finite()) {
+            return Err(bad("jobs.timeout_s", "must be a positive number of seconds".into()));
+        }
+        self.retention.validate().map_err(|(k, m)| bad(&format!("retention.{k}"), m))?;
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return Err(bad("log.format", "must be `text` or `json`".into()));
         }

@@ -9,6 +9,10 @@
 //!   restart never runs a job twice; a re-opened series (new generation) or
 //!   an explicit `retrigger` runs it again.
 //! - Jobs left `running` by a crash go back to `pending` at start-up.
+//! - An outcome is recorded for the attempt that is running
+//!   ([`JobStore::finish_attempt`]): a job failed at its deadline, then
+//!   re-queued or re-triggered, is never overwritten by the abandoned
+//!   attempt's late result.
 //!
 //! The [`JobStore`] trait is the seam for a distributed queue.
 
@@ -56,6 +60,11 @@ pub trait JobStore: Send + Sync + 'static {
     /// Oldest pending job, now marked running.
     fn claim(&self) -> Result<Option<Job>, JobError>;
     fn finish(&self, id: i64, outcome: Result<&serde_json::Value, &str>) -> Result<(), JobError>;
+    /// [`JobStore::finish`] for attempt `attempt` only while that attempt is
+    /// still the running one. False, and nothing written, when the job moved
+    /// on meanwhile (failed at its deadline, re-queued, re-triggered), so a
+    /// late outcome cannot overwrite what happened since.
+    fn finish_attempt(&self, id: i64, attempt: u32, outcome: Result<&serde_json::Value, &str>) -> Result<bool, JobError>;
     /// At start-up: running → pending. Returns how many.
     fn requeue_interrupted(&self) -> Result<usize, JobError>;
     fn list(&self) -> Result<Vec<Job>, JobError>;
@@ -198,6 +207,23 @@ impl JobStore for SqliteJobStore {
         Ok(())
     }
 
+    fn finish_attempt(&self, id: i64, attempt: u32, outcome: Result<&serde_json::Value, &str>) -> Result<bool, JobError> {
+        let c = self.conn();
+        let n = match outcome {
+            Ok(v) => c.execute(
+                "UPDATE jobs SET state = 'done', result_json = ?2, error = NULL, finished_at = ?3
+                 WHERE id = ?1 AND state = 'running' AND attempts = ?4",
+                params![id, v.to_string(), now(), attempt],
+            )?,
+            Err(e) => c.execute(
+                "UPDATE jobs SET state = 'failed', error = ?2, finished_at = ?3
+                 WHERE id = ?1 AND state = 'running' AND attempts = ?4",
+                params![id, e, now(), attempt],
+            )?,
+        };
+        Ok(n == 1)
+    }
+
     fn requeue_interrupted(&self) -> Result<usize, JobError> {
         Ok(self.conn().execute("UPDATE jobs SET state = 'pending' WHERE state = 'running'", [])?)
     }
@@ -321,5 +347,26 @@ mod tests {
         assert_eq!(all[0].result.as_ref().unwrap()["value"], 12.5);
         assert!(s.retrigger(j.id).unwrap());
         assert_eq!(s.claim().unwrap().unwrap().id, j.id);
+    }
+
+    #[test]
+    fn a_late_outcome_cannot_overwrite_a_deadline_failure() {
+        let d = tempfile::tempdir().unwrap();
+        let s = SqliteJobStore::open(&d.path().join("j.sqlite")).unwrap();
+        s.enqueue(&key(1)).unwrap();
+        let j = s.claim().unwrap().unwrap();
+        assert!(s.finish_attempt(j.id, j.attempts, Err("deadline of 600 s exceeded")).unwrap());
+        // The abandoned computation comes back with a result: refused.
+        assert!(!s.finish_attempt(j.id, j.attempts, Ok(&serde_json::json!({"value": 1.0}))).unwrap());
+        let now = s.get(j.id).unwrap().unwrap();
+        assert_eq!((now.state.as_str(), now.error.as_deref()), ("failed", Some("deadline of 600 s exceeded")));
+        assert!(now.result.is_none());
+        // Re-triggered and running again: the old attempt still cannot write.
+        assert!(s.retrigger(j.id).unwrap());
+        let again = s.claim().unwrap().unwrap();
+        assert_eq!(again.attempts, j.attempts + 1);
+        assert!(!s.finish_attempt(j.id, j.attempts, Ok(&serde_json::json!({"value": 1.0}))).unwrap());
+        assert!(s.finish_attempt(j.id, again.attempts, Ok(&serde_json::json!({"value": 2.0}))).unwrap());
+        assert_eq!(s.get(j.id).unwrap().unwrap().result.unwrap()["value"], 2.0);
     }
 }

@@ -26,6 +26,7 @@ pub mod jobs;
 pub mod npy;
 pub mod outbox;
 pub mod phantom;
+pub mod retention;
 pub mod pipeline;
 pub mod report;
 pub mod routing;

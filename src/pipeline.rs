@@ -34,7 +34,12 @@ pub fn serve(config_path: &Path) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    rt.block_on(run(cfg, table, config_path.to_owned()))
+    let r = rt.block_on(run(cfg, table, config_path.to_owned()));
+    // A job abandoned at its deadline may still occupy a blocking thread
+    // (a hung read, a stuck model); dropping the runtime would wait for it
+    // forever. Everything durable is already committed here.
+    rt.shutdown_timeout(std::time::Duration::from_secs(5));
+    r
 }
 
 /// Load and fully check a config; diagnostics go to stderr one per line.
@@ -90,6 +95,7 @@ async fn run(cfg: Config, table: RouteTable, config_path: std::path::PathBuf) ->
         jobs: jobs.clone(),
         models: models.clone(),
         work: work.clone(),
+        retry: crate::routing::stage::RetryPolicy::default(),
     };
     let consumer = tokio::spawn(router.run(shutdown.clone()));
     let outbox_store: Arc<dyn crate::outbox::OutboxStore> = Arc::new(
@@ -119,6 +125,16 @@ async fn run(cfg: Config, table: RouteTable, config_path: std::path::PathBuf) ->
             },
         );
     }
+    let retention_task = cfg.retention.enabled().then(|| {
+        let r = crate::retention::Retention {
+            config: cfg.retention.clone(),
+            index_path: cfg.index_path(),
+            spool_root: cfg.spool_dir(),
+            jobs: jobs.clone(),
+            outbox: outbox_store.clone(),
+        };
+        tokio::spawn(r.run(shutdown.clone()))
+    });
     let (outbox, outbox_task) = crate::outbox::Outbox::spawn(
         outbox_store,
         destinations,
@@ -142,6 +158,7 @@ async fn run(cfg: Config, table: RouteTable, config_path: std::path::PathBuf) ->
             spacing_tolerance: cfg.series.spacing_tolerance,
             ..Default::default()
         },
+        timeout: std::time::Duration::from_secs_f64(cfg.jobs.timeout_s),
     };
     let worker_task = tokio::spawn(worker.run(shutdown.clone()));
     let reloader = tokio::spawn(reload_on_sighup(config_path.clone(), routes.clone(), shutdown.clone()));
@@ -220,6 +237,9 @@ async fn run(cfg: Config, table: RouteTable, config_path: std::path::PathBuf) ->
         let _ = t.await;
     }
     worker_task.await.context("job worker panicked")?;
+    if let Some(t) = retention_task {
+        t.await.context("retention panicked")?;
+    }
     outbox_task.await.context("outbox panicked")?;
     tracker_shutdown.cancel();
     tracker_task.await.context("series tracker panicked")?;

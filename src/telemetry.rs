@@ -19,6 +19,12 @@ pub struct OutcomeLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PolicyLabel {
+    /// The retention policy: `age` or `size`.
+    pub policy: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct InstanceLabels {
     /// The DIMSE status we answered, `0x0000` style.
     pub status: String,
@@ -74,6 +80,11 @@ pub struct Metrics {
     pub free_disk_bytes: Gauge,
     pub connections_open: Gauge,
     pub association_limit: Gauge,
+    pub series_unroutable: Counter,
+    pub jobs_deadline_exceeded: Counter,
+    pub retention_series: Family<PolicyLabel, Counter>,
+    pub retention_instances: Family<PolicyLabel, Counter>,
+    pub retention_bytes: Family<PolicyLabel, Counter>,
     pub pre_association_evicted: Counter,
 }
 
@@ -102,6 +113,11 @@ impl Metrics {
             free_disk_bytes: Gauge::default(),
             connections_open: Gauge::default(),
             association_limit: Gauge::default(),
+            series_unroutable: Counter::default(),
+            jobs_deadline_exceeded: Counter::default(),
+            retention_series: Family::default(),
+            retention_instances: Family::default(),
+            retention_bytes: Family::default(),
             pre_association_evicted: Counter::default(),
             registry: Registry::default(),
         };
@@ -130,6 +146,31 @@ impl Metrics {
             m.connections_open.clone(),
         );
         r.register("association_limit", "node.max_associations", m.association_limit.clone());
+        r.register(
+            "series_unroutable",
+            "Series set aside as unroutable (a permanent routing failure, or a transient one past its retries)",
+            m.series_unroutable.clone(),
+        );
+        r.register(
+            "jobs_deadline_exceeded",
+            "Jobs failed because they ran past jobs.timeout_s",
+            m.jobs_deadline_exceeded.clone(),
+        );
+        r.register(
+            "retention_purged_series",
+            "Series whose spooled instances retention deleted, by policy (age, size)",
+            m.retention_series.clone(),
+        );
+        r.register(
+            "retention_purged_instances",
+            "Spooled instances retention deleted, by policy (age, size)",
+            m.retention_instances.clone(),
+        );
+        r.register(
+            "retention_purged_bytes",
+            "Spool bytes retention deleted, by policy (age, size)",
+            m.retention_bytes.clone(),
+        );
         r.register(
             "pre_association_evicted",
             "Connections closed before their A-ASSOCIATE-RQ because node.max_pending_connections was full (the oldest waiting one goes)",
@@ -268,6 +309,68 @@ impl StoreFailed<'_> {
             status = format_args!("0x{:04X}", self.status),
             reason = self.reason,
             "C-STORE failed"
+        );
+    }
+}
+
+/// Routing set a series aside; the queue moves on.
+pub struct SeriesUnroutable<'a> {
+    pub series_instance_uid: &'a str,
+    pub generation: u32,
+    pub reason: &'a str,
+}
+impl SeriesUnroutable<'_> {
+    pub fn emit(self) {
+        METRICS.series_unroutable.inc();
+        tracing::warn!(
+            series_instance_uid = self.series_instance_uid,
+            generation = self.generation,
+            reason = self.reason,
+            "series set aside as unroutable"
+        );
+    }
+}
+
+/// A job ran past its deadline and was failed; its computation is abandoned.
+pub struct JobDeadlineExceeded<'a> {
+    pub job: i64,
+    pub series_instance_uid: &'a str,
+    pub route: &'a str,
+    pub timeout_s: f64,
+}
+impl JobDeadlineExceeded<'_> {
+    pub fn emit(self) {
+        METRICS.jobs_deadline_exceeded.inc();
+        tracing::warn!(
+            job = self.job,
+            series_instance_uid = self.series_instance_uid,
+            route = self.route,
+            timeout_s = self.timeout_s,
+            "job deadline exceeded: failed, its worker slot is free"
+        );
+    }
+}
+
+/// Retention deleted the spooled instances of one series.
+pub struct SeriesPurged<'a> {
+    pub series_instance_uid: &'a str,
+    /// `age` or `size`.
+    pub policy: &'a str,
+    pub instances: u64,
+    pub bytes: u64,
+}
+impl SeriesPurged<'_> {
+    pub fn emit(self) {
+        let l = PolicyLabel { policy: self.policy.into() };
+        METRICS.retention_series.get_or_create(&l).inc();
+        METRICS.retention_instances.get_or_create(&l).inc_by(self.instances);
+        METRICS.retention_bytes.get_or_create(&l).inc_by(self.bytes);
+        tracing::info!(
+            series_instance_uid = self.series_instance_uid,
+            policy = self.policy,
+            instances = self.instances,
+            bytes = self.bytes,
+            "retention deleted spooled instances"
         );
     }
 }

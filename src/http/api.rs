@@ -510,6 +510,9 @@ mod tests {
             last_received_at: "2026-01-01T00:00:00.500Z".into(),
             completed_at: Some("2026-01-01T00:00:00.600Z".into()),
             series_description: None,
+            state_reason: None,
+            purged_at: None,
+            purged_instances: 0,
         }
     }
 

@@ -33,7 +33,9 @@
 //! missing attribute makes a test false, with a reason.
 //!
 //! **Failure modes.** Only reading the first instance's header can fail
-//! ([`FactsError`]); an I/O error there is retryable.
+//! ([`FactsError`]); an I/O error there is retryable, a missing or
+//! unparseable file is not. In `serve`, [`stage`] sets a series whose
+//! routing fails for good aside as `unroutable`, so it never holds the queue.
 
 mod condition;
 pub mod dry_run;

@@ -3,6 +3,11 @@
 //! One writer (the tracker actor, plus later stages calling `set_state`) and
 //! any number of readers (routing, `biomarker-node series`) share the file:
 //! WAL lets readers see a consistent snapshot while the writer commits.
+//!
+//! Retention deletes spool files but keeps their rows, flagged with
+//! `purged_at`: such an instance is no longer a duplicate (a copy sent again
+//! is stored as new), no longer part of its series for routing and jobs,
+//! and not "missing" for recovery.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
@@ -10,15 +15,17 @@ use std::time::{Duration, SystemTime};
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 
 use super::{
-    rfc3339, InsertOutcome, SeriesCompleted, SeriesError, SeriesSummary, StoredInstance,
-    STATE_COMPLETE, STATE_RECEIVING,
+    rfc3339, InsertOutcome, SeriesCompleted, SeriesError, SeriesSummary, SpooledSeries,
+    StoredInstance, STATE_COMPLETE, STATE_RECEIVING,
 };
 use crate::dicom::header::InstanceHeader;
 use crate::dicom::Uid;
 
 /// Bumped on every incompatible schema change; an index from a newer build is
-/// refused rather than misread.
-const SCHEMA_VERSION: i64 = 1;
+/// refused rather than misread. 2 added `series.state_reason`,
+/// `series.purged_at`, `series.purged_instances` and `instances.purged_at`;
+/// [`SeriesIndex::open`] migrates a version 1 index in place.
+const SCHEMA_VERSION: i64 = 2;
 
 /// How long a statement waits for another connection's write lock. Writes
 /// are single-row and short, so 5 s means something is wrong, not busy.
@@ -35,7 +42,10 @@ CREATE TABLE IF NOT EXISTS series (
     generation          INTEGER NOT NULL,
     first_received_at   TEXT NOT NULL,
     last_received_at    TEXT NOT NULL,
-    completed_at        TEXT
+    completed_at        TEXT,
+    state_reason        TEXT,
+    purged_at           TEXT,
+    purged_instances    INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS instances (
     sop_instance_uid    TEXT PRIMARY KEY NOT NULL,
@@ -46,15 +56,27 @@ CREATE TABLE IF NOT EXISTS instances (
     association_id      INTEGER NOT NULL,
     calling_ae          TEXT NOT NULL,
     received_at         TEXT NOT NULL,
-    header_json         TEXT NOT NULL
+    header_json         TEXT NOT NULL,
+    purged_at           TEXT
 );
 CREATE INDEX IF NOT EXISTS instances_by_series ON instances(series_instance_uid);
+";
+
+/// Version 1 → 2: the state reason and retention's record. Additive only, so
+/// a reader never sees a half-migrated row.
+const MIGRATE_1_TO_2: &str = "
+ALTER TABLE series ADD COLUMN state_reason TEXT;
+ALTER TABLE series ADD COLUMN purged_at TEXT;
+ALTER TABLE series ADD COLUMN purged_instances INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE instances ADD COLUMN purged_at TEXT;
 ";
 
 /// Owns one connection to the index file; see the module doc of
 /// [`crate::series`] for who writes what.
 pub struct SeriesIndex {
     conn: Connection,
+    /// The file has the version 2 columns (always, once opened for writing).
+    v2: bool,
 }
 
 /// Shared by the index and the SQLite queue, which may use the same file.
@@ -83,16 +105,18 @@ pub(super) fn open_rw(path: &Path) -> Result<Connection, SeriesError> {
     Ok(conn)
 }
 
-fn check_version(conn: &Connection, path: &Path) -> Result<(), SeriesError> {
+fn check_version(conn: &Connection, path: &Path) -> Result<i64, SeriesError> {
     let found: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-    if found != SCHEMA_VERSION {
+    // A reader may meet a version 1 index that no `serve` of this build has
+    // opened yet; it reads it without the version 2 columns.
+    if !(1..=SCHEMA_VERSION).contains(&found) {
         return Err(SeriesError::Schema {
             path: path.to_owned(),
             found,
             supported: SCHEMA_VERSION,
         });
     }
-    Ok(())
+    Ok(found)
 }
 
 fn uid(raw: String, column: &str) -> Result<Uid, SeriesError> {
@@ -115,10 +139,13 @@ impl SeriesIndex {
         if found == 0 {
             tx.execute_batch(SCHEMA)?;
             tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        } else if found == 1 {
+            tx.execute_batch(MIGRATE_1_TO_2)?;
+            tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         }
         tx.commit()?;
         check_version(&conn, path)?;
-        Ok(SeriesIndex { conn })
+        Ok(SeriesIndex { conn, v2: true })
     }
 
     /// Opens an existing index read-only, for the CLI while `serve` writes.
@@ -133,8 +160,8 @@ impl SeriesIndex {
         )
         .map_err(open_err)?;
         conn.busy_timeout(BUSY_TIMEOUT).map_err(open_err)?;
-        check_version(&conn, path)?;
-        Ok(SeriesIndex { conn })
+        let v2 = check_version(&conn, path)? >= 2;
+        Ok(SeriesIndex { conn, v2 })
     }
 
     /// Records one stored instance; see [`InsertOutcome`]. A duplicate leaves
@@ -154,16 +181,24 @@ impl SeriesIndex {
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let known = tx
+        let known: Option<Option<String>> = tx
             .query_row(
-                "SELECT 1 FROM instances WHERE sop_instance_uid = ?1",
+                "SELECT purged_at FROM instances WHERE sop_instance_uid = ?1",
                 [h.sop_instance_uid.as_str()],
-                |_| Ok(()),
+                |r| r.get(0),
             )
-            .optional()?
-            .is_some();
-        if known {
-            return Ok(InsertOutcome::Duplicate);
+            .optional()?;
+        match known {
+            Some(None) => return Ok(InsertOutcome::Duplicate),
+            // Retention deleted the first copy: this one is the instance
+            // now, and its series is re-opened to analyse it again.
+            Some(Some(_)) => {
+                tx.execute(
+                    "DELETE FROM instances WHERE sop_instance_uid = ?1",
+                    [h.sop_instance_uid.as_str()],
+                )?;
+            }
+            None => {}
         }
         let existing: Option<(String, String)> = tx
             .query_row(
@@ -208,6 +243,7 @@ impl SeriesIndex {
                          modality = COALESCE(modality, ?3),
                          series_description = COALESCE(series_description, ?4),
                          state = ?5,
+                         state_reason = NULL,
                          generation = generation + ?6,
                          completion_reason = CASE WHEN ?6 = 1 THEN NULL ELSE completion_reason END,
                          completed_at = CASE WHEN ?6 = 1 THEN NULL ELSE completed_at END
@@ -255,7 +291,7 @@ impl SeriesIndex {
         Ok(self
             .conn
             .query_row(
-                "SELECT 1 FROM instances WHERE sop_instance_uid = ?1",
+                "SELECT 1 FROM instances WHERE sop_instance_uid = ?1 AND purged_at IS NULL",
                 [sop_instance_uid.as_str()],
                 |_| Ok(()),
             )
@@ -270,15 +306,21 @@ impl SeriesIndex {
     }
 
     pub fn list_series(&self) -> Result<Vec<SeriesSummary>, SeriesError> {
-        let mut stmt = self.conn.prepare(
+        let v2_cols = if self.v2 {
+            "s.state_reason, s.purged_at, s.purged_instances"
+        } else {
+            "NULL, NULL, 0"
+        };
+        let mut stmt = self.conn.prepare(&format!(
             "SELECT s.series_instance_uid, s.study_instance_uid, s.modality, s.state,
                     (SELECT COUNT(*) FROM instances i
                       WHERE i.series_instance_uid = s.series_instance_uid),
                     s.completion_reason, s.generation, s.first_received_at,
-                    s.last_received_at, s.completed_at, s.series_description
+                    s.last_received_at, s.completed_at, s.series_description,
+                    {v2_cols}
              FROM series s
-             ORDER BY s.last_received_at DESC, s.series_instance_uid",
-        )?;
+             ORDER BY s.last_received_at DESC, s.series_instance_uid"
+        ))?;
         let mut rows = stmt.query([])?;
         let mut out = Vec::new();
         while let Some(r) = rows.next()? {
@@ -294,21 +336,25 @@ impl SeriesIndex {
                 last_received_at: r.get(8)?,
                 completed_at: r.get(9)?,
                 series_description: r.get(10)?,
+                state_reason: r.get(11)?,
+                purged_at: r.get(12)?,
+                purged_instances: r.get(13)?,
             });
         }
         Ok(out)
     }
 
     /// Spool paths (relative to the spool root) and headers of one series, in
-    /// the order they were received.
+    /// the order they were received; instances retention deleted are left out.
     pub fn series_instances(
         &self,
         series: &Uid,
     ) -> Result<Vec<(PathBuf, InstanceHeader)>, SeriesError> {
-        let mut stmt = self.conn.prepare(
+        let live = if self.v2 { "AND purged_at IS NULL" } else { "" };
+        let mut stmt = self.conn.prepare(&format!(
             "SELECT rel_path, header_json FROM instances
-             WHERE series_instance_uid = ?1 ORDER BY rowid",
-        )?;
+             WHERE series_instance_uid = ?1 {live} ORDER BY rowid"
+        ))?;
         let rows = stmt.query_map([series.as_str()], |r| {
             Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
         })?;
@@ -327,6 +373,17 @@ impl SeriesIndex {
     /// series was re-opened after the caller saw it complete and will be
     /// queued again.
     pub fn set_state(&mut self, series: &Uid, state: &str) -> Result<(), SeriesError> {
+        self.set_state_with_reason(series, state, None)
+    }
+
+    /// [`SeriesIndex::set_state`] that also records why (e.g. the routing
+    /// error of an `unroutable` series); `None` clears an earlier reason.
+    pub fn set_state_with_reason(
+        &mut self,
+        series: &Uid,
+        state: &str,
+        reason: Option<&str>,
+    ) -> Result<(), SeriesError> {
         let valid = !state.is_empty()
             && state.len() <= 32
             && state
@@ -356,8 +413,8 @@ impl SeriesIndex {
             Some(_) => {}
         }
         tx.execute(
-            "UPDATE series SET state = ?2 WHERE series_instance_uid = ?1",
-            params![series.as_str(), state],
+            "UPDATE series SET state = ?2, state_reason = ?3 WHERE series_instance_uid = ?1",
+            params![series.as_str(), state, reason],
         )?;
         tx.commit()?;
         Ok(())
@@ -365,7 +422,7 @@ impl SeriesIndex {
 
     /// The event completing `series` now would produce, or `None` when the
     /// series is not receiving (already complete, or unknown).
-    pub(super) fn pending_completion(
+    pub(crate) fn pending_completion(
         &self,
         series: &Uid,
         reason: super::CompletionReason,
@@ -399,7 +456,7 @@ impl SeriesIndex {
     /// Records the completion `ev` describes. False when the series moved on
     /// meanwhile (it cannot while the tracker is its only writer, but the
     /// guard keeps a stray writer from completing the wrong generation).
-    pub(super) fn mark_complete(
+    pub(crate) fn mark_complete(
         &mut self,
         ev: &SeriesCompleted,
         now: SystemTime,
@@ -429,9 +486,10 @@ impl SeriesIndex {
 
     /// `(sop_instance_uid, rel_path)` of every indexed instance, for recover().
     pub(super) fn indexed_paths(&self) -> Result<Vec<(String, PathBuf)>, SeriesError> {
+        // Purged rows name files retention deleted on purpose: not "gone".
         let mut stmt = self
             .conn
-            .prepare("SELECT sop_instance_uid, rel_path FROM instances")?;
+            .prepare("SELECT sop_instance_uid, rel_path FROM instances WHERE purged_at IS NULL")?;
         let rows = stmt.query_map([], |r| {
             Ok((
                 r.get::<_, String>(0)?,
@@ -439,6 +497,86 @@ impl SeriesIndex {
             ))
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Series that still have instances in the spool, for retention: with
+    /// their state, last activity and spooled bytes. Oldest activity first.
+    pub fn spooled_series(&self) -> Result<Vec<SpooledSeries>, SeriesError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT s.series_instance_uid, s.state,
+                    COALESCE(s.completed_at, s.last_received_at),
+                    COUNT(i.sop_instance_uid), COALESCE(SUM(i.size_bytes), 0)
+             FROM series s JOIN instances i
+               ON i.series_instance_uid = s.series_instance_uid AND i.purged_at IS NULL
+             GROUP BY s.series_instance_uid
+             ORDER BY 3, 1",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, i64>(3)?,
+                r.get::<_, i64>(4)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (series, state, last_activity, instances, bytes) = row?;
+            out.push(SpooledSeries {
+                series_instance_uid: uid(series, "series_instance_uid")?,
+                state,
+                last_activity,
+                instances: instances.max(0) as u64,
+                bytes: bytes.max(0) as u64,
+            });
+        }
+        Ok(out)
+    }
+
+    /// `(sop_instance_uid, rel_path)` of the instances of `series` still in
+    /// the spool.
+    pub fn spooled_instances(&self, series: &Uid) -> Result<Vec<(String, PathBuf)>, SeriesError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT sop_instance_uid, rel_path FROM instances
+             WHERE series_instance_uid = ?1 AND purged_at IS NULL ORDER BY rowid",
+        )?;
+        let rows = stmt.query_map([series.as_str()], |r| {
+            Ok((r.get::<_, String>(0)?, PathBuf::from(r.get::<_, String>(1)?)))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Records that retention deleted these instances' files: the rows stay
+    /// (the record), flagged, and the series counts them. Returns how many
+    /// rows were newly marked.
+    pub fn mark_purged(
+        &mut self,
+        series: &Uid,
+        sops: &[String],
+        now: SystemTime,
+    ) -> Result<usize, SeriesError> {
+        let now = rfc3339(now);
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut n = 0;
+        {
+            let mut upd = tx.prepare(
+                "UPDATE instances SET purged_at = ?3
+                 WHERE sop_instance_uid = ?1 AND series_instance_uid = ?2 AND purged_at IS NULL",
+            )?;
+            for sop in sops {
+                n += upd.execute(params![sop, series.as_str(), now])?;
+            }
+        }
+        tx.execute(
+            "UPDATE series SET purged_at = ?2, purged_instances = purged_instances + ?3
+             WHERE series_instance_uid = ?1",
+            params![series.as_str(), now, n as i64],
+        )?;
+        tx.commit()?;
+        Ok(n)
     }
 
     /// Drops instance rows whose spool file is gone, then receiving series
@@ -540,6 +678,39 @@ mod tests {
             .insert_instance(&stored("1.2.3", 2, 2.5, 1), SystemTime::now())
             .unwrap_err();
         assert!(!e.is_retryable(), "{e}");
+    }
+
+    #[test]
+    fn a_version_1_index_is_read_as_is_and_migrated_by_the_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("index.sqlite");
+        {
+            let c = Connection::open(&path).unwrap();
+            // The version 1 schema: the current one without the added columns.
+            let v1 = SCHEMA
+                .replace(",\n    state_reason        TEXT,\n    purged_at           TEXT,\n    purged_instances    INTEGER NOT NULL DEFAULT 0", "")
+                .replace(",\n    purged_at           TEXT\n", "\n");
+            assert!(!v1.contains("purged"), "{v1}");
+            c.execute_batch(&v1).unwrap();
+            c.pragma_update(None, "user_version", 1).unwrap();
+            c.execute(
+                "INSERT INTO series (series_instance_uid, study_instance_uid, state, generation,
+                     first_received_at, last_received_at) VALUES ('1.2.3', '1.2', 'analyzed', 1, 't', 't')",
+                [],
+            )
+            .unwrap();
+        }
+        let ro = SeriesIndex::open_readonly(&path).unwrap();
+        let row = &ro.list_series().unwrap()[0];
+        assert_eq!((row.state.as_str(), row.state_reason.as_deref(), row.purged_instances), ("analyzed", None, 0));
+        assert!(ro.series_instances(&s("1.2.3")).unwrap().is_empty());
+        drop(ro);
+        let mut ix = SeriesIndex::open(&path).unwrap();
+        ix.set_state_with_reason(&s("1.2.3"), "unroutable", Some("why")).unwrap();
+        let row = &ix.list_series().unwrap()[0];
+        assert_eq!(row.state_reason.as_deref(), Some("why"));
+        let version: i64 = ix.conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
     }
 
     #[test]

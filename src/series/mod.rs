@@ -144,6 +144,29 @@ pub struct SeriesSummary {
     pub last_received_at: String,
     pub completed_at: Option<String>,
     pub series_description: Option<String>,
+    /// Why the series is in its state, when a stage recorded one: for
+    /// `unroutable`, the routing error. `None` otherwise.
+    #[serde(default)]
+    pub state_reason: Option<String>,
+    /// RFC 3339, UTC: when retention last deleted spooled instances of this
+    /// series; `None` while all of them are in the spool.
+    #[serde(default)]
+    pub purged_at: Option<String>,
+    /// How many of `instances` retention deleted from the spool.
+    #[serde(default)]
+    pub purged_instances: u32,
+}
+
+/// A series with instances still in the spool, as retention sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SpooledSeries {
+    pub series_instance_uid: Uid,
+    pub state: String,
+    /// RFC 3339: completion time, or last reception while receiving.
+    pub last_activity: String,
+    /// Instances and bytes still in the spool.
+    pub instances: u64,
+    pub bytes: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
