@@ -199,8 +199,23 @@ class Node:
         assert status == expect, f"{method} {path}: HTTP {status}, expected {expect}: {data[:500]!r}"
         return json.loads(data)
 
+    def _record_peak_rss(self) -> None:
+        """With BIOMARKER_RSS_REPORT=FILE, append `test<TAB>peak MiB` before the
+        node goes away: the figures behind the closing note's attack table."""
+        out = os.environ.get("BIOMARKER_RSS_REPORT")
+        if not out or not self.running():
+            return
+        try:
+            rss = self.peak_rss_mib()
+        except (OSError, AssertionError):
+            return
+        test = os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0]
+        with open(out, "a") as f:
+            f.write(f"{test}\t{rss:.1f}\n")
+
     def kill(self) -> None:
         """SIGKILL: the crash the node must survive."""
+        self._record_peak_rss()
         if self.proc and self.proc.poll() is None:
             self._expected_exit = True
             self.proc.send_signal(signal.SIGKILL)
@@ -210,6 +225,7 @@ class Node:
         """SIGTERM (graceful shutdown), SIGKILL if it does not exit in time."""
         if not self.proc or self.proc.poll() is not None:
             return self.proc.returncode if self.proc else None
+        self._record_peak_rss()
         self._expected_exit = True
         self.proc.send_signal(signal.SIGTERM)
         try:
