@@ -110,6 +110,25 @@ pub struct DestinationConfig {
     /// Deliver over DICOM TLS (PS3.15 B.1) instead of plain TCP.
     #[serde(default)]
     pub tls: Option<DestinationTlsConfig>,
+    /// Which outputs this destination gets (default: all three).
+    #[serde(default = "all_outputs")]
+    pub send: Vec<OutputKind>,
+}
+
+/// One kind of result object the node sends.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum OutputKind {
+    /// The TID 1500 Structured Report.
+    Sr,
+    /// The Secondary Capture overlays.
+    Sc,
+    /// The Segmentation of the localization.
+    Seg,
+}
+
+fn all_outputs() -> Vec<OutputKind> {
+    vec![OutputKind::Sr, OutputKind::Sc, OutputKind::Seg]
 }
 
 /// How we verify a TLS destination and, optionally, prove who we are.
