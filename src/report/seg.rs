@@ -451,6 +451,9 @@ pub fn build_seg(
                 tags::PURPOSE_OF_REFERENCE_CODE_SEQUENCE,
                 vec![SOURCE_FOR_PROCESSING.to_item()],
             ));
+            // Same rows, columns and plane as the source slice: viewers
+            // (and highdicom) may then index the SEG by source frame.
+            source.put(str_elem(tags::SPATIAL_LOCATIONS_PRESERVED, VR::CS, "YES"));
             let mut derivation = InMemDicomObject::new_empty();
             derivation.put(seq_elem(
                 tags::DERIVATION_CODE_SEQUENCE,
@@ -494,4 +497,215 @@ pub fn build_seg(
             source_series_uid: ctx.series_instance_uid.clone(),
         },
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::report::testutil::*;
+    use std::path::Path;
+    use std::process::Command;
+
+    fn geometry(n: usize) -> SegGeometry {
+        SegGeometry {
+            frame_of_reference_uid: Uid::parse("1.2.826.0.1.3680043.10.1484.99.1.9").unwrap(),
+            orientation: "1\\0\\0\\0\\1\\0".into(),
+            pixel_spacing: "0.7\\0.7".into(),
+            slice_thickness: Some("2.5".into()),
+            positions: (0..n).map(|k| format!("-120\\-110.5\\{}", -50.0 + 2.5 * k as f64)).collect(),
+        }
+    }
+
+    /// highdicom reads the SEG back: pixels (per source instance, in slice
+    /// order) equal `expected.npy`, planes equal the geometry; and, given an
+    /// SR, its TID 1411 Referenced Segment resolves to this SEG's segment.
+    const SEGREAD: &str = r#"
+import sys, numpy as np, pydicom, highdicom as hd
+seg_path, want_path, kind, sr_path = sys.argv[1:5]
+seg = hd.seg.segread(seg_path)
+ds = pydicom.dcmread(seg_path)
+want = np.load(want_path)
+assert seg.segmentation_type.value == kind, seg.segmentation_type
+srcs = [f.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        for f in ds.PerFrameFunctionalGroupsSequence]
+px = seg.get_pixels_by_source_instance(source_sop_instance_uids=srcs, segment_numbers=[1],
+                                       combine_segments=False, rescale_fractional=False)
+got = px[..., 0]
+assert got.shape == want.shape, (got.shape, want.shape)
+assert np.array_equal(got.astype(np.uint8), want), (int(got.sum()), int(want.sum()))
+assert want.sum() > 0
+desc = seg.get_segment_description(1)
+print("segread ok", kind, got.shape, int(got.astype(np.int64).sum()), desc.segment_label)
+if sr_path != "-":
+    sr = hd.sr.srread(sr_path)
+    groups = sr.content.get_volumetric_roi_measurement_groups()
+    assert len(groups) == 1, len(groups)
+    ref = groups[0].referenced_segment
+    item = ref[0].ReferencedSOPSequence[0]
+    assert item.ReferencedSOPInstanceUID == ds.SOPInstanceUID
+    assert item.ReferencedSOPClassUID == "1.2.840.10008.5.1.4.1.1.66.4"
+    assert int(item.ReferencedSegmentNumber) in [s.SegmentNumber for s in ds.SegmentSequence]
+    assert ref[1].UID == ds.ReferencedSeriesSequence[0].SeriesInstanceUID
+    ev = [s.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+          for s in sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence]
+    assert ds.SOPInstanceUID in ev, ev
+    print("SR -> SEG reference resolves", item.ReferencedSegmentNumber)
+"#;
+
+    fn segread(seg: &Path, want: &Array3<u8>, kind: &str, sr: Option<&Path>) {
+        let probe = Command::new("python3").args(["-c", "import highdicom, numpy"]).output();
+        if !matches!(&probe, Ok(o) if o.status.success()) {
+            if std::env::var_os("CI").is_some() {
+                panic!("python3 with highdicom is required under CI");
+            }
+            eprintln!("SKIP: highdicom not importable");
+            return;
+        }
+        let want_path = seg.with_extension("npy");
+        crate::npy::write(&want_path, want.shape(), want.iter().copied()).unwrap();
+        let out = Command::new("python3")
+            .args(["-c", SEGREAD])
+            .arg(seg)
+            .arg(&want_path)
+            .arg(kind)
+            .arg(sr.map_or("-".into(), |p| p.display().to_string()))
+            .output()
+            .unwrap();
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "highdicom segread failed:\n{text}");
+        eprintln!("{}", text.trim());
+    }
+
+    /// Unpack the Pixel Data with dicom-object, independently of `pack_bits`.
+    fn pixels(f: &FileDicomObject<InMemDicomObject>) -> Vec<u8> {
+        f.element(tags::PIXEL_DATA).unwrap().to_bytes().unwrap().into_owned()
+    }
+
+    #[test]
+    fn binary_area_seg_is_the_thresholded_mask_and_passes_dciodvfy() {
+        let (ctx, card, _) = area_fixture();
+        let (_, m) = area_measurement(1, 64, 64);
+        let g = geometry(1);
+        let (f, r) = build_seg(&ctx, &card, &m, &g).unwrap();
+        // the node's mask: candidates with map >= 0.5 (the 0.3 halo is out)
+        let mask = node_mask(&card, &m).unwrap();
+        let want = ndarray::Zip::from(&m.map)
+            .and(&m.candidates)
+            .map_collect(|&v, &c| (c && v >= 0.5) as u8);
+        assert_eq!(mask, want);
+        assert!(mask.iter().any(|&v| v == 1));
+        let px = pixels(&f);
+        assert_eq!(px.len(), 64 * 64 / 8);
+        for (i, &v) in want.iter().enumerate() {
+            assert_eq!((px[i / 8] >> (i % 8)) & 1, v, "pixel {i}");
+        }
+        assert_eq!(f.element(tags::SEGMENTATION_TYPE).unwrap().to_str().unwrap(), "BINARY");
+        assert_eq!(f.element(tags::BITS_ALLOCATED).unwrap().to_int::<u16>().unwrap(), 1);
+        assert_eq!(
+            f.element(tags::FRAME_OF_REFERENCE_UID).unwrap().to_str().unwrap(),
+            g.frame_of_reference_uid.as_str()
+        );
+        assert_eq!(r.sop_instance_uid.as_str(), f.element(tags::SOP_INSTANCE_UID).unwrap().to_str().unwrap());
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("seg.dcm");
+        f.write_to_file(&p).unwrap();
+        keep(&p, "seg-area.dcm");
+        dciodvfy_clean(&p);
+        let sr = crate::report::build_sr_with_seg(&ctx, &card, &m, Some(&r)).unwrap();
+        let srp = dir.path().join("sr.dcm");
+        sr.write_to_file(&srp).unwrap();
+        keep(&srp, "sr-with-seg.dcm");
+        dciodvfy_clean(&srp);
+        segread(&p, &want, "BINARY", Some(&srp));
+        // stable: the same job gives the same bytes
+        let (again, _) = build_seg(&ctx, &card, &m, &g).unwrap();
+        let (mut a, mut b) = (vec![], vec![]);
+        f.write_all(&mut a).unwrap();
+        again.write_all(&mut b).unwrap();
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn fractional_seg_is_the_map_inside_candidates() {
+        let (ctx, mut card, _) = area_fixture();
+        card.segmentation.kind = SegmentationType::Fractional;
+        let (_, m) = area_measurement(1, 64, 64);
+        let (f, _) = build_seg(&ctx, &card, &m, &geometry(1)).unwrap();
+        let want = ndarray::Zip::from(&m.map)
+            .and(&m.candidates)
+            .map_collect(|&v, &c| if c { (v * 255.0).round() as u8 } else { 0 });
+        assert_eq!(pixels(&f), want.iter().copied().collect::<Vec<_>>());
+        assert_eq!(f.element(tags::MAXIMUM_FRACTIONAL_VALUE).unwrap().to_int::<u16>().unwrap(), 255);
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("seg.dcm");
+        f.write_to_file(&p).unwrap();
+        keep(&p, "seg-fractional.dcm");
+        dciodvfy_clean(&p);
+        segread(&p, &want, "FRACTIONAL", None);
+    }
+
+    #[test]
+    fn cac_seg_holds_only_counted_lesions_frames_packed_back_to_back() {
+        let (ctx, card, _) = cac_fixture();
+        // 30 columns: 4 frames of 30×30 = 3600 bits, frames do not start
+        // on byte boundaries (900 bits each), so packing must be contiguous.
+        let (_, mut m) = cac_measurement(4, 30, 30);
+        m.lesions[1].counted = false;
+        let mask = node_mask(&card, &m).unwrap();
+        let on: Vec<usize> = (0..4).filter(|&s| mask.index_axis(Axis(0), s).iter().any(|&v| v == 1)).collect();
+        assert_eq!(on, vec![1], "only the counted lesion's slice");
+        // the counted lesion is exactly its candidates
+        let lesion_1 = m.candidates.index_axis(Axis(0), 1).mapv(|c| c as u8);
+        assert_eq!(mask.index_axis(Axis(0), 1), lesion_1);
+        let (f, _) = build_seg(&ctx, &card, &m, &geometry(4)).unwrap();
+        let px = pixels(&f);
+        assert_eq!(px.len(), 3600 / 8);
+        for (i, &v) in mask.iter().enumerate() {
+            assert_eq!((px[i / 8] >> (i % 8)) & 1, v, "bit {i}");
+        }
+        let frames = f.element(tags::PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE).unwrap().items().unwrap();
+        assert_eq!(frames.len(), 4);
+        for (k, fr) in frames.iter().enumerate() {
+            let src = fr.element(tags::DERIVATION_IMAGE_SEQUENCE).unwrap().items().unwrap()[0]
+                .element(tags::SOURCE_IMAGE_SEQUENCE).unwrap().items().unwrap()[0]
+                .element(tags::REFERENCED_SOP_INSTANCE_UID).unwrap().to_str().unwrap().into_owned();
+            assert_eq!(src, ctx.source_refs[k].sop_instance_uid.as_str());
+            let div = fr.element(tags::FRAME_CONTENT_SEQUENCE).unwrap().items().unwrap()[0]
+                .element(tags::DIMENSION_INDEX_VALUES).unwrap().to_multi_int::<u32>().unwrap();
+            assert_eq!(div, vec![1, k as u32 + 1]);
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("seg.dcm");
+        f.write_to_file(&p).unwrap();
+        keep(&p, "seg-cac.dcm");
+        dciodvfy_clean(&p);
+        segread(&p, &mask, "BINARY", None);
+    }
+
+    #[test]
+    fn geometry_comes_from_the_headers_and_missing_geometry_is_an_error() {
+        let mk = |z: &str| {
+            let mut h = synthetic_source("X");
+            h.put(str_elem(tags::FRAME_OF_REFERENCE_UID, VR::UI, "1.2.3.4"));
+            h.put(str_elem(tags::IMAGE_ORIENTATION_PATIENT, VR::DS, "1\\0\\0\\0\\1\\0"));
+            h.put(str_elem(tags::IMAGE_POSITION_PATIENT, VR::DS, format!("0\\0\\{z}")));
+            h.put(str_elem(tags::SLICE_THICKNESS, VR::DS, "1.25"));
+            h
+        };
+        let g = SegGeometry::from_headers(&[mk("0"), mk("1.25")]).unwrap();
+        assert_eq!(g.positions, vec!["0\\0\\0", "0\\0\\1.25"]);
+        assert_eq!(g.pixel_spacing, "0.7\\0.7");
+        assert_eq!(g.slice_thickness.as_deref(), Some("1.25"));
+        let mut tilted = mk("2.5");
+        tilted.put(str_elem(tags::IMAGE_ORIENTATION_PATIENT, VR::DS, "1\\0\\0\\0\\0.9\\0.1"));
+        assert!(matches!(SegGeometry::from_headers(&[mk("0"), tilted]), Err(ReportError::Shape { .. })));
+        assert!(matches!(
+            SegGeometry::from_headers(&[synthetic_source("X")]),
+            Err(ReportError::MissingSource { .. })
+        ));
+        // a SEG whose frames do not match the sources is refused
+        let (ctx, card, _) = area_fixture();
+        let (_, m) = area_measurement(1, 16, 16);
+        assert!(matches!(build_seg(&ctx, &card, &m, &geometry(2)), Err(ReportError::Shape { .. })));
+    }
 }
