@@ -24,7 +24,7 @@ import pydicom
 import pytest
 import yaml
 
-from nodeharness import REPO_ROOT, run_tool
+from nodeharness import REPO_ROOT, node_binary, run_tool
 from test_results_orthanc import SEG_CLASS, ort_dylib
 
 SERIES = "abdomen-ge-3slice"
@@ -78,7 +78,7 @@ def analyzed(tmp_path_factory, realct) -> Path:
         ],
     }
     (work / "node.yaml").write_text(yaml.safe_dump(cfg))
-    r = run_tool([str(REPO_ROOT / "target" / "release" / "biomarker-node"), "analyze", "--config",
+    r = run_tool([str(node_binary()), "analyze", "--config",
                   str(work / "node.yaml"), "--out", str(work / "out"), str(realct / SERIES)])
     assert r.returncode == 0, r.stdout + r.stderr
     return work / "out"
