@@ -214,3 +214,39 @@ impl ModelCard {
         self.aggregation.kind == "agatston"
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The four shipped cards carry their `segmentation:` section; a card
+    /// without one gets the documented default; a threshold outside 0..=1
+    /// is refused when the card is loaded.
+    #[test]
+    fn segmentation_section_defaults_and_bounds() {
+        let models = Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
+        let want = [
+            ("pma", SegmentationType::Binary, "60005003"),
+            ("sfa", SegmentationType::Binary, "55603005"),
+            ("cac", SegmentationType::Binary, "29483008"),
+            ("liver", SegmentationType::Fractional, "108369006"),
+        ];
+        for (name, kind, property) in want {
+            let card = ModelCard::load(&models.join(format!("{name}.yaml"))).unwrap();
+            assert_eq!(card.segmentation.kind, kind, "{name}");
+            assert_eq!(card.segmentation.property_type.as_ref().unwrap().value, property, "{name}");
+            assert!(card.segmentation.category.is_some() && card.segmentation.anatomic_region.is_some());
+        }
+        let text = std::fs::read_to_string(models.join("pma.yaml")).unwrap();
+        let start = text.find("\nsegmentation:").unwrap();
+        let end = start + 1 + text[start + 1..].find("\ntraining:").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let bare = dir.path().join("bare.yaml");
+        std::fs::write(&bare, format!("{}{}", &text[..start], &text[end..])).unwrap();
+        let card = ModelCard::load(&bare).unwrap();
+        assert_eq!(card.segmentation, SegmentationSpec::default());
+        let bad = dir.path().join("bad.yaml");
+        std::fs::write(&bad, text.replace("  threshold: 0.5\n", "  threshold: 1.5\n")).unwrap();
+        assert!(matches!(ModelCard::load(&bad), Err(CardError::Invalid { .. })));
+    }
+}

@@ -708,4 +708,32 @@ if sr_path != "-":
         let (_, m) = area_measurement(1, 16, 16);
         assert!(matches!(build_seg(&ctx, &card, &m, &geometry(2)), Err(ReportError::Shape { .. })));
     }
+
+    /// Every shipped card's segment codes are valid and its SEG passes
+    /// dciodvfy, with its own label and property type.
+    #[test]
+    fn shipped_cards_make_valid_segs() {
+        let models = Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["pma", "sfa", "cac", "liver"] {
+            let card = ModelCard::load(&models.join(format!("{name}.yaml"))).unwrap();
+            let (ctx, m) = if card.is_agatston() {
+                let (ctx, _, _) = cac_fixture();
+                (ctx, cac_measurement(4, 32, 32).1)
+            } else {
+                let (ctx, _, _) = area_fixture();
+                (ctx, area_measurement(1, 32, 32).1)
+            };
+            let (f, _) = build_seg(&ctx, &card, &m, &geometry(m.map.dim().0)).unwrap();
+            let seg = &f.element(tags::SEGMENT_SEQUENCE).unwrap().items().unwrap()[0];
+            let prop = &seg.element(tags::SEGMENTED_PROPERTY_TYPE_CODE_SEQUENCE).unwrap().items().unwrap()[0];
+            assert_eq!(
+                prop.element(tags::CODE_VALUE).unwrap().to_str().unwrap(),
+                card.segmentation.property_type.as_ref().unwrap().value.as_str()
+            );
+            let p = dir.path().join(format!("{name}.dcm"));
+            f.write_to_file(&p).unwrap();
+            dciodvfy_clean(&p);
+        }
+    }
 }
