@@ -45,6 +45,7 @@ SR_STORAGE_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.88.22",  # Enhanced SR
 }
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
+SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 
 # Fast retries so a fault test takes seconds; max_attempts high so only a
 # permanent refusal dead-letters within a test's time.
@@ -283,11 +284,58 @@ def all_delivered(items: list[dict], n: int) -> bool:
 
 
 def expected_outputs(analyzed: dict[str, dict]) -> int:
-    """Outbox items per series: one SR and its SC overlays per route."""
+    """Outbox items per series: one SR, its SC overlays and its SEG per route."""
     n = 0
     for j in analyzed.values():
-        n += 1 + len(list(j["sr"].parent.glob("sc-*.dcm")))
+        n += 1 + len(list(j["sr"].parent.glob("sc-*.dcm"))) + (j["sr"].parent / "seg.dcm").exists()
     return n
+
+
+def check_seg(seg_bytes: bytes, sr_bytes: bytes, ct_files: list[Path], out_dir: Path, card: Path) -> None:
+    """The SEG as a viewer reads it: highdicom's segread gives, per source
+    CT slice, exactly the node's own mask, recomputed here from the map and
+    candidates `analyze --out` wrote (map >= the card's threshold inside the
+    candidates, or the map x 255 for FRACTIONAL); its planes and Frame of
+    Reference are the CT's; the SR's TID 1411 Referenced Segment resolves
+    to it."""
+    import numpy as np
+    ds = pydicom.dcmread(io.BytesIO(seg_bytes))
+    assert ds.SOPClassUID == SEG_CLASS
+    seg = hd.seg.segread(io.BytesIO(seg_bytes))
+    cts = {c.SOPInstanceUID: c for c in (pydicom.dcmread(f, stop_before_pixels=True) for f in ct_files)}
+    result = json.loads((out_dir / "result.json").read_text())
+    sources = result["source_instances"]
+    assert len(sources) == int(ds.NumberOfFrames), (sources, ds.NumberOfFrames)
+    spec = yaml.safe_load(card.read_text()).get("segmentation") or {}
+    kind = spec.get("type", "BINARY")
+    assert ds.SegmentationType == kind
+    px = seg.get_pixels_by_source_instance(source_sop_instance_uids=sources, segment_numbers=[1],
+                                           combine_segments=False, rescale_fractional=False)[..., 0]
+    mp, cand = np.load(out_dir / "map.npy"), np.load(out_dir / "candidates.npy").astype(bool)
+    if kind == "BINARY":
+        want = (cand & (mp >= np.float32(spec.get("threshold", 0.5)))).astype(np.uint8)
+    else:
+        want = np.where(cand, np.round(np.clip(mp, 0, 1) * np.float32(255)), 0).astype(np.uint8)
+    assert want.sum() > 0, "the mask is empty: the test would prove nothing"
+    assert np.array_equal(px.astype(np.uint8), want), (int(px.sum()), int(want.sum()))
+    # geometry: the source CT's Frame of Reference, planes and spacing
+    first = cts[sources[0]]
+    assert ds.FrameOfReferenceUID == first.FrameOfReferenceUID
+    shared = ds.SharedFunctionalGroupsSequence[0]
+    assert [float(v) for v in shared.PlaneOrientationSequence[0].ImageOrientationPatient] == \
+        [float(v) for v in first.ImageOrientationPatient]
+    assert [float(v) for v in shared.PixelMeasuresSequence[0].PixelSpacing] == [float(v) for v in first.PixelSpacing]
+    assert (ds.Rows, ds.Columns) == (first.Rows, first.Columns)
+    for uid, f in zip(sources, ds.PerFrameFunctionalGroupsSequence):
+        assert f.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID == uid
+        assert [float(v) for v in f.PlanePositionSequence[0].ImagePositionPatient] == \
+            [float(v) for v in cts[uid].ImagePositionPatient]
+    # the SR's measurement group references this SEG's segment
+    sr = hd.sr.srread(io.BytesIO(sr_bytes))
+    (group,) = sr.content.get_volumetric_roi_measurement_groups()
+    ref = group.referenced_segment[0].ReferencedSOPSequence[0]
+    assert (ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID) == (SEG_CLASS, ds.SOPInstanceUID)
+    assert int(ref.ReferencedSegmentNumber) in {int(s.SegmentNumber) for s in ds.SegmentSequence}
 
 
 def assert_delivered_once(o: Orthanc, node: Node, items: list[dict], n_sr: int = 1,
@@ -331,19 +379,38 @@ def _end_to_end(tmp_path, nodes, orthancs, pma_phantom, cards: dict | None):
         others = [i for i in inst if i["ID"] != ct["ID"] and i["Series"].get("Modality") != "SR"]
         return (srs, others) if len(srs) >= n_sr and len(others) >= n_out - n_sr else None
 
-    srs, scs = wait_for(results, 60, f"{n_sr} SR and {n_out - n_sr} SC in the CT's study",
+    srs, others = wait_for(results, 60, f"{n_sr} SR and {n_out - n_sr} SC/SEG in the CT's study",
                         diag=lambda: f"{outbox(node)}\n{node.log_tail(30)}\n{o.log_tail(20)}", poll=0.2)
     # Nothing else arrived (a duplicate with a fresh UID would be an extra instance).
     assert len(o.study_instances(study)) == 1 + n_out, o.study_instances(study)
     assert len(o.instances()) == 1 + n_out, "a result landed outside the CT's study"
 
-    for i in srs + scs:
+    for i in srs + others:
         t = o.instance_tags(i["ID"])
         assert t["StudyInstanceUID"] == ct_tags["StudyInstanceUID"]
         assert t.get("PatientID") == ct_tags.get("PatientID")
         assert t["SeriesInstanceUID"] != ct_tags["SeriesInstanceUID"]
-    for i in scs:
-        assert o.instance_tags(i["ID"])["SOPClassUID"] == SC_CLASS
+    classes = [o.instance_tags(i["ID"])["SOPClassUID"] for i in others]
+    segs = [i for i, c in zip(others, classes) if c == SEG_CLASS]
+    assert len(segs) == n_sr, f"one SEG per result in the CT's study: {classes}"
+    assert all(c in (SC_CLASS, SEG_CLASS) for c in classes), classes
+    # Each SEG Orthanc stored: segread = the node's mask, CT geometry, SR -> SEG.
+    sr_by_seg = {}
+    for i in srs:
+        data = o.instance_file(i["ID"])
+        uids = referenced_uids(pydicom.dcmread(io.BytesIO(data)))
+        for s in segs:
+            if o.instance_tags(s["ID"])["SOPInstanceUID"] in uids:
+                sr_by_seg[s["ID"]] = data
+    for s in segs:
+        seg_bytes = o.instance_file(s["ID"])
+        assert s["ID"] in sr_by_seg, "no SR references this SEG"
+        seg_ds = pydicom.dcmread(io.BytesIO(seg_bytes))
+        out_dir = next(j["sr"].parent for j in analyzed.values()
+                       if pydicom.dcmread(j["sr"].parent / "seg.dcm").ContentDescription == seg_ds.ContentDescription)
+        model = next(r["model"] for r in over["routes"] if r["name"] == out_dir.name)
+        check_seg(seg_bytes, sr_by_seg[s["ID"]], [pma_phantom / "CT0001.dcm"], out_dir,
+                  Path(over["models"][model]["card"]))
 
     # The SR's measurement equals `analyze` on the same series and config.
     want = sorted(j["value"] for j in analyzed.values())
@@ -388,6 +455,26 @@ def test_orthanc_end_to_end_trained_pma(tmp_path, nodes, orthancs, pma_phantom):
         pytest.skip("models/pma.yaml not trained yet")
     cards = {m: REPO_ROOT / "models" / f"{m}.yaml" for m in MODEL_NAMES if (REPO_ROOT / "models" / f"{m}.yaml").exists()}
     _end_to_end(tmp_path, nodes, orthancs, pma_phantom, cards=cards)
+
+
+def test_destination_send_filter(tmp_path, nodes, orthancs, pma_phantom):
+    """`destinations.<name>.send: [sr, seg]`: Orthanc gets the SR and the
+    SEG of the result, no Secondary Capture; the SC is still written."""
+    dicom_port = free_port()
+    over = node_overrides(dicom_port, routes_named("pma-single-slice"), outbox=FAST_OUTBOX)
+    over["destinations"]["pacs"]["send"] = ["sr", "seg"]
+    node = nodes(over, start=False)
+    o = orthancs(dicom_port=dicom_port).start()
+    node.start()
+    r = storescu(node, [pma_phantom / "CT0001.dcm"])
+    assert r.returncode == 0, r.stdout + r.stderr
+    items = wait_for(lambda: (lambda it: it if all_delivered(it, 2) else None)(outbox(node)), 60,
+                     "the SR and the SEG delivered", diag=lambda: f"{outbox(node)}\n{node.log_tail(30)}")
+    assert sorted(i["sop_class_uid"] for i in items) == sorted([SEG_CLASS, "1.2.840.10008.5.1.4.1.1.88.34"]), items
+    stored = sorted(o.instance_tags(i)["SOPClassUID"] for i in o.instances())
+    assert stored == sorted([SEG_CLASS, "1.2.840.10008.5.1.4.1.1.88.34"]), stored
+    written = list((node.data_dir / "results").rglob("sc-*.dcm"))
+    assert written, "the SC is still written under results/"
 
 
 # ================================================================== 2. faults

@@ -26,7 +26,7 @@ import pydicom
 
 from e2e import clone, fixture_card, jobs_of, report_sops
 from nodeharness import REPO_ROOT, free_port, storescu
-from test_results_orthanc import (FAST_OUTBOX, SC_CLASS, all_delivered, nodes, node_overrides,  # noqa: F401
+from test_results_orthanc import (FAST_OUTBOX, SC_CLASS, SEG_CLASS, all_delivered, nodes, node_overrides,  # noqa: F401
                                   orthancs, outbox, pma_phantom, routes_named, wait_for)
 
 NODE_VERSION = tomllib.loads((REPO_ROOT / "Cargo.toml").read_text())["package"]["version"]
@@ -69,10 +69,12 @@ def test_contributing_equipment_names_node_and_algorithm(tmp_path, nodes, orthan
     assert set(made) == set(by_uid), (made, list(by_uid))
     sr = by_uid[made[0]]
     assert sr.Modality == "SR", sr.Modality
-    scs = [by_uid[u] for u in made[1:]]
-    assert scs and all(d.SOPClassUID == SC_CLASS for d in scs), [d.SOPClassUID for d in scs]
+    others = [by_uid[u] for u in made[1:]]
+    scs = [d for d in others if d.SOPClassUID == SC_CLASS]
+    segs = [d for d in others if d.SOPClassUID == SEG_CLASS]
+    assert scs and len(segs) == 1 and len(scs) + len(segs) == len(others), [d.SOPClassUID for d in others]
 
-    for ds in [sr] + scs:
+    for ds in [sr] + scs + segs:
         what = f"{ds.Modality} {ds.SOPInstanceUID}"
         # General Equipment: this node made the object.
         assert ds.Manufacturer == "biomarker-node", what

@@ -228,6 +228,8 @@ pub fn run(
 #[derive(Debug, Clone)]
 pub struct ReportFile {
     pub path: PathBuf,
+    /// Which output it is, for each destination's `send` filter.
+    pub kind: crate::config::OutputKind,
     pub sop_class_uid: crate::dicom::Uid,
     pub sop_instance_uid: crate::dicom::Uid,
 }
@@ -243,8 +245,9 @@ pub fn device_info(ae_title: &str) -> crate::report::DeviceInfo {
     }
 }
 
-/// Build the TID 1500 SR and the overlay SCs for a result and write them
-/// durably (fsync'd file and directory) as `sr.dcm`, `sc-NN.dcm` under
+/// Build the TID 1500 SR, the overlay SCs and the SEG for a result and
+/// write them durably (fsync'd file and directory) as `sr.dcm`, `sc-NN.dcm`,
+/// `seg.dcm` under
 /// `dir`. `seed` and `created` fix the UIDs and dates, so a rebuild after a
 /// crash writes the very same instances.
 pub fn write_reports(
@@ -256,7 +259,7 @@ pub fn write_reports(
     dir: &Path,
 ) -> Result<Vec<ReportFile>, AnalysisError> {
     use crate::dicom::read::{open_dicom, ReadDepth};
-    use crate::report::{build_sc, build_sr, ReportContext, ScOptions, SourceInstance};
+    use crate::report::{build_sc, build_seg, build_sr_with_seg, ReportContext, ScOptions, SourceInstance};
     let out = |e: &dyn std::fmt::Display| AnalysisError::Output(format!("{}: {e}", dir.display()));
     let first = a.slices.first().ok_or_else(|| out(&"no source slices"))?;
     let source = open_dicom(&first.0, ReadDepth::Header).map_err(|e| out(&e))?.into_inner();
@@ -290,13 +293,36 @@ pub fn write_reports(
         created,
     };
     let card = &model.card;
-    let sr = build_sr(&ctx, card, &a.measurement).map_err(|e| out(&e))?;
+    use crate::config::OutputKind;
+    // A series without plane geometry (no Frame of Reference, say) still
+    // gets its SR and SC; only the SEG, which cannot place its frames, is
+    // left out, and the log says why.
+    let seg = if a.measurement.map.is_empty() {
+        None
+    } else {
+        let headers = a
+            .slices
+            .iter()
+            .map(|(p, _)| open_dicom(p, ReadDepth::Header).map(|o| o.into_inner()).map_err(|e| out(&e)))
+            .collect::<Result<Vec<_>, _>>()?;
+        match crate::report::SegGeometry::from_headers(&headers)
+            .and_then(|g| build_seg(&ctx, card, &a.measurement, &g))
+        {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(series = %ctx.series_instance_uid, error = %e, "no SEG for this result");
+                None
+            }
+        }
+    };
+    let sr = build_sr_with_seg(&ctx, card, &a.measurement, seg.as_ref().map(|s| &s.1)).map_err(|e| out(&e))?;
     let scs = build_sc(&ctx, card, &a.measurement, a.hu.view(), &ScOptions::for_card(card)).map_err(|e| out(&e))?;
     std::fs::create_dir_all(dir).map_err(|e| out(&e))?;
     let mut files = Vec::new();
-    let objects = std::iter::once(("sr.dcm".to_owned(), sr))
-        .chain(scs.into_iter().enumerate().map(|(i, o)| (format!("sc-{i:02}.dcm"), o)));
-    for (name, obj) in objects {
+    let objects = std::iter::once(("sr.dcm".to_owned(), OutputKind::Sr, sr))
+        .chain(scs.into_iter().enumerate().map(|(i, o)| (format!("sc-{i:02}.dcm"), OutputKind::Sc, o)))
+        .chain(seg.map(|(o, _)| ("seg.dcm".to_owned(), OutputKind::Seg, o)));
+    for (name, kind, obj) in objects {
         let path = dir.join(&name);
         let tmp = dir.join(format!(".{name}.tmp"));
         obj.write_to_file(&tmp).map_err(|e| out(&e))?;
@@ -305,6 +331,7 @@ pub fn write_reports(
         let meta = obj.meta();
         files.push(ReportFile {
             path,
+            kind,
             sop_class_uid: crate::dicom::Uid::parse(meta.media_storage_sop_class_uid()).map_err(|e| out(&e))?,
             sop_instance_uid: crate::dicom::Uid::parse(meta.media_storage_sop_instance_uid()).map_err(|e| out(&e))?,
         });
@@ -398,6 +425,9 @@ pub struct Worker {
     pub ae_title: String,
     /// `jobs.timeout_s`.
     pub timeout: std::time::Duration,
+    /// `destinations.<name>.send`: the output kinds each destination gets;
+    /// a destination not in the map gets all of them.
+    pub send_filter: std::collections::HashMap<String, Vec<crate::config::OutputKind>>,
 }
 
 impl Worker {
@@ -536,7 +566,8 @@ impl Worker {
             .map_err(|e| e.to_string())?;
         if let Some(outbox) = &self.outbox {
             for dest in &m.send_to {
-                for f in &files {
+                let wanted = self.send_filter.get(dest);
+                for f in files.iter().filter(|f| wanted.is_none_or(|k| k.contains(&f.kind))) {
                     outbox
                         .enqueue(dest, &f.path, &f.sop_class_uid, &f.sop_instance_uid)
                         .map_err(|e| format!("outbox: {e}"))?;

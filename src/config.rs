@@ -126,6 +126,25 @@ pub struct DestinationConfig {
     /// Deliver by STOW-RS (PS3.18 10.5) instead of C-STORE.
     #[serde(default)]
     pub stow_rs: Option<crate::outbox::stow::StowRsConfig>,
+    /// Which outputs this destination gets (default: all three).
+    #[serde(default = "all_outputs")]
+    pub send: Vec<OutputKind>,
+}
+
+/// One kind of result object the node sends.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum OutputKind {
+    /// The TID 1500 Structured Report.
+    Sr,
+    /// The Secondary Capture overlays.
+    Sc,
+    /// The Segmentation of the localization.
+    Seg,
+}
+
+fn all_outputs() -> Vec<OutputKind> {
+    vec![OutputKind::Sr, OutputKind::Sc, OutputKind::Seg]
 }
 
 /// How we verify a TLS destination and, optionally, prove who we are.

@@ -145,6 +145,7 @@ async fn run(cfg: Config, table: RouteTable, config_path: std::path::PathBuf) ->
     .context("cannot start the outbox")?;
     let outbox_for_http = outbox.clone();
     let worker = Worker {
+        send_filter: cfg.destinations.iter().map(|(k, d)| (k.clone(), d.send.clone())).collect(),
         outbox: Some(outbox),
         ae_title: cfg.node.ae_title.clone(),
         jobs: jobs.clone(),

@@ -22,7 +22,7 @@ pub enum CardError {
     Digest { path: PathBuf, expected: String, actual: String },
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct Code {
     pub scheme: String,
     pub value: String,
@@ -82,6 +82,58 @@ pub struct AggregationSpec {
     pub lesion_threshold: Option<f64>,
 }
 
+/// PS3.3 C.8.20.2 Segmentation Type of the SEG this model's results get.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+pub enum SegmentationType {
+    /// One bit per pixel: the pixels the biomarker counts, the map at
+    /// `threshold` inside the candidates.
+    #[default]
+    #[serde(rename = "BINARY")]
+    Binary,
+    /// The map inside the candidates as a probability, 0..=255 (Maximum
+    /// Fractional Value 255).
+    #[serde(rename = "FRACTIONAL")]
+    Fractional,
+}
+
+/// The card's `segmentation:` section. Every key has a default, so cards
+/// without it still get a SEG: BINARY at 0.5, category "Anatomical
+/// Structure" (SCT 91723000), type = `biomarker.finding_site`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct SegmentationSpec {
+    #[serde(rename = "type")]
+    pub kind: SegmentationType,
+    /// BINARY: a pixel is in the segment when map >= threshold (and it is a
+    /// candidate). Agatston cards ignore it: their segment is the lesions
+    /// that count, by `aggregation.lesion_threshold`.
+    pub threshold: f64,
+    /// Segment Label (LO); default: the property type's meaning.
+    pub label: Option<String>,
+    /// Segmented Property Category (CID 7150).
+    pub category: Option<Code>,
+    /// Segmented Property Type (CID 7151 and others); default: the finding site.
+    pub property_type: Option<Code>,
+    /// Anatomic Region Sequence (CID 4031 / 7166); none by default.
+    pub anatomic_region: Option<Code>,
+    /// Algorithm Family Code (CID 7162); default (123110, DCM, "Artificial Intelligence").
+    pub algorithm_family: Option<Code>,
+}
+
+impl Default for SegmentationSpec {
+    fn default() -> SegmentationSpec {
+        SegmentationSpec {
+            kind: SegmentationType::Binary,
+            threshold: 0.5,
+            label: None,
+            category: None,
+            property_type: None,
+            anatomic_region: None,
+            algorithm_family: None,
+        }
+    }
+}
+
 fn one() -> f64 {
     1.0
 }
@@ -99,6 +151,10 @@ pub struct ModelCard {
     pub candidates: CandidateSpec,
     pub aggregation: AggregationSpec,
     pub biomarker: BiomarkerSpec,
+    /// How the localization is written as a DICOM Segmentation; absent: a
+    /// BINARY segment at 0.5 of the finding site (see [`SegmentationSpec`]).
+    #[serde(default)]
+    pub segmentation: SegmentationSpec,
     /// Where the card was read from; the ONNX path is relative to it.
     #[serde(skip)]
     pub path: PathBuf,
@@ -128,6 +184,10 @@ impl ModelCard {
         if card.input.size.contains(&0) || card.input.scale.divide == 0.0 {
             return Err(bad("input.size and input.scale.divide must be non-zero".into()));
         }
+        let t = card.segmentation.threshold;
+        if !(t.is_finite() && (0.0..=1.0).contains(&t)) {
+            return Err(bad(format!("segmentation.threshold {t} is not within 0..=1")));
+        }
         Ok(card)
     }
 
@@ -152,5 +212,41 @@ impl ModelCard {
 
     pub fn is_agatston(&self) -> bool {
         self.aggregation.kind == "agatston"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The four shipped cards carry their `segmentation:` section; a card
+    /// without one gets the documented default; a threshold outside 0..=1
+    /// is refused when the card is loaded.
+    #[test]
+    fn segmentation_section_defaults_and_bounds() {
+        let models = Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
+        let want = [
+            ("pma", SegmentationType::Binary, "60005003"),
+            ("sfa", SegmentationType::Binary, "55603005"),
+            ("cac", SegmentationType::Binary, "29483008"),
+            ("liver", SegmentationType::Fractional, "108369006"),
+        ];
+        for (name, kind, property) in want {
+            let card = ModelCard::load(&models.join(format!("{name}.yaml"))).unwrap();
+            assert_eq!(card.segmentation.kind, kind, "{name}");
+            assert_eq!(card.segmentation.property_type.as_ref().unwrap().value, property, "{name}");
+            assert!(card.segmentation.category.is_some() && card.segmentation.anatomic_region.is_some());
+        }
+        let text = std::fs::read_to_string(models.join("pma.yaml")).unwrap();
+        let start = text.find("\nsegmentation:").unwrap();
+        let end = start + 1 + text[start + 1..].find("\ntraining:").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let bare = dir.path().join("bare.yaml");
+        std::fs::write(&bare, format!("{}{}", &text[..start], &text[end..])).unwrap();
+        let card = ModelCard::load(&bare).unwrap();
+        assert_eq!(card.segmentation, SegmentationSpec::default());
+        let bad = dir.path().join("bad.yaml");
+        std::fs::write(&bad, text.replace("  threshold: 0.5\n", "  threshold: 1.5\n")).unwrap();
+        assert!(matches!(ModelCard::load(&bad), Err(CardError::Invalid { .. })));
     }
 }

@@ -60,6 +60,10 @@ pub const NUMBER_OF_LESIONS: Code = Code::fixed("246206008", "SCT", "Number of l
 
 // Per-lesion detail (TID 1501 groups, one per CAC lesion).
 pub const FINDING: Code = Code::fixed("121071", "DCM", "Finding");
+// TID 1411 Volumetric ROI Measurements: the SEG segment measured on.
+pub const REFERENCED_SEGMENT: Code = Code::fixed("121191", "DCM", "Referenced Segment");
+pub const SOURCE_SERIES_FOR_SEGMENTATION: Code =
+    Code::fixed("121232", "DCM", "Source series for segmentation");
 pub const SOURCE_OF_MEASUREMENT: Code = Code::fixed("121112", "DCM", "Source of Measurement");
 pub const CALCIFIED_ATHEROMATOUS_PLAQUE: Code =
     Code::fixed("29483008", "SCT", "calcified atheromatous plaque");

@@ -258,6 +258,8 @@ pub struct ImageItem {
     pub name: Option<Code>,
     pub sop_class_uid: Uid,
     pub sop_instance_uid: Uid,
+    /// Referenced Segment Number (0062,000B), for an image that is a SEG.
+    pub segment_numbers: Vec<u16>,
 }
 
 impl ImageItem {
@@ -266,7 +268,14 @@ impl ImageItem {
             name: None,
             sop_class_uid,
             sop_instance_uid,
+            segment_numbers: Vec::new(),
         }
+    }
+
+    /// A reference to segments of a Segmentation instance.
+    pub fn with_segments(mut self, numbers: Vec<u16>) -> ImageItem {
+        self.segment_numbers = numbers;
+        self
     }
 
     pub fn named(mut self, name: Code) -> ImageItem {
@@ -420,6 +429,13 @@ pub(crate) fn encode_item(o: &mut InMemDicomObject, item: &ContentItem) {
                 VR::UI,
                 i.sop_instance_uid.as_str(),
             ));
+            if !i.segment_numbers.is_empty() {
+                r.put(DataElement::new(
+                    tags::REFERENCED_SEGMENT_NUMBER,
+                    VR::US,
+                    PrimitiveValue::U16(i.segment_numbers.iter().copied().collect()),
+                ));
+            }
             o.put(seq_elem(tags::REFERENCED_SOP_SEQUENCE, vec![r]));
         }
     }

@@ -1,5 +1,5 @@
-//! Results back to the PACS: one TID 1500 Structured Report and a few
-//! Secondary Capture overlays per biomarker measurement.
+//! Results back to the PACS: one TID 1500 Structured Report, a few
+//! Secondary Capture overlays and one Segmentation per biomarker measurement.
 //!
 //! Input: a [`ReportContext`] (the source series' header, the instances the
 //! measurement used, who we are, a seed and the job's creation time), the
@@ -13,8 +13,10 @@
 //!   same SOP Instance, never a second report. For that, `ctx.created` must
 //!   be the job's persisted creation time, not `now()` at render time.
 //! - Everything the report says about the patient and the study is copied
-//!   from the source header; the SR and the SC go into the source study, each
-//!   in its own new series (9901 SR, 9902 SC).
+//!   from the source header; the SR, the SC and the SEG go into the source
+//!   study, each in its own new series (9901 SR, 9902 SC, 9903 SEG). The
+//!   SEG uses the source's Frame of Reference; the SR's measurement group
+//!   references its segment (TID 1411).
 //! - Values are checked where they enter (codes, numbers, text, UIDs):
 //!   a bad model card or a NaN fails here, as a permanent error, rather than
 //!   as a C-STORE the PACS rejects.
@@ -25,7 +27,8 @@
 //!
 //! Layout, after highdicom: [`content`] has one type per SR content item,
 //! [`codes`] the fixed coded concepts, [`tid1500`] one type per template,
-//! [`sr`] the SR IOD, [`sc`] the Secondary Capture IOD, [`overlay`] and
+//! [`sr`] the SR IOD, [`sc`] the Secondary Capture IOD, [`seg`] the
+//! Segmentation IOD, [`overlay`] and
 //! [`font`] the pixel rendering.
 
 pub mod codes;
@@ -33,6 +36,7 @@ pub mod content;
 pub mod font;
 pub mod overlay;
 pub mod sc;
+pub mod seg;
 pub mod sr;
 pub mod tid1500;
 
@@ -50,7 +54,8 @@ use time::OffsetDateTime;
 use crate::dicom::{Uid, UidError};
 
 pub use sc::{build_sc, ScOptions};
-pub use sr::build_sr;
+pub use seg::{build_seg, node_mask, SegGeometry, SegReference};
+pub use sr::{build_sr, build_sr_with_seg};
 
 /// Why a report could not be built. Every variant is the input's fault and
 /// permanent: retrying the same job gives the same error.

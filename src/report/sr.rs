@@ -17,8 +17,9 @@ use dicom_object::{FileDicomObject, InMemDicomObject};
 use super::content::{encode_item, put_children, Code, ContentItem, ImageItem, UcumUnit};
 use super::tid1500::{
     AlgorithmIdentification, DeviceObserver, ImageLibrary, Measurement, MeasurementGroup,
-    MeasurementReport, QualitativeEvaluation, TrackingIdentifier,
+    MeasurementReport, QualitativeEvaluation, ReferencedSegment, TrackingIdentifier,
 };
+use super::seg::SegReference;
 use super::{
     codes, da, put_equipment, put_patient_and_study, put_sop_common, seq_elem, str_elem, tm,
     ReportContext, ReportError,
@@ -141,6 +142,7 @@ pub fn measurement_report(
         sources: main_sources,
         measurements,
         evaluations,
+        segment: None,
     }];
     if card.is_agatston() {
         groups.extend(lesion_groups(
@@ -233,6 +235,7 @@ fn lesion_groups(
                     .with_derivation(codes::MAXIMUM),
                 ],
                 evaluations: vec![],
+                segment: None,
             })
         })
         .collect()
@@ -244,7 +247,25 @@ pub fn build_sr(
     card: &ModelCard,
     m: &BiomarkerMeasurement,
 ) -> Result<FileDicomObject<InMemDicomObject>, ReportError> {
-    let report = measurement_report(ctx, card, m)?;
+    build_sr_with_seg(ctx, card, m, None)
+}
+
+/// [`build_sr`], with the biomarker's group pointing at the SEG's segment
+/// (TID 1411 Referenced Segment) when there is one.
+pub fn build_sr_with_seg(
+    ctx: &ReportContext,
+    card: &ModelCard,
+    m: &BiomarkerMeasurement,
+    seg: Option<&SegReference>,
+) -> Result<FileDicomObject<InMemDicomObject>, ReportError> {
+    let mut report = measurement_report(ctx, card, m)?;
+    if let (Some(seg), Some(group)) = (seg, report.groups.first_mut()) {
+        group.segment = Some(ReferencedSegment {
+            segmentation: ImageItem::new(seg.sop_class_uid.clone(), seg.sop_instance_uid.clone())
+                .with_segments(vec![seg.segment_number]),
+            source_series: seg.source_series_uid.clone(),
+        });
+    }
     let sop_instance = ctx.uid("sr-instance");
     let mut o = InMemDicomObject::new_empty();
 
@@ -306,7 +327,7 @@ pub fn build_sr(
     o.put(seq_elem(tags::PERFORMED_PROCEDURE_CODE_SEQUENCE, vec![]));
     o.put(seq_elem(
         tags::CURRENT_REQUESTED_PROCEDURE_EVIDENCE_SEQUENCE,
-        vec![evidence_item(ctx, study.as_str())],
+        vec![evidence_item(ctx, study.as_str(), seg)],
     ));
 
     // SR Document Content (C.17.3): the root content item lives in the
@@ -326,7 +347,9 @@ pub fn build_sr(
 
 /// Hierarchical SOP Instance Reference Macro (C.17.2.1): the source study,
 /// series and every instance used.
-fn evidence_item(ctx: &ReportContext, study: &str) -> InMemDicomObject {
+/// The SEG the content references is evidence too (PS3.3 C.17.2.3: every
+/// instance the content references is listed); same study, its own series.
+fn evidence_item(ctx: &ReportContext, study: &str, seg: Option<&SegReference>) -> InMemDicomObject {
     let sops = ctx
         .source_refs
         .iter()
@@ -352,9 +375,23 @@ fn evidence_item(ctx: &ReportContext, study: &str) -> InMemDicomObject {
         ctx.series_instance_uid.as_str(),
     ));
     series.put(seq_elem(tags::REFERENCED_SOP_SEQUENCE, sops));
+    let mut all_series = vec![series];
+    if let Some(seg) = seg {
+        let mut r = InMemDicomObject::new_empty();
+        r.put(str_elem(tags::REFERENCED_SOP_CLASS_UID, VR::UI, seg.sop_class_uid.as_str()));
+        r.put(str_elem(
+            tags::REFERENCED_SOP_INSTANCE_UID,
+            VR::UI,
+            seg.sop_instance_uid.as_str(),
+        ));
+        let mut s = InMemDicomObject::new_empty();
+        s.put(str_elem(tags::SERIES_INSTANCE_UID, VR::UI, seg.series_uid.as_str()));
+        s.put(seq_elem(tags::REFERENCED_SOP_SEQUENCE, vec![r]));
+        all_series.push(s);
+    }
     let mut item = InMemDicomObject::new_empty();
     item.put(str_elem(tags::STUDY_INSTANCE_UID, VR::UI, study));
-    item.put(seq_elem(tags::REFERENCED_SERIES_SEQUENCE, vec![series]));
+    item.put(seq_elem(tags::REFERENCED_SERIES_SEQUENCE, all_series));
     item
 }
 

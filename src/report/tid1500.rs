@@ -11,6 +11,8 @@
 //!   CONTAINS CONTAINER Imaging Measurements
 //!     CONTAINS CONTAINER Measurement Group                     TID 1501
 //!       tracking id/UID, finding site, TID 4019, NUM (TID 300), CODE
+//!     (TID 1411 instead of 1501 when a SEG exists: + Referenced Segment,
+//!      Source series for segmentation)
 //! ```
 
 use super::codes;
@@ -209,6 +211,19 @@ pub struct MeasurementGroup {
     pub sources: Vec<ImageItem>,
     pub measurements: Vec<Measurement>,
     pub evaluations: Vec<QualitativeEvaluation>,
+    /// The SEG segment measured on. With it the group is a TID 1411
+    /// Volumetric ROI group (rows 7 and 12) instead of TID 1501, and the
+    /// source images are named by the SEG rather than by Source of
+    /// Measurement items (TID 1411 has no such row).
+    pub segment: Option<ReferencedSegment>,
+}
+
+/// TID 1411 row 7 Referenced Segment (IMAGE with Referenced Segment Number)
+/// and row 12 Source series for segmentation (UIDREF).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReferencedSegment {
+    pub segmentation: ImageItem,
+    pub source_series: Uid,
 }
 
 impl MeasurementGroup {
@@ -218,6 +233,16 @@ impl MeasurementGroup {
             c.push(ContentNode::new(
                 Contains,
                 CodeItem::new(codes::FINDING, f.clone()),
+            ));
+        }
+        if let Some(seg) = &self.segment {
+            c.push(ContentNode::new(
+                Contains,
+                seg.segmentation.clone().named(codes::REFERENCED_SEGMENT),
+            ));
+            c.push(ContentNode::new(
+                Contains,
+                UidRefItem::new(codes::SOURCE_SERIES_FOR_SEGMENTATION, seg.source_series.clone()),
             ));
         }
         if let Some(site) = &self.finding_site {
@@ -232,13 +257,17 @@ impl MeasurementGroup {
         c.extend(
             self.sources
                 .iter()
+                .filter(|_| self.segment.is_none())
                 .map(|i| ContentNode::new(Contains, i.clone().named(codes::SOURCE_OF_MEASUREMENT))),
         );
         c.extend(self.measurements.iter().map(Measurement::node));
         c.extend(self.evaluations.iter().map(QualitativeEvaluation::node));
         ContentNode::new(
             Contains,
-            ContainerItem::new(codes::MEASUREMENT_GROUP, Some("1501")),
+            ContainerItem::new(
+                codes::MEASUREMENT_GROUP,
+                Some(if self.segment.is_some() { "1411" } else { "1501" }),
+            ),
         )
         .with_children(c)
     }
