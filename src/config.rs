@@ -261,6 +261,11 @@ pub struct NodeConfig {
     /// transient reject and C-STORE answers 0xA700.
     #[serde(default = "default_min_free_mb")]
     pub min_free_disk_mb: u64,
+    /// Largest dataset accepted by C-STORE, in MiB, as received and, for
+    /// deflated datasets, once inflated. Enforced while receiving, so one
+    /// peer cannot fill the disk or make validation inflate without end.
+    #[serde(default = "default_max_dataset_mb")]
+    pub max_dataset_mb: u64,
     /// A second listener with DICOM TLS (PS3.15 B.1); the same association
     /// handler, limits and allow-lists serve both.
     #[serde(default)]
@@ -400,6 +405,11 @@ fn default_max_associations() -> usize {
 }
 fn default_min_free_mb() -> u64 {
     1024
+}
+/// Twice a 1 GiB multi-frame CT: large enough for real enhanced CT, small
+/// enough that a deflate bomb stops long before the disk or the clock do.
+fn default_max_dataset_mb() -> u64 {
+    2048
 }
 fn default_assoc_timeout() -> u64 {
     30
@@ -545,6 +555,9 @@ impl Config {
         }
         if self.node.max_associations == 0 {
             return Err(bad("node.max_associations", "must be at least 1".into()));
+        }
+        if self.node.max_dataset_mb == 0 {
+            return Err(bad("node.max_dataset_mb", "must be at least 1".into()));
         }
         if !(self.series.quiet_seconds > 0.0) {
             return Err(bad("series.quiet_seconds", "must be positive".into()));

@@ -94,6 +94,34 @@ fn uid(obj: &InMemDicomObject, tag: Tag, attribute: &'static str) -> Result<Uid,
 }
 
 impl InstanceHeader {
+    /// Every top-level attribute [`InstanceHeader::from_dataset`] reads, plus
+    /// the character set its text is decoded with: ingest parses only these
+    /// (see [`crate::dicom::scan`]), so a large dataset is never held whole.
+    pub const TAGS: &'static [Tag] = &[
+        tags::SPECIFIC_CHARACTER_SET,
+        tags::IMAGE_TYPE,
+        tags::SOP_CLASS_UID,
+        tags::SOP_INSTANCE_UID,
+        tags::MODALITY,
+        tags::SERIES_DESCRIPTION,
+        tags::SLICE_THICKNESS,
+        tags::STUDY_INSTANCE_UID,
+        tags::SERIES_INSTANCE_UID,
+        tags::ACQUISITION_NUMBER,
+        tags::INSTANCE_NUMBER,
+        tags::IMAGE_POSITION_PATIENT,
+        tags::IMAGE_ORIENTATION_PATIENT,
+        tags::IMAGES_IN_ACQUISITION,
+        tags::NUMBER_OF_FRAMES,
+        tags::ROWS,
+        tags::COLUMNS,
+        tags::PIXEL_SPACING,
+    ];
+
+    pub fn reads(tag: Tag) -> bool {
+        Self::TAGS.contains(&tag)
+    }
+
     pub fn from_dataset(obj: &InMemDicomObject) -> Result<InstanceHeader, HeaderError> {
         let geometry = match (
             floats(obj, tags::IMAGE_POSITION_PATIENT),

@@ -25,14 +25,17 @@
 //! "begin, write, commit or abort".
 
 use std::fs::{self, File};
-use std::io::{self, BufWriter, Write};
+use std::io::{self, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use dicom_object::meta::FileMetaTableBuilder;
-use dicom_object::OpenFileOptions;
+use dicom_encoding::TransferSyntaxIndex;
+use dicom_object::meta::{FileMetaTable, FileMetaTableBuilder};
+use dicom_object::InMemDicomObject;
+use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
 
 use crate::dicom::header::{HeaderError, InstanceHeader};
+use crate::dicom::scan::{self, Layout, ScanError};
 use crate::dicom::Uid;
 use crate::ingest::negotiation::{IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION};
 
@@ -50,6 +53,9 @@ pub enum SpoolError {
     SopClassMismatch { command: String, dataset: String },
     #[error("dataset SOP Instance {dataset} differs from the command's {command}")]
     SopInstanceMismatch { command: String, dataset: String },
+    /// Past `node.max_dataset_mb`, as received or once inflated.
+    #[error("dataset {} more than node.max_dataset_mb ({} MiB)", if *.inflated { "inflates to" } else { "has" }, .limit_bytes >> 20)]
+    TooLarge { limit_bytes: u64, inflated: bool },
 }
 
 /// Who is at fault, so ingest can pick a status and the log a level.
@@ -70,12 +76,16 @@ impl SpoolError {
     }
 }
 
-/// What the C-STORE-RQ told us before any data arrived.
+/// What the C-STORE-RQ told us before any data arrived, and the size limit
+/// its dataset is held to.
 #[derive(Debug, Clone)]
 pub struct Incoming {
     pub sop_class_uid: String,
     pub sop_instance_uid: String,
     pub transfer_syntax: String,
+    /// `node.max_dataset_mb` in bytes: the writer's caller stops receiving
+    /// past it, and validation stops inflating past it.
+    pub max_dataset_bytes: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -213,7 +223,7 @@ impl DiskWriter {
         let file = out.into_inner().map_err(|e| e.into_error())?;
         let size_bytes = file.metadata()?.len();
         // Parse before fsync: a dataset we refuse costs no disk flush.
-        let header = validate(&self.tmp_path, self.dataset_offset, &self.incoming)?;
+        let header = validate(&self.tmp_path, self.dataset_offset as u64, &self.incoming)?;
         file.sync_all()?;
         drop(file);
 
@@ -246,27 +256,25 @@ impl DiskWriter {
     }
 }
 
-/// Full parse of the received dataset: a truncated dataset or an element
-/// whose length overruns fails here, before we acknowledge anything. The
-/// length walk runs first so a lying length costs nothing (see
-/// [`crate::dicom::scan`]); deflated datasets cannot be walked in place and
-/// rely on the parser alone.
-fn validate(path: &Path, dataset_offset: usize, incoming: &Incoming) -> Result<InstanceHeader, SpoolError> {
-    let bytes = fs::read(path)?;
-    let opts = match crate::dicom::scan::Encoding::of(&incoming.transfer_syntax) {
-        Some(enc) => {
-            crate::dicom::scan::check_lengths(&bytes[dataset_offset..], enc)
-                .map_err(|e| SpoolError::Unparseable(e.to_string()))?;
-            // Every element is within bounds, so the header is all we need to
-            // parse; copying the pixel data into memory would buy nothing.
-            OpenFileOptions::new().read_until(dicom_dictionary_std::tags::PIXEL_DATA)
-        }
-        None => OpenFileOptions::new(),
-    };
-    let obj = opts
-        .from_reader(&bytes[128..])
-        .map_err(|e| SpoolError::Unparseable(crate::error_chain(&e)))?;
-    let header = InstanceHeader::from_dataset(&obj)?;
+/// Check of the received dataset before anything is acknowledged: a
+/// truncated dataset or an element whose length overruns fails here, and
+/// so does one past `max_dataset_bytes` (inflated, if deflated). Streams:
+/// the length walk of [`crate::dicom::scan`] reads the file (or inflates
+/// it) through a fixed buffer, skipping values, and keeps only the
+/// attributes [`InstanceHeader`] needs; dicom-rs parses just those.
+fn validate(path: &Path, dataset_offset: u64, incoming: &Incoming) -> Result<InstanceHeader, SpoolError> {
+    let mut file = File::open(path)?;
+    let len = file.metadata()?.len().saturating_sub(dataset_offset);
+    file.seek(SeekFrom::Start(dataset_offset))?;
+    check_dataset(file, len, incoming)
+}
+
+/// The checks [`SpoolWriter::commit`] makes, over a dataset of `len` bytes
+/// at `dataset`'s position: also the fuzz harness's way in.
+pub fn check_dataset<R: Read + Seek>(dataset: R, len: u64, incoming: &Incoming) -> Result<InstanceHeader, SpoolError> {
+    let layout = Layout::of(&incoming.transfer_syntax);
+    let scanned = scan::scan(dataset, len, layout, incoming.max_dataset_bytes, &InstanceHeader::reads)?;
+    let header = parse_header(&scanned.kept, layout)?;
     if header.sop_class_uid.as_str() != incoming.sop_class_uid.trim_end_matches(['\0', ' ']) {
         return Err(SpoolError::SopClassMismatch {
             command: incoming.sop_class_uid.clone(),
@@ -282,6 +290,25 @@ fn validate(path: &Path, dataset_offset: usize, incoming: &Incoming) -> Result<I
     Ok(header)
 }
 
+/// Parse the header elements a walk kept (a few kB at most).
+fn parse_header(kept: &[u8], layout: Layout) -> Result<InstanceHeader, SpoolError> {
+    let ts = TransferSyntaxRegistry
+        .get(layout.encoding.transfer_syntax())
+        .expect("the native transfer syntaxes are built into dicom-rs");
+    let obj = InMemDicomObject::read_dataset_with_ts(kept, ts)
+        .map_err(|e| SpoolError::Unparseable(crate::error_chain(&e)))?;
+    Ok(InstanceHeader::from_dataset(&obj)?)
+}
+
+impl From<ScanError> for SpoolError {
+    fn from(e: ScanError) -> SpoolError {
+        match e {
+            ScanError::Io { kind, message } => SpoolError::Io(io::Error::new(kind, message)),
+            ScanError::TooLarge { limit, inflated } => SpoolError::TooLarge { limit_bytes: limit, inflated },
+            e => SpoolError::Unparseable(e.to_string()),
+        }
+    }
+}
 
 /// Create `root/a/b...` one level at a time, fsyncing each parent whose
 /// entries changed, so a new directory survives a crash. Returns whether
@@ -322,13 +349,18 @@ pub fn free_bytes(path: &Path) -> io::Result<u64> {
     Ok(st.f_bavail as u64 * st.f_frsize as u64)
 }
 
-/// Read the header summary of a spooled file (recovery, tools).
+/// Read the header summary of a spooled file (recovery, tools), with the
+/// same bounded walk as ingest: a file of any size costs a fixed buffer.
 pub fn read_header(path: &Path) -> Result<InstanceHeader, SpoolError> {
-    let obj = OpenFileOptions::new()
-        .read_until(dicom_dictionary_std::tags::PIXEL_DATA)
-        .open_file(path)
-        .map_err(|e| SpoolError::Unparseable(crate::error_chain(&e)))?;
-    Ok(InstanceHeader::from_dataset(&obj)?)
+    let mut file = BufReader::new(File::open(path)?);
+    let len = file.get_ref().metadata()?.len();
+    file.seek(SeekFrom::Start(128))?;
+    let meta = FileMetaTable::from_reader(&mut file).map_err(|e| SpoolError::Unparseable(crate::error_chain(&e)))?;
+    let offset = file.stream_position()?;
+    let layout = Layout::of(meta.transfer_syntax());
+    // Already accepted once: the limit here only has to bound the walk.
+    let scanned = scan::scan(file, len.saturating_sub(offset), layout, u64::MAX, &InstanceHeader::reads)?;
+    parse_header(&scanned.kept, layout)
 }
 
 pub fn uid_for_path(raw: &str) -> Option<Uid> {
@@ -371,6 +403,7 @@ mod tests {
             sop_class_uid: CT.into(),
             sop_instance_uid: sop.into(),
             transfer_syntax: ELE.into(),
+            max_dataset_bytes: 1 << 30,
         }
     }
 
