@@ -165,3 +165,23 @@ impl InstanceHeader {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// Ingest parses only [`InstanceHeader::TAGS`]; an attribute read here
+    /// but missing from the list would silently read as absent.
+    #[test]
+    fn tags_list_every_attribute_from_dataset_reads() {
+        let src = include_str!("header.rs");
+        let body = &src[src.find("pub fn from_dataset").unwrap()..];
+        let body = &body[..body.find("\n    }\n").unwrap()];
+        let list = &src[src.find("pub const TAGS").unwrap()..];
+        let list = &list[..list.find("];").unwrap()];
+        let re = regex::Regex::new(r"tags::([A-Z_]+)").unwrap();
+        let read: Vec<&str> = re.captures_iter(body).map(|c| c.get(1).unwrap().as_str()).collect();
+        assert!(read.len() >= 17, "from_dataset reads {} tags?", read.len());
+        for t in read {
+            assert!(list.contains(&format!("tags::{t},")), "InstanceHeader::TAGS lacks {t}");
+        }
+    }
+}

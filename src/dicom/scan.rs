@@ -553,4 +553,108 @@ mod tests {
         ok.extend(b"0.5\\1");
         assert_eq!(check_lengths(&ok[..13], Encoding::ImplicitLittle), Ok(()));
     }
+
+    fn deflate(raw: &[u8]) -> Vec<u8> {
+        use std::io::Write;
+        let mut e = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
+        e.write_all(raw).unwrap();
+        e.finish().unwrap()
+    }
+
+    const DEFLATED_LAYOUT: Layout = Layout { encoding: Encoding::ExplicitLittle, deflated: true };
+
+    fn scan_slice(d: &[u8], layout: Layout, max: u64, keep: &dyn Fn(Tag) -> bool) -> Result<Scanned, ScanError> {
+        scan(io::Cursor::new(d), d.len() as u64, layout, max, keep)
+    }
+
+    #[test]
+    fn kept_elements_come_back_in_tag_order_and_the_rest_is_skipped() {
+        let mut d = el((0x0020, 0x000D), b"UI", b"1.2.3\0");
+        d.extend(el((0x0008, 0x0060), b"CS", b"CT"));
+        d.extend(el((0x0009, 0x0010), b"OB", &[7; 300]));
+        d.extend(el((0x7FE0, 0x0010), b"OW", &[0; 64]));
+        let keep = |t: Tag| t == Tag(0x0008, 0x0060) || t == Tag(0x0020, 0x000D);
+        let s = scan_slice(&d, Layout::of("1.2.840.10008.1.2.1"), u64::MAX, &keep).unwrap();
+        assert_eq!(s.len, d.len() as u64);
+        let mut want = el((0x0008, 0x0060), b"CS", b"CT");
+        want.extend(el((0x0020, 0x000D), b"UI", b"1.2.3\0"));
+        assert_eq!(s.kept, want);
+        // nested copies of a kept tag are not top-level attributes
+        let mut item = vec![0xFE, 0xFF, 0x00, 0xE0];
+        let inner = el((0x0008, 0x0060), b"CS", b"MR");
+        item.extend((inner.len() as u32).to_le_bytes());
+        item.extend(inner);
+        let mut n = el((0x0008, 0x1140), b"SQ", &item);
+        n.extend(el((0x0008, 0x0060), b"CS", b"CT"));
+        n.extend(el((0x0008, 0x0060), b"CS", b"PT"));
+        let s = scan_slice(&n, Layout::of("1.2.840.10008.1.2.1"), u64::MAX, &keep).unwrap();
+        assert_eq!(s.kept, el((0x0008, 0x0060), b"CS", b"PT"), "one copy per tag, the last, as dicom-rs keeps");
+    }
+
+    #[test]
+    fn an_oversized_header_value_is_refused_not_held() {
+        let mut d = vec![0x08, 0x00, 0x3E, 0x10, b'U', b'N', 0, 0];
+        d.extend((MAX_KEPT_VALUE + 2).to_le_bytes());
+        d.extend(vec![b'A'; MAX_KEPT_VALUE as usize + 2]);
+        let keep = |t: Tag| t == Tag(0x0008, 0x103E);
+        let e = scan_slice(&d, Layout::of("1.2.840.10008.1.2.1"), u64::MAX, &keep).unwrap_err();
+        assert!(matches!(e, ScanError::HeaderValueTooLong { element: 0x103E, .. }), "{e}");
+    }
+
+    #[test]
+    fn a_sequence_without_its_delimiter_is_unterminated() {
+        let mut d = vec![0x08, 0x00, 0x40, 0x11, b'S', b'Q', 0, 0, 0xFF, 0xFF, 0xFF, 0xFF];
+        d.extend([0xFE, 0xFF, 0x00, 0xE0, 0xFF, 0xFF, 0xFF, 0xFF]);
+        d.extend(el((0x0008, 0x0100), b"SH", b"AB"));
+        assert!(matches!(check_lengths(&d, Encoding::ExplicitLittle), Err(ScanError::Unterminated(_))));
+        assert!(matches!(
+            scan_slice(&deflate(&d), DEFLATED_LAYOUT, 1 << 20, &|_| false),
+            Err(ScanError::Unterminated(_))
+        ));
+    }
+
+    #[test]
+    fn a_deflated_dataset_is_walked_as_its_inflated_bytes() {
+        let mut d = el((0x0008, 0x0060), b"CS", b"CT");
+        d.extend(el((0x7FE0, 0x0010), b"OW", &[0; 4096]));
+        let keep = |t: Tag| t == Tag(0x0008, 0x0060);
+        let z = deflate(&d);
+        assert!(z.len() < d.len());
+        let s = scan_slice(&z, DEFLATED_LAYOUT, 1 << 20, &keep).unwrap();
+        assert_eq!((s.len, s.kept), (d.len() as u64, el((0x0008, 0x0060), b"CS", b"CT")));
+        // the same lies are found inside the stream
+        let n = d.len();
+        d[n - 4100..n - 4096].copy_from_slice(&5000u32.to_le_bytes());
+        assert!(matches!(scan_slice(&deflate(&d), DEFLATED_LAYOUT, 1 << 20, &keep), Err(ScanError::Overrun { .. })));
+        // corrupt compressed bytes (a final block of the reserved type 3) are
+        // the data's fault, not a read error of ours
+        let e = scan_slice(&[0x07, 0, 0, 0], DEFLATED_LAYOUT, 1 << 20, &keep).unwrap_err();
+        assert!(matches!(e, ScanError::Inflate(_)), "{e}");
+    }
+
+    /// A bomb stops at the cap: honest element lengths, so only inflating
+    /// finds out, and it stops at `max`; a declared length past the cap stops
+    /// before inflating it.
+    #[test]
+    fn a_deflate_bomb_stops_at_the_cap() {
+        let max = 4u64 << 20;
+        let mut d = el((0x0008, 0x0060), b"CS", b"CT");
+        for i in 0..64u16 {
+            d.extend(el((0x0009, 0x1000 + i), b"OB", &vec![0; 1 << 20]));
+        }
+        let z = deflate(&d);
+        assert!(z.len() < 128 * 1024, "{} compressed bytes", z.len());
+        let e = scan_slice(&z, DEFLATED_LAYOUT, max, &|_| false).unwrap_err();
+        assert_eq!(e, ScanError::TooLarge { limit: max, inflated: true });
+        let mut lie = el((0x0008, 0x0060), b"CS", b"CT");
+        lie.extend([0x09, 0x00, 0x00, 0x10, b'O', b'B', 0, 0]);
+        lie.extend(0xFFFF_FFF0u32.to_le_bytes());
+        let e = scan_slice(&deflate(&lie), DEFLATED_LAYOUT, max, &|_| false).unwrap_err();
+        assert_eq!(e, ScanError::TooLarge { limit: max, inflated: true });
+        // not deflated: the received size itself is the measure
+        assert_eq!(
+            scan_slice(&d, Layout::of("1.2.840.10008.1.2.1"), max, &|_| false).unwrap_err(),
+            ScanError::TooLarge { limit: max, inflated: false }
+        );
+    }
 }

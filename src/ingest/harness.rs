@@ -183,6 +183,22 @@ mod tests {
         }
     }
 
+    /// Deflated datasets take the same check as the node's: inflated with the
+    /// limit as cap, then walked.
+    #[test]
+    fn deflated_seeds_are_inflated_capped_and_walked() {
+        for ok in ["deflated_store", "deflated_stored_blocks"] {
+            let d = drive(&seed(ok), 16384);
+            assert_eq!((d.commands, d.datasets, d.error), (1, 1, None), "{ok}: {:?}", d.refused);
+        }
+        let b = drive(&seed("deflate_bomb"), 16384);
+        assert_eq!((b.datasets, b.error), (0, None));
+        assert_eq!(b.refused, [format!("dataset inflates to more than node.max_dataset_mb ({} MiB)", MAX_DATASET >> 20)]);
+        let c = drive(&seed("deflate_corrupt"), 16384);
+        assert_eq!((c.datasets, c.error), (0, None));
+        assert!(c.refused[0].contains("cannot be inflated"), "{:?}", c.refused);
+    }
+
     /// Replays the whole corpus (including what the fuzzer added) so CI
     /// exercises it even where the fuzzer itself does not run.
     #[test]
@@ -192,7 +208,7 @@ mod tests {
             .expect("fuzz corpus is checked in")
             .map(|e| drive(&std::fs::read(e.unwrap().path()).unwrap(), 16384))
             .count();
-        assert!(n >= 7, "corpus has {n} entries");
+        assert!(n >= 11, "corpus has {n} entries");
     }
 
     /// `FUZZ_INPUT=path cargo test --release --lib replay_one -- --ignored`:

@@ -465,4 +465,127 @@ mod tests {
         DiskSpool::open(d.path()).unwrap();
         assert_eq!(fs::read_dir(d.path().join("tmp")).unwrap().count(), 0);
     }
+
+    fn full_dataset(sop: &str) -> InMemDicomObject {
+        use dicom_core::value::DataSetSequence;
+        let mut o = InMemDicomObject::new_empty();
+        for (t, vr, v) in [
+            (tags::SPECIFIC_CHARACTER_SET, VR::CS, "ISO_IR 192"),
+            (tags::SOP_CLASS_UID, VR::UI, CT),
+            (tags::SOP_INSTANCE_UID, VR::UI, sop),
+            (tags::MODALITY, VR::CS, "CT"),
+            (tags::SERIES_DESCRIPTION, VR::LO, "Thorax \u{fc}berblick"),
+            (tags::SLICE_THICKNESS, VR::DS, "2.5"),
+            (tags::STUDY_INSTANCE_UID, VR::UI, "1.2.3"),
+            (tags::SERIES_INSTANCE_UID, VR::UI, "1.2.3.4"),
+            (tags::ACQUISITION_NUMBER, VR::IS, "2"),
+            (tags::INSTANCE_NUMBER, VR::IS, "17"),
+            (tags::IMAGES_IN_ACQUISITION, VR::IS, "40"),
+            (tags::NUMBER_OF_FRAMES, VR::IS, "3"),
+        ] {
+            o.put(DataElement::new(t, vr, PrimitiveValue::from(v)));
+        }
+        // multi-valued attributes as dicom-rs holds them after parsing a file
+        for (t, vr, v) in [
+            (tags::IMAGE_TYPE, VR::CS, &["ORIGINAL", "PRIMARY", "AXIAL"][..]),
+            (tags::IMAGE_POSITION_PATIENT, VR::DS, &["-100", "-120.5", "33"][..]),
+            (tags::IMAGE_ORIENTATION_PATIENT, VR::DS, &["1", "0", "0", "0", "1", "0"][..]),
+            (tags::PIXEL_SPACING, VR::DS, &["0.7", "0.7"][..]),
+        ] {
+            let strs = v.iter().map(|s| s.to_string()).collect();
+            o.put(DataElement::new(t, vr, PrimitiveValue::Strs(strs)));
+        }
+        o.put(DataElement::new(tags::ROWS, VR::US, PrimitiveValue::from(4u16)));
+        o.put(DataElement::new(tags::COLUMNS, VR::US, PrimitiveValue::from(4u16)));
+        let mut item = InMemDicomObject::new_empty();
+        // nested attributes with header tags must not replace the top-level ones
+        item.put(DataElement::new(tags::SOP_INSTANCE_UID, VR::UI, PrimitiveValue::from("9.9.9")));
+        item.put(DataElement::new(tags::MODALITY, VR::CS, PrimitiveValue::from("MR")));
+        o.put(DataElement::new(
+            tags::REFERENCED_IMAGE_SEQUENCE,
+            VR::SQ,
+            DataSetSequence::from(vec![item]),
+        ));
+        o.put(DataElement::new(tags::PIXEL_DATA, VR::OW, PrimitiveValue::U16(vec![7u16; 48].into())));
+        o
+    }
+
+    fn encode(o: &InMemDicomObject, ts: &str) -> Vec<u8> {
+        let mut out = Vec::new();
+        let ts = dicom_transfer_syntax_registry::TransferSyntaxRegistry.get(ts).unwrap();
+        o.write_dataset_with_ts(&mut out, ts).unwrap();
+        out
+    }
+
+    fn deflate(raw: &[u8]) -> Vec<u8> {
+        let mut e = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
+        e.write_all(raw).unwrap();
+        e.finish().unwrap()
+    }
+
+    /// What validation reads from the walk's few kept elements is what a
+    /// full dicom-rs parse of the dataset gives, in every encoding.
+    #[test]
+    fn the_walk_reads_the_same_header_as_a_full_parse() {
+        let o = full_dataset("1.2.3.4.8");
+        let want = InstanceHeader::from_dataset(&o).unwrap();
+        assert_eq!(want.series_description.as_deref(), Some("Thorax \u{fc}berblick"));
+        assert_eq!(want.modality.as_deref(), Some("CT"));
+        assert!(want.geometry.is_some());
+        assert_eq!(want.image_type, ["ORIGINAL", "PRIMARY", "AXIAL"]);
+        let mut datasets: Vec<(&str, Vec<u8>)> = ["1.2.840.10008.1.2", ELE, "1.2.840.10008.1.2.2"]
+            .into_iter()
+            .map(|ts| (ts, encode(&o, ts)))
+            .collect();
+        datasets.push((scan::DEFLATED, deflate(&encode(&o, ELE))));
+        for (ts, bytes) in datasets {
+            let mut inc = incoming("1.2.3.4.8");
+            inc.transfer_syntax = ts.into();
+            let got = check_dataset(io::Cursor::new(&bytes), bytes.len() as u64, &inc).unwrap();
+            assert_eq!(got, want, "{ts}");
+        }
+    }
+
+    /// A deflated instance is stored as received and its header read back
+    /// with the same walk; one that inflates past the limit is refused as
+    /// too large (0xA700 at ingest) and leaves nothing behind.
+    #[test]
+    fn deflated_datasets_are_stored_and_a_bomb_is_refused_as_too_large() {
+        let d = tempfile::tempdir().unwrap();
+        let spool = DiskSpool::open(d.path()).unwrap();
+        let mut inc = incoming("1.2.3.4.9");
+        inc.transfer_syntax = scan::DEFLATED.into();
+        let z = deflate(&encode(&full_dataset("1.2.3.4.9"), ELE));
+        let mut w = spool.begin(&inc).unwrap();
+        w.write(&z).unwrap();
+        let s = w.commit().unwrap();
+        let path = spool.root().join(&s.rel_path);
+        assert_eq!(read_header(&path).unwrap(), s.header);
+        assert_eq!(s.header.number_of_frames, Some(3));
+
+        let mut big = full_dataset("1.2.3.4.10");
+        big.put(DataElement::new(tags::PIXEL_DATA, VR::OB, PrimitiveValue::U8(vec![0u8; 8 << 20].into())));
+        let bomb = deflate(&encode(&big, ELE));
+        assert!(bomb.len() < 64 * 1024, "{} bytes", bomb.len());
+        let mut inc = incoming("1.2.3.4.10");
+        inc.transfer_syntax = scan::DEFLATED.into();
+        inc.max_dataset_bytes = 4 << 20;
+        let mut w = spool.begin(&inc).unwrap();
+        w.write(&bomb).unwrap();
+        let e = w.commit().unwrap_err();
+        assert!(matches!(e, SpoolError::TooLarge { inflated: true, .. }), "{e}");
+        assert_eq!(e.to_string(), "dataset inflates to more than node.max_dataset_mb (4 MiB)");
+        assert_eq!(fs::read_dir(d.path().join("tmp")).unwrap().count(), 0);
+        assert_eq!(count_files(spool.root()), 1);
+    }
+
+    fn count_files(dir: &Path) -> usize {
+        fs::read_dir(dir)
+            .unwrap()
+            .map(|e| {
+                let p = e.unwrap().path();
+                if p.is_dir() { count_files(&p) } else { 1 }
+            })
+            .sum()
+    }
 }
