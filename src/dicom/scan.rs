@@ -60,6 +60,8 @@ pub enum ScanError {
     /// Past the caller's size limit (for a deflated dataset: once inflated).
     #[error("dataset {} more than {limit} bytes", if *.inflated { "inflates to" } else { "has" })]
     TooLarge { limit: u64, inflated: bool },
+    #[error("dataset has more than {0} elements and items")]
+    TooManyElements(u64),
     #[error("deflated dataset cannot be inflated: {0}")]
     Inflate(String),
     /// Reading our own copy failed: not the data's fault.
@@ -111,6 +113,11 @@ impl Layout {
 }
 
 const MAX_DEPTH: usize = 64;
+/// Elements and items in one dataset, all levels together. A large enhanced
+/// CT (10 000 frames of functional groups) has well under a million; the
+/// limit bounds the walk of a highly compressible deflate stream of tiny
+/// elements, which no length check can catch, to a fraction of a second.
+pub const MAX_ELEMENTS: u64 = 4 << 20;
 /// Header attributes are short strings and numbers; 64 KiB is the most an
 /// explicit VR 16-bit length allows anyway.
 pub const MAX_KEPT_VALUE: u32 = 64 * 1024;
@@ -132,14 +139,16 @@ const UNDEFINED: u32 = 0xFFFF_FFFF;
 /// Where the walk reads from: `skip` is a seek in a file or a buffer, and a
 /// read-and-discard in an inflating stream.
 trait Source {
-    fn inner(&mut self) -> &mut dyn Read;
+    type Inner: Read;
+    fn inner(&mut self) -> &mut Self::Inner;
     /// Skip up to `n` bytes; returns how many there were.
     fn skip(&mut self, n: u64) -> io::Result<u64>;
 }
 
 struct Seekable<R>(BufReader<R>);
 impl<R: Read + Seek> Source for Seekable<R> {
-    fn inner(&mut self) -> &mut dyn Read {
+    type Inner = BufReader<R>;
+    fn inner(&mut self) -> &mut BufReader<R> {
         &mut self.0
     }
     fn skip(&mut self, n: u64) -> io::Result<u64> {
@@ -153,7 +162,8 @@ impl<R: Read + Seek> Source for Seekable<R> {
 
 struct Sequential<R>(BufReader<R>);
 impl<R: Read> Source for Sequential<R> {
-    fn inner(&mut self) -> &mut dyn Read {
+    type Inner = BufReader<R>;
+    fn inner(&mut self) -> &mut BufReader<R> {
         &mut self.0
     }
     fn skip(&mut self, n: u64) -> io::Result<u64> {
@@ -199,6 +209,8 @@ struct Walker<'k, S> {
     deflated: bool,
     keep: &'k dyn Fn(Tag) -> bool,
     kept: Vec<(Tag, Vec<u8>)>,
+    /// Element and item headers read so far.
+    count: u64,
 }
 
 impl<S: Source> Walker<'_, S> {
@@ -297,6 +309,10 @@ impl<S: Source> Walker<'_, S> {
             }
             if end.is_none() && self.pos > self.max {
                 return Err(ScanError::TooLarge { limit: self.max, inflated: self.deflated });
+            }
+            self.count += 1;
+            if self.count > MAX_ELEMENTS {
+                return Err(ScanError::TooManyElements(MAX_ELEMENTS));
             }
             // Item and delimiter tags are always little endian in LE syntaxes and
             // follow the dataset's byte order in big endian.
@@ -440,6 +456,7 @@ pub fn scan<R: Read + Seek>(reader: R, len: u64, layout: Layout, max: u64, keep:
             deflated: true,
             keep,
             kept: Vec::new(),
+            count: 0,
         };
         w.elements(None, 0, false, false)?;
         Ok(w.finish())
@@ -455,6 +472,7 @@ pub fn scan<R: Read + Seek>(reader: R, len: u64, layout: Layout, max: u64, keep:
             deflated: false,
             keep,
             kept: Vec::new(),
+            count: 0,
         };
         w.elements(Some(len), 0, false, false)?;
         Ok(w.finish())
@@ -651,6 +669,14 @@ mod tests {
         lie.extend(0xFFFF_FFF0u32.to_le_bytes());
         let e = scan_slice(&deflate(&lie), DEFLATED_LAYOUT, max, &|_| false).unwrap_err();
         assert_eq!(e, ScanError::TooLarge { limit: max, inflated: true });
+        // nothing but zeros reads as empty elements of tag (0000,0000): no
+        // length to catch, so the element count is what stops it, early
+        let e = scan_slice(&deflate(&vec![0; 64 << 20]), DEFLATED_LAYOUT, 1 << 30, &|_| false).unwrap_err();
+        assert_eq!(e, ScanError::TooManyElements(MAX_ELEMENTS));
+        assert_eq!(
+            scan_slice(&deflate(&vec![0; 8 << 20]), DEFLATED_LAYOUT, max, &|_| false).unwrap_err(),
+            ScanError::TooLarge { limit: max, inflated: true }
+        );
         // not deflated: the received size itself is the measure
         assert_eq!(
             scan_slice(&d, Layout::of("1.2.840.10008.1.2.1"), max, &|_| false).unwrap_err(),

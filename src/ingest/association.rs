@@ -4,6 +4,10 @@
 //! most one partially received instance. Every error on the association is
 //! logged here and ends here: it never reaches the accept loop, and a bad
 //! dataset costs the peer a failure status, not the association.
+//!
+//! A dataset past `node.max_dataset_mb`, or one arriving while free disk
+//! falls below `node.min_free_disk_mb` (looked at every 4 MiB), loses its
+//! partial file at once and is answered 0xA700 after its last PDV.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -579,7 +583,9 @@ impl<S: Transport> Association<S> {
 /// The one mapping from spool failures to DIMSE statuses (PS3.4 B.2.3).
 pub fn status_for(e: &SpoolError) -> Status {
     match e {
-        SpoolError::Io(_) | SpoolError::Meta(_) | SpoolError::TooLarge { .. } => Status::OutOfResources,
+        SpoolError::Io(_) | SpoolError::Meta(_) | SpoolError::TooLarge { .. } | SpoolError::TooManyElements(_) => {
+            Status::OutOfResources
+        }
         SpoolError::SopClassMismatch { .. } => Status::DataSetDoesNotMatchSopClass,
         SpoolError::Unparseable(_) | SpoolError::Header(_) | SpoolError::SopInstanceMismatch { .. } => {
             Status::CannotUnderstand

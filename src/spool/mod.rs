@@ -10,6 +10,10 @@
 //!   created or changed. Only then does ingest answer 0x0000.
 //! - A partial transfer lives only in `tmp/`, which is emptied at start-up,
 //!   so a cut-off transfer never shows up as an instance.
+//! - Memory per instance is bounded, whatever its size: the writer streams
+//!   to disk, and validation ([`check_dataset`]) walks the file, or inflates
+//!   a deflated one as a stream capped at `Incoming::max_dataset_bytes`,
+//!   holding only the few header attributes [`InstanceHeader`] needs.
 //! - Layout: `spool/<StudyUID>/<SeriesUID>/<SOPInstanceUID>.dcm`, each a
 //!   Part 10 file: our file meta, then the dataset bytes exactly as
 //!   received in the negotiated transfer syntax.
@@ -56,6 +60,8 @@ pub enum SpoolError {
     /// Past `node.max_dataset_mb`, as received or once inflated.
     #[error("dataset {} more than node.max_dataset_mb ({} MiB)", if *.inflated { "inflates to" } else { "has" }, .limit_bytes >> 20)]
     TooLarge { limit_bytes: u64, inflated: bool },
+    #[error("dataset has more than {0} elements and items")]
+    TooManyElements(u64),
 }
 
 /// Who is at fault, so ingest can pick a status and the log a level.
@@ -305,6 +311,7 @@ impl From<ScanError> for SpoolError {
         match e {
             ScanError::Io { kind, message } => SpoolError::Io(io::Error::new(kind, message)),
             ScanError::TooLarge { limit, inflated } => SpoolError::TooLarge { limit_bytes: limit, inflated },
+            ScanError::TooManyElements(n) => SpoolError::TooManyElements(n),
             e => SpoolError::Unparseable(e.to_string()),
         }
     }
