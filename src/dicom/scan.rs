@@ -19,8 +19,9 @@
 //! Invariants: memory is bounded whatever the input: element values are
 //! skipped (seeked over, or read through a fixed buffer), never held, and a
 //! kept element is at most [`MAX_KEPT_VALUE`] bytes, once per tag. The
-//! walk stops at `max` bytes, inflated or not, so a deflate bomb costs at
-//! most `max` bytes of inflating and no memory.
+//! walk stops at `max` bytes, inflated or not, and after [`MAX_ELEMENTS`]
+//! element and item headers, so a deflate bomb costs at most `max` bytes
+//! of inflating (or a few MB of tiny elements) and no memory.
 //! Failures: [`ScanError`]; `Io` is a read error on our side, every other
 //! variant is about the data.
 
