@@ -300,6 +300,11 @@ pub struct NodeConfig {
     /// transient reject and C-STORE answers 0xA700.
     #[serde(default = "default_min_free_mb")]
     pub min_free_disk_mb: u64,
+    /// Largest dataset accepted by C-STORE, in MiB, as received and, for
+    /// deflated datasets, once inflated. Enforced while receiving, so one
+    /// peer cannot fill the disk or make validation inflate without end.
+    #[serde(default = "default_max_dataset_mb")]
+    pub max_dataset_mb: u64,
     /// A second listener with DICOM TLS (PS3.15 B.1); the same association
     /// handler, limits and allow-lists serve both.
     #[serde(default)]
@@ -521,6 +526,11 @@ fn default_max_pending_connections() -> usize {
 fn default_min_free_mb() -> u64 {
     1024
 }
+/// Twice a 1 GiB multi-frame CT: large enough for real enhanced CT, small
+/// enough that a deflate bomb stops long before the disk or the clock do.
+fn default_max_dataset_mb() -> u64 {
+    2048
+}
 fn default_assoc_timeout() -> u64 {
     // Short: it is how long a connection nobody has vouched for may sit in
     // the pre-association budget. A real peer sends its RQ in milliseconds.
@@ -673,6 +683,9 @@ impl Config {
         }
         if self.node.max_pending_connections == 0 {
             return Err(bad("node.max_pending_connections", "must be at least 1".into()));
+        }
+        if self.node.max_dataset_mb == 0 {
+            return Err(bad("node.max_dataset_mb", "must be at least 1".into()));
         }
         if !(self.series.quiet_seconds > 0.0) {
             return Err(bad("series.quiet_seconds", "must be positive".into()));

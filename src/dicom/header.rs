@@ -105,6 +105,34 @@ pub fn escaped(raw: &str) -> String {
 }
 
 impl InstanceHeader {
+    /// Every top-level attribute [`InstanceHeader::from_dataset`] reads, plus
+    /// the character set its text is decoded with: ingest parses only these
+    /// (see [`crate::dicom::scan`]), so a large dataset is never held whole.
+    pub const TAGS: &'static [Tag] = &[
+        tags::SPECIFIC_CHARACTER_SET,
+        tags::IMAGE_TYPE,
+        tags::SOP_CLASS_UID,
+        tags::SOP_INSTANCE_UID,
+        tags::MODALITY,
+        tags::SERIES_DESCRIPTION,
+        tags::SLICE_THICKNESS,
+        tags::STUDY_INSTANCE_UID,
+        tags::SERIES_INSTANCE_UID,
+        tags::ACQUISITION_NUMBER,
+        tags::INSTANCE_NUMBER,
+        tags::IMAGE_POSITION_PATIENT,
+        tags::IMAGE_ORIENTATION_PATIENT,
+        tags::IMAGES_IN_ACQUISITION,
+        tags::NUMBER_OF_FRAMES,
+        tags::ROWS,
+        tags::COLUMNS,
+        tags::PIXEL_SPACING,
+    ];
+
+    pub fn reads(tag: Tag) -> bool {
+        Self::TAGS.contains(&tag)
+    }
+
     pub fn from_dataset(obj: &InMemDicomObject) -> Result<InstanceHeader, HeaderError> {
         let geometry = match (
             floats(obj, tags::IMAGE_POSITION_PATIENT),
@@ -159,5 +187,22 @@ mod tests {
         assert_eq!(escaped("1\n2\u{e9}\0"), "\"1\\n2\\u{e9}\\u{0}\"");
         let long = "9".repeat(100);
         assert_eq!(escaped(&long), format!("\"{}\"...", "9".repeat(80)));
+    }
+
+    /// Ingest parses only [`InstanceHeader::TAGS`]; an attribute read here
+    /// but missing from the list would silently read as absent.
+    #[test]
+    fn tags_list_every_attribute_from_dataset_reads() {
+        let src = include_str!("header.rs");
+        let body = &src[src.find("pub fn from_dataset").unwrap()..];
+        let body = &body[..body.find("\n    }\n").unwrap()];
+        let list = &src[src.find("pub const TAGS").unwrap()..];
+        let list = &list[..list.find("];").unwrap()];
+        let re = regex::Regex::new(r"tags::([A-Z_]+)").unwrap();
+        let read: Vec<&str> = re.captures_iter(body).map(|c| c.get(1).unwrap().as_str()).collect();
+        assert!(read.len() >= 17, "from_dataset reads {} tags?", read.len());
+        for t in read {
+            assert!(list.contains(&format!("tags::{t},")), "InstanceHeader::TAGS lacks {t}");
+        }
     }
 }

@@ -4,6 +4,10 @@
 //! most one partially received instance. Every error on the association is
 //! logged here and ends here: it never reaches the accept loop, and a bad
 //! dataset costs the peer a failure status, not the association.
+//!
+//! A dataset past `node.max_dataset_mb`, or one arriving while free disk
+//! falls below `node.min_free_disk_mb` (looked at every 4 MiB), loses its
+//! partial file at once and is answered 0xA700 after its last PDV.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -26,6 +30,11 @@ use crate::dimse::{decode_command, CommandField, Command, Response, Status};
 use crate::series::StoredInstance;
 use crate::spool::{Fault, Incoming, SpoolError, SpoolWriter};
 use crate::telemetry;
+
+/// How often, in dataset bytes received, a transfer looks at free disk
+/// again: a statvfs per 4 MiB costs nothing next to the writes, and one
+/// transfer then overshoots the watermark by at most 4 MiB.
+const DISK_CHECK_BYTES: u64 = 4 * 1024 * 1024;
 
 /// Why an association ended abnormally; decides what goes on the wire.
 #[derive(Debug, thiserror::Error)]
@@ -141,6 +150,8 @@ enum Pending {
     Store {
         cmd: Command,
         writer: Box<dyn SpoolWriter>,
+        /// Dataset bytes received so far.
+        received: u64,
     },
     /// Already stored (same SOP Instance UID): read and drop the dataset,
     /// answer success. The first copy stays byte-identical.
@@ -446,9 +457,10 @@ impl<S: Transport> Association<S> {
             sop_class_uid: sop_class,
             sop_instance_uid: sop_instance,
             transfer_syntax: context.transfer_syntax.clone(),
+            max_dataset_bytes: self.max_dataset_bytes(),
         };
         match self.shared.spool.begin(&incoming) {
-            Ok(writer) => Pending::Store { cmd, writer },
+            Ok(writer) => Pending::Store { cmd, writer, received: 0 },
             Err(e) => {
                 tracing::error!(error = %e, "cannot open a spool file");
                 refuse(Status::OutOfResources, "cannot open a spool file")
@@ -456,24 +468,46 @@ impl<S: Transport> Association<S> {
         }
     }
 
+    fn max_dataset_bytes(&self) -> u64 {
+        self.shared.node.max_dataset_mb.saturating_mul(1024 * 1024)
+    }
+
+    /// Stores one PDV of the dataset. Past `node.max_dataset_mb`, or when the
+    /// disk falls below its watermark during the transfer, the partial file
+    /// goes at once and the rest of the dataset is read and dropped: the
+    /// peer gets 0xA700 after its last PDV, in step with the protocol, and
+    /// may go on with its next instance on the same association.
     fn on_data(&mut self, bytes: &[u8]) -> Result<(), AssociationError> {
         let Some(pending) = self.pending.take() else {
             // The assembler only yields data after a command that expects it.
             return Err(AssociationError::Assembly(AssemblyError::DataWithoutCommand));
         };
         self.pending = Some(match pending {
-            Pending::Store { cmd, mut writer } => match writer.write(bytes) {
-                Ok(()) => Pending::Store { cmd, writer },
-                Err(e) => {
-                    tracing::error!(error = %e, "spool write failed");
+            Pending::Store { cmd, mut writer, received } => {
+                let now = received + bytes.len() as u64;
+                let refuse = |writer: Box<dyn SpoolWriter>, cmd, comment: String| {
                     writer.abort();
-                    Pending::Discard {
-                        cmd,
-                        status: Status::OutOfResources,
-                        comment: "spool write failed".into(),
+                    Pending::Discard { cmd, status: Status::OutOfResources, comment }
+                };
+                let max = self.max_dataset_bytes();
+                if now > max {
+                    let sop = cmd.affected_sop_instance_uid.as_deref().unwrap_or("");
+                    tracing::warn!(sop_instance_uid = sop, limit_mb = self.shared.node.max_dataset_mb, "dataset exceeds node.max_dataset_mb; partial file removed");
+                    refuse(writer, cmd, format!("dataset exceeds node.max_dataset_mb ({} MiB)", self.shared.node.max_dataset_mb))
+                } else if received / DISK_CHECK_BYTES != now / DISK_CHECK_BYTES && self.shared.disk_low() {
+                    let sop = cmd.affected_sop_instance_uid.as_deref().unwrap_or("");
+                    tracing::warn!(sop_instance_uid = sop, received = now, "free disk fell below node.min_free_disk_mb during a transfer; partial file removed");
+                    refuse(writer, cmd, "free disk fell below the configured minimum during the transfer".into())
+                } else {
+                    match writer.write(bytes) {
+                        Ok(()) => Pending::Store { cmd, writer, received: now },
+                        Err(e) => {
+                            tracing::error!(error = %e, "spool write failed");
+                            refuse(writer, cmd, "spool write failed".into())
+                        }
                     }
                 }
-            },
+            }
             other => other,
         });
         Ok(())
@@ -504,7 +538,7 @@ impl<S: Transport> Association<S> {
                 .emit();
                 Response::to_request(&cmd, status, Some(comment))
             }
-            Pending::Store { cmd, writer } => {
+            Pending::Store { cmd, writer, .. } => {
                 let committed = tokio::task::spawn_blocking(move || writer.commit())
                     .await
                     .unwrap_or_else(|e| Err(SpoolError::Io(std::io::Error::other(e.to_string()))));
@@ -583,7 +617,9 @@ impl<S: Transport> Association<S> {
 /// The one mapping from spool failures to DIMSE statuses (PS3.4 B.2.3).
 pub fn status_for(e: &SpoolError) -> Status {
     match e {
-        SpoolError::Io(_) | SpoolError::Meta(_) => Status::OutOfResources,
+        SpoolError::Io(_) | SpoolError::Meta(_) | SpoolError::TooLarge { .. } | SpoolError::TooManyElements(_) => {
+            Status::OutOfResources
+        }
         SpoolError::SopClassMismatch { .. } => Status::DataSetDoesNotMatchSopClass,
         SpoolError::Unparseable(_)
         | SpoolError::Header(_)

@@ -2,6 +2,14 @@
 //! PDUs, commands and datasets out. The fuzz target and the corpus replay
 //! test call it, so every parser on the PDU → command/dataset path is
 //! exercised without sockets.
+//!
+//! A received dataset goes through [`crate::spool::check_dataset`], the
+//! check the spool makes before acknowledging: for Deflated Explicit VR
+//! Little Endian that is the capped inflate and the length walk. A dataset
+//! that passes is then parsed whole by dicom-rs too, as later stages read
+//! spooled files, to show the walk leaves dicom-rs nothing to choke on.
+
+use std::io::Cursor;
 
 use dicom_encoding::TransferSyntaxIndex;
 use dicom_object::InMemDicomObject;
@@ -11,17 +19,22 @@ use dicom_ul::pdu::Pdu;
 use super::assembler::{Assembler, Event};
 use super::framing;
 use super::negotiation::{self, Policy};
-use crate::dimse::decode_command;
+use crate::dimse::{decode_command, Command};
+use crate::spool::Incoming;
 
-/// Datasets larger than this are not parsed by the harness (the real path
-/// streams them to disk); keeps fuzzing iterations fast.
-const MAX_DATASET: usize = 1 << 20;
+/// The harness's `node.max_dataset_mb`: datasets (inflated ones too) past
+/// this are refused as the node refuses them; small, so fuzzing iterations
+/// stay fast and a bomb seed shows the cap.
+pub const MAX_DATASET: usize = 1 << 20;
 
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Outcome {
     pub pdus: usize,
     pub commands: usize,
+    /// Datasets that passed the spool's check.
     pub datasets: usize,
+    /// Why each other dataset was refused (a failure status, not an abort).
+    pub refused: Vec<String>,
     /// The first error that would end the association, as its message.
     pub error: Option<String>,
 }
@@ -32,7 +45,9 @@ pub fn drive(mut bytes: &[u8], max_pdu: u32) -> Outcome {
     let mut assembler = Assembler::default();
     let mut accepted: Vec<(u8, String)> = Vec::new();
     let mut dataset: Vec<u8> = Vec::new();
+    let mut too_large = false;
     let mut data_ctx = None;
+    let mut store: Option<Command> = None;
     loop {
         let n = match framing::check(bytes, max_pdu) {
             Ok(Some(n)) => n,
@@ -80,7 +95,9 @@ pub fn drive(mut bytes: &[u8], max_pdu: u32) -> Outcome {
                                 if cmd.has_dataset() {
                                     assembler.expect_data(ctx);
                                     dataset.clear();
+                                    too_large = false;
                                     data_ctx = Some(ctx);
+                                    store = Some(cmd);
                                 }
                             }
                             Err(e) => {
@@ -89,22 +106,20 @@ pub fn drive(mut bytes: &[u8], max_pdu: u32) -> Outcome {
                             }
                         },
                         Some(Event::Data { bytes, last, .. }) => {
+                            // As the association: past the limit the bytes are dropped.
                             if dataset.len() + bytes.len() <= MAX_DATASET {
                                 dataset.extend_from_slice(bytes);
+                            } else {
+                                too_large = true;
                             }
                             if last {
                                 let ts = data_ctx
                                     .and_then(|c| accepted.iter().find(|(id, _)| *id == c))
-                                    .and_then(|(_, ts)| TransferSyntaxRegistry.get(ts));
-                                let scanned = ts.and_then(|t| crate::dicom::scan::Encoding::of(t.uid()));
-                                let ts = ts.filter(|_| {
-                                    scanned.is_some_and(|enc| crate::dicom::scan::check_lengths(&dataset, enc).is_ok())
-                                });
-                                if let Some(ts) = ts {
-                                    // A failure here is a status, not a fatal error.
-                                    if InMemDicomObject::read_dataset_with_ts(&dataset[..], ts).is_ok() {
-                                        out.datasets += 1;
-                                    }
+                                    .map(|(_, ts)| ts.clone())
+                                    .unwrap_or_default();
+                                match check(store.take(), &dataset, &ts, too_large) {
+                                    Ok(()) => out.datasets += 1,
+                                    Err(reason) => out.refused.push(reason),
                                 }
                             }
                         }
@@ -118,6 +133,26 @@ pub fn drive(mut bytes: &[u8], max_pdu: u32) -> Outcome {
             }
         }
     }
+}
+
+/// The spool's check, then (when it passed) dicom-rs over the whole dataset.
+fn check(cmd: Option<Command>, dataset: &[u8], ts: &str, too_large: bool) -> Result<(), String> {
+    if too_large {
+        return Err(format!("dataset exceeds the harness's {MAX_DATASET} bytes"));
+    }
+    let cmd = cmd.ok_or("data without a command")?;
+    let incoming = Incoming {
+        sop_class_uid: cmd.affected_sop_class_uid.unwrap_or_default(),
+        sop_instance_uid: cmd.affected_sop_instance_uid.unwrap_or_default(),
+        transfer_syntax: ts.to_owned(),
+        max_dataset_bytes: MAX_DATASET as u64,
+    };
+    crate::spool::check_dataset(Cursor::new(dataset), dataset.len() as u64, &incoming).map_err(|e| e.to_string())?;
+    if let Some(ts) = TransferSyntaxRegistry.get(ts) {
+        // A failure here is a status, not a fatal error.
+        let _ = InMemDicomObject::read_dataset_with_ts(dataset, ts);
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -148,6 +183,22 @@ mod tests {
         }
     }
 
+    /// Deflated datasets take the same check as the node's: inflated with the
+    /// limit as cap, then walked.
+    #[test]
+    fn deflated_seeds_are_inflated_capped_and_walked() {
+        for ok in ["deflated_store", "deflated_stored_blocks"] {
+            let d = drive(&seed(ok), 16384);
+            assert_eq!((d.commands, d.datasets, d.error), (1, 1, None), "{ok}: {:?}", d.refused);
+        }
+        let b = drive(&seed("deflate_bomb"), 16384);
+        assert_eq!((b.datasets, b.error), (0, None));
+        assert_eq!(b.refused, [format!("dataset inflates to more than node.max_dataset_mb ({} MiB)", MAX_DATASET >> 20)]);
+        let c = drive(&seed("deflate_corrupt"), 16384);
+        assert_eq!((c.datasets, c.error), (0, None));
+        assert!(c.refused[0].contains("cannot be inflated"), "{:?}", c.refused);
+    }
+
     /// Replays the whole corpus (including what the fuzzer added) so CI
     /// exercises it even where the fuzzer itself does not run.
     #[test]
@@ -157,7 +208,7 @@ mod tests {
             .expect("fuzz corpus is checked in")
             .map(|e| drive(&std::fs::read(e.unwrap().path()).unwrap(), 16384))
             .count();
-        assert!(n >= 7, "corpus has {n} entries");
+        assert!(n >= 11, "corpus has {n} entries");
     }
 
     /// `FUZZ_INPUT=path cargo test --release --lib replay_one -- --ignored`:

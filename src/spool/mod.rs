@@ -10,6 +10,10 @@
 //!   created or changed. Only then does ingest answer 0x0000.
 //! - A partial transfer lives only in `tmp/`, which is emptied at start-up,
 //!   so a cut-off transfer never shows up as an instance.
+//! - Memory per instance is bounded, whatever its size: the writer streams
+//!   to disk, and validation ([`check_dataset`]) walks the file, or inflates
+//!   a deflated one as a stream capped at `Incoming::max_dataset_bytes`,
+//!   holding only the few header attributes [`InstanceHeader`] needs.
 //! - Layout: `spool/<StudyUID>/<SeriesUID>/<SOPInstanceUID>.dcm`, made by
 //!   [`crate::dicom::uid_path`] from UIDs valid by PS3.5 9.1, so no dataset
 //!   can place a file outside `spool/`. Each is a
@@ -27,14 +31,18 @@
 //! "begin, write, commit or abort".
 
 use std::fs::{self, File};
-use std::io::{self, BufWriter, Write};
+use std::io::{self, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use dicom_object::meta::FileMetaTableBuilder;
-use dicom_object::OpenFileOptions;
+use dicom_encoding::TransferSyntaxIndex;
+use dicom_object::meta::{FileMetaTable, FileMetaTableBuilder};
+use dicom_object::InMemDicomObject;
+use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
 
 use crate::dicom::header::{HeaderError, InstanceHeader};
+use crate::dicom::scan::{self, Layout, ScanError};
+use crate::dicom::Uid;
 use crate::ingest::negotiation::{IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION};
 
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +61,11 @@ pub enum SpoolError {
     SopInstanceMismatch { command: String, dataset: String },
     #[error("dataset identifiers do not make a spool path: {0}")]
     Path(#[from] crate::dicom::PathEscape),
+    /// Past `node.max_dataset_mb`, as received or once inflated.
+    #[error("dataset {} more than node.max_dataset_mb ({} MiB)", if *.inflated { "inflates to" } else { "has" }, .limit_bytes >> 20)]
+    TooLarge { limit_bytes: u64, inflated: bool },
+    #[error("dataset has more than {0} elements and items")]
+    TooManyElements(u64),
 }
 
 /// Who is at fault, so ingest can pick a status and the log a level.
@@ -73,12 +86,16 @@ impl SpoolError {
     }
 }
 
-/// What the C-STORE-RQ told us before any data arrived.
+/// What the C-STORE-RQ told us before any data arrived, and the size limit
+/// its dataset is held to.
 #[derive(Debug, Clone)]
 pub struct Incoming {
     pub sop_class_uid: String,
     pub sop_instance_uid: String,
     pub transfer_syntax: String,
+    /// `node.max_dataset_mb` in bytes: the writer's caller stops receiving
+    /// past it, and validation stops inflating past it.
+    pub max_dataset_bytes: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -216,7 +233,7 @@ impl DiskWriter {
         let file = out.into_inner().map_err(|e| e.into_error())?;
         let size_bytes = file.metadata()?.len();
         // Parse before fsync: a dataset we refuse costs no disk flush.
-        let header = validate(&self.tmp_path, self.dataset_offset, &self.incoming)?;
+        let header = validate(&self.tmp_path, self.dataset_offset as u64, &self.incoming)?;
         file.sync_all()?;
         drop(file);
 
@@ -252,27 +269,25 @@ impl DiskWriter {
     }
 }
 
-/// Full parse of the received dataset: a truncated dataset or an element
-/// whose length overruns fails here, before we acknowledge anything. The
-/// length walk runs first so a lying length costs nothing (see
-/// [`crate::dicom::scan`]); deflated datasets cannot be walked in place and
-/// rely on the parser alone.
-fn validate(path: &Path, dataset_offset: usize, incoming: &Incoming) -> Result<InstanceHeader, SpoolError> {
-    let bytes = fs::read(path)?;
-    let opts = match crate::dicom::scan::Encoding::of(&incoming.transfer_syntax) {
-        Some(enc) => {
-            crate::dicom::scan::check_lengths(&bytes[dataset_offset..], enc)
-                .map_err(|e| SpoolError::Unparseable(e.to_string()))?;
-            // Every element is within bounds, so the header is all we need to
-            // parse; copying the pixel data into memory would buy nothing.
-            OpenFileOptions::new().read_until(dicom_dictionary_std::tags::PIXEL_DATA)
-        }
-        None => OpenFileOptions::new(),
-    };
-    let obj = opts
-        .from_reader(&bytes[128..])
-        .map_err(|e| SpoolError::Unparseable(crate::error_chain(&e)))?;
-    let header = InstanceHeader::from_dataset(&obj)?;
+/// Check of the received dataset before anything is acknowledged: a
+/// truncated dataset or an element whose length overruns fails here, and
+/// so does one past `max_dataset_bytes` (inflated, if deflated). Streams:
+/// the length walk of [`crate::dicom::scan`] reads the file (or inflates
+/// it) through a fixed buffer, skipping values, and keeps only the
+/// attributes [`InstanceHeader`] needs; dicom-rs parses just those.
+fn validate(path: &Path, dataset_offset: u64, incoming: &Incoming) -> Result<InstanceHeader, SpoolError> {
+    let mut file = File::open(path)?;
+    let len = file.metadata()?.len().saturating_sub(dataset_offset);
+    file.seek(SeekFrom::Start(dataset_offset))?;
+    check_dataset(file, len, incoming)
+}
+
+/// The checks [`SpoolWriter::commit`] makes, over a dataset of `len` bytes
+/// at `dataset`'s position: also the fuzz harness's way in.
+pub fn check_dataset<R: Read + Seek>(dataset: R, len: u64, incoming: &Incoming) -> Result<InstanceHeader, SpoolError> {
+    let layout = Layout::of(&incoming.transfer_syntax);
+    let scanned = scan::scan(dataset, len, layout, incoming.max_dataset_bytes, &InstanceHeader::reads)?;
+    let header = parse_header(&scanned.kept, layout)?;
     if header.sop_class_uid.as_str() != incoming.sop_class_uid.trim_end_matches(['\0', ' ']) {
         return Err(SpoolError::SopClassMismatch {
             command: incoming.sop_class_uid.clone(),
@@ -288,6 +303,26 @@ fn validate(path: &Path, dataset_offset: usize, incoming: &Incoming) -> Result<I
     Ok(header)
 }
 
+/// Parse the header elements a walk kept (a few kB at most).
+fn parse_header(kept: &[u8], layout: Layout) -> Result<InstanceHeader, SpoolError> {
+    let ts = TransferSyntaxRegistry
+        .get(layout.encoding.transfer_syntax())
+        .expect("the native transfer syntaxes are built into dicom-rs");
+    let obj = InMemDicomObject::read_dataset_with_ts(kept, ts)
+        .map_err(|e| SpoolError::Unparseable(crate::error_chain(&e)))?;
+    Ok(InstanceHeader::from_dataset(&obj)?)
+}
+
+impl From<ScanError> for SpoolError {
+    fn from(e: ScanError) -> SpoolError {
+        match e {
+            ScanError::Io { kind, message } => SpoolError::Io(io::Error::new(kind, message)),
+            ScanError::TooLarge { limit, inflated } => SpoolError::TooLarge { limit_bytes: limit, inflated },
+            ScanError::TooManyElements(n) => SpoolError::TooManyElements(n),
+            e => SpoolError::Unparseable(e.to_string()),
+        }
+    }
+}
 
 /// Create `root/rel` one level at a time, fsyncing each parent whose
 /// entries changed, so a new directory survives a crash. Returns whether
@@ -328,13 +363,18 @@ pub fn free_bytes(path: &Path) -> io::Result<u64> {
     Ok(st.f_bavail as u64 * st.f_frsize as u64)
 }
 
-/// Read the header summary of a spooled file (recovery, tools).
+/// Read the header summary of a spooled file (recovery, tools), with the
+/// same bounded walk as ingest: a file of any size costs a fixed buffer.
 pub fn read_header(path: &Path) -> Result<InstanceHeader, SpoolError> {
-    let obj = OpenFileOptions::new()
-        .read_until(dicom_dictionary_std::tags::PIXEL_DATA)
-        .open_file(path)
-        .map_err(|e| SpoolError::Unparseable(crate::error_chain(&e)))?;
-    Ok(InstanceHeader::from_dataset(&obj)?)
+    let mut file = BufReader::new(File::open(path)?);
+    let len = file.get_ref().metadata()?.len();
+    file.seek(SeekFrom::Start(128))?;
+    let meta = FileMetaTable::from_reader(&mut file).map_err(|e| SpoolError::Unparseable(crate::error_chain(&e)))?;
+    let offset = file.stream_position()?;
+    let layout = Layout::of(meta.transfer_syntax());
+    // Already accepted once: the limit here only has to bound the walk.
+    let scanned = scan::scan(file, len.saturating_sub(offset), layout, u64::MAX, &InstanceHeader::reads)?;
+    parse_header(&scanned.kept, layout)
 }
 
 #[cfg(test)]
@@ -377,6 +417,7 @@ mod tests {
             sop_class_uid: CT.into(),
             sop_instance_uid: sop.into(),
             transfer_syntax: ELE.into(),
+            max_dataset_bytes: 1 << 30,
         }
     }
 
@@ -462,5 +503,128 @@ mod tests {
         std::mem::forget(w); // simulate a crash mid-transfer
         DiskSpool::open(d.path()).unwrap();
         assert_eq!(fs::read_dir(d.path().join("tmp")).unwrap().count(), 0);
+    }
+
+    fn full_dataset(sop: &str) -> InMemDicomObject {
+        use dicom_core::value::DataSetSequence;
+        let mut o = InMemDicomObject::new_empty();
+        for (t, vr, v) in [
+            (tags::SPECIFIC_CHARACTER_SET, VR::CS, "ISO_IR 192"),
+            (tags::SOP_CLASS_UID, VR::UI, CT),
+            (tags::SOP_INSTANCE_UID, VR::UI, sop),
+            (tags::MODALITY, VR::CS, "CT"),
+            (tags::SERIES_DESCRIPTION, VR::LO, "Thorax \u{fc}berblick"),
+            (tags::SLICE_THICKNESS, VR::DS, "2.5"),
+            (tags::STUDY_INSTANCE_UID, VR::UI, "1.2.3"),
+            (tags::SERIES_INSTANCE_UID, VR::UI, "1.2.3.4"),
+            (tags::ACQUISITION_NUMBER, VR::IS, "2"),
+            (tags::INSTANCE_NUMBER, VR::IS, "17"),
+            (tags::IMAGES_IN_ACQUISITION, VR::IS, "40"),
+            (tags::NUMBER_OF_FRAMES, VR::IS, "3"),
+        ] {
+            o.put(DataElement::new(t, vr, PrimitiveValue::from(v)));
+        }
+        // multi-valued attributes as dicom-rs holds them after parsing a file
+        for (t, vr, v) in [
+            (tags::IMAGE_TYPE, VR::CS, &["ORIGINAL", "PRIMARY", "AXIAL"][..]),
+            (tags::IMAGE_POSITION_PATIENT, VR::DS, &["-100", "-120.5", "33"][..]),
+            (tags::IMAGE_ORIENTATION_PATIENT, VR::DS, &["1", "0", "0", "0", "1", "0"][..]),
+            (tags::PIXEL_SPACING, VR::DS, &["0.7", "0.7"][..]),
+        ] {
+            let strs = v.iter().map(|s| s.to_string()).collect();
+            o.put(DataElement::new(t, vr, PrimitiveValue::Strs(strs)));
+        }
+        o.put(DataElement::new(tags::ROWS, VR::US, PrimitiveValue::from(4u16)));
+        o.put(DataElement::new(tags::COLUMNS, VR::US, PrimitiveValue::from(4u16)));
+        let mut item = InMemDicomObject::new_empty();
+        // nested attributes with header tags must not replace the top-level ones
+        item.put(DataElement::new(tags::SOP_INSTANCE_UID, VR::UI, PrimitiveValue::from("9.9.9")));
+        item.put(DataElement::new(tags::MODALITY, VR::CS, PrimitiveValue::from("MR")));
+        o.put(DataElement::new(
+            tags::REFERENCED_IMAGE_SEQUENCE,
+            VR::SQ,
+            DataSetSequence::from(vec![item]),
+        ));
+        o.put(DataElement::new(tags::PIXEL_DATA, VR::OW, PrimitiveValue::U16(vec![7u16; 48].into())));
+        o
+    }
+
+    fn encode(o: &InMemDicomObject, ts: &str) -> Vec<u8> {
+        let mut out = Vec::new();
+        let ts = dicom_transfer_syntax_registry::TransferSyntaxRegistry.get(ts).unwrap();
+        o.write_dataset_with_ts(&mut out, ts).unwrap();
+        out
+    }
+
+    fn deflate(raw: &[u8]) -> Vec<u8> {
+        let mut e = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
+        e.write_all(raw).unwrap();
+        e.finish().unwrap()
+    }
+
+    /// What validation reads from the walk's few kept elements is what a
+    /// full dicom-rs parse of the dataset gives, in every encoding.
+    #[test]
+    fn the_walk_reads_the_same_header_as_a_full_parse() {
+        let o = full_dataset("1.2.3.4.8");
+        let want = InstanceHeader::from_dataset(&o).unwrap();
+        assert_eq!(want.series_description.as_deref(), Some("Thorax \u{fc}berblick"));
+        assert_eq!(want.modality.as_deref(), Some("CT"));
+        assert!(want.geometry.is_some());
+        assert_eq!(want.image_type, ["ORIGINAL", "PRIMARY", "AXIAL"]);
+        let mut datasets: Vec<(&str, Vec<u8>)> = ["1.2.840.10008.1.2", ELE, "1.2.840.10008.1.2.2"]
+            .into_iter()
+            .map(|ts| (ts, encode(&o, ts)))
+            .collect();
+        datasets.push((scan::DEFLATED, deflate(&encode(&o, ELE))));
+        for (ts, bytes) in datasets {
+            let mut inc = incoming("1.2.3.4.8");
+            inc.transfer_syntax = ts.into();
+            let got = check_dataset(io::Cursor::new(&bytes), bytes.len() as u64, &inc).unwrap();
+            assert_eq!(got, want, "{ts}");
+        }
+    }
+
+    /// A deflated instance is stored as received and its header read back
+    /// with the same walk; one that inflates past the limit is refused as
+    /// too large (0xA700 at ingest) and leaves nothing behind.
+    #[test]
+    fn deflated_datasets_are_stored_and_a_bomb_is_refused_as_too_large() {
+        let d = tempfile::tempdir().unwrap();
+        let spool = DiskSpool::open(d.path()).unwrap();
+        let mut inc = incoming("1.2.3.4.9");
+        inc.transfer_syntax = scan::DEFLATED.into();
+        let z = deflate(&encode(&full_dataset("1.2.3.4.9"), ELE));
+        let mut w = spool.begin(&inc).unwrap();
+        w.write(&z).unwrap();
+        let s = w.commit().unwrap();
+        let path = spool.root().join(&s.rel_path);
+        assert_eq!(read_header(&path).unwrap(), s.header);
+        assert_eq!(s.header.number_of_frames, Some(3));
+
+        let mut big = full_dataset("1.2.3.4.10");
+        big.put(DataElement::new(tags::PIXEL_DATA, VR::OB, PrimitiveValue::U8(vec![0u8; 8 << 20].into())));
+        let bomb = deflate(&encode(&big, ELE));
+        assert!(bomb.len() < 64 * 1024, "{} bytes", bomb.len());
+        let mut inc = incoming("1.2.3.4.10");
+        inc.transfer_syntax = scan::DEFLATED.into();
+        inc.max_dataset_bytes = 4 << 20;
+        let mut w = spool.begin(&inc).unwrap();
+        w.write(&bomb).unwrap();
+        let e = w.commit().unwrap_err();
+        assert!(matches!(e, SpoolError::TooLarge { inflated: true, .. }), "{e}");
+        assert_eq!(e.to_string(), "dataset inflates to more than node.max_dataset_mb (4 MiB)");
+        assert_eq!(fs::read_dir(d.path().join("tmp")).unwrap().count(), 0);
+        assert_eq!(count_files(spool.root()), 1);
+    }
+
+    fn count_files(dir: &Path) -> usize {
+        fs::read_dir(dir)
+            .unwrap()
+            .map(|e| {
+                let p = e.unwrap().path();
+                if p.is_dir() { count_files(&p) } else { 1 }
+            })
+            .sum()
     }
 }
