@@ -55,7 +55,7 @@ for t in "${targets[@]}"; do
     if RUSTC_BOOTSTRAP=1 cargo fuzz run --sanitizer none "$t" "$work/$t" -- \
         -max_total_time="$secs" -max_len="$(max_len "$t")" -rss_limit_mb=2048 -malloc_limit_mb=2048 \
         -timeout=10 -print_final_stats=1 >"$work/$t.log" 2>&1; then
-        grep -E '^(#[0-9]+ +DONE|stat::number_of_executed_units)' "$work/$t.log" | tail -n 2 || true
+        grep -E '^(#[0-9]+[[:space:]]+DONE|stat::number_of_executed_units)' "$work/$t.log" | tail -n 2 || true
         echo "fuzz: $t ran ${secs}s with no crash"
     else
         tail -n 40 "$work/$t.log"
