@@ -1,25 +1,69 @@
 #!/usr/bin/env bash
-# Bounded fuzz run of the PDU → command/dataset path (fuzz/fuzz_targets).
+# Bounded fuzz run of every parser that reads outside input (fuzz/fuzz_targets):
+#   pdu_stream        PDU → negotiation → PDV assembly → DIMSE → dataset
+#   dicom_file        a DICOM file as `analyze` and the route tester read it
+#   config            the YAML config as check-config reads it
+#   npy               the .npy reader
+#   part10_roundtrip  SR/SC writer → our Part 10 reader and dicom-object
 # cargo-fuzz drives libFuzzer, which needs nightly-only rustc flags; the
 # machine's stable toolchain accepts them with RUSTC_BOOTSTRAP=1. No
-# sanitizer: the code under test is safe Rust, so what we hunt is panics,
-# hangs and runaway allocation, which libFuzzer reports by itself.
-# Usage: scripts/fuzz.sh [seconds]   (default 60)
+# sanitizer: the code under test is safe Rust (the C/C++ codecs aside), so
+# what we hunt is panics, hangs and runaway allocation, which libFuzzer
+# reports by itself. cargo-fuzz builds in release mode with debug
+# assertions and overflow checks on, so an arithmetic overflow is a crash.
+# Every target runs even when an earlier one crashed; the script fails at
+# the end if any did, naming them. libFuzzer prints the crashing input
+# (Base64 for small ones) and cargo-fuzz keeps it in fuzz/artifacts/.
+# Usage: scripts/fuzz.sh [seconds per target] [target...]
+#        (default 30 s, every target: about 2.5 min of fuzzing plus the build)
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
-secs="${1:-60}"
+secs="${1:-30}"
+shift || true
+all=(pdu_stream dicom_file config npy part10_roundtrip)
+targets=("${@:-${all[@]}}")
 if ! command -v cargo-fuzz >/dev/null 2>&1; then
     cargo install cargo-fuzz --locked --version 0.13.2
 fi
+# Input size caps: big enough for the seeds and their growth, small enough
+# that each run stays fast. part10_roundtrip repeats generated text, so a
+# small input still reaches values past 64 KiB.
+max_len() {
+    case "$1" in
+        pdu_stream) echo 65536 ;;
+        dicom_file) echo 32768 ;;
+        config) echo 16384 ;;
+        npy) echo 4096 ;;
+        part10_roundtrip) echo 8192 ;;
+        *) echo 4096 ;;
+    esac
+}
+# One build of every target (they share the instrumented library).
+RUSTC_BOOTSTRAP=1 cargo fuzz build --sanitizer none
 # Fuzz findings go to a scratch copy so the checked-in corpus stays the seeds.
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
-cp -r fuzz/corpus/pdu_stream "$work/corpus"
-# Memory limit: libFuzzer's default 2 GiB. The five oom-* inputs in the
-# corpus once made dicom-rs allocate ~4 GiB (lying lengths, and a binary
-# value that is not a whole number of values, after which dicom-rs parses
-# out of step); src/dicom/scan.rs now refuses both before dicom-rs runs.
-RUSTC_BOOTSTRAP=1 cargo fuzz run --sanitizer none pdu_stream "$work/corpus" -- \
-    -max_total_time="$secs" -max_len=65536 -rss_limit_mb=2048 -malloc_limit_mb=2048 -timeout=10 2>&1 | tail -n 25
-echo "fuzz: pdu_stream ran ${secs}s with no crash"
+failed=()
+for t in "${targets[@]}"; do
+    cp -r "fuzz/corpus/$t" "$work/$t"
+    # Memory limit: libFuzzer's default 2 GiB. The oom-* inputs in
+    # corpus/pdu_stream once made dicom-rs allocate ~4 GiB (lying lengths,
+    # and a binary value that is not a whole number of values, after which
+    # dicom-rs parses out of step); src/dicom/scan.rs now refuses both
+    # before dicom-rs runs.
+    if RUSTC_BOOTSTRAP=1 cargo fuzz run --sanitizer none "$t" "$work/$t" -- \
+        -max_total_time="$secs" -max_len="$(max_len "$t")" -rss_limit_mb=2048 -malloc_limit_mb=2048 \
+        -timeout=10 -print_final_stats=1 >"$work/$t.log" 2>&1; then
+        grep -E '^(#[0-9]+[[:space:]]+DONE|stat::number_of_executed_units)' "$work/$t.log" | tail -n 2 || true
+        echo "fuzz: $t ran ${secs}s with no crash"
+    else
+        tail -n 40 "$work/$t.log"
+        echo "fuzz: $t FAILED (see above)"
+        failed+=("$t")
+    fi
+done
+if ((${#failed[@]})); then
+    echo "fuzz: crashed: ${failed[*]}"
+    exit 1
+fi

@@ -56,13 +56,25 @@ pub fn write<T: Element>(path: &Path, shape: &[usize], data: impl IntoIterator<I
 /// Read any of `<f4 <f8 |u1 |b1 <i2 <i4 <i8` as f64.
 pub fn read_f64(path: &Path) -> Result<ArrayD<f64>, NpyError> {
     let bytes = std::fs::read(path)?;
-    let bad = |m: &str| NpyError::Format(format!("{}: {m}", path.display()));
+    parse_f64(&bytes).map_err(|e| match e {
+        NpyError::Format(m) => NpyError::Format(format!("{}: {m}", path.display())),
+        other => other,
+    })
+}
+
+/// [`read_f64`] on the bytes of a file. Any byte string gets a value or a
+/// [`NpyError::Format`], never a panic: the fuzz target `npy` drives it.
+pub fn parse_f64(bytes: &[u8]) -> Result<ArrayD<f64>, NpyError> {
+    let bad = |m: &str| NpyError::Format(m.to_owned());
     if bytes.len() < 10 || &bytes[..6] != b"\x93NUMPY" {
         return Err(bad("no NUMPY magic"));
     }
-    let (hlen, start) = match bytes[6] {
-        1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
-        2 | 3 => (u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize, 12),
+    // Versions 2 and 3 have a 4-byte header length, so a 10- or 11-byte
+    // file has no room for it.
+    let (hlen, start) = match (bytes[6], bytes.get(8..12)) {
+        (1, _) => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
+        (2 | 3, Some(l)) => (u32::from_le_bytes([l[0], l[1], l[2], l[3]]) as usize, 12),
+        (2 | 3, None) => return Err(bad("short header")),
         _ => return Err(bad("unknown version")),
     };
     let header = std::str::from_utf8(bytes.get(start..start + hlen).ok_or_else(|| bad("short header"))?)
@@ -84,7 +96,11 @@ pub fn read_f64(path: &Path) -> Result<ArrayD<f64>, NpyError> {
         .map(|s| s.parse().map_err(|_| bad("bad shape")))
         .collect::<Result<_, _>>()?;
     let data = &bytes[start + hlen..];
-    let n: usize = shape.iter().product();
+    // A shape is text in the file: its product can exceed any real array.
+    let n = shape
+        .iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .ok_or_else(|| bad("shape has more elements than memory can hold"))?;
     let vals: Vec<f64> = match descr {
         "<f4" => data.chunks_exact(4).take(n).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64).collect(),
         "<f8" => data.chunks_exact(8).take(n).map(|c| f64::from_le_bytes(c.try_into().expect("chunk of 8"))).collect(),
@@ -115,5 +131,40 @@ mod tests {
         let bytes = std::fs::read(&p).unwrap();
         let hlen = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
         assert_eq!((10 + hlen) % 64, 0);
+    }
+
+    /// Fuzz finding (fuzz/corpus/npy/regress-short-v2-header): a version 2
+    /// file cut off inside its 4-byte header length indexed past the end.
+    #[test]
+    fn a_version_2_file_too_short_for_its_header_length_is_refused() {
+        for len in 10..12 {
+            let mut b = b"\x93NUMPY\x02\x00\x00\x00".to_vec();
+            b.truncate(len);
+            let e = parse_f64(&b).unwrap_err();
+            assert!(e.to_string().contains("short header"), "{e}");
+        }
+    }
+
+    /// Fuzz finding (fuzz/corpus/npy/regress-shape-overflow): a shape whose
+    /// element count overflows usize panicked under overflow checks and
+    /// wrapped without them.
+    #[test]
+    fn a_shape_with_more_elements_than_usize_is_refused() {
+        let header = "{'descr': '<f4', 'fortran_order': False, 'shape': (4294967296, 4294967297), }";
+        let mut b = b"\x93NUMPY\x01\x00".to_vec();
+        b.extend_from_slice(&(header.len() as u16).to_le_bytes());
+        b.extend_from_slice(header.as_bytes());
+        b.extend_from_slice(&[0; 16]);
+        let e = parse_f64(&b).unwrap_err();
+        assert!(e.to_string().contains("more elements than memory can hold"), "{e}");
+    }
+
+    #[test]
+    fn errors_from_a_file_name_it() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("short.npy");
+        std::fs::write(&p, b"\x93NUMPY\x03\x00\x00\x00").unwrap();
+        let e = read_f64(&p).unwrap_err().to_string();
+        assert!(e.contains("short.npy") && e.contains("short header"), "{e}");
     }
 }

@@ -16,6 +16,14 @@
 //! elements (and with a corrected group length) and parse again. Any other
 //! defect is reported as it is.
 //!
+//! **Lying lengths.** dicom-rs allocates (and zero-fills) a value's declared
+//! length before it reads the value, so one element claiming 3.7 GB in a
+//! 900-byte file cost 3.7 GB (found by the `dicom_file` fuzz target).
+//! Before dicom-rs sees a file, every declared length in its meta group
+//! (walked as dicom-rs walks it) and data set ([`crate::dicom::scan`]) is
+//! checked against the bytes that are there. A deflated data set is
+//! inflated for that check, up to [`MAX_INFLATED`] bytes.
+//!
 //! **Failure modes.** [`OpenError::Io`] for file system errors,
 //! [`OpenError::NotDicom`] when there is no `DICM` magic (e.g. a DICOMDIR is
 //! still DICOM; a text file is not), [`OpenError::Parse`] for the rest.
@@ -69,6 +77,18 @@ pub fn open_dicom(path: &Path, depth: ReadDepth) -> Result<DefaultDicomObject, O
             ReadDepth::Full => o,
         }
     };
+    let bytes = std::fs::read(path).map_err(|source| OpenError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    let refuse = |message: String| OpenError::Parse {
+        path: path.to_owned(),
+        message,
+    };
+    check_declared_lengths(&bytes).map_err(refuse)?;
+    // Parsed from the file, not from `bytes`: after the check the copy is
+    // dropped, so a full read holds one copy of a large file, not two.
+    drop(bytes);
     match options().open_file(path) {
         Ok(obj) => Ok(obj),
         Err(ReadError::ParseMetaDataSet { .. }) => {
@@ -87,6 +107,9 @@ pub fn open_dicom(path: &Path, depth: ReadDepth) -> Result<DefaultDicomObject, O
                     message: "file meta group is malformed".into(),
                 });
             };
+            // The repaired meta group has a true group length, so dicom-rs
+            // may now start the data set elsewhere than in the first check.
+            check_declared_lengths(&repaired).map_err(refuse)?;
             options()
                 .read_preamble(ReadPreamble::Never)
                 .from_reader(Cursor::new(repaired))
@@ -136,6 +159,93 @@ fn has_magic(path: &Path) -> bool {
         .unwrap_or(false)
 }
 
+
+/// Largest data set a deflated file may inflate to; past it the file is
+/// refused. Deflate is used for small non-image objects in practice, and
+/// the check holds the inflated copy in memory.
+pub const MAX_INFLATED: u64 = 256 << 20;
+
+/// Explicit VR (PS3.5 7.1.2) with a 16-bit length; every other VR, and an
+/// unknown one, has 2 reserved bytes and a 32-bit length.
+fn short_length_vr(vr: &[u8]) -> bool {
+    matches!(
+        vr,
+        b"AE" | b"AS" | b"AT" | b"CS" | b"DA" | b"DS" | b"DT" | b"FL" | b"FD" | b"IS" | b"LO" | b"LT" | b"PN"
+            | b"SH" | b"SL" | b"SS" | b"ST" | b"TM" | b"UI" | b"UL" | b"US"
+    )
+}
+
+/// Check every length a PS3.10 file declares against the bytes that follow
+/// it, in the order dicom-rs reads them: the meta group, which dicom-rs
+/// reads element by element until its group length (0002,0000) is used up,
+/// then the data set in the meta group's transfer syntax. Bytes without
+/// the `DICM` magic, or whose meta group does not start with its group
+/// length, pass: dicom-rs refuses those before it reads any value.
+fn check_declared_lengths(bytes: &[u8]) -> Result<(), String> {
+    use crate::dicom::scan::{check_lengths, Encoding};
+    let start = if bytes.len() >= 132 && &bytes[128..132] == b"DICM" {
+        132
+    } else if bytes.len() >= 4 && &bytes[0..4] == b"DICM" {
+        4
+    } else {
+        return Ok(());
+    };
+    let head = |pos: usize| bytes.get(pos..pos + 8);
+    let Some(h) = head(start) else { return Ok(()) };
+    if h[..4] != [0x02, 0x00, 0x00, 0x00] || &h[4..6] != b"UL" || bytes.len() < start + 12 {
+        return Ok(());
+    }
+    let group_len = u64::from(u32::from_le_bytes(bytes[start + 8..start + 12].try_into().expect("4 bytes")));
+    let mut pos = start + 12;
+    let mut consumed = 0u64;
+    let mut ts = String::new();
+    while consumed < group_len {
+        let h = head(pos).ok_or_else(|| format!("file meta group ends inside an element header at offset {pos}"))?;
+        let element = u16::from_le_bytes([h[2], h[3]]);
+        let (header, len) = if short_length_vr(&h[4..6]) {
+            (8, u64::from(u16::from_le_bytes([h[6], h[7]])))
+        } else {
+            let l = bytes
+                .get(pos + 8..pos + 12)
+                .ok_or_else(|| format!("file meta group ends inside an element header at offset {pos}"))?;
+            (12, u64::from(u32::from_le_bytes(l.try_into().expect("4 bytes"))))
+        };
+        let left = (bytes.len() - pos - header) as u64;
+        if len > left {
+            return Err(format!(
+                "file meta element (0002,{element:04X}) at offset {pos} declares {len} bytes but only {left} remain"
+            ));
+        }
+        let value = &bytes[pos + header..pos + header + len as usize];
+        if element == 0x0010 {
+            ts = String::from_utf8_lossy(value).trim_end_matches(['\0', ' ']).to_owned();
+        }
+        pos += header + len as usize;
+        consumed += header as u64 + len;
+    }
+    let dataset = &bytes[pos..];
+    let checked = match ts.as_str() {
+        "1.2.840.10008.1.2" => check_lengths(dataset, Encoding::ImplicitLittle),
+        "1.2.840.10008.1.2.2" => check_lengths(dataset, Encoding::ExplicitBig),
+        "1.2.840.10008.1.2.1.99" => {
+            use std::io::Read;
+            let mut inflated = Vec::new();
+            // One byte past the cap tells "at the cap" from "over it".
+            flate2::read::DeflateDecoder::new(dataset)
+                .take(MAX_INFLATED + 1)
+                .read_to_end(&mut inflated)
+                .map_err(|e| format!("deflated data set cannot be inflated: {e}"))?;
+            if inflated.len() as u64 > MAX_INFLATED {
+                return Err(format!("deflated data set inflates to more than {MAX_INFLATED} bytes"));
+            }
+            check_lengths(&inflated, Encoding::ExplicitLittle)
+        }
+        // Every other syntax encodes its data set in explicit VR little
+        // endian (encapsulated pixel data included).
+        _ => check_lengths(dataset, Encoding::ExplicitLittle),
+    };
+    checked.map_err(|e| format!("data set: {e}"))
+}
 
 /// Rebuild `DICM` + meta group + data set without over-long AE elements in
 /// the meta group. Returns `None` when the meta group cannot be walked.
@@ -224,6 +334,78 @@ mod tests {
             n += 1;
         }
         assert_eq!(n, 16);
+    }
+
+    /// A PS3.10 file: preamble, meta group (group length and transfer
+    /// syntax only), then `dataset`.
+    fn part10(ts: &str, dataset: &[u8]) -> Vec<u8> {
+        let mut ts = ts.as_bytes().to_vec();
+        if ts.len() % 2 == 1 {
+            ts.push(0);
+        }
+        let mut meta = vec![0x02, 0x00, 0x10, 0x00, b'U', b'I'];
+        meta.extend_from_slice(&(ts.len() as u16).to_le_bytes());
+        meta.extend_from_slice(&ts);
+        let mut out = vec![0u8; 128];
+        out.extend_from_slice(b"DICM");
+        out.extend_from_slice(&[0x02, 0x00, 0x00, 0x00, b'U', b'L', 4, 0]);
+        out.extend_from_slice(&(meta.len() as u32).to_le_bytes());
+        out.extend_from_slice(&meta);
+        out.extend_from_slice(dataset);
+        out
+    }
+
+    /// (0008,0060) CS "CT" then an element whose 32-bit length claims
+    /// 0xE000_0000 bytes, in explicit VR little endian.
+    fn lying_dataset() -> Vec<u8> {
+        let mut d = vec![0x08, 0x00, 0x60, 0x00, b'C', b'S', 2, 0, b'C', b'T'];
+        d.extend_from_slice(&[0x53, 0x51, 0x00, 0x00, b'U', b'N', 0, 0]);
+        d.extend_from_slice(&0xE000_0000u32.to_le_bytes());
+        d.extend_from_slice(&[0; 16]);
+        d
+    }
+
+    /// Fuzz finding (fuzz/corpus/dicom_file/regress-oom-lying-length): one
+    /// element declaring 3.7 GB in a 912-byte file made dicom-rs allocate
+    /// 3.7 GB before it found the file short. Refused before dicom-rs runs,
+    /// for both depths, with the element named.
+    #[test]
+    fn a_lying_length_is_refused_before_dicom_rs_allocates_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("lie.dcm");
+        std::fs::write(&p, part10("1.2.840.10008.1.2.1", &lying_dataset())).unwrap();
+        for depth in [ReadDepth::Header, ReadDepth::Full] {
+            let e = open_dicom(&p, depth).unwrap_err();
+            assert!(matches!(e, OpenError::Parse { .. }), "{e}");
+            assert!(e.to_string().contains("(5153,0000)") && e.to_string().contains("declares"), "{e}");
+        }
+        // The same honest file opens.
+        let mut honest = lying_dataset();
+        honest.truncate(10);
+        std::fs::write(&p, part10("1.2.840.10008.1.2.1", &honest)).unwrap();
+        let obj = open_dicom(&p, ReadDepth::Full).unwrap();
+        assert_eq!(obj.element(tags::MODALITY).unwrap().to_str().unwrap(), "CT");
+    }
+
+    #[test]
+    fn a_lying_length_inside_a_deflated_data_set_is_refused() {
+        use std::io::Write;
+        let mut z = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
+        z.write_all(&lying_dataset()).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("lie.dcm");
+        std::fs::write(&p, part10("1.2.840.10008.1.2.1.99", &z.finish().unwrap())).unwrap();
+        let e = open_dicom(&p, ReadDepth::Header).unwrap_err();
+        assert!(e.to_string().contains("declares"), "{e}");
+    }
+
+    #[test]
+    fn a_lying_meta_element_is_refused() {
+        let mut f = part10("1.2.840.10008.1.2.1", &lying_dataset()[..10]);
+        // the transfer syntax UID's 16-bit length, now past the file's end
+        f[144 + 6..144 + 8].copy_from_slice(&0xFFF0u16.to_le_bytes());
+        let e = check_declared_lengths(&f).unwrap_err();
+        assert!(e.contains("(0002,0010)"), "{e}");
     }
 
     #[test]

@@ -74,6 +74,17 @@ pub enum ReportError {
     /// The source header lacks an attribute the report must copy.
     #[error("source dataset: {attribute} is missing or empty")]
     MissingSource { attribute: &'static str },
+    /// A source attribute the report copies is too long for any element
+    /// of its VR in our output (explicit VR LE: a 16-bit length), so the
+    /// report could not be written. Copied attributes name the patient and
+    /// study: shortening one would file the report under someone else.
+    #[error("source dataset: {attribute} is {bytes} bytes, more than a {vr} element can hold ({max})")]
+    SourceTooLong {
+        attribute: &'static str,
+        vr: &'static str,
+        bytes: usize,
+        max: usize,
+    },
     #[error("{what} is not a valid UID: {source}")]
     BadUid {
         what: &'static str,
@@ -211,6 +222,42 @@ pub(crate) fn source_text(obj: &InMemDicomObject, tag: Tag) -> Option<String> {
     (!v.is_empty()).then(|| v.to_owned())
 }
 
+/// The longest value an explicit VR element with a 16-bit length field can
+/// carry: 65535, less the byte that pads a value to an even length.
+pub(crate) const MAX_SHORT_VALUE: usize = 65534;
+
+/// [`source_text`] for a value we copy into an element of `vr` (every VR we
+/// copy has a 16-bit length in explicit VR LE). Our output is UTF-8
+/// (ISO_IR 192), so the limit is on the UTF-8 bytes. Found by the
+/// `part10_roundtrip` fuzz target: a 70 kB PatientName was copied, and the
+/// finished report then failed to write.
+pub(crate) fn copied_text(obj: &InMemDicomObject, tag: Tag, vr: VR) -> Result<Option<String>, ReportError> {
+    let Some(v) = source_text(obj, tag) else { return Ok(None) };
+    if v.len() > MAX_SHORT_VALUE {
+        use dicom_core::dictionary::DataDictionary;
+        return Err(ReportError::SourceTooLong {
+            attribute: dicom_dictionary_std::StandardDataDictionary
+                .by_tag(tag)
+                .map(|e| e.alias)
+                .unwrap_or("an attribute"),
+            vr: vr.to_string(),
+            bytes: v.len(),
+            max: MAX_SHORT_VALUE,
+        });
+    }
+    // Only these VRs take the declared character set (PS3.5 6.1.2.3); the
+    // others (DA, TM, CS, DS, ...) are ASCII whatever it says. dicom-rs
+    // writes a non-ASCII character of such a value as one Latin-1 byte, in
+    // a file that declares UTF-8, and reads it back as an escape (also a
+    // `part10_roundtrip` finding): the value cannot be carried, so it is
+    // left out, as when the source lacks it.
+    let declared_charset = matches!(vr, VR::PN | VR::LO | VR::SH | VR::ST | VR::LT | VR::UT | VR::UC);
+    if !declared_charset && !v.is_ascii() {
+        return Ok(None);
+    }
+    Ok(Some(v))
+}
+
 /// Patient (C.7.1.1) and General Study (C.7.2.1) modules, copied from the
 /// source. Type 2 attributes are written empty when the source lacks them.
 /// General Series (PS3.3 C.7.3.1) for a series this node creates in the
@@ -258,7 +305,7 @@ pub(crate) fn put_patient_and_study(
         obj.put(str_elem(
             tag,
             vr,
-            source_text(source, tag).unwrap_or_default(),
+            copied_text(source, tag, vr)?.unwrap_or_default(),
         ));
     }
     // Optional, but PACS worklists show them; copied when present.
@@ -266,7 +313,7 @@ pub(crate) fn put_patient_and_study(
         (tags::ISSUER_OF_PATIENT_ID, VR::LO),
         (tags::STUDY_DESCRIPTION, VR::LO),
     ] {
-        if let Some(v) = source_text(source, tag) {
+        if let Some(v) = copied_text(source, tag, vr)? {
             obj.put(str_elem(tag, vr, v));
         }
     }

@@ -26,7 +26,7 @@ use super::overlay::{
 };
 use super::sr::EXPLICIT_VR_LITTLE_ENDIAN;
 use super::{
-    da, put_equipment, put_patient_and_study, put_sop_common, seq_elem, source_text, str_elem, tm,
+    da, put_equipment, put_patient_and_study, put_sop_common, seq_elem, copied_text, str_elem, tm,
 };
 use super::{ReportContext, ReportError};
 use crate::biomarkers::Measurement;
@@ -252,7 +252,7 @@ pub fn build_sc(
             // Laterality is Type 2C (paired body parts): with the source's
             // Body Part Examined a checker can tell it is not needed; without
             // it, empty means "unknown".
-            match source_text(&ctx.source, tags::BODY_PART_EXAMINED) {
+            match copied_text(&ctx.source, tags::BODY_PART_EXAMINED, VR::CS)? {
                 Some(part) => {
                     o.put(str_elem(tags::BODY_PART_EXAMINED, VR::CS, part));
                 }
@@ -323,7 +323,7 @@ pub fn build_sc(
                 VR::TM,
                 tm(ctx.created),
             ));
-            if let Some(ps) = source_text(&ctx.source, tags::PIXEL_SPACING) {
+            if let Some(ps) = copied_text(&ctx.source, tags::PIXEL_SPACING, VR::DS)? {
                 o.put(str_elem(tags::NOMINAL_SCANNED_PIXEL_SPACING, VR::DS, ps));
             }
 

@@ -418,6 +418,48 @@ mod tests {
         );
     }
 
+    /// Fuzz finding (fuzz/corpus/part10_roundtrip/regress-long-source-value):
+    /// a source PatientName longer than a 16-bit length was copied, and the
+    /// finished SR failed to write ("Could not print data set"). Now the
+    /// build refuses it, naming the attribute; at the limit it still
+    /// writes and reads back unchanged.
+    #[test]
+    fn a_source_value_too_long_for_its_element_is_refused_by_name() {
+        use dicom_core::DataElement;
+        let (mut ctx, card, m) = area_fixture();
+        ctx.source.put(DataElement::new(tags::PATIENT_NAME, VR::PN, "A".repeat(70_000)));
+        assert!(matches!(
+            build_sr(&ctx, &card, &m),
+            Err(ReportError::SourceTooLong { attribute: "PatientName", bytes: 70_000, .. })
+        ));
+        let longest = "B".repeat(crate::report::MAX_SHORT_VALUE);
+        ctx.source.put(DataElement::new(tags::PATIENT_NAME, VR::PN, longest.as_str()));
+        let sr = build_sr(&ctx, &card, &m).unwrap();
+        let mut bytes = Vec::new();
+        sr.write_all(&mut bytes).unwrap();
+        let back = dicom_object::from_reader(&bytes[128..]).unwrap();
+        assert_eq!(back.element(tags::PATIENT_NAME).unwrap().to_str().unwrap().trim_end(), longest);
+    }
+
+    /// Fuzz finding (fuzz/corpus/part10_roundtrip/regress-non-ascii-study-time):
+    /// a StudyTime with a non-ASCII character was written as Latin-1 in a
+    /// UTF-8 file and read back as an escape. It is left empty now; a
+    /// non-ASCII PatientName (declared character set) is still copied.
+    #[test]
+    fn a_non_ascii_value_of_an_ascii_only_vr_is_left_out() {
+        use dicom_core::DataElement;
+        let (mut ctx, card, m) = area_fixture();
+        ctx.source.put(DataElement::new(tags::SPECIFIC_CHARACTER_SET, VR::CS, "ISO_IR 192"));
+        ctx.source.put(DataElement::new(tags::STUDY_TIME, VR::TM, "1200ü"));
+        ctx.source.put(DataElement::new(tags::PATIENT_NAME, VR::PN, "Müller^Zoë"));
+        let sr = build_sr(&ctx, &card, &m).unwrap();
+        let mut bytes = Vec::new();
+        sr.write_all(&mut bytes).unwrap();
+        let back = dicom_object::from_reader(&bytes[128..]).unwrap();
+        assert_eq!(back.element(tags::STUDY_TIME).unwrap().to_str().unwrap(), "");
+        assert_eq!(back.element(tags::PATIENT_NAME).unwrap().to_str().unwrap().trim_end(), "Müller^Zoë");
+    }
+
     #[test]
     fn bad_inputs_are_rejected_at_the_boundary() {
         let (ctx, card, mut m) = area_fixture();

@@ -184,7 +184,11 @@ impl SeriesFacts {
         // Enhanced CT keeps geometry in functional groups, which the index
         // header does not see.
         if attrs::has_functional_groups(&first) {
-            for f in 0..attrs::frame_count(&first) {
+            // Frames past the Per-Frame items all take the Shared item's
+            // plane, which the first of them already added; stopping there
+            // keeps a NumberOfFrames of 2^31 from costing 2^31 lookups.
+            let per_frame = attrs::items(&first, tags::PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE).len();
+            for f in 0..attrs::frame_count(&first).min(per_frame + 1) {
                 let (p, o) = attrs::frame_plane(&first, f);
                 positions.extend(p);
                 if orientation.is_none() {

@@ -353,3 +353,19 @@ fn route_names_that_are_not_one_file_name_are_refused() {
     );
     assert!(d.is_empty(), "{d:#?}");
 }
+
+/// An Enhanced CT header claiming 2^31 - 1 frames with three Per-Frame
+/// items: the facts looked up every claimed frame's plane (minutes of work
+/// per series, found by the `dicom_file` fuzz target); the frames past the
+/// items add nothing, so the result is the three planes'.
+#[test]
+fn a_huge_number_of_frames_costs_only_the_frames_described() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("enh.dcm");
+    crate::volume::tests::write_enhanced(&p, [10.0, 6.0, 2.0]);
+    let mut first = dicom_object::open_file(&p).unwrap().into_inner();
+    first.put(DataElement::new(tags::NUMBER_OF_FRAMES, VR::IS, PrimitiveValue::from("2147483647")));
+    let facts = SeriesFacts::from_parts(first, &p, std::iter::empty());
+    assert_eq!(facts.slice_spacing, Some(4.0));
+    assert_eq!(facts.derived(Derived::Axial), Some(FactValue::Bool(true)));
+}

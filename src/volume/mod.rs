@@ -48,6 +48,9 @@
 //! Objects whose SOP Instance UID is empty (shared/realct/abdomen-siemens-j2k)
 //! are refused with [`VolumeError::MissingAttribute`]: a slice we cannot
 //! reference cannot be reported on, and ingest never spools such objects.
+//! A file whose Rows x Columns x NumberOfFrames overflows, or decodes to
+//! more than [`MAX_DECODED_BYTES`], is refused with
+//! [`VolumeError::Unsupported`] before any decoder runs.
 
 pub(crate) mod attrs;
 mod jpeg_ext;
@@ -63,6 +66,11 @@ use attrs::{dot, frame_count, frame_floats, frame_plane, int, normal, text};
 
 /// What padding voxels become; see the module doc.
 pub const PADDING_HU: f32 = -1024.0;
+
+/// The most pixel data one file may decode to (1 GiB: 2048 frames of
+/// 512x512 16-bit). Checked against Rows x Columns x NumberOfFrames before
+/// any decoder runs, because the decoders allocate that much up front.
+pub const MAX_DECODED_BYTES: u64 = 1 << 30;
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -312,6 +320,29 @@ fn read_frames(path: &Path, out: &mut Vec<Frame>) -> Result<(), VolumeError> {
     let multi = attrs::has_functional_groups(&obj);
     let padding = padding_range(&obj, signed);
 
+    // Rows, Columns and NumberOfFrames are the sender's numbers: their
+    // product can overflow, and then no real pixel data matches it.
+    let Some((frame_len, total_len)) = rows
+        .checked_mul(cols)
+        .and_then(|n| n.checked_mul(bits_allocated as usize / 8))
+        .and_then(|f| Some((f, f.checked_mul(n_frames)?)))
+    else {
+        return Err(VolumeError::Unsupported {
+            path: path.to_owned(),
+            reason: format!("{n_frames} frame(s) of {rows}x{cols} is more pixel data than memory can hold"),
+        });
+    };
+    // The decoders allocate what the header describes before they look at
+    // the data: a 2 kB RLE file claiming 65535x65535 took 8 GiB (the
+    // `dicom_file` fuzz target's RSS grew to 1.5 GiB on smaller claims).
+    if total_len as u64 > MAX_DECODED_BYTES {
+        return Err(VolumeError::Unsupported {
+            path: path.to_owned(),
+            reason: format!(
+                "{n_frames} frame(s) of {rows}x{cols} decode to {total_len} bytes, more than the {MAX_DECODED_BYTES} one file may"
+            ),
+        });
+    }
     let layout = jpeg_ext::Layout {
         rows,
         cols,
@@ -320,16 +351,14 @@ fn read_frames(path: &Path, out: &mut Vec<Frame>) -> Result<(), VolumeError> {
         frames: n_frames,
     };
     let decoded = decode(&obj, path, &ts, &layout)?;
-    let frame_len = rows * cols * (bits_allocated as usize / 8);
     let data = decoded.data();
-    if data.len() < frame_len * n_frames {
+    if data.len() < total_len {
         return Err(VolumeError::Decode {
             path: path.to_owned(),
             transfer_syntax: ts,
             message: format!(
-                "decoded {} bytes, expected {} for {n_frames} frame(s) of {rows}x{cols}",
+                "decoded {} bytes, expected {total_len} for {n_frames} frame(s) of {rows}x{cols}",
                 data.len(),
-                frame_len * n_frames
             ),
         });
     }

@@ -372,3 +372,42 @@ fn modality_lut_masks_and_sign_extends() {
     let (hu, _) = to_hu(&bytes, 16, 12, false, 1.0, -1024.0, None);
     assert_eq!(hu, vec![4095.0 - 1024.0, 2048.0 - 1024.0, 2047.0 - 1024.0, 5.0 - 1024.0]);
 }
+
+/// Rows × Columns × NumberOfFrames from a hostile header: 65536 × 32768 ×
+/// 2 bytes × 2^32 frames is 2^64, which wrapped to 0 in release builds, so
+/// 24 bytes of pixel data passed the length check and slicing the first
+/// frame panicked (an overflow panic in the `dicom_file` fuzz target).
+#[test]
+fn a_pixel_data_size_that_overflows_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("enh.dcm");
+    write_enhanced(&p, [10.0, 6.0, 2.0]);
+    let mut f = dicom_object::open_file(&p).unwrap();
+    f.put(DataElement::new(tags::ROWS, VR::IS, PrimitiveValue::from("65536")));
+    f.put(DataElement::new(tags::COLUMNS, VR::IS, PrimitiveValue::from("32768")));
+    f.put(DataElement::new(tags::NUMBER_OF_FRAMES, VR::IS, PrimitiveValue::from("4294967296")));
+    f.write_to_file(&p).unwrap();
+    match Volume::from_files(&[p]) {
+        Err(VolumeError::Unsupported { reason, .. }) => {
+            assert!(reason.contains("more pixel data than memory can hold"), "{reason}")
+        }
+        other => panic!("expected Unsupported, got {other:?}"),
+    }
+}
+
+/// 65535 x 65535 x 16-bit claimed by a file of a few bytes: refused before a
+/// decoder allocates the 8 GiB it describes.
+#[test]
+fn a_pixel_data_size_past_the_decode_budget_is_refused_before_decoding() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("enh.dcm");
+    write_enhanced(&p, [10.0, 6.0, 2.0]);
+    let mut f = dicom_object::open_file(&p).unwrap();
+    f.put(DataElement::new(tags::ROWS, VR::US, PrimitiveValue::from(65535u16)));
+    f.put(DataElement::new(tags::COLUMNS, VR::US, PrimitiveValue::from(65535u16)));
+    f.write_to_file(&p).unwrap();
+    match Volume::from_files(&[p]) {
+        Err(VolumeError::Unsupported { reason, .. }) => assert!(reason.contains("more than the"), "{reason}"),
+        other => panic!("expected Unsupported, got {other:?}"),
+    }
+}
