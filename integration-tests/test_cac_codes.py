@@ -47,7 +47,10 @@ def test_cac_sr_uses_standard_score_and_method_codes(tmp_path):
     assert not errors, "\n".join(errors)
 
     sr = hd.sr.srread(sr_path)
-    groups = sr.content.get_image_measurement_groups()
+    # With a SEG, the score's group is TID 1411 (it references the segment);
+    # the per-lesion groups stay TID 1501.
+    groups = list(sr.content.get_image_measurement_groups()) + list(
+        sr.content.get_volumetric_roi_measurement_groups())
     main = [g for g in groups if not g.tracking_identifier.startswith("Lesion")]
     assert len(main) == 1, [g.tracking_identifier for g in groups]
     scores = [m for m in main[0].get_measurements() if _code(m.name) == SCORE]
