@@ -86,17 +86,23 @@ pub fn open_dicom(path: &Path, depth: ReadDepth) -> Result<DefaultDicomObject, O
         message,
     };
     check_declared_lengths(&bytes).map_err(refuse)?;
-    // Parsed from the file, not from `bytes`: after the check the copy is
-    // dropped, so a full read holds one copy of a large file, not two.
-    drop(bytes);
-    match options().open_file(path) {
+    // Parsed from the bytes already read, not by opening the file again: one
+    // read of the disk, and a file that cannot be read twice (a pipe, a file
+    // replaced in between) is parsed as it was checked.
+    let magic_at = |at: usize| bytes.len() >= at + 4 && &bytes[at..at + 4] == b"DICM";
+    let body = if magic_at(128) {
+        &bytes[128..]
+    } else if magic_at(0) {
+        &bytes[..]
+    } else {
+        return Err(OpenError::NotDicom {
+            path: path.to_owned(),
+        });
+    };
+    match options().read_preamble(ReadPreamble::Never).from_reader(Cursor::new(body)) {
         Ok(obj) => Ok(obj),
         Err(ReadError::ParseMetaDataSet { .. }) => {
-            let bytes = std::fs::read(path).map_err(|source| OpenError::Io {
-                path: path.to_owned(),
-                source,
-            })?;
-            if !(bytes.len() >= 132 && &bytes[128..132] == b"DICM") {
+            if !magic_at(128) {
                 return Err(OpenError::NotDicom {
                     path: path.to_owned(),
                 });
@@ -107,6 +113,7 @@ pub fn open_dicom(path: &Path, depth: ReadDepth) -> Result<DefaultDicomObject, O
                     message: "file meta group is malformed".into(),
                 });
             };
+            drop(bytes);
             // The repaired meta group has a true group length, so dicom-rs
             // may now start the data set elsewhere than in the first check.
             check_declared_lengths(&repaired).map_err(refuse)?;
