@@ -17,6 +17,7 @@ import re
 import sqlite3
 import subprocess
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -190,10 +191,32 @@ def test_job_past_its_deadline_fails_and_the_next_job_runs(tmp_path, nodes, pma_
 
     # Unblock the abandoned read with the real slice: its computation now
     # succeeds, late, and must change nothing.
-    writer = threading.Thread(target=lambda: fifo.write_bytes(real_bytes), daemon=True)
+    # The reader may open the file more than once (a length check, then the
+    # parse), so every open gets the whole slice until the computation ends.
+    stop = threading.Event()
+
+    def feed():
+        while not stop.is_set():
+            try:
+                fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError:  # ENXIO: no reader has it open yet
+                time.sleep(0.05)
+                continue
+            os.set_blocking(fd, True)
+            try:
+                view = memoryview(real_bytes)
+                while view:
+                    view = view[os.write(fd, view):]
+            except BrokenPipeError:
+                pass
+            finally:
+                os.close(fd)
+
+    writer = threading.Thread(target=feed, daemon=True)
     writer.start()
     wait_for(lambda: "abandoned job computation ended" in n.log_text(), 60,
              "the abandoned computation ended", n.log_tail)
+    stop.set()
     writer.join(10)
     after = {j["series_instance_uid"]: j for j in cli_json(n, "jobs")}[slow]
     assert (after["state"], after["error"], after["result"]) == ("failed", "deadline of 3 s exceeded", None)

@@ -86,23 +86,17 @@ pub fn open_dicom(path: &Path, depth: ReadDepth) -> Result<DefaultDicomObject, O
         message,
     };
     check_declared_lengths(&bytes).map_err(refuse)?;
-    // Parsed from the bytes already read, not by opening the file again: one
-    // read of the disk, and a file that cannot be read twice (a pipe, a file
-    // replaced in between) is parsed as it was checked.
-    let magic_at = |at: usize| bytes.len() >= at + 4 && &bytes[at..at + 4] == b"DICM";
-    let body = if magic_at(128) {
-        &bytes[128..]
-    } else if magic_at(0) {
-        &bytes[..]
-    } else {
-        return Err(OpenError::NotDicom {
-            path: path.to_owned(),
-        });
-    };
-    match options().read_preamble(ReadPreamble::Never).from_reader(Cursor::new(body)) {
+    // Parsed from the file, not from `bytes`: after the check the copy is
+    // dropped, so a full read holds one copy of a large file, not two.
+    drop(bytes);
+    match options().open_file(path) {
         Ok(obj) => Ok(obj),
         Err(ReadError::ParseMetaDataSet { .. }) => {
-            if !magic_at(128) {
+            let bytes = std::fs::read(path).map_err(|source| OpenError::Io {
+                path: path.to_owned(),
+                source,
+            })?;
+            if !(bytes.len() >= 132 && &bytes[128..132] == b"DICM") {
                 return Err(OpenError::NotDicom {
                     path: path.to_owned(),
                 });
@@ -113,7 +107,6 @@ pub fn open_dicom(path: &Path, depth: ReadDepth) -> Result<DefaultDicomObject, O
                     message: "file meta group is malformed".into(),
                 });
             };
-            drop(bytes);
             // The repaired meta group has a true group length, so dicom-rs
             // may now start the data set elsewhere than in the first check.
             check_declared_lengths(&repaired).map_err(refuse)?;
@@ -199,11 +192,26 @@ fn check_declared_lengths(bytes: &[u8]) -> Result<(), String> {
     };
     let head = |pos: usize| bytes.get(pos..pos + 8);
     let Some(h) = head(start) else { return Ok(()) };
-    if h[..4] != [0x02, 0x00, 0x00, 0x00] || &h[4..6] != b"UL" || bytes.len() < start + 12 {
+    if h[..4] != [0x02, 0x00, 0x00, 0x00] {
         return Ok(());
     }
-    let group_len = u64::from(u32::from_le_bytes(bytes[start + 8..start + 12].try_into().expect("4 bytes")));
-    let mut pos = start + 12;
+    // dicom-rs takes the group length whatever VR it is written with (a
+    // fuzzed `UI` here once let a 3 GB value through unchecked), so the
+    // header is read by its VR's length form, as for every other element.
+    let (header, len) = if short_length_vr(&h[4..6]) {
+        (8, usize::from(u16::from_le_bytes([h[6], h[7]])))
+    } else {
+        let Some(l) = bytes.get(start + 8..start + 12) else { return Ok(()) };
+        (12, u32::from_le_bytes(l.try_into().expect("4 bytes")) as usize)
+    };
+    if len != 4 {
+        return Err(format!("file meta group length (0002,0000) has {len} bytes, not 4"));
+    }
+    let Some(v) = bytes.get(start + header..start + header + 4) else {
+        return Err("file meta group ends inside its group length".into());
+    };
+    let group_len = u64::from(u32::from_le_bytes(v.try_into().expect("4 bytes")));
+    let mut pos = start + header + 4;
     let mut consumed = 0u64;
     let mut ts = String::new();
     while consumed < group_len {
@@ -413,6 +421,16 @@ mod tests {
         f[144 + 6..144 + 8].copy_from_slice(&0xFFF0u16.to_le_bytes());
         let e = check_declared_lengths(&f).unwrap_err();
         assert!(e.contains("(0002,0010)"), "{e}");
+    }
+
+    #[test]
+    fn a_group_length_with_another_vr_does_not_skip_the_check() {
+        // fuzz/corpus/dicom_file/regress-oom-group-length-vr: (0002,0000)
+        // written as UI; dicom-rs read on and allocated a 3 GB value.
+        let mut f = part10("1.2.840.10008.1.2.1", &lying_dataset());
+        assert_eq!(&f[132..138], &[0x02, 0x00, 0x00, 0x00, b'U', b'L']);
+        f[136..138].copy_from_slice(b"UI");
+        assert!(check_declared_lengths(&f).is_err());
     }
 
     #[test]
