@@ -25,7 +25,7 @@ import pydicom
 import pytest
 
 from nodeharness import Node, dcmtk, free_port, storescu
-from test_results_orthanc import (FIXTURE_CARD, _listening, cli_json, ort_dylib, pma_phantom, procs,  # noqa: F401
+from test_results_orthanc import (FIXTURE_CARD, _listening, cli_json, nodes, ort_dylib, pma_phantom, procs,  # noqa: F401
                                   wait_for)
 
 
@@ -82,25 +82,6 @@ def metric(node: Node, name: str) -> float:
         if line.startswith(name) and (line[len(name)] in " {"):
             total += float(line.rsplit(" ", 1)[1])
     return total
-
-
-@pytest.fixture
-def nodes(tmp_path, binary):
-    made: list[Node] = []
-
-    def make(over: dict, name: str | None = None) -> Node:
-        n = Node(tmp_path / (name or f"node{len(made)}"), over)
-        made.append(n)
-        n.start()
-        return n
-
-    yield make
-    died = [n for n in made if n.died_unexpectedly()]
-    for n in made:
-        n.kill()
-        print(f"--- {n.log_path} (last lines) ---\n{n.log_tail(40)}")
-    if died:
-        pytest.fail(f"node exited on its own ({died[0].proc.returncode}):\n{died[0].log_tail(80)}", pytrace=False)
 
 
 # ------------------------------------------------------------------ poison series
