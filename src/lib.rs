@@ -39,7 +39,7 @@ pub mod volume;
 /// `error: source: source...`, for messages that leave the process (DIMSE
 /// ErrorComment, job errors): snafu-based dicom-rs errors keep the useful
 /// part in the source chain.
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {

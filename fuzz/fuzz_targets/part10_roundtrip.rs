@@ -246,7 +246,7 @@ fn run(u: &mut Unstructured) -> Result<()> {
 fn round_trip(obj: &FileDicomObject<InMemDicomObject>, source: &InMemDicomObject, what: &str) {
     let mut bytes = Vec::new();
     obj.write_all(&mut bytes)
-        .unwrap_or_else(|e| panic!("{what}: the builder returned an object our writer cannot write: {}", chain(&e)));
+        .unwrap_or_else(|e| panic!("{what}: the builder returned an object our writer cannot write: {}", biomarker_node::error_chain(&e)));
     let path = common::scratch(&format!("{what}.dcm"));
     std::fs::write(&path, &bytes).expect("scratch file is writable");
     let info = biomarker_node::outbox::part10::inspect(&path)
@@ -275,17 +275,6 @@ fn round_trip(obj: &FileDicomObject<InMemDicomObject>, source: &InMemDicomObject
             assert_eq!(got, want, "{what}: copied attribute {tag} changed on the way");
         }
     }
-}
-
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 /// A text value as dicom-rs reads it back: split at backslashes, each value
