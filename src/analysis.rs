@@ -553,7 +553,7 @@ impl Worker {
         if guard.is_abandoned() || !still_ours || !guard.begin_commit() {
             return Err(ABANDONED.into());
         }
-        let inference_finished_at = crate::series::rfc3339(std::time::SystemTime::now());
+        let inference_finished_at = crate::store::rfc3339(std::time::SystemTime::now());
         let dir = crate::dicom::uid_path(&self.results_dir, &[&uid], &[&m.route, &format!("g{}", job.key.generation)])
             .map_err(|e| e.to_string())?;
         write_outputs(&a, &dir).map_err(|e| e.to_string())?;

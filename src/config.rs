@@ -906,34 +906,6 @@ impl ConfigDiagnostic {
     }
 }
 
-/// Load a config and compile its routes, collecting every problem: what
-/// `check-config` runs, and what a reload must pass before it replaces the
-/// running config.
-pub fn check_file(path: &Path) -> Result<(Config, crate::routing::RouteTable), Vec<ConfigDiagnostic>> {
-    let text = std::fs::read_to_string(path).ok();
-    let cfg = Config::load(path).map_err(|e| vec![ConfigDiagnostic::from_error(&e, text.as_deref())])?;
-    // Certificates and keys are read here, not in `load`, so the listing
-    // commands still work on a node whose key file is unreadable to them.
-    let mut diags: Vec<ConfigDiagnostic> = crate::tls::check(&cfg)
-        .into_iter()
-        .map(|e| ConfigDiagnostic::at(cfg.source.as_ref(), e.key(), e.to_string()))
-        .collect();
-    // Secrets (environment, files) and `ca` of STOW-RS destinations.
-    for (name, d) in &cfg.destinations {
-        if let Some(Err(e)) = d.stow_rs.as_ref().map(|s| crate::outbox::stow::StowTarget::build(name, s)) {
-            diags.push(ConfigDiagnostic::at(cfg.source.as_ref(), &e.key, e.message));
-        }
-    }
-    match crate::routing::RouteTable::compile(&cfg) {
-        Ok(table) if diags.is_empty() => Ok((cfg, table)),
-        Ok(_) => Err(diags),
-        Err(more) => {
-            diags.extend(more);
-            Err(diags)
-        }
-    }
-}
-
 /// One step of a key path.
 #[derive(Debug, Clone, PartialEq)]
 enum Seg<'a> {
@@ -1177,7 +1149,7 @@ mod tests {
              username: u\n      password_env: BMN_CONFIG_TEST_UNSET_PW_41\n"
         );
         std::fs::write(&p, y).unwrap();
-        let diags = check_file(&p).unwrap_err();
+        let diags = crate::node::check::check_file(&p).unwrap_err();
         assert_eq!(diags.len(), 1, "{diags:?}");
         assert_eq!(diags[0].key, "destinations.web.stow_rs.password_env");
         assert_eq!(diags[0].line, Some(10), "{diags:?}");
@@ -1189,7 +1161,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("n.yaml");
         std::fs::write(&p, format!("{MIN}  tls:\n    certificate: nope.pem\n    private_key: nope.key\n")).unwrap();
-        let diags = check_file(&p).unwrap_err();
+        let diags = crate::node::check::check_file(&p).unwrap_err();
         assert_eq!(diags.len(), 1, "{diags:?}");
         assert_eq!(diags[0].key, "node.tls.certificate");
         assert_eq!(diags[0].line, Some(5), "{diags:?}");

@@ -84,7 +84,7 @@ pub struct SqliteJobStore {
 }
 
 fn now() -> String {
-    crate::series::rfc3339(SystemTime::now())
+    crate::store::rfc3339(SystemTime::now())
 }
 
 impl SqliteJobStore {
@@ -260,7 +260,7 @@ impl JobStore for SqliteJobStore {
     }
 
     fn count_by_state(&self) -> Result<Vec<(String, i64)>, JobError> {
-        crate::sqlite::count_by_state(&self.conn(), "jobs").map_err(JobError::from)
+        crate::store::count_by_state(&self.conn(), "jobs").map_err(JobError::from)
     }
 
     fn retrigger(&self, id: i64) -> Result<bool, JobError> {

@@ -14,7 +14,6 @@ pub mod analysis;
 pub mod biomarkers;
 pub mod config;
 pub mod config_schema;
-pub mod dimse;
 pub mod http;
 pub mod telemetry;
 #[cfg(test)]
@@ -23,6 +22,7 @@ pub mod dicom;
 pub mod inference;
 pub mod ingest;
 pub mod jobs;
+pub mod node;
 pub mod npy;
 pub mod outbox;
 pub mod phantom;
@@ -32,7 +32,7 @@ pub mod report;
 pub mod routing;
 pub mod series;
 pub mod spool;
-mod sqlite;
+pub mod store;
 pub mod tls;
 pub mod volume;
 

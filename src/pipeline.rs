@@ -42,15 +42,7 @@ pub fn serve(config_path: &Path) -> anyhow::Result<()> {
     r
 }
 
-/// Load and fully check a config; diagnostics go to stderr one per line.
-pub fn checked(config_path: &Path) -> anyhow::Result<(Config, RouteTable)> {
-    crate::config::check_file(config_path).map_err(|diags| {
-        for d in &diags {
-            eprintln!("{d}");
-        }
-        anyhow::anyhow!("{}: {} problem(s)", config_path.display(), diags.len())
-    })
-}
+pub use crate::node::check::checked;
 
 async fn run(cfg: Config, table: RouteTable, config_path: std::path::PathBuf) -> anyhow::Result<()> {
     std::fs::create_dir_all(&cfg.node.data_dir)
@@ -282,7 +274,7 @@ async fn reload_on_sighup(config_path: std::path::PathBuf, routes: SharedRoutes,
 /// the diagnostics that refused the new config.
 pub fn reload(config_path: &Path, routes: &SharedRoutes) -> Result<usize, Vec<String>> {
     let metrics = &crate::telemetry::METRICS;
-    match crate::config::check_file(config_path) {
+    match crate::node::check::check_file(config_path) {
         Ok((_, table)) => {
             let n = table.routes.len();
             *routes.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(table);

@@ -40,7 +40,8 @@ use crate::config::RetentionConfig;
 use crate::dicom::Uid;
 use crate::jobs::{Job, JobStore};
 use crate::outbox::{ItemState, OutboxItem, OutboxStore};
-use crate::series::{rfc3339, SeriesIndex, STATE_COMPLETE, STATE_RECEIVING};
+use crate::series::{SeriesIndex, STATE_COMPLETE, STATE_RECEIVING};
+use crate::store::rfc3339;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RetentionError {

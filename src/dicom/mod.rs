@@ -5,6 +5,7 @@
 //! knows about datasets only.
 
 pub mod ct_writer;
+pub mod dimse;
 pub mod header;
 pub mod scan;
 pub mod read;
@@ -157,6 +158,11 @@ impl fmt::Display for AeTitle {
         f.write_str(&self.0)
     }
 }
+
+/// Identifies this implementation in the A-ASSOCIATE-AC (PS3.7 D.3.3.2) and
+/// in the file meta of every Part 10 file the node writes (spool, reports).
+pub const IMPLEMENTATION_CLASS_UID: &str = "1.2.826.0.1.3680043.10.1484.1";
+pub const IMPLEMENTATION_VERSION: &str = concat!("BMNODE_", env!("CARGO_PKG_VERSION"));
 
 pub const VERIFICATION: &str = "1.2.840.10008.1.1";
 

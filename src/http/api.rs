@@ -136,7 +136,7 @@ pub async fn status(State(st): State<Shared>) -> Result<Json<Value>, ApiError> {
         "ae_title": st.ae_title,
         "dicom_port": st.dicom_port,
         "version": env!("CARGO_PKG_VERSION"),
-        "started_at": crate::series::rfc3339(st.started),
+        "started_at": crate::store::rfc3339(st.started),
         "uptime_s": uptime,
         "ready": st.is_ready(),
         "series": c.series,
@@ -212,7 +212,7 @@ pub fn timeline(job: &Job, series: Option<&SeriesSummary>, outbox: &HashMap<Stri
     let delivered_at = (delivery == "delivered")
         .then(|| items.iter().filter_map(|i| i.delivered_at).max())
         .flatten()
-        .map(crate::series::rfc3339);
+        .map(crate::store::rfc3339);
     let inference_finished_at = job
         .result
         .as_ref()

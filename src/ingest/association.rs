@@ -26,7 +26,7 @@ use super::framing::{self, FrameError};
 use super::negotiation::{self, AcceptedContext, Overload, Policy};
 use super::Shared;
 use crate::dicom::{is_storage_sop_class, VERIFICATION};
-use crate::dimse::{decode_command, CommandField, Command, Response, Status};
+use crate::dicom::dimse::{decode_command, CommandField, Command, Response, Status};
 use crate::series::StoredInstance;
 use crate::spool::{Fault, Incoming, SpoolError, SpoolWriter};
 use crate::telemetry;
@@ -54,7 +54,7 @@ pub enum AssociationError {
     #[error(transparent)]
     Assembly(#[from] AssemblyError),
     #[error("undecodable command set: {0}")]
-    Command(#[from] crate::dimse::CommandError),
+    Command(#[from] crate::dicom::dimse::CommandError),
     #[error("unexpected {0} PDU")]
     UnexpectedPdu(&'static str),
     #[error("peer aborted")]

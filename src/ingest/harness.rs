@@ -19,7 +19,7 @@ use dicom_ul::pdu::Pdu;
 use super::assembler::{Assembler, Event};
 use super::framing;
 use super::negotiation::{self, Policy};
-use crate::dimse::{decode_command, Command};
+use crate::dicom::dimse::{decode_command, Command};
 use crate::spool::Incoming;
 
 /// The harness's `node.max_dataset_mb`: datasets (inflated ones too) past

@@ -11,14 +11,12 @@ use dicom_ul::pdu::{
 };
 
 use crate::config::AllowedCaller;
-use crate::dicom::{is_accepted_transfer_syntax, is_storage_sop_class, VERIFICATION};
+use crate::dicom::{
+    is_accepted_transfer_syntax, is_storage_sop_class, IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION, VERIFICATION,
+};
 
 /// PS3.7 A.2.1: the only application context name.
 pub const APPLICATION_CONTEXT: &str = "1.2.840.10008.3.1.1.1";
-
-/// Identifies this implementation in the A-ASSOCIATE-AC (PS3.7 D.3.3.2).
-pub const IMPLEMENTATION_CLASS_UID: &str = "1.2.826.0.1.3680043.10.1484.1";
-pub const IMPLEMENTATION_VERSION: &str = concat!("BMNODE_", env!("CARGO_PKG_VERSION"));
 
 /// What the listener knows when a request arrives.
 #[derive(Debug, Clone)]

@@ -29,7 +29,7 @@ pub enum StatusClass {
 }
 
 pub fn classify_status(code: u16) -> StatusClass {
-    if crate::dimse::Status::from_code(code).is_success_or_warning() {
+    if crate::dicom::dimse::Status::from_code(code).is_success_or_warning() {
         return StatusClass::Stored;
     }
     match code {

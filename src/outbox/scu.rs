@@ -8,7 +8,7 @@
 //!
 //! Association set-up and PDU codec are dicom-ul's (`establish_async`, or
 //! `establish_tls_async` for a TLS destination, `send`, `receive`); the
-//! DIMSE command sets are ours ([`crate::dimse`]).
+//! DIMSE command sets are ours ([`crate::dicom::dimse`]).
 //! We send P-DATA PDUs ourselves rather than through `AsyncPDataWriter`:
 //! the writer needs a multi-thread runtime and hides the PDU boundaries we
 //! want to size from the peer's Maximum Length (PS3.8 D.1).
@@ -29,7 +29,7 @@ use super::part10::{self, Part10Info, EXPLICIT_VR_LE, IMPLICIT_VR_LE};
 use super::policy::{classify_status, Fault, StatusClass};
 use super::store::OutboxItem;
 use super::Destination;
-use crate::dimse::{self, CommandField};
+use crate::dicom::dimse::{self, CommandField};
 
 /// The Maximum Length we advertise for receiving: only C-STORE-RSPs and
 /// A-RELEASE come back, so the dicom-ul default is plenty.

@@ -431,7 +431,7 @@ impl OutboxStore for SqliteOutboxStore {
     }
 
     fn count_by_state(&self) -> Result<Vec<(String, i64)>, OutboxError> {
-        Ok(crate::sqlite::count_by_state(&self.conn(), "outbox")?)
+        Ok(crate::store::count_by_state(&self.conn(), "outbox")?)
     }
 
     fn get(&self, id: i64) -> Result<Option<OutboxItem>, OutboxError> {

@@ -31,7 +31,7 @@ use super::{
 use super::{ReportContext, ReportError};
 use crate::biomarkers::Measurement;
 use crate::inference::card::ModelCard;
-use crate::ingest::negotiation::{IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION};
+use crate::dicom::{IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION};
 
 pub const SECONDARY_CAPTURE: &str = "1.2.840.10008.5.1.4.1.1.7";
 /// Series Number of the overlay series in the source study.

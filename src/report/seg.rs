@@ -36,7 +36,7 @@ use super::{
 use crate::biomarkers::{label8, Measurement};
 use crate::dicom::Uid;
 use crate::inference::card::{ModelCard, SegmentationType};
-use crate::ingest::negotiation::{IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION};
+use crate::dicom::{IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION};
 
 pub const SEGMENTATION_STORAGE: &str = "1.2.840.10008.5.1.4.1.1.66.4";
 /// Series Number of the SEG series in the source study (SR 9901, SC 9902).

@@ -26,7 +26,7 @@ use super::{
 };
 use crate::biomarkers::{Measurement as BiomarkerMeasurement, RiskCategory};
 use crate::inference::card::ModelCard;
-use crate::ingest::negotiation::{IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION};
+use crate::dicom::{IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION};
 
 pub const COMPREHENSIVE_3D_SR: &str = "1.2.840.10008.5.1.4.1.1.88.34";
 pub const EXPLICIT_VR_LITTLE_ENDIAN: &str = "1.2.840.10008.1.2.1";

@@ -339,7 +339,7 @@ mod tests {
                  routes:\n  - {name: ct, model: m, match: {derived: modality, equals: CT}}\n",
             )
             .unwrap();
-            let (mut c, table) = crate::config::check_file(&cfg).unwrap_or_else(|d| panic!("{d:#?}"));
+            let (mut c, table) = crate::node::check::check_file(&cfg).unwrap_or_else(|d| panic!("{d:#?}"));
             // No model is loaded: jobs get version "unavailable", which is
             // all routing needs.
             c.models.clear();

@@ -5,7 +5,8 @@ use dicom_dictionary_std::{tags, uids};
 use dicom_object::InMemDicomObject;
 
 use super::*;
-use crate::config::{check_file, Config};
+use crate::config::Config;
+use crate::node::check::check_file;
 use crate::dicom::header::InstanceHeader;
 
 fn realct() -> Option<PathBuf> {

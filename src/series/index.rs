@@ -15,11 +15,12 @@ use std::time::{Duration, SystemTime};
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 
 use super::{
-    rfc3339, InsertOutcome, SeriesCompleted, SeriesError, SeriesSummary, SpooledSeries,
+    InsertOutcome, SeriesCompleted, SeriesError, SeriesSummary, SpooledSeries,
     StoredInstance, STATE_COMPLETE, STATE_RECEIVING,
 };
 use crate::dicom::header::InstanceHeader;
 use crate::dicom::Uid;
+use crate::store::rfc3339;
 
 /// Bumped on every incompatible schema change; an index from a newer build is
 /// refused rather than misread. 2 added `series.state_reason`,
@@ -302,7 +303,7 @@ impl SeriesIndex {
     /// Every series, most recently active first.
     /// How many series are in each state.
     pub fn count_by_state(&self) -> Result<Vec<(String, i64)>, SeriesError> {
-        Ok(crate::sqlite::count_by_state(&self.conn, "series")?)
+        Ok(crate::store::count_by_state(&self.conn, "series")?)
     }
 
     pub fn list_series(&self) -> Result<Vec<SeriesSummary>, SeriesError> {

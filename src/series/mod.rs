@@ -322,20 +322,6 @@ fn write_table(rows: &[SeriesSummary], out: &mut dyn std::io::Write) -> std::io:
     Ok(())
 }
 
-/// RFC 3339 in UTC with fixed millisecond width, so the TEXT columns sort
-/// chronologically.
-pub(crate) fn rfc3339(t: std::time::SystemTime) -> String {
-    let fmt = time::macros::format_description!(
-        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
-    );
-    let dt = time::OffsetDateTime::from(t);
-    dt.format(&fmt).unwrap_or_else(|_| {
-        // Only a year outside 0..=9999 gets here; keep something sortable-ish
-        // rather than failing an insert over a clock.
-        format!("{}", dt.unix_timestamp())
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -12,7 +12,8 @@ use std::time::SystemTime;
 use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::Notify;
 
-use super::{rfc3339, SeriesCompleted, SeriesError};
+use super::{SeriesCompleted, SeriesError};
+use crate::store::rfc3339;
 
 /// Durable FIFO of completion events, delivered at least once.
 ///

@@ -42,7 +42,7 @@ use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
 
 use crate::dicom::header::{HeaderError, InstanceHeader};
 use crate::dicom::scan::{self, Layout, ScanError};
-use crate::ingest::negotiation::{IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION};
+use crate::dicom::{IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpoolError {
