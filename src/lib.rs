@@ -19,6 +19,7 @@ pub mod telemetry;
 #[cfg(test)]
 pub(crate) mod test_data;
 pub mod dicom;
+pub mod fault;
 pub mod inference;
 pub mod ingest;
 pub mod jobs;
