@@ -18,6 +18,8 @@ pub mod http;
 pub mod telemetry;
 #[cfg(test)]
 pub(crate) mod test_data;
+#[cfg(test)]
+mod tidy;
 pub mod dicom;
 pub mod fault;
 pub mod inference;
