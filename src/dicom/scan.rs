@@ -449,35 +449,30 @@ pub fn scan<R: Read + Seek>(reader: R, len: u64, layout: Layout, max: u64, keep:
         // The stream ends where the inflater says; `len` only stops it from
         // reading past the received bytes.
         let inflate = flate2::read::DeflateDecoder::new(Marked(reader.take(len)));
-        let mut w = Walker {
-            src: Sequential(BufReader::with_capacity(BUF, inflate)),
-            enc: layout.encoding,
-            pos: 0,
-            max,
-            deflated: true,
-            keep,
-            kept: Vec::new(),
-            count: 0,
-        };
-        w.elements(None, 0, false, false)?;
-        Ok(w.finish())
+        walk(Sequential(BufReader::with_capacity(BUF, inflate)), layout, max, keep, None)
     } else {
         if len > max {
             return Err(ScanError::TooLarge { limit: max, inflated: false });
         }
-        let mut w = Walker {
-            src: Seekable(BufReader::with_capacity(BUF, reader)),
-            enc: layout.encoding,
-            pos: 0,
-            max,
-            deflated: false,
-            keep,
-            kept: Vec::new(),
-            count: 0,
-        };
-        w.elements(Some(len), 0, false, false)?;
-        Ok(w.finish())
+        walk(Seekable(BufReader::with_capacity(BUF, reader)), layout, max, keep, Some(len))
     }
+}
+
+/// Walk the top-level dataset from `src`; `len` is its end where known (a
+/// deflated stream ends where the inflater says).
+fn walk<S: Source>(src: S, layout: Layout, max: u64, keep: &dyn Fn(Tag) -> bool, len: Option<u64>) -> Result<Scanned, ScanError> {
+    let mut w = Walker {
+        src,
+        enc: layout.encoding,
+        pos: 0,
+        max,
+        deflated: layout.deflated,
+        keep,
+        kept: Vec::new(),
+        count: 0,
+    };
+    w.elements(len, 0, false, false)?;
+    Ok(w.finish())
 }
 
 /// Check every declared length in `dataset` (no file meta) against its size.

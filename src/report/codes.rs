@@ -149,3 +149,7 @@ mod tests {
         }
     }
 }
+
+/// CID 7202 Source Image Purposes of Reference: a derived image (overlay,
+/// segmentation frame) names the slice it was computed from.
+pub const SOURCE_FOR_PROCESSING: Code = Code::fixed("121322", "DCM", "Source image for image processing operation");

@@ -12,7 +12,7 @@ use dicom_core::{DataElement, PrimitiveValue, VR};
 use dicom_dictionary_std::tags;
 use dicom_object::InMemDicomObject;
 
-use super::{seq_elem, str_elem, ReportError};
+use super::{seq_elem, sop_ref, str_elem, ReportError};
 use crate::dicom::Uid;
 
 /// A coded concept (PS3.3 8.8, Code Sequence Macro Table 8.8-1).
@@ -418,17 +418,7 @@ pub(crate) fn encode_item(o: &mut InMemDicomObject, item: &ContentItem) {
             if let Some(n) = &i.name {
                 name(o, n);
             }
-            let mut r = InMemDicomObject::new_empty();
-            r.put(str_elem(
-                tags::REFERENCED_SOP_CLASS_UID,
-                VR::UI,
-                i.sop_class_uid.as_str(),
-            ));
-            r.put(str_elem(
-                tags::REFERENCED_SOP_INSTANCE_UID,
-                VR::UI,
-                i.sop_instance_uid.as_str(),
-            ));
+            let mut r = sop_ref(i.sop_class_uid.as_str(), i.sop_instance_uid.as_str());
             if !i.segment_numbers.is_empty() {
                 r.put(DataElement::new(
                     tags::REFERENCED_SEGMENT_NUMBER,

@@ -207,6 +207,23 @@ pub(crate) fn seq_elem(tag: Tag, items: Vec<InMemDicomObject>) -> InMemElement {
     DataElement::new(tag, VR::SQ, DataSetSequence::from(items))
 }
 
+/// A reference to one instance (the SOP Class/Instance UID pair of PS3.3
+/// 10.8), the item of every Referenced/Source Image and evidence sequence.
+pub(crate) fn sop_ref(sop_class_uid: &str, sop_instance_uid: &str) -> InMemDicomObject {
+    let mut r = InMemDicomObject::new_empty();
+    r.put(str_elem(tags::REFERENCED_SOP_CLASS_UID, VR::UI, sop_class_uid));
+    r.put(str_elem(tags::REFERENCED_SOP_INSTANCE_UID, VR::UI, sop_instance_uid));
+    r
+}
+
+/// The Source Image Sequence item of a derived image (SC overlay, SEG frame):
+/// the slice it was computed from, for image processing (CID 7202).
+pub(crate) fn source_image_ref(sop_class_uid: &str, sop_instance_uid: &str) -> InMemDicomObject {
+    let mut r = sop_ref(sop_class_uid, sop_instance_uid);
+    r.put(seq_elem(tags::PURPOSE_OF_REFERENCE_CODE_SEQUENCE, vec![codes::SOURCE_FOR_PROCESSING.to_item()]));
+    r
+}
+
 pub(crate) fn da(t: OffsetDateTime) -> String {
     format!("{:04}{:02}{:02}", t.year(), u8::from(t.month()), t.day())
 }

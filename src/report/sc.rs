@@ -20,13 +20,12 @@ use dicom_object::meta::FileMetaTableBuilder;
 use dicom_object::{FileDicomObject, InMemDicomObject};
 use ndarray::{ArrayView3, Axis};
 
-use super::content::Code;
 use super::overlay::{
     draw_text, line_height, render_slice, text_scale, OverlayStyle, RgbImage, Window,
 };
 use super::sr::EXPLICIT_VR_LITTLE_ENDIAN;
 use super::{
-    da, put_equipment, put_patient_and_study, put_sop_common, seq_elem, copied_text, str_elem, tm,
+    da, put_equipment, put_patient_and_study, put_sop_common, seq_elem, source_image_ref, copied_text, str_elem, tm,
 };
 use super::{ReportContext, ReportError};
 use crate::biomarkers::Measurement;
@@ -36,12 +35,6 @@ use crate::dicom::{IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION};
 pub const SECONDARY_CAPTURE: &str = "1.2.840.10008.5.1.4.1.1.7";
 /// Series Number of the overlay series in the source study.
 pub const SC_SERIES_NUMBER: i32 = 9902;
-/// CID 7202 Source Image Purposes of Reference.
-const SOURCE_FOR_PROCESSING: Code = Code::fixed(
-    "121322",
-    "DCM",
-    "Source image for image processing operation",
-);
 
 pub const DISCLAIMER: &str = "NOT FOR DIAGNOSTIC USE";
 
@@ -294,21 +287,7 @@ pub fn build_sc(
             o.put(str_elem(tags::BURNED_IN_ANNOTATION, VR::CS, "YES"));
             o.put(str_elem(tags::LOSSY_IMAGE_COMPRESSION, VR::CS, "00"));
             let src = &ctx.source_refs[slice];
-            let mut r = InMemDicomObject::new_empty();
-            r.put(str_elem(
-                tags::REFERENCED_SOP_CLASS_UID,
-                VR::UI,
-                src.sop_class_uid.as_str(),
-            ));
-            r.put(str_elem(
-                tags::REFERENCED_SOP_INSTANCE_UID,
-                VR::UI,
-                src.sop_instance_uid.as_str(),
-            ));
-            r.put(seq_elem(
-                tags::PURPOSE_OF_REFERENCE_CODE_SEQUENCE,
-                vec![SOURCE_FOR_PROCESSING.to_item()],
-            ));
+            let r = source_image_ref(src.sop_class_uid.as_str(), src.sop_instance_uid.as_str());
             o.put(seq_elem(tags::SOURCE_IMAGE_SEQUENCE, vec![r]));
 
             // SC Image (C.8.6.2): the overlay is at native resolution, so

@@ -30,7 +30,7 @@ use ndarray::{Array3, Axis};
 use super::content::Code;
 use super::sr::EXPLICIT_VR_LITTLE_ENDIAN;
 use super::{
-    da, put_equipment, put_patient_and_study, put_sop_common, seq_elem, source_text, str_elem, tm,
+    da, put_equipment, put_patient_and_study, put_sop_common, seq_elem, sop_ref, source_image_ref, source_text, str_elem, tm,
     ReportContext, ReportError,
 };
 use crate::biomarkers::{label8, Measurement};
@@ -45,12 +45,6 @@ pub const SEG_SERIES_NUMBER: i32 = 9903;
 pub const SEGMENT_NUMBER: u16 = 1;
 pub const MAX_FRACTIONAL_VALUE: u8 = 255;
 
-/// CID 7202: the source slice each frame was derived from.
-const SOURCE_FOR_PROCESSING: Code = Code::fixed(
-    "121322",
-    "DCM",
-    "Source image for image processing operation",
-);
 /// CID 7203 Image Derivation.
 const SEGMENTATION_DERIVATION: Code = Code::fixed("113076", "DCM", "Segmentation");
 /// CID 7150 default category, when the card has none.
@@ -384,16 +378,7 @@ pub fn build_seg(
         tags::REFERENCED_INSTANCE_SEQUENCE,
         ctx.source_refs
             .iter()
-            .map(|s| {
-                let mut r = InMemDicomObject::new_empty();
-                r.put(str_elem(tags::REFERENCED_SOP_CLASS_UID, VR::UI, s.sop_class_uid.as_str()));
-                r.put(str_elem(
-                    tags::REFERENCED_SOP_INSTANCE_UID,
-                    VR::UI,
-                    s.sop_instance_uid.as_str(),
-                ));
-                r
-            })
+            .map(|s| sop_ref(s.sop_class_uid.as_str(), s.sop_instance_uid.as_str()))
             .collect(),
     ));
     o.put(seq_elem(tags::REFERENCED_SERIES_SEQUENCE, vec![ref_series]));
@@ -436,21 +421,7 @@ pub fn build_seg(
             let mut seg_id = InMemDicomObject::new_empty();
             seg_id.put(us(tags::REFERENCED_SEGMENT_NUMBER, SEGMENT_NUMBER));
             f.put(seq_elem(tags::SEGMENT_IDENTIFICATION_SEQUENCE, vec![seg_id]));
-            let mut source = InMemDicomObject::new_empty();
-            source.put(str_elem(
-                tags::REFERENCED_SOP_CLASS_UID,
-                VR::UI,
-                src.sop_class_uid.as_str(),
-            ));
-            source.put(str_elem(
-                tags::REFERENCED_SOP_INSTANCE_UID,
-                VR::UI,
-                src.sop_instance_uid.as_str(),
-            ));
-            source.put(seq_elem(
-                tags::PURPOSE_OF_REFERENCE_CODE_SEQUENCE,
-                vec![SOURCE_FOR_PROCESSING.to_item()],
-            ));
+            let mut source = source_image_ref(src.sop_class_uid.as_str(), src.sop_instance_uid.as_str());
             // Same rows, columns and plane as the source slice: viewers
             // (and highdicom) may then index the SEG by source frame.
             source.put(str_elem(tags::SPATIAL_LOCATIONS_PRESERVED, VR::CS, "YES"));

@@ -21,7 +21,7 @@ use super::tid1500::{
 };
 use super::seg::SegReference;
 use super::{
-    codes, da, put_equipment, put_patient_and_study, put_sop_common, seq_elem, str_elem, tm,
+    codes, da, put_equipment, put_patient_and_study, put_sop_common, seq_elem, sop_ref, str_elem, tm,
     ReportContext, ReportError,
 };
 use crate::biomarkers::{Measurement as BiomarkerMeasurement, RiskCategory};
@@ -353,20 +353,7 @@ fn evidence_item(ctx: &ReportContext, study: &str, seg: Option<&SegReference>) -
     let sops = ctx
         .source_refs
         .iter()
-        .map(|s| {
-            let mut r = InMemDicomObject::new_empty();
-            r.put(str_elem(
-                tags::REFERENCED_SOP_CLASS_UID,
-                VR::UI,
-                s.sop_class_uid.as_str(),
-            ));
-            r.put(str_elem(
-                tags::REFERENCED_SOP_INSTANCE_UID,
-                VR::UI,
-                s.sop_instance_uid.as_str(),
-            ));
-            r
-        })
+        .map(|s| sop_ref(s.sop_class_uid.as_str(), s.sop_instance_uid.as_str()))
         .collect();
     let mut series = InMemDicomObject::new_empty();
     series.put(str_elem(
@@ -377,13 +364,7 @@ fn evidence_item(ctx: &ReportContext, study: &str, seg: Option<&SegReference>) -
     series.put(seq_elem(tags::REFERENCED_SOP_SEQUENCE, sops));
     let mut all_series = vec![series];
     if let Some(seg) = seg {
-        let mut r = InMemDicomObject::new_empty();
-        r.put(str_elem(tags::REFERENCED_SOP_CLASS_UID, VR::UI, seg.sop_class_uid.as_str()));
-        r.put(str_elem(
-            tags::REFERENCED_SOP_INSTANCE_UID,
-            VR::UI,
-            seg.sop_instance_uid.as_str(),
-        ));
+        let r = sop_ref(seg.sop_class_uid.as_str(), seg.sop_instance_uid.as_str());
         let mut s = InMemDicomObject::new_empty();
         s.put(str_elem(tags::SERIES_INSTANCE_UID, VR::UI, seg.series_uid.as_str()));
         s.put(seq_elem(tags::REFERENCED_SOP_SEQUENCE, vec![r]));
