@@ -10,9 +10,9 @@
 //! and not "missing" for recovery.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
-use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 use super::{
     InsertOutcome, SeriesCompleted, SeriesError, SeriesSummary, SpooledSeries,
@@ -20,17 +20,13 @@ use super::{
 };
 use crate::dicom::header::InstanceHeader;
 use crate::dicom::Uid;
-use crate::store::rfc3339;
+use crate::store::{self, rfc3339, Mode, Synchronous};
 
 /// Bumped on every incompatible schema change; an index from a newer build is
 /// refused rather than misread. 2 added `series.state_reason`,
 /// `series.purged_at`, `series.purged_instances` and `instances.purged_at`;
 /// [`SeriesIndex::open`] migrates a version 1 index in place.
 const SCHEMA_VERSION: i64 = 2;
-
-/// How long a statement waits for another connection's write lock. Writes
-/// are single-row and short, so 5 s means something is wrong, not busy.
-pub(super) const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS series (
@@ -86,21 +82,9 @@ pub(super) fn open_rw(path: &Path) -> Result<Connection, SeriesError> {
         path: path.to_owned(),
         source,
     };
-    let conn = Connection::open(path).map_err(open_err)?;
-    // Before journal_mode: switching to WAL takes a lock another process may hold.
-    conn.busy_timeout(BUSY_TIMEOUT).map_err(open_err)?;
-    let mode: String = conn
-        .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
-        .map_err(open_err)?;
-    if !mode.eq_ignore_ascii_case("wal") {
-        // E.g. a network file system; still correct, but the CLI then blocks
-        // behind the writer.
-        tracing::warn!(path = %path.display(), mode, "series index is not in WAL mode");
-    }
     // The spool is the truth and recover() repairs the index, so losing the
     // last commits on power loss is acceptable; NORMAL spares an fsync per insert.
-    conn.pragma_update(None, "synchronous", "NORMAL")
-        .map_err(open_err)?;
+    let conn = store::open(path, Mode::ReadWrite(Synchronous::Normal)).map_err(open_err)?;
     conn.pragma_update(None, "foreign_keys", "ON")
         .map_err(open_err)?;
     Ok(conn)
@@ -155,12 +139,7 @@ impl SeriesIndex {
             path: path.to_owned(),
             source,
         };
-        let conn = Connection::open_with_flags(
-            path,
-            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )
-        .map_err(open_err)?;
-        conn.busy_timeout(BUSY_TIMEOUT).map_err(open_err)?;
+        let conn = store::open(path, Mode::ReadOnly).map_err(open_err)?;
         let v2 = check_version(&conn, path)? >= 2;
         Ok(SeriesIndex { conn, v2 })
     }
