@@ -591,13 +591,17 @@ impl Worker {
         if current.iter().any(|j| j.state == "pending" || j.state == "running") {
             return;
         }
-        let state = if current.iter().all(|j| j.state == "done") { "analyzed" } else { "failed" };
+        let state = if current.iter().all(|j| j.state == "done") {
+            crate::series::SeriesState::Analyzed
+        } else {
+            crate::series::SeriesState::Failed
+        };
         if let (Ok(uid), Ok(mut index)) = (
             crate::dicom::Uid::parse(series),
             crate::series::SeriesIndex::open(&self.index_path),
         ) {
             if let Err(e) = index.set_state(&uid, state) {
-                tracing::debug!(error = %e, state, "series state not updated");
+                tracing::debug!(error = %e, state = state.as_str(), "series state not updated");
             }
         }
     }

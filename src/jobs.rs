@@ -17,7 +17,6 @@
 //! The [`JobStore`] trait is the seam for a distributed queue.
 
 use std::path::Path;
-use std::sync::Mutex;
 use std::time::SystemTime;
 
 use rusqlite::{params, Connection, OptionalExtension};
@@ -80,7 +79,7 @@ pub trait JobStore: Send + Sync + 'static {
 }
 
 pub struct SqliteJobStore {
-    conn: Mutex<Connection>,
+    conn: crate::store::Locked,
 }
 
 fn now() -> String {
@@ -89,9 +88,8 @@ fn now() -> String {
 
 impl SqliteJobStore {
     pub fn open(path: &Path) -> Result<SqliteJobStore, JobError> {
-        let conn = Connection::open(path)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        let _: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
+        // FULL, SQLite's default and what this store always had: a recorded outcome survives power loss.
+        let conn = crate::store::open(path, crate::store::Mode::ReadWrite(crate::store::Synchronous::Full))?;
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS jobs (
                  id            INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -111,12 +109,11 @@ impl SqliteJobStore {
              );
              CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, id);",
         )?;
-        Ok(SqliteJobStore { conn: Mutex::new(conn) })
+        Ok(SqliteJobStore { conn: crate::store::Locked::new(conn) })
     }
 
     fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
-        // A panic while holding the lock leaves SQLite consistent (statements are atomic).
-        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+        self.conn.lock()
     }
 
 }

@@ -40,7 +40,7 @@ use crate::config::RetentionConfig;
 use crate::dicom::Uid;
 use crate::jobs::{Job, JobStore};
 use crate::outbox::{ItemState, OutboxItem, OutboxStore};
-use crate::series::{SeriesIndex, STATE_COMPLETE, STATE_RECEIVING};
+use crate::series::SeriesIndex;
 use crate::store::rfc3339;
 
 #[derive(Debug, thiserror::Error)]
@@ -142,7 +142,7 @@ impl Retention {
         // Oldest activity first; the age policy and the size cap both want it.
         let mut candidates: Vec<(String, &crate::series::SpooledSeries)> = spooled
             .iter()
-            .filter(|s| s.state != STATE_RECEIVING && s.state != STATE_COMPLETE)
+            .filter(|s| !s.state.before_routing())
             .filter_map(|s| {
                 let w = work.get(s.series_instance_uid.as_str());
                 if w.is_some_and(|w| w.busy) {
@@ -276,7 +276,7 @@ mod tests {
     use crate::dicom::header::InstanceHeader;
     use crate::jobs::{JobKey, SqliteJobStore};
     use crate::outbox::{NewItem, SqliteOutboxStore};
-    use crate::series::{CompletionReason, InsertOutcome, StoredInstance};
+    use crate::series::{CompletionReason, InsertOutcome, SeriesState, StoredInstance};
 
     const STUDY: &str = "1.2.826.0.1.9";
     const FILE_BYTES: usize = 1000;
@@ -341,15 +341,15 @@ mod tests {
 
         /// A one-instance series in `state`; with `job`, one job in that
         /// state whose report (if `report` is given) is an outbox item.
-        fn series(&self, series: &str, state: &str, job: Option<&str>, report: Option<&str>) {
+        fn series(&self, series: &str, state: SeriesState, job: Option<&str>, report: Option<&str>) {
             let mut ix = SeriesIndex::open(&self.index_path).unwrap();
             ix.insert_instance(&self.stored(series), SystemTime::now()).unwrap();
-            if state == STATE_RECEIVING {
+            if state == SeriesState::Receiving {
                 return;
             }
             let ev = ix.pending_completion(&uid(series), CompletionReason::QuietTimer).unwrap().unwrap();
             ix.mark_complete(&ev, SystemTime::now()).unwrap();
-            if state != STATE_COMPLETE {
+            if state != SeriesState::Complete {
                 ix.set_state(&uid(series), state).unwrap();
             }
             let Some(job_state) = job else { return };
@@ -402,13 +402,13 @@ mod tests {
         /// A = done and delivered, D = done with a dead letter: deletable.
         /// B: job pending, C: report pending, E: receiving, F: not routed yet.
         fn populate(&self) {
-            self.series("1.2.1", "analyzed", Some("done"), Some("delivered"));
-            self.series("1.2.3", "analyzed", Some("done"), Some("pending"));
-            self.series("1.2.4", "analyzed", Some("done"), Some("dead"));
-            self.series("1.2.5", STATE_RECEIVING, None, None);
-            self.series("1.2.6", STATE_COMPLETE, None, None);
+            self.series("1.2.1", SeriesState::Analyzed, Some("done"), Some("delivered"));
+            self.series("1.2.3", SeriesState::Analyzed, Some("done"), Some("pending"));
+            self.series("1.2.4", SeriesState::Analyzed, Some("done"), Some("dead"));
+            self.series("1.2.5", SeriesState::Receiving, None, None);
+            self.series("1.2.6", SeriesState::Complete, None, None);
             // Last: `claim` takes the oldest pending job.
-            self.series("1.2.2", "routed", Some("pending"), None);
+            self.series("1.2.2", SeriesState::Routed, Some("pending"), None);
         }
 
         fn retention(&self, after_days: Option<f64>, max_spool_gb: Option<f64>) -> Retention {

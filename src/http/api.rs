@@ -502,7 +502,7 @@ mod tests {
             series_instance_uid: crate::dicom::Uid::parse("1.2.3").unwrap(),
             study_instance_uid: crate::dicom::Uid::parse("1.2").unwrap(),
             modality: Some("CT".into()),
-            state: "analyzed".into(),
+            state: crate::series::SeriesState::Analyzed,
             instances: 1,
             completion_reason: Some("association released".into()),
             generation: 1,

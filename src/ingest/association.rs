@@ -28,7 +28,7 @@ use super::Shared;
 use crate::dicom::{is_storage_sop_class, VERIFICATION};
 use crate::dicom::dimse::{decode_command, CommandField, Command, Response, Status};
 use crate::series::StoredInstance;
-use crate::spool::{Fault, Incoming, SpoolError, SpoolWriter};
+use crate::spool::{Incoming, SpoolError, SpoolWriter};
 use crate::telemetry;
 
 /// How often, in dataset bytes received, a transfer looks at free disk
@@ -581,7 +581,7 @@ impl<S: Transport> Association<S> {
                     Err(e) => {
                         let status = status_for(&e);
                         let comment = e.to_string();
-                        if e.fault() == Fault::Retryable {
+                        if e.fault().is_transient() {
                             tracing::error!(error = %comment, "store failed on our side");
                         }
                         telemetry::StoreFailed {

@@ -26,7 +26,7 @@
 //! A-ASSOCIATE-RJ transient, 0xA7xx → retry after `base * 2^(n-1)` (capped)
 //! until `max_attempts`, then dead letter with the last reason. STOW-RS
 //! maps HTTP statuses and FailureReasons onto the same two faults
-//! ([`stow::classify`]). Dead letters wait for an operator's `retry` or
+//! ([`crate::fault::Fault`], via [`stow::classify`]). Dead letters wait for an operator's `retry` or
 //! `dismiss`.
 
 pub mod cli;
@@ -52,10 +52,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 pub use cli::print_outbox;
-pub use policy::Fault;
 pub use store::{Enqueued, ItemState, NewItem, OutboxItem, OutboxStore, SqliteOutboxStore};
 
 use crate::dicom::{AeTitle, Uid};
+use crate::fault::Fault;
 use events::{Delivery, Disposition};
 use scu::Outcome;
 

@@ -3,22 +3,7 @@
 
 use std::time::Duration;
 
-/// Whether a failure is worth another attempt.
-///
-/// Every delivery error maps to one of these; the worker never decides
-/// from an error's text.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Fault {
-    /// The link or the peer's resources: the same request may succeed later
-    /// (connection refused, timeout, A-ABORT, A-ASSOCIATE-RJ transient,
-    /// status 0xA7xx).
-    Transient,
-    /// The peer understood and said no, or our file is unusable: sending it
-    /// again unchanged cannot succeed (status 0x0122, 0xA9xx, 0xCxxx, a
-    /// rejected presentation context, A-ASSOCIATE-RJ permanent).
-    Permanent,
-}
+use crate::fault::Fault;
 
 /// What a C-STORE-RSP status means for the item (PS3.4 B.2.3, PS3.7 C).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

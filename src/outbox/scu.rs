@@ -26,7 +26,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncSeekExt};
 use tokio_util::sync::CancellationToken;
 
 use super::part10::{self, Part10Info, EXPLICIT_VR_LE, IMPLICIT_VR_LE};
-use super::policy::{classify_status, Fault, StatusClass};
+use super::policy::{classify_status, StatusClass};
+use crate::fault::Fault;
 use super::store::OutboxItem;
 use super::Destination;
 use crate::dicom::dimse::{self, CommandField};

@@ -13,18 +13,20 @@
 //! Every transition out of `sending` is guarded by `state = 'sending'`, so a
 //! stale writer cannot resurrect a delivered or dismissed row. Times are
 //! stored as Unix milliseconds (compared in SQL) and printed as RFC 3339.
+//! The file runs with `synchronous=FULL`: an enqueue or a transition that
+//! returned survives power loss.
 //!
 //! [`OutboxStore`] is the seam for an object store or a message queue.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use rusqlite::{params, params_from_iter, Connection, OpenFlags, OptionalExtension};
+use rusqlite::{params, params_from_iter, Connection, OptionalExtension};
 use serde::{Serialize, Serializer};
 
 use super::OutboxError;
 use crate::dicom::Uid;
+use crate::store::{Locked, Mode, Synchronous};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -191,8 +193,7 @@ pub trait OutboxStore: Send + Sync + 'static {
 /// [`OutboxStore`] in a table `outbox` of an SQLite file, which may be
 /// shared with other stores (own connection, own table).
 pub struct SqliteOutboxStore {
-    /// A rusqlite connection is not `Sync`; every call is short.
-    conn: Mutex<Connection>,
+    conn: Locked,
 }
 
 const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS outbox (
@@ -216,21 +217,17 @@ const COLS: &str = "id, destination, path, sop_class_uid, sop_instance_uid, stat
 
 impl SqliteOutboxStore {
     pub fn open(path: &Path) -> Result<SqliteOutboxStore, OutboxError> {
-        let conn = Connection::open(path)?;
-        conn.busy_timeout(Duration::from_secs(5))?;
-        let _: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
         // FULL: an enqueue that returned must survive power loss, the same
         // promise the spool makes for received instances.
-        conn.execute_batch("PRAGMA synchronous=FULL;")?;
+        let conn = crate::store::open(path, Mode::ReadWrite(Synchronous::Full))?;
         conn.execute_batch(SCHEMA)?;
         Ok(SqliteOutboxStore {
-            conn: Mutex::new(conn),
+            conn: Locked::new(conn),
         })
     }
 
-    fn conn(&self) -> MutexGuard<'_, Connection> {
-        // Statements are atomic, so a panic under the lock leaves SQLite consistent.
-        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.conn.lock()
     }
 
     fn transition(&self, sql: &str, p: impl rusqlite::Params) -> Result<bool, OutboxError> {
@@ -242,11 +239,7 @@ impl SqliteOutboxStore {
 /// the file or take write locks while the node runs. A file without the
 /// table lists nothing.
 pub fn list_read_only(path: &Path) -> Result<Vec<OutboxItem>, OutboxError> {
-    let conn = Connection::open_with_flags(
-        path,
-        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )?;
-    conn.busy_timeout(Duration::from_secs(5))?;
+    let conn = crate::store::open(path, Mode::ReadOnly)?;
     let exists: Option<String> = conn
         .query_row(
             "SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'outbox'",

@@ -33,7 +33,8 @@ use hyper::header::{HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use super::policy::{classify_status, Fault, StatusClass};
+use super::policy::{classify_status, StatusClass};
+use crate::fault::Fault;
 use super::scu::Outcome;
 use super::store::OutboxItem;
 use super::{invalid, InvalidField};

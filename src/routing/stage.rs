@@ -31,13 +31,10 @@ use super::{FactsError, RouteTable, SeriesFacts};
 use crate::analysis::Models;
 use crate::dicom::read::OpenError;
 use crate::jobs::{JobKey, JobStore};
-use crate::series::{CompletionQueue, SeriesCompleted, SeriesError, SeriesIndex};
+use crate::series::{CompletionQueue, SeriesCompleted, SeriesError, SeriesIndex, SeriesState};
 
 /// The live route table; SIGHUP swaps it after a successful check.
 pub type SharedRoutes = Arc<RwLock<Arc<RouteTable>>>;
-
-/// The state of a series routing has set aside.
-pub const STATE_UNROUTABLE: &str = "unroutable";
 
 /// How often, and how patiently, a transient routing failure is retried.
 #[derive(Debug, Clone, Copy)]
@@ -214,7 +211,7 @@ impl Router {
     /// next completion is queued anew.
     fn set_aside(&self, ev: &SeriesCompleted, reason: &str) -> Result<(), SeriesError> {
         let mut index = SeriesIndex::open(&self.index_path)?;
-        match index.set_state_with_reason(&ev.series_instance_uid, STATE_UNROUTABLE, Some(reason)) {
+        match index.set_state_with_reason(&ev.series_instance_uid, SeriesState::Unroutable, Some(reason)) {
             Ok(()) => {
                 crate::telemetry::SeriesUnroutable {
                     series_instance_uid: ev.series_instance_uid.as_str(),
@@ -262,16 +259,16 @@ impl Router {
             }
         }
         tracing::info!(routes = matches.len(), new_jobs = new, "series routed");
-        set_state(&mut index, ev, if matches.is_empty() { "no_route" } else { "routed" });
+        set_state(&mut index, ev, if matches.is_empty() { SeriesState::NoRoute } else { SeriesState::Routed });
         Ok(())
     }
 }
 
 /// Later stages never undo a re-open: the index refuses to overwrite
 /// `receiving`, which is expected and only logged.
-pub fn set_state(index: &mut SeriesIndex, ev: &SeriesCompleted, state: &str) {
+pub fn set_state(index: &mut SeriesIndex, ev: &SeriesCompleted, state: SeriesState) {
     if let Err(e) = index.set_state(&ev.series_instance_uid, state) {
-        tracing::debug!(error = %e, state, "series state not updated");
+        tracing::debug!(error = %e, state = state.as_str(), "series state not updated");
     }
 }
 
@@ -483,7 +480,7 @@ mod tests {
         let before = crate::telemetry::METRICS.series_unroutable.get();
         f.drain(f.router(f.jobs.clone())).await;
         let poison = f.series("1.2.3.1");
-        assert_eq!(poison.state, STATE_UNROUTABLE);
+        assert_eq!(poison.state, SeriesState::Unroutable);
         let reason = poison.state_reason.unwrap();
         assert!(reason.contains("not a DICOM file"), "{reason}");
         let good = f.series("1.2.3.2");
@@ -503,7 +500,7 @@ mod tests {
         let flaky = Arc::new(FlakyJobs { inner: f.jobs.clone(), fail_first: 0, calls: AtomicU32::new(0) });
         f.drain(f.router(flaky.clone())).await;
         let s = f.series("1.2.4.1");
-        assert_eq!(s.state, STATE_UNROUTABLE);
+        assert_eq!(s.state, SeriesState::Unroutable);
         assert!(!s.state_reason.unwrap().contains("attempts"));
         assert_eq!(flaky.calls.load(Ordering::SeqCst), 0);
     }
@@ -514,7 +511,7 @@ mod tests {
         f.complete("1.2.5.1", false);
         let flaky = Arc::new(FlakyJobs { inner: f.jobs.clone(), fail_first: 2, calls: AtomicU32::new(0) });
         f.drain(f.router(flaky.clone())).await;
-        assert_eq!(f.series("1.2.5.1").state, "routed");
+        assert_eq!(f.series("1.2.5.1").state, SeriesState::Routed);
         assert_eq!(flaky.calls.load(Ordering::SeqCst), 3);
         assert_eq!(f.jobs.list().unwrap().len(), 1);
     }
@@ -528,10 +525,10 @@ mod tests {
         let flaky = Arc::new(FlakyJobs { inner: f.jobs.clone(), fail_first: 3, calls: AtomicU32::new(0) });
         f.drain(f.router(flaky.clone())).await;
         let s = f.series("1.2.6.1");
-        assert_eq!(s.state, STATE_UNROUTABLE);
+        assert_eq!(s.state, SeriesState::Unroutable);
         let reason = s.state_reason.unwrap();
         assert!(reason.contains("database is locked") && reason.contains("after 3 attempts"), "{reason}");
-        assert_eq!(f.series("1.2.6.2").state, "routed");
+        assert_eq!(f.series("1.2.6.2").state, SeriesState::Routed);
     }
 
     #[test]

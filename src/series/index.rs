@@ -10,27 +10,23 @@
 //! and not "missing" for recovery.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
-use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 use super::{
-    InsertOutcome, SeriesCompleted, SeriesError, SeriesSummary, SpooledSeries,
-    StoredInstance, STATE_COMPLETE, STATE_RECEIVING,
+    InsertOutcome, SeriesCompleted, SeriesError, SeriesState, SeriesSummary, SpooledSeries,
+    StoredInstance,
 };
 use crate::dicom::header::InstanceHeader;
 use crate::dicom::Uid;
-use crate::store::rfc3339;
+use crate::store::{self, rfc3339, Mode, Synchronous};
 
 /// Bumped on every incompatible schema change; an index from a newer build is
 /// refused rather than misread. 2 added `series.state_reason`,
 /// `series.purged_at`, `series.purged_instances` and `instances.purged_at`;
 /// [`SeriesIndex::open`] migrates a version 1 index in place.
 const SCHEMA_VERSION: i64 = 2;
-
-/// How long a statement waits for another connection's write lock. Writes
-/// are single-row and short, so 5 s means something is wrong, not busy.
-pub(super) const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS series (
@@ -86,21 +82,9 @@ pub(super) fn open_rw(path: &Path) -> Result<Connection, SeriesError> {
         path: path.to_owned(),
         source,
     };
-    let conn = Connection::open(path).map_err(open_err)?;
-    // Before journal_mode: switching to WAL takes a lock another process may hold.
-    conn.busy_timeout(BUSY_TIMEOUT).map_err(open_err)?;
-    let mode: String = conn
-        .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
-        .map_err(open_err)?;
-    if !mode.eq_ignore_ascii_case("wal") {
-        // E.g. a network file system; still correct, but the CLI then blocks
-        // behind the writer.
-        tracing::warn!(path = %path.display(), mode, "series index is not in WAL mode");
-    }
     // The spool is the truth and recover() repairs the index, so losing the
     // last commits on power loss is acceptable; NORMAL spares an fsync per insert.
-    conn.pragma_update(None, "synchronous", "NORMAL")
-        .map_err(open_err)?;
+    let conn = store::open(path, Mode::ReadWrite(Synchronous::Normal)).map_err(open_err)?;
     conn.pragma_update(None, "foreign_keys", "ON")
         .map_err(open_err)?;
     Ok(conn)
@@ -155,12 +139,7 @@ impl SeriesIndex {
             path: path.to_owned(),
             source,
         };
-        let conn = Connection::open_with_flags(
-            path,
-            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )
-        .map_err(open_err)?;
-        conn.busy_timeout(BUSY_TIMEOUT).map_err(open_err)?;
+        let conn = store::open(path, Mode::ReadOnly).map_err(open_err)?;
         let v2 = check_version(&conn, path)? >= 2;
         Ok(SeriesIndex { conn, v2 })
     }
@@ -201,6 +180,8 @@ impl SeriesIndex {
             }
             None => {}
         }
+        // Read as text: only `receiving` matters here, and a state this
+        // build does not know must not stop ingest.
         let existing: Option<(String, String)> = tx
             .query_row(
                 "SELECT state, study_instance_uid FROM series WHERE series_instance_uid = ?1",
@@ -220,7 +201,7 @@ impl SeriesIndex {
                         h.study_instance_uid.as_str(),
                         h.modality,
                         h.series_description,
-                        STATE_RECEIVING,
+                        SeriesState::Receiving,
                         now
                     ],
                 )?;
@@ -237,7 +218,7 @@ impl SeriesIndex {
                         "instance names another study than its series"
                     );
                 }
-                let reopen = state != STATE_RECEIVING;
+                let reopen = state != SeriesState::Receiving.as_str();
                 tx.execute(
                     "UPDATE series SET
                          last_received_at = ?2,
@@ -254,7 +235,7 @@ impl SeriesIndex {
                         now,
                         h.modality,
                         h.series_description,
-                        STATE_RECEIVING,
+                        SeriesState::Receiving,
                         i64::from(reopen)
                     ],
                 )?;
@@ -369,11 +350,11 @@ impl SeriesIndex {
         Ok(out)
     }
 
-    /// For later stages (`routed`, `reported`, …). `receiving` belongs to the
+    /// For later stages (`routed`, `analyzed`, …). `receiving` belongs to the
     /// tracker: setting it is refused, and so is overwriting it, because the
     /// series was re-opened after the caller saw it complete and will be
     /// queued again.
-    pub fn set_state(&mut self, series: &Uid, state: &str) -> Result<(), SeriesError> {
+    pub fn set_state(&mut self, series: &Uid, state: SeriesState) -> Result<(), SeriesError> {
         self.set_state_with_reason(series, state, None)
     }
 
@@ -382,16 +363,11 @@ impl SeriesIndex {
     pub fn set_state_with_reason(
         &mut self,
         series: &Uid,
-        state: &str,
+        state: SeriesState,
         reason: Option<&str>,
     ) -> Result<(), SeriesError> {
-        let valid = !state.is_empty()
-            && state.len() <= 32
-            && state
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
-        if !valid || state == STATE_RECEIVING {
-            return Err(SeriesError::InvalidState(state.to_owned()));
+        if state == SeriesState::Receiving {
+            return Err(SeriesError::InvalidState(state));
         }
         let tx = self
             .conn
@@ -405,10 +381,10 @@ impl SeriesIndex {
             .optional()?;
         match current {
             None => return Err(SeriesError::UnknownSeries(series.clone())),
-            Some(current) if current == STATE_RECEIVING => {
+            Some(current) if current == SeriesState::Receiving.as_str() => {
                 return Err(SeriesError::StateConflict {
                     series: series.clone(),
-                    current,
+                    current: SeriesState::Receiving,
                 })
             }
             Some(_) => {}
@@ -442,7 +418,7 @@ impl SeriesIndex {
         let Some((state, study, generation, instances)) = row else {
             return Ok(None);
         };
-        if state != STATE_RECEIVING {
+        if state != SeriesState::Receiving.as_str() {
             return Ok(None);
         }
         Ok(Some(SeriesCompleted {
@@ -468,10 +444,10 @@ impl SeriesIndex {
             params![
                 ev.series_instance_uid.as_str(),
                 ev.generation,
-                STATE_COMPLETE,
+                SeriesState::Complete,
                 ev.reason.as_str(),
                 rfc3339(now),
-                STATE_RECEIVING
+                SeriesState::Receiving
             ],
         )?;
         Ok(n == 1)
@@ -481,7 +457,7 @@ impl SeriesIndex {
         let mut stmt = self
             .conn
             .prepare("SELECT series_instance_uid FROM series WHERE state = ?1")?;
-        let rows = stmt.query_map([STATE_RECEIVING], |r| r.get::<_, String>(0))?;
+        let rows = stmt.query_map([SeriesState::Receiving], |r| r.get::<_, String>(0))?;
         rows.map(|r| uid(r?, "series_instance_uid")).collect()
     }
 
@@ -515,7 +491,7 @@ impl SeriesIndex {
         let rows = stmt.query_map([], |r| {
             Ok((
                 r.get::<_, String>(0)?,
-                r.get::<_, String>(1)?,
+                r.get::<_, SeriesState>(1)?,
                 r.get::<_, String>(2)?,
                 r.get::<_, i64>(3)?,
                 r.get::<_, i64>(4)?,
@@ -598,7 +574,7 @@ impl SeriesIndex {
             "DELETE FROM series WHERE state = ?1 AND NOT EXISTS
                  (SELECT 1 FROM instances i
                    WHERE i.series_instance_uid = series.series_instance_uid)",
-            [STATE_RECEIVING],
+            [SeriesState::Receiving],
         )?;
         tx.commit()?;
         Ok(removed)
@@ -655,7 +631,7 @@ mod tests {
         let list = ix.list_series().unwrap();
         assert_eq!(list.len(), 1);
         assert_eq!(list[0].instances, 2);
-        assert_eq!(list[0].state, "receiving");
+        assert_eq!(list[0].state, SeriesState::Receiving);
         assert_eq!(list[0].generation, 1);
         assert_eq!(list[0].modality.as_deref(), Some("CT"));
         assert!(list[0].first_received_at.ends_with('Z'));
@@ -707,7 +683,7 @@ mod tests {
         assert!(ro.series_instances(&s("1.2.3")).unwrap().is_empty());
         drop(ro);
         let mut ix = SeriesIndex::open(&path).unwrap();
-        ix.set_state_with_reason(&s("1.2.3"), "unroutable", Some("why")).unwrap();
+        ix.set_state_with_reason(&s("1.2.3"), SeriesState::Unroutable, Some("why")).unwrap();
         let row = &ix.list_series().unwrap()[0];
         assert_eq!(row.state_reason.as_deref(), Some("why"));
         let version: i64 = ix.conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
@@ -730,15 +706,15 @@ mod tests {
         ix.insert_instance(&stored("1.2.3", 1, 0.0, 1), SystemTime::now())
             .unwrap();
         assert!(matches!(
-            ix.set_state(&s("1.2.3"), "routed"),
-            Err(SeriesError::StateConflict { .. })
+            ix.set_state(&s("1.2.3"), SeriesState::Routed),
+            Err(SeriesError::StateConflict { current: SeriesState::Receiving, .. })
         ));
         assert!(matches!(
-            ix.set_state(&s("1.2.3"), "receiving"),
-            Err(SeriesError::InvalidState(_))
+            ix.set_state(&s("1.2.3"), SeriesState::Receiving),
+            Err(SeriesError::InvalidState(SeriesState::Receiving))
         ));
         assert!(matches!(
-            ix.set_state(&s("1.2.9"), "routed"),
+            ix.set_state(&s("1.2.9"), SeriesState::Routed),
             Err(SeriesError::UnknownSeries(_))
         ));
         let ev = ix
@@ -746,8 +722,8 @@ mod tests {
             .unwrap()
             .unwrap();
         assert!(ix.mark_complete(&ev, SystemTime::now()).unwrap());
-        ix.set_state(&s("1.2.3"), "routed").unwrap();
-        assert_eq!(ix.list_series().unwrap()[0].state, "routed");
+        ix.set_state(&s("1.2.3"), SeriesState::Routed).unwrap();
+        assert_eq!(ix.list_series().unwrap()[0].state, SeriesState::Routed);
         // A late instance re-opens it from any later state.
         assert_eq!(
             ix.insert_instance(&stored("1.2.3", 2, 2.5, 2), SystemTime::now())

@@ -29,8 +29,8 @@
 //!   That is why the index runs with `synchronous=NORMAL`.
 //! - One SOP Instance UID is indexed once, in one series.
 //! - Only the tracker moves a series into or out of `receiving`; later stages
-//!   set later states with [`SeriesIndex::set_state`], which refuses to
-//!   overwrite `receiving` so a re-open is never lost.
+//!   set later states ([`SeriesState`]) with [`SeriesIndex::set_state`], which
+//!   refuses to overwrite `receiving` so a re-open is never lost.
 //! - Delivery on the queue is at-least-once: the event is pushed *before* the
 //!   index records the completion, so a crash in between completes the series
 //!   again after restart with the same generation. Consumers dedupe on
@@ -48,6 +48,7 @@ mod geometry;
 mod index;
 mod queue;
 mod recover;
+mod state;
 mod tracker;
 
 use std::path::PathBuf;
@@ -61,11 +62,8 @@ pub use geometry::{check_whole, NotWhole, MAX_NORMAL_ANGLE_RAD, SAME_POSITION_MM
 pub use index::SeriesIndex;
 pub use queue::{CompletionQueue, SqliteCompletionQueue};
 pub use recover::{recover, Recovery};
+pub use state::{SeriesState, UnknownState};
 pub use tracker::{Tracker, TrackerHandle};
-
-/// State names the tracker owns. Later stages add their own (stored as TEXT).
-pub const STATE_RECEIVING: &str = "receiving";
-pub const STATE_COMPLETE: &str = "complete";
 
 /// What ingest hands over once an instance is durably in the spool.
 #[derive(Debug, Clone, PartialEq)]
@@ -132,8 +130,7 @@ pub struct SeriesSummary {
     pub series_instance_uid: Uid,
     pub study_instance_uid: Uid,
     pub modality: Option<String>,
-    /// `receiving`, `complete`, or a later stage's state.
-    pub state: String,
+    pub state: SeriesState,
     pub instances: u32,
     /// Reason of the latest completion; `None` while receiving.
     pub completion_reason: Option<String>,
@@ -161,7 +158,7 @@ pub struct SeriesSummary {
 #[derive(Debug, Clone, PartialEq)]
 pub struct SpooledSeries {
     pub series_instance_uid: Uid,
-    pub state: String,
+    pub state: SeriesState,
     /// RFC 3339: completion time, or last reception while receiving.
     pub last_activity: String,
     /// Instances and bytes still in the spool.
@@ -195,10 +192,10 @@ pub enum SeriesError {
     #[error("series {0} is not in the index")]
     UnknownSeries(Uid),
     #[error("`{0}` is not a state a later stage may set")]
-    InvalidState(String),
+    InvalidState(SeriesState),
     /// A later stage tried to move a series the tracker has re-opened.
     #[error("series {series} is {current}; its next completion will be queued again")]
-    StateConflict { series: Uid, current: String },
+    StateConflict { series: Uid, current: SeriesState },
     /// For [`CompletionQueue`] implementations other than SQLite.
     #[error("completion queue: {message}")]
     Queue { message: String, retryable: bool },
@@ -284,7 +281,7 @@ fn write_table(rows: &[SeriesSummary], out: &mut dyn std::io::Write) -> std::io:
         .iter()
         .map(|r| {
             [
-                r.state.clone(),
+                r.state.to_string(),
                 r.instances.to_string(),
                 r.generation.to_string(),
                 r.completion_reason.clone().unwrap_or_else(|| "-".into()),

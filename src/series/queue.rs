@@ -6,14 +6,13 @@
 use std::future::Future;
 use std::path::Path;
 use std::pin::Pin;
-use std::sync::{Mutex, MutexGuard};
 use std::time::SystemTime;
 
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, OptionalExtension};
 use tokio::sync::Notify;
 
 use super::{SeriesCompleted, SeriesError};
-use crate::store::rfc3339;
+use crate::store::{rfc3339, Locked};
 
 /// Durable FIFO of completion events, delivered at least once.
 ///
@@ -35,9 +34,7 @@ pub trait CompletionQueue: Send + Sync + 'static {
 /// [`CompletionQueue`] in a table of an SQLite file, which may be the index
 /// file: its own connection, its own table.
 pub struct SqliteCompletionQueue {
-    /// A rusqlite connection is not `Sync`; calls are short, so a plain
-    /// mutex is enough.
-    conn: Mutex<Connection>,
+    conn: Locked,
     /// Wakes the consumer after a push in this process. `notify_one` keeps a
     /// permit when nobody waits, which is what makes a push between an empty
     /// `peek` and `notified().await` not get lost.
@@ -57,15 +54,9 @@ impl SqliteCompletionQueue {
              );",
         )?;
         Ok(SqliteCompletionQueue {
-            conn: Mutex::new(conn),
+            conn: Locked::new(conn),
             notify: Notify::new(),
         })
-    }
-
-    fn conn(&self) -> MutexGuard<'_, Connection> {
-        // A panic while holding the lock cannot leave the connection
-        // half-way: every statement here is its own transaction.
-        self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -73,7 +64,7 @@ impl CompletionQueue for SqliteCompletionQueue {
     fn push(&self, ev: &SeriesCompleted) -> Result<(), SeriesError> {
         let json = serde_json::to_string(ev)
             .map_err(|e| SeriesError::Corrupt(format!("cannot encode event: {e}")))?;
-        self.conn().execute(
+        self.conn.lock().execute(
             "INSERT INTO completion_queue (event_json, enqueued_at) VALUES (?1, ?2)",
             params![json, rfc3339(SystemTime::now())],
         )?;
@@ -83,7 +74,8 @@ impl CompletionQueue for SqliteCompletionQueue {
 
     fn peek(&self) -> Result<Option<(i64, SeriesCompleted)>, SeriesError> {
         let row: Option<(i64, String)> = self
-            .conn()
+            .conn
+            .lock()
             .query_row(
                 "SELECT id, event_json FROM completion_queue ORDER BY id LIMIT 1",
                 [],
@@ -100,8 +92,7 @@ impl CompletionQueue for SqliteCompletionQueue {
     }
 
     fn ack(&self, id: i64) -> Result<(), SeriesError> {
-        self.conn()
-            .execute("DELETE FROM completion_queue WHERE id = ?1", [id])?;
+        self.conn.lock().execute("DELETE FROM completion_queue WHERE id = ?1", [id])?;
         Ok(())
     }
 

@@ -433,7 +433,7 @@ mod tests {
     use super::*;
     use crate::series::geometry::tests::slice;
     use crate::series::recover::tests::write_ct;
-    use crate::series::{SeriesCompleted, SqliteCompletionQueue};
+    use crate::series::{SeriesCompleted, SeriesState, SqliteCompletionQueue};
     use std::path::Path;
 
     struct Node {
@@ -519,7 +519,7 @@ mod tests {
     /// Poll a row until it reaches `state` (or 5 s pass), then return it.
     async fn settle(
         f: impl Fn() -> crate::series::SeriesSummary,
-        state: &str,
+        state: SeriesState,
     ) -> crate::series::SeriesSummary {
         let t0 = Instant::now();
         loop {
@@ -557,8 +557,8 @@ mod tests {
         assert_eq!(ev.series_instance_uid.as_str(), "1.2.3");
         // The event is pushed before the index commits (at-least-once), so
         // the row may lag the event by a moment.
-        let r = settle(|| row(&node, "1.2.3"), "complete").await;
-        assert_eq!(r.state, "complete");
+        let r = settle(|| row(&node, "1.2.3"), SeriesState::Complete).await;
+        assert_eq!(r.state, SeriesState::Complete);
         assert_eq!(r.completion_reason.as_deref(), Some("quiet_timer"));
         assert!(r.completed_at.is_some());
         // Exactly once.
@@ -587,7 +587,7 @@ mod tests {
             .instance_stored(stored("1.2.3", 1, 0.0, 3))
             .await;
         assert_eq!(late_dup.unwrap(), InsertOutcome::Duplicate);
-        assert_eq!(row(&node, "1.2.3").state, "complete");
+        assert_eq!(row(&node, "1.2.3").state, SeriesState::Complete);
         assert_eq!(next_event(&node, Duration::from_millis(500)).await, None);
     }
 
@@ -633,7 +633,7 @@ mod tests {
 
         node.handle.association_released(2).await;
         assert_eq!(node.queue.peek().unwrap(), None);
-        assert_eq!(row(&node, "1.2.4").state, "receiving");
+        assert_eq!(row(&node, "1.2.4").state, SeriesState::Receiving);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -654,7 +654,7 @@ mod tests {
         send(&node, "1.2.6", 4, &[], 3).await;
         node.handle.association_aborted(3).await;
         node.handle.association_released(3).await; // forgotten already
-        assert_eq!(row(&node, "1.2.6").state, "receiving");
+        assert_eq!(row(&node, "1.2.6").state, SeriesState::Receiving);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -785,7 +785,7 @@ mod tests {
                 .unwrap()[0]
                 .clone()
         };
-        assert_eq!(state(&index_path).state, "receiving");
+        assert_eq!(state(&index_path).state, SeriesState::Receiving);
         tokio::time::timeout(Duration::from_secs(5), async {
             while queue.events.lock().unwrap().is_empty() {
                 queue.notified().await;
@@ -799,7 +799,7 @@ mod tests {
             (ev.reason, ev.generation, ev.instances),
             (CompletionReason::QuietTimer, 1, 3)
         );
-        assert_eq!(settle(|| state(&index_path), "complete").await.state, "complete");
+        assert_eq!(settle(|| state(&index_path), SeriesState::Complete).await.state, SeriesState::Complete);
     }
 
     #[test]

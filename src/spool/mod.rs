@@ -2,7 +2,8 @@
 //!
 //! Input: the bytes of one dataset, streamed PDV by PDV as they arrive.
 //! Output: a [`StoredFile`] once the instance is durable, or an error that
-//! ingest maps to a DIMSE status.
+//! ingest maps to a DIMSE status, with its [`Fault`] (ours and transient, or
+//! the dataset's and permanent).
 //!
 //! Invariants:
 //! - Nothing is acknowledged before it is durable: [`SpoolWriter::commit`]
@@ -43,6 +44,7 @@ use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
 use crate::dicom::header::{HeaderError, InstanceHeader};
 use crate::dicom::scan::{self, Layout, ScanError};
 use crate::dicom::{IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION};
+use crate::fault::Fault;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpoolError {
@@ -67,20 +69,14 @@ pub enum SpoolError {
     TooManyElements(u64),
 }
 
-/// Who is at fault, so ingest can pick a status and the log a level.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Fault {
-    /// Ours, and may pass: disk full, I/O error.
-    Retryable,
-    /// The peer sent something we will never accept.
-    Peer,
-}
-
 impl SpoolError {
+    /// Ours and may pass (disk full, an I/O error: `Transient`), or a
+    /// dataset we will never accept (`Permanent`); ingest logs the first
+    /// as our failure.
     pub fn fault(&self) -> Fault {
         match self {
-            SpoolError::Io(_) | SpoolError::Meta(_) => Fault::Retryable,
-            _ => Fault::Peer,
+            SpoolError::Io(_) | SpoolError::Meta(_) => Fault::Transient,
+            _ => Fault::Permanent,
         }
     }
 }
@@ -452,7 +448,7 @@ mod tests {
         let mut w = spool.begin(&incoming("1.2.3.4.6")).unwrap();
         w.write(&bytes[..bytes.len() - 3]).unwrap();
         let e = w.commit().unwrap_err();
-        assert_eq!(e.fault(), Fault::Peer, "{e}");
+        assert_eq!(e.fault(), Fault::Permanent, "{e}");
 
         let mut inc = incoming("1.2.3.4.6");
         inc.sop_class_uid = "1.2.840.10008.5.1.4.1.1.7".into();
