@@ -384,13 +384,14 @@ pub async fn route_test(State(st): State<Shared>, body: Bytes) -> Result<Json<Va
     let table = st.routes.read().unwrap_or_else(|p| p.into_inner()).clone();
     let tmp = st.data_dir.join("tmp");
     blocking(move || {
-        use crate::routing::{dry_run, Derived, SeriesFacts};
+        use crate::routing::{Derived, SeriesFacts};
+        use crate::series::scan;
         std::fs::create_dir_all(&tmp).map_err(internal)?;
         let path = tmp.join(format!("route-test-{}.dcm", uuid::Uuid::new_v4()));
         std::fs::write(&path, &body).map_err(internal)?;
         let _cleanup = RemoveOnDrop(path.clone());
         let mut notes = Vec::new();
-        let found = dry_run::collect(std::slice::from_ref(&path), &mut notes);
+        let found = scan::collect(std::slice::from_ref(&path), &mut notes);
         let unusable = |why: String| ApiError(StatusCode::UNPROCESSABLE_ENTITY, why);
         let Some(series) = found.into_iter().next() else {
             let why = notes.first().map(|n| n.reason.clone()).unwrap_or_else(|| "not a DICOM file".into());
@@ -457,7 +458,7 @@ pub async fn models(State(st): State<Shared>) -> Json<Value> {
 
 pub async fn reload(State(st): State<Shared>) -> Response {
     let s = st.clone();
-    let r = blocking(move || Ok(crate::pipeline::reload(&s.config_path, &s.routes))).await;
+    let r = blocking(move || Ok((s.reload)())).await;
     match r {
         Ok(Ok(n)) => Json(json!({ "reloaded": true, "routes": n })).into_response(),
         Ok(Err(problems)) => (

@@ -40,10 +40,16 @@ use crate::jobs::JobStore;
 use crate::outbox::OutboxHandle;
 use crate::routing::stage::SharedRoutes;
 
-/// What the handlers read and operate on; built once by the pipeline.
+/// Re-read the config and swap the routes in: the number of routes now in
+/// force, or the problems that refused the new config. Built by `node`,
+/// which owns the config file and the routes.
+pub type Reload = Box<dyn Fn() -> Result<usize, Vec<String>> + Send + Sync>;
+
+/// What the handlers read and operate on; built once by `node`.
 pub struct AppState {
     pub token: Option<String>,
-    pub config_path: PathBuf,
+    /// `POST /api/config/reload`: the same reload as SIGHUP.
+    pub reload: Reload,
     pub ae_title: String,
     pub dicom_port: u16,
     pub data_dir: PathBuf,
