@@ -50,11 +50,7 @@ pub struct AppState {
     pub token: Option<String>,
     /// `POST /api/config/reload`: the same reload as SIGHUP.
     pub reload: Reload,
-    pub ae_title: String,
-    pub dicom_port: u16,
-    pub data_dir: PathBuf,
-    pub index_path: PathBuf,
-    pub min_free_disk_mb: u64,
+    pub node: NodeInfo,
     pub jobs: Arc<dyn JobStore>,
     pub outbox: OutboxHandle,
     pub routes: SharedRoutes,
@@ -67,6 +63,16 @@ pub struct AppState {
     pub ready: Arc<AtomicBool>,
     /// The DICOM association limit, to report slots in use.
     pub gate: Arc<crate::ingest::Gate>,
+}
+
+/// This node as status and readiness report it: fixed for the life of the
+/// process (changing any of it needs a restart).
+pub struct NodeInfo {
+    pub ae_title: String,
+    pub dicom_port: u16,
+    pub data_dir: PathBuf,
+    pub index_path: PathBuf,
+    pub min_free_disk_mb: u64,
     pub started: SystemTime,
 }
 

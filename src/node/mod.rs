@@ -300,11 +300,14 @@ async fn start_http(
     let state = Arc::new(crate::http::AppState {
         token: cfg.http.effective_token(),
         reload,
-        ae_title: cfg.node.ae_title.clone(),
-        dicom_port: cfg.node.port,
-        data_dir: cfg.node.data_dir.clone(),
-        index_path: cfg.index_path(),
-        min_free_disk_mb: cfg.node.min_free_disk_mb,
+        node: crate::http::NodeInfo {
+            ae_title: cfg.node.ae_title.clone(),
+            dicom_port: cfg.node.port,
+            data_dir: cfg.node.data_dir.clone(),
+            index_path: cfg.index_path(),
+            min_free_disk_mb: cfg.node.min_free_disk_mb,
+            started: std::time::SystemTime::now(),
+        },
         jobs: ctx.jobs.clone(),
         outbox,
         routes: ctx.routes.clone(),
@@ -313,7 +316,6 @@ async fn start_http(
         work: ctx.work.clone(),
         ready,
         gate,
-        started: std::time::SystemTime::now(),
     });
     let (addr, task) = crate::http::bind(cfg.http.listen, state, ctx.shutdown.clone()).await?;
     tracing::info!(%addr, token = cfg.http.effective_token().is_some(), "HTTP interface listening");
