@@ -269,33 +269,6 @@ impl JobStore for SqliteJobStore {
     }
 }
 
-/// `biomarker-node jobs`: one JSON object per line, or a table.
-pub fn print_jobs(store: &dyn JobStore, json: bool, out: &mut dyn std::io::Write) -> Result<(), JobError> {
-    let jobs = store.list()?;
-    let w = |e: std::io::Error| JobError::Corrupt { id: 0, message: e.to_string() };
-    if json {
-        for j in &jobs {
-            writeln!(out, "{}", serde_json::to_string(j).unwrap_or_default()).map_err(w)?;
-        }
-        return Ok(());
-    }
-    writeln!(out, "{:>5}  {:<8} {:<20} {:<8} {:>3}  {:<64}  RESULT/ERROR", "ID", "STATE", "ROUTE", "MODEL", "GEN", "SERIES").map_err(w)?;
-    for j in &jobs {
-        let detail = match (&j.result, &j.error) {
-            (Some(r), _) => format!("{} {}", r["value"], r["unit"].as_str().unwrap_or("")),
-            (_, Some(e)) => e.clone(),
-            _ => String::new(),
-        };
-        writeln!(
-            out,
-            "{:>5}  {:<8} {:<20} {:<8} {:>3}  {:<64}  {}",
-            j.id, j.state, j.key.route, j.key.model, j.key.generation, j.key.series_instance_uid, detail
-        )
-        .map_err(w)?;
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

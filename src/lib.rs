@@ -7,11 +7,13 @@
 //!        → biomarkers → report (SR, SC) → outbox (SCU)
 //! ```
 //!
-//! `pipeline` is the one place that wires the stages together; stages never
-//! create their own channels.
+//! `node` is the one place that wires the stages together; stages never
+//! create their own channels. `cli` holds the one-shot commands; `main.rs`
+//! only parses the command line.
 
 pub mod analysis;
 pub mod biomarkers;
+pub mod cli;
 pub mod config;
 pub mod config_schema;
 pub mod http;
@@ -30,7 +32,6 @@ pub mod npy;
 pub mod outbox;
 pub mod phantom;
 pub mod retention;
-pub mod pipeline;
 pub mod report;
 pub mod routing;
 pub mod series;

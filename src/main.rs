@@ -1,6 +1,9 @@
-use std::path::{Path, PathBuf};
+//! The command line: parse it, then hand over to `node::serve` or one of
+//! the `cli` commands.
+use std::path::PathBuf;
 use std::process::ExitCode;
 
+use biomarker_node::{cli, node};
 use clap::{Parser, Subcommand};
 
 /// A DICOM node that computes imaging biomarkers and reports them to the PACS.
@@ -75,37 +78,17 @@ enum Command {
     Phantom(biomarker_node::phantom::PhantomArgs),
 }
 
-fn load_checked(config: &Path) -> anyhow::Result<biomarker_node::routing::RouteTable> {
-    biomarker_node::pipeline::checked(config).map(|(_, table)| table)
-}
-
-fn check_config(config: &Path) -> anyhow::Result<()> {
-    let table = load_checked(config)?;
-    println!("{}: ok ({} route(s))", config.display(), table.routes.len());
-    Ok(())
-}
-
-fn route(config: &Path, json: bool, paths: &[PathBuf]) -> anyhow::Result<()> {
-    let table = load_checked(config)?;
-    let (stdout, stderr) = (std::io::stdout(), std::io::stderr());
-    biomarker_node::routing::dry_run::run(&table, paths, json, &mut stdout.lock(), &mut stderr.lock())?;
-    Ok(())
-}
-
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let result = match cli.command {
-        Command::Serve { config } => biomarker_node::pipeline::serve(&config),
-        Command::Series { config, json } => biomarker_node::pipeline::print_series(&config, json),
-        Command::Jobs { config, json } => biomarker_node::pipeline::print_jobs(&config, json),
-        Command::Outbox { config, json } => biomarker_node::pipeline::print_outbox(&config, json),
-        Command::CheckConfig { config } => check_config(&config),
-        Command::Route { config, json, paths } => route(&config, json, &paths),
-        Command::Analyze { config, out, paths } => biomarker_node::pipeline::analyze(&config, &out, &paths),
-        Command::ConfigSchema => {
-            println!("{:#}", biomarker_node::config::json_schema());
-            Ok(())
-        }
+    let parsed = Cli::parse();
+    let result = match parsed.command {
+        Command::Serve { config } => node::serve(&config),
+        Command::Series { config, json } => cli::list::series(&config, json),
+        Command::Jobs { config, json } => cli::list::jobs(&config, json),
+        Command::Outbox { config, json } => cli::list::outbox(&config, json),
+        Command::CheckConfig { config } => cli::check_config(&config),
+        Command::Route { config, json, paths } => cli::route(&config, json, &paths),
+        Command::Analyze { config, out, paths } => cli::analyze(&config, &out, &paths),
+        Command::ConfigSchema => cli::config_schema(),
         Command::Phantom(args) => biomarker_node::phantom::run(&args),
     };
     match result {

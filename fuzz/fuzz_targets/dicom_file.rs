@@ -1,5 +1,5 @@
 //! One DICOM file as `analyze` and the HTTP route tester read it: the file
-//! scan that groups instances into series (`routing::dry_run::collect`),
+//! scan that groups instances into series (`series::scan::collect`),
 //! the routing facts and every derived value, the default config's route
 //! table on those facts, then the volume `analyze` would build from the
 //! file (full read, pixel decode, HU, geometry) and the slice a route picks.
@@ -9,7 +9,8 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use biomarker_node::config::Config;
-use biomarker_node::routing::{dry_run, Derived, RouteTable, SeriesFacts};
+use biomarker_node::routing::{Derived, RouteTable, SeriesFacts};
+use biomarker_node::series::scan;
 use biomarker_node::volume::{SliceSelection, Volume, VolumeOptions};
 use libfuzzer_sys::fuzz_target;
 
@@ -52,8 +53,8 @@ fuzz_target!(|data: &[u8]| {
 
     // The route tester (http::api::route_test) and `route`/`analyze`.
     let mut notes = Vec::new();
-    let found = dry_run::collect(std::slice::from_ref(&path), &mut notes);
-    let _ = dry_run::summarize(&notes);
+    let found = scan::collect(std::slice::from_ref(&path), &mut notes);
+    let _ = scan::summarize(&notes);
     let Some(series) = found.into_iter().next() else { return };
     let Ok(facts) = SeriesFacts::load(&series.instances) else { return };
     for name in Derived::names() {

@@ -58,12 +58,12 @@ pub async fn healthz() -> Json<Value> {
 pub async fn readyz(State(st): State<Shared>) -> Response {
     let s = st.clone();
     let checks = blocking(move || {
-        let index = SeriesIndex::open_readonly(&s.index_path).map(|_| ()).map_err(|e| e.to_string());
-        let free = crate::spool::free_bytes(&s.data_dir).map_err(|e| e.to_string());
-        let need = s.min_free_disk_mb.saturating_mul(1024 * 1024);
+        let index = SeriesIndex::open_readonly(&s.node.index_path).map(|_| ()).map_err(|e| e.to_string());
+        let free = crate::spool::free_bytes(&s.node.data_dir).map_err(|e| e.to_string());
+        let need = s.node.min_free_disk_mb.saturating_mul(1024 * 1024);
         let disk = match free {
             Ok(f) if f >= need => Ok(()),
-            Ok(f) => Err(format!("{} MiB free, below node.min_free_disk_mb {}", f >> 20, s.min_free_disk_mb)),
+            Ok(f) => Err(format!("{} MiB free, below node.min_free_disk_mb {}", f >> 20, s.node.min_free_disk_mb)),
             Err(e) => Err(e),
         };
         let listener = if s.is_ready() { Ok(()) } else { Err("not listening yet".to_owned()) };
@@ -92,17 +92,17 @@ struct StoredCounts {
 }
 
 fn stored_counts(st: &Shared) -> Result<StoredCounts, ApiError> {
-    let index = SeriesIndex::open_readonly(&st.index_path).map_err(internal)?;
+    let index = SeriesIndex::open_readonly(&st.node.index_path).map_err(internal)?;
     Ok(StoredCounts {
         series: index.count_by_state().map_err(internal)?.into_iter().collect(),
         jobs: st.jobs.count_by_state().map_err(internal)?.into_iter().collect(),
         outbox: st.outbox.count_by_state().map_err(internal)?.into_iter().collect(),
-        free_disk_bytes: crate::spool::free_bytes(&st.data_dir).ok(),
+        free_disk_bytes: crate::spool::free_bytes(&st.node.data_dir).ok(),
     })
 }
 
 fn list_series(st: &Shared) -> Result<Vec<SeriesSummary>, ApiError> {
-    let index = SeriesIndex::open_readonly(&st.index_path).map_err(internal)?;
+    let index = SeriesIndex::open_readonly(&st.node.index_path).map_err(internal)?;
     index.list_series().map_err(internal)
 }
 
@@ -131,12 +131,12 @@ pub async fn metrics(State(st): State<Shared>) -> Result<Response, ApiError> {
 pub async fn status(State(st): State<Shared>) -> Result<Json<Value>, ApiError> {
     let s = st.clone();
     let c = blocking(move || stored_counts(&s)).await?;
-    let uptime = SystemTime::now().duration_since(st.started).unwrap_or_default().as_secs();
+    let uptime = SystemTime::now().duration_since(st.node.started).unwrap_or_default().as_secs();
     Ok(Json(json!({
-        "ae_title": st.ae_title,
-        "dicom_port": st.dicom_port,
+        "ae_title": st.node.ae_title,
+        "dicom_port": st.node.dicom_port,
         "version": env!("CARGO_PKG_VERSION"),
-        "started_at": crate::store::rfc3339(st.started),
+        "started_at": crate::store::rfc3339(st.node.started),
         "uptime_s": uptime,
         "ready": st.is_ready(),
         "series": c.series,
@@ -382,15 +382,16 @@ pub async fn route_test(State(st): State<Shared>, body: Bytes) -> Result<Json<Va
         return Err(ApiError(StatusCode::BAD_REQUEST, "send one DICOM file as the request body".into()));
     }
     let table = st.routes.read().unwrap_or_else(|p| p.into_inner()).clone();
-    let tmp = st.data_dir.join("tmp");
+    let tmp = st.node.data_dir.join("tmp");
     blocking(move || {
-        use crate::routing::{dry_run, Derived, SeriesFacts};
+        use crate::routing::{Derived, SeriesFacts};
+        use crate::series::scan;
         std::fs::create_dir_all(&tmp).map_err(internal)?;
         let path = tmp.join(format!("route-test-{}.dcm", uuid::Uuid::new_v4()));
         std::fs::write(&path, &body).map_err(internal)?;
         let _cleanup = RemoveOnDrop(path.clone());
         let mut notes = Vec::new();
-        let found = dry_run::collect(std::slice::from_ref(&path), &mut notes);
+        let found = scan::collect(std::slice::from_ref(&path), &mut notes);
         let unusable = |why: String| ApiError(StatusCode::UNPROCESSABLE_ENTITY, why);
         let Some(series) = found.into_iter().next() else {
             let why = notes.first().map(|n| n.reason.clone()).unwrap_or_else(|| "not a DICOM file".into());
@@ -457,7 +458,7 @@ pub async fn models(State(st): State<Shared>) -> Json<Value> {
 
 pub async fn reload(State(st): State<Shared>) -> Response {
     let s = st.clone();
-    let r = blocking(move || Ok(crate::pipeline::reload(&s.config_path, &s.routes))).await;
+    let r = blocking(move || Ok((s.reload)())).await;
     match r {
         Ok(Ok(n)) => Json(json!({ "reloaded": true, "routes": n })).into_response(),
         Ok(Err(problems)) => (

@@ -40,15 +40,17 @@ use crate::jobs::JobStore;
 use crate::outbox::OutboxHandle;
 use crate::routing::stage::SharedRoutes;
 
-/// What the handlers read and operate on; built once by the pipeline.
+/// Re-read the config and swap the routes in: the number of routes now in
+/// force, or the problems that refused the new config. Built by `node`,
+/// which owns the config file and the routes.
+pub type Reload = Box<dyn Fn() -> Result<usize, Vec<String>> + Send + Sync>;
+
+/// What the handlers read and operate on; built once by `node`.
 pub struct AppState {
     pub token: Option<String>,
-    pub config_path: PathBuf,
-    pub ae_title: String,
-    pub dicom_port: u16,
-    pub data_dir: PathBuf,
-    pub index_path: PathBuf,
-    pub min_free_disk_mb: u64,
+    /// `POST /api/config/reload`: the same reload as SIGHUP.
+    pub reload: Reload,
+    pub node: NodeInfo,
     pub jobs: Arc<dyn JobStore>,
     pub outbox: OutboxHandle,
     pub routes: SharedRoutes,
@@ -61,6 +63,16 @@ pub struct AppState {
     pub ready: Arc<AtomicBool>,
     /// The DICOM association limit, to report slots in use.
     pub gate: Arc<crate::ingest::Gate>,
+}
+
+/// This node as status and readiness report it: fixed for the life of the
+/// process (changing any of it needs a restart).
+pub struct NodeInfo {
+    pub ae_title: String,
+    pub dicom_port: u16,
+    pub data_dir: PathBuf,
+    pub index_path: PathBuf,
+    pub min_free_disk_mb: u64,
     pub started: SystemTime,
 }
 

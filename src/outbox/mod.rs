@@ -6,7 +6,7 @@
 //! `<data_dir>/results/`, with its (stable) SOP Class and Instance UIDs.
 //! Output: the instance stored at the destination, or a dead letter with
 //! the reason; both visible through [`OutboxHandle::list`] and
-//! [`print_outbox`].
+//! `biomarker-node outbox` ([`store::list_read_only`]).
 //!
 //! Invariants:
 //! - Persist first, deliver second: `enqueue` returns after the row is
@@ -29,7 +29,6 @@
 //! ([`crate::fault::Fault`], via [`stow::classify`]). Dead letters wait for an operator's `retry` or
 //! `dismiss`.
 
-pub mod cli;
 pub mod events;
 pub mod part10;
 pub mod policy;
@@ -51,7 +50,6 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-pub use cli::print_outbox;
 pub use store::{Enqueued, ItemState, NewItem, OutboxItem, OutboxStore, SqliteOutboxStore};
 
 use crate::dicom::{AeTitle, Uid};

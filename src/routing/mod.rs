@@ -38,7 +38,6 @@
 //! routing fails for good aside as `unroutable`, so it never holds the queue.
 
 mod condition;
-pub mod dry_run;
 pub mod stage;
 mod facts;
 
@@ -250,7 +249,7 @@ fn slice_selection(s: &SliceSelectionConfig) -> Result<SliceSelection, (String, 
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 /// One plain path component on every platform we write to.
 fn is_path_safe_name(name: &str) -> bool {

@@ -14,7 +14,7 @@ fn realct() -> Option<PathBuf> {
 }
 
 /// The shipped config/node.yaml, in a temp dir with the model cards it names.
-fn default_table() -> (tempfile::TempDir, RouteTable) {
+pub(crate) fn default_table() -> (tempfile::TempDir, RouteTable) {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(dir.path().join("config")).unwrap();
     std::fs::create_dir_all(dir.path().join("models")).unwrap();
@@ -29,7 +29,7 @@ fn default_table() -> (tempfile::TempDir, RouteTable) {
 
 fn series_under(p: &Path) -> Vec<SeriesFacts> {
     let mut notes = Vec::new();
-    let found = dry_run::collect(&[p.to_owned()], &mut notes);
+    let found = crate::series::scan::collect(&[p.to_owned()], &mut notes);
     found.iter().map(|s| SeriesFacts::load(&s.instances).unwrap()).collect()
 }
 
@@ -85,24 +85,6 @@ fn head_volume_and_tilted_head_take_no_default_route() {
     assert_eq!(philips.derived(Derived::Axial), Some(FactValue::Bool(true)));
     let spacing = philips.slice_spacing.unwrap();
     assert!((spacing - 5.0).abs() < 0.01, "{spacing}");
-}
-
-#[test]
-fn dry_run_json_has_one_line_per_series_and_route() {
-    let Some(root) = realct() else { return };
-    let (_d, table) = default_table();
-    let (mut out, mut err) = (Vec::new(), Vec::new());
-    dry_run::run(&table, &[root.join("head-philips")], true, &mut out, &mut err).unwrap();
-    let lines: Vec<serde_json::Value> = String::from_utf8(out)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    // 3 series × 4 routes, none matching.
-    assert_eq!(lines.len(), 12);
-    assert!(lines.iter().all(|l| l["matched"] == false && l["reason"].is_string()));
-    let err = String::from_utf8(err).unwrap();
-    assert!(err.contains("DICOMDIR"), "{err}");
 }
 
 // ---- compile diagnostics ----

@@ -48,6 +48,7 @@ mod geometry;
 mod index;
 mod queue;
 mod recover;
+pub mod scan;
 mod state;
 mod tracker;
 

@@ -1,43 +1,30 @@
-//! `biomarker-node route --config F PATH...`: routing without a node.
+//! Series found on disk: walk paths, read each file's header, and group the
+//! files into series by SeriesInstanceUID, as ingest would have.
 //!
-//! Groups the DICOM files under the given paths into series by
-//! SeriesInstanceUID, and prints for every series which routes match and,
-//! for each route that does not, the condition that failed. Files that are
-//! not DICOM, media directories (DICOMDIR) and objects without the
-//! identifiers ingest requires are skipped with a note: ingest would never
-//! have spooled them.
+//! Input: files and directories (walked recursively). Output: one
+//! [`FoundSeries`] per SeriesInstanceUID, its instances with their headers,
+//! in path order, and a [`Note`] for every file not used.
+//! Invariants: a file is used only if ingest would have spooled it: files
+//! that are not DICOM, media directories (DICOMDIR) and objects without the
+//! identifiers ingest requires are skipped with a note, and a second copy
+//! of a SOP instance is skipped (ingest keeps the first). Only headers are
+//! read, never pixel data.
+//! Failures: none are fatal; every unreadable path becomes a note.
+//!
+//! Used by `route` (the routing dry run), `analyze` and the HTTP route test.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use dicom_dictionary_std::tags;
-use serde::Serialize;
 
-use super::{RouteTable, SeriesFacts};
 use crate::dicom::header::InstanceHeader;
 use crate::dicom::read::{open_dicom, ReadDepth};
 
 /// Media Storage Directory Storage (PS3.10 8.6): a DICOMDIR.
 const MEDIA_DIRECTORY: &str = "1.2.840.10008.1.3.10";
 
-/// One line of `--json` output: one (series, route) pair.
-#[derive(Debug, Serialize)]
-pub struct RouteReport<'a> {
-    pub series_instance_uid: &'a str,
-    pub instances: usize,
-    pub route: &'a str,
-    pub matched: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub job: Option<&'a super::RouteMatch>,
-    /// For a non-match: the failed condition's key path within the route.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub failed_at: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub reason: Option<&'a str>,
-}
-
-/// A file or path the dry run did not use, and why.
+/// A file or path the scan did not use, and why.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Note {
     pub path: PathBuf,
@@ -143,79 +130,4 @@ fn walk(p: &Path, out: &mut Vec<PathBuf>, notes: &mut Vec<Note>) {
         Ok(_) => notes.push(note(p, "skipped, not a regular file".into())),
         Err(e) => notes.push(note(p, e.to_string())),
     }
-}
-
-/// Run the dry run and write the report. Notes go to `err` in JSON mode so
-/// that `out` stays one JSON object per line.
-pub fn run(
-    table: &RouteTable,
-    paths: &[PathBuf],
-    json: bool,
-    out: &mut dyn Write,
-    err: &mut dyn Write,
-) -> std::io::Result<()> {
-    let mut notes = Vec::new();
-    let found = collect(paths, &mut notes);
-    for n in summarize(&notes) {
-        if json {
-            writeln!(err, "note: {n}")?;
-        } else {
-            writeln!(out, "note: {n}")?;
-        }
-    }
-    if found.is_empty() {
-        writeln!(err, "no series found under the given paths")?;
-    }
-    for s in &found {
-        let facts = match SeriesFacts::load(&s.instances) {
-            Ok(f) => f,
-            Err(e) => {
-                writeln!(err, "series {}: cannot read its first instance: {e}", s.uid)?;
-                continue;
-            }
-        };
-        let outcomes = table.evaluate(&facts);
-        if json {
-            for o in &outcomes {
-                let report = RouteReport {
-                    series_instance_uid: &s.uid,
-                    instances: s.instances.len(),
-                    route: &o.route,
-                    matched: o.matched.is_some(),
-                    job: o.matched.as_ref(),
-                    failed_at: o.matched.is_none().then_some(o.verdict.at.as_str()),
-                    reason: o.matched.is_none().then_some(o.verdict.why.as_str()),
-                };
-                writeln!(out, "{}", serde_json::to_string(&report).map_err(std::io::Error::other)?)?;
-            }
-            continue;
-        }
-        let show = |d| facts.derived(d).map(|v| v.to_string()).unwrap_or_else(|| "?".into());
-        writeln!(
-            out,
-            "series {}: {} instance(s), {}, {}",
-            s.uid,
-            s.instances.len(),
-            show(super::Derived::Modality),
-            show(super::Derived::SopClass),
-        )?;
-        let n = outcomes.iter().filter(|o| o.matched.is_some()).count();
-        for o in &outcomes {
-            match &o.matched {
-                Some(m) => {
-                    let slices = m.slices.as_ref().map(|s| format!(", slices: {s}")).unwrap_or_default();
-                    writeln!(
-                        out,
-                        "  MATCH    {} → model {}, send to [{}]{slices}",
-                        o.route,
-                        m.model,
-                        m.send_to.join(", ")
-                    )?;
-                }
-                None => writeln!(out, "  no match {}: {}: {}", o.route, o.verdict.at, o.verdict.why)?,
-            }
-        }
-        writeln!(out, "  {n} job(s)")?;
-    }
-    Ok(())
 }

@@ -1,10 +1,79 @@
-//! `biomarker-node outbox`: what is queued, delivered and dead, for operators.
+//! `biomarker-node series | jobs | outbox`: the stores as operators read
+//! them, one JSON object per line with `--json`, else an aligned table.
+//!
+//! Every listing opens its store read-only (or as a plain reader), so it is
+//! safe while `serve` runs and never creates a store that is not there.
 
 use std::io::Write;
 use std::path::Path;
 
-use super::store::{list_read_only, rfc3339};
-use super::OutboxError;
+use anyhow::Context;
+
+use crate::config::Config;
+use crate::jobs::{JobStore, SqliteJobStore};
+use crate::outbox::store::{list_read_only, rfc3339};
+use crate::outbox::{ItemState, OutboxError};
+
+/// `biomarker-node series`.
+pub fn series(config_path: &Path, json: bool) -> anyhow::Result<()> {
+    let cfg = Config::load(config_path)?;
+    let path = cfg.index_path();
+    if !path.exists() {
+        anyhow::bail!("no series index at {} yet: has `serve` run with this config?", path.display());
+    }
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    crate::series::print_series(&path, json, &mut out)?;
+    Ok(())
+}
+
+/// `biomarker-node jobs`.
+pub fn jobs(config_path: &Path, json: bool) -> anyhow::Result<()> {
+    let cfg = Config::load(config_path)?;
+    let path = cfg.index_path();
+    if !path.exists() {
+        anyhow::bail!("no job store at {} yet: has `serve` run with this config?", path.display());
+    }
+    let store = SqliteJobStore::open(&path)?;
+    let stdout = std::io::stdout();
+    print_jobs(&store, json, &mut stdout.lock())?;
+    Ok(())
+}
+
+/// `biomarker-node outbox`.
+pub fn outbox(config_path: &Path, json: bool) -> anyhow::Result<()> {
+    let cfg = Config::load(config_path)?;
+    let stdout = std::io::stdout();
+    print_outbox(&cfg.node.data_dir.join("outbox.sqlite"), json, &mut stdout.lock())?;
+    Ok(())
+}
+
+/// Every job in `store`, oldest first.
+pub fn print_jobs(store: &dyn JobStore, json: bool, out: &mut dyn Write) -> anyhow::Result<()> {
+    let jobs = store.list()?;
+    if json {
+        for j in &jobs {
+            writeln!(out, "{}", serde_json::to_string(j).unwrap_or_default()).context("cannot write the listing")?;
+        }
+        return Ok(());
+    }
+    writeln!(out, "{:>5}  {:<8} {:<20} {:<8} {:>3}  {:<64}  RESULT/ERROR", "ID", "STATE", "ROUTE", "MODEL", "GEN", "SERIES")
+        .context("cannot write the listing")?;
+    for j in &jobs {
+        let detail = match (&j.result, &j.error) {
+            (Some(r), _) => format!("{} {}", r["value"], r["unit"].as_str().unwrap_or("")),
+            (_, Some(e)) => e.clone(),
+            _ => String::new(),
+        };
+        writeln!(
+            out,
+            "{:>5}  {:<8} {:<20} {:<8} {:>3}  {:<64}  {}",
+            j.id, j.state, j.key.route, j.key.model, j.key.generation, j.key.series_instance_uid, detail
+        )
+        .context("cannot write the listing")?;
+    }
+    Ok(())
+}
 
 /// List every item of the outbox in `db_path`: one JSON object per line
 /// with `json`, else an aligned table. Opens the file read-only, so it is
@@ -25,8 +94,8 @@ pub fn print_outbox(db_path: &Path, json: bool, out: &mut dyn Write) -> Result<(
     )?;
     for it in &items {
         let when = match (it.state, it.delivered_at) {
-            (super::ItemState::Delivered, Some(t)) => rfc3339(t),
-            (super::ItemState::Pending, _) => rfc3339(it.next_attempt_at),
+            (ItemState::Delivered, Some(t)) => rfc3339(t),
+            (ItemState::Pending, _) => rfc3339(it.next_attempt_at),
             _ => "-".into(),
         };
         // One line per item: a multi-line reason would break `grep`.
@@ -52,7 +121,7 @@ mod tests {
     use std::time::SystemTime;
 
     #[test]
-    fn json_lines_and_table() {
+    fn outbox_json_lines_and_table() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("o.sqlite");
         let s = SqliteOutboxStore::open(&p).unwrap();

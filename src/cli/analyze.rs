@@ -1,0 +1,77 @@
+//! `biomarker-node analyze --config F --out DIR PATH...`: the same routing
+//! and analysis as `serve`, on files, without a node.
+//!
+//! Input: DICOM files grouped into series by [`crate::series::scan`].
+//! Output: one JSON line per (series, matching route) on stdout, and the
+//! outputs and reports of each job under `DIR/<series UID>/<route>/`.
+//! Failures: a series or job that fails is reported on stderr and the others
+//! still run; the command exits non-zero when there is nothing usable or a
+//! job failed.
+
+use std::path::{Path, PathBuf};
+
+// The analysis entry points `serve`'s job worker runs too.
+use crate::analysis::{device_info, run, write_outputs, write_reports, Models};
+use crate::routing::SeriesFacts;
+use crate::series::scan;
+
+pub fn analyze(config_path: &Path, out: &Path, paths: &[PathBuf]) -> anyhow::Result<()> {
+    let (cfg, table) = crate::node::check::checked(config_path)?;
+    {
+        use tracing_subscriber::EnvFilter;
+        let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
+        let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    }
+    let mut notes = Vec::new();
+    let series = scan::collect(paths, &mut notes);
+    for n in scan::summarize(&notes) {
+        eprintln!("note: {n}");
+    }
+    if series.is_empty() {
+        anyhow::bail!("no usable DICOM series under the given paths");
+    }
+    let models = Models::load(&cfg)?;
+    let opts = crate::volume::VolumeOptions {
+        spacing_tolerance: cfg.series.spacing_tolerance,
+        ..Default::default()
+    };
+    let mut failures = 0usize;
+    let mut jobs = 0usize;
+    for s in &series {
+        let facts = match SeriesFacts::load(&s.instances) {
+            Ok(f) => f,
+            Err(e) => {
+                eprintln!("error: series {}: {e}", s.uid);
+                failures += 1;
+                continue;
+            }
+        };
+        let files: Vec<_> = s.instances.iter().map(|(p, _)| p.clone()).collect();
+        for m in table.matches(&facts) {
+            jobs += 1;
+            match run(&models, &s.uid, &m, &files, &opts) {
+                Ok(a) => {
+                    let uid = crate::dicom::Uid::parse(&s.uid)?;
+                    let dir = crate::dicom::uid_path(out, &[&uid], &[&m.route])?;
+                    write_outputs(&a, &dir)?;
+                    let seed = format!("{}|{}|{}|analyze", s.uid, m.route, a.line.model_version);
+                    let model = models.get(&m.model)?;
+                    let device = device_info(&cfg.node.ae_title);
+                    write_reports(&a, model, &seed, time::OffsetDateTime::now_utc(), device, &dir)?;
+                    println!("{}", serde_json::to_string(&a.line)?);
+                }
+                Err(e) => {
+                    eprintln!("error: series {} route {}: {e}", s.uid, m.route);
+                    failures += 1;
+                }
+            }
+        }
+    }
+    if jobs == 0 {
+        eprintln!("note: no route matched any of the {} series", series.len());
+    }
+    if failures > 0 {
+        anyhow::bail!("{failures} job(s) failed");
+    }
+    Ok(())
+}
