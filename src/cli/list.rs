@@ -10,6 +10,7 @@ use std::path::Path;
 use anyhow::Context;
 
 use crate::config::Config;
+use crate::series::{SeriesIndex, SeriesSummary};
 use crate::jobs::{JobStore, SqliteJobStore};
 use crate::outbox::store::{list_read_only, rfc3339};
 use crate::outbox::{ItemState, OutboxError};
@@ -23,7 +24,77 @@ pub fn series(config_path: &Path, json: bool) -> anyhow::Result<()> {
     }
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
-    crate::series::print_series(&path, json, &mut out)?;
+    print_series(&path, json, &mut out)?;
+    Ok(())
+}
+
+/// `biomarker-node series`: list the index, safe while `serve` writes it.
+///
+/// `json`: one object per line (a [`SeriesSummary`]); otherwise an aligned
+/// table, newest activity first in both.
+pub fn print_series(index_path: &Path, json: bool, out: &mut dyn Write) -> anyhow::Result<()> {
+    let index = SeriesIndex::open_readonly(index_path)?;
+    let rows = index.list_series()?;
+    if json {
+        for row in &rows {
+            let line = serde_json::to_string(row)?;
+            writeln!(out, "{line}").context("cannot write the listing")?;
+        }
+        return Ok(());
+    }
+    write_table(&rows, out).context("cannot write the listing")
+}
+
+fn write_table(rows: &[SeriesSummary], out: &mut dyn Write) -> std::io::Result<()> {
+    const HEAD: [&str; 8] = [
+        "STATE",
+        "INST",
+        "GEN",
+        "REASON",
+        "MOD",
+        "LAST RECEIVED",
+        "SERIES UID",
+        "DESCRIPTION",
+    ];
+    let cells: Vec<[String; 8]> = rows
+        .iter()
+        .map(|r| {
+            [
+                r.state.to_string(),
+                r.instances.to_string(),
+                r.generation.to_string(),
+                r.completion_reason.clone().unwrap_or_else(|| "-".into()),
+                r.modality.clone().unwrap_or_else(|| "-".into()),
+                r.last_received_at.clone(),
+                r.series_instance_uid.to_string(),
+                r.series_description.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    let mut width = HEAD.map(str::len);
+    for row in &cells {
+        for (w, c) in width.iter_mut().zip(row) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let mut line = |fields: [&str; 8]| -> std::io::Result<()> {
+        let mut s = String::new();
+        for (i, (f, w)) in fields.iter().zip(width).enumerate() {
+            if i + 1 == fields.len() {
+                s.push_str(f);
+            } else if i == 1 || i == 2 {
+                // Counts read better right-aligned.
+                s.push_str(&format!("{f:>w$}  "));
+            } else {
+                s.push_str(&format!("{f:<w$}  "));
+            }
+        }
+        writeln!(out, "{}", s.trim_end())
+    };
+    line(HEAD)?;
+    for row in &cells {
+        line(row.each_ref().map(String::as_str))?;
+    }
     Ok(())
 }
 
@@ -117,8 +188,90 @@ pub fn print_outbox(db_path: &Path, json: bool, out: &mut dyn Write) -> Result<(
 mod tests {
     use super::*;
     use crate::dicom::Uid;
-    use crate::outbox::store::{NewItem, OutboxStore, SqliteOutboxStore};
+    use crate::series::{CompletionReason, StoredInstance};
+    use std::path::PathBuf;
     use std::time::SystemTime;
+
+    fn indexed(dir: &std::path::Path) -> PathBuf {
+        let path = dir.join("index.sqlite");
+        let mut ix = SeriesIndex::open(&path).unwrap();
+        for (series, n) in [("1.2.3", 3), ("1.2.4", 1)] {
+            for i in 1..=n {
+                let header = crate::series::test_slice(series, i, f64::from(i));
+                let inst = StoredInstance {
+                    rel_path: PathBuf::from(format!("s/{series}/{i}.dcm")),
+                    header,
+                    transfer_syntax: "1.2.840.10008.1.2.1".into(),
+                    size_bytes: 1,
+                    association_id: 1,
+                    calling_ae: "CT01".into(),
+                };
+                ix.insert_instance(&inst, SystemTime::now()).unwrap();
+            }
+        }
+        let ev = ix
+            .pending_completion(&Uid::parse("1.2.3").unwrap(), CompletionReason::QuietTimer)
+            .unwrap()
+            .unwrap();
+        ix.mark_complete(&ev, SystemTime::now()).unwrap();
+        path
+    }
+
+    #[test]
+    fn print_series_json_has_one_object_per_series_with_required_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = indexed(dir.path());
+        let mut out = Vec::new();
+        print_series(&path, true, &mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        let rows: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(rows.len(), 2);
+        for key in [
+            "series_instance_uid",
+            "state",
+            "instances",
+            "completion_reason",
+        ] {
+            assert!(
+                rows.iter().all(|r| r.get(key).is_some()),
+                "missing {key}: {text}"
+            );
+        }
+        let done = rows
+            .iter()
+            .find(|r| r["series_instance_uid"] == "1.2.3")
+            .unwrap();
+        assert_eq!(done["state"], "complete");
+        assert_eq!(done["instances"], 3);
+        assert_eq!(done["completion_reason"], "quiet_timer");
+        let open = rows
+            .iter()
+            .find(|r| r["series_instance_uid"] == "1.2.4")
+            .unwrap();
+        assert_eq!(open["completion_reason"], serde_json::Value::Null);
+    }
+
+    #[test]
+    fn print_series_text_is_an_aligned_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = indexed(dir.path());
+        let mut out = Vec::new();
+        print_series(&path, false, &mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        assert!(lines[0].starts_with("STATE"), "{text}");
+        let col = lines[0].find("SERIES UID").unwrap();
+        assert!(
+            lines[1..].iter().all(|l| l[col..].starts_with("1.2.")),
+            "{text}"
+        );
+    }
+
+    use crate::outbox::store::{NewItem, OutboxStore, SqliteOutboxStore};
 
     #[test]
     fn outbox_json_lines_and_table() {
