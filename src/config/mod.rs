@@ -12,6 +12,8 @@
 //! and the regex engine; [`check_file`] runs both and reports every problem
 //! as a [`ConfigDiagnostic`] positioned at `file:line:column`.
 
+pub mod schema;
+
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
