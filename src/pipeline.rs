@@ -95,27 +95,8 @@ async fn run(cfg: Config, table: RouteTable, config_path: std::path::PathBuf) ->
     );
     let mut destinations = std::collections::HashMap::new();
     for (k, d) in &cfg.destinations {
-        let tls = match &d.tls {
-            None => None,
-            Some(t) => Some(crate::outbox::ClientTls {
-                config: crate::tls::client_config(k, t).with_context(|| format!("destinations.{k}.tls"))?,
-                server_name: t.server_name.clone().unwrap_or_else(|| d.host.clone()),
-            }),
-        };
-        let stow = match &d.stow_rs {
-            None => None,
-            Some(s) => Some(crate::outbox::stow::StowTarget::build(k, s).map_err(|e| anyhow::anyhow!("{e}"))?),
-        };
-        destinations.insert(
-            k.clone(),
-            crate::outbox::Destination {
-                ae_title: d.ae_title.clone(),
-                host: d.host.clone(),
-                port: d.port,
-                tls,
-                stow,
-            },
-        );
+        let dest = crate::outbox::Destination::build(k, d).map_err(|e| anyhow::anyhow!("{e}"))?;
+        destinations.insert(k.clone(), dest);
     }
     let retention_task = cfg.retention.enabled().then(|| {
         let r = crate::retention::Retention {
