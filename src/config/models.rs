@@ -31,8 +31,9 @@ fn default_max_concurrency() -> usize {
     1
 }
 
-/// Where a model runs. Here, not in `inference`, because it is a config
-/// value first; the inference stage reads it.
+// Where a model runs. Here, not in `inference`, because it is a config
+// value first; the inference stage reads it. (A `//` comment: a doc comment
+// would become a description in the JSON schema.)
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum ExecutionProvider {
