@@ -15,7 +15,6 @@ pub mod analysis;
 pub mod biomarkers;
 pub mod cli;
 pub mod config;
-pub mod config_schema;
 pub mod http;
 pub mod telemetry;
 #[cfg(test)]

@@ -5,7 +5,7 @@
 #![no_main]
 use std::path::Path;
 
-use biomarker_node::config::{Config, ConfigDiagnostic};
+use biomarker_node::config::Config;
 use biomarker_node::routing::RouteTable;
 use libfuzzer_sys::fuzz_target;
 
@@ -14,7 +14,9 @@ fuzz_target!(|data: &[u8]| {
     let path = Path::new("/nonexistent/fuzz/node.yaml");
     match Config::parse(text, path) {
         Err(e) => {
-            let _ = ConfigDiagnostic::from_error(&e, Some(text)).to_string();
+            for d in e.diagnostics(Some(text)) {
+                let _ = d.to_string();
+            }
         }
         Ok(cfg) => {
             if let Err(diags) = RouteTable::compile(&cfg) {

@@ -23,6 +23,8 @@ use ort::value::Tensor;
 
 pub use card::{CardError, ModelCard};
 
+use crate::config::ExecutionProvider;
+
 /// CUDA → CPU fallbacks since start, for the metrics endpoint.
 pub static CUDA_FALLBACKS: AtomicU64 = AtomicU64::new(0);
 
@@ -47,23 +49,6 @@ impl InferenceError {
     /// a bad card or model will not.
     pub fn is_retryable(&self) -> bool {
         matches!(self, InferenceError::Session { .. })
-    }
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum ExecutionProvider {
-    #[default]
-    Cpu,
-    Cuda,
-}
-
-impl ExecutionProvider {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ExecutionProvider::Cpu => "cpu",
-            ExecutionProvider::Cuda => "cuda",
-        }
     }
 }
 

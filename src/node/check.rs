@@ -15,7 +15,7 @@ use crate::routing::RouteTable;
 /// running config.
 pub fn check_file(path: &Path) -> Result<(Config, RouteTable), Vec<ConfigDiagnostic>> {
     let text = std::fs::read_to_string(path).ok();
-    let cfg = Config::load(path).map_err(|e| vec![ConfigDiagnostic::from_error(&e, text.as_deref())])?;
+    let cfg = Config::load(path).map_err(|e| e.diagnostics(text.as_deref()))?;
     // Certificates and keys are read here, not in `load`, so the listing
     // commands still work on a node whose key file is unreadable to them.
     let mut diags: Vec<ConfigDiagnostic> = crate::tls::check(&cfg)

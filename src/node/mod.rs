@@ -246,27 +246,8 @@ fn build_worker(ctx: &Ctx, outbox: OutboxHandle) -> Worker {
 fn build_destinations(cfg: &Config) -> anyhow::Result<HashMap<String, Destination>> {
     let mut destinations = HashMap::new();
     for (k, d) in &cfg.destinations {
-        let tls = match &d.tls {
-            None => None,
-            Some(t) => Some(crate::outbox::ClientTls {
-                config: crate::tls::client_config(k, t).with_context(|| format!("destinations.{k}.tls"))?,
-                server_name: t.server_name.clone().unwrap_or_else(|| d.host.clone()),
-            }),
-        };
-        let stow = match &d.stow_rs {
-            None => None,
-            Some(s) => Some(crate::outbox::stow::StowTarget::build(k, s).map_err(|e| anyhow::anyhow!("{e}"))?),
-        };
-        destinations.insert(
-            k.clone(),
-            Destination {
-                ae_title: d.ae_title.clone(),
-                host: d.host.clone(),
-                port: d.port,
-                tls,
-                stow,
-            },
-        );
+        let dest = Destination::build(k, d).map_err(|e| anyhow::anyhow!("{e}"))?;
+        destinations.insert(k.clone(), dest);
     }
     Ok(destinations)
 }

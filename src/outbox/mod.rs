@@ -44,7 +44,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
@@ -52,6 +51,7 @@ use tracing::Instrument;
 
 pub use store::{Enqueued, ItemState, NewItem, OutboxItem, OutboxStore, SqliteOutboxStore};
 
+use crate::config::{DestinationConfig, OutboxConfig, Problem};
 use crate::dicom::{AeTitle, Uid};
 use crate::fault::Fault;
 use events::{Delivery, Disposition};
@@ -83,113 +83,10 @@ impl OutboxError {
     }
 }
 
-/// The `outbox:` config section.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct OutboxConfig {
-    /// Delay before the 2nd attempt; doubles per failed attempt.
-    #[serde(default = "default_retry_base")]
-    pub retry_base_s: f64,
-    /// Longest delay between attempts.
-    #[serde(default = "default_retry_cap")]
-    pub retry_cap_s: f64,
-    /// Attempts (transient failures) before an item becomes a dead letter.
-    #[serde(default = "default_max_attempts")]
-    pub max_attempts: u32,
-    /// TCP connect timeout.
-    #[serde(default = "default_connect_timeout")]
-    pub connect_timeout_s: f64,
-    /// Time allowed for the A-ASSOCIATE-AC, each PDU write, each C-STORE-RSP
-    /// and the A-RELEASE-RP.
-    #[serde(default = "default_dimse_timeout")]
-    pub dimse_timeout_s: f64,
-}
-
-fn default_retry_base() -> f64 {
-    2.0
-}
-fn default_retry_cap() -> f64 {
-    300.0
-}
-fn default_max_attempts() -> u32 {
-    10
-}
-fn default_connect_timeout() -> f64 {
-    10.0
-}
-fn default_dimse_timeout() -> f64 {
-    60.0
-}
-
-impl Default for OutboxConfig {
-    fn default() -> Self {
-        OutboxConfig {
-            retry_base_s: default_retry_base(),
-            retry_cap_s: default_retry_cap(),
-            max_attempts: default_max_attempts(),
-            connect_timeout_s: default_connect_timeout(),
-            dimse_timeout_s: default_dimse_timeout(),
-        }
-    }
-}
-
-/// A config key that failed validation, relative to its section
-/// (`retry_cap_s`, `destinations.pacs.port`), for `ConfigError::Invalid`.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("`{key}`: {message}")]
-pub struct InvalidField {
-    pub key: String,
-    pub message: String,
-}
-
-fn invalid(key: impl Into<String>, message: impl Into<String>) -> InvalidField {
-    InvalidField {
-        key: key.into(),
-        message: message.into(),
-    }
-}
-
-impl OutboxConfig {
-    pub fn validate(&self) -> Result<(), InvalidField> {
-        for (key, v) in [
-            ("retry_base_s", self.retry_base_s),
-            ("retry_cap_s", self.retry_cap_s),
-            ("connect_timeout_s", self.connect_timeout_s),
-            ("dimse_timeout_s", self.dimse_timeout_s),
-        ] {
-            // Also bounds Duration::from_secs_f64, which panics on huge values.
-            if !(v > 0.0 && v <= 86_400.0 * 7.0) {
-                return Err(invalid(key, format!("{v} is outside (0, 604800] seconds")));
-            }
-        }
-        if self.retry_cap_s < self.retry_base_s {
-            return Err(invalid("retry_cap_s", "must be at least retry_base_s"));
-        }
-        if self.max_attempts == 0 {
-            return Err(invalid("max_attempts", "must be at least 1"));
-        }
-        Ok(())
-    }
-    fn secs(v: f64) -> Duration {
-        Duration::try_from_secs_f64(v).unwrap_or(Duration::from_secs(1))
-    }
-    pub fn retry_base(&self) -> Duration {
-        Self::secs(self.retry_base_s)
-    }
-    pub fn retry_cap(&self) -> Duration {
-        Self::secs(self.retry_cap_s)
-    }
-    pub fn connect_timeout(&self) -> Duration {
-        Self::secs(self.connect_timeout_s)
-    }
-    pub fn dimse_timeout(&self) -> Duration {
-        Self::secs(self.dimse_timeout_s)
-    }
-}
-
-/// A Storage SCP we send results to; routes name it by its map key.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// A destination as the outbox sends to it: its checked config section
+/// with the TLS and STOW-RS material it names loaded. Built once at start
+/// ([`Destination::build`]); routes name it by its map key.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Destination {
     /// Called AE title.
     pub ae_title: String,
@@ -197,11 +94,9 @@ pub struct Destination {
     pub host: String,
     pub port: u16,
     /// DICOM TLS to this destination; built from `destinations.<name>.tls`.
-    #[serde(skip)]
     pub tls: Option<ClientTls>,
     /// Deliver by STOW-RS instead of C-STORE (`ae_title`, `host`, `port`
     /// unused); built from `destinations.<name>.stow_rs`.
-    #[serde(skip)]
     pub stow: Option<stow::StowTarget>,
 }
 
@@ -229,17 +124,26 @@ impl PartialEq for ClientTls {
 impl Eq for ClientTls {}
 
 impl Destination {
-    /// `name` is the map key, for the error's position.
-    pub fn validate(&self, name: &str) -> Result<(), InvalidField> {
-        let key = |k: &str| format!("destinations.{name}.{k}");
-        crate::config::check_ae(&self.ae_title).map_err(|m| invalid(key("ae_title"), m))?;
-        if self.host.trim().is_empty() {
-            return Err(invalid(key("host"), "is empty"));
-        }
-        if self.port == 0 {
-            return Err(invalid(key("port"), "must be 1..=65535"));
-        }
-        Ok(())
+    /// Load what `destinations.<name>` names: TLS roots and client
+    /// certificate, STOW-RS secrets. The section is the one
+    /// `config::Config::validate` passed and is not checked again; a
+    /// problem here is a file or variable that cannot be read, at its key.
+    pub fn build(name: &str, cfg: &DestinationConfig) -> Result<Destination, Problem> {
+        let tls = match &cfg.tls {
+            None => None,
+            Some(t) => Some(ClientTls {
+                config: crate::tls::client_config(name, t).map_err(|e| Problem::new(e.key(), e.to_string()))?,
+                server_name: t.server_name.clone().unwrap_or_else(|| cfg.host.clone()),
+            }),
+        };
+        let stow = cfg.stow_rs.as_ref().map(|s| stow::StowTarget::build(name, s)).transpose()?;
+        Ok(Destination {
+            ae_title: cfg.ae_title.clone(),
+            host: cfg.host.clone(),
+            port: cfg.port,
+            tls,
+            stow,
+        })
     }
 }
 

@@ -30,158 +30,13 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::header::{HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HOST};
-use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use super::policy::{classify_status, StatusClass};
 use crate::fault::Fault;
 use super::scu::Outcome;
 use super::store::OutboxItem;
-use super::{invalid, InvalidField};
-
-/// The `destinations.<name>.stow_rs` config section.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct StowRsConfig {
-    /// Base URL of the DICOMweb service; instances go to `{url}/studies`.
-    pub url: String,
-    #[serde(default)]
-    pub auth: StowAuth,
-    /// For `auth: basic`.
-    #[serde(default)]
-    pub username: Option<String>,
-    /// For `auth: basic`: the environment variable holding the password.
-    #[serde(default)]
-    pub password_env: Option<String>,
-    /// For `auth: basic`: a file holding the password.
-    #[serde(default)]
-    pub password_file: Option<PathBuf>,
-    /// For `auth: bearer`: the environment variable holding the token.
-    #[serde(default)]
-    pub token_env: Option<String>,
-    /// For `auth: bearer`: a file holding the token.
-    #[serde(default)]
-    pub token_file: Option<PathBuf>,
-    /// PEM roots trusted for an `https` URL (required there).
-    #[serde(default)]
-    pub ca: Option<PathBuf>,
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum StowAuth {
-    #[default]
-    None,
-    Basic,
-    Bearer,
-}
-
-/// A parsed `url`: what a connection and a request need.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct BaseUrl {
-    https: bool,
-    host: String,
-    port: u16,
-    /// The Host header value (`host[:port]`).
-    authority: String,
-    /// Path without a trailing slash (`""` or `/dicom-web`).
-    path: String,
-}
-
-fn parse_url(url: &str) -> Result<BaseUrl, String> {
-    let uri: hyper::Uri = url.parse().map_err(|e| format!("`{url}` is not a URL: {e}"))?;
-    let https = match uri.scheme_str() {
-        Some("http") => false,
-        Some("https") => true,
-        _ => return Err(format!("`{url}` must start with http:// or https://")),
-    };
-    let auth = uri.authority().ok_or_else(|| format!("`{url}` has no host"))?;
-    if auth.as_str().contains('@') {
-        return Err("credentials in the URL would be logged; use `auth`".into());
-    }
-    if uri.query().is_some() {
-        return Err(format!("`{url}` has a query; give the service's base URL"));
-    }
-    let host = auth.host().trim_start_matches('[').trim_end_matches(']').to_owned();
-    if host.is_empty() {
-        return Err(format!("`{url}` has no host"));
-    }
-    Ok(BaseUrl {
-        https,
-        port: auth.port_u16().unwrap_or(if https { 443 } else { 80 }),
-        host,
-        authority: auth.as_str().to_owned(),
-        path: uri.path().trim_end_matches('/').to_owned(),
-    })
-}
-
-impl StowRsConfig {
-    /// The checks that need no file or environment; `name` is the map key.
-    pub fn validate(&self, name: &str) -> Result<(), InvalidField> {
-        let key = |k: &str| format!("destinations.{name}.stow_rs.{k}");
-        let base = parse_url(&self.url).map_err(|m| invalid(key("url"), m))?;
-        match (base.https, &self.ca) {
-            (true, None) => return Err(invalid(key("ca"), "an https URL needs `ca` (PEM roots)")),
-            (false, Some(_)) => return Err(invalid(key("ca"), "only for an https URL")),
-            _ => {}
-        }
-        let given = |k: &str, v: bool| v.then(|| k.to_owned());
-        let basic = [
-            given("username", self.username.is_some()),
-            given("password_env", self.password_env.is_some()),
-            given("password_file", self.password_file.is_some()),
-        ];
-        let bearer = [
-            given("token_env", self.token_env.is_some()),
-            given("token_file", self.token_file.is_some()),
-        ];
-        let stray = |keys: &[Option<String>]| keys.iter().flatten().next().cloned();
-        match self.auth {
-            StowAuth::None => {
-                if let Some(k) = stray(&basic).or(stray(&bearer)) {
-                    return Err(invalid(key(&k), "needs `auth: basic` or `auth: bearer`"));
-                }
-            }
-            StowAuth::Basic => {
-                if let Some(k) = stray(&bearer) {
-                    return Err(invalid(key(&k), "is for `auth: bearer`"));
-                }
-                match &self.username {
-                    None => return Err(invalid(key("username"), "`auth: basic` needs `username`")),
-                    Some(u) if u.contains(':') => {
-                        return Err(invalid(key("username"), "a basic-auth user name cannot contain `:`"))
-                    }
-                    _ => {}
-                }
-                if self.password_env.is_some() == self.password_file.is_some() {
-                    return Err(invalid(
-                        key("password_env"),
-                        "`auth: basic` needs exactly one of `password_env` and `password_file`",
-                    ));
-                }
-            }
-            StowAuth::Bearer => {
-                if let Some(k) = stray(&basic) {
-                    return Err(invalid(key(&k), "is for `auth: basic`"));
-                }
-                if self.token_env.is_some() == self.token_file.is_some() {
-                    return Err(invalid(
-                        key("token_env"),
-                        "`auth: bearer` needs exactly one of `token_env` and `token_file`",
-                    ));
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Make `ca` and the secret files absolute relative to the config file.
-    pub fn resolve_paths(&mut self, resolve: &dyn Fn(&mut PathBuf)) {
-        for p in [&mut self.ca, &mut self.password_file, &mut self.token_file].into_iter().flatten() {
-            resolve(p);
-        }
-    }
-}
+use crate::config::{Problem, StowAuth, StowRsConfig, StowUrl};
 
 /// A password or token: never printed.
 #[derive(Clone, PartialEq, Eq)]
@@ -198,7 +53,7 @@ impl std::fmt::Debug for Secret {
 #[derive(Clone)]
 pub struct StowTarget {
     url: String,
-    base: BaseUrl,
+    base: StowUrl,
     authorization: Option<Secret>,
     tls: Option<Arc<rustls::ClientConfig>>,
 }
@@ -227,30 +82,31 @@ impl PartialEq for StowTarget {
 }
 impl Eq for StowTarget {}
 
-fn read_secret(env: &Option<String>, file: &Option<PathBuf>, key: &dyn Fn(&str) -> String, what: &str) -> Result<Secret, InvalidField> {
+fn read_secret(env: &Option<String>, file: &Option<PathBuf>, key: &dyn Fn(&str) -> String, what: &str) -> Result<Secret, Problem> {
     let v = match (env, file) {
         (Some(var), _) => std::env::var(var)
-            .map_err(|_| invalid(key(&format!("{what}_env")), format!("environment variable `{var}` is not set")))?,
+            .map_err(|_| Problem::new(key(&format!("{what}_env")), format!("environment variable `{var}` is not set")))?,
         (None, Some(p)) => std::fs::read_to_string(p)
-            .map_err(|e| invalid(key(&format!("{what}_file")), format!("cannot read {}: {e}", p.display())))?,
+            .map_err(|e| Problem::new(key(&format!("{what}_file")), format!("cannot read {}: {e}", p.display())))?,
         (None, None) => unreachable!("validate requires one of them"),
     };
     // A trailing newline in a secret file is an editor's, not the secret's.
     let v = v.trim_end_matches(['\r', '\n']).to_owned();
     if v.is_empty() {
         let k = if env.is_some() { "env" } else { "file" };
-        return Err(invalid(key(&format!("{what}_{k}")), format!("the {what} is empty")));
+        return Err(Problem::new(key(&format!("{what}_{k}")), format!("the {what} is empty")));
     }
     Ok(Secret(v))
 }
 
 impl StowTarget {
-    /// Validate, read the secret and the CA: what start-up and
-    /// `check-config` run, so a missing variable or file names its key.
-    pub fn build(name: &str, cfg: &StowRsConfig) -> Result<StowTarget, InvalidField> {
-        cfg.validate(name)?;
+    /// Read the secret and the CA of a section `config::Config::validate`
+    /// passed: what start-up and `check-config` run, so a missing variable
+    /// or file names its key. The section's shape is not checked again.
+    pub fn build(name: &str, cfg: &StowRsConfig) -> Result<StowTarget, Problem> {
         let key = |k: &str| format!("destinations.{name}.stow_rs.{k}");
-        let base = parse_url(&cfg.url).map_err(|m| invalid(key("url"), m))?;
+        // Parses: validation refused a URL that does not.
+        let base = StowUrl::parse(&cfg.url).map_err(|m| Problem::new(key("url"), m))?;
         let authorization = match cfg.auth {
             StowAuth::None => None,
             StowAuth::Basic => {
@@ -266,7 +122,7 @@ impl StowTarget {
         if let Some(a) = &authorization {
             HeaderValue::from_str(&a.0).map_err(|_| {
                 let k = if cfg.auth == StowAuth::Basic { "password_env" } else { "token_env" };
-                invalid(key(k), "the secret has characters an HTTP header cannot carry")
+                Problem::new(key(k), "the secret has characters an HTTP header cannot carry")
             })?;
         }
         let tls = match &cfg.ca {
@@ -279,7 +135,7 @@ impl StowTarget {
                     server_name: None,
                 };
                 // The TLS errors name `tls.ca`; ours is `stow_rs.ca`.
-                Some(crate::tls::client_config(name, &t).map_err(|e| invalid(key("ca"), e.to_string()))?)
+                Some(crate::tls::client_config(name, &t).map_err(|e| Problem::new(key("ca"), e.to_string()))?)
             }
         };
         Ok(StowTarget {
@@ -860,28 +716,6 @@ mod tests {
 
     fn cfg(y: &str) -> StowRsConfig {
         serde_yaml::from_str(y).unwrap()
-    }
-
-    #[test]
-    fn config_mistakes_name_their_key() {
-        for (y, key) in [
-            ("url: ftp://x/", "url"),
-            ("url: 'http://u:p@x/'", "url"),
-            ("url: https://x/dicom-web", "ca"),
-            ("{url: http://x/, ca: c.pem}", "ca"),
-            ("{url: http://x/, username: u}", "username"),
-            ("{url: http://x/, auth: basic, password_env: P}", "username"),
-            ("{url: http://x/, auth: basic, username: u}", "password_env"),
-            ("{url: http://x/, auth: basic, username: u, password_env: P, password_file: f}", "password_env"),
-            ("{url: http://x/, auth: bearer}", "token_env"),
-            ("{url: http://x/, auth: bearer, token_env: T, username: u}", "username"),
-        ] {
-            let e = cfg(y).validate("web").unwrap_err();
-            assert_eq!(e.key, format!("destinations.web.stow_rs.{key}"), "{y}: {e}");
-        }
-        cfg("{url: 'http://127.0.0.1:8042/dicom-web/', auth: basic, username: u, password_file: p}")
-            .validate("web")
-            .unwrap();
     }
 
     #[test]

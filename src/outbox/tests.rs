@@ -557,39 +557,6 @@ async fn shutdown_mid_association_gives_the_attempt_back() {
     assert_eq!((it.state, it.attempts), (ItemState::Pending, 0));
 }
 
-#[test]
-fn config_defaults_and_validation() {
-    let c: OutboxConfig = serde_yaml::from_str("{}").unwrap();
-    assert_eq!(c, OutboxConfig::default());
-    assert_eq!(
-        (c.retry_base_s, c.retry_cap_s, c.max_attempts),
-        (2.0, 300.0, 10)
-    );
-    assert!(c.validate().is_ok());
-    assert!(serde_yaml::from_str::<OutboxConfig>("retry_bsae_s: 1").is_err());
-    let bad = OutboxConfig {
-        retry_cap_s: 1.0,
-        ..OutboxConfig::default()
-    };
-    assert_eq!(bad.validate().unwrap_err().key, "retry_cap_s");
-    let bad = OutboxConfig {
-        dimse_timeout_s: f64::NAN,
-        ..OutboxConfig::default()
-    };
-    assert_eq!(bad.validate().unwrap_err().key, "dimse_timeout_s");
-    let d: Destination =
-        serde_yaml::from_str("{ae_title: PACS, host: pacs.local, port: 104}").unwrap();
-    assert!(d.validate("main").is_ok());
-    let bad = Destination {
-        ae_title: "A_VERY_LONG_AE_TITLE".into(),
-        ..d
-    };
-    assert_eq!(
-        bad.validate("main").unwrap_err().key,
-        "destinations.main.ae_title"
-    );
-}
-
 /// A storescp with TLS (`+tls`), requiring our client certificate.
 fn tls_storescp(port: u16, dir: &Path, pki: &crate::tls::testpki::Pki) -> Scp {
     let (key, cert, ca) = (pki.key.to_str().unwrap(), pki.cert.to_str().unwrap(), pki.ca.to_str().unwrap());

@@ -1,0 +1,90 @@
+//! The analysis sections: `models:` (the biomarker models by name, and
+//! where they run), `onnxruntime:` (which runtime library) and `jobs:` (how
+//! long one job may run). Read by the inference registry and the job worker.
+
+use std::path::PathBuf;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// The model card (YAML); relative paths resolve against the config
+    /// file's directory.
+    pub card: PathBuf,
+    #[serde(default)]
+    pub execution_provider: ExecutionProvider,
+    /// GPU ordinal for `cuda`; ignored for `cpu`.
+    #[serde(default)]
+    pub device_id: u32,
+    /// When the model fails to load at start, refuse to start (true) or run
+    /// without it and fail its jobs (false).
+    #[serde(default)]
+    pub fail_hard: bool,
+    /// Jobs of this model run at most this many at a time.
+    #[serde(default = "default_max_concurrency")]
+    pub max_concurrency: usize,
+}
+
+fn default_max_concurrency() -> usize {
+    1
+}
+
+// Where a model runs. Here, not in `inference`, because it is a config
+// value first; the inference stage reads it. (A `//` comment: a doc comment
+// would become a description in the JSON schema.)
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ExecutionProvider {
+    #[default]
+    Cpu,
+    Cuda,
+}
+
+impl ExecutionProvider {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExecutionProvider::Cpu => "cpu",
+            ExecutionProvider::Cuda => "cuda",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OnnxRuntimeConfig {
+    /// Path of the ONNX Runtime shared library; relative paths resolve
+    /// against the config file's directory. `ORT_DYLIB_PATH` overrides it.
+    #[serde(default)]
+    pub library: Option<PathBuf>,
+}
+
+impl OnnxRuntimeConfig {
+    /// The library to load: `ORT_DYLIB_PATH` if set, else `library`.
+    pub fn library_path(&self) -> Option<PathBuf> {
+        std::env::var_os("ORT_DYLIB_PATH")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+            .or_else(|| self.library.clone())
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct JobsConfig {
+    /// A job still running after this many seconds fails with "deadline of
+    /// N s exceeded" and the next job runs.
+    #[serde(default = "default_job_timeout")]
+    pub timeout_s: f64,
+}
+
+fn default_job_timeout() -> f64 {
+    600.0
+}
+
+impl Default for JobsConfig {
+    fn default() -> Self {
+        JobsConfig { timeout_s: default_job_timeout() }
+    }
+}
