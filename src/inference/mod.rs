@@ -12,6 +12,9 @@
 //!   CPU with a log line and a counter, unless the model is `fail_hard`.
 
 pub mod card;
+#[cfg(test)]
+mod golden;
+pub mod measure;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,6 +25,7 @@ use ort::session::Session;
 use ort::value::Tensor;
 
 pub use card::{CardError, ModelCard};
+pub use measure::measure;
 
 /// CUDA → CPU fallbacks since start, for the metrics endpoint.
 pub static CUDA_FALLBACKS: AtomicU64 = AtomicU64::new(0);

@@ -36,7 +36,8 @@
 //!   mediastinal or arm fat) whose HU is in [-190, -30], cm².
 //! - Liver: liver tumour pixels whose HU is in [-20, 200], cm²; 0 tumours in
 //!   about 15% of series.
-//! - CAC: Agatston over coronary plaques only ([`agatston`]): per slice,
+//! - CAC: Agatston over coronary plaques only ([`crate::biomarkers::agatston`],
+//!   the node's own copy): per slice,
 //!   8-connected components of HU ≥ 130 inside the coronary-plaque region,
 //!   area ≥ 1 mm², weight from the peak HU, score scaled by thickness / 3.
 //!
@@ -51,7 +52,6 @@
 //!
 //! Failure modes: an unknown task, or an I/O error writing the output.
 
-pub mod agatston;
 mod abdomen;
 mod canvas;
 mod cac;

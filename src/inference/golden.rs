@@ -6,8 +6,8 @@ use std::path::PathBuf;
 
 use ndarray::{s, Array4, Axis};
 
-use super::{candidate_mask, measure, normalise_slice, PixelGeometry};
-use crate::inference::{init_for_tests, Model, RuntimeOptions};
+use super::{init_for_tests, measure, Model, RuntimeOptions};
+use crate::biomarkers::{candidate_mask, normalise_slice, PixelGeometry};
 use crate::npy::read_f64;
 use crate::volume::Volume;
 
