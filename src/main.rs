@@ -72,6 +72,7 @@ enum Command {
     /// docs/CONFIGURATION.md is the reference), for editors and admins.
     ConfigSchema,
     /// Write synthetic CT phantoms with ground truth.
+    #[cfg(feature = "phantom")]
     Phantom(biomarker_node::phantom::PhantomArgs),
 }
 
@@ -106,6 +107,7 @@ fn main() -> ExitCode {
             println!("{:#}", biomarker_node::config::json_schema());
             Ok(())
         }
+        #[cfg(feature = "phantom")]
         Command::Phantom(args) => biomarker_node::phantom::run(&args),
     };
     match result {
