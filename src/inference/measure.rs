@@ -8,16 +8,14 @@
 
 use ndarray::{s, Array4, ArrayView3, Axis};
 
-use super::{InferenceError, Model};
+use super::{InferenceError, Model, ModelCard};
 use crate::biomarkers::{aggregate, normalise_slice, Measurement, PixelGeometry};
 
-/// Measure on `hu` (`[S,R,C]`, patient order). Blocking: call from a
-/// blocking context.
-pub fn measure(model: &Model, hu: ArrayView3<f32>, geom: PixelGeometry) -> Result<Measurement, InferenceError> {
-    let card = &model.card;
-    let n = hu.dim().0;
+/// The model input `[S,1,H,W]` for `hu` (`[S,R,C]`): each slice clipped,
+/// area-resampled to the card's size and scaled.
+pub fn model_input(card: &ModelCard, hu: ArrayView3<f32>) -> Array4<f32> {
     let [h, w] = card.input.size;
-    let mut input = Array4::<f32>::zeros((n, 1, h, w));
+    let mut input = Array4::<f32>::zeros((hu.dim().0, 1, h, w));
     for (i, slice) in hu.axis_iter(Axis(0)).enumerate() {
         let x = normalise_slice(
             slice,
@@ -28,6 +26,14 @@ pub fn measure(model: &Model, hu: ArrayView3<f32>, geom: PixelGeometry) -> Resul
         );
         input.slice_mut(s![i, 0, .., ..]).assign(&x);
     }
+    input
+}
+
+/// Measure on `hu` (`[S,R,C]`, patient order). Blocking: call from a
+/// blocking context.
+pub fn measure(model: &Model, hu: ArrayView3<f32>, geom: PixelGeometry) -> Result<Measurement, InferenceError> {
+    let card = &model.card;
+    let input = model_input(card, hu);
     let out = model.run(input)?;
     let a = aggregate(hu, out.view(), geom, &card.candidates, &card.aggregation);
     Ok(Measurement {

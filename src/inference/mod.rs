@@ -27,9 +27,6 @@ use ort::value::Tensor;
 pub use card::{CardError, ModelCard};
 pub use measure::measure;
 
-/// CUDA → CPU fallbacks since start, for the metrics endpoint.
-pub static CUDA_FALLBACKS: AtomicU64 = AtomicU64::new(0);
-
 #[derive(Debug, thiserror::Error)]
 pub enum InferenceError {
     #[error("ONNX Runtime library not found: set onnxruntime.library in the config or ORT_DYLIB_PATH (tried {0})")]
@@ -161,9 +158,7 @@ impl Model {
                     })
                 }
                 Err(e) => {
-                    CUDA_FALLBACKS.fetch_add(1, Ordering::Relaxed);
-                    crate::telemetry::METRICS.cuda_fallbacks.inc();
-                    tracing::warn!(model = %card.name, error = %e, "CUDA execution provider unusable; falling back to CPU");
+                    crate::telemetry::CudaFallback { model: &card.name, error: &e }.emit();
                     provider = ExecutionProvider::Cpu;
                 }
             }
@@ -314,11 +309,11 @@ mod tests {
         if !init_for_tests() {
             return;
         }
-        let before = CUDA_FALLBACKS.load(Ordering::Relaxed);
+        let before = crate::telemetry::METRICS.cuda_fallbacks.get();
         let opts = RuntimeOptions { execution_provider: ExecutionProvider::Cuda, ..Default::default() };
         let m = Model::load(&fixture(), &opts).expect("falls back to CPU");
         assert_eq!(m.provider, ExecutionProvider::Cpu);
-        assert!(CUDA_FALLBACKS.load(Ordering::Relaxed) > before);
+        assert!(crate::telemetry::METRICS.cuda_fallbacks.get() > before);
         let out = m.run(Array4::zeros((2, 1, 8, 8))).unwrap();
         assert_eq!(out.shape(), &[2, 1, 8, 8]);
         assert!((out[[1, 0, 3, 3]] - 0.5).abs() < 1e-6, "sigmoid(0) = 0.5");
