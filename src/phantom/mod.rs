@@ -3,6 +3,11 @@
 //!
 //! `biomarker-node phantom --task {pma,sfa,cac,liver} --seed N --out DIR [--count K] [--size S]`
 //!
+//! Built with the cargo feature `phantom` (on by default); a node built with
+//! `--no-default-features` has neither this module nor the subcommand. It
+//! uses the node's own Agatston rules (`biomarkers::agatston`) and CT writer
+//! (`dicom::ct_writer`), so its truth and the node's measurement agree.
+//!
 //! # Output (the training code reads exactly this)
 //!
 //! For each k in 0..K, a directory `DIR/<task>-<seed>-<k>/` holding:
