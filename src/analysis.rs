@@ -15,7 +15,8 @@ use std::time::Instant;
 use ndarray::{s, Array3};
 use serde::Serialize;
 
-use crate::biomarkers::{measure, Measurement, PixelGeometry};
+use crate::biomarkers::{Measurement, PixelGeometry};
+use crate::inference::measure;
 use crate::config::Config;
 use crate::inference::{self, InferenceError, Model, RuntimeOptions};
 use crate::routing::RouteMatch;

@@ -29,6 +29,7 @@ pub mod jobs;
 pub mod node;
 pub mod npy;
 pub mod outbox;
+#[cfg(feature = "phantom")]
 pub mod phantom;
 pub mod retention;
 pub mod report;

@@ -75,6 +75,7 @@ enum Command {
     /// docs/CONFIGURATION.md is the reference), for editors and admins.
     ConfigSchema,
     /// Write synthetic CT phantoms with ground truth.
+    #[cfg(feature = "phantom")]
     Phantom(biomarker_node::phantom::PhantomArgs),
 }
 
@@ -89,6 +90,7 @@ fn main() -> ExitCode {
         Command::Route { config, json, paths } => cli::route(&config, json, &paths),
         Command::Analyze { config, out, paths } => cli::analyze(&config, &out, &paths),
         Command::ConfigSchema => cli::config_schema(),
+        #[cfg(feature = "phantom")]
         Command::Phantom(args) => biomarker_node::phantom::run(&args),
     };
     match result {

@@ -2,9 +2,13 @@
 //! HU heuristics mark candidates, the map picks among them, and the value is
 //! the map aggregated inside the candidates.
 //!
-//! Input: HU `[slices, rows, cols]` in patient order, the pixel geometry and
-//! a model card. Output: the value with its unit, the native-resolution map
-//! and candidates, and per-lesion detail for Agatston.
+//! Pure math on volumes, no ONNX: the model is run by `inference::measure`,
+//! which hands the map here.
+//!
+//! Input: HU `[slices, rows, cols]` in patient order, the pixel geometry,
+//! the model's output and the card's candidate and aggregation sections.
+//! Output: the value, the native-resolution map and candidates, and
+//! per-lesion detail for Agatston ([`agatston`], also the phantoms' truth).
 //!
 //! This is the Rust twin of `models/training/biomarker_training/candidates.py`;
 //! `models/golden/` pins the two together (see the parity test in
@@ -18,12 +22,12 @@
 //! - map back to native: nearest, native index i reads model index
 //!   (i × model_n) / native_n.
 
+pub mod agatston;
 pub mod aggregate;
 pub mod candidates;
 pub mod measure;
-#[cfg(test)]
-mod golden;
 
+pub use agatston::{label8, Lesion, RiskCategory};
 pub use aggregate::{area_resample, normalise_slice, upsample_nearest};
-pub use candidates::{agatston_weight, cac_lesions, candidate_mask, label8, CandidateSpec, Lesion, RiskCategory};
-pub use measure::{measure, LesionResult, Measurement, PixelGeometry};
+pub use candidates::{candidate_mask, CandidateSpec};
+pub use measure::{aggregate, Aggregate, AggregationSpec, LesionResult, Measurement, PixelGeometry};

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-use crate::biomarkers::CandidateSpec;
+use crate::biomarkers::{AggregationSpec, CandidateSpec};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CardError {
@@ -68,20 +68,6 @@ fn default_output_name() -> String {
     "map".into()
 }
 
-#[derive(Debug, Clone, Deserialize)]
-pub struct AggregationSpec {
-    /// "area", "agatston" or "direct".
-    pub kind: String,
-    #[serde(default = "one")]
-    pub unit_scale: f64,
-    /// Agatston only: "lesion_threshold" (a lesion counts fully when the mean
-    /// map over it reaches `lesion_threshold`) or "soft" (mean map × score).
-    #[serde(default)]
-    pub lesion_aggregation: Option<String>,
-    #[serde(default)]
-    pub lesion_threshold: Option<f64>,
-}
-
 /// PS3.3 C.8.20.2 Segmentation Type of the SEG this model's results get.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 pub enum SegmentationType {
@@ -132,10 +118,6 @@ impl Default for SegmentationSpec {
             algorithm_family: None,
         }
     }
-}
-
-fn one() -> f64 {
-    1.0
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -211,7 +193,7 @@ impl ModelCard {
     }
 
     pub fn is_agatston(&self) -> bool {
-        self.aggregation.kind == "agatston"
+        self.aggregation.is_agatston()
     }
 }
 

@@ -12,6 +12,9 @@
 //!   CPU with a log line and a counter, unless the model is `fail_hard`.
 
 pub mod card;
+#[cfg(test)]
+mod golden;
+pub mod measure;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,9 +27,7 @@ use ort::value::Tensor;
 pub use card::{CardError, ModelCard};
 
 use crate::config::ExecutionProvider;
-
-/// CUDA → CPU fallbacks since start, for the metrics endpoint.
-pub static CUDA_FALLBACKS: AtomicU64 = AtomicU64::new(0);
+pub use measure::measure;
 
 #[derive(Debug, thiserror::Error)]
 pub enum InferenceError {
@@ -142,9 +143,7 @@ impl Model {
                     })
                 }
                 Err(e) => {
-                    CUDA_FALLBACKS.fetch_add(1, Ordering::Relaxed);
-                    crate::telemetry::METRICS.cuda_fallbacks.inc();
-                    tracing::warn!(model = %card.name, error = %e, "CUDA execution provider unusable; falling back to CPU");
+                    crate::telemetry::CudaFallback { model: &card.name, error: &e }.emit();
                     provider = ExecutionProvider::Cpu;
                 }
             }
@@ -295,11 +294,11 @@ mod tests {
         if !init_for_tests() {
             return;
         }
-        let before = CUDA_FALLBACKS.load(Ordering::Relaxed);
+        let before = crate::telemetry::METRICS.cuda_fallbacks.get();
         let opts = RuntimeOptions { execution_provider: ExecutionProvider::Cuda, ..Default::default() };
         let m = Model::load(&fixture(), &opts).expect("falls back to CPU");
         assert_eq!(m.provider, ExecutionProvider::Cpu);
-        assert!(CUDA_FALLBACKS.load(Ordering::Relaxed) > before);
+        assert!(crate::telemetry::METRICS.cuda_fallbacks.get() > before);
         let out = m.run(Array4::zeros((2, 1, 8, 8))).unwrap();
         assert_eq!(out.shape(), &[2, 1, 8, 8]);
         assert!((out[[1, 0, 3, 3]] - 0.5).abs() < 1e-6, "sigmoid(0) = 0.5");

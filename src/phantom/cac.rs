@@ -16,13 +16,14 @@
 //! (vessels, plaques, calcifications) by 3×3×5 sub-samples so that plaques
 //! straddle slices, then an in-plane PSF blur and correlated noise. The
 //! coronary-plaque region is every voxel a plaque touches, dilated by one
-//! pixel in-plane to hold its blur; the truth is [`agatston::score`] inside it.
+//! pixel in-plane to hold its blur; the truth is [`agatston::lesions`] inside it.
 
+use ndarray::{Array3, ArrayView3};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;
 
-use super::agatston;
+use crate::biomarkers::agatston::{self, LesionRule, RiskCategory};
 use super::raster::{blur121, correlated_noise, seg_dist, to_hu, wrap, AngleProfile, ValueNoise};
 use super::Phantom;
 
@@ -525,26 +526,35 @@ pub(crate) fn generate(rng: &mut ChaCha8Rng, size: usize) -> Phantom {
         }
     }
     let px = spacing * spacing;
-    let comps = agatston::score(&hu, Some(&dil), [slices, n, n], px, thickness);
+    let hu_f = Array3::from_shape_vec((slices, n, n), hu.iter().map(|&v| v as f32).collect())
+        .expect("hu is slices × n × n");
+    let region = ArrayView3::from_shape((slices, n, n), &dil[..]).expect("region is slices × n × n");
+    let rule = LesionRule::AGATSTON;
+    let (comps, labels) = agatston::lesions(hu_f.view(), Some(region), rule, px, thickness);
     let total = agatston::total(&comps);
-    let raw = agatston::total(&agatston::score(&hu, None, [slices, n, n], px, thickness));
+    let raw = agatston::total(&agatston::lesions(hu_f.view(), None, rule, px, thickness).0);
     let mut mask = vec![0u8; np * slices];
-    let mut lesions = Vec::new();
-    for cmp in &comps {
-        let mut votes = [0usize; 64];
-        for &i in &cmp.pixels {
-            let v = cmp.slice * np + i;
-            mask[v] = 1;
-            let p = plaque_of[v];
-            if (p as usize) < votes.len() {
-                votes[p as usize] += 1;
-            }
+    let first_of_slice = agatston::first_of_slice(&comps, slices);
+    let mut votes = vec![[0usize; 64]; comps.len()];
+    for ((s, r, c), &l) in labels.indexed_iter() {
+        if l == 0 {
+            continue;
         }
+        let v = s * np + r * n + c;
+        mask[v] = 1;
+        let p = plaque_of[v];
+        if (p as usize) < 64 {
+            votes[first_of_slice[s] + l as usize - 1][p as usize] += 1;
+        }
+    }
+    let mut lesions = Vec::new();
+    for (cmp, votes) in comps.iter().zip(&votes) {
         let best = (0..votes.len()).max_by_key(|&k| votes[k]).unwrap_or(0);
         lesions.push(json!({
             "slice": cmp.slice,
             "area_mm2": cmp.area_mm2,
-            "peak_hu": cmp.peak_hu,
+            // HU of an i16 volume: integral, written as an integer.
+            "peak_hu": cmp.peak_hu as i16,
             "weight": cmp.weight,
             "score": cmp.score,
             "vessel": plaque_vessel.get(best).copied().unwrap_or("?"),
@@ -562,7 +572,7 @@ pub(crate) fn generate(rng: &mut ChaCha8Rng, size: usize) -> Phantom {
         signed,
         padding_hu,
         value: total,
-        risk: Some(agatston::risk_category(total)),
+        risk: Some(RiskCategory::from_score(total).as_str()),
         kvp: 120.0,
         extra: json!({
             "lesions": lesions,

@@ -3,6 +3,11 @@
 //!
 //! `biomarker-node phantom --task {pma,sfa,cac,liver} --seed N --out DIR [--count K] [--size S]`
 //!
+//! Built with the cargo feature `phantom` (on by default); a node built with
+//! `--no-default-features` has neither this module nor the subcommand. It
+//! uses the node's own Agatston rules (`biomarkers::agatston`) and CT writer
+//! (`dicom::ct_writer`), so its truth and the node's measurement agree.
+//!
 //! # Output (the training code reads exactly this)
 //!
 //! For each k in 0..K, a directory `DIR/<task>-<seed>-<k>/` holding:
@@ -36,7 +41,8 @@
 //!   mediastinal or arm fat) whose HU is in [-190, -30], cm².
 //! - Liver: liver tumour pixels whose HU is in [-20, 200], cm²; 0 tumours in
 //!   about 15% of series.
-//! - CAC: Agatston over coronary plaques only ([`agatston`]): per slice,
+//! - CAC: Agatston over coronary plaques only ([`crate::biomarkers::agatston`],
+//!   the node's own copy): per slice,
 //!   8-connected components of HU ≥ 130 inside the coronary-plaque region,
 //!   area ≥ 1 mm², weight from the peak HU, score scaled by thickness / 3.
 //!
@@ -51,7 +57,6 @@
 //!
 //! Failure modes: an unknown task, or an I/O error writing the output.
 
-pub mod agatston;
 mod abdomen;
 mod canvas;
 mod cac;

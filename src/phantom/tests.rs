@@ -6,6 +6,8 @@ use std::path::Path;
 use dicom_dictionary_std::tags;
 
 use super::*;
+use crate::biomarkers::agatston::{self, LesionRule, RiskCategory};
+use ndarray::Array3;
 
 fn read_series(dir: &Path) -> (Vec<i16>, usize) {
     let mut files: Vec<_> = fs::read_dir(dir)
@@ -74,13 +76,15 @@ fn roundtrip(task: Task, seed: u64, index: u32, size: usize) -> Value {
     let px = p.spacing[0] * p.spacing[1];
     let value = match task {
         Task::Cac => {
-            let region: Vec<bool> = mask.iter().map(|&m| m == 1).collect();
-            let c = agatston::score(&hu, Some(&region), [p.slices, p.rows, p.cols], px, p.thickness);
+            let shape = (p.slices, p.rows, p.cols);
+            let region = Array3::from_shape_vec(shape, mask.iter().map(|&m| m == 1).collect()).unwrap();
+            let hu = Array3::from_shape_vec(shape, hu.iter().map(|&v| v as f32).collect()).unwrap();
+            let (c, _) = agatston::lesions(hu.view(), Some(region.view()), LesionRule::AGATSTON, px, p.thickness);
             let lesions = truth["lesions"].as_array().unwrap();
             assert_eq!(lesions.len(), c.len());
             assert_eq!(
                 truth["risk_category"].as_str().unwrap(),
-                agatston::risk_category(agatston::total(&c))
+                RiskCategory::from_score(agatston::total(&c)).as_str()
             );
             agatston::total(&c)
         }

@@ -337,14 +337,13 @@ impl Tracker {
             Ok(recorded) => {
                 self.deadlines.remove(series);
                 if recorded {
-                    crate::telemetry::METRICS.series_completed.inc();
-                    tracing::info!(
-                        series = %series,
-                        instances = ev.instances,
-                        generation = ev.generation,
-                        reason = %ev.reason,
-                        "series complete"
-                    );
+                    crate::telemetry::SeriesCompleted {
+                        series_instance_uid: series.as_str(),
+                        instances: ev.instances,
+                        generation: ev.generation,
+                        reason: ev.reason.as_str(),
+                    }
+                    .emit();
                 } else {
                     tracing::warn!(
                         series = %series,

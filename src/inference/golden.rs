@@ -4,10 +4,9 @@
 
 use std::path::PathBuf;
 
-use ndarray::{s, Array4, Axis};
-
-use super::{candidate_mask, measure, normalise_slice, PixelGeometry};
-use crate::inference::{init_for_tests, Model, RuntimeOptions};
+use super::measure::model_input;
+use super::{init_for_tests, measure, Model, RuntimeOptions};
+use crate::biomarkers::{candidate_mask, PixelGeometry};
 use crate::npy::read_f64;
 use crate::volume::Volume;
 
@@ -71,19 +70,8 @@ fn rust_reproduces_the_python_golden_set() {
             assert_eq!(mism, 0, "{task}: candidate pixels differ");
         }
 
-        let [h, w] = card.input.size;
         let xref = read_f64(&dir.join("input.npy")).unwrap();
-        let mut x = Array4::<f32>::zeros((vol.slices(), 1, h, w));
-        for (i, sl) in vol.hu.axis_iter(Axis(0)).enumerate() {
-            let n = normalise_slice(
-                sl,
-                (card.input.hu_clip[0], card.input.hu_clip[1]),
-                (h, w),
-                card.input.scale.subtract,
-                card.input.scale.divide,
-            );
-            x.slice_mut(s![i, 0, .., ..]).assign(&n);
-        }
+        let x = model_input(card, vol.hu.view());
         let dx = xref.iter().zip(x.iter()).map(|(a, b)| (a - *b as f64).abs()).fold(0.0, f64::max);
         assert!(dx <= 1e-5, "{task}: model input differs by {dx}");
         let map = model.run(x).unwrap();
