@@ -407,21 +407,18 @@ async fn reload_on_sighup(config_path: PathBuf, routes: SharedRoutes, shutdown: 
 /// Returns the number of routes now in force, or the diagnostics that
 /// refused the new config.
 pub fn reload(config_path: &Path, routes: &SharedRoutes) -> Result<usize, Vec<String>> {
-    let metrics = &crate::telemetry::METRICS;
     match check::check_file(config_path) {
         Ok((_, table)) => {
             let n = table.routes.len();
             *routes.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(table);
-            metrics.count_reload("ok");
-            tracing::info!(routes = n, config = %config_path.display(), "config reloaded");
+            crate::telemetry::ConfigReloaded { routes: n, config: config_path }.emit();
             Ok(n)
         }
         Err(diags) => {
             for d in &diags {
                 tracing::error!(diagnostic = %d, "config reload refused");
             }
-            metrics.count_reload("refused");
-            tracing::error!(problems = diags.len(), "config reload refused; the previous config stays in force");
+            crate::telemetry::ConfigReloadRefused { problems: diags.len() }.emit();
             Err(diags.iter().map(|d| d.to_string()).collect())
         }
     }

@@ -157,7 +157,7 @@ impl Metrics {
             .inc();
     }
 
-    pub fn count_reload(&self, outcome: &str) {
+    pub(super) fn count_reload(&self, outcome: &str) {
         self.config_reloads.get_or_create(&OutcomeLabel { outcome: outcome.into() }).inc();
     }
 
