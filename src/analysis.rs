@@ -18,7 +18,7 @@ use serde::Serialize;
 use crate::biomarkers::{measure, Measurement, PixelGeometry};
 use crate::config::Config;
 use crate::inference::{self, InferenceError, Model, RuntimeOptions};
-use crate::routing::RouteMatch;
+use crate::jobs::ResolvedRoute;
 use crate::volume::{SliceSelection, Volume, VolumeError, VolumeOptions};
 
 #[derive(Debug, thiserror::Error)]
@@ -159,7 +159,7 @@ pub struct ResultLine {
 pub fn run(
     models: &Models,
     series_uid: &str,
-    m: &RouteMatch,
+    m: &ResolvedRoute,
     files: &[PathBuf],
     volume_opts: &VolumeOptions,
 ) -> Result<Analysis, AnalysisError> {
@@ -416,7 +416,9 @@ pub struct Worker {
     pub spool_root: PathBuf,
     pub results_dir: PathBuf,
     pub models: Arc<Models>,
-    pub routes: crate::routing::stage::SharedRoutes,
+    /// The live route table, only for jobs stored before jobs carried their
+    /// route ([`crate::jobs::Job::resolved`] is `None`).
+    pub routes: Arc<dyn crate::jobs::RouteLookup>,
     pub work: Arc<tokio::sync::Notify>,
     pub volume_opts: VolumeOptions,
     /// Where finished reports go; `None` keeps them under results/ only.
@@ -519,25 +521,17 @@ impl Worker {
             .into_iter()
             .map(|(p, _)| self.spool_root.join(p))
             .collect();
-        let m = self
-            .routes
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .routes
-            .iter()
-            .find(|r| r.name == job.key.route)
-            .map(|r| RouteMatch {
-                route: r.name.clone(),
-                model: r.model.clone(),
-                send_to: r.send_to.clone(),
-                slices: r.slices.clone(),
-            })
-            .unwrap_or_else(|| RouteMatch {
+        // The route as routing resolved it when it made the job. A job from
+        // before jobs carried their route is looked up by name in the live
+        // table, as it was then; a route gone from it delivers nowhere.
+        let m = job.resolved.clone().unwrap_or_else(|| {
+            self.routes.resolve(&job.key.route).unwrap_or_else(|| ResolvedRoute {
                 route: job.key.route.clone(),
                 model: job.key.model.clone(),
                 send_to: vec![],
                 slices: None,
-            });
+            })
+        });
         if files.is_empty() {
             return Err("no instances of this series are in the spool (deleted by retention?); \
                         send the series again to analyse it"
@@ -637,5 +631,156 @@ mod tests {
         assert!(!g.is_abandoned());
         assert_eq!(deadline_reason(std::time::Duration::from_secs(600)), "deadline of 600 s exceeded");
         assert_eq!(deadline_reason(std::time::Duration::from_millis(2500)), "deadline of 2.5 s exceeded");
+    }
+}
+
+#[cfg(test)]
+mod reload_tests {
+    use std::sync::RwLock;
+    use std::time::{Duration, SystemTime};
+
+    use super::*;
+    use crate::jobs::{JobStore, SqliteJobStore};
+    use crate::outbox::{OutboxStore, SqliteOutboxStore};
+    use crate::routing::stage::{RetryPolicy, Router, SharedRoutes};
+    use crate::series::{CompletionQueue, CompletionReason, SeriesIndex, SqliteCompletionQueue, StoredInstance};
+
+    fn config(dir: &Path, card: &Path, lib: &Path, route: &str, send_to: &str) -> String {
+        format!(
+            "node: {{ae_title: NODE, data_dir: {data}}}\n\
+             onnxruntime: {{library: {lib}}}\n\
+             models: {{cac: {{card: {card}}}}}\n\
+             destinations: {{pacs: {{ae_title: PACS, host: 127.0.0.1, port: 1}}}}\n\
+             routes:\n  - {{name: {route}, model: cac, send_to: {send_to}, match: {{derived: modality, equals: CT}}}}\n",
+            data = dir.join("data").display(),
+            card = card.display(),
+            lib = lib.display(),
+        )
+    }
+
+    async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+        let limit = tokio::time::Instant::now() + Duration::from_secs(60);
+        while !done() {
+            assert!(tokio::time::Instant::now() < limit, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The reload bug (issue 13): a job routed to `pacs`, whose route a
+    /// SIGHUP renames (and points nowhere) before the worker runs it, still
+    /// sends its reports to `pacs`, because the job carries the route it was
+    /// created with.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_reload_between_routing_and_running_keeps_the_jobs_destinations() {
+        let Some(card) = crate::test_data::model_card("cac") else { return };
+        let Some(realct) = crate::test_data::realct() else { return };
+        if !crate::inference::init_for_tests() {
+            return;
+        }
+        let lib = crate::inference::test_library().unwrap();
+        let d = tempfile::tempdir().unwrap();
+        let cfg_path = d.path().join("node.yaml");
+        std::fs::write(&cfg_path, config(d.path(), &card, &lib, "cac", "[pacs]")).unwrap();
+        let (cfg, table) = crate::node::check::check_file(&cfg_path).unwrap_or_else(|e| panic!("{e:#?}"));
+        let index_path = d.path().join("index.sqlite");
+        let spool = d.path().join("spool");
+
+        // One spooled, indexed, completed CT slice.
+        let rel = PathBuf::from("1/2/ct.dcm");
+        std::fs::create_dir_all(spool.join("1/2")).unwrap();
+        std::fs::copy(realct.join("abdomen-ge-3slice/01.dcm"), spool.join(&rel)).unwrap();
+        let header = crate::spool::read_header(&spool.join(&rel)).unwrap();
+        let series = header.series_instance_uid.clone();
+        let mut ix = SeriesIndex::open(&index_path).unwrap();
+        let inst = StoredInstance {
+            header,
+            rel_path: rel,
+            transfer_syntax: "1.2.840.10008.1.2".into(),
+            size_bytes: 1,
+            association_id: 1,
+            calling_ae: "T".into(),
+        };
+        ix.insert_instance(&inst, SystemTime::now()).unwrap();
+        let ev = ix.pending_completion(&series, CompletionReason::QuietTimer).unwrap().unwrap();
+        let queue = Arc::new(SqliteCompletionQueue::open(&index_path).unwrap());
+        queue.push(&ev).unwrap();
+        ix.mark_complete(&ev, SystemTime::now()).unwrap();
+
+        let models = Arc::new(Models::load(&cfg).unwrap());
+        let jobs = Arc::new(SqliteJobStore::open(&index_path).unwrap());
+        let routes: SharedRoutes = Arc::new(RwLock::new(Arc::new(table)));
+        let work = Arc::new(tokio::sync::Notify::new());
+        let stop = tokio_util::sync::CancellationToken::new();
+
+        // Routing makes the job (route `cac`, to `pacs`)...
+        let router = Router {
+            queue: queue.clone(),
+            index_path: index_path.clone(),
+            spool_root: spool.clone(),
+            routes: routes.clone(),
+            jobs: jobs.clone(),
+            models: models.clone(),
+            work: work.clone(),
+            retry: RetryPolicy::default(),
+        };
+        let router_task = tokio::spawn(router.run(stop.clone()));
+        wait_until("the router to drain the queue", || queue.peek().unwrap().is_none()).await;
+        assert_eq!(jobs.list().unwrap().len(), 1);
+
+        // ...then a SIGHUP renames the route and sends it nowhere.
+        std::fs::write(&cfg_path, config(d.path(), &card, &lib, "renamed", "[]")).unwrap();
+        assert_eq!(crate::pipeline::reload(&cfg_path, &routes), Ok(1));
+        assert_eq!(routes.read().unwrap().routes[0].name, "renamed");
+
+        // Only now does the worker run the job.
+        let outbox_store: Arc<dyn OutboxStore> =
+            Arc::new(SqliteOutboxStore::open(&d.path().join("outbox.sqlite")).unwrap());
+        let dest = crate::outbox::Destination {
+            ae_title: "PACS".into(),
+            host: "127.0.0.1".into(),
+            port: 1,
+            tls: None,
+            stow: None,
+        };
+        let (outbox, outbox_task) = crate::outbox::Outbox::spawn(
+            outbox_store.clone(),
+            [("pacs".to_owned(), dest)].into(),
+            cfg.outbox.clone(),
+            crate::dicom::AeTitle::new("NODE"),
+            stop.clone(),
+        )
+        .unwrap();
+        let worker = Worker {
+            jobs: jobs.clone(),
+            index_path: index_path.clone(),
+            spool_root: spool.clone(),
+            results_dir: d.path().join("results"),
+            models: models.clone(),
+            routes: routes.clone(),
+            work: work.clone(),
+            volume_opts: VolumeOptions::default(),
+            outbox: Some(outbox),
+            ae_title: "NODE".into(),
+            timeout: Duration::from_secs(120),
+            send_filter: Default::default(),
+        };
+        let worker_task = tokio::spawn(worker.run(stop.clone()));
+        work.notify_one();
+        wait_until("the job to finish", || {
+            jobs.list().unwrap().iter().all(|j| j.state == "done" || j.state == "failed")
+        })
+        .await;
+        stop.cancel();
+        for t in [router_task, worker_task, outbox_task] {
+            t.await.unwrap();
+        }
+
+        let job = &jobs.list().unwrap()[0];
+        assert_eq!((job.state.as_str(), job.key.route.as_str()), ("done", "cac"), "{:?}", job.error);
+        let items = outbox_store.list().unwrap();
+        let reports = job.result.as_ref().unwrap()["reports"].as_array().unwrap().len();
+        assert!(reports > 0);
+        assert_eq!(items.len(), reports, "every report is queued for the route's destination");
+        assert!(items.iter().all(|i| i.destination == "pacs"), "{items:?}");
     }
 }

@@ -13,6 +13,12 @@
 //!   ([`JobStore::finish_attempt`]): a job failed at its deadline, then
 //!   re-queued or re-triggered, is never overwritten by the abandoned
 //!   attempt's late result.
+//! - A job carries its [`ResolvedRoute`] (model, slice selection,
+//!   destinations), fixed when routing created it: a reload that renames or
+//!   drops the route afterwards changes neither what the job computes nor
+//!   where its reports go. Rows written before the `route_json` column
+//!   existed have none; for them the worker still looks the route up by name
+//!   in the live table, as it did then.
 //!
 //! The [`JobStore`] trait is the seam for a distributed queue.
 
@@ -40,6 +46,25 @@ pub struct JobKey {
     pub generation: u32,
 }
 
+/// What routing decided for a job, beyond its key: the model to run, the
+/// slice to give it and where its reports go. Stored with the job (column
+/// `route_json`) so the worker never consults the live route table, which
+/// a SIGHUP may have changed since.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+pub struct ResolvedRoute {
+    pub route: String,
+    pub model: String,
+    pub send_to: Vec<String>,
+    pub slices: Option<crate::volume::SliceSelection>,
+}
+
+/// The live route table by name, for jobs stored before they carried their
+/// route (see [`Job::resolved`]). Implemented by the routing stage's table,
+/// so this module does not depend on routing.
+pub trait RouteLookup: Send + Sync {
+    fn resolve(&self, route: &str) -> Option<ResolvedRoute>;
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Job {
     pub id: i64,
@@ -52,11 +77,17 @@ pub struct Job {
     pub created_at: String,
     pub started_at: Option<String>,
     pub finished_at: Option<String>,
+    /// The route as it was when the job was created; `None` only for rows
+    /// stored by a version without the `route_json` column. Not part of the
+    /// job's JSON (CLI and API), which is unchanged.
+    #[serde(skip)]
+    pub resolved: Option<ResolvedRoute>,
 }
 
 pub trait JobStore: Send + Sync + 'static {
-    /// Ok(Some(id)) for a new job, Ok(None) when this key already exists.
-    fn enqueue(&self, key: &JobKey) -> Result<Option<i64>, JobError>;
+    /// Ok(Some(id)) for a new job, Ok(None) when this key already exists
+    /// (the existing job keeps the route it was created with).
+    fn enqueue(&self, key: &JobKey, route: &ResolvedRoute) -> Result<Option<i64>, JobError>;
     /// Oldest pending job, now marked running.
     fn claim(&self) -> Result<Option<Job>, JobError>;
     fn finish(&self, id: i64, outcome: Result<&serde_json::Value, &str>) -> Result<(), JobError>;
@@ -74,8 +105,8 @@ pub trait JobStore: Send + Sync + 'static {
     fn recent(&self, limit: usize) -> Result<Vec<Job>, JobError>;
     /// How many jobs are in each state.
     fn count_by_state(&self) -> Result<Vec<(String, i64)>, JobError>;
-    /// Run a finished (done or failed) job again, same key: false when `id`
-    /// is not finished.
+    /// Run a finished (done or failed) job again, same key and same resolved
+    /// route: false when `id` is not finished.
     fn retrigger(&self, id: i64) -> Result<bool, JobError>;
 }
 
@@ -111,6 +142,7 @@ impl SqliteJobStore {
              );
              CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, id);",
         )?;
+        add_route_column(&conn)?;
         Ok(SqliteJobStore { conn: Mutex::new(conn) })
     }
 
@@ -121,7 +153,27 @@ impl SqliteJobStore {
 
 }
 
-fn row_to_job(r: &rusqlite::Row<'_>) -> rusqlite::Result<(Job, Option<String>)> {
+/// Migration: job stores made before jobs carried their route get the
+/// `route_json` column (NULL for their rows). In one write transaction, so
+/// two processes opening an old store at once do not both add it.
+fn add_route_column(conn: &Connection) -> Result<(), JobError> {
+    conn.execute_batch("BEGIN IMMEDIATE")?;
+    let r = (|| {
+        let has: bool = conn.query_row(
+            "SELECT COUNT(*) > 0 FROM pragma_table_info('jobs') WHERE name = 'route_json'",
+            [],
+            |r| r.get(0),
+        )?;
+        if !has {
+            conn.execute_batch("ALTER TABLE jobs ADD COLUMN route_json TEXT")?;
+        }
+        Ok(())
+    })();
+    conn.execute_batch(if r.is_ok() { "COMMIT" } else { "ROLLBACK" })?;
+    r
+}
+
+fn row_to_job(r: &rusqlite::Row<'_>) -> rusqlite::Result<(Job, Option<String>, Option<String>)> {
     Ok((
         Job {
             id: r.get(0)?,
@@ -139,30 +191,34 @@ fn row_to_job(r: &rusqlite::Row<'_>) -> rusqlite::Result<(Job, Option<String>)> 
             created_at: r.get(10)?,
             started_at: r.get(11)?,
             finished_at: r.get(12)?,
+            resolved: None,
         },
         r.get(9)?,
+        r.get(13)?,
     ))
 }
 
-const COLS: &str = "id, series_uid, route, model, model_version, generation, state, attempts, error, result_json, created_at, started_at, finished_at";
+const COLS: &str = "id, series_uid, route, model, model_version, generation, state, attempts, error, result_json, created_at, started_at, finished_at, route_json";
 
-fn with_result((mut job, json): (Job, Option<String>)) -> Result<Job, JobError> {
+fn with_result((mut job, json, route): (Job, Option<String>, Option<String>)) -> Result<Job, JobError> {
+    let corrupt = |id, e: serde_json::Error| JobError::Corrupt { id, message: e.to_string() };
     if let Some(j) = json {
-        job.result = Some(serde_json::from_str(&j).map_err(|e| JobError::Corrupt {
-            id: job.id,
-            message: e.to_string(),
-        })?);
+        job.result = Some(serde_json::from_str(&j).map_err(|e| corrupt(job.id, e))?);
+    }
+    if let Some(r) = route {
+        job.resolved = Some(serde_json::from_str(&r).map_err(|e| corrupt(job.id, e))?);
     }
     Ok(job)
 }
 
 impl JobStore for SqliteJobStore {
-    fn enqueue(&self, key: &JobKey) -> Result<Option<i64>, JobError> {
+    fn enqueue(&self, key: &JobKey, route: &ResolvedRoute) -> Result<Option<i64>, JobError> {
+        let route_json = serde_json::to_string(route).map_err(|e| JobError::Corrupt { id: 0, message: e.to_string() })?;
         let c = self.conn();
         let n = c.execute(
-            "INSERT OR IGNORE INTO jobs (series_uid, route, model, model_version, generation, state, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, 'pending', ?6)",
-            params![key.series_instance_uid, key.route, key.model, key.model_version, key.generation, now()],
+            "INSERT OR IGNORE INTO jobs (series_uid, route, model, model_version, generation, state, created_at, route_json)
+             VALUES (?1, ?2, ?3, ?4, ?5, 'pending', ?6, ?7)",
+            params![key.series_instance_uid, key.route, key.model, key.model_version, key.generation, now(), route_json],
         )?;
         Ok((n == 1).then(|| c.last_insert_rowid()))
     }
@@ -177,7 +233,7 @@ impl JobStore for SqliteJobStore {
                 row_to_job,
             )
             .optional()?;
-        let Some((mut job, json)) = row else {
+        let Some((mut job, json, route)) = row else {
             return Ok(None);
         };
         let started = now();
@@ -189,7 +245,7 @@ impl JobStore for SqliteJobStore {
         job.state = "running".into();
         job.attempts += 1;
         job.started_at = Some(started);
-        with_result((job, json)).map(Some)
+        with_result((job, json, route)).map(Some)
     }
 
     fn finish(&self, id: i64, outcome: Result<&serde_json::Value, &str>) -> Result<(), JobError> {
@@ -313,13 +369,53 @@ mod tests {
         }
     }
 
+    fn route() -> ResolvedRoute {
+        ResolvedRoute {
+            route: "pma".into(),
+            model: "pma".into(),
+            send_to: vec!["pacs".into()],
+            slices: Some(crate::volume::SliceSelection::ZMm(-12.5)),
+        }
+    }
+
+    #[test]
+    fn a_job_keeps_its_route_and_an_old_store_is_migrated() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("j.sqlite");
+        {
+            // A store as the previous version made it, with one pending job.
+            let c = Connection::open(&p).unwrap();
+            c.execute_batch(
+                "CREATE TABLE jobs (
+                     id INTEGER PRIMARY KEY AUTOINCREMENT, series_uid TEXT NOT NULL, route TEXT NOT NULL,
+                     model TEXT NOT NULL, model_version TEXT NOT NULL, generation INTEGER NOT NULL,
+                     state TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, error TEXT, result_json TEXT,
+                     created_at TEXT NOT NULL, started_at TEXT, finished_at TEXT,
+                     UNIQUE (series_uid, route, model_version, generation));
+                 INSERT INTO jobs (series_uid, route, model, model_version, generation, state, created_at)
+                 VALUES ('1.2.3', 'pma', 'pma', '1', 1, 'pending', '2026-01-01T00:00:00.000Z');",
+            )
+            .unwrap();
+        }
+        let s = SqliteJobStore::open(&p).unwrap();
+        // Opened again: the migration is a no-op the second time.
+        let s2 = SqliteJobStore::open(&p).unwrap();
+        let old = s.claim().unwrap().unwrap();
+        assert_eq!(old.resolved, None);
+        let id = s2.enqueue(&key(2), &route()).unwrap().unwrap();
+        assert_eq!(s.get(id).unwrap().unwrap().resolved, Some(route()));
+        // Not part of the job's JSON.
+        let v = serde_json::to_value(s.get(id).unwrap().unwrap()).unwrap();
+        assert!(v.get("resolved").is_none() && v.get("send_to").is_none(), "{v}");
+    }
+
     #[test]
     fn a_key_runs_once_and_a_new_generation_again() {
         let d = tempfile::tempdir().unwrap();
         let s = SqliteJobStore::open(&d.path().join("j.sqlite")).unwrap();
-        assert!(s.enqueue(&key(1)).unwrap().is_some());
-        assert!(s.enqueue(&key(1)).unwrap().is_none());
-        assert!(s.enqueue(&key(2)).unwrap().is_some());
+        assert!(s.enqueue(&key(1), &route()).unwrap().is_some());
+        assert!(s.enqueue(&key(1), &route()).unwrap().is_none());
+        assert!(s.enqueue(&key(2), &route()).unwrap().is_some());
         assert_eq!(s.list().unwrap().len(), 2);
         assert_eq!(s.count_by_state().unwrap(), vec![("pending".to_owned(), 2)]);
         let newest: Vec<u32> = s.recent(1).unwrap().iter().map(|j| j.key.generation).collect();
@@ -332,7 +428,7 @@ mod tests {
         let p = d.path().join("j.sqlite");
         {
             let s = SqliteJobStore::open(&p).unwrap();
-            s.enqueue(&key(1)).unwrap();
+            s.enqueue(&key(1), &route()).unwrap();
             let j = s.claim().unwrap().unwrap();
             assert_eq!(j.state, "running");
             assert!(s.claim().unwrap().is_none());
@@ -353,7 +449,7 @@ mod tests {
     fn a_late_outcome_cannot_overwrite_a_deadline_failure() {
         let d = tempfile::tempdir().unwrap();
         let s = SqliteJobStore::open(&d.path().join("j.sqlite")).unwrap();
-        s.enqueue(&key(1)).unwrap();
+        s.enqueue(&key(1), &route()).unwrap();
         let j = s.claim().unwrap().unwrap();
         assert!(s.finish_attempt(j.id, j.attempts, Err("deadline of 600 s exceeded")).unwrap());
         // The abandoned computation comes back with a result: refused.

@@ -342,7 +342,7 @@ pub fn analyze(config_path: &Path, out: &Path, paths: &[std::path::PathBuf]) -> 
         let files: Vec<_> = s.instances.iter().map(|(p, _)| p.clone()).collect();
         for m in table.matches(&facts) {
             jobs += 1;
-            match crate::analysis::run(&models, &s.uid, &m, &files, &opts) {
+            match crate::analysis::run(&models, &s.uid, &(&m).into(), &files, &opts) {
                 Ok(a) => {
                     let uid = crate::dicom::Uid::parse(&s.uid)?;
                     let dir = crate::dicom::uid_path(out, &[&uid], &[&m.route])?;

@@ -360,7 +360,8 @@ mod tests {
                 model_version: "1".into(),
                 generation: 1,
             };
-            let id = self.jobs.enqueue(&key).unwrap().unwrap();
+            let route = crate::jobs::ResolvedRoute { route: "r".into(), model: "m".into(), send_to: vec![], slices: None };
+            let id = self.jobs.enqueue(&key, &route).unwrap().unwrap();
             if job_state == "pending" {
                 return;
             }

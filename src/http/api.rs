@@ -494,6 +494,7 @@ mod tests {
             created_at: "2026-01-01T00:00:01Z".into(),
             started_at: Some("2026-01-01T00:00:02Z".into()),
             finished_at: Some("2026-01-01T00:00:03Z".into()),
+            resolved: None,
         }
     }
 

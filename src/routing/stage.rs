@@ -30,11 +30,26 @@ use tokio_util::sync::CancellationToken;
 use super::{FactsError, RouteTable, SeriesFacts};
 use crate::analysis::Models;
 use crate::dicom::read::OpenError;
-use crate::jobs::{JobKey, JobStore};
+use crate::jobs::{JobKey, JobStore, ResolvedRoute};
 use crate::series::{CompletionQueue, SeriesCompleted, SeriesError, SeriesIndex};
 
 /// The live route table; SIGHUP swaps it after a successful check.
 pub type SharedRoutes = Arc<RwLock<Arc<RouteTable>>>;
+
+/// Jobs stored before they carried their route are resolved by name in the
+/// live table, as they were when they were made.
+impl crate::jobs::RouteLookup for RwLock<Arc<RouteTable>> {
+    fn resolve(&self, route: &str) -> Option<ResolvedRoute> {
+        let table = self.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let r = table.routes.iter().find(|r| r.name == route)?;
+        Some(ResolvedRoute {
+            route: r.name.clone(),
+            model: r.model.clone(),
+            send_to: r.send_to.clone(),
+            slices: r.slices.clone(),
+        })
+    }
+}
 
 /// The state of a series routing has set aside.
 pub const STATE_UNROUTABLE: &str = "unroutable";
@@ -253,7 +268,9 @@ impl Router {
                 generation: ev.generation,
             };
             // The job store is the environment, not the series: transient.
-            let inserted = self.jobs.enqueue(&key).map_err(|e| RouteFailure {
+            // The job keeps the route as it is now: a reload before the job
+            // runs must not change where its reports go.
+            let inserted = self.jobs.enqueue(&key, &m.into()).map_err(|e| RouteFailure {
                 reason: e.to_string(),
                 transient: true,
             })?;
@@ -434,14 +451,14 @@ mod tests {
     }
 
     impl JobStore for FlakyJobs {
-        fn enqueue(&self, key: &JobKey) -> Result<Option<i64>, JobError> {
+        fn enqueue(&self, key: &JobKey, route: &ResolvedRoute) -> Result<Option<i64>, JobError> {
             if self.calls.fetch_add(1, Ordering::SeqCst) < self.fail_first {
                 return Err(JobError::Sqlite(rusqlite::Error::SqliteFailure(
                     rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_BUSY),
                     Some("database is locked".into()),
                 )));
             }
-            self.inner.enqueue(key)
+            self.inner.enqueue(key, route)
         }
         fn claim(&self) -> Result<Option<Job>, JobError> {
             self.inner.claim()
