@@ -10,7 +10,6 @@
 //! `pipeline` is the one place that wires the stages together; stages never
 //! create their own channels.
 
-pub mod analysis;
 pub mod biomarkers;
 pub mod config;
 pub mod config_schema;
@@ -22,7 +21,7 @@ pub mod dicom;
 pub mod fault;
 pub mod inference;
 pub mod ingest;
-pub mod jobs;
+pub mod job;
 pub mod node;
 pub mod npy;
 pub mod outbox;

@@ -6,9 +6,10 @@ use std::sync::Arc;
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
-use crate::analysis::{Models, Worker};
+use crate::inference::registry::Models;
+use crate::job::worker::Worker;
 use crate::config::Config;
-use crate::jobs::{JobStore, SqliteJobStore};
+use crate::job::{JobStore, SqliteJobStore};
 use crate::routing::stage::{Router, SharedRoutes};
 use crate::routing::RouteTable;
 use crate::volume::VolumeOptions;
@@ -141,7 +142,7 @@ async fn run(cfg: Config, table: RouteTable, config_path: std::path::PathBuf) ->
         outbox: Some(outbox),
         ae_title: cfg.node.ae_title.clone(),
         jobs: jobs.clone(),
-        index_path: cfg.index_path(),
+        index: std::sync::Mutex::new(SeriesIndex::open(&cfg.index_path()).context("cannot open the series index")?),
         spool_root: cfg.spool_dir(),
         results_dir: cfg.node.data_dir.join("results"),
         models: models.clone(),
@@ -323,7 +324,7 @@ pub fn analyze(config_path: &Path, out: &Path, paths: &[std::path::PathBuf]) -> 
     if series.is_empty() {
         anyhow::bail!("no usable DICOM series under the given paths");
     }
-    let models = crate::analysis::Models::load(&cfg)?;
+    let models = Models::load(&cfg)?;
     let opts = crate::volume::VolumeOptions {
         spacing_tolerance: cfg.series.spacing_tolerance,
         ..Default::default()
@@ -342,15 +343,15 @@ pub fn analyze(config_path: &Path, out: &Path, paths: &[std::path::PathBuf]) -> 
         let files: Vec<_> = s.instances.iter().map(|(p, _)| p.clone()).collect();
         for m in table.matches(&facts) {
             jobs += 1;
-            match crate::analysis::run(&models, &s.uid, &(&m).into(), &files, &opts) {
+            match crate::job::run::run(&models, &s.uid, &(&m).into(), &files, &opts) {
                 Ok(a) => {
                     let uid = crate::dicom::Uid::parse(&s.uid)?;
                     let dir = crate::dicom::uid_path(out, &[&uid], &[&m.route])?;
-                    crate::analysis::write_outputs(&a, &dir)?;
+                    crate::report::write::write_outputs(&a.line, &a.report_source(), &dir)?;
                     let seed = format!("{}|{}|{}|analyze", s.uid, m.route, a.line.model_version);
                     let model = models.get(&m.model)?;
-                    let device = crate::analysis::device_info(&cfg.node.ae_title);
-                    crate::analysis::write_reports(&a, model, &seed, time::OffsetDateTime::now_utc(), device, &dir)?;
+                    let device = crate::report::write::device_info(&cfg.node.ae_title);
+                    crate::report::write::write_reports(&a.report_source(), model, &seed, time::OffsetDateTime::now_utc(), device, &dir)?;
                     println!("{}", serde_json::to_string(&a.line)?);
                 }
                 Err(e) => {
@@ -377,7 +378,7 @@ pub fn print_jobs(config_path: &Path, json: bool) -> anyhow::Result<()> {
     }
     let store = SqliteJobStore::open(&path)?;
     let stdout = std::io::stdout();
-    crate::jobs::print_jobs(&store, json, &mut stdout.lock())?;
+    crate::job::store::print_jobs(&store, json, &mut stdout.lock())?;
     Ok(())
 }
 

@@ -38,7 +38,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::RetentionConfig;
 use crate::dicom::Uid;
-use crate::jobs::{Job, JobStore};
+use crate::job::{Job, JobStore};
 use crate::outbox::{ItemState, OutboxItem, OutboxStore};
 use crate::series::{SeriesIndex, STATE_COMPLETE, STATE_RECEIVING};
 use crate::store::rfc3339;
@@ -48,7 +48,7 @@ pub enum RetentionError {
     #[error(transparent)]
     Series(#[from] crate::series::SeriesError),
     #[error(transparent)]
-    Jobs(#[from] crate::jobs::JobError),
+    Jobs(#[from] crate::job::JobStoreError),
     #[error(transparent)]
     Outbox(#[from] crate::outbox::OutboxError),
 }
@@ -80,7 +80,7 @@ fn series_of_report(path: &Path) -> Option<String> {
 }
 
 fn busy_job(j: &Job) -> bool {
-    j.state == "pending" || j.state == "running"
+    !j.state.is_finished()
 }
 
 /// Per series: whether work is pending, and the latest activity seen in the
@@ -274,7 +274,7 @@ impl Retention {
 mod tests {
     use super::*;
     use crate::dicom::header::InstanceHeader;
-    use crate::jobs::{JobKey, SqliteJobStore};
+    use crate::job::{JobKey, SqliteJobStore};
     use crate::outbox::{NewItem, SqliteOutboxStore};
     use crate::series::{CompletionReason, InsertOutcome, StoredInstance};
 
@@ -360,7 +360,7 @@ mod tests {
                 model_version: "1".into(),
                 generation: 1,
             };
-            let route = crate::jobs::ResolvedRoute { route: "r".into(), model: "m".into(), send_to: vec![], slices: None };
+            let route = crate::job::ResolvedRoute { route: "r".into(), model: "m".into(), send_to: vec![], slices: None };
             let id = self.jobs.enqueue(&key, &route).unwrap().unwrap();
             if job_state == "pending" {
                 return;

@@ -16,7 +16,7 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
 use super::Shared;
-use crate::jobs::Job;
+use crate::job::{Job, JobState};
 use crate::outbox::{ItemState, OutboxItem};
 use crate::series::{SeriesIndex, SeriesSummary};
 use crate::telemetry::METRICS;
@@ -218,7 +218,7 @@ pub fn timeline(job: &Job, series: Option<&SeriesSummary>, outbox: &HashMap<Stri
         .as_ref()
         .and_then(|r| r["inference_finished_at"].as_str())
         .map(str::to_owned);
-    let reported_at = (job.state == "done").then(|| job.finished_at.clone()).flatten();
+    let reported_at = (job.state == JobState::Done).then(|| job.finished_at.clone()).flatten();
     let last_received_at = series.map(|s| s.last_received_at.clone());
     let end = if delivery == "none" { reported_at.as_deref() } else { delivered_at.as_deref() };
     Timeline {
@@ -472,9 +472,9 @@ pub async fn reload(State(st): State<Shared>) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::jobs::JobKey;
+    use crate::job::JobKey;
 
-    fn job(state: &str, reports: &[&str]) -> Job {
+    fn job(state: JobState, reports: &[&str]) -> Job {
         Job {
             id: 1,
             key: JobKey {
@@ -484,7 +484,7 @@ mod tests {
                 model_version: "1".into(),
                 generation: 1,
             },
-            state: state.into(),
+            state,
             attempts: 1,
             error: None,
             result: Some(json!({
@@ -536,7 +536,7 @@ mod tests {
 
     #[test]
     fn timeline_runs_from_last_instance_to_last_delivery() {
-        let j = job("done", &["1.9.1", "1.9.2"]);
+        let j = job(JobState::Done, &["1.9.1", "1.9.2"]);
         let s = series();
         let (a, b) = (item("1.9.1", ItemState::Delivered, Some(4)), item("1.9.2", ItemState::Delivered, Some(5)));
         let map: HashMap<String, Vec<&OutboxItem>> =
@@ -550,7 +550,7 @@ mod tests {
 
     #[test]
     fn one_undelivered_report_keeps_the_job_pending_and_a_dead_one_shows() {
-        let j = job("done", &["1.9.1", "1.9.2"]);
+        let j = job(JobState::Done, &["1.9.1", "1.9.2"]);
         let a = item("1.9.1", ItemState::Delivered, Some(4));
         let b = item("1.9.2", ItemState::Pending, None);
         let mut map: HashMap<String, Vec<&OutboxItem>> =
@@ -564,7 +564,7 @@ mod tests {
 
     #[test]
     fn without_destinations_the_result_time_ends_at_the_report() {
-        let j = job("done", &[]);
+        let j = job(JobState::Done, &[]);
         let t = timeline(&j, Some(&series()), &HashMap::new());
         assert_eq!(t.delivery, "none");
         assert_eq!(t.time_to_result_s, Some(2.5));

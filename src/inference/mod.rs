@@ -12,6 +12,7 @@
 //!   CPU with a log line and a counter, unless the model is `fail_hard`.
 
 pub mod card;
+pub mod registry;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -80,9 +80,9 @@ pub struct RouteMatch {
     pub slices: Option<SliceSelection>,
 }
 
-impl From<&RouteMatch> for crate::jobs::ResolvedRoute {
+impl From<&RouteMatch> for crate::job::ResolvedRoute {
     fn from(m: &RouteMatch) -> Self {
-        crate::jobs::ResolvedRoute {
+        crate::job::ResolvedRoute {
             route: m.route.clone(),
             model: m.model.clone(),
             send_to: m.send_to.clone(),

@@ -30,11 +30,57 @@ use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 
 #[derive(Debug, thiserror::Error)]
-pub enum JobError {
+pub enum JobStoreError {
     #[error("job store: {0}")]
     Sqlite(#[from] rusqlite::Error),
     #[error("job store: bad JSON in row {id}: {message}")]
     Corrupt { id: i64, message: String },
+    #[error("job store: cannot encode: {0}")]
+    Encode(#[from] serde_json::Error),
+}
+
+/// Where a job is. Stored, printed and served as these exact strings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    Pending,
+    Running,
+    Done,
+    Failed,
+}
+
+impl JobState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Pending => "pending",
+            JobState::Running => "running",
+            JobState::Done => "done",
+            JobState::Failed => "failed",
+        }
+    }
+
+    fn parse(s: &str) -> Option<JobState> {
+        [JobState::Pending, JobState::Running, JobState::Done, JobState::Failed].into_iter().find(|j| j.as_str() == s)
+    }
+
+    /// Done or failed: no worker will touch it unless it is re-triggered.
+    pub fn is_finished(self) -> bool {
+        matches!(self, JobState::Done | JobState::Failed)
+    }
+}
+
+impl std::fmt::Display for JobState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // `pad`, so the `jobs` table's column widths apply.
+        f.pad(self.as_str())
+    }
+}
+
+impl rusqlite::types::FromSql for JobState {
+    fn column_result(v: rusqlite::types::ValueRef<'_>) -> rusqlite::types::FromSqlResult<Self> {
+        let s = v.as_str()?;
+        JobState::parse(s).ok_or_else(|| rusqlite::types::FromSqlError::Other(format!("unknown job state `{s}`").into()))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -70,7 +116,7 @@ pub struct Job {
     pub id: i64,
     #[serde(flatten)]
     pub key: JobKey,
-    pub state: String,
+    pub state: JobState,
     pub attempts: u32,
     pub error: Option<String>,
     pub result: Option<serde_json::Value>,
@@ -87,27 +133,27 @@ pub struct Job {
 pub trait JobStore: Send + Sync + 'static {
     /// Ok(Some(id)) for a new job, Ok(None) when this key already exists
     /// (the existing job keeps the route it was created with).
-    fn enqueue(&self, key: &JobKey, route: &ResolvedRoute) -> Result<Option<i64>, JobError>;
+    fn enqueue(&self, key: &JobKey, route: &ResolvedRoute) -> Result<Option<i64>, JobStoreError>;
     /// Oldest pending job, now marked running.
-    fn claim(&self) -> Result<Option<Job>, JobError>;
-    fn finish(&self, id: i64, outcome: Result<&serde_json::Value, &str>) -> Result<(), JobError>;
+    fn claim(&self) -> Result<Option<Job>, JobStoreError>;
+    fn finish(&self, id: i64, outcome: Result<&serde_json::Value, &str>) -> Result<(), JobStoreError>;
     /// [`JobStore::finish`] for attempt `attempt` only while that attempt is
     /// still the running one. False, and nothing written, when the job moved
     /// on meanwhile (failed at its deadline, re-queued, re-triggered), so a
     /// late outcome cannot overwrite what happened since.
-    fn finish_attempt(&self, id: i64, attempt: u32, outcome: Result<&serde_json::Value, &str>) -> Result<bool, JobError>;
+    fn finish_attempt(&self, id: i64, attempt: u32, outcome: Result<&serde_json::Value, &str>) -> Result<bool, JobStoreError>;
     /// At start-up: running → pending. Returns how many.
-    fn requeue_interrupted(&self) -> Result<usize, JobError>;
-    fn list(&self) -> Result<Vec<Job>, JobError>;
-    fn for_series(&self, series_instance_uid: &str) -> Result<Vec<Job>, JobError>;
-    fn get(&self, id: i64) -> Result<Option<Job>, JobError>;
+    fn requeue_interrupted(&self) -> Result<usize, JobStoreError>;
+    fn list(&self) -> Result<Vec<Job>, JobStoreError>;
+    fn for_series(&self, series_instance_uid: &str) -> Result<Vec<Job>, JobStoreError>;
+    fn get(&self, id: i64) -> Result<Option<Job>, JobStoreError>;
     /// The newest `limit` jobs, newest first.
-    fn recent(&self, limit: usize) -> Result<Vec<Job>, JobError>;
+    fn recent(&self, limit: usize) -> Result<Vec<Job>, JobStoreError>;
     /// How many jobs are in each state.
-    fn count_by_state(&self) -> Result<Vec<(String, i64)>, JobError>;
+    fn count_by_state(&self) -> Result<Vec<(String, i64)>, JobStoreError>;
     /// Run a finished (done or failed) job again, same key and same resolved
     /// route: false when `id` is not finished.
-    fn retrigger(&self, id: i64) -> Result<bool, JobError>;
+    fn retrigger(&self, id: i64) -> Result<bool, JobStoreError>;
 }
 
 pub struct SqliteJobStore {
@@ -119,7 +165,7 @@ fn now() -> String {
 }
 
 impl SqliteJobStore {
-    pub fn open(path: &Path) -> Result<SqliteJobStore, JobError> {
+    pub fn open(path: &Path) -> Result<SqliteJobStore, JobStoreError> {
         let conn = Connection::open(path)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         let _: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
@@ -156,7 +202,7 @@ impl SqliteJobStore {
 /// Migration: job stores made before jobs carried their route get the
 /// `route_json` column (NULL for their rows). In one write transaction, so
 /// two processes opening an old store at once do not both add it.
-fn add_route_column(conn: &Connection) -> Result<(), JobError> {
+fn add_route_column(conn: &Connection) -> Result<(), JobStoreError> {
     conn.execute_batch("BEGIN IMMEDIATE")?;
     let r = (|| {
         let has: bool = conn.query_row(
@@ -200,8 +246,8 @@ fn row_to_job(r: &rusqlite::Row<'_>) -> rusqlite::Result<(Job, Option<String>, O
 
 const COLS: &str = "id, series_uid, route, model, model_version, generation, state, attempts, error, result_json, created_at, started_at, finished_at, route_json";
 
-fn with_result((mut job, json, route): (Job, Option<String>, Option<String>)) -> Result<Job, JobError> {
-    let corrupt = |id, e: serde_json::Error| JobError::Corrupt { id, message: e.to_string() };
+fn with_result((mut job, json, route): (Job, Option<String>, Option<String>)) -> Result<Job, JobStoreError> {
+    let corrupt = |id, e: serde_json::Error| JobStoreError::Corrupt { id, message: e.to_string() };
     if let Some(j) = json {
         job.result = Some(serde_json::from_str(&j).map_err(|e| corrupt(job.id, e))?);
     }
@@ -212,8 +258,8 @@ fn with_result((mut job, json, route): (Job, Option<String>, Option<String>)) ->
 }
 
 impl JobStore for SqliteJobStore {
-    fn enqueue(&self, key: &JobKey, route: &ResolvedRoute) -> Result<Option<i64>, JobError> {
-        let route_json = serde_json::to_string(route).map_err(|e| JobError::Corrupt { id: 0, message: e.to_string() })?;
+    fn enqueue(&self, key: &JobKey, route: &ResolvedRoute) -> Result<Option<i64>, JobStoreError> {
+        let route_json = serde_json::to_string(route)?;
         let c = self.conn();
         let n = c.execute(
             "INSERT OR IGNORE INTO jobs (series_uid, route, model, model_version, generation, state, created_at, route_json)
@@ -223,7 +269,7 @@ impl JobStore for SqliteJobStore {
         Ok((n == 1).then(|| c.last_insert_rowid()))
     }
 
-    fn claim(&self) -> Result<Option<Job>, JobError> {
+    fn claim(&self) -> Result<Option<Job>, JobStoreError> {
         let mut c = self.conn();
         let tx = c.transaction()?;
         let row = tx
@@ -242,13 +288,13 @@ impl JobStore for SqliteJobStore {
             params![job.id, started],
         )?;
         tx.commit()?;
-        job.state = "running".into();
+        job.state = JobState::Running;
         job.attempts += 1;
         job.started_at = Some(started);
         with_result((job, json, route)).map(Some)
     }
 
-    fn finish(&self, id: i64, outcome: Result<&serde_json::Value, &str>) -> Result<(), JobError> {
+    fn finish(&self, id: i64, outcome: Result<&serde_json::Value, &str>) -> Result<(), JobStoreError> {
         let c = self.conn();
         match outcome {
             Ok(v) => c.execute(
@@ -263,7 +309,7 @@ impl JobStore for SqliteJobStore {
         Ok(())
     }
 
-    fn finish_attempt(&self, id: i64, attempt: u32, outcome: Result<&serde_json::Value, &str>) -> Result<bool, JobError> {
+    fn finish_attempt(&self, id: i64, attempt: u32, outcome: Result<&serde_json::Value, &str>) -> Result<bool, JobStoreError> {
         let c = self.conn();
         let n = match outcome {
             Ok(v) => c.execute(
@@ -280,25 +326,25 @@ impl JobStore for SqliteJobStore {
         Ok(n == 1)
     }
 
-    fn requeue_interrupted(&self) -> Result<usize, JobError> {
+    fn requeue_interrupted(&self) -> Result<usize, JobStoreError> {
         Ok(self.conn().execute("UPDATE jobs SET state = 'pending' WHERE state = 'running'", [])?)
     }
 
-    fn list(&self) -> Result<Vec<Job>, JobError> {
+    fn list(&self) -> Result<Vec<Job>, JobStoreError> {
         let c = self.conn();
         let mut st = c.prepare(&format!("SELECT {COLS} FROM jobs ORDER BY id"))?;
         let rows = st.query_map([], row_to_job)?.collect::<Result<Vec<_>, _>>()?;
         rows.into_iter().map(with_result).collect()
     }
 
-    fn for_series(&self, series_instance_uid: &str) -> Result<Vec<Job>, JobError> {
+    fn for_series(&self, series_instance_uid: &str) -> Result<Vec<Job>, JobStoreError> {
         let c = self.conn();
         let mut st = c.prepare(&format!("SELECT {COLS} FROM jobs WHERE series_uid = ?1 ORDER BY id"))?;
         let rows = st.query_map(params![series_instance_uid], row_to_job)?.collect::<Result<Vec<_>, _>>()?;
         rows.into_iter().map(with_result).collect()
     }
 
-    fn get(&self, id: i64) -> Result<Option<Job>, JobError> {
+    fn get(&self, id: i64) -> Result<Option<Job>, JobStoreError> {
         let c = self.conn();
         let row = c
             .query_row(&format!("SELECT {COLS} FROM jobs WHERE id = ?1"), params![id], row_to_job)
@@ -306,7 +352,7 @@ impl JobStore for SqliteJobStore {
         row.map(with_result).transpose()
     }
 
-    fn recent(&self, limit: usize) -> Result<Vec<Job>, JobError> {
+    fn recent(&self, limit: usize) -> Result<Vec<Job>, JobStoreError> {
         let c = self.conn();
         let mut st = c.prepare(&format!("SELECT {COLS} FROM jobs ORDER BY id DESC LIMIT ?1"))?;
         let rows = st
@@ -315,11 +361,11 @@ impl JobStore for SqliteJobStore {
         rows.into_iter().map(with_result).collect()
     }
 
-    fn count_by_state(&self) -> Result<Vec<(String, i64)>, JobError> {
-        crate::store::count_by_state(&self.conn(), "jobs").map_err(JobError::from)
+    fn count_by_state(&self) -> Result<Vec<(String, i64)>, JobStoreError> {
+        crate::store::count_by_state(&self.conn(), "jobs").map_err(JobStoreError::from)
     }
 
-    fn retrigger(&self, id: i64) -> Result<bool, JobError> {
+    fn retrigger(&self, id: i64) -> Result<bool, JobStoreError> {
         let n = self.conn().execute(
             "UPDATE jobs SET state = 'pending', error = NULL WHERE id = ?1 AND state IN ('done', 'failed')",
             params![id],
@@ -329,9 +375,9 @@ impl JobStore for SqliteJobStore {
 }
 
 /// `biomarker-node jobs`: one JSON object per line, or a table.
-pub fn print_jobs(store: &dyn JobStore, json: bool, out: &mut dyn std::io::Write) -> Result<(), JobError> {
+pub fn print_jobs(store: &dyn JobStore, json: bool, out: &mut dyn std::io::Write) -> Result<(), JobStoreError> {
     let jobs = store.list()?;
-    let w = |e: std::io::Error| JobError::Corrupt { id: 0, message: e.to_string() };
+    let w = |e: std::io::Error| JobStoreError::Corrupt { id: 0, message: e.to_string() };
     if json {
         for j in &jobs {
             writeln!(out, "{}", serde_json::to_string(j).unwrap_or_default()).map_err(w)?;
@@ -430,7 +476,7 @@ mod tests {
             let s = SqliteJobStore::open(&p).unwrap();
             s.enqueue(&key(1), &route()).unwrap();
             let j = s.claim().unwrap().unwrap();
-            assert_eq!(j.state, "running");
+            assert_eq!(j.state, JobState::Running);
             assert!(s.claim().unwrap().is_none());
         } // crash while running
         let s = SqliteJobStore::open(&p).unwrap();
@@ -439,7 +485,7 @@ mod tests {
         assert_eq!(j.attempts, 2);
         s.finish(j.id, Ok(&serde_json::json!({"value": 12.5}))).unwrap();
         let all = s.list().unwrap();
-        assert_eq!(all[0].state, "done");
+        assert_eq!(all[0].state, JobState::Done);
         assert_eq!(all[0].result.as_ref().unwrap()["value"], 12.5);
         assert!(s.retrigger(j.id).unwrap());
         assert_eq!(s.claim().unwrap().unwrap().id, j.id);
