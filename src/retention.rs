@@ -108,11 +108,8 @@ fn work_by_series(jobs: &[Job], items: &[OutboxItem]) -> HashMap<String, Work> {
         let w = work.entry(j.key.series_instance_uid.clone()).or_default();
         w.busy |= busy_job(j);
         w.saw(j.finished_at.clone());
-        let reports = j.result.as_ref().and_then(|r| r["reports"].as_array());
-        for r in reports.into_iter().flatten() {
-            if let Some(sop) = r["sop_instance_uid"].as_str() {
-                report_series.insert(sop.to_owned(), j.key.series_instance_uid.clone());
-            }
+        for r in j.typed_result().into_iter().flat_map(|r| r.reports) {
+            report_series.insert(r.sop_instance_uid, j.key.series_instance_uid.clone());
         }
     }
     for item in items {

@@ -234,6 +234,37 @@ mod hu_step_tests {
     use super::*;
 
     #[test]
+    fn a_typed_result_is_the_json_the_store_kept_before() {
+        let line = ResultLine {
+            series_instance_uid: "1.2.3".into(),
+            route: "cac".into(),
+            model: "cac".into(),
+            model_version: "0.3.0".into(),
+            biomarker: "cac".into(),
+            value: 12.5,
+            unit: "Agatston".into(),
+            execution_provider: "cpu".into(),
+            risk_category: Some("mild".into()),
+            lesions: None,
+            slices: 3,
+            elapsed_ms: 7.25,
+        };
+        // What the worker built by hand before JobResult.
+        let mut before = serde_json::to_value(&line).unwrap();
+        before["inference_finished_at"] = "2026-01-01T00:00:02.500Z".into();
+        before["reports"] = vec![serde_json::json!({"path": PathBuf::from("/r/sr.dcm"), "sop_instance_uid": "2.25.1"})]
+            .into_iter()
+            .collect();
+        let typed = JobResult {
+            line,
+            inference_finished_at: "2026-01-01T00:00:02.500Z".into(),
+            reports: vec![ReportRef { path: "/r/sr.dcm".into(), sop_instance_uid: "2.25.1".into() }],
+        };
+        assert_eq!(serde_json::to_value(&typed).unwrap(), before);
+        assert_eq!(serde_json::from_value::<JobResult>(before).unwrap(), typed);
+    }
+
+    #[test]
     fn hu_step_margin_admits_a_12_bit_two_hu_grid_only() {
         // shared/realct chest slice, JPEG Extended: RescaleSlope 2.0002442.
         assert!(!hu_step_too_coarse(2.0002442));

@@ -130,6 +130,17 @@ pub struct Job {
     pub resolved: Option<ResolvedRoute>,
 }
 
+impl Job {
+    /// The result as the worker wrote it. `None` for an unfinished or
+    /// failed job, and for a stored result of another shape (a row from a
+    /// version that wrote other fields): readers then see no result, as they
+    /// saw missing keys before. The JSON that the CLI and the API print is
+    /// [`Job::result`] itself, so it stays exactly what was stored.
+    pub fn typed_result(&self) -> Option<super::JobResult> {
+        serde_json::from_value(self.result.clone()?).ok()
+    }
+}
+
 pub trait JobStore: Send + Sync + 'static {
     /// Ok(Some(id)) for a new job, Ok(None) when this key already exists
     /// (the existing job keeps the route it was created with).
