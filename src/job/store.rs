@@ -464,6 +464,10 @@ mod tests {
         // Not part of the job's JSON.
         let v = serde_json::to_value(s.get(id).unwrap().unwrap()).unwrap();
         assert!(v.get("resolved").is_none() && v.get("send_to").is_none(), "{v}");
+        // The state reads as it always did, in JSON and in the table.
+        assert_eq!(v["state"], "pending");
+        assert_eq!(format!("{:<8}|", JobState::Done), "done    |");
+        assert_eq!(s.count_by_state().unwrap(), vec![("pending".to_owned(), 1), ("running".to_owned(), 1)]);
     }
 
     #[test]
