@@ -11,7 +11,6 @@
 //! create their own channels. `cli` holds the one-shot commands; `main.rs`
 //! only parses the command line.
 
-pub mod analysis;
 pub mod biomarkers;
 pub mod cli;
 pub mod config;
@@ -25,7 +24,7 @@ pub mod dicom;
 pub mod fault;
 pub mod inference;
 pub mod ingest;
-pub mod jobs;
+pub mod job;
 pub mod node;
 pub mod npy;
 pub mod outbox;

@@ -38,7 +38,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::RetentionConfig;
 use crate::dicom::Uid;
-use crate::jobs::{Job, JobStore};
+use crate::job::{Job, JobStore};
 use crate::outbox::{ItemState, OutboxItem, OutboxStore};
 use crate::series::SeriesIndex;
 use crate::store::rfc3339;
@@ -48,7 +48,7 @@ pub enum RetentionError {
     #[error(transparent)]
     Series(#[from] crate::series::SeriesError),
     #[error(transparent)]
-    Jobs(#[from] crate::jobs::JobError),
+    Jobs(#[from] crate::job::JobStoreError),
     #[error(transparent)]
     Outbox(#[from] crate::outbox::OutboxError),
 }
@@ -80,7 +80,7 @@ fn series_of_report(path: &Path) -> Option<String> {
 }
 
 fn busy_job(j: &Job) -> bool {
-    j.state == "pending" || j.state == "running"
+    !j.state.is_finished()
 }
 
 /// Per series: whether work is pending, and the latest activity seen in the
@@ -108,11 +108,8 @@ fn work_by_series(jobs: &[Job], items: &[OutboxItem]) -> HashMap<String, Work> {
         let w = work.entry(j.key.series_instance_uid.clone()).or_default();
         w.busy |= busy_job(j);
         w.saw(j.finished_at.clone());
-        let reports = j.result.as_ref().and_then(|r| r["reports"].as_array());
-        for r in reports.into_iter().flatten() {
-            if let Some(sop) = r["sop_instance_uid"].as_str() {
-                report_series.insert(sop.to_owned(), j.key.series_instance_uid.clone());
-            }
+        for r in j.typed_result().into_iter().flat_map(|r| r.reports) {
+            report_series.insert(r.sop_instance_uid, j.key.series_instance_uid.clone());
         }
     }
     for item in items {
@@ -274,7 +271,7 @@ impl Retention {
 mod tests {
     use super::*;
     use crate::dicom::header::InstanceHeader;
-    use crate::jobs::{JobKey, SqliteJobStore};
+    use crate::job::{JobKey, SqliteJobStore};
     use crate::outbox::{NewItem, SqliteOutboxStore};
     use crate::series::{CompletionReason, InsertOutcome, SeriesState, StoredInstance};
 
@@ -360,7 +357,8 @@ mod tests {
                 model_version: "1".into(),
                 generation: 1,
             };
-            let id = self.jobs.enqueue(&key).unwrap().unwrap();
+            let route = crate::job::ResolvedRoute { route: "r".into(), model: "m".into(), send_to: vec![], slices: None };
+            let id = self.jobs.enqueue(&key, &route).unwrap().unwrap();
             if job_state == "pending" {
                 return;
             }

@@ -1,7 +1,7 @@
 //! The Part 10 files this node writes, as a round trip: a source header made
 //! of arbitrary elements (what a modality sent us: the report copies its
 //! patient and study attributes) and an arbitrary measurement → the SR and
-//! SC builders → `write_all`, the bytes `analysis::write_reports` puts on
+//! SC builders → `write_all`, the bytes `report::write::write_reports` puts on
 //! disk → our Part 10 reader (`outbox::part10::inspect`, what the outbox
 //! sends from) and dicom-object → the same object.
 //!

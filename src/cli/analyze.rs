@@ -11,7 +11,9 @@
 use std::path::{Path, PathBuf};
 
 // The analysis entry points `serve`'s job worker runs too.
-use crate::analysis::{device_info, run, write_outputs, write_reports, Models};
+use crate::inference::registry::Models;
+use crate::job::run::run;
+use crate::report::write::{device_info, write_outputs, write_reports};
 use crate::routing::SeriesFacts;
 use crate::series::scan;
 
@@ -49,15 +51,15 @@ pub fn analyze(config_path: &Path, out: &Path, paths: &[PathBuf]) -> anyhow::Res
         let files: Vec<_> = s.instances.iter().map(|(p, _)| p.clone()).collect();
         for m in table.matches(&facts) {
             jobs += 1;
-            match run(&models, &s.uid, &m, &files, &opts) {
+            match run(&models, &s.uid, &(&m).into(), &files, &opts) {
                 Ok(a) => {
                     let uid = crate::dicom::Uid::parse(&s.uid)?;
                     let dir = crate::dicom::uid_path(out, &[&uid], &[&m.route])?;
-                    write_outputs(&a, &dir)?;
+                    write_outputs(&a.line, &a.report_source(), &dir)?;
                     let seed = format!("{}|{}|{}|analyze", s.uid, m.route, a.line.model_version);
                     let model = models.get(&m.model)?;
                     let device = device_info(&cfg.node.ae_title);
-                    write_reports(&a, model, &seed, time::OffsetDateTime::now_utc(), device, &dir)?;
+                    write_reports(&a.report_source(), model, &seed, time::OffsetDateTime::now_utc(), device, &dir)?;
                     println!("{}", serde_json::to_string(&a.line)?);
                 }
                 Err(e) => {

@@ -11,7 +11,7 @@ use anyhow::Context;
 
 use crate::config::Config;
 use crate::series::{SeriesIndex, SeriesSummary};
-use crate::jobs::{JobStore, SqliteJobStore};
+use crate::job::{JobStore, SqliteJobStore};
 use crate::outbox::store::{list_read_only, rfc3339};
 use crate::outbox::{ItemState, OutboxError};
 

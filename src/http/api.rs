@@ -16,7 +16,7 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
 use super::Shared;
-use crate::jobs::Job;
+use crate::job::{Job, JobResult, JobState};
 use crate::outbox::{ItemState, OutboxItem};
 use crate::series::{SeriesIndex, SeriesSummary};
 use crate::telemetry::METRICS;
@@ -184,17 +184,14 @@ fn seconds_between(a: Option<&str>, b: Option<&str>) -> Option<f64> {
 }
 
 /// The report SOP Instance UIDs a finished job produced.
-fn report_uids(job: &Job) -> Vec<String> {
-    job.result
-        .as_ref()
-        .and_then(|r| r["reports"].as_array())
-        .map(|a| a.iter().filter_map(|r| r["sop_instance_uid"].as_str().map(str::to_owned)).collect())
-        .unwrap_or_default()
+fn report_uids(result: Option<&JobResult>) -> Vec<&str> {
+    result.map(|r| r.reports.iter().map(|f| f.sop_instance_uid.as_str()).collect()).unwrap_or_default()
 }
 
 pub fn timeline(job: &Job, series: Option<&SeriesSummary>, outbox: &HashMap<String, Vec<&OutboxItem>>) -> Timeline {
-    let items: Vec<&OutboxItem> = report_uids(job)
-        .iter()
+    let result = job.typed_result();
+    let items: Vec<&OutboxItem> = report_uids(result.as_ref())
+        .into_iter()
         .flat_map(|u| outbox.get(u).cloned().unwrap_or_default())
         .collect();
     let all = |s: ItemState| !items.is_empty() && items.iter().all(|i| i.state == s);
@@ -213,12 +210,8 @@ pub fn timeline(job: &Job, series: Option<&SeriesSummary>, outbox: &HashMap<Stri
         .then(|| items.iter().filter_map(|i| i.delivered_at).max())
         .flatten()
         .map(crate::store::rfc3339);
-    let inference_finished_at = job
-        .result
-        .as_ref()
-        .and_then(|r| r["inference_finished_at"].as_str())
-        .map(str::to_owned);
-    let reported_at = (job.state == "done").then(|| job.finished_at.clone()).flatten();
+    let inference_finished_at = result.map(|r| r.inference_finished_at);
+    let reported_at = (job.state == JobState::Done).then(|| job.finished_at.clone()).flatten();
     let last_received_at = series.map(|s| s.last_received_at.clone());
     let end = if delivery == "none" { reported_at.as_deref() } else { delivered_at.as_deref() };
     Timeline {
@@ -245,9 +238,8 @@ pub struct JobView {
 }
 
 fn overlay_path(job: &Job) -> Option<PathBuf> {
-    job.result.as_ref()?["reports"].as_array()?.iter().find_map(|r| {
-        let p = PathBuf::from(r["path"].as_str()?);
-        p.file_name()?.to_str()?.starts_with("sc-").then_some(p)
+    job.typed_result()?.reports.into_iter().map(|r| r.path).find(|p| {
+        p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("sc-"))
     })
 }
 
@@ -473,9 +465,9 @@ pub async fn reload(State(st): State<Shared>) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::jobs::JobKey;
+    use crate::job::JobKey;
 
-    fn job(state: &str, reports: &[&str]) -> Job {
+    fn job(state: JobState, reports: &[&str]) -> Job {
         Job {
             id: 1,
             key: JobKey {
@@ -485,16 +477,20 @@ mod tests {
                 model_version: "1".into(),
                 generation: 1,
             },
-            state: state.into(),
+            state,
             attempts: 1,
             error: None,
             result: Some(json!({
+                "series_instance_uid": "1.2.3", "route": "r", "model": "m", "model_version": "1",
+                "biomarker": "cac", "value": 1.0, "unit": "1", "execution_provider": "cpu",
+                "slices": 1, "elapsed_ms": 1.0,
                 "inference_finished_at": "2026-01-01T00:00:02.500Z",
                 "reports": reports.iter().map(|u| json!({"path": format!("/x/{u}.dcm"), "sop_instance_uid": u})).collect::<Vec<_>>(),
             })),
             created_at: "2026-01-01T00:00:01Z".into(),
             started_at: Some("2026-01-01T00:00:02Z".into()),
             finished_at: Some("2026-01-01T00:00:03Z".into()),
+            resolved: None,
         }
     }
 
@@ -536,7 +532,7 @@ mod tests {
 
     #[test]
     fn timeline_runs_from_last_instance_to_last_delivery() {
-        let j = job("done", &["1.9.1", "1.9.2"]);
+        let j = job(JobState::Done, &["1.9.1", "1.9.2"]);
         let s = series();
         let (a, b) = (item("1.9.1", ItemState::Delivered, Some(4)), item("1.9.2", ItemState::Delivered, Some(5)));
         let map: HashMap<String, Vec<&OutboxItem>> =
@@ -550,7 +546,7 @@ mod tests {
 
     #[test]
     fn one_undelivered_report_keeps_the_job_pending_and_a_dead_one_shows() {
-        let j = job("done", &["1.9.1", "1.9.2"]);
+        let j = job(JobState::Done, &["1.9.1", "1.9.2"]);
         let a = item("1.9.1", ItemState::Delivered, Some(4));
         let b = item("1.9.2", ItemState::Pending, None);
         let mut map: HashMap<String, Vec<&OutboxItem>> =
@@ -564,7 +560,7 @@ mod tests {
 
     #[test]
     fn without_destinations_the_result_time_ends_at_the_report() {
-        let j = job("done", &[]);
+        let j = job(JobState::Done, &[]);
         let t = timeline(&j, Some(&series()), &HashMap::new());
         assert_eq!(t.delivery, "none");
         assert_eq!(t.time_to_result_s, Some(2.5));

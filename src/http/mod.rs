@@ -34,9 +34,9 @@ use axum::routing::{get, post};
 use axum::Router;
 use tokio_util::sync::CancellationToken;
 
-use crate::analysis::Models;
+use crate::inference::registry::Models;
 use crate::config::ModelConfig;
-use crate::jobs::JobStore;
+use crate::job::JobStore;
 use crate::outbox::OutboxHandle;
 use crate::routing::stage::SharedRoutes;
 

@@ -133,11 +133,11 @@ fn chest_slice_encodings_agree() {
             let v = Volume::from_files(&[p.clone()]).unwrap_or_else(|e| panic!("{name}: {e}"));
             if name.ends_with("1.2.840.10008.1.2.4.50.dcm") {
                 // 8-bit baseline JPEG: this file stores HU in steps of ~32, which
-                // analysis refuses (crate::analysis::MAX_HU_STEP).
-                assert!(crate::analysis::hu_step_too_coarse(v.hu_step), "{name}: step {}", v.hu_step);
+                // analysis refuses (crate::job::run::MAX_HU_STEP).
+                assert!(crate::job::run::hu_step_too_coarse(v.hu_step), "{name}: step {}", v.hu_step);
                 continue;
             }
-            assert!(!crate::analysis::hu_step_too_coarse(v.hu_step), "{name}: step {}", v.hu_step);
+            assert!(!crate::job::run::hu_step_too_coarse(v.hu_step), "{name}: step {}", v.hu_step);
             let g = PixelGeometry { pixel_spacing: v.pixel_spacing, slice_thickness_mm: 5.0 };
             let value = measure(&model, v.hu.view(), g).unwrap().value;
             let rel = (value - reference).abs() / reference.abs().max(1e-9);

@@ -15,6 +15,7 @@ pub mod card;
 #[cfg(test)]
 mod golden;
 pub mod measure;
+pub mod registry;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};

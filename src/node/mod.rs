@@ -38,8 +38,9 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 // The job stage's types. The only place `node` names them.
-use crate::analysis::{Models, Worker};
-use crate::jobs::{JobStore, SqliteJobStore};
+use crate::inference::registry::Models;
+use crate::job::worker::Worker;
+use crate::job::{JobStore, SqliteJobStore};
 
 use crate::config::Config;
 use crate::ingest::{Gate, Listener, Shared};
@@ -139,7 +140,7 @@ async fn run(cfg: Config, table: RouteTable, config_path: PathBuf) -> anyhow::Re
         ctx.shutdown.clone(),
     )
     .context("cannot start the outbox")?;
-    let worker = tokio::spawn(build_worker(&ctx, outbox.clone()).run(ctx.shutdown.clone()));
+    let worker = tokio::spawn(build_worker(&ctx, outbox.clone())?.run(ctx.shutdown.clone()));
     let reloader = tokio::spawn(reload_on_sighup(ctx.config_path.clone(), ctx.routes.clone(), ctx.shutdown.clone()));
     if ctx.cfg.node.allowed_callers.is_empty() {
         tracing::warn!("node.allowed_callers is empty: any calling AE may store to this node");
@@ -220,14 +221,14 @@ fn build_router(ctx: &Ctx) -> Router {
 }
 
 /// The job worker: jobs → results and reports → the outbox.
-fn build_worker(ctx: &Ctx, outbox: OutboxHandle) -> Worker {
+fn build_worker(ctx: &Ctx, outbox: OutboxHandle) -> anyhow::Result<Worker> {
     let cfg = &ctx.cfg;
-    Worker {
+    Ok(Worker {
         send_filter: cfg.destinations.iter().map(|(k, d)| (k.clone(), d.send.clone())).collect(),
         outbox: Some(outbox),
         ae_title: cfg.node.ae_title.clone(),
         jobs: ctx.jobs.clone(),
-        index_path: cfg.index_path(),
+        index: std::sync::Mutex::new(SeriesIndex::open(&cfg.index_path()).context("cannot open the series index")?),
         spool_root: cfg.spool_dir(),
         results_dir: cfg.node.data_dir.join("results"),
         models: ctx.models.clone(),
@@ -238,7 +239,7 @@ fn build_worker(ctx: &Ctx, outbox: OutboxHandle) -> Worker {
             ..Default::default()
         },
         timeout: std::time::Duration::from_secs_f64(cfg.jobs.timeout_s),
-    }
+    })
 }
 
 /// `destinations`: where the outbox delivers, with TLS and STOW-RS material

@@ -3,7 +3,8 @@
 //!
 //! Input: [`OutboxHandle::enqueue`] with a destination name and a Part-10
 //! file the report stage has already written durably under
-//! `<data_dir>/results/`, with its (stable) SOP Class and Instance UIDs.
+//! `<data_dir>/results/` (report/write.rs writes and fsyncs it; the job
+//! stage enqueues it), with its (stable) SOP Class and Instance UIDs.
 //! Output: the instance stored at the destination, or a dead letter with
 //! the reason; both visible through [`OutboxHandle::list`] and
 //! `biomarker-node outbox` ([`store::list_read_only`]).

@@ -4,7 +4,9 @@
 //! Input: a [`ReportContext`] (the source series' header, the instances the
 //! measurement used, who we are, a seed and the job's creation time), the
 //! model card and the [`Measurement`](crate::biomarkers::Measurement).
-//! Output: `FileDicomObject`s ready for the outbox, nothing written here.
+//! Output: `FileDicomObject`s; [`write`] puts them on disk (fsynced, under
+//! the job's `results/` directory), and the job stage then hands those files
+//! to the outbox, which only reads them.
 //!
 //! Invariants:
 //! - Every UID we mint is [`result_uid`]`(ctx.seed, kind)`: the same job
@@ -22,8 +24,8 @@
 //!   as a C-STORE the PACS rejects.
 //!
 //! Failure modes: [`ReportError`]; every variant is permanent (re-running
-//! the job gives the same error), see [`ReportError::is_retryable`]. Writing
-//! the files is the outbox's job, so no I/O error arises here.
+//! the job gives the same error), see [`ReportError::is_retryable`]. I/O
+//! errors arise only in [`write`] ([`write::WriteError`]).
 //!
 //! Layout, after highdicom: [`content`] has one type per SR content item,
 //! [`codes`] the fixed coded concepts, [`tid1500`] one type per template,
@@ -39,6 +41,7 @@ pub mod sc;
 pub mod seg;
 pub mod sr;
 pub mod tid1500;
+pub mod write;
 
 #[cfg(test)]
 pub(crate) mod testutil;

@@ -79,6 +79,17 @@ pub struct RouteMatch {
     pub slices: Option<SliceSelection>,
 }
 
+impl From<&RouteMatch> for crate::job::ResolvedRoute {
+    fn from(m: &RouteMatch) -> Self {
+        crate::job::ResolvedRoute {
+            route: m.route.clone(),
+            model: m.model.clone(),
+            send_to: m.send_to.clone(),
+            slices: m.slices.clone(),
+        }
+    }
+}
+
 fn ser_slices<S: serde::Serializer>(v: &Option<SliceSelection>, s: S) -> Result<S::Ok, S::Error> {
     match v {
         Some(sel) => s.serialize_some(&sel.to_string()),

@@ -28,13 +28,28 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::{FactsError, RouteTable, SeriesFacts};
-use crate::analysis::Models;
+use crate::inference::registry::Models;
 use crate::dicom::read::OpenError;
-use crate::jobs::{JobKey, JobStore};
+use crate::job::{JobKey, JobStore, ResolvedRoute};
 use crate::series::{CompletionQueue, SeriesCompleted, SeriesError, SeriesIndex, SeriesState};
 
 /// The live route table; SIGHUP swaps it after a successful check.
 pub type SharedRoutes = Arc<RwLock<Arc<RouteTable>>>;
+
+/// Jobs stored before they carried their route are resolved by name in the
+/// live table, as they were when they were made.
+impl crate::job::RouteLookup for RwLock<Arc<RouteTable>> {
+    fn resolve(&self, route: &str) -> Option<ResolvedRoute> {
+        let table = self.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let r = table.routes.iter().find(|r| r.name == route)?;
+        Some(ResolvedRoute {
+            route: r.name.clone(),
+            model: r.model.clone(),
+            send_to: r.send_to.clone(),
+            slices: r.slices.clone(),
+        })
+    }
+}
 
 /// How often, and how patiently, a transient routing failure is retried.
 #[derive(Debug, Clone, Copy)]
@@ -250,7 +265,9 @@ impl Router {
                 generation: ev.generation,
             };
             // The job store is the environment, not the series: transient.
-            let inserted = self.jobs.enqueue(&key).map_err(|e| RouteFailure {
+            // The job keeps the route as it is now: a reload before the job
+            // runs must not change where its reports go.
+            let inserted = self.jobs.enqueue(&key, &m.into()).map_err(|e| RouteFailure {
                 reason: e.to_string(),
                 transient: true,
             })?;
@@ -285,7 +302,7 @@ mod tests {
     use dicom_object::InMemDicomObject;
 
     use crate::dicom::Uid;
-    use crate::jobs::{Job, JobError, SqliteJobStore};
+    use crate::job::{Job, JobStoreError, SqliteJobStore};
     use crate::series::{CompletionReason, SqliteCompletionQueue, StoredInstance};
 
     const STUDY: &str = "1.2.826.0.1.7";
@@ -431,43 +448,43 @@ mod tests {
     }
 
     impl JobStore for FlakyJobs {
-        fn enqueue(&self, key: &JobKey) -> Result<Option<i64>, JobError> {
+        fn enqueue(&self, key: &JobKey, route: &ResolvedRoute) -> Result<Option<i64>, JobStoreError> {
             if self.calls.fetch_add(1, Ordering::SeqCst) < self.fail_first {
-                return Err(JobError::Sqlite(rusqlite::Error::SqliteFailure(
+                return Err(JobStoreError::Sqlite(rusqlite::Error::SqliteFailure(
                     rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_BUSY),
                     Some("database is locked".into()),
                 )));
             }
-            self.inner.enqueue(key)
+            self.inner.enqueue(key, route)
         }
-        fn claim(&self) -> Result<Option<Job>, JobError> {
+        fn claim(&self) -> Result<Option<Job>, JobStoreError> {
             self.inner.claim()
         }
-        fn finish(&self, id: i64, o: Result<&serde_json::Value, &str>) -> Result<(), JobError> {
+        fn finish(&self, id: i64, o: Result<&serde_json::Value, &str>) -> Result<(), JobStoreError> {
             self.inner.finish(id, o)
         }
-        fn finish_attempt(&self, id: i64, attempt: u32, o: Result<&serde_json::Value, &str>) -> Result<bool, JobError> {
+        fn finish_attempt(&self, id: i64, attempt: u32, o: Result<&serde_json::Value, &str>) -> Result<bool, JobStoreError> {
             self.inner.finish_attempt(id, attempt, o)
         }
-        fn requeue_interrupted(&self) -> Result<usize, JobError> {
+        fn requeue_interrupted(&self) -> Result<usize, JobStoreError> {
             self.inner.requeue_interrupted()
         }
-        fn list(&self) -> Result<Vec<Job>, JobError> {
+        fn list(&self) -> Result<Vec<Job>, JobStoreError> {
             self.inner.list()
         }
-        fn for_series(&self, s: &str) -> Result<Vec<Job>, JobError> {
+        fn for_series(&self, s: &str) -> Result<Vec<Job>, JobStoreError> {
             self.inner.for_series(s)
         }
-        fn get(&self, id: i64) -> Result<Option<Job>, JobError> {
+        fn get(&self, id: i64) -> Result<Option<Job>, JobStoreError> {
             self.inner.get(id)
         }
-        fn recent(&self, limit: usize) -> Result<Vec<Job>, JobError> {
+        fn recent(&self, limit: usize) -> Result<Vec<Job>, JobStoreError> {
             self.inner.recent(limit)
         }
-        fn count_by_state(&self) -> Result<Vec<(String, i64)>, JobError> {
+        fn count_by_state(&self) -> Result<Vec<(String, i64)>, JobStoreError> {
             self.inner.count_by_state()
         }
-        fn retrigger(&self, id: i64) -> Result<bool, JobError> {
+        fn retrigger(&self, id: i64) -> Result<bool, JobStoreError> {
             self.inner.retrigger(id)
         }
     }

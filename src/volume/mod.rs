@@ -174,7 +174,10 @@ pub struct Volume {
 }
 
 /// How to pick one 2-D slice for a model that works on a single image.
-#[derive(Debug, Clone, PartialEq)]
+/// Serialised (snake_case) in the job store, where a job keeps the
+/// selection its route had when the job was created.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum SliceSelection {
     /// The series must have exactly one image; that one.
     Single,

@@ -13,6 +13,12 @@
 //!   ([`JobStore::finish_attempt`]): a job failed at its deadline, then
 //!   re-queued or re-triggered, is never overwritten by the abandoned
 //!   attempt's late result.
+//! - A job carries its [`ResolvedRoute`] (model, slice selection,
+//!   destinations), fixed when routing created it: a reload that renames or
+//!   drops the route afterwards changes neither what the job computes nor
+//!   where its reports go. Rows written before the `route_json` column
+//!   existed have none; for them the worker still looks the route up by name
+//!   in the live table, as it did then.
 //!
 //! The [`JobStore`] trait is the seam for a distributed queue.
 
@@ -23,11 +29,57 @@ use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 
 #[derive(Debug, thiserror::Error)]
-pub enum JobError {
+pub enum JobStoreError {
     #[error("job store: {0}")]
     Sqlite(#[from] rusqlite::Error),
     #[error("job store: bad JSON in row {id}: {message}")]
     Corrupt { id: i64, message: String },
+    #[error("job store: cannot encode: {0}")]
+    Encode(#[from] serde_json::Error),
+}
+
+/// Where a job is. Stored, printed and served as these exact strings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    Pending,
+    Running,
+    Done,
+    Failed,
+}
+
+impl JobState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Pending => "pending",
+            JobState::Running => "running",
+            JobState::Done => "done",
+            JobState::Failed => "failed",
+        }
+    }
+
+    fn parse(s: &str) -> Option<JobState> {
+        [JobState::Pending, JobState::Running, JobState::Done, JobState::Failed].into_iter().find(|j| j.as_str() == s)
+    }
+
+    /// Done or failed: no worker will touch it unless it is re-triggered.
+    pub fn is_finished(self) -> bool {
+        matches!(self, JobState::Done | JobState::Failed)
+    }
+}
+
+impl std::fmt::Display for JobState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // `pad`, so the `jobs` table's column widths apply.
+        f.pad(self.as_str())
+    }
+}
+
+impl rusqlite::types::FromSql for JobState {
+    fn column_result(v: rusqlite::types::ValueRef<'_>) -> rusqlite::types::FromSqlResult<Self> {
+        let s = v.as_str()?;
+        JobState::parse(s).ok_or_else(|| rusqlite::types::FromSqlError::Other(format!("unknown job state `{s}`").into()))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -39,43 +91,79 @@ pub struct JobKey {
     pub generation: u32,
 }
 
+/// What routing decided for a job, beyond its key: the model to run, the
+/// slice to give it and where its reports go. Stored with the job (column
+/// `route_json`) so the worker never consults the live route table, which
+/// a SIGHUP may have changed since.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+pub struct ResolvedRoute {
+    pub route: String,
+    pub model: String,
+    pub send_to: Vec<String>,
+    pub slices: Option<crate::volume::SliceSelection>,
+}
+
+/// The live route table by name, for jobs stored before they carried their
+/// route (see [`Job::resolved`]). Implemented by the routing stage's table,
+/// so this module does not depend on routing.
+pub trait RouteLookup: Send + Sync {
+    fn resolve(&self, route: &str) -> Option<ResolvedRoute>;
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Job {
     pub id: i64,
     #[serde(flatten)]
     pub key: JobKey,
-    pub state: String,
+    pub state: JobState,
     pub attempts: u32,
     pub error: Option<String>,
     pub result: Option<serde_json::Value>,
     pub created_at: String,
     pub started_at: Option<String>,
     pub finished_at: Option<String>,
+    /// The route as it was when the job was created; `None` only for rows
+    /// stored by a version without the `route_json` column. Not part of the
+    /// job's JSON (CLI and API), which is unchanged.
+    #[serde(skip)]
+    pub resolved: Option<ResolvedRoute>,
+}
+
+impl Job {
+    /// The result as the worker wrote it. `None` for an unfinished or
+    /// failed job, and for a stored result of another shape (a row from a
+    /// version that wrote other fields): readers then see no result, as they
+    /// saw missing keys before. The JSON that the CLI and the API print is
+    /// [`Job::result`] itself, so it stays exactly what was stored.
+    pub fn typed_result(&self) -> Option<super::JobResult> {
+        serde_json::from_value(self.result.clone()?).ok()
+    }
 }
 
 pub trait JobStore: Send + Sync + 'static {
-    /// Ok(Some(id)) for a new job, Ok(None) when this key already exists.
-    fn enqueue(&self, key: &JobKey) -> Result<Option<i64>, JobError>;
+    /// Ok(Some(id)) for a new job, Ok(None) when this key already exists
+    /// (the existing job keeps the route it was created with).
+    fn enqueue(&self, key: &JobKey, route: &ResolvedRoute) -> Result<Option<i64>, JobStoreError>;
     /// Oldest pending job, now marked running.
-    fn claim(&self) -> Result<Option<Job>, JobError>;
-    fn finish(&self, id: i64, outcome: Result<&serde_json::Value, &str>) -> Result<(), JobError>;
+    fn claim(&self) -> Result<Option<Job>, JobStoreError>;
+    fn finish(&self, id: i64, outcome: Result<&serde_json::Value, &str>) -> Result<(), JobStoreError>;
     /// [`JobStore::finish`] for attempt `attempt` only while that attempt is
     /// still the running one. False, and nothing written, when the job moved
     /// on meanwhile (failed at its deadline, re-queued, re-triggered), so a
     /// late outcome cannot overwrite what happened since.
-    fn finish_attempt(&self, id: i64, attempt: u32, outcome: Result<&serde_json::Value, &str>) -> Result<bool, JobError>;
+    fn finish_attempt(&self, id: i64, attempt: u32, outcome: Result<&serde_json::Value, &str>) -> Result<bool, JobStoreError>;
     /// At start-up: running → pending. Returns how many.
-    fn requeue_interrupted(&self) -> Result<usize, JobError>;
-    fn list(&self) -> Result<Vec<Job>, JobError>;
-    fn for_series(&self, series_instance_uid: &str) -> Result<Vec<Job>, JobError>;
-    fn get(&self, id: i64) -> Result<Option<Job>, JobError>;
+    fn requeue_interrupted(&self) -> Result<usize, JobStoreError>;
+    fn list(&self) -> Result<Vec<Job>, JobStoreError>;
+    fn for_series(&self, series_instance_uid: &str) -> Result<Vec<Job>, JobStoreError>;
+    fn get(&self, id: i64) -> Result<Option<Job>, JobStoreError>;
     /// The newest `limit` jobs, newest first.
-    fn recent(&self, limit: usize) -> Result<Vec<Job>, JobError>;
+    fn recent(&self, limit: usize) -> Result<Vec<Job>, JobStoreError>;
     /// How many jobs are in each state.
-    fn count_by_state(&self) -> Result<Vec<(String, i64)>, JobError>;
-    /// Run a finished (done or failed) job again, same key: false when `id`
-    /// is not finished.
-    fn retrigger(&self, id: i64) -> Result<bool, JobError>;
+    fn count_by_state(&self) -> Result<Vec<(String, i64)>, JobStoreError>;
+    /// Run a finished (done or failed) job again, same key and same resolved
+    /// route: false when `id` is not finished.
+    fn retrigger(&self, id: i64) -> Result<bool, JobStoreError>;
 }
 
 pub struct SqliteJobStore {
@@ -87,7 +175,7 @@ fn now() -> String {
 }
 
 impl SqliteJobStore {
-    pub fn open(path: &Path) -> Result<SqliteJobStore, JobError> {
+    pub fn open(path: &Path) -> Result<SqliteJobStore, JobStoreError> {
         // FULL, SQLite's default and what this store always had: a recorded outcome survives power loss.
         let conn = crate::store::open(path, crate::store::Mode::ReadWrite(crate::store::Synchronous::Full))?;
         conn.execute_batch(
@@ -109,6 +197,7 @@ impl SqliteJobStore {
              );
              CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, id);",
         )?;
+        add_route_column(&conn)?;
         Ok(SqliteJobStore { conn: crate::store::Locked::new(conn) })
     }
 
@@ -118,7 +207,27 @@ impl SqliteJobStore {
 
 }
 
-fn row_to_job(r: &rusqlite::Row<'_>) -> rusqlite::Result<(Job, Option<String>)> {
+/// Migration: job stores made before jobs carried their route get the
+/// `route_json` column (NULL for their rows). In one write transaction, so
+/// two processes opening an old store at once do not both add it.
+fn add_route_column(conn: &Connection) -> Result<(), JobStoreError> {
+    conn.execute_batch("BEGIN IMMEDIATE")?;
+    let r = (|| {
+        let has: bool = conn.query_row(
+            "SELECT COUNT(*) > 0 FROM pragma_table_info('jobs') WHERE name = 'route_json'",
+            [],
+            |r| r.get(0),
+        )?;
+        if !has {
+            conn.execute_batch("ALTER TABLE jobs ADD COLUMN route_json TEXT")?;
+        }
+        Ok(())
+    })();
+    conn.execute_batch(if r.is_ok() { "COMMIT" } else { "ROLLBACK" })?;
+    r
+}
+
+fn row_to_job(r: &rusqlite::Row<'_>) -> rusqlite::Result<(Job, Option<String>, Option<String>)> {
     Ok((
         Job {
             id: r.get(0)?,
@@ -136,35 +245,39 @@ fn row_to_job(r: &rusqlite::Row<'_>) -> rusqlite::Result<(Job, Option<String>)> 
             created_at: r.get(10)?,
             started_at: r.get(11)?,
             finished_at: r.get(12)?,
+            resolved: None,
         },
         r.get(9)?,
+        r.get(13)?,
     ))
 }
 
-const COLS: &str = "id, series_uid, route, model, model_version, generation, state, attempts, error, result_json, created_at, started_at, finished_at";
+const COLS: &str = "id, series_uid, route, model, model_version, generation, state, attempts, error, result_json, created_at, started_at, finished_at, route_json";
 
-fn with_result((mut job, json): (Job, Option<String>)) -> Result<Job, JobError> {
+fn with_result((mut job, json, route): (Job, Option<String>, Option<String>)) -> Result<Job, JobStoreError> {
+    let corrupt = |id, e: serde_json::Error| JobStoreError::Corrupt { id, message: e.to_string() };
     if let Some(j) = json {
-        job.result = Some(serde_json::from_str(&j).map_err(|e| JobError::Corrupt {
-            id: job.id,
-            message: e.to_string(),
-        })?);
+        job.result = Some(serde_json::from_str(&j).map_err(|e| corrupt(job.id, e))?);
+    }
+    if let Some(r) = route {
+        job.resolved = Some(serde_json::from_str(&r).map_err(|e| corrupt(job.id, e))?);
     }
     Ok(job)
 }
 
 impl JobStore for SqliteJobStore {
-    fn enqueue(&self, key: &JobKey) -> Result<Option<i64>, JobError> {
+    fn enqueue(&self, key: &JobKey, route: &ResolvedRoute) -> Result<Option<i64>, JobStoreError> {
+        let route_json = serde_json::to_string(route)?;
         let c = self.conn();
         let n = c.execute(
-            "INSERT OR IGNORE INTO jobs (series_uid, route, model, model_version, generation, state, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, 'pending', ?6)",
-            params![key.series_instance_uid, key.route, key.model, key.model_version, key.generation, now()],
+            "INSERT OR IGNORE INTO jobs (series_uid, route, model, model_version, generation, state, created_at, route_json)
+             VALUES (?1, ?2, ?3, ?4, ?5, 'pending', ?6, ?7)",
+            params![key.series_instance_uid, key.route, key.model, key.model_version, key.generation, now(), route_json],
         )?;
         Ok((n == 1).then(|| c.last_insert_rowid()))
     }
 
-    fn claim(&self) -> Result<Option<Job>, JobError> {
+    fn claim(&self) -> Result<Option<Job>, JobStoreError> {
         let mut c = self.conn();
         let tx = c.transaction()?;
         let row = tx
@@ -174,7 +287,7 @@ impl JobStore for SqliteJobStore {
                 row_to_job,
             )
             .optional()?;
-        let Some((mut job, json)) = row else {
+        let Some((mut job, json, route)) = row else {
             return Ok(None);
         };
         let started = now();
@@ -183,13 +296,13 @@ impl JobStore for SqliteJobStore {
             params![job.id, started],
         )?;
         tx.commit()?;
-        job.state = "running".into();
+        job.state = JobState::Running;
         job.attempts += 1;
         job.started_at = Some(started);
-        with_result((job, json)).map(Some)
+        with_result((job, json, route)).map(Some)
     }
 
-    fn finish(&self, id: i64, outcome: Result<&serde_json::Value, &str>) -> Result<(), JobError> {
+    fn finish(&self, id: i64, outcome: Result<&serde_json::Value, &str>) -> Result<(), JobStoreError> {
         let c = self.conn();
         match outcome {
             Ok(v) => c.execute(
@@ -204,7 +317,7 @@ impl JobStore for SqliteJobStore {
         Ok(())
     }
 
-    fn finish_attempt(&self, id: i64, attempt: u32, outcome: Result<&serde_json::Value, &str>) -> Result<bool, JobError> {
+    fn finish_attempt(&self, id: i64, attempt: u32, outcome: Result<&serde_json::Value, &str>) -> Result<bool, JobStoreError> {
         let c = self.conn();
         let n = match outcome {
             Ok(v) => c.execute(
@@ -221,25 +334,25 @@ impl JobStore for SqliteJobStore {
         Ok(n == 1)
     }
 
-    fn requeue_interrupted(&self) -> Result<usize, JobError> {
+    fn requeue_interrupted(&self) -> Result<usize, JobStoreError> {
         Ok(self.conn().execute("UPDATE jobs SET state = 'pending' WHERE state = 'running'", [])?)
     }
 
-    fn list(&self) -> Result<Vec<Job>, JobError> {
+    fn list(&self) -> Result<Vec<Job>, JobStoreError> {
         let c = self.conn();
         let mut st = c.prepare(&format!("SELECT {COLS} FROM jobs ORDER BY id"))?;
         let rows = st.query_map([], row_to_job)?.collect::<Result<Vec<_>, _>>()?;
         rows.into_iter().map(with_result).collect()
     }
 
-    fn for_series(&self, series_instance_uid: &str) -> Result<Vec<Job>, JobError> {
+    fn for_series(&self, series_instance_uid: &str) -> Result<Vec<Job>, JobStoreError> {
         let c = self.conn();
         let mut st = c.prepare(&format!("SELECT {COLS} FROM jobs WHERE series_uid = ?1 ORDER BY id"))?;
         let rows = st.query_map(params![series_instance_uid], row_to_job)?.collect::<Result<Vec<_>, _>>()?;
         rows.into_iter().map(with_result).collect()
     }
 
-    fn get(&self, id: i64) -> Result<Option<Job>, JobError> {
+    fn get(&self, id: i64) -> Result<Option<Job>, JobStoreError> {
         let c = self.conn();
         let row = c
             .query_row(&format!("SELECT {COLS} FROM jobs WHERE id = ?1"), params![id], row_to_job)
@@ -247,7 +360,7 @@ impl JobStore for SqliteJobStore {
         row.map(with_result).transpose()
     }
 
-    fn recent(&self, limit: usize) -> Result<Vec<Job>, JobError> {
+    fn recent(&self, limit: usize) -> Result<Vec<Job>, JobStoreError> {
         let c = self.conn();
         let mut st = c.prepare(&format!("SELECT {COLS} FROM jobs ORDER BY id DESC LIMIT ?1"))?;
         let rows = st
@@ -256,11 +369,11 @@ impl JobStore for SqliteJobStore {
         rows.into_iter().map(with_result).collect()
     }
 
-    fn count_by_state(&self) -> Result<Vec<(String, i64)>, JobError> {
-        crate::store::count_by_state(&self.conn(), "jobs").map_err(JobError::from)
+    fn count_by_state(&self) -> Result<Vec<(String, i64)>, JobStoreError> {
+        crate::store::count_by_state(&self.conn(), "jobs").map_err(JobStoreError::from)
     }
 
-    fn retrigger(&self, id: i64) -> Result<bool, JobError> {
+    fn retrigger(&self, id: i64) -> Result<bool, JobStoreError> {
         let n = self.conn().execute(
             "UPDATE jobs SET state = 'pending', error = NULL WHERE id = ?1 AND state IN ('done', 'failed')",
             params![id],
@@ -283,13 +396,57 @@ mod tests {
         }
     }
 
+    fn route() -> ResolvedRoute {
+        ResolvedRoute {
+            route: "pma".into(),
+            model: "pma".into(),
+            send_to: vec!["pacs".into()],
+            slices: Some(crate::volume::SliceSelection::ZMm(-12.5)),
+        }
+    }
+
+    #[test]
+    fn a_job_keeps_its_route_and_an_old_store_is_migrated() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("j.sqlite");
+        {
+            // A store as the previous version made it, with one pending job.
+            let c = Connection::open(&p).unwrap();
+            c.execute_batch(
+                "CREATE TABLE jobs (
+                     id INTEGER PRIMARY KEY AUTOINCREMENT, series_uid TEXT NOT NULL, route TEXT NOT NULL,
+                     model TEXT NOT NULL, model_version TEXT NOT NULL, generation INTEGER NOT NULL,
+                     state TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, error TEXT, result_json TEXT,
+                     created_at TEXT NOT NULL, started_at TEXT, finished_at TEXT,
+                     UNIQUE (series_uid, route, model_version, generation));
+                 INSERT INTO jobs (series_uid, route, model, model_version, generation, state, created_at)
+                 VALUES ('1.2.3', 'pma', 'pma', '1', 1, 'pending', '2026-01-01T00:00:00.000Z');",
+            )
+            .unwrap();
+        }
+        let s = SqliteJobStore::open(&p).unwrap();
+        // Opened again: the migration is a no-op the second time.
+        let s2 = SqliteJobStore::open(&p).unwrap();
+        let old = s.claim().unwrap().unwrap();
+        assert_eq!(old.resolved, None);
+        let id = s2.enqueue(&key(2), &route()).unwrap().unwrap();
+        assert_eq!(s.get(id).unwrap().unwrap().resolved, Some(route()));
+        // Not part of the job's JSON.
+        let v = serde_json::to_value(s.get(id).unwrap().unwrap()).unwrap();
+        assert!(v.get("resolved").is_none() && v.get("send_to").is_none(), "{v}");
+        // The state reads as it always did, in JSON and in the table.
+        assert_eq!(v["state"], "pending");
+        assert_eq!(format!("{:<8}|", JobState::Done), "done    |");
+        assert_eq!(s.count_by_state().unwrap(), vec![("pending".to_owned(), 1), ("running".to_owned(), 1)]);
+    }
+
     #[test]
     fn a_key_runs_once_and_a_new_generation_again() {
         let d = tempfile::tempdir().unwrap();
         let s = SqliteJobStore::open(&d.path().join("j.sqlite")).unwrap();
-        assert!(s.enqueue(&key(1)).unwrap().is_some());
-        assert!(s.enqueue(&key(1)).unwrap().is_none());
-        assert!(s.enqueue(&key(2)).unwrap().is_some());
+        assert!(s.enqueue(&key(1), &route()).unwrap().is_some());
+        assert!(s.enqueue(&key(1), &route()).unwrap().is_none());
+        assert!(s.enqueue(&key(2), &route()).unwrap().is_some());
         assert_eq!(s.list().unwrap().len(), 2);
         assert_eq!(s.count_by_state().unwrap(), vec![("pending".to_owned(), 2)]);
         let newest: Vec<u32> = s.recent(1).unwrap().iter().map(|j| j.key.generation).collect();
@@ -302,9 +459,9 @@ mod tests {
         let p = d.path().join("j.sqlite");
         {
             let s = SqliteJobStore::open(&p).unwrap();
-            s.enqueue(&key(1)).unwrap();
+            s.enqueue(&key(1), &route()).unwrap();
             let j = s.claim().unwrap().unwrap();
-            assert_eq!(j.state, "running");
+            assert_eq!(j.state, JobState::Running);
             assert!(s.claim().unwrap().is_none());
         } // crash while running
         let s = SqliteJobStore::open(&p).unwrap();
@@ -313,7 +470,7 @@ mod tests {
         assert_eq!(j.attempts, 2);
         s.finish(j.id, Ok(&serde_json::json!({"value": 12.5}))).unwrap();
         let all = s.list().unwrap();
-        assert_eq!(all[0].state, "done");
+        assert_eq!(all[0].state, JobState::Done);
         assert_eq!(all[0].result.as_ref().unwrap()["value"], 12.5);
         assert!(s.retrigger(j.id).unwrap());
         assert_eq!(s.claim().unwrap().unwrap().id, j.id);
@@ -323,7 +480,7 @@ mod tests {
     fn a_late_outcome_cannot_overwrite_a_deadline_failure() {
         let d = tempfile::tempdir().unwrap();
         let s = SqliteJobStore::open(&d.path().join("j.sqlite")).unwrap();
-        s.enqueue(&key(1)).unwrap();
+        s.enqueue(&key(1), &route()).unwrap();
         let j = s.claim().unwrap().unwrap();
         assert!(s.finish_attempt(j.id, j.attempts, Err("deadline of 600 s exceeded")).unwrap());
         // The abandoned computation comes back with a result: refused.

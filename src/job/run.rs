@@ -1,0 +1,277 @@
+//! One job's computation: a routed series through volume assembly, slice
+//! selection, inference and aggregation. Shared by `analyze` (files) and the
+//! job worker (spooled series), so both compute the same thing.
+//!
+//! Input: the series' files and a [`ResolvedRoute`]. Output: an [`Analysis`]
+//! whose [`ResultLine`] is what `analyze` prints; the worker stores it,
+//! with the report files, as the job's [`JobResult`].
+//! Failure: a [`JobError`], whose [`JobError::fault`] says whether the input
+//! was unusable (permanent) or the environment failed (transient). Errors
+//! stay typed up to the job store, which keeps their text.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use ndarray::{s, Array3};
+use serde::{Deserialize, Serialize};
+
+use super::ResolvedRoute;
+use crate::biomarkers::{Measurement, PixelGeometry};
+use crate::inference::measure;
+use crate::fault::Fault;
+use crate::inference::registry::{ModelUnavailable, Models};
+use crate::inference::InferenceError;
+use crate::report::write::{ReportSource, WriteError};
+use crate::volume::{SliceSelection, Volume, VolumeError, VolumeOptions};
+
+/// Why a job failed. The text is what the job store and the API show.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    #[error("volume: {0}")]
+    Volume(#[from] VolumeError),
+    #[error("inference: {0}")]
+    Inference(#[from] InferenceError),
+    #[error(transparent)]
+    ModelUnavailable(#[from] ModelUnavailable),
+    #[error("no slice thickness or spacing to scale the Agatston score")]
+    NoThickness,
+    #[error("pixel values are stored in steps of {step} HU (a lossy 8-bit encoding?); HU-threshold biomarkers need steps of at most {MAX_HU_STEP} HU")]
+    CoarseHu { step: f64 },
+    #[error(transparent)]
+    Output(#[from] WriteError),
+    /// Reading the series index.
+    #[error(transparent)]
+    Series(#[from] crate::series::SeriesError),
+    #[error(transparent)]
+    Uid(#[from] crate::dicom::UidError),
+    #[error(transparent)]
+    ResultPath(#[from] crate::dicom::PathEscape),
+    #[error("no instances of this series are in the spool (deleted by retention?); send the series again to analyse it")]
+    NoInstances,
+    #[error("outbox: {0}")]
+    Outbox(#[from] crate::outbox::OutboxError),
+    #[error(transparent)]
+    Encode(#[from] serde_json::Error),
+    /// The deadline passed, or another process re-queued the job: this
+    /// attempt's outcome is not the job's.
+    #[error("abandoned at its deadline")]
+    Abandoned,
+    /// The worker gave up on the attempt at `jobs.timeout_s`.
+    #[error("deadline of {} s exceeded", .0.as_secs_f64())]
+    Deadline(std::time::Duration),
+    #[error("job panicked: {0}")]
+    Panicked(String),
+}
+
+impl JobError {
+    /// Whether running the same job again, unchanged, may succeed.
+    pub fn fault(&self) -> Fault {
+        let transient = match self {
+            JobError::Volume(e) => e.is_retryable(),
+            JobError::Inference(e) => e.is_retryable(),
+            JobError::Series(e) => e.is_retryable(),
+            JobError::Outbox(e) => return e.fault(),
+            JobError::Output(_) | JobError::Abandoned | JobError::Deadline(_) => true,
+            JobError::ModelUnavailable(_)
+            | JobError::NoThickness
+            | JobError::CoarseHu { .. }
+            | JobError::Uid(_)
+            | JobError::ResultPath(_)
+            | JobError::NoInstances
+            | JobError::Encode(_)
+            | JobError::Panicked(_) => false,
+        };
+        if transient {
+            Fault::Transient
+        } else {
+            Fault::Permanent
+        }
+    }
+}
+
+/// Candidate heuristics threshold HU at single-HU edges (e.g. −29, −30,
+/// 130); stored steps coarser than this make the candidates, and so the
+/// value, an artefact of the encoding rather than of the patient.
+pub const MAX_HU_STEP: f64 = 2.0;
+
+/// Whether a volume's HU step is above [`MAX_HU_STEP`]. The margin is for
+/// slopes that are a 2 HU grid in intent but not in decimal: a 12-bit
+/// re-encoding spreads 8190 HU over 4095 steps (slope 2.0002442, the chest
+/// slice's JPEG Extended encoding in shared/realct).
+pub fn hu_step_too_coarse(step: f64) -> bool {
+    step > MAX_HU_STEP * 1.001
+}
+
+/// What one job produced.
+pub struct Analysis {
+    pub line: ResultLine,
+    pub measurement: Measurement,
+    /// HU of the slices the model saw, `[S,R,C]`.
+    pub hu: Array3<f32>,
+    /// Source file and SOP Instance UID of each of those slices.
+    pub slices: Vec<(PathBuf, String)>,
+}
+
+impl Analysis {
+    /// What the reports are made of.
+    pub fn report_source(&self) -> ReportSource<'_> {
+        ReportSource {
+            measurement: &self.measurement,
+            hu: self.hu.view(),
+            slices: &self.slices,
+        }
+    }
+}
+
+/// The JSON line `analyze` prints, one per (series, route).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResultLine {
+    pub series_instance_uid: String,
+    pub route: String,
+    pub model: String,
+    pub model_version: String,
+    pub biomarker: String,
+    pub value: f64,
+    pub unit: String,
+    pub execution_provider: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub risk_category: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lesions: Option<usize>,
+    pub slices: usize,
+    pub elapsed_ms: f64,
+}
+
+/// A report file a job wrote, as its result lists it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReportRef {
+    pub path: PathBuf,
+    pub sop_instance_uid: String,
+}
+
+/// A finished job's result as the job store keeps it (`result_json`) and the
+/// API and `jobs` print it: the [`ResultLine`], when inference finished, and
+/// the report files.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobResult {
+    #[serde(flatten)]
+    pub line: ResultLine,
+    pub inference_finished_at: String,
+    pub reports: Vec<ReportRef>,
+}
+
+/// Run one routed job on a series' files. Blocking.
+pub fn run(
+    models: &Models,
+    series_uid: &str,
+    m: &ResolvedRoute,
+    files: &[PathBuf],
+    volume_opts: &VolumeOptions,
+) -> Result<Analysis, JobError> {
+    let t0 = Instant::now();
+    let model = models.get(&m.model)?;
+    let card = &model.card;
+    let vol = Volume::from_files_with(files, volume_opts)?;
+    if hu_step_too_coarse(vol.hu_step) {
+        return Err(JobError::CoarseHu { step: vol.hu_step });
+    }
+    let (hu, idx): (Array3<f32>, Vec<usize>) = if card.input.slices == "single" {
+        let sel = m.slices.clone().unwrap_or(if vol.slices() == 1 {
+            SliceSelection::Single
+        } else {
+            SliceSelection::Middle
+        });
+        let i = vol.select(&sel)?;
+        (vol.hu.slice(s![i..i + 1, .., ..]).to_owned(), vec![i])
+    } else {
+        (vol.hu.clone(), (0..vol.slices()).collect())
+    };
+    let thickness = vol.slice_thickness.or(vol.spacing_mm);
+    if card.is_agatston() && thickness.is_none() {
+        return Err(JobError::NoThickness);
+    }
+    let geom = PixelGeometry {
+        pixel_spacing: vol.pixel_spacing,
+        slice_thickness_mm: thickness.unwrap_or(1.0),
+    };
+    let t_infer = Instant::now();
+    let measurement = measure(model, hu.view(), geom)?;
+    crate::telemetry::METRICS
+        .inference_seconds
+        .get_or_create(&crate::telemetry::InferenceLabels {
+            model: m.model.clone(),
+            provider: measurement.execution_provider.to_owned(),
+        })
+        .observe(t_infer.elapsed().as_secs_f64());
+    let line = ResultLine {
+        series_instance_uid: series_uid.to_owned(),
+        route: m.route.clone(),
+        model: m.model.clone(),
+        model_version: card.version.clone(),
+        biomarker: card.task.clone(),
+        value: measurement.value,
+        unit: measurement.unit.clone(),
+        execution_provider: measurement.execution_provider.to_owned(),
+        risk_category: measurement.risk_category.map(|r| r.as_str().to_owned()),
+        lesions: card.is_agatston().then(|| measurement.lesions.iter().filter(|l| l.counted).count()),
+        slices: idx.len(),
+        elapsed_ms: t0.elapsed().as_secs_f64() * 1000.0,
+    };
+    let slices = idx
+        .iter()
+        .map(|&i| (vol.source_paths[i].clone(), vol.sop_instance_uids[i].clone()))
+        .collect();
+    Ok(Analysis {
+        line,
+        measurement,
+        hu,
+        slices,
+    })
+}
+
+#[cfg(test)]
+mod hu_step_tests {
+    use super::*;
+
+    #[test]
+    fn a_typed_result_is_the_json_the_store_kept_before() {
+        let line = ResultLine {
+            series_instance_uid: "1.2.3".into(),
+            route: "cac".into(),
+            model: "cac".into(),
+            model_version: "0.3.0".into(),
+            biomarker: "cac".into(),
+            value: 12.5,
+            unit: "Agatston".into(),
+            execution_provider: "cpu".into(),
+            risk_category: Some("mild".into()),
+            lesions: None,
+            slices: 3,
+            elapsed_ms: 7.25,
+        };
+        // What the worker built by hand before JobResult.
+        let mut before = serde_json::to_value(&line).unwrap();
+        before["inference_finished_at"] = "2026-01-01T00:00:02.500Z".into();
+        before["reports"] = vec![serde_json::json!({"path": PathBuf::from("/r/sr.dcm"), "sop_instance_uid": "2.25.1"})]
+            .into_iter()
+            .collect();
+        let typed = JobResult {
+            line,
+            inference_finished_at: "2026-01-01T00:00:02.500Z".into(),
+            reports: vec![ReportRef { path: "/r/sr.dcm".into(), sop_instance_uid: "2.25.1".into() }],
+        };
+        assert_eq!(serde_json::to_value(&typed).unwrap(), before);
+        assert_eq!(serde_json::from_value::<JobResult>(before).unwrap(), typed);
+    }
+
+    #[test]
+    fn hu_step_margin_admits_a_12_bit_two_hu_grid_only() {
+        // shared/realct chest slice, JPEG Extended: RescaleSlope 2.0002442.
+        assert!(!hu_step_too_coarse(2.0002442));
+        assert!(!hu_step_too_coarse(1.0));
+        assert!(hu_step_too_coarse(2.01));
+        // 8-bit JPEG Baseline of the same slice: ~32 HU.
+        assert!(hu_step_too_coarse(32.0));
+    }
+}
+
