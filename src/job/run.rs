@@ -196,13 +196,12 @@ pub fn run(
     };
     let t_infer = Instant::now();
     let measurement = measure(model, hu.view(), geom)?;
-    crate::telemetry::METRICS
-        .inference_seconds
-        .get_or_create(&crate::telemetry::InferenceLabels {
-            model: m.model.clone(),
-            provider: measurement.execution_provider.to_owned(),
-        })
-        .observe(t_infer.elapsed().as_secs_f64());
+    crate::telemetry::InferenceTimed {
+        model: &m.model,
+        provider: measurement.execution_provider,
+        seconds: t_infer.elapsed().as_secs_f64(),
+    }
+    .emit();
     let line = ResultLine {
         series_instance_uid: series_uid.to_owned(),
         route: m.route.clone(),

@@ -123,6 +123,8 @@ impl Worker {
             let attempt = job.attempts;
             let series = job.key.series_instance_uid.clone();
             let (route, model) = (job.key.route.clone(), job.key.model.clone());
+            crate::telemetry::JobStarted { job: id, series_instance_uid: &series, route: &route, model: &model, attempt }
+                .emit();
             let guard = Arc::new(JobGuard::default());
             let g = guard.clone();
             let mut handle = tokio::task::spawn_blocking(move || me.process(&job, &g));
@@ -153,14 +155,6 @@ impl Worker {
                 // Already writing its results: let it finish.
                 Err(_) => joined(handle.await),
             };
-            crate::telemetry::METRICS
-                .jobs
-                .get_or_create(&crate::telemetry::JobLabels {
-                    route: route.clone(),
-                    model: model.clone(),
-                    outcome: if outcome.is_ok() { "done" } else { "failed" }.into(),
-                })
-                .inc();
             // The job's text is the error's, chain included as its Display
             // has it; its fault is logged for the operator.
             let stored = match &outcome {
@@ -168,8 +162,10 @@ impl Worker {
                     .map_err(super::JobStoreError::from)
                     .and_then(|v| this.jobs.finish_attempt(id, attempt, Ok(&v))),
                 Err(e) => {
-                    tracing::info!(job = id, fault = ?e.fault(), error = %e, "job failed");
-                    this.jobs.finish_attempt(id, attempt, Err(&e.to_string()))
+                    let reason = e.to_string();
+                    crate::telemetry::JobFailed { job: id, route: &route, model: &model, attempt, fault: e.fault(), reason: &reason }
+                        .emit();
+                    this.jobs.finish_attempt(id, attempt, Err(&reason))
                 }
             };
             match stored {
@@ -235,7 +231,15 @@ impl Worker {
                 }
             }
         }
-        tracing::info!(value = a.line.value, unit = %a.line.unit, ms = a.line.elapsed_ms, reports = files.len(), "job done");
+        crate::telemetry::JobFinished {
+            route: &m.route,
+            model: &m.model,
+            value: a.line.value,
+            unit: &a.line.unit,
+            ms: a.line.elapsed_ms,
+            reports: files.len(),
+        }
+        .emit();
         Ok(JobResult {
             line: a.line,
             inference_finished_at,

@@ -308,12 +308,20 @@ pub struct JobFailed<'a> {
     pub route: &'a str,
     pub model: &'a str,
     pub attempt: u32,
+    pub fault: crate::fault::Fault,
     pub reason: &'a str,
 }
 impl JobFailed<'_> {
     pub fn emit(self) {
         count_job(self.route, self.model, "failed");
-        tracing::warn!(job = self.job, route = self.route, attempt = self.attempt, reason = self.reason, "job failed");
+        tracing::warn!(
+            job = self.job,
+            route = self.route,
+            attempt = self.attempt,
+            fault = ?self.fault,
+            error = self.reason,
+            "job failed"
+        );
     }
 }
 
@@ -367,8 +375,8 @@ mod tests {
         let (s0, d0, f0) = (started(), jobs(route, "done"), jobs(route, "failed"));
         JobStarted { job: 1, series_instance_uid: "1.2.3", route, model: "m", attempt: 1 }.emit();
         JobFinished { route, model: "m", value: 1.5, unit: "cm2", ms: 12.0, reports: 3 }.emit();
-        JobFailed { job: 2, route, model: "m", attempt: 1, reason: "volume: no slices" }.emit();
-        JobFailed { job: 3, route, model: "m", attempt: 2, reason: "deadline" }.emit();
+        JobFailed { job: 2, route, model: "m", attempt: 1, fault: crate::fault::Fault::Permanent, reason: "volume: no slices" }.emit();
+        JobFailed { job: 3, route, model: "m", attempt: 2, fault: crate::fault::Fault::Transient, reason: "deadline" }.emit();
         assert_eq!((started(), jobs(route, "done"), jobs(route, "failed")), (s0 + 1, d0 + 1, f0 + 2));
         let text = METRICS.encode();
         assert!(text.contains("biomarker_node_jobs_started_total{route=\"telemetry-test-route\",model=\"m\"}"), "{text}");
