@@ -530,13 +530,7 @@ impl<S: Transport> Association<S> {
                 Response::to_request(&cmd, Status::Success, None)
             }
             Pending::Discard { cmd, status, comment } => {
-                telemetry::StoreFailed {
-                    sop_instance_uid: cmd.affected_sop_instance_uid.as_deref().unwrap_or(""),
-                    status: status.code(),
-                    reason: &comment,
-                }
-                .emit();
-                Response::to_request(&cmd, status, Some(comment))
+                store_failed(&cmd, status, comment)
             }
             Pending::Store { cmd, writer, .. } => {
                 let committed = tokio::task::spawn_blocking(move || writer.commit())
@@ -584,13 +578,7 @@ impl<S: Transport> Association<S> {
                         if e.fault().is_transient() {
                             tracing::error!(error = %comment, "store failed on our side");
                         }
-                        telemetry::StoreFailed {
-                            sop_instance_uid: cmd.affected_sop_instance_uid.as_deref().unwrap_or(""),
-                            status: status.code(),
-                            reason: &comment,
-                        }
-                        .emit();
-                        Response::to_request(&cmd, status, Some(comment))
+                        store_failed(&cmd, status, comment)
                     }
                 }
             }
@@ -612,6 +600,17 @@ impl<S: Transport> Association<S> {
             })
             .await
     }
+}
+
+/// The C-STORE-RSP for a refused or failed store, counted and logged.
+fn store_failed(cmd: &Command, status: Status, comment: String) -> Response {
+    telemetry::StoreFailed {
+        sop_instance_uid: cmd.affected_sop_instance_uid.as_deref().unwrap_or(""),
+        status: status.code(),
+        reason: &comment,
+    }
+    .emit();
+    Response::to_request(cmd, status, Some(comment))
 }
 
 /// The one mapping from spool failures to DIMSE statuses (PS3.4 B.2.3).

@@ -210,6 +210,18 @@ pub(crate) fn seq_elem(tag: Tag, items: Vec<InMemDicomObject>) -> InMemElement {
     DataElement::new(tag, VR::SQ, DataSetSequence::from(items))
 }
 
+/// The dataset as a Part 10 object: explicit VR little endian, our
+/// implementation UID, as every report object the node writes.
+pub(crate) fn with_meta(o: InMemDicomObject) -> Result<dicom_object::FileDicomObject<InMemDicomObject>, ReportError> {
+    o.with_meta(
+        dicom_object::meta::FileMetaTableBuilder::new()
+            .transfer_syntax(sr::EXPLICIT_VR_LITTLE_ENDIAN)
+            .implementation_class_uid(crate::dicom::IMPLEMENTATION_CLASS_UID)
+            .implementation_version_name(crate::dicom::IMPLEMENTATION_VERSION),
+    )
+    .map_err(|e| ReportError::Meta(e.to_string()))
+}
+
 /// A reference to one instance (the SOP Class/Instance UID pair of PS3.3
 /// 10.8), the item of every Referenced/Source Image and evidence sequence.
 pub(crate) fn sop_ref(sop_class_uid: &str, sop_instance_uid: &str) -> InMemDicomObject {

@@ -16,21 +16,18 @@
 
 use dicom_core::{DataElement, PrimitiveValue, VR};
 use dicom_dictionary_std::tags;
-use dicom_object::meta::FileMetaTableBuilder;
 use dicom_object::{FileDicomObject, InMemDicomObject};
 use ndarray::{ArrayView3, Axis};
 
 use super::overlay::{
     draw_text, line_height, render_slice, text_scale, OverlayStyle, RgbImage, Window,
 };
-use super::sr::EXPLICIT_VR_LITTLE_ENDIAN;
 use super::{
-    da, put_equipment, put_patient_and_study, put_sop_common, seq_elem, source_image_ref, copied_text, str_elem, tm,
+    da, put_equipment, put_patient_and_study, put_sop_common, seq_elem, with_meta, source_image_ref, copied_text, str_elem, tm,
 };
 use super::{ReportContext, ReportError};
 use crate::biomarkers::Measurement;
 use crate::inference::card::ModelCard;
-use crate::dicom::{IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION};
 
 pub const SECONDARY_CAPTURE: &str = "1.2.840.10008.5.1.4.1.1.7";
 /// Series Number of the overlay series in the source study.
@@ -364,13 +361,7 @@ pub fn build_sc(
                 PrimitiveValue::from(px),
             ));
 
-            o.with_meta(
-                FileMetaTableBuilder::new()
-                    .transfer_syntax(EXPLICIT_VR_LITTLE_ENDIAN)
-                    .implementation_class_uid(IMPLEMENTATION_CLASS_UID)
-                    .implementation_version_name(IMPLEMENTATION_VERSION),
-            )
-            .map_err(|e| ReportError::Meta(e.to_string()))
+            with_meta(o)
         })
         .collect()
 }

@@ -23,20 +23,17 @@
 
 use dicom_core::{DataElement, PrimitiveValue, Tag, VR};
 use dicom_dictionary_std::tags;
-use dicom_object::meta::FileMetaTableBuilder;
 use dicom_object::{FileDicomObject, InMemDicomObject};
 use ndarray::{Array3, Axis};
 
 use super::content::Code;
-use super::sr::EXPLICIT_VR_LITTLE_ENDIAN;
 use super::{
-    da, put_equipment, put_patient_and_study, put_sop_common, seq_elem, sop_ref, source_image_ref, source_text, str_elem, tm,
+    da, put_equipment, put_patient_and_study, put_sop_common, seq_elem, with_meta, sop_ref, source_image_ref, source_text, str_elem, tm,
     ReportContext, ReportError,
 };
 use crate::biomarkers::{label8, Measurement};
 use crate::dicom::Uid;
 use crate::inference::card::{ModelCard, SegmentationType};
-use crate::dicom::{IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION};
 
 pub const SEGMENTATION_STORAGE: &str = "1.2.840.10008.5.1.4.1.1.66.4";
 /// Series Number of the SEG series in the source study (SR 9901, SC 9902).
@@ -450,14 +447,7 @@ pub fn build_seg(
     };
     o.put(DataElement::new(tags::PIXEL_DATA, VR::OB, PrimitiveValue::from(pixels)));
 
-    let file = o
-        .with_meta(
-            FileMetaTableBuilder::new()
-                .transfer_syntax(EXPLICIT_VR_LITTLE_ENDIAN)
-                .implementation_class_uid(IMPLEMENTATION_CLASS_UID)
-                .implementation_version_name(IMPLEMENTATION_VERSION),
-        )
-        .map_err(|e| ReportError::Meta(e.to_string()))?;
+    let file = with_meta(o)?;
     Ok((
         file,
         SegReference {

@@ -11,7 +11,6 @@
 
 use dicom_core::VR;
 use dicom_dictionary_std::tags;
-use dicom_object::meta::FileMetaTableBuilder;
 use dicom_object::{FileDicomObject, InMemDicomObject};
 
 use super::content::{encode_item, put_children, Code, ContentItem, ImageItem, UcumUnit};
@@ -21,12 +20,11 @@ use super::tid1500::{
 };
 use super::seg::SegReference;
 use super::{
-    codes, da, put_equipment, put_patient_and_study, put_sop_common, seq_elem, sop_ref, str_elem, tm,
+    codes, da, put_equipment, put_patient_and_study, put_sop_common, seq_elem, with_meta, sop_ref, str_elem, tm,
     ReportContext, ReportError,
 };
 use crate::biomarkers::{Measurement as BiomarkerMeasurement, RiskCategory};
 use crate::inference::card::ModelCard;
-use crate::dicom::{IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION};
 
 pub const COMPREHENSIVE_3D_SR: &str = "1.2.840.10008.5.1.4.1.1.88.34";
 pub const EXPLICIT_VR_LITTLE_ENDIAN: &str = "1.2.840.10008.1.2.1";
@@ -336,13 +334,7 @@ pub fn build_sr_with_seg(
     encode_item(&mut o, &ContentItem::Container(root));
     put_children(&mut o, &children);
 
-    o.with_meta(
-        FileMetaTableBuilder::new()
-            .transfer_syntax(EXPLICIT_VR_LITTLE_ENDIAN)
-            .implementation_class_uid(IMPLEMENTATION_CLASS_UID)
-            .implementation_version_name(IMPLEMENTATION_VERSION),
-    )
-    .map_err(|e| ReportError::Meta(e.to_string()))
+    with_meta(o)
 }
 
 /// Hierarchical SOP Instance Reference Macro (C.17.2.1): the source study,
