@@ -296,7 +296,7 @@ pub async fn job_retry(State(st): State<Shared>, Path(id): Path<i64>) -> Result<
     if !ok {
         return Err(ApiError(StatusCode::CONFLICT, format!("job {id} is not finished (done or failed)")));
     }
-    st.work.notify_one();
+    st.jobs.wake();
     tracing::info!(job = id, "job re-run requested over HTTP");
     Ok(Json(json!({ "id": id, "state": "pending" })))
 }

@@ -36,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::inference::registry::Models;
 use crate::config::ModelConfig;
-use crate::job::JobStore;
+use crate::job::JobQueue;
 use crate::outbox::OutboxHandle;
 use crate::routing::stage::SharedRoutes;
 
@@ -51,14 +51,12 @@ pub struct AppState {
     /// `POST /api/config/reload`: the same reload as SIGHUP.
     pub reload: Reload,
     pub node: NodeInfo,
-    pub jobs: Arc<dyn JobStore>,
+    pub jobs: JobQueue,
     pub outbox: OutboxHandle,
     pub routes: SharedRoutes,
     pub models: Arc<Models>,
     /// The models as configured (requested execution provider).
     pub model_config: BTreeMap<String, ModelConfig>,
-    /// Wakes the job worker after a job retry.
-    pub work: Arc<tokio::sync::Notify>,
     /// Set once the DICOM listener is bound: readiness means "can receive".
     pub ready: Arc<AtomicBool>,
     /// The DICOM association limit, to report slots in use.

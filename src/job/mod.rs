@@ -29,3 +29,41 @@ pub mod worker;
 
 pub use run::{JobError, JobResult};
 pub use store::{Job, JobKey, JobState, JobStore, JobStoreError, ResolvedRoute, RouteLookup, SqliteJobStore};
+
+use std::sync::Arc;
+
+use tokio::sync::Notify;
+
+/// The job queue as the stages share it: the durable store, and the wake-up
+/// the workers wait on. Whoever makes a job runnable (routing, an API retry)
+/// calls [`JobQueue::wake`]; a worker that finds nothing waits on
+/// [`JobQueue::notified`].
+#[derive(Clone)]
+pub struct JobQueue {
+    pub store: Arc<dyn JobStore>,
+    wake: Arc<Notify>,
+}
+
+impl JobQueue {
+    pub fn new(store: Arc<dyn JobStore>) -> JobQueue {
+        JobQueue { store, wake: Arc::new(Notify::new()) }
+    }
+
+    /// Every idle worker looks again; a worker that is busy finds the
+    /// stored permit when it next waits.
+    pub fn wake(&self) {
+        self.wake.notify_waiters();
+        self.wake.notify_one();
+    }
+
+    pub fn notified(&self) -> tokio::sync::futures::Notified<'_> {
+        self.wake.notified()
+    }
+}
+
+impl std::ops::Deref for JobQueue {
+    type Target = dyn JobStore;
+    fn deref(&self) -> &Self::Target {
+        &*self.store
+    }
+}

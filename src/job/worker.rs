@@ -19,7 +19,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use super::run::{run, JobError, JobResult, ReportRef};
-use super::{Job, JobState, JobStore, ResolvedRoute, RouteLookup};
+use super::{Job, JobState, ResolvedRoute, RouteLookup};
 use crate::inference::registry::Models;
 use crate::report::write::{device_info, write_outputs, write_reports};
 use crate::series::SeriesIndex;
@@ -73,7 +73,8 @@ pub fn deadline_reason(timeout: std::time::Duration) -> String {
 /// Runtime it keeps holding that model's session, so jobs of the same model
 /// may wait for it (and fail at their own deadline); other models run.
 pub struct Worker {
-    pub jobs: Arc<dyn JobStore>,
+    /// The jobs to run, and the wake-up to wait on when there are none.
+    pub jobs: super::JobQueue,
     /// The series index, opened once by the wiring: the worker reads a
     /// job's instances and writes the series state through it.
     pub index: std::sync::Mutex<SeriesIndex>,
@@ -83,7 +84,6 @@ pub struct Worker {
     /// The live route table, only for jobs stored before jobs carried their
     /// route ([`Job::resolved`] is `None`).
     pub routes: Arc<dyn RouteLookup>,
-    pub work: Arc<tokio::sync::Notify>,
     pub volume_opts: VolumeOptions,
     /// Where finished reports go; `None` keeps them under results/ only.
     pub outbox: Option<crate::outbox::OutboxHandle>,
@@ -101,7 +101,7 @@ impl Worker {
         let this = Arc::new(self);
         loop {
             // Register interest before claiming so a notify in between is not lost.
-            let notified = this.work.notified();
+            let notified = this.jobs.notified();
             let job = match this.jobs.claim() {
                 Ok(j) => j,
                 Err(e) => {
@@ -368,9 +368,8 @@ mod reload_tests {
         ix.mark_complete(&ev, SystemTime::now()).unwrap();
 
         let models = Arc::new(Models::load(&cfg).unwrap());
-        let jobs = Arc::new(SqliteJobStore::open(&index_path).unwrap());
+        let jobs = crate::job::JobQueue::new(Arc::new(SqliteJobStore::open(&index_path).unwrap()));
         let routes: SharedRoutes = Arc::new(RwLock::new(Arc::new(table)));
-        let work = Arc::new(tokio::sync::Notify::new());
         let stop = tokio_util::sync::CancellationToken::new();
 
         // Routing makes the job (route `cac`, to `pacs`)...
@@ -381,7 +380,6 @@ mod reload_tests {
             routes: routes.clone(),
             jobs: jobs.clone(),
             models: models.clone(),
-            work: work.clone(),
             retry: RetryPolicy::default(),
         };
         let router_task = tokio::spawn(router.run(stop.clone()));
@@ -418,7 +416,6 @@ mod reload_tests {
             results_dir: d.path().join("results"),
             models: models.clone(),
             routes: routes.clone(),
-            work: work.clone(),
             volume_opts: VolumeOptions::default(),
             outbox: Some(outbox),
             ae_title: "NODE".into(),
@@ -426,7 +423,7 @@ mod reload_tests {
             send_filter: Default::default(),
         };
         let worker_task = tokio::spawn(worker.run(stop.clone()));
-        work.notify_one();
+        jobs.wake();
         wait_until("the job to finish", || {
             jobs.list().unwrap().iter().all(|j| j.state.is_finished())
         })

@@ -33,14 +33,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use anyhow::Context;
-use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 // The job stage's types. The only place `node` names them.
 use crate::inference::registry::Models;
 use crate::job::worker::Worker;
-use crate::job::{JobStore, SqliteJobStore};
+use crate::job::{JobQueue, JobStore, SqliteJobStore};
 
 use crate::config::Config;
 use crate::ingest::{Gate, Listener, Shared};
@@ -89,12 +88,11 @@ struct Ctx {
     shutdown: CancellationToken,
     /// Completed series, from the tracker to the router (durable).
     queue: Arc<dyn CompletionQueue>,
-    jobs: Arc<dyn JobStore>,
+    /// Jobs: from the router to the worker; the HTTP API retries them.
+    jobs: JobQueue,
     models: Arc<Models>,
     /// The routes in force; a reload swaps the table inside.
     routes: SharedRoutes,
-    /// Wakes the job worker: a job was queued (router) or retried (HTTP).
-    work: Arc<Notify>,
 }
 
 async fn run(cfg: Config, table: RouteTable, config_path: PathBuf) -> anyhow::Result<()> {
@@ -117,7 +115,6 @@ async fn run(cfg: Config, table: RouteTable, config_path: PathBuf) -> anyhow::Re
     let jobs = open_job_store(&cfg)?;
     let ctx = Ctx {
         routes: Arc::new(std::sync::RwLock::new(Arc::new(table))),
-        work: Arc::new(Notify::new()),
         shutdown: CancellationToken::new(),
         cfg,
         config_path,
@@ -197,13 +194,13 @@ async fn load_models(cfg: &Config) -> anyhow::Result<Arc<Models>> {
 }
 
 /// The job store, with the jobs a stop interrupted set to run again.
-fn open_job_store(cfg: &Config) -> anyhow::Result<Arc<dyn JobStore>> {
+fn open_job_store(cfg: &Config) -> anyhow::Result<JobQueue> {
     let jobs: Arc<dyn JobStore> = Arc::new(SqliteJobStore::open(&cfg.index_path()).context("cannot open the job store")?);
     let requeued = jobs.requeue_interrupted()?;
     if requeued > 0 {
         tracing::warn!(requeued, "jobs interrupted by the last stop run again");
     }
-    Ok(jobs)
+    Ok(JobQueue::new(jobs))
 }
 
 /// Routing: completed series → jobs.
@@ -215,7 +212,6 @@ fn build_router(ctx: &Ctx) -> Router {
         routes: ctx.routes.clone(),
         jobs: ctx.jobs.clone(),
         models: ctx.models.clone(),
-        work: ctx.work.clone(),
         retry: crate::routing::stage::RetryPolicy::default(),
     }
 }
@@ -233,7 +229,6 @@ fn build_worker(ctx: &Ctx, outbox: OutboxHandle) -> anyhow::Result<Worker> {
         results_dir: cfg.node.data_dir.join("results"),
         models: ctx.models.clone(),
         routes: ctx.routes.clone(),
-        work: ctx.work.clone(),
         volume_opts: VolumeOptions {
             spacing_tolerance: cfg.series.spacing_tolerance,
             ..Default::default()
@@ -259,7 +254,7 @@ fn build_retention(ctx: &Ctx, outbox: Arc<dyn OutboxStore>) -> Option<crate::ret
         config: ctx.cfg.retention.clone(),
         index_path: ctx.cfg.index_path(),
         spool_root: ctx.cfg.spool_dir(),
-        jobs: ctx.jobs.clone(),
+        jobs: ctx.jobs.store.clone(),
         outbox,
     })
 }
@@ -295,7 +290,6 @@ async fn start_http(
         routes: ctx.routes.clone(),
         models: ctx.models.clone(),
         model_config: cfg.models.clone(),
-        work: ctx.work.clone(),
         ready,
         gate,
     });

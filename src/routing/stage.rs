@@ -24,13 +24,12 @@ use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::{FactsError, RouteTable, SeriesFacts};
 use crate::inference::registry::Models;
 use crate::dicom::read::OpenError;
-use crate::job::{JobKey, JobStore, ResolvedRoute};
+use crate::job::{JobKey, JobQueue, ResolvedRoute};
 use crate::series::{CompletionQueue, SeriesCompleted, SeriesError, SeriesIndex, SeriesState};
 
 /// The live route table; SIGHUP swaps it after a successful check.
@@ -114,10 +113,9 @@ pub struct Router {
     pub index_path: PathBuf,
     pub spool_root: PathBuf,
     pub routes: SharedRoutes,
-    pub jobs: Arc<dyn JobStore>,
+    /// Where the jobs go; woken after new jobs are stored.
+    pub jobs: JobQueue,
     pub models: Arc<Models>,
-    /// Wakes the job workers after new jobs are stored.
-    pub work: Arc<Notify>,
     pub retry: RetryPolicy,
 }
 
@@ -217,8 +215,7 @@ impl Router {
         if let Err(e) = self.queue.ack(id) {
             tracing::error!(error = %e, "cannot acknowledge a completion event");
         }
-        self.work.notify_waiters();
-        self.work.notify_one();
+        self.jobs.wake();
     }
 
     /// Blocking. Records `unroutable` with `reason`. A series re-opened
@@ -292,6 +289,7 @@ pub fn set_state(index: &mut SeriesIndex, ev: &SeriesCompleted, state: SeriesSta
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::job::JobStore;
     use std::path::Path;
     use std::sync::atomic::{AtomicU32, Ordering};
     use std::time::SystemTime;
@@ -405,9 +403,8 @@ mod tests {
                 index_path: self.index_path.clone(),
                 spool_root: self.spool.clone(),
                 routes: self.routes.clone(),
-                jobs,
+                jobs: JobQueue::new(jobs),
                 models: self.models.clone(),
-                work: Arc::new(Notify::new()),
                 retry: RetryPolicy {
                     max_attempts: 3,
                     base: Duration::from_millis(10),
