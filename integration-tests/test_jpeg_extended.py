@@ -32,8 +32,8 @@ CT0012 = "wg04-single-slices/CT0012.fragmented_no_bot_jpeg_baseline.51.dcm"
 
 def _analysis_config(tmp_path: Path) -> Path:
     """config/node.yaml (models, ONNX Runtime) with paths made absolute and
-    routes for PMA and SFA on any single CT slice: both chest encodings are
-    DERIVED (lossy), which the shipped routes leave out on purpose."""
+    routes for PMA and SFA on any single CT slice, whatever its description
+    or ImageType (both chest encodings are DERIVED: lossy)."""
     cfg = yaml.safe_load(CONFIG.read_text())
     base = CONFIG.parent
     cfg["onnxruntime"]["library"] = str((base / cfg["onnxruntime"]["library"]).resolve())
