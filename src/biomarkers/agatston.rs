@@ -25,6 +25,14 @@ use serde::Serialize;
 pub const THRESHOLD_HU: f64 = 130.0;
 /// The smallest lesion counted.
 pub const MIN_AREA_MM2: f64 = 1.0;
+/// The slice thickness the score is defined on (mm). Thinner series are
+/// averaged into slabs of this width before scoring
+/// (`crate::volume::resample`, which says why and how).
+pub const PROTOCOL_SLICE_MM: f64 = 3.0;
+/// A series whose slice thickness or spacing is below this (mm) is thin:
+/// scored on [`PROTOCOL_SLICE_MM`] slabs. 2.0–3.5 mm series are scored as
+/// they are, their thickness scaling the score (area × weight × thickness / 3).
+pub const THIN_SLICE_BELOW_MM: f64 = 2.0;
 
 /// Label 8-connected components of `mask` in raster order of their first
 /// pixel (the same numbering as `scipy.ndimage.label`). Returns the label

@@ -1,5 +1,6 @@
 //! One job's computation: a routed series through volume assembly, slice
-//! selection, inference and aggregation. Shared by `analyze` (files) and the
+//! selection (or, for Agatston on thin slices, 3 mm slabs:
+//! `volume::resample`), inference and aggregation. Shared by `analyze` (files) and the
 //! job worker (spooled series), so both compute the same thing.
 //!
 //! Input: the series' files and a [`ResolvedRoute`]. Output: an [`Analysis`]
@@ -16,13 +17,13 @@ use ndarray::{s, Array3};
 use serde::{Deserialize, Serialize};
 
 use super::ResolvedRoute;
-use crate::biomarkers::{Measurement, PixelGeometry};
+use crate::biomarkers::{agatston, Measurement, PixelGeometry};
 use crate::inference::measure;
 use crate::fault::Fault;
 use crate::inference::registry::{ModelUnavailable, Models};
 use crate::inference::InferenceError;
 use crate::report::write::{ReportSource, WriteError};
-use crate::volume::{SliceSelection, Volume, VolumeError, VolumeOptions};
+use crate::volume::{resample, SliceSelection, Volume, VolumeError, VolumeOptions};
 
 /// Why a job failed. The text is what the job store and the API show.
 #[derive(Debug, thiserror::Error)]
@@ -102,6 +103,12 @@ pub fn hu_step_too_coarse(step: f64) -> bool {
     step > MAX_HU_STEP * 1.001
 }
 
+/// Whether a volume's slices are thinner than the Agatston protocol wants
+/// ([`agatston::THIN_SLICE_BELOW_MM`]), by thickness or by spacing.
+fn is_thin(vol: &Volume) -> bool {
+    [vol.slice_thickness, vol.spacing_mm].into_iter().flatten().any(|t| t < agatston::THIN_SLICE_BELOW_MM)
+}
+
 /// What one job produced.
 pub struct Analysis {
     pub line: ResultLine,
@@ -171,9 +178,16 @@ pub fn run(
     let t0 = Instant::now();
     let model = models.get(&m.model)?;
     let card = &model.card;
-    let vol = Volume::from_files_with(files, volume_opts)?;
+    let mut vol = Volume::from_files_with(files, volume_opts)?;
     if hu_step_too_coarse(vol.hu_step) {
         return Err(JobError::CoarseHu { step: vol.hu_step });
+    }
+    if card.is_agatston() && is_thin(&vol) {
+        // Agatston is defined on 3 mm slices: a thin series is scored on 3 mm
+        // slabs averaged from it, as a scanner reconstructs them.
+        if let Some(slabs) = resample::slabs(&vol, agatston::PROTOCOL_SLICE_MM) {
+            vol = slabs;
+        }
     }
     let (hu, idx): (Array3<f32>, Vec<usize>) = if card.input.slices == "single" {
         let sel = m.slices.clone().unwrap_or(if vol.slices() == 1 {

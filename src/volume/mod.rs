@@ -54,6 +54,7 @@
 
 pub(crate) mod attrs;
 mod jpeg_ext;
+pub mod resample;
 
 use std::path::{Path, PathBuf};
 
