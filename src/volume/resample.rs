@@ -78,7 +78,9 @@ pub fn slabs(vol: &Volume, width_mm: f64) -> Option<Volume> {
         out.mapv_inplace(|v| (v as f64 / total) as f32);
         let centre = (a + b) / 2.0;
         centres.push(centre);
-        let near = (0..n).min_by(|&x, &y| (p[x] - centre).abs().total_cmp(&(p[y] - centre).abs())).unwrap_or(0);
+        let near = (0..n)
+            .min_by(|&x, &y| (p[x] - centre).abs().total_cmp(&(p[y] - centre).abs()))
+            .unwrap_or(0);
         nearest.push(near);
     }
     // Slab centres in patient coordinates: slice 0's position moved along
@@ -146,7 +148,11 @@ mod tests {
         let s = slabs(&v, 3.0).unwrap();
         assert_eq!(s.slices(), 3);
         for (j, want) in [10.0f32, 40.0, 70.0].into_iter().enumerate() {
-            assert!(s.hu.index_axis(Axis(0), j).iter().all(|&x| (x - want).abs() < 1e-4), "slab {j}: {:?}", s.hu);
+            assert!(
+                s.hu.index_axis(Axis(0), j).iter().all(|&x| (x - want).abs() < 1e-4),
+                "slab {j}: {:?}",
+                s.hu
+            );
         }
         assert_eq!(s.slice_thickness, Some(3.0));
         assert_eq!(s.spacing_mm, Some(3.0));
