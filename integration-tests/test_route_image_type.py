@@ -117,6 +117,21 @@ def test_localizers_and_secondary_captures_take_no_default_route(realct, binary)
             assert why in j["reason"], f"{folder.name} / {name}: reason {j['reason']!r} does not name {why}"
 
 
+def test_projections_and_maps_take_no_default_route(realct, binary, tmp_path):
+    """An axial MIP/MinIP slab or a perfusion map is not one slice's HU: no model may read it."""
+    src = realct / CHEST
+    kinds = ["DERIVED\\SECONDARY\\AXIAL\\MIP", "DERIVED\\SECONDARY\\AXIAL\\MINIP",
+             "DERIVED\\PRIMARY\\PERFUSION\\RCBF"]
+    for k, it in enumerate(kinds):
+        _series(src, tmp_path / f"it{k}", it)
+    routed = _route(tmp_path)
+    assert len(routed) == len(kinds), routed
+    for uid, lines in routed.items():
+        for name, j in lines.items():
+            assert not j["matched"], f"{uid} matched default route {name}"
+            assert "ImageType" in j["reason"], (name, j)
+
+
 def test_coronal_reformat_takes_no_default_route(realct, binary, tmp_path):
     src = realct / CHEST
     for shape, kw in {"single": dict(slices=1), "volume": dict(slices=24, thickness=3.0)}.items():
