@@ -548,6 +548,25 @@ mod tests {
         assert!(level.arch_top_z_mm.is_some(), "{level:?}");
     }
 
+    /// The method must not depend on IV contrast: the same scan with every
+    /// contrast-enhanced voxel (150..600 HU: vessels and heart, some
+    /// cancellous bone) set to unenhanced blood (40 HU) gives the same level
+    /// within a slice or two.
+    #[test]
+    fn finds_the_same_level_without_contrast() {
+        let Some(dir) = require(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/realct-labelled/chest-lidc0001/ct"),
+            "real chest CT chest-lidc0001",
+        ) else {
+            return;
+        };
+        let mut vol = Volume::from_files(&dcm_files(&dir, "")).unwrap();
+        vol.hu.mapv_inplace(|v| if (150.0..600.0).contains(&v) { 40.0 } else { v });
+        let level = above_aortic_arch(&vol).unwrap();
+        eprintln!("{level:?}");
+        assert!((level.z_mm - LIDC0001_ABOVE_ARCH_Z_MM).abs() <= 5.0, "{level:?}");
+    }
+
     #[test]
     fn a_head_ct_has_no_aortic_arch() {
         let Some(root) = realct() else { return };
