@@ -390,7 +390,9 @@ pub fn above_aortic_arch(vol: &Volume) -> Result<ArchLevel, LandmarkError> {
             let starts: Vec<&Airway> = cands
                 .iter()
                 .filter(|a| {
-                    a.area_cm2 >= TRACHEA_MIN_CM2 && a.ring_tissue >= TRACHEA_RING_MIN && (a.x_mm - mid).abs() < MIDLINE_MM
+                    a.area_cm2 >= TRACHEA_MIN_CM2
+                        && a.ring_tissue >= TRACHEA_RING_MIN
+                        && (a.x_mm - mid).abs() < MIDLINE_MM
                 })
                 .collect();
             if let [a] = starts[..] {
@@ -561,7 +563,8 @@ mod tests {
             return;
         };
         let mut vol = Volume::from_files(&dcm_files(&dir, "")).unwrap();
-        vol.hu.mapv_inplace(|v| if (150.0..600.0).contains(&v) { 40.0 } else { v });
+        vol.hu
+            .mapv_inplace(|v| if (150.0..600.0).contains(&v) { 40.0 } else { v });
         let level = above_aortic_arch(&vol).unwrap();
         eprintln!("{level:?}");
         assert!((level.z_mm - LIDC0001_ABOVE_ARCH_Z_MM).abs() <= 5.0, "{level:?}");
@@ -572,7 +575,10 @@ mod tests {
         let Some(root) = realct() else { return };
         let vol = Volume::from_files(&dcm_files(&root.join("head-philips/S2010"), "I")).unwrap();
         let err = above_aortic_arch(&vol).unwrap_err();
-        assert!(err.to_string().starts_with("the aortic arch is not in this series"), "{err}");
+        assert!(
+            err.to_string().starts_with("the aortic arch is not in this series"),
+            "{err}"
+        );
     }
 
     #[test]
