@@ -67,7 +67,7 @@ fuzz_target!(|data: &[u8]| {
     // `analyze` builds the volume of every matched series; build it for
     // every file that routing accepted, matched or not, to reach the decoder.
     let Ok(volume) = Volume::from_files_with(&[path], &VolumeOptions::default()) else { return };
-    let mut selections = vec![SliceSelection::Single, SliceSelection::Middle, SliceSelection::Index(0)];
+    let mut selections = vec![SliceSelection::Single, SliceSelection::Middle, SliceSelection::Index(0), SliceSelection::AboveAorticArch];
     if let Some(z) = volume.positions.first().map(|p| p[2]) {
         selections.push(SliceSelection::ZMm(z));
     }

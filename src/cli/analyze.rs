@@ -6,7 +6,8 @@
 //! outputs and reports of each job under `DIR/<series UID>/<route>/`.
 //! Failures: a series or job that fails is reported on stderr and the others
 //! still run; the command exits non-zero when there is nothing usable or a
-//! job failed.
+//! job failed. A job refused for its input (`refused: ...`, e.g. no aortic
+//! arch for a slice chosen above it) is a note, not a failure.
 
 use std::path::{Path, PathBuf};
 
@@ -61,6 +62,11 @@ pub fn analyze(config_path: &Path, out: &Path, paths: &[PathBuf]) -> anyhow::Res
                     let device = device_info(&cfg.node.ae_title);
                     write_reports(&a.report_source(), model, &seed, time::OffsetDateTime::now_utc(), device, &dir)?;
                     println!("{}", serde_json::to_string(&a.line)?);
+                }
+                // A refusal is the route's answer for this input (e.g. no
+                // aortic arch in the series), not a failure of the command.
+                Err(e @ crate::job::run::JobError::Refused(_)) => {
+                    eprintln!("note: series {} route {}: {e}", s.uid, m.route);
                 }
                 Err(e) => {
                     eprintln!("error: series {} route {}: {e}", s.uid, m.route);

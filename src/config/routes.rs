@@ -89,4 +89,7 @@ pub enum SliceMode {
     Middle,
     Index,
     ZMm,
+    /// The axial slice just above the aortic arch, found in the volume from
+    /// HU structure (trachea → carina → arch); a single image is that image.
+    AboveAorticArch,
 }

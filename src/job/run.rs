@@ -62,6 +62,12 @@ pub enum JobError {
     Deadline(std::time::Duration),
     #[error("job panicked: {0}")]
     Panicked(String),
+    /// The series is not what the route's model measures (e.g. no aortic
+    /// arch in it for a slice selected above the arch). Permanent; the text
+    /// starts with "refused: " so the job store and the API show it as a
+    /// refusal, not as a fault of the node.
+    #[error("refused: {0}")]
+    Refused(String),
 }
 
 impl JobError {
@@ -80,7 +86,8 @@ impl JobError {
             | JobError::ResultPath(_)
             | JobError::NoInstances
             | JobError::Encode(_)
-            | JobError::Panicked(_) => false,
+            | JobError::Panicked(_)
+            | JobError::Refused(_) => false,
         };
         if transient {
             Fault::Transient
@@ -147,6 +154,15 @@ pub struct ResultLine {
     pub lesions: Option<usize>,
     pub slices: usize,
     pub elapsed_ms: f64,
+    /// Patient z (mm) of the one slice a 2-D model was given, when it was
+    /// selected from a volume of several slices (absent for single-image
+    /// series and whole-volume models, so their lines are unchanged).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slice_z_mm: Option<f64>,
+    /// SOP Instance UID of that slice (the image the SR references and the
+    /// SC shows).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slice_sop_instance_uid: Option<String>,
 }
 
 /// A report file a job wrote, as its result lists it.
@@ -195,11 +211,16 @@ pub fn run(
         } else {
             SliceSelection::Middle
         });
-        let i = vol.select(&sel)?;
+        let i = vol.select(&sel).map_err(|e| match e {
+            VolumeError::Landmark(l) => JobError::Refused(l.to_string()),
+            e => JobError::Volume(e),
+        })?;
         (vol.hu.slice(s![i..i + 1, .., ..]).to_owned(), vec![i])
     } else {
         (vol.hu.clone(), (0..vol.slices()).collect())
     };
+    // A slice chosen out of several: the line says which one.
+    let selected = (card.input.slices == "single" && vol.slices() > 1).then(|| idx[0]);
     let thickness = vol.slice_thickness.or(vol.spacing_mm);
     if card.is_agatston() && thickness.is_none() {
         return Err(JobError::NoThickness);
@@ -229,6 +250,8 @@ pub fn run(
         lesions: card.is_agatston().then(|| measurement.lesions.iter().filter(|l| l.counted).count()),
         slices: idx.len(),
         elapsed_ms: t0.elapsed().as_secs_f64() * 1000.0,
+        slice_z_mm: selected.map(|i| vol.positions[i][2]),
+        slice_sop_instance_uid: selected.map(|i| vol.sop_instance_uids[i].clone()),
     };
     let slices = idx
         .iter()
@@ -261,6 +284,8 @@ mod hu_step_tests {
             lesions: None,
             slices: 3,
             elapsed_ms: 7.25,
+            slice_z_mm: None,
+            slice_sop_instance_uid: None,
         };
         // What the worker built by hand before JobResult.
         let mut before = serde_json::to_value(&line).unwrap();

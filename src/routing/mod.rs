@@ -250,10 +250,10 @@ fn slice_selection(s: &SliceSelectionConfig) -> Result<SliceSelection, (String, 
             if s.z_mm.is_some() {
                 return stray("z_mm", "z_mm");
             }
-            Ok(if mode == SliceMode::Single {
-                SliceSelection::Single
-            } else {
-                SliceSelection::Middle
+            Ok(match mode {
+                SliceMode::Single => SliceSelection::Single,
+                SliceMode::AboveAorticArch => SliceSelection::AboveAorticArch,
+                _ => SliceSelection::Middle,
             })
         }
     }

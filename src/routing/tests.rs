@@ -65,7 +65,27 @@ fn chest_slice_goes_to_pma_and_sfa_only() {
     let models: Vec<&str> = jobs.iter().map(|j| j.model.as_str()).collect();
     assert_eq!(models, vec!["pma", "sfa"]);
     assert_eq!(jobs[0].send_to, vec!["pacs".to_string()]);
-    assert_eq!(jobs[0].slices, Some(crate::volume::SliceSelection::Single));
+    assert_eq!(jobs[0].slices, Some(crate::volume::SliceSelection::AboveAorticArch));
+}
+
+#[test]
+fn real_chest_volume_goes_to_pma_and_sfa_above_the_arch() {
+    let Some(dir) = crate::test_data::require(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/realct-labelled/chest-lidc0001/ct"),
+        "real chest CT chest-lidc0001",
+    ) else {
+        return;
+    };
+    let (_d, table) = default_table();
+    let series = series_under(&dir);
+    assert_eq!(series.len(), 1);
+    let jobs = table.matches(&series[0]);
+    let models: Vec<&str> = jobs.iter().map(|j| j.model.as_str()).collect();
+    // IV contrast: no CAC.
+    assert_eq!(models, vec!["pma", "sfa"]);
+    for j in &jobs {
+        assert_eq!(j.slices, Some(crate::volume::SliceSelection::AboveAorticArch));
+    }
 }
 
 #[test]

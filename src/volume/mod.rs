@@ -54,6 +54,7 @@
 
 pub(crate) mod attrs;
 mod jpeg_ext;
+pub mod landmark;
 pub mod resample;
 
 use std::path::{Path, PathBuf};
@@ -106,6 +107,9 @@ pub enum VolumeError {
     UnevenSpacing { min_mm: f64, max_mm: f64 },
     #[error("slice selection `{selection}`: {reason}")]
     Selection { selection: String, reason: String },
+    /// The anatomical landmark a selection looks for is not in the series.
+    #[error(transparent)]
+    Landmark(#[from] landmark::LandmarkError),
 }
 
 impl VolumeError {
@@ -190,6 +194,10 @@ pub enum SliceSelection {
     /// refused when z is more than half a spacing (or thickness) outside
     /// the stack.
     ZMm(f64),
+    /// The axial slice just above the aortic arch, found from HU structure
+    /// ([`landmark::above_aortic_arch`]); a single-image series is that
+    /// image, as with `Single`.
+    AboveAorticArch,
 }
 
 impl std::fmt::Display for SliceSelection {
@@ -199,6 +207,7 @@ impl std::fmt::Display for SliceSelection {
             SliceSelection::Middle => f.write_str("middle"),
             SliceSelection::Index(i) => write!(f, "index {i}"),
             SliceSelection::ZMm(z) => write!(f, "z_mm {z}"),
+            SliceSelection::AboveAorticArch => f.write_str("above_aortic_arch"),
         }
     }
 }
@@ -257,6 +266,8 @@ impl Volume {
             SliceSelection::Single if n == 1 => Ok(0),
             SliceSelection::Single => Err(refuse(format!("the series has {n} slices, not exactly 1"))),
             SliceSelection::Middle => Ok((n - 1) / 2),
+            SliceSelection::AboveAorticArch if n == 1 => Ok(0),
+            SliceSelection::AboveAorticArch => Ok(landmark::above_aortic_arch(self)?.index),
             SliceSelection::Index(i) if i < n => Ok(i),
             SliceSelection::Index(i) => Err(refuse(format!("index {i} is outside 0..{n}"))),
             SliceSelection::ZMm(z) => {

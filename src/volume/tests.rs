@@ -349,6 +349,14 @@ fn enhanced_ct_frames_are_sorted_and_rescaled_per_functional_groups() {
     assert!(v.select(&SliceSelection::ZMm(20.0)).is_err());
     assert!(v.select(&SliceSelection::Single).is_err());
     assert!(v.select(&SliceSelection::Index(3)).is_err());
+    // 2x2 pixels of air: no trachea, so no arch; the refusal says so.
+    assert!(matches!(v.select(&SliceSelection::AboveAorticArch), Err(VolumeError::Landmark(_))));
+    // One image: that image, as with `single`.
+    let one = Volume {
+        hu: v.hu.slice(ndarray::s![0..1, .., ..]).to_owned(),
+        ..v.clone()
+    };
+    assert_eq!(one.select(&SliceSelection::AboveAorticArch).unwrap(), 0);
 }
 
 #[test]

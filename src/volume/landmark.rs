@@ -1,0 +1,591 @@
+//! Anatomical landmarks found from HU structure: the axial level "just above
+//! the aortic arch", where PMA and SFA are measured.
+//!
+//! **Input.** An assembled [`Volume`] (HU, sorted slices, geometry). Pure
+//! code on the HU array: no model, no ONNX, no I/O.
+//!
+//! **Output.** An [`ArchLevel`]: the index and patient z of the chosen slice,
+//! with the carina and arch-top levels it was derived from.
+//!
+//! **Method** (every step is a property of chest anatomy that holds with or
+//! without IV contrast, at any slice thickness up to ~5 mm):
+//! 1. *Trachea.* In each axial slice, the air components (< −950 HU: air,
+//!    below lung parenchyma at about −850) that do not touch the image border
+//!    (outside air, which reaches the border), of 0.15–8 cm², whose
+//!    surrounding ring (1.5–4.2 mm out) is mostly soft tissue (> −500 HU):
+//!    an airway has a wall, a lung pocket or air outside the skin does not.
+//!    Going caudally from the top of the volume, the trachea starts as the
+//!    one such component of at least 0.5 cm² within 35 mm of the body's
+//!    left-right midline, and is followed slice to slice (centroid step
+//!    < 8 mm; up to 5 mm without a hit, for mucus or partial volume).
+//! 2. *Carina.* The trachea ends where, within 25 mm of its last centroid,
+//!    there are airways on both sides of it and none at it: the two main
+//!    bronchi. It counts only after at least 40 mm of followed trachea and
+//!    with lung (< −400 HU, not reaching the border, ≥ 20 cm²) on both sides:
+//!    a head (pharynx, sinuses) or an abdomen (bowel gas) has no such split.
+//!    No carina: [`LandmarkError::NotFound`], the landmark is not there.
+//! 3. *Top of the arch.* The arch passes along the patient-left side of the
+//!    trachea, from anterior (ascending aorta) to posterior (descending
+//!    aorta), just above the carina. So from the carina cranially, the box
+//!    2–32 mm lateral of the tracheal wall on the patient-left side and
+//!    ±15 mm antero-posterior of the trachea's centre is mostly vessel or
+//!    soft tissue (> −20 HU: blood is ~40 HU without contrast, fat is
+//!    −100): aorta, then the arch. Above the arch the same box holds the thin
+//!    left carotid and subclavian arteries in fat and lung, and its fill drops
+//!    well below half (chest-lidc0001: 0.72–0.91 below the top, 0.53 at the
+//!    top, 0.31 one slice above, 0.17 higher). The top of the arch is the
+//!    most cranial slice of the run of filled boxes (fill ≥ 0.5) that starts
+//!    within 40 mm above the carina; gaps longer than 3 mm end the run.
+//! 4. *The slice.* The first slice cranial of the arch top. When step 3
+//!    finds no run (or one that ends less than 10 or more than 70 mm above
+//!    the carina), the top of the arch is taken as the carina + 35 mm: in
+//!    adults the carina lies at T4–T5 and the top of the arch about one and a
+//!    half vertebral levels higher (on chest-lidc0001, carina −115 mm, arch
+//!    top −80 mm). The offset is the fallback only; the HU finding wins.
+//!
+//! Patient left is +x (LPS); the column direction of the image tells which
+//! way that is. Only axial stacks (normal within ~25° of z, rows along x)
+//! are searched; anything else is [`LandmarkError::NotFound`].
+//!
+//! **Failure modes.** [`LandmarkError::NotFound`] with the reason: not
+//! axial, no trachea, no carina, or the volume ends below the slice above
+//! the arch. All are properties of the series (permanent).
+
+use std::collections::VecDeque;
+
+use ndarray::ArrayView2;
+
+use super::Volume;
+
+/// Air inside airways; lung parenchyma (~−850) stays above it.
+const AIR_HU: f32 = -950.0;
+/// Soft tissue (walls, mediastinum, the body outline) versus air and lung.
+const TISSUE_HU: f32 = -500.0;
+/// Lung and airways together, for the "lungs on both sides" check.
+const LUNG_HU: f32 = -400.0;
+/// Blood (with or without contrast) and soft tissue versus fat.
+const VESSEL_HU: f32 = -20.0;
+
+const AIRWAY_MIN_CM2: f64 = 0.15;
+const AIRWAY_MAX_CM2: f64 = 8.0;
+const TRACHEA_MIN_CM2: f64 = 0.5;
+const RING_INNER_MM: f64 = 1.5;
+const RING_OUTER_MM: f64 = 4.2;
+const AIRWAY_RING_MIN: f64 = 0.5;
+const TRACHEA_RING_MIN: f64 = 0.7;
+const MIDLINE_MM: f64 = 35.0;
+const TRACK_STEP_MM: f64 = 8.0;
+const TRACK_GAP_MM: f64 = 5.01;
+const BRONCHI_RADIUS_MM: f64 = 25.0;
+const BRONCHI_DY_MM: f64 = 15.0;
+const BRONCHI_DX_MM: f64 = 3.0;
+const MIN_TRACHEA_MM: f64 = 40.0;
+const LUNG_MIN_CM2: f64 = 20.0;
+const LUNG_COMPONENT_MIN_CM2: f64 = 5.0;
+
+const ARCH_BOX_NEAR_MM: f64 = 2.0;
+const ARCH_BOX_FAR_MM: f64 = 32.0;
+const ARCH_BOX_HALF_AP_MM: f64 = 15.0;
+const ARCH_FILL_MIN: f64 = 0.5;
+const ARCH_SEARCH_MM: f64 = 80.0;
+const ARCH_FIRST_HIT_MM: f64 = 40.0;
+const ARCH_GAP_MM: f64 = 3.01;
+const ARCH_TOP_MIN_MM: f64 = 10.0;
+const ARCH_TOP_MAX_MM: f64 = 70.0;
+/// Fallback: the top of the arch above the carina (see the module doc).
+pub const CARINA_TO_ARCH_TOP_MM: f64 = 35.0;
+
+/// The slice just above the aortic arch and how it was found.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ArchLevel {
+    /// Index of the chosen slice in the volume's sorted stack.
+    pub index: usize,
+    /// Its patient z (ImagePositionPatient z, mm).
+    pub z_mm: f64,
+    /// Patient z of the carina (the slice where the trachea splits).
+    pub carina_z_mm: f64,
+    /// Patient z of the top of the arch as found from HU; `None` when the
+    /// carina offset [`CARINA_TO_ARCH_TOP_MM`] was used instead.
+    pub arch_top_z_mm: Option<f64>,
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum LandmarkError {
+    #[error("the aortic arch is not in this series: {0}")]
+    NotFound(String),
+}
+
+fn not_found(reason: impl Into<String>) -> LandmarkError {
+    LandmarkError::NotFound(reason.into())
+}
+
+/// One connected component of a 2-D mask (4-connected).
+struct Component {
+    pixels: Vec<usize>,
+    touches_border: bool,
+}
+
+/// An airway candidate in one slice, in mm from the image's top-left corner.
+#[derive(Debug, Clone, Copy)]
+struct Airway {
+    area_cm2: f64,
+    x_mm: f64,
+    y_mm: f64,
+    ring_tissue: f64,
+}
+
+/// A slice's geometry for the 2-D steps.
+#[derive(Clone, Copy)]
+struct Grid {
+    rows: usize,
+    cols: usize,
+    /// Between rows (y), between columns (x), mm.
+    dy: f64,
+    dx: f64,
+}
+
+impl Grid {
+    fn area_cm2(&self, pixels: usize) -> f64 {
+        pixels as f64 * self.dx * self.dy / 100.0
+    }
+}
+
+fn components(mask: &[bool], g: Grid) -> Vec<Component> {
+    let mut seen = vec![false; mask.len()];
+    let mut out = Vec::new();
+    let mut queue = VecDeque::new();
+    for start in 0..mask.len() {
+        if !mask[start] || seen[start] {
+            continue;
+        }
+        seen[start] = true;
+        queue.push_back(start);
+        let mut c = Component {
+            pixels: Vec::new(),
+            touches_border: false,
+        };
+        while let Some(p) = queue.pop_front() {
+            c.pixels.push(p);
+            let (r, col) = (p / g.cols, p % g.cols);
+            if r == 0 || col == 0 || r + 1 == g.rows || col + 1 == g.cols {
+                c.touches_border = true;
+            }
+            let mut visit = |q: usize| {
+                if mask[q] && !seen[q] {
+                    seen[q] = true;
+                    queue.push_back(q);
+                }
+            };
+            if r > 0 {
+                visit(p - g.cols);
+            }
+            if r + 1 < g.rows {
+                visit(p + g.cols);
+            }
+            if col > 0 {
+                visit(p - 1);
+            }
+            if col + 1 < g.cols {
+                visit(p + 1);
+            }
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Fraction of soft tissue in the ring between `RING_INNER_MM` and
+/// `RING_OUTER_MM` (4-connected steps) around a component.
+fn ring_tissue(hu: &[f32], pixels: &[usize], g: Grid) -> f64 {
+    let px = g.dx.min(g.dy);
+    let inner = (RING_INNER_MM / px).round().max(1.0) as u32;
+    let outer = ((RING_OUTER_MM / px).round() as u32).max(inner + 1);
+    let mut dist = std::collections::HashMap::with_capacity(pixels.len() * 4);
+    let mut queue = VecDeque::new();
+    for &p in pixels {
+        dist.insert(p, 0u32);
+        queue.push_back(p);
+    }
+    let (mut tissue, mut total) = (0usize, 0usize);
+    while let Some(p) = queue.pop_front() {
+        let d = dist[&p];
+        if d > inner {
+            total += 1;
+            if hu[p] > TISSUE_HU {
+                tissue += 1;
+            }
+        }
+        if d == outer {
+            continue;
+        }
+        let (r, c) = (p / g.cols, p % g.cols);
+        let mut next = Vec::with_capacity(4);
+        if r > 0 {
+            next.push(p - g.cols);
+        }
+        if r + 1 < g.rows {
+            next.push(p + g.cols);
+        }
+        if c > 0 {
+            next.push(p - 1);
+        }
+        if c + 1 < g.cols {
+            next.push(p + 1);
+        }
+        for q in next {
+            if let std::collections::hash_map::Entry::Vacant(e) = dist.entry(q) {
+                e.insert(d + 1);
+                queue.push_back(q);
+            }
+        }
+    }
+    if total == 0 {
+        0.0
+    } else {
+        tissue as f64 / total as f64
+    }
+}
+
+fn centroid(pixels: &[usize], g: Grid) -> (f64, f64) {
+    let n = pixels.len() as f64;
+    let (mut sx, mut sy) = (0.0, 0.0);
+    for &p in pixels {
+        sy += (p / g.cols) as f64;
+        sx += (p % g.cols) as f64;
+    }
+    (sx / n * g.dx, sy / n * g.dy)
+}
+
+/// Airway candidates of one slice and the body's left-right midline (mm).
+fn airways(hu: &[f32], g: Grid) -> (Vec<Airway>, Option<f64>) {
+    let mut first = usize::MAX;
+    let mut last = 0;
+    for (p, v) in hu.iter().enumerate() {
+        if *v > TISSUE_HU {
+            let c = p % g.cols;
+            first = first.min(c);
+            last = last.max(c);
+        }
+    }
+    if first == usize::MAX {
+        return (Vec::new(), None);
+    }
+    let midline = (first + last) as f64 / 2.0 * g.dx;
+    let air: Vec<bool> = hu.iter().map(|v| *v < AIR_HU).collect();
+    let mut out = Vec::new();
+    for c in components(&air, g) {
+        let area = g.area_cm2(c.pixels.len());
+        if c.touches_border || !(AIRWAY_MIN_CM2..=AIRWAY_MAX_CM2).contains(&area) {
+            continue;
+        }
+        let ring = ring_tissue(hu, &c.pixels, g);
+        if ring < AIRWAY_RING_MIN {
+            continue;
+        }
+        let (x_mm, y_mm) = centroid(&c.pixels, g);
+        out.push(Airway {
+            area_cm2: area,
+            x_mm,
+            y_mm,
+            ring_tissue: ring,
+        });
+    }
+    (out, Some(midline))
+}
+
+/// Lung area (cm²) on each side of `x_mm`: enclosed components below
+/// [`LUNG_HU`] of at least [`LUNG_COMPONENT_MIN_CM2`].
+fn lungs_each_side(hu: &[f32], g: Grid, x_mm: f64) -> (f64, f64) {
+    let lung: Vec<bool> = hu.iter().map(|v| *v < LUNG_HU).collect();
+    let (mut low, mut high) = (0usize, 0usize);
+    for c in components(&lung, g) {
+        if c.touches_border || g.area_cm2(c.pixels.len()) < LUNG_COMPONENT_MIN_CM2 {
+            continue;
+        }
+        for &p in &c.pixels {
+            if ((p % g.cols) as f64) * g.dx < x_mm {
+                low += 1;
+            } else {
+                high += 1;
+            }
+        }
+    }
+    (g.area_cm2(low), g.area_cm2(high))
+}
+
+/// Fraction of vessel/soft-tissue HU in the box beside the trachea on the
+/// patient-left side (see step 3 of the module doc).
+fn arch_fill(slice: ArrayView2<'_, f32>, g: Grid, trachea: &Airway, left_sign: f64) -> f64 {
+    let radius = (trachea.area_cm2 * 100.0 / std::f64::consts::PI).sqrt();
+    let a = trachea.x_mm + left_sign * (radius + ARCH_BOX_NEAR_MM);
+    let b = trachea.x_mm + left_sign * (radius + ARCH_BOX_FAR_MM);
+    let (x0, x1) = (a.min(b), a.max(b));
+    let (y0, y1) = (trachea.y_mm - ARCH_BOX_HALF_AP_MM, trachea.y_mm + ARCH_BOX_HALF_AP_MM);
+    let clamp_c = |x: f64| ((x / g.dx).round().max(0.0) as usize).min(g.cols);
+    let clamp_r = |y: f64| ((y / g.dy).round().max(0.0) as usize).min(g.rows);
+    let (c0, c1, r0, r1) = (clamp_c(x0), clamp_c(x1), clamp_r(y0), clamp_r(y1));
+    let (mut filled, mut total) = (0usize, 0usize);
+    for r in r0..r1 {
+        for c in c0..c1 {
+            total += 1;
+            if slice[[r, c]] > VESSEL_HU {
+                filled += 1;
+            }
+        }
+    }
+    if total == 0 {
+        0.0
+    } else {
+        filled as f64 / total as f64
+    }
+}
+
+fn dist(a: &Airway, x: f64, y: f64) -> f64 {
+    (a.x_mm - x).hypot(a.y_mm - y)
+}
+
+/// The slice just above the aortic arch (module doc), or why it is not in
+/// the volume.
+pub fn above_aortic_arch(vol: &Volume) -> Result<ArchLevel, LandmarkError> {
+    let n = vol.slices();
+    if n < 2 {
+        return Err(not_found("a single slice has no trachea to follow"));
+    }
+    // Axial, rows along patient x: the column direction is ±x.
+    if vol.normal[2].abs() < 0.9 || vol.orientation[0].abs() < 0.9 {
+        return Err(not_found(format!(
+            "not an axial stack (ImageOrientationPatient {:?})",
+            vol.orientation
+        )));
+    }
+    let left_sign = vol.orientation[0].signum();
+    let (rows, cols) = (vol.hu.shape()[1], vol.hu.shape()[2]);
+    let g = Grid {
+        rows,
+        cols,
+        dy: vol.pixel_spacing[0],
+        dx: vol.pixel_spacing[1],
+    };
+    let z = |i: usize| vol.positions[i][2];
+    let mut cranial: Vec<usize> = (0..n).collect();
+    cranial.sort_by(|a, b| z(*b).total_cmp(&z(*a)));
+
+    struct Track {
+        start_z: f64,
+        last: Airway,
+        last_z: f64,
+        /// (slice index, trachea) for every slice it was seen in.
+        seen: Vec<(usize, Airway)>,
+    }
+    let mut track: Option<Track> = None;
+    let mut longest = 0.0f64;
+    let mut carina: Option<(usize, Track)> = None;
+    for &i in &cranial {
+        let slice = vol.slice(i).expect("index from 0..n");
+        let hu = slice.as_standard_layout();
+        let hu = hu.as_slice().expect("standard layout");
+        let (cands, midline) = airways(hu, g);
+        let Some(mut t) = track.take() else {
+            let Some(mid) = midline else { continue };
+            let starts: Vec<&Airway> = cands
+                .iter()
+                .filter(|a| {
+                    a.area_cm2 >= TRACHEA_MIN_CM2
+                        && a.ring_tissue >= TRACHEA_RING_MIN
+                        && (a.x_mm - mid).abs() < MIDLINE_MM
+                })
+                .collect();
+            if let [a] = starts[..] {
+                track = Some(Track {
+                    start_z: z(i),
+                    last: *a,
+                    last_z: z(i),
+                    seen: vec![(i, *a)],
+                });
+            }
+            continue;
+        };
+        let (px, py) = (t.last.x_mm, t.last.y_mm);
+        let near: Vec<&Airway> = cands
+            .iter()
+            .filter(|a| dist(a, px, py) < BRONCHI_RADIUS_MM && (a.y_mm - py).abs() < BRONCHI_DY_MM)
+            .collect();
+        let split = near.iter().any(|a| a.x_mm < px - BRONCHI_DX_MM)
+            && near.iter().any(|a| a.x_mm > px + BRONCHI_DX_MM)
+            && !near.iter().any(|a| (a.x_mm - px).abs() <= BRONCHI_DX_MM);
+        longest = longest.max(t.start_z - z(i));
+        if split && t.start_z - z(i) >= MIN_TRACHEA_MM {
+            let (lo, hi) = lungs_each_side(hu, g, px);
+            if lo >= LUNG_MIN_CM2 && hi >= LUNG_MIN_CM2 {
+                carina = Some((i, t));
+                break;
+            }
+        }
+        let closest = near
+            .iter()
+            .filter(|a| dist(a, px, py) < TRACK_STEP_MM)
+            .min_by(|a, b| dist(a, px, py).total_cmp(&dist(b, px, py)));
+        if let Some(a) = closest {
+            t.last = **a;
+            t.last_z = z(i);
+            t.seen.push((i, **a));
+            track = Some(t);
+        } else if t.last_z - z(i) <= TRACK_GAP_MM {
+            track = Some(t);
+        }
+    }
+    let Some((carina_index, t)) = carina else {
+        return Err(not_found(if longest < MIN_TRACHEA_MM {
+            format!("no trachea (an air column inside the body near the midline) of {MIN_TRACHEA_MM} mm or more")
+        } else {
+            "the trachea was followed but no carina (its split into the main bronchi, with lung on both sides) was found"
+                .to_owned()
+        }));
+    };
+    let carina_z = z(carina_index);
+
+    // Step 3: from the carina cranially, the run of filled boxes on the
+    // patient-left of the trachea.
+    let trachea_at = |zi: f64| -> &Airway {
+        &t.seen
+            .iter()
+            .min_by(|a, b| (z(a.0) - zi).abs().total_cmp(&(z(b.0) - zi).abs()))
+            .expect("a track has at least its first slice")
+            .1
+    };
+    let mut top: Option<f64> = None;
+    for &i in cranial.iter().rev() {
+        let zi = z(i);
+        if zi <= carina_z {
+            continue;
+        }
+        if zi - carina_z > ARCH_SEARCH_MM {
+            break;
+        }
+        let fill = arch_fill(vol.slice(i).expect("index from 0..n"), g, trachea_at(zi), left_sign);
+        match top {
+            None if fill >= ARCH_FILL_MIN => {
+                if zi - carina_z > ARCH_FIRST_HIT_MM {
+                    break;
+                }
+                top = Some(zi);
+            }
+            Some(_) if fill >= ARCH_FILL_MIN => top = Some(zi),
+            Some(t) if zi - t > ARCH_GAP_MM => break,
+            _ => {}
+        }
+    }
+    let found = top.filter(|t| (ARCH_TOP_MIN_MM..=ARCH_TOP_MAX_MM).contains(&(t - carina_z)));
+    let arch_top = found.unwrap_or(carina_z + CARINA_TO_ARCH_TOP_MM);
+    // Step 4: the first slice cranial of the arch top.
+    let above = cranial
+        .iter()
+        .rev()
+        .copied()
+        .find(|&i| z(i) > arch_top + 1e-3)
+        .filter(|&i| z(i) - arch_top <= vol.spacing_mm.unwrap_or(5.0).abs() + 1e-3)
+        .ok_or_else(|| {
+            not_found(format!(
+                "the volume ends at z = {:.1} mm, not above the top of the arch (z = {arch_top:.1} mm; carina at {carina_z:.1} mm)",
+                z(cranial[0])
+            ))
+        })?;
+    Ok(ArchLevel {
+        index: above,
+        z_mm: z(above),
+        carina_z_mm: carina_z,
+        arch_top_z_mm: found,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_data::{realct, require};
+    use std::path::{Path, PathBuf};
+
+    fn dcm_files(dir: &Path, prefix: &str) -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| {
+                let name = p.file_name().unwrap().to_string_lossy().into_owned();
+                name.starts_with(prefix) && !name.starts_with("DIRFILE")
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Reference level for shared/realct-labelled/chest-lidc0001 (LIDC-IDRI-0001,
+    /// 2.5 mm slices, z −340..−10 mm, IV contrast), read by eye from axial
+    /// renderings of z −120..−20 mm (soft-tissue window, zoomed on the
+    /// mediastinum): at −80 mm the contrast-filled arch is one tube running
+    /// from anterior to posterior on the patient-left of the trachea; at
+    /// −77.5 mm only its three branches (brachiocephalic, left carotid, left
+    /// subclavian) are cut as round vessels. The top of the arch is at
+    /// −80 mm, so the slice just above it is at z = −77.5 mm. The carina
+    /// (trachea split into the main bronchi, lung window) is at −112.5 to
+    /// −115 mm.
+    pub(crate) const LIDC0001_ABOVE_ARCH_Z_MM: f64 = -77.5;
+
+    #[test]
+    fn finds_the_slice_above_the_arch_on_a_real_chest_ct() {
+        let Some(dir) = require(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/realct-labelled/chest-lidc0001/ct"),
+            "real chest CT chest-lidc0001",
+        ) else {
+            return;
+        };
+        let vol = Volume::from_files(&dcm_files(&dir, "")).unwrap();
+        let level = above_aortic_arch(&vol).unwrap();
+        eprintln!("{level:?}");
+        assert!(
+            (level.z_mm - LIDC0001_ABOVE_ARCH_Z_MM).abs() <= 15.0,
+            "{level:?} vs reference z {LIDC0001_ABOVE_ARCH_Z_MM}"
+        );
+        assert!((level.carina_z_mm - -113.75).abs() <= 5.0, "{level:?}");
+        assert_eq!(level.z_mm, vol.positions[level.index][2]);
+        // Found from HU, not from the fallback offset.
+        assert!(level.arch_top_z_mm.is_some(), "{level:?}");
+    }
+
+    /// The method must not depend on IV contrast: the same scan with every
+    /// contrast-enhanced voxel (150..600 HU: vessels and heart, some
+    /// cancellous bone) set to unenhanced blood (40 HU) gives the same level
+    /// within a slice or two.
+    #[test]
+    fn finds_the_same_level_without_contrast() {
+        let Some(dir) = require(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/realct-labelled/chest-lidc0001/ct"),
+            "real chest CT chest-lidc0001",
+        ) else {
+            return;
+        };
+        let mut vol = Volume::from_files(&dcm_files(&dir, "")).unwrap();
+        vol.hu
+            .mapv_inplace(|v| if (150.0..600.0).contains(&v) { 40.0 } else { v });
+        let level = above_aortic_arch(&vol).unwrap();
+        eprintln!("{level:?}");
+        assert!((level.z_mm - LIDC0001_ABOVE_ARCH_Z_MM).abs() <= 5.0, "{level:?}");
+    }
+
+    #[test]
+    fn a_head_ct_has_no_aortic_arch() {
+        let Some(root) = realct() else { return };
+        let vol = Volume::from_files(&dcm_files(&root.join("head-philips/S2010"), "I")).unwrap();
+        let err = above_aortic_arch(&vol).unwrap_err();
+        assert!(
+            err.to_string().starts_with("the aortic arch is not in this series"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_small_abdominal_volume_has_no_aortic_arch() {
+        let Some(root) = realct() else { return };
+        let vol = Volume::from_files(&dcm_files(&root.join("abdomen-ge-3slice"), "")).unwrap();
+        let err = above_aortic_arch(&vol).unwrap_err();
+        assert!(err.to_string().contains("no trachea"), "{err}");
+    }
+}
