@@ -375,7 +375,7 @@ mod reload_tests {
         // Routing makes the job (route `cac`, to `pacs`)...
         let router = Router {
             queue: queue.clone(),
-            index_path: index_path.clone(),
+            index: std::sync::Mutex::new(SeriesIndex::open(&index_path).unwrap()),
             spool_root: spool.clone(),
             routes: routes.clone(),
             jobs: jobs.clone(),

@@ -122,7 +122,7 @@ async fn run(cfg: Config, table: RouteTable, config_path: PathBuf) -> anyhow::Re
         jobs,
         models,
     };
-    let router = tokio::spawn(build_router(&ctx).run(ctx.shutdown.clone()));
+    let router = tokio::spawn(build_router(&ctx)?.run(ctx.shutdown.clone()));
     let outbox_store: Arc<dyn OutboxStore> = Arc::new(
         crate::outbox::SqliteOutboxStore::open(&ctx.cfg.node.data_dir.join("outbox.sqlite"))
             .context("cannot open the outbox")?,
@@ -204,16 +204,16 @@ fn open_job_store(cfg: &Config) -> anyhow::Result<JobQueue> {
 }
 
 /// Routing: completed series → jobs.
-fn build_router(ctx: &Ctx) -> Router {
-    Router {
+fn build_router(ctx: &Ctx) -> anyhow::Result<Router> {
+    Ok(Router {
         queue: ctx.queue.clone(),
-        index_path: ctx.cfg.index_path(),
+        index: std::sync::Mutex::new(SeriesIndex::open(&ctx.cfg.index_path()).context("cannot open the series index")?),
         spool_root: ctx.cfg.spool_dir(),
         routes: ctx.routes.clone(),
         jobs: ctx.jobs.clone(),
         models: ctx.models.clone(),
         retry: crate::routing::stage::RetryPolicy::default(),
-    }
+    })
 }
 
 /// The job worker: jobs → results and reports → the outbox.

@@ -110,7 +110,9 @@ impl RouteFailure {
 
 pub struct Router {
     pub queue: Arc<dyn CompletionQueue>,
-    pub index_path: PathBuf,
+    /// The series index, opened once by the wiring: the router reads a
+    /// series' instances and writes its state through it.
+    pub index: std::sync::Mutex<SeriesIndex>,
     pub spool_root: PathBuf,
     pub routes: SharedRoutes,
     /// Where the jobs go; woken after new jobs are stored.
@@ -222,7 +224,7 @@ impl Router {
     /// meanwhile, or one no longer in the index, needs nothing recorded: its
     /// next completion is queued anew.
     fn set_aside(&self, ev: &SeriesCompleted, reason: &str) -> Result<(), SeriesError> {
-        let mut index = SeriesIndex::open(&self.index_path)?;
+        let mut index = self.index.lock().unwrap_or_else(|p| p.into_inner());
         match index.set_state_with_reason(&ev.series_instance_uid, SeriesState::Unroutable, Some(reason)) {
             Ok(()) => {
                 crate::telemetry::SeriesUnroutable {
@@ -245,7 +247,7 @@ impl Router {
     fn route_one(&self, ev: &SeriesCompleted) -> Result<(), RouteFailure> {
         let span = tracing::info_span!("series", uid = %ev.series_instance_uid, generation = ev.generation);
         let _g = span.enter();
-        let mut index = SeriesIndex::open(&self.index_path).map_err(RouteFailure::index)?;
+        let mut index = self.index.lock().unwrap_or_else(|p| p.into_inner());
         let instances = index
             .series_instances(&ev.series_instance_uid)
             .map_err(RouteFailure::index)?;
@@ -400,7 +402,7 @@ mod tests {
         fn router(&self, jobs: Arc<dyn JobStore>) -> Router {
             Router {
                 queue: self.queue.clone(),
-                index_path: self.index_path.clone(),
+                index: std::sync::Mutex::new(SeriesIndex::open(&self.index_path).unwrap()),
                 spool_root: self.spool.clone(),
                 routes: self.routes.clone(),
                 jobs: JobQueue::new(jobs),
