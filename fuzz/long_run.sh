@@ -14,16 +14,7 @@ out="$1"
 shift
 bin="$root/fuzz/target/x86_64-unknown-linux-gnu/release"
 mkdir -p "$out/bin" "$out/corpus" "$out/artifacts"
-max_len() {
-    case "$1" in
-        pdu_stream) echo 65536 ;;
-        dicom_file) echo 32768 ;;
-        config) echo 16384 ;;
-        npy) echo 4096 ;;
-        part10_roundtrip) echo 8192 ;;
-        *) echo 4096 ;;
-    esac
-}
+source "$root/fuzz/max_len.sh"
 for spec in "$@"; do
     IFS=: read -r t runs secs <<<"$spec"
     cp "$bin/$t" "$out/bin/$t"

@@ -26,19 +26,8 @@ targets=("${@:-${all[@]}}")
 if ! command -v cargo-fuzz >/dev/null 2>&1; then
     cargo install cargo-fuzz --locked --version 0.13.2
 fi
-# Input size caps: big enough for the seeds and their growth, small enough
-# that each run stays fast. part10_roundtrip repeats generated text, so a
-# small input still reaches values past 64 KiB.
-max_len() {
-    case "$1" in
-        pdu_stream) echo 65536 ;;
-        dicom_file) echo 32768 ;;
-        config) echo 16384 ;;
-        npy) echo 4096 ;;
-        part10_roundtrip) echo 8192 ;;
-        *) echo 4096 ;;
-    esac
-}
+# Input size caps per target (max_len).
+source "$root/fuzz/max_len.sh"
 # One build of every target (they share the instrumented library).
 RUSTC_BOOTSTRAP=1 cargo fuzz build --sanitizer none
 # Fuzz findings go to a scratch copy so the checked-in corpus stays the seeds.
