@@ -62,21 +62,9 @@ fn cards() -> &'static [ModelCard; 2] {
     CARDS.get_or_init(|| [AREA_CARD, CAC_CARD].map(|y| serde_yaml::from_str(y).expect("fixture card parses")))
 }
 
-/// What `put_patient_and_study` copies from the source, and what the SC
-/// builder reads besides.
-const SOURCE_TAGS: &[(Tag, VR)] = &[
-    (tags::PATIENT_NAME, VR::PN),
-    (tags::PATIENT_ID, VR::LO),
-    (tags::PATIENT_BIRTH_DATE, VR::DA),
-    (tags::PATIENT_SEX, VR::CS),
-    (tags::STUDY_DATE, VR::DA),
-    (tags::STUDY_TIME, VR::TM),
-    (tags::ACCESSION_NUMBER, VR::SH),
-    (tags::REFERRING_PHYSICIAN_NAME, VR::PN),
-    (tags::STUDY_ID, VR::SH),
-    (tags::ISSUER_OF_PATIENT_ID, VR::LO),
-    (tags::STUDY_DESCRIPTION, VR::LO),
-    (tags::STUDY_INSTANCE_UID, VR::UI),
+/// What the SC builder reads from the source besides what every report
+/// copies ([`COPIED`]); element tags are drawn from both.
+const READ_BESIDES: &[(Tag, VR)] = &[
     (tags::BODY_PART_EXAMINED, VR::CS),
     (tags::PIXEL_SPACING, VR::DS),
     (tags::SPECIFIC_CHARACTER_SET, VR::CS),
@@ -125,7 +113,9 @@ fn text(u: &mut Unstructured) -> Result<String> {
 
 fn element(u: &mut Unstructured) -> Result<DataElement<InMemDicomObject>> {
     let (tag, vr) = if u.ratio(7u8, 8)? {
-        *u.choose(SOURCE_TAGS)?
+        // One draw over COPIED then READ_BESIDES, as `choose` over one list.
+        let i = u.choose_index(COPIED.len() + READ_BESIDES.len())?;
+        *COPIED.iter().chain(READ_BESIDES).nth(i).expect("index below the total")
     } else {
         (Tag(u.arbitrary()?, u.arbitrary()?), *u.choose(ANY_VR)?)
     };
