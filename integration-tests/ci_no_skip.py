@@ -20,6 +20,16 @@ def in_ci() -> bool:
     return bool(os.environ.get("CI"))
 
 
+def require_dir(path, what: str):
+    """`path` if it is a directory. Missing data is a failure in CI, a skip elsewhere."""
+    if not path.is_dir():
+        msg = f"{what} not found at {path}"
+        if in_ci():
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return path
+
+
 def _reason(longrepr) -> str:
     # A skip's longrepr is (path, line, "Skipped: reason").
     if isinstance(longrepr, tuple) and len(longrepr) == 3:

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 from nodeharness import REALCT, Node, node_binary
 
 # Under CI every skip is a failure (ci_no_skip.py says why).
-from ci_no_skip import pytest_make_collect_report, pytest_runtest_makereport  # noqa: F401,E402
+from ci_no_skip import pytest_make_collect_report, pytest_runtest_makereport, require_dir  # noqa: F401,E402
 
 
 def pytest_configure(config):
@@ -18,13 +16,8 @@ def pytest_configure(config):
 
 @pytest.fixture(scope="session")
 def realct():
-    """`../shared/realct` beside the checkout. Missing data is a failure in CI, a skip elsewhere."""
-    if not REALCT.is_dir():
-        msg = f"real CT data not found at {REALCT} (set BIOMARKER_REALCT to override)"
-        if os.environ.get("CI"):
-            pytest.fail(msg)
-        pytest.skip(msg)
-    return REALCT
+    """`../shared/realct` beside the checkout."""
+    return require_dir(REALCT, "real CT data (set BIOMARKER_REALCT to override)")
 
 
 @pytest.fixture(scope="session")

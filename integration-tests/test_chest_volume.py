@@ -15,13 +15,13 @@ The PMA/SFA values are printed, not checked: the models are phantom-trained and 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from pathlib import Path
 
 import pydicom
 import pytest
 
+from ci_no_skip import require_dir
 from nodeharness import REALCT, REPO_ROOT
 
 LABELLED = REALCT.parent / "realct-labelled"
@@ -33,12 +33,7 @@ CONFIG = REPO_ROOT / "config" / "node.yaml"
 
 @pytest.fixture(scope="module")
 def chest() -> Path:
-    if not CHEST.is_dir():
-        msg = f"real chest CT not found at {CHEST}"
-        if os.environ.get("CI"):
-            pytest.fail(msg)
-        pytest.skip(msg)
-    return CHEST
+    return require_dir(CHEST, "real chest CT")
 
 
 def _analyze(binary, config: Path, out: Path, *paths: Path) -> subprocess.CompletedProcess:
