@@ -286,14 +286,17 @@ fn repair_meta(bytes: &[u8]) -> Option<Vec<u8>> {
         }
         let element = u16::from_le_bytes([bytes[pos + 2], bytes[pos + 3]]);
         let vr = &bytes[pos + 4..pos + 6];
-        let (header_len, value_len) = if matches!(vr, b"OB" | b"OW" | b"OF" | b"SQ" | b"UT" | b"UN") {
+        // The same length form as the check (`short_length_vr`): an unknown
+        // or long-form VR read with a 2-byte length here once hid a 4 GB
+        // declared length from the check that follows.
+        let (header_len, value_len) = if short_length_vr(vr) {
+            (8usize, u16::from_le_bytes([bytes[pos + 6], bytes[pos + 7]]) as usize)
+        } else {
             if pos + 12 > bytes.len() {
                 return None;
             }
             let l = u32::from_le_bytes(bytes[pos + 8..pos + 12].try_into().ok()?);
             (12usize, l as usize)
-        } else {
-            (8usize, u16::from_le_bytes([bytes[pos + 6], bytes[pos + 7]]) as usize)
         };
         let end = pos.checked_add(header_len)?.checked_add(value_len)?;
         if end > bytes.len() {
