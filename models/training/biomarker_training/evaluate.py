@@ -6,6 +6,13 @@
 Everything runs through ONNX Runtime (the artefact Rust ships), not PyTorch. Masks (mask.npy) are
 read only here, for Dice: map upsampled to native (nearest), thresholded at 0.5, AND candidates.
 Held-out metrics are also written into each model card under metrics.heldout.
+
+Real CT (realct.py): `--realct ../shared/realct-labelled` adds the "Real CT" section; with `--realct-only` (or no
+`--set`) only that section of the report is rewritten and the phantom table stays as it is:
+
+    python -m biomarker_training.evaluate --models models/ --realct ../shared/realct-labelled --realct-only
+
+`--tasks liver` restricts to some tasks (`--models` may then hold only liver.yaml/liver.onnx).
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import numpy as np
 from . import candidates as C
 from . import data as D
 from . import export as E
+from . import realct as R
 
 DICE_THRESHOLD = 0.5
 SOFT = "localization, soft sum"  # CAC only: the trained soft aggregation, reported beside the shipped one
@@ -204,26 +212,68 @@ def markdown(results: list[dict], command: str) -> str:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="models/")
-    p.add_argument("--set", action="append", required=True, help="task=path/to/labels.csv (repeatable)")
+    p.add_argument("--set", action="append", default=[], help="task=path/to/labels.csv (repeatable)")
     p.add_argument("--max-cases", type=int, default=0)
     p.add_argument("--report", default=None, help="markdown output (default MODELS/EVALUATION.md)")
     p.add_argument("--notes", default=None, help="markdown file appended to the report")
+    p.add_argument("--tasks", default=None,
+                   help="comma-separated tasks to evaluate (default: every task with a card in --models)")
+    p.add_argument("--realct", default=None, help="real-CT test sets (../shared/realct-labelled)")
+    p.add_argument("--realct-extra", default=None,
+                   help="unlabelled real CT (default: the folder 'realct' beside --realct, if there)")
+    p.add_argument("--realct-only", action="store_true",
+                   help="rewrite only the Real CT section of the report (the phantom table stays)")
+    p.add_argument("--node-bin", default=None,
+                   help="biomarker-node binary (default $BIOMARKER_NODE_BIN or target/release/biomarker-node)")
+    p.add_argument("--node-config", default=str(R.REPO / "config" / "node.yaml"),
+                   help="node config whose routes choose the chest slice (model cards replaced by --models')")
+    p.add_argument("--overlays", default=str(R.REPO / "docs" / "realct"),
+                   help="overlays whose licences allow committing them (LIDC, lungmask, ...)")
+    p.add_argument("--overlays-private", default=str(R.REPO.parent / "realct-overlays"),
+                   help="overlays that must not be shared (IRCAD): keep this OUTSIDE the repository")
     a = p.parse_args(argv)
-    results = []
-    for s in a.set:
-        task, csv_path = s.split("=", 1)
-        t0 = time.time()
-        res = evaluate_task(task, csv_path, a.models, a.max_cases)
-        print(f"[evaluate] {task} ({time.time() - t0:.0f}s): {json.dumps(res['methods'])}", flush=True)
-        results.append(res)
+    if not a.set and not a.realct:
+        p.error("nothing to evaluate: give --set and/or --realct")
+    if a.realct_only and not a.realct:
+        p.error("--realct-only needs --realct")
+    tasks = set(a.tasks.split(",")) if a.tasks else {t for t in ("pma", "sfa", "liver", "cac")
+                                                    if (Path(a.models) / f"{t}.yaml").is_file()}
     cmd = "python -m biomarker_training.evaluate " + " ".join(
         shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))
-    md = markdown(results, cmd)
-    if a.notes and Path(a.notes).exists():
-        md += "\n" + Path(a.notes).read_text()
     report = Path(a.report) if a.report else Path(a.models) / "EVALUATION.md"
+    md = None
+    if a.set and not a.realct_only:
+        results = []
+        for s in a.set:
+            task, csv_path = s.split("=", 1)
+            if task not in tasks:
+                continue
+            t0 = time.time()
+            res = evaluate_task(task, csv_path, a.models, a.max_cases)
+            print(f"[evaluate] {task} ({time.time() - t0:.0f}s): {json.dumps(res['methods'])}", flush=True)
+            results.append(res)
+        md = markdown(results, cmd)
+        if a.notes and Path(a.notes).exists():
+            md += "\n" + Path(a.notes).read_text()
+        (report.parent / "evaluation.json").write_text(json.dumps(results, indent=1, default=float))
+    if a.realct:
+        labelled = Path(a.realct)
+        extra = Path(a.realct_extra) if a.realct_extra else labelled.parent / "realct"
+        private = Path(a.overlays_private).resolve()
+        if private.is_relative_to(R.REPO.resolve()):
+            p.error(f"--overlays-private {private} is inside the repository: IRCAD overlays must not be shared")
+        t0 = time.time()
+        rc = R.evaluate(labelled, extra if extra.is_dir() else None, a.models, tasks, Path(a.overlays), private,
+                        a.node_bin, a.node_config)
+        print(f"[evaluate] real CT ({time.time() - t0:.0f}s)", flush=True)
+        section = R.markdown_section(rc, cmd, report.parent.resolve(), private)
+        if md is None:
+            md = report.read_text() if report.exists() else ""
+        md = R.rewrite_section(md, section)
+        report.parent.mkdir(parents=True, exist_ok=True)
+        (report.parent / "evaluation-realct.json").write_text(json.dumps(rc, indent=1, default=float))
+        print(section)
     report.write_text(md)
-    (report.parent / "evaluation.json").write_text(json.dumps(results, indent=1, default=float))
     print(f"[evaluate] wrote {report}")
 
 
