@@ -271,7 +271,8 @@ def main(argv=None):
             md = report.read_text() if report.exists() else ""
         md = R.rewrite_section(md, section)
         report.parent.mkdir(parents=True, exist_ok=True)
-        (report.parent / "evaluation-realct.json").write_text(json.dumps(rc, indent=1, default=float))
+        js = json.dumps(rc, indent=1, default=float).replace(str(R.REPO) + "/", "")  # repo paths relative
+        (report.parent / "evaluation-realct.json").write_text(js)
         print(section)
     report.write_text(md)
     print(f"[evaluate] wrote {report}")

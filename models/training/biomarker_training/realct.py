@@ -298,17 +298,23 @@ def eval_liver_ircad(folder: Path, models_dir, private_dir: Path, binary=None, b
     res["per_slice_liver_mask"] = slice_metrics(truth[liver_only], values[liver_only], pred_masks[liver_only],
                                                 tumour[liver_only])
     spacing = slice_spacing_mm(z)
-    res["volume"] = {"spacing_mm": spacing, "truth_ml": volume_ml(truth, spacing),
+    res["volume"] = {"spacing_mm": spacing, "n_slices": int(len(values)), "truth_ml": volume_ml(truth, spacing),
                      "pred_ml": volume_ml(values, spacing),  # every slice, as the node sees the volume
                      "pred_ml_liver_slices": volume_ml(values[sel], spacing)}
     v = res["volume"]
     v["rel_err"] = (v["pred_ml"] - v["truth_ml"]) / v["truth_ml"]
-    res["per_slice_table"] = [{"file": s.files[i], "z_mm": float(z[i]), "truth_cm2": float(truth[i]),
-                               "pred_cm2": float(values[i]),
-                               "dice": dice(pred_masks[i], tumour[i])} for i in np.nonzero(sel)[0]]
-    # overlays: NOT for sharing (CC BY-NC-ND: no modified copies), so only under private_dir
+    # overlays and the per-slice table hold IRCAD-derived data: NOT for sharing (CC BY-NC-ND: no modified
+    # copies), so only under private_dir, never in the report or its JSON
     out = private_dir / "liver-ircad07"
+    out.mkdir(parents=True, exist_ok=True)
     res["overlays_private"] = str(out)
+    with open(out / "per_slice.csv", "w", newline="") as f:
+        wr = csv.writer(f)
+        wr.writerow(["file", "z_mm", "truth_cm2", "pred_cm2", "dice"])
+        for i in np.nonzero(sel)[0]:
+            dd = dice(pred_masks[i], tumour[i])
+            wr.writerow([s.files[i], f"{z[i]:.2f}", f"{truth[i]:.4f}", f"{values[i]:.4f}",
+                         "" if dd is None else f"{dd:.4f}"])
     for i in np.nonzero(sel)[0]:
         cap = f"IRCAD07 {s.files[i]} z {z[i]:.1f}: pred {values[i]:.1f} cm2, truth {truth[i]:.1f} cm2 (green)"
         save_png(render(s.hu[i], maps[i], cand[i], tumour[i], cap), out / f"{Path(s.files[i]).stem}.png")
@@ -416,7 +422,7 @@ def eval_abdomen_liver(folder: Path, models_dir, out_dir: Path) -> dict:
     s = D.load_series(folder)
     values, maps, cand = model.run(s.hu, s.pixel_area_mm2, s.thickness_mm)
     i = int(np.argmax(values))
-    cap = f"abdomen-siemens slice {i}: liver tumour map {values[i]:.1f} cm2 (no labels)"
+    cap = f"abdomen-siemens, slice {i}: liver tumour map {values[i]:.1f} cm2 (no labels)"
     return {"set": "abdomen-siemens-j2k", "task": "liver", "n": int(len(values)),
             "values_cm2": [float(v) for v in values], "max_slice": i,
             "overlay": save_png(render(s.hu[i], maps[i], cand[i], None, cap), out_dir / "abdomen-siemens-liver.png")}
@@ -505,7 +511,7 @@ def markdown_section(results: list[dict], command: str, report_dir: Path, privat
             f"| | | Dice@{DICE_THRESHOLD} in candidates, mean over the {m['dice_n']} slices with truth or prediction "
             f"(pooled over the slices: {_f(m['dice_pooled'])}) | {_f(m['dice'])} | >= {TARGETS['liver_dice']} | "
             f"{_met(ok_d)} |",
-            f"| | | tumour volume, all slices (mL; manual "
+            f"| | | tumour volume, all {v['n_slices']} slices (mL; manual "
             f"{_f(v['truth_ml'], 1)}, predicted {_f(v['pred_ml'], 1)}, spacing {_f(v['spacing_mm'], 2)} mm) | "
             f"{100 * v['rel_err']:+.1f}% | within 15% | {_met(ok_v)} |",
         ]
@@ -560,7 +566,7 @@ def markdown_section(results: list[dict], command: str, report_dir: Path, privat
             f"(native, nearest) AND candidates (HU [-20, 200]) vs the tumour mask, as in the phantom table.")
         notes.append(
             f"- Tumour volume = sum over slices of area x slice spacing ({_f(v['spacing_mm'], 2)} mm from the "
-            f"slice positions). Predicted over all 151 slices, as the node sees the volume "
+            f"slice positions). Predicted over all {v['n_slices']} slices, as the node sees the volume "
             f"({_f(v['pred_ml'], 1)} mL; over the slices showing the liver only: "
             f"{_f(v['pred_ml_liver_slices'], 1)} mL); manual {_f(v['truth_ml'], 1)} mL. "
             + ("The node's own `liver_tumour_volume` line on this volume: "
@@ -580,8 +586,10 @@ def markdown_section(results: list[dict], command: str, report_dir: Path, privat
             f"- chest-lidc0001 (LIDC-IDRI-0001, 133 slices of 2.5 mm): the node's default PMA/SFA routes pick the "
             f"slice just above the aortic arch (trachea -> carina -> top of the arch, src/volume/landmark.rs). "
             f"Reference level {_f(lidc['reference_z_mm'], 1)} mm (the slice just above the top of the arch, read by "
-            f"eye; `LIDC0001_ABOVE_ARCH_Z_MM` in landmark.rs). No PMA/SFA labels exist for it: values are shown, "
-            f"not scored.")
+            f"eye; `LIDC0001_ABOVE_ARCH_Z_MM` in landmark.rs). It is the only real chest volume here, and the "
+            f"landmark method was developed while looking at it (landmark.rs quotes its box fills), so the distance "
+            f"shows the method works on it, not that it generalises; the other chest sets are single slices (no "
+            f"selection). No PMA/SFA labels exist for it: values are shown, not scored.")
     notes.append("- Overlays: soft-tissue window (W 400, L 40); red-yellow wash = map inside candidates (opacity = "
                  "map), magenta = map >= 0.5 in candidates, green = truth outline where a mask exists.")
     L += ["Notes:", ""] + notes + [""]
