@@ -58,6 +58,27 @@ def volume_ml(areas_cm2, spacing_mm: float) -> float:
     return float(np.sum(np.asarray(areas_cm2, dtype=np.float64)) * spacing_mm / 10.0)
 
 
+def slab_widths_mm(z_mm) -> np.ndarray:
+    """The slab each slice stands for (the node's rule, src/biomarkers/burden.rs): half the gap to each
+    neighbour; an end slice counts its one inner half-gap twice, so n slices at spacing d cover n * d."""
+    z = np.asarray(z_mm, dtype=np.float64)
+    if len(z) < 2:
+        return np.zeros(0)
+    gaps = np.abs(np.diff(z))
+    below = np.concatenate([[gaps[0]], gaps])
+    above = np.concatenate([gaps, [gaps[-1]]])
+    return (below + above) / 2.0
+
+
+def volume_ml_slabs(areas_cm2, z_mm) -> float:
+    """sum(area_i cm2 * slab_i mm) / 10 = mL; equals volume_ml(areas, spacing) on an evenly spaced stack."""
+    a = np.asarray(areas_cm2, dtype=np.float64)
+    w = slab_widths_mm(z_mm)
+    if len(a) != len(w):
+        raise ValueError("a volume needs one area per slice position and at least two slices")
+    return float(np.sum(a * w) / 10.0)
+
+
 def slice_spacing_mm(z_mm) -> float:
     """Median distance between consecutive slice positions (the spacing the volume is integrated with)."""
     z = np.sort(np.asarray(z_mm, dtype=np.float64))
@@ -298,10 +319,15 @@ def eval_liver_ircad(folder: Path, models_dir, private_dir: Path, binary=None, b
     res["per_slice_liver_mask"] = slice_metrics(truth[liver_only], values[liver_only], pred_masks[liver_only],
                                                 tumour[liver_only])
     spacing = slice_spacing_mm(z)
-    res["volume"] = {"spacing_mm": spacing, "n_slices": int(len(values)), "truth_ml": volume_ml(truth, spacing),
-                     "pred_ml": volume_ml(values, spacing),  # every slice, as the node sees the volume
-                     "pred_ml_liver_slices": volume_ml(values[sel], spacing)}
+    # slab rule over the sorted positions, as the node's liver_tumour_volume (= area sum x spacing here)
+    res["volume"] = {"spacing_mm": spacing, "n_slices": int(len(values)),
+                     "truth_ml": volume_ml_slabs(truth, z),
+                     "pred_ml": volume_ml_slabs(values, z),  # every slice, as the node sees the volume
+                     "pred_ml_liver_slices": volume_ml_slabs(np.where(sel, values, 0.0), z)}
     v = res["volume"]
+    it, ip = int(np.argmax(truth)), int(np.argmax(values))
+    res["largest"] = {"truth_cm2": float(truth[it]), "truth_file": s.files[it],
+                      "pred_cm2": float(values[ip]), "pred_file": s.files[ip], "pred_at_truth_cm2": float(values[it])}
     v["rel_err"] = (v["pred_ml"] - v["truth_ml"]) / v["truth_ml"]
     # overlays and the per-slice table hold IRCAD-derived data: NOT for sharing (CC BY-NC-ND: no modified
     # copies), so only under private_dir, never in the report or its JSON
@@ -339,8 +365,11 @@ def eval_liver_ircad(folder: Path, models_dir, private_dir: Path, binary=None, b
             if routes:
                 cfg = node_config(base_config, models_dir, Path(tmp), routes)
                 a = analyze(binary, cfg, [folder / "ct"], Path(tmp) / "out-volume")
-                vol = [ln for ln in a["lines"] if "liver_tumour_volume" in (ln.get("biomarker"), ln.get("name"))]
+                vol = [ln for ln in a["lines"] if ln.get("biomarker") == "liver_tumour_volume"]
                 res["volume"]["node_ml"] = float(vol[0]["value"]) if vol else None
+                if vol and vol[0].get("largest_area_cm2") is not None:
+                    res["largest"]["node_cm2"] = float(vol[0]["largest_area_cm2"])
+                    res["largest"]["node_z_mm"] = vol[0].get("slice_z_mm")
     return res
 
 
@@ -517,6 +546,10 @@ def markdown_section(results: list[dict], command: str, report_dir: Path, privat
         ]
         targets += [("liver per-slice r", ok_r), ("liver per-slice MAE", ok_mae), ("liver Dice", ok_d),
                     ("liver tumour volume", ok_v)]
+        lg = liv["largest"]
+        rows.append(f"| | | largest cross-section (cm2): predicted {_f(lg['pred_cm2'], 1)} on {lg['pred_file']}; "
+                    f"manual {_f(lg['truth_cm2'], 1)} on {lg['truth_file']} (predicted there "
+                    f"{_f(lg['pred_at_truth_cm2'], 1)}) | {_f(lg['pred_cm2'] - lg['truth_cm2'], 1)} | (supplementary) | |")
         rows.append(f"| | | liver-mask slices only (files {liv['slices']['liver_mask']}, {ml['n']}): r / MAE / Dice | "
                     f"{_f(ml['r'])} / {_f(ml['mae'], 2)} / {_f(ml['dice'])} | (supplementary) | |")
     lidc = by.get("chest-lidc0001")
@@ -565,12 +598,14 @@ def markdown_section(results: list[dict], command: str, report_dir: Path, privat
             f"a single slice (area = sum(map * candidates) * pixel area). Dice: map >= {DICE_THRESHOLD} "
             f"(native, nearest) AND candidates (HU [-20, 200]) vs the tumour mask, as in the phantom table.")
         notes.append(
-            f"- Tumour volume = sum over slices of area x slice spacing ({_f(v['spacing_mm'], 2)} mm from the "
-            f"slice positions). Predicted over all {v['n_slices']} slices, as the node sees the volume "
+            f"- Tumour volume = sum over slices of area x the slab each slice stands for (half-way to each "
+            f"neighbouring slice position, the node's rule in src/biomarkers/burden.rs; here every slab is the "
+            f"{_f(v['spacing_mm'], 2)} mm spacing, so it is area sum x spacing). Predicted over all {v['n_slices']} slices, as the node sees the volume "
             f"({_f(v['pred_ml'], 1)} mL; over the slices showing the liver only: "
             f"{_f(v['pred_ml_liver_slices'], 1)} mL); manual {_f(v['truth_ml'], 1)} mL. "
-            + ("The node's own `liver_tumour_volume` line on this volume: "
-               f"{_f(v['node_ml'], 1)} mL." if v.get("node_ml") is not None else
+            + ("The node's own `liver_tumour_volume` line on this volume (default liver route, `match` widened "
+               f"to any CT: the IRCAD headers name no body part): {_f(v['node_ml'], 1)} mL." if v.get("node_ml")
+               is not None else
                "The node built for this table had no `liver_tumour_volume` line; the Python sum is the same "
                "definition."))
         p = liv.get("parity")

@@ -21,6 +21,21 @@ class TestVolume:
         assert R.volume_ml([1.0, 2.0, 3.0], 2.0) == pytest.approx(1.2)
         assert R.volume_ml([], 1.6) == 0.0
 
+    def test_slabs_as_the_node(self):
+        # the cases of src/biomarkers/burden.rs: even, uneven (gaps 5, 5.4, 4.6), descending
+        assert R.slab_widths_mm([0.0, 5.0, 10.0, 15.0]).tolist() == [5.0] * 4
+        assert R.slab_widths_mm([0.0, 5.0, 10.4, 15.0]) == pytest.approx([5.0, 5.2, 5.0, 4.6])
+        assert R.slab_widths_mm([10.0, 7.0, 4.0]).tolist() == [3.0, 3.0, 3.0]
+        assert len(R.slab_widths_mm([1.0])) == 0
+        with pytest.raises(ValueError):
+            R.volume_ml_slabs([1.0], [0.0])
+
+    def test_slab_volume_equals_area_sum_times_spacing_when_even(self):
+        areas = [0.0, 2.5, 7.0, 1.0]
+        assert R.volume_ml_slabs(areas, [0.0, 1.6, 3.2, 4.8]) == pytest.approx(R.volume_ml(areas, 1.6))
+        # uneven: each slice its own slab
+        assert R.volume_ml_slabs([1.0, 1.0, 1.0], [0.0, 2.0, 6.0]) == pytest.approx((2 + 3 + 4) / 10.0)
+
     def test_spacing_from_positions_in_any_order(self):
         assert R.slice_spacing_mm([3.2, 0.0, 1.6, 4.8]) == pytest.approx(1.6)
         with pytest.raises(ValueError):
