@@ -398,7 +398,9 @@ def eval_chest_lidc(folder: Path, models_dir, tasks, public_dir: Path, binary, b
         cfg = node_config(base_config, models_dir, Path(tmp))
         a = analyze(binary, cfg, [folder / "ct"], Path(tmp) / "out")
     lines = {ln["model"]: ln for ln in a["lines"] if ln.get("model") in tasks}
-    res["node"] = {"rc": a["rc"], "lines": list(lines.values()), "stderr_tail": a["stderr_tail"]}
+    # without timings, so a rerun on the same data rewrites the JSON identically
+    res["node"] = {"rc": a["rc"], "lines": [{k: v for k, v in ln.items() if k != "elapsed_ms"}
+                                            for ln in lines.values()], "stderr_tail": a["stderr_tail"]}
     ref = lidc_reference_z()
     res["reference_z_mm"] = ref
     if not lines:
@@ -609,9 +611,13 @@ def markdown_section(results: list[dict], command: str, report_dir: Path, privat
                "The node built for this table had no `liver_tumour_volume` line; the Python sum is the same "
                "definition."))
         p = liv.get("parity")
-        if p:
+        if p and p["node"] is not None:
             notes.append(f"- Node parity: `biomarker-node analyze` on {p['file']} alone gives "
                          f"{_f(p['node'], 4)} cm2, the Python mirror {_f(p['python'], 4)} cm2.")
+        elif p:
+            notes.append(f"- Node parity: `biomarker-node analyze` on {p['file']} alone gave no value (exit "
+                         f"{p['node_rc']}: {' / '.join(p['node_stderr'])}); the Python mirror gives "
+                         f"{_f(p['python'], 4)} cm2.")
         notes.append(f"- liver-ircad07 overlays (one PNG per slice showing the liver; map wash, magenta = map >= "
                      f"{DICE_THRESHOLD} in candidates, green = manual tumour outline) are NOT in the repository: "
                      f"the IRCAD licence (CC BY-NC-ND 4.0) allows no shared modified copies. They are written to "
