@@ -293,8 +293,9 @@ pub fn volume_biomarker(task: &str) -> String {
 ///
 /// Memory: the volume's HU moves into the [`Analysis`] (the reports render
 /// from it) rather than being copied; the native map (f32) and candidates
-/// (bool) are the other two volume-sized arrays, so the peak is about
-/// 2.25 × the HU volume.
+/// (bool) are the other two volume-sized arrays (2.25 × the HU volume
+/// together). Measured peak RSS of `analyze`: 1.6 GB for 604 slices of
+/// 512 × 512 (HU 0.63 GB), 1.9 GB with the SEG; 0.53 GB for 151 slices.
 fn run_volume(
     model: &crate::inference::Model,
     series_uid: &str,

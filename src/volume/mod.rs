@@ -600,10 +600,13 @@ fn assemble(mut frames: Vec<Frame>, opts: &VolumeOptions) -> Result<Volume, Volu
     let mut hu = Array3::<f32>::zeros((frames.len(), rows, cols));
     let mut padding_voxels = 0;
     let hu_step = frames.iter().map(|f| f.slope.abs()).fold(0.0, f64::max);
-    for (mut dst, f) in hu.outer_iter_mut().zip(&frames) {
+    for (mut dst, f) in hu.outer_iter_mut().zip(frames.iter_mut()) {
         let src = ArrayView2::from_shape((rows, cols), &f.hu).expect("frame length was checked against rows x cols");
         dst.assign(&src);
         padding_voxels += f.padding;
+        // Each frame's pixels are freed once copied, so assembling a
+        // 600-slice volume holds about one volume, not two.
+        f.hu = Vec::new();
     }
     Ok(Volume {
         hu,
