@@ -551,6 +551,33 @@ mod tests {
     }
 
     #[test]
+    fn volume_sr_has_the_volume_in_ml_and_the_largest_area_on_its_image() {
+        let (_, mut m) = crate::report::testutil::area_measurement(3, 32, 32);
+        let ctx = context(real_or_synthetic_source(), 3, "1.2.3|liver|0.3.0|0");
+        let card = crate::report::testutil::card(crate::report::testutil::AREA_CARD);
+        m.value = 12.5;
+        m.unit = "mL".into();
+        m.volume = crate::biomarkers::volume_burden(&[1.0, 30.0, 2.0], &[0.0, 5.0, 10.0]);
+        assert_eq!(m.volume.as_ref().unwrap().largest_slice, 1);
+        let report = measurement_report(&ctx, &card, &m).unwrap();
+        assert_eq!(report.groups.len(), 2);
+        // the largest area's group names the one image it lies on
+        let sop = |g: &MeasurementGroup| g.sources.iter().map(|s| format!("{s:?}")).collect::<Vec<_>>();
+        assert_eq!(sop(&report.groups[1]).len(), 1);
+        assert!(sop(&report.groups[1])[0].contains(ctx.source_refs[1].sop_instance_uid.as_str()));
+        assert_eq!(report.groups[0].sources.len(), 3);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sr.dcm");
+        build_sr(&ctx, &card, &m).unwrap().write_to_file(&path).unwrap();
+        dciodvfy_clean(&path);
+        if let Some(dump) = dsrdump(&path) {
+            assert!(dump.contains("(118565006,SCT,\"Volume\")=\"12.5\" (ml,UCUM,\"milliliter\")"), "{dump}");
+            assert!(dump.contains("(42798000,SCT,\"Area\")=\"30\" (cm2,UCUM,\"square centimeter\")"), "{dump}");
+            assert!(dump.contains("(56851009,SCT,\"Maximum\")"), "{dump}");
+        }
+    }
+
+    #[test]
     fn cac_sr_has_risk_and_lesion_count_and_passes_checks() {
         let (ctx, card, m) = cac_fixture();
         let dir = tempfile::tempdir().unwrap();
