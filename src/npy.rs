@@ -42,14 +42,23 @@ pub fn write<T: Element>(path: &Path, shape: &[usize], data: impl IntoIterator<I
     let total = 10 + header.len() + 1;
     header.push_str(&" ".repeat((64 - total % 64) % 64));
     header.push('\n');
-    let mut out = Vec::with_capacity(10 + header.len() + shape.iter().product::<usize>() * 4);
+    // Written through a 1 MiB buffer, not assembled whole: a volume's map
+    // (600 x 512 x 512 f32) is 630 MB, and a copy of it would double the
+    // job's peak memory.
+    const BUF: usize = 1 << 20;
+    let mut file = std::fs::File::create(path)?;
+    let mut out = Vec::with_capacity(BUF + 16);
     out.extend_from_slice(b"\x93NUMPY\x01\x00");
     out.extend_from_slice(&(header.len() as u16).to_le_bytes());
     out.extend_from_slice(header.as_bytes());
     for v in data {
         v.write_le(&mut out);
+        if out.len() >= BUF {
+            file.write_all(&out)?;
+            out.clear();
+        }
     }
-    std::fs::File::create(path)?.write_all(&out)?;
+    file.write_all(&out)?;
     Ok(())
 }
 

@@ -202,6 +202,7 @@ fn run(u: &mut Unstructured) -> Result<()> {
         model: if u.ratio(1u8, 4)? { text(u)? } else { card.name.clone() },
         model_version: if u.ratio(1u8, 4)? { text(u)? } else { card.version.clone() },
         execution_provider: "cpu",
+        volume: None,
     };
     let seed = if u.ratio(1u8, 4)? { text(u)? } else { "1.2.3|route|1.0|1".into() };
     let series = Uid::parse("1.2.826.0.1.3680043.10.1484.99.1.2").expect("valid UID");

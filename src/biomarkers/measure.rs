@@ -79,6 +79,11 @@ pub struct Measurement {
     pub model: String,
     pub model_version: String,
     pub execution_provider: &'static str,
+    /// A 2-D area measured on every slice of a volume (route `slices: all`):
+    /// `value` is then the volume (mL) and this has the per-slice areas and
+    /// the largest cross-section. `None` for one slice or a 3-D model.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub volume: Option<super::burden::VolumeBurden>,
 }
 
 /// What the aggregation yields; the model's identity completes it into a

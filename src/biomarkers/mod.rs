@@ -24,10 +24,12 @@
 
 pub mod agatston;
 pub mod aggregate;
+pub mod burden;
 pub mod candidates;
 pub mod measure;
 
 pub use agatston::{label8, Lesion, RiskCategory};
+pub use burden::{volume_burden, VolumeBurden};
 pub use aggregate::{area_resample, normalise_slice, upsample_nearest};
 pub use candidates::{candidate_mask, CandidateSpec};
 pub use measure::{aggregate, Aggregate, AggregationSpec, LesionResult, Measurement, PixelGeometry};

@@ -92,4 +92,8 @@ pub enum SliceMode {
     /// The axial slice just above the aortic arch, found in the volume from
     /// HU structure (trachea → carina → arch); a single image is that image.
     AboveAorticArch,
+    /// Every slice, each on its own: a volume's burden (an area card gives
+    /// a volume in mL and its largest cross-section); a single image is
+    /// measured as with `single`.
+    All,
 }

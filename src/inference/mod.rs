@@ -44,6 +44,9 @@ pub enum InferenceError {
     CudaRequired { model: String, message: String },
     #[error("model {model}: output has shape {shape:?}, expected [N,1,H,W]")]
     OutputShape { model: String, shape: Vec<usize> },
+    /// The input cannot be measured this way (e.g. a volume of one slice).
+    #[error("model {model}: {message}")]
+    Input { model: String, message: String },
 }
 
 impl InferenceError {

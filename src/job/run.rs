@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use super::ResolvedRoute;
 use crate::biomarkers::{agatston, Measurement, PixelGeometry};
-use crate::inference::measure;
+use crate::inference::measure::{measure, measure_volume};
 use crate::fault::Fault;
 use crate::inference::registry::{ModelUnavailable, Models};
 use crate::inference::InferenceError;
@@ -163,6 +163,11 @@ pub struct ResultLine {
     /// SC shows).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slice_sop_instance_uid: Option<String>,
+    /// A volume measured slice by slice (route `slices: all`): the largest
+    /// cross-sectional area (cm2); `slice_z_mm` and `slice_sop_instance_uid`
+    /// then name the slice it is on, and `value` is the volume (mL).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub largest_area_cm2: Option<f64>,
 }
 
 /// A report file a job wrote, as its result lists it.
@@ -197,6 +202,9 @@ pub fn run(
     let mut vol = Volume::from_files_with(files, volume_opts)?;
     if hu_step_too_coarse(vol.hu_step) {
         return Err(JobError::CoarseHu { step: vol.hu_step });
+    }
+    if card.input.slices == "single" && vol.slices() > 1 && m.slices == Some(SliceSelection::All) {
+        return run_volume(model, series_uid, m, vol, t0);
     }
     if card.is_agatston() && is_thin(&vol) {
         // Agatston is defined on 3 mm slices: a thin series is scored on 3 mm
@@ -252,10 +260,99 @@ pub fn run(
         elapsed_ms: t0.elapsed().as_secs_f64() * 1000.0,
         slice_z_mm: selected.map(|i| vol.positions[i][2]),
         slice_sop_instance_uid: selected.map(|i| vol.sop_instance_uids[i].clone()),
+        largest_area_cm2: None,
     };
     let slices = idx
         .iter()
         .map(|&i| (vol.source_paths[i].clone(), vol.sop_instance_uids[i].clone()))
+        .collect();
+    Ok(Analysis {
+        line,
+        measurement,
+        hu,
+        slices,
+    })
+}
+
+/// The `biomarker` of a volume line: what the area card's slices add up
+/// to. The liver card's area is tumour; other area cards (none routed this
+/// way by default) are named by their task.
+pub fn volume_biomarker(task: &str) -> String {
+    match task {
+        "liver" => "liver_tumour_volume".into(),
+        t => format!("{t}_volume"),
+    }
+}
+
+/// [`run`] for a route with `slices: all` on a volume of a 2-D area card:
+/// every slice measured as a single slice would be (in chunks:
+/// `inference::measure::measure_volume`), the areas summed over the slices'
+/// slabs (`biomarkers::burden`) into a volume in mL, and the largest
+/// cross-section with its slice. Kept apart from `run`'s one-slice path so
+/// the two read (and change) independently.
+///
+/// Memory: the volume's HU moves into the [`Analysis`] (the reports render
+/// from it) rather than being copied; the native map (f32) and candidates
+/// (bool) are the other two volume-sized arrays (2.25 × the HU volume
+/// together). Measured peak RSS of `analyze`: 1.6 GB for 604 slices of
+/// 512 × 512 (HU 0.63 GB), 1.9 GB with the SEG; 0.53 GB for 151 slices.
+fn run_volume(
+    model: &crate::inference::Model,
+    series_uid: &str,
+    m: &ResolvedRoute,
+    mut vol: Volume,
+    t0: Instant,
+) -> Result<Analysis, JobError> {
+    let card = &model.card;
+    if card.aggregation.kind != "area" || card.biomarker.unit.ucum != "cm2" {
+        return Err(JobError::Volume(VolumeError::Selection {
+            selection: SliceSelection::All.to_string(),
+            reason: format!(
+                "model {} aggregates `{}` in {}; a volume is made of areas in cm2",
+                m.model, card.aggregation.kind, card.biomarker.unit.ucum
+            ),
+        }));
+    }
+    let geom = PixelGeometry {
+        pixel_spacing: vol.pixel_spacing,
+        slice_thickness_mm: vol.slice_thickness.or(vol.spacing_mm).unwrap_or(1.0),
+    };
+    let hu = std::mem::replace(&mut vol.hu, Array3::zeros((0, 0, 0)));
+    let t_infer = Instant::now();
+    let measurement = measure_volume(model, hu.view(), geom, &vol.slice_positions)?;
+    crate::telemetry::InferenceTimed {
+        model: &m.model,
+        provider: measurement.execution_provider,
+        seconds: t_infer.elapsed().as_secs_f64(),
+    }
+    .emit();
+    let Some((largest, largest_area)) = measurement.volume.as_ref().map(|b| (b.largest_slice, b.largest_area_cm2))
+    else {
+        return Err(JobError::Inference(InferenceError::Input {
+            model: m.model.clone(),
+            message: "no per-slice burden in a volume measurement".into(),
+        }));
+    };
+    let n = hu.dim().0;
+    let line = ResultLine {
+        series_instance_uid: series_uid.to_owned(),
+        route: m.route.clone(),
+        model: m.model.clone(),
+        model_version: card.version.clone(),
+        biomarker: volume_biomarker(&card.task),
+        value: measurement.value,
+        unit: measurement.unit.clone(),
+        execution_provider: measurement.execution_provider.to_owned(),
+        risk_category: None,
+        lesions: None,
+        slices: n,
+        elapsed_ms: t0.elapsed().as_secs_f64() * 1000.0,
+        slice_z_mm: Some(vol.positions[largest][2]),
+        slice_sop_instance_uid: Some(vol.sop_instance_uids[largest].clone()),
+        largest_area_cm2: Some(largest_area),
+    };
+    let slices = (0..n)
+        .map(|i| (vol.source_paths[i].clone(), vol.sop_instance_uids[i].clone()))
         .collect();
     Ok(Analysis {
         line,
@@ -286,6 +383,7 @@ mod hu_step_tests {
             elapsed_ms: 7.25,
             slice_z_mm: None,
             slice_sop_instance_uid: None,
+            largest_area_cm2: None,
         };
         // What the worker built by hand before JobResult.
         let mut before = serde_json::to_value(&line).unwrap();

@@ -73,6 +73,12 @@ pub const DERIVATION: Code = Code::fixed("121401", "DCM", "Derivation");
 pub const MAXIMUM: Code = Code::fixed("56851009", "SCT", "Maximum");
 pub const UNIT_MM2: Code = Code::fixed("mm2", "UCUM", "square millimeter");
 pub const UNIT_HU: Code = Code::fixed("[hnsf'U]", "UCUM", "Hounsfield unit");
+// A tumour burden over a volume (route `slices: all`). Volume is
+// pydicom 3.0.2 codedict SCT.Volume (CID 7472 Volume Measurement). The unit
+// is UCUM `ml` as DICOM's unit tables write milliliters (e.g. CID 7181,
+// 7462); pydicom's codedict has no keyword for it (it lists `cm3`).
+pub const VOLUME: Code = Code::fixed("118565006", "SCT", "Volume");
+pub const UNIT_ML: Code = Code::fixed("ml", "UCUM", "milliliter");
 
 // Calcium scoring (TID 300 rows in the CAC measurement groups). The score
 // concept itself comes from the model card: models/cac.yaml uses

@@ -431,6 +431,24 @@ pub(crate) fn encode_item(o: &mut InMemDicomObject, item: &ContentItem) {
     }
 }
 
+/// Source DS text (values joined by `\`) made valid to copy: a value over
+/// the 16 bytes DS allows is re-formatted by [`format_ds`]; others are kept
+/// as written. Real archives write such values (liver-ircad07: PixelSpacing
+/// `0.782000005245209`, SliceThickness `1.6000000238418579`), and copying
+/// them verbatim makes our SC and SEG fail dciodvfy.
+pub fn fit_ds_text(text: &str) -> String {
+    text.split('\\')
+        .map(|v| {
+            let t = v.trim();
+            match t.parse::<f64>() {
+                Ok(x) if t.len() > 16 && x.is_finite() => format_ds(x),
+                _ => t.to_owned(),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\\")
+}
+
 /// A finite f64 as a Decimal String (PS3.5 6.2: at most 16 bytes), as
 /// precise as fits.
 pub fn format_ds(v: f64) -> String {
@@ -476,6 +494,13 @@ fn trim_fraction(s: String) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn long_source_ds_values_are_refitted_and_short_ones_kept() {
+        assert_eq!(fit_ds_text("0.782000005245209\\0.782000005245209"), "0.78200000524521\\0.78200000524521");
+        assert_eq!(fit_ds_text("1.6000000238418579"), "1.60000002384186");
+        assert_eq!(fit_ds_text("-120\\-110.5\\ 2.5"), "-120\\-110.5\\2.5");
+    }
 
     #[test]
     fn ds_fits_in_16_and_round_trips_closely() {

@@ -69,6 +69,11 @@ pub fn choose_slices(
     if n_slices == 0 {
         return vec![];
     }
+    // A volume's burden: the slice with the largest cross-section, the one
+    // the SR's area measurement references.
+    if let Some(b) = m.volume.as_ref().filter(|b| b.largest_slice < n_slices) {
+        return vec![b.largest_slice];
+    }
     if card.is_agatston() {
         let mut score = vec![0f64; n_slices];
         let mut any = vec![false; n_slices];
@@ -122,6 +127,14 @@ pub fn caption(card: &ModelCard, m: &Measurement) -> Vec<String> {
     } else {
         format!("{:.2}", m.value)
     };
+    if let Some(b) = &m.volume {
+        return vec![
+            format!("{} volume", card.segmentation.label.as_deref().unwrap_or(&card.biomarker.finding_site.meaning)),
+            format!("{value} {unit} over {} slices", b.slice_areas_cm2.len()),
+            format!("largest area {:.2} cm2: this slice", b.largest_area_cm2),
+            format!("{} v{}", m.model, m.model_version),
+        ];
+    }
     let mut result = format!("{value} {unit}");
     if let Some(r) = m.risk_category {
         result.push_str(&format!(" (category {})", r.as_str()));
@@ -300,7 +313,7 @@ pub fn build_sc(
                 tm(ctx.created),
             ));
             if let Some(ps) = copied_text(&ctx.source, tags::PIXEL_SPACING, VR::DS)? {
-                o.put(str_elem(tags::NOMINAL_SCANNED_PIXEL_SPACING, VR::DS, ps));
+                o.put(str_elem(tags::NOMINAL_SCANNED_PIXEL_SPACING, VR::DS, super::content::fit_ds_text(&ps)));
             }
 
             // Image Pixel (C.7.6.3).

@@ -67,24 +67,29 @@ impl SegGeometry {
     /// From the headers of the source slices, in slice order.
     pub fn from_headers(headers: &[InMemDicomObject]) -> Result<SegGeometry, ReportError> {
         let first = headers.first().ok_or(ReportError::NoSources)?;
+        // DS values as the sources wrote them, unless one is longer than DS
+        // allows (`fit_ds_text`).
         let need = |o: &InMemDicomObject, tag: Tag, attribute: &'static str| {
             source_text(o, tag).ok_or(ReportError::MissingSource { attribute })
+        };
+        let ds = |o: &InMemDicomObject, tag: Tag, attribute: &'static str| {
+            need(o, tag, attribute).map(|t| super::content::fit_ds_text(&t))
         };
         let for_raw = need(first, tags::FRAME_OF_REFERENCE_UID, "FrameOfReferenceUID")?;
         let frame_of_reference_uid = Uid::parse(&for_raw).map_err(|source| ReportError::BadUid {
             what: "FrameOfReferenceUID",
             source,
         })?;
-        let orientation = need(first, tags::IMAGE_ORIENTATION_PATIENT, "ImageOrientationPatient")?;
-        let pixel_spacing = need(first, tags::PIXEL_SPACING, "PixelSpacing")?;
+        let orientation = ds(first, tags::IMAGE_ORIENTATION_PATIENT, "ImageOrientationPatient")?;
+        let pixel_spacing = ds(first, tags::PIXEL_SPACING, "PixelSpacing")?;
         let positions = headers
             .iter()
-            .map(|h| need(h, tags::IMAGE_POSITION_PATIENT, "ImagePositionPatient"))
+            .map(|h| ds(h, tags::IMAGE_POSITION_PATIENT, "ImagePositionPatient"))
             .collect::<Result<Vec<_>, _>>()?;
         for h in headers {
             // One plane orientation shared by every frame: the sources must
             // agree, or the Shared Functional Group would lie.
-            if need(h, tags::IMAGE_ORIENTATION_PATIENT, "ImageOrientationPatient")? != orientation {
+            if ds(h, tags::IMAGE_ORIENTATION_PATIENT, "ImageOrientationPatient")? != orientation {
                 return Err(ReportError::Shape {
                     what: "source slices differ in ImageOrientationPatient".into(),
                 });
@@ -94,7 +99,7 @@ impl SegGeometry {
             frame_of_reference_uid,
             orientation,
             pixel_spacing,
-            slice_thickness: source_text(first, tags::SLICE_THICKNESS),
+            slice_thickness: source_text(first, tags::SLICE_THICKNESS).map(|t| super::content::fit_ds_text(&t)),
             positions,
         })
     }

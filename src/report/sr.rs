@@ -51,6 +51,9 @@ pub fn measurement_report(
     m: &BiomarkerMeasurement,
 ) -> Result<MeasurementReport, ReportError> {
     ctx.check()?;
+    if m.volume.is_some() {
+        return volume_report(ctx, card, m);
+    }
     if m.unit != card.biomarker.unit.ucum {
         return Err(ReportError::InvalidCode {
             field: "unit",
@@ -162,6 +165,81 @@ pub fn measurement_report(
                 .iter()
                 .map(|s| ImageItem::new(s.sop_class_uid.clone(), s.sop_instance_uid.clone()))
                 .collect(),
+        },
+        groups,
+    })
+}
+
+/// The TID 1500 content for an area card measured on every slice of a
+/// volume (`m.volume` set): one group with the volume (SCT Volume, UCUM ml)
+/// over all slices, and one with the largest cross-sectional area (the
+/// card's concept and unit, derivation Maximum) on the one image it lies on.
+fn volume_report(
+    ctx: &ReportContext,
+    card: &ModelCard,
+    m: &BiomarkerMeasurement,
+) -> Result<MeasurementReport, ReportError> {
+    let Some(b) = m.volume.as_ref() else {
+        return Err(ReportError::Shape { what: "a volume report without per-slice areas".into() });
+    };
+    if b.slice_areas_cm2.len() != ctx.source_refs.len() || card.biomarker.unit.ucum != "cm2" {
+        return Err(ReportError::Shape {
+            what: format!(
+                "{} slice areas in {} for {} source instances",
+                b.slice_areas_cm2.len(),
+                card.biomarker.unit.ucum,
+                ctx.source_refs.len()
+            ),
+        });
+    }
+    super::check_text("model name", &m.model, 64)?;
+    super::check_text("model version", &m.model_version, 64)?;
+    let area_concept = Code::try_from(&card.biomarker.concept)?;
+    let site = Code::try_from(&card.biomarker.finding_site)?;
+    let area_unit = UcumUnit::new(&card.biomarker.unit.ucum, &card.biomarker.unit.meaning)?;
+    let algorithm = AlgorithmIdentification::new(&m.model, &m.model_version)?;
+    let image = |s: &super::SourceInstance| ImageItem::new(s.sop_class_uid.clone(), s.sop_instance_uid.clone());
+    let largest = &ctx.source_refs[b.largest_slice.min(ctx.source_refs.len() - 1)];
+    let groups = vec![
+        MeasurementGroup {
+            tracking: TrackingIdentifier::new(
+                &format!("{} ({})", codes::VOLUME.meaning(), card.name),
+                ctx.uid(&format!("sr-tracking|{}|volume", card.name)),
+            )?,
+            finding: None,
+            finding_site: Some(site.clone()),
+            algorithm: Some(algorithm.clone()),
+            sources: ctx.source_refs.iter().map(image).collect(),
+            measurements: vec![Measurement::new(
+                codes::VOLUME,
+                m.value,
+                UcumUnit::fixed(codes::UNIT_ML),
+                Some(algorithm.clone()),
+            )?],
+            evaluations: vec![],
+            segment: None,
+        },
+        MeasurementGroup {
+            tracking: TrackingIdentifier::new(
+                &format!("Largest cross-section ({}, slice {})", card.name, b.largest_slice + 1),
+                ctx.uid(&format!("sr-tracking|{}|largest-area", card.name)),
+            )?,
+            finding: None,
+            finding_site: Some(site),
+            algorithm: Some(algorithm.clone()),
+            sources: vec![image(largest)],
+            measurements: vec![Measurement::new(area_concept, b.largest_area_cm2, area_unit, Some(algorithm))?
+                .with_derivation(codes::MAXIMUM)],
+            evaluations: vec![],
+            segment: None,
+        },
+    ];
+    Ok(MeasurementReport {
+        observer: DeviceObserver::new(ctx.device.uid.clone(), &ctx.device.name, &ctx.device.manufacturer, &m.model)?,
+        procedure: codes::COMPUTED_TOMOGRAPHY,
+        library: ImageLibrary {
+            modality: codes::MODALITY_CT,
+            images: ctx.source_refs.iter().map(image).collect(),
         },
         groups,
     })
@@ -470,6 +548,33 @@ mod tests {
             assert!(dump.contains("Imaging Measurement Report"));
         }
         highdicom_readback(&path, "42798000", 23.456, "cm2", 0, None);
+    }
+
+    #[test]
+    fn volume_sr_has_the_volume_in_ml_and_the_largest_area_on_its_image() {
+        let (_, mut m) = crate::report::testutil::area_measurement(3, 32, 32);
+        let ctx = context(real_or_synthetic_source(), 3, "1.2.3|liver|0.3.0|0");
+        let card = crate::report::testutil::card(crate::report::testutil::AREA_CARD);
+        m.value = 12.5;
+        m.unit = "mL".into();
+        m.volume = crate::biomarkers::volume_burden(&[1.0, 30.0, 2.0], &[0.0, 5.0, 10.0]);
+        assert_eq!(m.volume.as_ref().unwrap().largest_slice, 1);
+        let report = measurement_report(&ctx, &card, &m).unwrap();
+        assert_eq!(report.groups.len(), 2);
+        // the largest area's group names the one image it lies on
+        let sop = |g: &MeasurementGroup| g.sources.iter().map(|s| format!("{s:?}")).collect::<Vec<_>>();
+        assert_eq!(sop(&report.groups[1]).len(), 1);
+        assert!(sop(&report.groups[1])[0].contains(ctx.source_refs[1].sop_instance_uid.as_str()));
+        assert_eq!(report.groups[0].sources.len(), 3);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sr.dcm");
+        build_sr(&ctx, &card, &m).unwrap().write_to_file(&path).unwrap();
+        dciodvfy_clean(&path);
+        if let Some(dump) = dsrdump(&path) {
+            assert!(dump.contains("(118565006,SCT,\"Volume\")=\"12.5\" (ml,UCUM,\"milliliter\")"), "{dump}");
+            assert!(dump.contains("(42798000,SCT,\"Area\")=\"30\" (cm2,UCUM,\"square centimeter\")"), "{dump}");
+            assert!(dump.contains("(56851009,SCT,\"Maximum\")"), "{dump}");
+        }
     }
 
     #[test]

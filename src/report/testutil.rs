@@ -243,6 +243,7 @@ pub fn area_measurement(n: usize, rows: usize, cols: usize) -> (Array3<f32>, Mea
         model: "pma-test".into(),
         model_version: "1.2.0".into(),
         execution_provider: "cpu",
+        volume: None,
     };
     (hu, m)
 }
@@ -306,6 +307,7 @@ pub fn cac_measurement(n: usize, rows: usize, cols: usize) -> (Array3<f32>, Meas
         model: "cac-test".into(),
         model_version: "0.3.1".into(),
         execution_provider: "cpu",
+        volume: None,
     };
     (hu, m)
 }

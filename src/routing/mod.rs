@@ -253,6 +253,7 @@ fn slice_selection(s: &SliceSelectionConfig) -> Result<SliceSelection, (String, 
             Ok(match mode {
                 SliceMode::Single => SliceSelection::Single,
                 SliceMode::AboveAorticArch => SliceSelection::AboveAorticArch,
+                SliceMode::All => SliceSelection::All,
                 _ => SliceSelection::Middle,
             })
         }

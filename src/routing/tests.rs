@@ -372,3 +372,18 @@ fn a_huge_number_of_frames_costs_only_the_frames_described() {
     assert_eq!(facts.slice_spacing, Some(4.0));
     assert_eq!(facts.derived(Derived::Axial), Some(FactValue::Bool(true)));
 }
+
+#[test]
+fn mode_all_compiles_takes_no_index_and_is_the_default_liver_route() {
+    let route = |slices: &str| {
+        format!("  - name: a\n    model: pma\n    slices: {slices}\n    match: {{derived: axial, equals: true}}\n")
+    };
+    let d = diagnostics(&route("{mode: all}"));
+    assert!(d.is_empty(), "{d:#?}");
+    let d = diagnostics(&route("{mode: all, index: 2}"));
+    assert_eq!(d.len(), 1, "{d:#?}");
+    assert!(d[0].contains("routes[0].slices.index: `index` is only used with `mode: index`"), "{d:#?}");
+    let (_d, table) = default_table();
+    let liver = table.routes.iter().find(|r| r.name == "liver-abdomen").unwrap();
+    assert_eq!(liver.slices, Some(crate::volume::SliceSelection::All));
+}

@@ -198,6 +198,10 @@ pub enum SliceSelection {
     /// ([`landmark::above_aortic_arch`]); a single-image series is that
     /// image, as with `Single`.
     AboveAorticArch,
+    /// Every slice, each measured on its own (the job stage's volume path);
+    /// a single-image series is that image, as with `Single`. No one slice
+    /// of several is picked: [`Volume::select`] refuses it.
+    All,
 }
 
 impl std::fmt::Display for SliceSelection {
@@ -208,6 +212,7 @@ impl std::fmt::Display for SliceSelection {
             SliceSelection::Index(i) => write!(f, "index {i}"),
             SliceSelection::ZMm(z) => write!(f, "z_mm {z}"),
             SliceSelection::AboveAorticArch => f.write_str("above_aortic_arch"),
+            SliceSelection::All => f.write_str("all"),
         }
     }
 }
@@ -268,6 +273,8 @@ impl Volume {
             SliceSelection::Middle => Ok((n - 1) / 2),
             SliceSelection::AboveAorticArch if n == 1 => Ok(0),
             SliceSelection::AboveAorticArch => Ok(landmark::above_aortic_arch(self)?.index),
+            SliceSelection::All if n == 1 => Ok(0),
+            SliceSelection::All => Err(refuse(format!("{n} slices are measured each, not one picked"))),
             SliceSelection::Index(i) if i < n => Ok(i),
             SliceSelection::Index(i) => Err(refuse(format!("index {i} is outside 0..{n}"))),
             SliceSelection::ZMm(z) => {
@@ -593,10 +600,13 @@ fn assemble(mut frames: Vec<Frame>, opts: &VolumeOptions) -> Result<Volume, Volu
     let mut hu = Array3::<f32>::zeros((frames.len(), rows, cols));
     let mut padding_voxels = 0;
     let hu_step = frames.iter().map(|f| f.slope.abs()).fold(0.0, f64::max);
-    for (mut dst, f) in hu.outer_iter_mut().zip(&frames) {
+    for (mut dst, f) in hu.outer_iter_mut().zip(frames.iter_mut()) {
         let src = ArrayView2::from_shape((rows, cols), &f.hu).expect("frame length was checked against rows x cols");
         dst.assign(&src);
         padding_voxels += f.padding;
+        // Each frame's pixels are freed once copied, so assembling a
+        // 600-slice volume holds about one volume, not two.
+        f.hu = Vec::new();
     }
     Ok(Volume {
         hu,
