@@ -35,7 +35,7 @@ mm), centre inside the region, clipped to the region. Inside, the low-frequency 
 replaced by (local liver HU - delta), delta uniform 15-90 HU, plus a smooth heterogeneity field (0-12 HU); the
 background's own high-frequency texture (HU minus its 1.5 mm Gaussian) is kept, so noise and kernel stay real.
 20 % get a rim 15-45 HU brighter than the core. Tumour HU never goes below 0 (the liver candidates start at -20).
-Augmentation before insertion: left-right flip (p 0.25), rotation +-10 degrees, isotropic scale 0.85-1.15, shift
+Augmentation before insertion: left-right flip (p 0.25, `--flip`; 0 for validation sets), rotation +-10 degrees, isotropic scale 0.85-1.15, shift
 +-20 px (affine on HU and region together); after insertion: Gaussian blur 0-0.8 px (p 0.5, softer kernels), added
 correlated noise 0-12 HU (p 0.6), global HU offset +-8.
 
@@ -133,11 +133,11 @@ def load_backgrounds(names, shared: Path = SHARED):
     return out
 
 
-def _augment_geometry(hu, reg, rng):
+def _augment_geometry(hu, reg, rng, flip_p=0.25):
     n0, n1 = hu.shape
     ang = np.deg2rad(rng.uniform(-10, 10))
     sc = rng.uniform(0.85, 1.15)
-    flip = rng.random() < 0.25
+    flip = rng.random() < flip_p
     sh = rng.uniform(-20, 20, size=2)
     c, s = np.cos(ang), np.sin(ang)
     # output -> input mapping: in = A @ out + off
@@ -205,10 +205,10 @@ def insert_tumours(hu, reg, spacing, rng, n_tumours):
     return out.astype(np.float32), alpha_all >= 0.5, recs
 
 
-def make_case(bg, rng):
+def make_case(bg, rng, flip_p=0.25):
     """One augmented slice: (hu, mask, spacing, truth dict)."""
     name, k, hu, sp, reg = bg
-    hu, reg = _augment_geometry(hu, reg, rng)
+    hu, reg = _augment_geometry(hu, reg, rng, flip_p)
     n = int(rng.choice(5, p=[0.2, 0.3, 0.25, 0.15, 0.1]))
     hu, mask, recs = insert_tumours(hu, reg, sp, rng, n)
     if rng.random() < 0.5:
@@ -223,11 +223,13 @@ def make_case(bg, rng):
 
 
 _BGS = None
+_FLIP = 0.25
 
 
-def _init(names, shared):
-    global _BGS
+def _init(names, shared, flip_p=0.25):
+    global _BGS, _FLIP
     _BGS = load_backgrounds(names, Path(shared))
+    _FLIP = flip_p
 
 
 def _one(args):
@@ -238,7 +240,7 @@ def _one(args):
     d = Path(out) / name
     if (d / "truth.json").exists():  # made by an interrupted run: the same (seed, i) gives the same case
         return name, float(json.loads((d / "truth.json").read_text())["value"])
-    hu, mask, sp, truth = make_case(bg, rng)
+    hu, mask, sp, truth = make_case(bg, rng, _FLIP)
     d.mkdir(parents=True, exist_ok=True)
     uid_rng = f"2.25.{int(rng.integers(1, 2**62))}{i:06d}"
     write_slice(d / "CT0001.dcm", hu, sp, 0.0, 2.5, generate_uid(prefix=None, entropy_srcs=[uid_rng, "st"]),
@@ -275,6 +277,8 @@ def main(argv=None):
     p.add_argument("--count", type=int, default=100)
     p.add_argument("--seed", type=int, default=11)
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--flip", type=float, default=0.25,
+                   help="probability of a left-right flip (0 for a validation set: real scans are not mirrored)")
     p.add_argument("--show", help="write a PNG montage of the liver regions instead of data")
     a = p.parse_args(argv)
     names = [n for n in a.backgrounds.split(",") if n]
@@ -284,7 +288,7 @@ def main(argv=None):
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     jobs = [(str(out), a.seed, i) for i in range(a.count)]
-    with Pool(a.workers, initializer=_init, initargs=(names, a.shared)) as pool:
+    with Pool(a.workers, initializer=_init, initargs=(names, a.shared, a.flip)) as pool:
         res = pool.map(_one, jobs, chunksize=16)
     with open(out / "labels.csv", "w", newline="") as f:
         wr = csv.writer(f)
