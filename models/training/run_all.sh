@@ -84,6 +84,9 @@ realbg_sets() {
     --backgrounds lidc,ge --count "$LIVER_RB_TRAIN" --seed 11
   [ -f "$DATA/val/realbg-siemens/labels.csv" ] || nice python -m biomarker_training.realbg \
     --out "$DATA/val/realbg-siemens" --backgrounds siemens --count "$LIVER_RB_VAL" --seed 12
+  # the same 200 cases without the mirror flip (the realistic ones; the ship decision used both, NOTES in the card)
+  [ -f "$DATA/val/realbg-siemens-noflip/labels.csv" ] || nice python -m biomarker_training.realbg \
+    --out "$DATA/val/realbg-siemens-noflip" --backgrounds siemens --count "$LIVER_RB_VAL" --seed 12 --flip 0
   [ -f "$DATA/liver-0.3.0.onnx" ] || git show "$LIVER_INIT_COMMIT:models/liver.onnx" > "$DATA/liver-0.3.0.onnx"
   mkdir -p "$DATA/train/liver-rb" "$DATA/val/liver-val"
   { echo "series_dir,value"; tail -n +2 "$DATA/train/liver/labels.csv" | sed "s#^#$DATA/train/liver/#"
