@@ -13,9 +13,10 @@ DEVICE=${DEVICE:-cpu}
 export PYTHONPATH="$(pwd)/models/training${PYTHONPATH:+:$PYTHONPATH}"
 TASKS=${TASKS:-"pma sfa liver cac"}
 # 0.1.0: trained on the generator at ffb176d; 0.2.0: retrained on the current generator (4-level U-Net);
-# liver 0.3.0: local-contrast input channels, 3000 training slices; cac 0.3.0: 225 volumes.
+# liver 0.3.0: local-contrast input channels, 3000 training slices; cac 0.3.0: 225 volumes;
+# liver 0.4.0: 0.3.0 fine-tuned on phantoms plus synthetic tumours in real CT backgrounds (realbg.py).
 # The version is part of a job's identity and of the SR's algorithm version, so a retrained model must change it.
-declare -A VERSION=([pma]=0.2.0 [sfa]=0.2.0 [liver]=0.3.0 [cac]=0.3.0)
+declare -A VERSION=([pma]=0.2.0 [sfa]=0.2.0 [liver]=0.4.0 [cac]=0.3.0)
 
 # training seed 1 (cac: seeds 1, 2 and 3; liver: 1 and 2), held-out seed 901 (never used for training or tuning).
 # The held-out CAC set is the first 36 volumes of seed 901. For the shipped models the held-out set is
@@ -31,7 +32,8 @@ declare -A NTEST=([pma]=100 [sfa]=100 [liver]=100 [cac]=36)
 # the epoch with the lowest validation MAE is kept (--select best_val, validation split only).
 WIDTHS=8,16,32,64
 # (liver and cac: fewer epochs over 5x / 2.5x the data, more steps than before)
-declare -A EPOCHS=([pma]=30 [sfa]=25 [liver]=20 [cac]=15)
+# (liver 0.4.0: 2 epochs of fine-tuning from 0.3.0, which had 20 from scratch; the CPU budget of that session)
+declare -A EPOCHS=([pma]=30 [sfa]=25 [liver]=2 [cac]=15)
 # direct baselines: the same epochs as the localization models
 declare -A EPOCHS_DIRECT=([pma]=30 [sfa]=25 [liver]=20 [cac]=15)
 # sfa keeps smooth-L1 (Huber, beta 1 on value / 100 cm2) from the previous models; pma and cac L1 (cac: the
@@ -40,7 +42,7 @@ declare -A EPOCHS_DIRECT=([pma]=30 [sfa]=25 [liver]=20 [cac]=15)
 declare -A LOSS=([pma]=l1 [sfa]=smooth_l1 [liver]=l1 [cac]=l1)
 declare -A LOSS_DIRECT=([pma]=l1 [sfa]=smooth_l1 [liver]=l1 [cac]=l1)
 declare -A SIZE=([pma]=128 [sfa]=128 [liver]=128 [cac]=64)
-declare -A EXTRA=([pma]="" [sfa]="" [liver]="--map-bias -2" [cac]="")
+declare -A EXTRA=([pma]="" [sfa]="" [liver]="--map-bias -2 --lr 1e-3 --val-csv $DATA/val/liver-val/labels.csv --init-onnx $DATA/liver-0.3.0.onnx --stop-file $DATA/STOP" [cac]="")
 declare -A ENCODER=([pma]="" [sfa]="" [liver]="--contrast 9,21" [cac]="")
 METHODS=${METHODS:-"localization direct"}
 
@@ -59,10 +61,49 @@ phantoms() {
       nice "$BIN" phantom --task liver --seed 1 --out "$DATA/train/liver" --count "${NTRAIN[liver]}"
       nice "$BIN" phantom --task liver --seed 2 --out "$DATA/train/liver-s2" --count "$LIVER_EXTRA"
       merge_csv liver3k liver liver-s2
+      realbg_sets
     else
       nice "$BIN" phantom --task "$t" --seed 1 --out "$DATA/train/$t" --count "${NTRAIN[$t]}"
     fi
   done
+}
+
+# liver 0.4.0 (the localization model; the direct baseline stays the 0.3.0 one on liver3k):
+# - real-background slices: synthetic tumours in the liver of real CT (realbg.py; backgrounds read from ../shared,
+#   never copied): lidc + ge for training (1200, seed 11), the Siemens patient only for validation (200, seed 12),
+#   so validation measures transfer to anatomy, scanner and kernel never trained on;
+# - phantoms: seed 1 (600) and seed 2 cases 0-1499 train, seed 2 cases 1500-1699 validation (the generator's case k
+#   does not depend on --count: cases 0-1699 of --count 2400 equal --count 1700, checked on 0-2);
+# - fine-tuned from liver 0.3.0 (its ONNX from git, batch norm folded and frozen), lr 1e-3, 2 epochs; the epoch
+#   with the lowest MAE on the fixed validation CSV (phantom + Siemens) is kept.
+LIVER_RB_TRAIN=${LIVER_RB_TRAIN:-1200}
+LIVER_RB_VAL=${LIVER_RB_VAL:-200}
+LIVER_INIT_COMMIT=06ebcad  # models/liver.onnx of liver 0.3.0
+realbg_sets() {
+  [ -f "$DATA/train/realbg/labels.csv" ] || nice python -m biomarker_training.realbg --out "$DATA/train/realbg" \
+    --backgrounds lidc,ge --count "$LIVER_RB_TRAIN" --seed 11
+  [ -f "$DATA/val/realbg-siemens/labels.csv" ] || nice python -m biomarker_training.realbg \
+    --out "$DATA/val/realbg-siemens" --backgrounds siemens --count "$LIVER_RB_VAL" --seed 12
+  # the same 200 cases without the mirror flip (the realistic ones; the ship decision used both, NOTES in the card)
+  [ -f "$DATA/val/realbg-siemens-noflip/labels.csv" ] || nice python -m biomarker_training.realbg \
+    --out "$DATA/val/realbg-siemens-noflip" --backgrounds siemens --count "$LIVER_RB_VAL" --seed 12 --flip 0
+  [ -f "$DATA/liver-0.3.0.onnx" ] || git show "$LIVER_INIT_COMMIT:models/liver.onnx" > "$DATA/liver-0.3.0.onnx"
+  mkdir -p "$DATA/train/liver-rb" "$DATA/val/liver-val"
+  { echo "series_dir,value"; tail -n +2 "$DATA/train/liver/labels.csv" | sed "s#^#$DATA/train/liver/#"
+    phantom_rows liver-s2 2 0 1499
+    tail -n +2 "$DATA/train/realbg/labels.csv" | sed "s#^#$DATA/train/realbg/#"; } > "$DATA/train/liver-rb/labels.csv"
+  { echo "series_dir,value"; phantom_rows liver-s2 2 1500 1699; } > "$DATA/val/liver-val-phantom.csv"
+  { echo "series_dir,value"; tail -n +2 "$DATA/val/realbg-siemens/labels.csv" | sed "s#^#$DATA/val/realbg-siemens/#"; } \
+    > "$DATA/val/liver-val-siemens.csv"
+  { cat "$DATA/val/liver-val-phantom.csv"; tail -n +2 "$DATA/val/liver-val-siemens.csv"; } > "$DATA/val/liver-val/labels.csv"
+}
+
+# phantom_rows PART SEED FROM TO: CSV rows (absolute folder, truth value) of phantom cases FROM..TO of DATA/train/PART
+phantom_rows() {
+  python -c "import json, sys
+d, s, a, b = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+for k in range(a, b + 1):
+    print(f'{d}/liver-{s}-{k},{json.load(open(f\"{d}/liver-{s}-{k}/truth.json\"))[\"value\"]!r}')" "$DATA/train/$1" "$2" "$3" "$4"
 }
 
 # merge_csv OUT PART...: one labels.csv under DATA/train/OUT listing every series of the PART folders
@@ -79,6 +120,7 @@ train_set() { case "$1" in liver) echo liver3k ;; cac) echo cac225 ;; *) echo "$
 note() {
   local gen="generator: product binary at main 12dae85 copied to /work/data-v3/biomarker-node"
   if [ "$1" = cac ]; then echo "biomarker-node phantom --task cac --seed 1 and --seed 2, --count 45 each, and --seed 3 --count $CAC_EXTRA (90% train / 10% val); $gen"
+  elif [ "$1" = liver-rb ]; then echo "phantoms: biomarker-node phantom --task liver --seed 1 --count ${NTRAIN[liver]} and --seed 2 cases 0-1499 (of --count $LIVER_EXTRA); real backgrounds: python -m biomarker_training.realbg --backgrounds lidc,ge --count $LIVER_RB_TRAIN --seed 11 (synthetic tumours inserted into the liver of real CT: LIDC-IDRI-0001, TCIA, CC BY 3.0, Armato III SG et al. 2015, doi:10.7937/K9/TCIA.2015.LO9QL9SX; dcmqi ct-3slice, BSD-3-Clause); fixed validation: phantom seed 2 cases 1500-1699 plus realbg --backgrounds siemens --count $LIVER_RB_VAL --seed 12 (TotalSegmentator example CT, Apache-2.0: a patient, scanner and kernel never trained on); fine-tuned from liver 0.3.0; generator: product binary at main 06ebcad copied to /work/data-v4/biomarker-node"
   elif [ "$1" = liver ]; then echo "biomarker-node phantom --task liver --seed 1 --count ${NTRAIN[liver]} and --seed 2 --count $LIVER_EXTRA (90% train / 10% val); $gen"
   else echo "biomarker-node phantom --task $1 --seed 1 --count ${NTRAIN[$1]} (90% train / 10% val); $gen"; fi
 }
@@ -88,13 +130,16 @@ train() {
     for m in $METHODS; do
       if [ "$m" = localization ]; then f="$OUT/$t.onnx"; e=${EPOCHS[$t]}; else f="$OUT/baseline/$t-direct.onnx"; e=${EPOCHS_DIRECT[$t]}; fi
       [ -f "$f" ] && continue
-      extra=""; loss=${LOSS_DIRECT[$t]}
+      extra=""; loss=${LOSS_DIRECT[$t]}; set=$(train_set "$t"); v=${VERSION[$t]}; n=$(note "$t")
       if [ "$m" = localization ]; then extra=${EXTRA[$t]}; loss=${LOSS[$t]}; fi
+      # liver: the localization model (0.4.0) trains on liver-rb; the direct baseline is 0.3.0's, on liver3k
+      if [ "$t" = liver ] && [ "$m" = localization ]; then set=liver-rb; n=$(note liver-rb); fi
+      if [ "$t" = liver ] && [ "$m" = direct ]; then v=0.3.0; fi
       # shellcheck disable=SC2086
-      nice -n 19 python -m biomarker_training.train --task "$t" --csv "$DATA/train/$(train_set "$t")/labels.csv" --method "$m" \
+      nice -n 19 python -m biomarker_training.train --task "$t" --csv "$DATA/train/$set/labels.csv" --method "$m" \
         --device "$DEVICE" --seed 1 --epochs "$e" --size "${SIZE[$t]}" --batch-size 8 --loss "$loss" \
-        --widths "$WIDTHS" ${ENCODER[$t]} --select best_val $extra --version "${VERSION[$t]}" --threads "${THREADS:-1}" --out "$OUT/" \
-        --data-note "$(note "$t")" \
+        --widths "$WIDTHS" ${ENCODER[$t]} --select best_val $extra --version "$v" --threads "${THREADS:-1}" --out "$OUT/" \
+        --data-note "$n" \
         2>&1 | grep --line-buffered -v -i warning | tee "$DATA/train-$t-$m.log"
     done
   done

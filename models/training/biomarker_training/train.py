@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import shlex
 import subprocess
@@ -138,6 +139,53 @@ def init_bias(net, method: str, spec, train, map_bias: float = 0.0) -> None:
             net.fc.bias.fill_(float(y.mean() / spec.value_scale))
 
 
+def init_from_onnx(net, path) -> None:
+    """Load a shipped localization model's weights (ONNX, batch norm folded into the convolutions by the export)
+    into `net`: each conv gets the folded weight, its batch norm becomes the identity plus the folded bias
+    (gamma 1, beta = bias, running mean 0, running var 1 - eps). Exact as long as batch norm runs in eval mode,
+    which `--init-onnx` keeps during training (`freeze_bn`). Fine-tuning a shipped model instead of training from
+    scratch: the same architecture, a fraction of the steps."""
+    import onnx
+    from onnx import numpy_helper
+    m = onnx.load(str(path))
+    init = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
+    pairs = []
+    for blk in list(net.encoder.blocks) + list(net.decs):
+        mods = list(blk)
+        pairs += [(mods[i], mods[i + 1]) for i in range(len(mods) - 1)
+                  if isinstance(mods[i], torch.nn.Conv2d) and isinstance(mods[i + 1], torch.nn.BatchNorm2d)]
+    convs = [n for n in m.graph.node if n.op_type == "Conv" and n.input[1] != "head.weight"]
+    if len(convs) != len(pairs):
+        raise ValueError(f"{path}: {len(convs)} folded convolutions, the net has {len(pairs)}")
+    sd = net.state_dict()
+    with torch.no_grad():
+        for (conv, bn), node in zip(pairs, convs):
+            w, b = init[node.input[1]].copy(), init[node.input[2]].copy()
+            if tuple(w.shape) != tuple(conv.weight.shape):
+                raise ValueError(f"{path}: shape {w.shape} vs {tuple(conv.weight.shape)}")
+            conv.weight.copy_(torch.from_numpy(w))
+            bn.weight.fill_(1.0)
+            bn.bias.copy_(torch.from_numpy(b))
+            bn.running_mean.zero_()
+            bn.running_var.fill_(1.0 - bn.eps)
+        for name in ("ups.0.weight", "ups.0.bias", "ups.1.weight", "ups.1.bias", "ups.2.weight", "ups.2.bias",
+                     "head.weight", "head.bias", "encoder.coords"):
+            if name in init and name in sd:
+                sd[name].copy_(torch.from_numpy(init[name].copy()))
+
+
+def _sha(path) -> str:
+    from .export import sha256
+    return sha256(path)
+
+
+def freeze_bn(net) -> None:
+    """Batch norm in eval mode (running statistics) while the rest trains: used with --init-onnx."""
+    for mod in net.modules():
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            mod.eval()
+
+
 def git_commit() -> str:
     try:
         return subprocess.check_output(["git", "rev-parse", "HEAD"], text=True,
@@ -183,10 +231,17 @@ def main(argv=None):
                    help="local-contrast input channels: odd box sizes, comma separated (e.g. 9,21); both methods")
     p.add_argument("--size", type=int, default=0, help="override the model input size (square)")
     p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--val-csv", default="",
+                   help="a fixed validation set (its own labels CSV, e.g. held-out real backgrounds) instead of the "
+                        "random --val-fraction split of --csv; every case of --csv is then a training case")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--out", default="models/")
     p.add_argument("--version", default="0.1.0")
+    p.add_argument("--stop-file", default="",
+                   help="if this file appears, stop after the current step, validate, keep the best epoch, export")
+    p.add_argument("--init-onnx", default="",
+                   help="start from a shipped localization model (ONNX) and fine-tune it, batch norm frozen")
     p.add_argument("--data-note", default="", help="free text for the card's training.data")
     a = p.parse_args(argv)
 
@@ -205,12 +260,17 @@ def main(argv=None):
     cases = D.load_cases(a.csv, spec, a.cache_dir)
     if a.max_cases:
         cases = cases[:a.max_cases]
-    train, val = split(cases, a.val_fraction, a.seed)
+    if a.val_csv:
+        train, val = cases, D.load_cases(a.val_csv, spec, a.cache_dir)
+    else:
+        train, val = split(cases, a.val_fraction, a.seed)
     print(f"[train] {a.task}/{a.method}: {len(train)} train, {len(val)} val cases "
           f"(prepared in {time.time() - t0:.0f}s)", flush=True)
 
     net = nets.build(a.method, spec, widths, contrast).to(device)
     init_bias(net, a.method, spec, train, a.map_bias)
+    if a.init_onnx:
+        init_from_onnx(net, a.init_onnx)
     opt = torch.optim.AdamW(net.parameters(), lr=a.lr, weight_decay=1e-4)
     bs = max(1, a.batch_size // 8) if spec.slices == "all" else a.batch_size
     batcher = Batcher(train, spec, bs, device, skip_empty_slices=True, positive_fraction=a.positive_fraction,
@@ -224,9 +284,15 @@ def main(argv=None):
     step = 0
     best = None  # (val mae, epoch, state) with --select best_val
     net.train()
+    if a.init_onnx:
+        freeze_bn(net)
     for ep in range(a.epochs):
         losses = []
         for x, w, seg, y in batcher.epoch(rng):
+            if a.stop_file and os.path.exists(a.stop_file):
+                # out of time: end here; this partial epoch is validated like a full one, then export
+                print(f"[train] {a.stop_file} exists: stopping at step {step}", flush=True)
+                total = step
             if step >= total:
                 break
             if a.method == "localization":
@@ -246,6 +312,8 @@ def main(argv=None):
             net.eval()
             vm = quick_val(net, a.method, spec, val, device)
             net.train()
+            if a.init_onnx:
+                freeze_bn(net)
             msg += f" val r {vm['r']} mae {vm['mae']}"
             if best is None or vm["mae"] < best[0]:
                 best = (vm["mae"], ep + 1, {k: v.detach().clone() for k, v in net.state_dict().items()})
@@ -277,6 +345,7 @@ def main(argv=None):
             "value_weighted_sampling": a.value_weighted,
             "select": a.select, "chosen_epoch": chosen_epoch,
             "git_commit": git_commit(), "seconds": round(time.time() - t0, 1),
+            **({"init_onnx": f"{a.init_onnx} (sha256 {_sha(a.init_onnx)}), batch norm frozen"} if a.init_onnx else {}),
         },
         val_metrics=val_metrics, version=a.version, contrast=contrast)
     print(f"[train] wrote {onnx_path} and {card_path}", flush=True)
