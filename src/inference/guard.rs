@@ -240,7 +240,9 @@ pub fn hu_peak(hu: impl Iterator<Item = f32>, window: Range) -> Peak {
         }
     }
     let smooth = |i: usize| bins[i.saturating_sub(HALF_SPAN_BINS)..(i + HALF_SPAN_BINS + 1).min(n)].iter().sum::<usize>();
-    let (best, count) = (0..n).map(|i| (i, smooth(i))).max_by_key(|&(i, c)| (c, std::cmp::Reverse(i))).unwrap_or((0, 0));
+    // Ties (a peak narrower than the running sum) go to the fullest bin.
+    let (best, count) =
+        (0..n).map(|i| (i, smooth(i))).max_by_key(|&(i, c)| (c, bins[i], std::cmp::Reverse(i))).unwrap_or((0, 0));
     Peak {
         mode_hu: lo + (best as f64 + 0.5) * BIN_HU,
         voxels,
