@@ -7,7 +7,9 @@
 //! whose [`ResultLine`] is what `analyze` prints; the worker stores it,
 //! with the report files, as the job's [`JobResult`].
 //! Failure: a [`JobError`], whose [`JobError::fault`] says whether the input
-//! was unusable (permanent) or the environment failed (transient). Errors
+//! was unusable (permanent) or the environment failed (transient). The input
+//! guard (`inference::guard`) runs on the selected slices before inference
+//! and on the measurement after it; its refusal is [`JobError::Guard`]. Errors
 //! stay typed up to the job store, which keeps their text.
 
 use std::path::PathBuf;

@@ -494,6 +494,27 @@ mod tests {
     }
 
     #[test]
+    fn a_refusal_is_stored_as_refused_and_can_be_rerun() {
+        let d = tempfile::tempdir().unwrap();
+        let s = SqliteJobStore::open(&d.path().join("j.sqlite")).unwrap();
+        s.enqueue(&key(1), &route()).unwrap();
+        let j = s.claim().unwrap().unwrap();
+        let reason = "refused: slice thickness 7.0 mm is outside the model's validated 0.5-5.0 mm (check: slice_thickness)";
+        assert!(s.finish_attempt(j.id, j.attempts, Err(reason)).unwrap());
+        let now = s.get(j.id).unwrap().unwrap();
+        assert_eq!((now.state, now.error.as_deref()), (JobState::Refused, Some(reason)));
+        assert!(now.state.is_finished());
+        assert_eq!(serde_json::to_value(&now).unwrap()["state"], "refused");
+        assert_eq!(s.count_by_state().unwrap(), vec![("refused".to_owned(), 1)]);
+        // Not retried on its own: nothing pending.
+        assert!(s.claim().unwrap().is_none());
+        assert!(s.retrigger(j.id).unwrap());
+        let again = s.claim().unwrap().unwrap();
+        s.finish(again.id, Err("volume: boom")).unwrap();
+        assert_eq!(s.get(j.id).unwrap().unwrap().state, JobState::Failed);
+    }
+
+    #[test]
     fn a_late_outcome_cannot_overwrite_a_deadline_failure() {
         let d = tempfile::tempdir().unwrap();
         let s = SqliteJobStore::open(&d.path().join("j.sqlite")).unwrap();

@@ -4,9 +4,11 @@
 //!
 //! Input: pending jobs in the [`JobStore`], each with its resolved route;
 //! the spooled files through the series index. Output: the job `done` with
-//! its [`JobResult`] or `failed` with its error; report files on disk and
-//! outbox rows; the series state `analyzed` or `failed` once every job of
-//! its generation is finished.
+//! its [`JobResult`], `failed` with its error, or `refused` with the
+//! reason when the input guard (or the slice selection) refuses its input:
+//! report files on disk and outbox rows only for `done`; the series state
+//! `analyzed` (every job done or refused) or `failed` once every job of its
+//! generation is finished.
 //!
 //! Invariants: see [`Worker`] and [`JobGuard`]: an abandoned attempt never
 //! writes results or enqueues reports, and the store records only the
