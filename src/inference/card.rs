@@ -177,8 +177,10 @@ pub struct HuPeak {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HuCalibration {
-    pub air: HuPeak,
-    pub fat: HuPeak,
+    /// Absent: not checked (a heart-centred calcium-scoring field of view
+    /// holds no air outside the body, only lung).
+    pub air: Option<HuPeak>,
+    pub fat: Option<HuPeak>,
     /// Fewer voxels than this inside a peak's window: the peak is missing,
     /// and the input is refused (every validated input has air and fat).
     pub min_voxels: usize,

@@ -297,8 +297,12 @@ fn check_peak(
 pub fn check_pixels(v: &ValidatedInput, vol: &Volume, idx: &[usize]) -> Result<(), Refusal> {
     let seen = vol.hu.select(ndarray::Axis(0), idx);
     if let Some(c) = &v.hu_calibration {
-        check_peak(Check::HuAir, "air", &c.air, c.min_voxels, c.min_peak_fraction, seen.view())?;
-        check_peak(Check::HuFat, "fat", &c.fat, c.min_voxels, c.min_peak_fraction, seen.view())?;
+        if let Some(air) = &c.air {
+            check_peak(Check::HuAir, "air", air, c.min_voxels, c.min_peak_fraction, seen.view())?;
+        }
+        if let Some(fat) = &c.fat {
+            check_peak(Check::HuFat, "fat", fat, c.min_voxels, c.min_peak_fraction, seen.view())?;
+        }
     }
     if v.level.as_deref() == Some("above_aortic_arch") {
         for &i in idx {

@@ -146,7 +146,10 @@ TASKS = {
             "contrast": "non_contrast",
             "body_part_examined": ["CHEST", "THORAX", "HEART", "CHESTABDOMEN", "CHESTABDPELVIS", "WHOLEBODY",
                                    "PARTIALBODY"],
-            "orientation": "axial", "hu_calibration": _HU_CALIBRATION},
+            "orientation": "axial",
+            # No air peak: a heart-centred calcium-scoring field of view (the phantoms: 180-256 mm) holds no air
+            # outside the body, only lung (its "air" mode sits at the window's edge, -912 HU).
+            "hu_calibration": {k: v for k, v in _HU_CALIBRATION.items() if k != "air"}},
         # No map-mass bound: on phantoms 97-100% of the map >= 0.5 is outside the (calcium) candidates.
         validated_output={"value": [0.0, 10000.0]},
     ),
