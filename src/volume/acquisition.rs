@@ -75,7 +75,11 @@ mod tests {
         assert_eq!(a.image_type, ["ORIGINAL", "PRIMARY", "AXIAL"]);
         assert!(a.contrast_bolus_agent.is_none() && a.body_part_examined.is_none());
         let dir = root.join("head-philips/S1000");
-        let f = std::fs::read_dir(&dir).unwrap().next().unwrap().unwrap().path();
+        let f = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| !p.ends_with("DIRFILE"))
+            .unwrap();
         assert!(Acquisition::read(&f).unwrap().image_type.iter().any(|t| t == "LOCALIZER"));
     }
 }
