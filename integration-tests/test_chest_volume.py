@@ -20,6 +20,9 @@ from pathlib import Path
 
 import pydicom
 import pytest
+import yaml
+
+from cards import without_guard
 
 from ci_no_skip import require_dir
 from nodeharness import REALCT, REPO_ROOT
@@ -94,11 +97,25 @@ def test_a_head_volume_is_refused_with_the_reason(realct, binary, tmp_path):
 
 
 def test_a_single_chest_slice_keeps_its_line(realct, binary, tmp_path):
-    """A single-image series is measured as sent; its line has no slice fields (unchanged from before)."""
+    """A single-image series is measured as sent; its line has no slice fields (unchanged from before).
+
+    The real "chest" slice in shared/realct is at the larynx (no lungs): the shipped PMA/SFA cards refuse it as far
+    from the arch (test_input_guard.py), so the line is checked with site cards that state no validated input."""
     p = realct / "chest-slice-encodings" / "CTImage.dcm_LittleEndianImplicitTransferSyntax_1.2.840.10008.1.2.dcm"
-    r = _analyze(binary, CONFIG, tmp_path / "out", p)
+    cfg = yaml.safe_load(CONFIG.read_text())
+    cfg["onnxruntime"]["library"] = str((CONFIG.parent / cfg["onnxruntime"]["library"]).resolve())
+    for name, m in cfg["models"].items():
+        m["card"] = str(without_guard(name, tmp_path / "cards"))
+    cfg["node"]["data_dir"] = str(tmp_path / "data")
+    site = tmp_path / "site.yaml"
+    site.write_text(yaml.safe_dump(cfg))
+    r = _analyze(binary, site, tmp_path / "out", p)
     assert r.returncode == 0, r.stderr
     lines = [json.loads(l) for l in r.stdout.splitlines() if l.strip()]
     assert sorted(l["model"] for l in lines) == ["pma", "sfa"]
     for line in lines:
         assert "slice_z_mm" not in line and "slice_sop_instance_uid" not in line
+    # With the shipped cards it is refused, with the reason and the check.
+    r = _analyze(binary, CONFIG, tmp_path / "out-shipped", p)
+    assert r.returncode == 0 and r.stdout.strip() == "", r.stderr
+    assert "refused: " in r.stderr and "(check: level)" in r.stderr, r.stderr

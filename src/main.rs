@@ -58,6 +58,10 @@ enum Command {
         /// One JSON object per (series, route) line.
         #[arg(long)]
         json: bool,
+        /// Also run the input guard's pixel checks (HU calibration, level)
+        /// on each matched series: decodes its pixels, so slower.
+        #[arg(long)]
+        guard_pixels: bool,
         #[arg(required = true)]
         paths: Vec<PathBuf>,
     },
@@ -87,7 +91,7 @@ fn main() -> ExitCode {
         Command::Jobs { config, json } => cli::list::jobs(&config, json),
         Command::Outbox { config, json } => cli::list::outbox(&config, json),
         Command::CheckConfig { config } => cli::check_config(&config),
-        Command::Route { config, json, paths } => cli::route(&config, json, &paths),
+        Command::Route { config, json, guard_pixels, paths } => cli::route(&config, json, guard_pixels, &paths),
         Command::Analyze { config, out, paths } => cli::analyze(&config, &out, &paths),
         Command::ConfigSchema => cli::config_schema(),
         #[cfg(feature = "phantom")]

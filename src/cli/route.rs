@@ -2,22 +2,95 @@
 //!
 //! Groups the DICOM files under the given paths into series (the scan of
 //! [`crate::series::scan`]), and prints for every series which routes match
-//! and, for each route that does not, the condition that failed.
+//! and, for each route that does not, the condition that failed. For each
+//! match it also says whether the model's input guard
+//! ([`crate::inference::guard`]) would refuse the series and why: the header
+//! checks always, the pixel checks (HU calibration, level) with
+//! `--guard-pixels`, which decodes the series.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
+use crate::inference::guard::{self, HeaderFacts};
+use crate::inference::ModelCard;
 use crate::routing::{Derived, RouteMatch, RouteTable, SeriesFacts};
 use crate::series::scan;
+use crate::volume::acquisition::Acquisition;
+use crate::volume::{SliceSelection, Volume, VolumeOptions};
 
 /// `biomarker-node route`: check the config, then the dry run on stdout.
-pub fn route(config: &Path, json: bool, paths: &[PathBuf]) -> anyhow::Result<()> {
-    let (_, table) = crate::node::check::checked(config)?;
+pub fn route(config: &Path, json: bool, guard_pixels: bool, paths: &[PathBuf]) -> anyhow::Result<()> {
+    let (cfg, table) = crate::node::check::checked(config)?;
+    // The cards only (no ONNX Runtime): a card that does not load shows as
+    // unchecked, as its jobs would fail anyway.
+    let cards = cfg.models.iter().filter_map(|(name, m)| Some((name.clone(), ModelCard::load(&m.card).ok()?))).collect();
+    let guards = Guards { cards, pixels: guard_pixels };
     let (stdout, stderr) = (std::io::stdout(), std::io::stderr());
-    run(&table, paths, json, &mut stdout.lock(), &mut stderr.lock())?;
+    run(&table, &guards, paths, json, &mut stdout.lock(), &mut stderr.lock())?;
     Ok(())
+}
+
+/// The model cards whose input guards the dry run applies.
+#[derive(Default)]
+pub struct Guards {
+    pub cards: std::collections::HashMap<String, ModelCard>,
+    /// Also the pixel checks (decodes the series).
+    pub pixels: bool,
+}
+
+/// What the input guard says about one matched (series, route).
+#[derive(Debug, Serialize, PartialEq)]
+pub struct GuardVerdict {
+    /// `pass`, `refused`, or `unchecked` (no card, or a card without
+    /// `validated_input`).
+    pub verdict: &'static str,
+    /// `header` or `header+pixels`: which checks ran.
+    pub checks: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub check: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+impl Guards {
+    fn verdict(&self, m: &RouteMatch, files: &[PathBuf]) -> GuardVerdict {
+        let checks = if self.pixels { "header+pixels" } else { "header" };
+        let unchecked = GuardVerdict { verdict: "unchecked", checks, check: None, reason: None };
+        let Some(card) = self.cards.get(&m.model) else { return unchecked };
+        let Some(v) = &card.validated_input else { return unchecked };
+        let refused = |check: String, reason: String| GuardVerdict {
+            verdict: "refused",
+            checks,
+            check: Some(check),
+            reason: Some(format!("refused: {reason}")),
+        };
+        let header = files.first().and_then(|f| Acquisition::read(f).ok()).unwrap_or_default();
+        if let Err(r) = guard::check_header(v, &HeaderFacts::from_acquisition(header)) {
+            return refused(r.check.to_string(), r.to_string());
+        }
+        if self.pixels {
+            let vol = match Volume::from_files_with(files, &VolumeOptions::default()) {
+                Ok(v) => v,
+                Err(e) => return GuardVerdict { reason: Some(format!("volume: {e}")), ..unchecked },
+            };
+            let idx: Vec<usize> = if card.input.slices == "single" {
+                let sel = m.slices.clone().unwrap_or(if vol.slices() == 1 { SliceSelection::Single } else { SliceSelection::Middle });
+                match vol.select(&sel) {
+                    Ok(i) => vec![i],
+                    Err(crate::volume::VolumeError::Landmark(l)) => return refused("aortic_arch".into(), l.to_string()),
+                    Err(e) => return GuardVerdict { reason: Some(format!("volume: {e}")), ..unchecked },
+                }
+            } else {
+                (0..vol.slices()).collect()
+            };
+            if let Err(r) = guard::check_header(v, &HeaderFacts::from_volume(&vol, idx[0])).and_then(|_| guard::check_pixels(v, &vol, &idx)) {
+                return refused(r.check.to_string(), r.to_string());
+            }
+        }
+        GuardVerdict { verdict: "pass", checks, check: None, reason: None }
+    }
 }
 
 /// One line of `--json` output: one (series, route) pair.
@@ -34,12 +107,16 @@ pub struct RouteReport<'a> {
     pub failed_at: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<&'a str>,
+    /// For a match: what the model's input guard says.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guard: Option<GuardVerdict>,
 }
 
 /// Run the dry run and write the report. Notes go to `err` in JSON mode so
 /// that `out` stays one JSON object per line.
 pub fn run(
     table: &RouteTable,
+    guards: &Guards,
     paths: &[PathBuf],
     json: bool,
     out: &mut dyn Write,
@@ -66,6 +143,7 @@ pub fn run(
             }
         };
         let outcomes = table.evaluate(&facts);
+        let files: Vec<PathBuf> = s.instances.iter().map(|(p, _)| p.clone()).collect();
         if json {
             for o in &outcomes {
                 let report = RouteReport {
@@ -76,6 +154,7 @@ pub fn run(
                     job: o.matched.as_ref(),
                     failed_at: o.matched.is_none().then_some(o.verdict.at.as_str()),
                     reason: o.matched.is_none().then_some(o.verdict.why.as_str()),
+                    guard: o.matched.as_ref().map(|m| guards.verdict(m, &files)),
                 };
                 writeln!(out, "{}", serde_json::to_string(&report).map_err(std::io::Error::other)?)?;
             }
@@ -102,6 +181,13 @@ pub fn run(
                         m.model,
                         m.send_to.join(", ")
                     )?;
+                    let g = guards.verdict(m, &files);
+                    match (g.verdict, &g.reason) {
+                        ("refused", Some(r)) => writeln!(out, "           guard ({}): would be {r}", g.checks)?,
+                        ("pass", _) => writeln!(out, "           guard ({}): passes", g.checks)?,
+                        (_, Some(r)) => writeln!(out, "           guard: not checked: {r}")?,
+                        _ => writeln!(out, "           guard: not checked (the card states no validated input)")?,
+                    }
                 }
                 None => writeln!(out, "  no match {}: {}: {}", o.route, o.verdict.at, o.verdict.why)?,
             }
@@ -120,7 +206,7 @@ mod tests {
         let Some(root) = crate::test_data::realct() else { return };
         let (_d, table) = crate::routing::tests::default_table();
         let (mut out, mut err) = (Vec::new(), Vec::new());
-        run(&table, &[root.join("head-philips")], true, &mut out, &mut err).unwrap();
+        run(&table, &Guards::default(), &[root.join("head-philips")], true, &mut out, &mut err).unwrap();
         let lines: Vec<serde_json::Value> = String::from_utf8(out)
             .unwrap()
             .lines()
@@ -131,5 +217,55 @@ mod tests {
         assert!(lines.iter().all(|l| l["matched"] == false && l["reason"].is_string()));
         let err = String::from_utf8(err).unwrap();
         assert!(err.contains("DICOMDIR"), "{err}");
+    }
+}
+
+#[cfg(test)]
+mod guard_tests {
+    use super::*;
+
+    fn guards(pixels: bool) -> Guards {
+        let card = ModelCard::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("models/pma.yaml")).unwrap();
+        Guards { cards: [("pma".to_owned(), card)].into(), pixels }
+    }
+
+    fn pma_match() -> RouteMatch {
+        RouteMatch {
+            route: "pma-any".into(),
+            model: "pma".into(),
+            send_to: vec![],
+            slices: Some(SliceSelection::AboveAorticArch),
+        }
+    }
+
+    fn dcm(dir: &Path) -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| !p.file_name().unwrap().to_string_lossy().starts_with("DIRFILE"))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// The route tester shows the guard's verdict: a head CT and a localizer
+    /// are refused from their headers; a card without the section is unchecked.
+    #[test]
+    fn the_route_tester_shows_what_the_guard_would_refuse() {
+        let Some(root) = crate::test_data::realct() else { return };
+        let g = guards(false);
+        let head = g.verdict(&pma_match(), &dcm(&root.join("head-philips/S2010")));
+        assert_eq!((head.verdict, head.check.as_deref()), ("refused", Some("body_part")), "{head:?}");
+        assert!(head.reason.unwrap().contains("BRAIN"));
+        let loc = g.verdict(&pma_match(), &dcm(&root.join("head-philips/S1000")));
+        assert_eq!((loc.verdict, loc.check.as_deref()), ("refused", Some("image_type")), "{loc:?}");
+        let none = Guards::default().verdict(&pma_match(), &dcm(&root.join("head-philips/S2010")));
+        assert_eq!(none.verdict, "unchecked");
+        // The real chest volume passes, header and pixels (the slice above the arch).
+        let lidc = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/realct-labelled/chest-lidc0001/ct");
+        if lidc.is_dir() {
+            let v = guards(true).verdict(&pma_match(), &dcm(&lidc));
+            assert_eq!(v.verdict, "pass", "{v:?}");
+        }
     }
 }

@@ -294,7 +294,7 @@ pub async fn job_retry(State(st): State<Shared>, Path(id): Path<i64>) -> Result<
     })
     .await?;
     if !ok {
-        return Err(ApiError(StatusCode::CONFLICT, format!("job {id} is not finished (done or failed)")));
+        return Err(ApiError(StatusCode::CONFLICT, format!("job {id} is not finished (done, failed or refused)")));
     }
     st.jobs.wake();
     tracing::info!(job = id, "job re-run requested over HTTP");

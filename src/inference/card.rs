@@ -120,6 +120,92 @@ impl Default for SegmentationSpec {
     }
 }
 
+/// A closed range `[min, max]` as the card writes it.
+pub type Range = [f64; 2];
+
+/// The card's `validated_input:` section: the input the model was validated
+/// on. Every key is optional; an absent key is not checked. An attribute the
+/// series does not state (no KVP, no BodyPartExamined, no ContrastBolusAgent)
+/// is unknown and passes: the pixel checks (HU calibration, level) still run.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ValidatedInput {
+    /// PixelSpacing, both values (mm).
+    pub pixel_spacing_mm: Option<Range>,
+    /// SliceThickness of the images the model sees (mm); the slice spacing
+    /// when no thickness is stated.
+    pub slice_thickness_mm: Option<Range>,
+    /// KVP.
+    pub kvp: Option<Range>,
+    /// `any`, or `non_contrast`: a series whose ContrastBolusAgent names an
+    /// agent is refused; one that names none is unknown and passes.
+    #[serde(default)]
+    pub contrast: ContrastRule,
+    /// Accepted BodyPartExamined values (upper case, PS3.16 Annex L terms);
+    /// empty: any.
+    #[serde(default)]
+    pub body_part_examined: Vec<String>,
+    /// `axial`: the image normal within ~25° of the patient z axis, and no
+    /// LOCALIZER in ImageType.
+    pub orientation: Option<String>,
+    /// `above_aortic_arch`: the slice the model sees cuts the trachea with
+    /// lung on both sides (`volume::landmark::trachea_in_slice`).
+    pub level: Option<String>,
+    pub hu_calibration: Option<HuCalibration>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ContrastRule {
+    #[default]
+    Any,
+    NonContrast,
+}
+
+/// One HU peak a calibrated scanner shows: the mode of the voxels inside
+/// `window_hu` must lie within `tolerance_hu` of `expected_hu`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HuPeak {
+    pub expected_hu: f64,
+    pub window_hu: Range,
+    pub tolerance_hu: f64,
+}
+
+/// `validated_input.hu_calibration`: the air and fat peaks of the HU
+/// histogram of the slices the model sees (`inference::guard`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HuCalibration {
+    /// Absent: not checked (a heart-centred calcium-scoring field of view
+    /// holds no air outside the body, only lung).
+    pub air: Option<HuPeak>,
+    pub fat: Option<HuPeak>,
+    /// Fewer voxels than this inside a peak's window: the peak is missing,
+    /// and the input is refused (every validated input has air and fat).
+    pub min_voxels: usize,
+    /// The share of the window's voxels within ±12.5 HU of the mode; below
+    /// it the "peak" is flat (noise, or a non-CT image), and refused.
+    pub min_peak_fraction: f64,
+}
+
+/// The card's `validated_output:` section.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ValidatedOutput {
+    /// The biomarker value, in the card's unit.
+    pub value: Option<Range>,
+    /// The largest share of the map's mass (sum of the map at native
+    /// resolution) that may lie outside the candidates. The value counts the
+    /// map only inside candidates; a map mostly outside them is a model that
+    /// does not see its anatomy.
+    pub max_map_mass_outside_candidates: Option<f64>,
+    /// Below this much map mass (mm², map summed times pixel area) the share
+    /// is not judged: an empty map (no calcium, no tumour) is plausible.
+    #[serde(default)]
+    pub min_map_mass_mm2: f64,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 pub struct ModelCard {
     pub name: String,
@@ -137,6 +223,14 @@ pub struct ModelCard {
     /// BINARY segment at 0.5 of the finding site (see [`SegmentationSpec`]).
     #[serde(default)]
     pub segmentation: SegmentationSpec,
+    /// The input the model was validated on (`inference::guard` checks every
+    /// job against it); absent: no input checks (site cards written before
+    /// the section existed keep working).
+    #[serde(default)]
+    pub validated_input: Option<ValidatedInput>,
+    /// What a plausible output looks like; absent: no output checks.
+    #[serde(default)]
+    pub validated_output: Option<ValidatedOutput>,
     /// Where the card was read from; the ONNX path is relative to it.
     #[serde(skip)]
     pub path: PathBuf,
@@ -169,6 +263,22 @@ impl ModelCard {
         let t = card.segmentation.threshold;
         if !(t.is_finite() && (0.0..=1.0).contains(&t)) {
             return Err(bad(format!("segmentation.threshold {t} is not within 0..=1")));
+        }
+        if let Some(v) = &card.validated_input {
+            let ranges = [("pixel_spacing_mm", v.pixel_spacing_mm), ("slice_thickness_mm", v.slice_thickness_mm), ("kvp", v.kvp)];
+            for (key, r) in ranges {
+                if let Some([lo, hi]) = r {
+                    if !(lo.is_finite() && hi.is_finite() && lo <= hi) {
+                        return Err(bad(format!("validated_input.{key} [{lo}, {hi}] is not a range")));
+                    }
+                }
+            }
+            if v.orientation.as_deref().is_some_and(|o| o != "axial") {
+                return Err(bad("validated_input.orientation must be `axial`".into()));
+            }
+            if v.level.as_deref().is_some_and(|l| l != "above_aortic_arch") {
+                return Err(bad("validated_input.level must be `above_aortic_arch`".into()));
+            }
         }
         Ok(card)
     }

@@ -12,6 +12,7 @@
 //!   CPU with a log line and a counter, unless the model is `fail_hard`.
 
 pub mod card;
+pub mod guard;
 #[cfg(test)]
 mod golden;
 pub mod measure;

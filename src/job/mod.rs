@@ -21,6 +21,8 @@
 //!
 //! Failure modes: a [`JobError`] fails the job with its text; its
 //! [`JobError::fault`] says whether the same job may succeed when run again.
+//! A refusal ([`JobError::refused_by`]: the input guard, or no arch in the
+//! volume) ends it `refused` instead: final, nothing sent.
 //! A job store error ([`JobStoreError`]) leaves the job as it was.
 
 pub mod run;

@@ -7,7 +7,9 @@
 //! whose [`ResultLine`] is what `analyze` prints; the worker stores it,
 //! with the report files, as the job's [`JobResult`].
 //! Failure: a [`JobError`], whose [`JobError::fault`] says whether the input
-//! was unusable (permanent) or the environment failed (transient). Errors
+//! was unusable (permanent) or the environment failed (transient). The input
+//! guard (`inference::guard`) runs on the selected slices before inference
+//! and on the measurement after it; its refusal is [`JobError::Guard`]. Errors
 //! stay typed up to the job store, which keeps their text.
 
 use std::path::PathBuf;
@@ -68,9 +70,25 @@ pub enum JobError {
     /// refusal, not as a fault of the node.
     #[error("refused: {0}")]
     Refused(String),
+    /// The input is outside what the model card says the model was
+    /// validated on, or its output is implausible (`inference::guard`).
+    /// Permanent; "refused: " like [`JobError::Refused`].
+    #[error("refused: {0}")]
+    Guard(#[from] crate::inference::guard::Refusal),
 }
 
 impl JobError {
+    /// For a refusal, the check that refused (the `check` label of
+    /// `biomarker_node_jobs_refused_total`): the guard's, or `aortic_arch`
+    /// when the slice selection found no arch in a volume.
+    pub fn refused_by(&self) -> Option<&'static str> {
+        match self {
+            JobError::Guard(r) => Some(r.check.as_str()),
+            JobError::Refused(_) => Some("aortic_arch"),
+            _ => None,
+        }
+    }
+
     /// Whether running the same job again, unchanged, may succeed.
     pub fn fault(&self) -> Fault {
         let transient = match self {
@@ -87,7 +105,8 @@ impl JobError {
             | JobError::NoInstances
             | JobError::Encode(_)
             | JobError::Panicked(_)
-            | JobError::Refused(_) => false,
+            | JobError::Refused(_)
+            | JobError::Guard(_) => false,
         };
         if transient {
             Fault::Transient
@@ -237,8 +256,10 @@ pub fn run(
         pixel_spacing: vol.pixel_spacing,
         slice_thickness_mm: thickness.unwrap_or(1.0),
     };
+    crate::inference::guard::check_input(card, &vol, &idx)?;
     let t_infer = Instant::now();
     let measurement = measure(model, hu.view(), geom)?;
+    crate::inference::guard::check_output(card, &measurement, geom.pixel_spacing[0] * geom.pixel_spacing[1])?;
     crate::telemetry::InferenceTimed {
         model: &m.model,
         provider: measurement.execution_provider,

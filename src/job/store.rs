@@ -46,6 +46,10 @@ pub enum JobState {
     Running,
     Done,
     Failed,
+    /// The input is outside what the model was validated on (or the output
+    /// implausible): final like `failed`, but the node did nothing wrong.
+    /// The error holds the reason; nothing was sent.
+    Refused,
 }
 
 impl JobState {
@@ -55,16 +59,17 @@ impl JobState {
             JobState::Running => "running",
             JobState::Done => "done",
             JobState::Failed => "failed",
+            JobState::Refused => "refused",
         }
     }
 
     fn parse(s: &str) -> Option<JobState> {
-        [JobState::Pending, JobState::Running, JobState::Done, JobState::Failed].into_iter().find(|j| j.as_str() == s)
+        [JobState::Pending, JobState::Running, JobState::Done, JobState::Failed, JobState::Refused].into_iter().find(|j| j.as_str() == s)
     }
 
-    /// Done or failed: no worker will touch it unless it is re-triggered.
+    /// Done, failed or refused: no worker will touch it unless it is re-triggered.
     pub fn is_finished(self) -> bool {
-        matches!(self, JobState::Done | JobState::Failed)
+        matches!(self, JobState::Done | JobState::Failed | JobState::Refused)
     }
 }
 
@@ -161,7 +166,7 @@ pub trait JobStore: Send + Sync + 'static {
     fn recent(&self, limit: usize) -> Result<Vec<Job>, JobStoreError>;
     /// How many jobs are in each state.
     fn count_by_state(&self) -> Result<Vec<(String, i64)>, JobStoreError>;
-    /// Run a finished (done or failed) job again, same key and same resolved
+    /// Run a finished (done, failed or refused) job again, same key and same resolved
     /// route: false when `id` is not finished.
     fn retrigger(&self, id: i64) -> Result<bool, JobStoreError>;
 }
@@ -225,6 +230,18 @@ fn add_route_column(conn: &Connection) -> Result<(), JobStoreError> {
     })();
     conn.execute_batch(if r.is_ok() { "COMMIT" } else { "ROLLBACK" })?;
     r
+}
+
+/// The state an error outcome records: `refused` for a refusal (its text
+/// starts with "refused: ", as [`super::JobError`]'s refusals display), else
+/// `failed`. The `state` column is free text, so no migration: older
+/// versions reading a `refused` row see an unknown state.
+fn failed_state(error: &str) -> &'static str {
+    if error.starts_with("refused: ") {
+        JobState::Refused.as_str()
+    } else {
+        JobState::Failed.as_str()
+    }
 }
 
 fn row_to_job(r: &rusqlite::Row<'_>) -> rusqlite::Result<(Job, Option<String>, Option<String>)> {
@@ -310,8 +327,8 @@ impl JobStore for SqliteJobStore {
                 params![id, v.to_string(), now()],
             )?,
             Err(e) => c.execute(
-                "UPDATE jobs SET state = 'failed', error = ?2, finished_at = ?3 WHERE id = ?1",
-                params![id, e, now()],
+                "UPDATE jobs SET state = ?4, error = ?2, finished_at = ?3 WHERE id = ?1",
+                params![id, e, now(), failed_state(e)],
             )?,
         };
         Ok(())
@@ -326,9 +343,9 @@ impl JobStore for SqliteJobStore {
                 params![id, v.to_string(), now(), attempt],
             )?,
             Err(e) => c.execute(
-                "UPDATE jobs SET state = 'failed', error = ?2, finished_at = ?3
+                "UPDATE jobs SET state = ?5, error = ?2, finished_at = ?3
                  WHERE id = ?1 AND state = 'running' AND attempts = ?4",
-                params![id, e, now(), attempt],
+                params![id, e, now(), attempt, failed_state(e)],
             )?,
         };
         Ok(n == 1)
@@ -375,7 +392,7 @@ impl JobStore for SqliteJobStore {
 
     fn retrigger(&self, id: i64) -> Result<bool, JobStoreError> {
         let n = self.conn().execute(
-            "UPDATE jobs SET state = 'pending', error = NULL WHERE id = ?1 AND state IN ('done', 'failed')",
+            "UPDATE jobs SET state = 'pending', error = NULL WHERE id = ?1 AND state IN ('done', 'failed', 'refused')",
             params![id],
         )?;
         Ok(n == 1)
@@ -474,6 +491,27 @@ mod tests {
         assert_eq!(all[0].result.as_ref().unwrap()["value"], 12.5);
         assert!(s.retrigger(j.id).unwrap());
         assert_eq!(s.claim().unwrap().unwrap().id, j.id);
+    }
+
+    #[test]
+    fn a_refusal_is_stored_as_refused_and_can_be_rerun() {
+        let d = tempfile::tempdir().unwrap();
+        let s = SqliteJobStore::open(&d.path().join("j.sqlite")).unwrap();
+        s.enqueue(&key(1), &route()).unwrap();
+        let j = s.claim().unwrap().unwrap();
+        let reason = "refused: slice thickness 7.0 mm is outside the model's validated 0.5-5.0 mm (check: slice_thickness)";
+        assert!(s.finish_attempt(j.id, j.attempts, Err(reason)).unwrap());
+        let now = s.get(j.id).unwrap().unwrap();
+        assert_eq!((now.state, now.error.as_deref()), (JobState::Refused, Some(reason)));
+        assert!(now.state.is_finished());
+        assert_eq!(serde_json::to_value(&now).unwrap()["state"], "refused");
+        assert_eq!(s.count_by_state().unwrap(), vec![("refused".to_owned(), 1)]);
+        // Not retried on its own: nothing pending.
+        assert!(s.claim().unwrap().is_none());
+        assert!(s.retrigger(j.id).unwrap());
+        let again = s.claim().unwrap().unwrap();
+        s.finish(again.id, Err("volume: boom")).unwrap();
+        assert_eq!(s.get(j.id).unwrap().unwrap().state, JobState::Failed);
     }
 
     #[test]

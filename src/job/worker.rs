@@ -4,9 +4,11 @@
 //!
 //! Input: pending jobs in the [`JobStore`], each with its resolved route;
 //! the spooled files through the series index. Output: the job `done` with
-//! its [`JobResult`] or `failed` with its error; report files on disk and
-//! outbox rows; the series state `analyzed` or `failed` once every job of
-//! its generation is finished.
+//! its [`JobResult`], `failed` with its error, or `refused` with the
+//! reason when the input guard (or the slice selection) refuses its input:
+//! report files on disk and outbox rows only for `done`; the series state
+//! `analyzed` (every job done or refused) or `failed` once every job of its
+//! generation is finished.
 //!
 //! Invariants: see [`Worker`] and [`JobGuard`]: an abandoned attempt never
 //! writes results or enqueues reports, and the store records only the
@@ -161,6 +163,14 @@ impl Worker {
                 Ok(r) => serde_json::to_value(r)
                     .map_err(super::JobStoreError::from)
                     .and_then(|v| this.jobs.finish_attempt(id, attempt, Ok(&v))),
+                Err(e) if e.refused_by().is_some() => {
+                    // Stored as `refused` (the text starts with "refused: "):
+                    // final, not retried, nothing was written or sent.
+                    let reason = e.to_string();
+                    let check = e.refused_by().unwrap_or_default();
+                    crate::telemetry::JobRefused { job: id, route: &route, model: &model, check, reason: &reason }.emit();
+                    this.jobs.finish_attempt(id, attempt, Err(&reason))
+                }
                 Err(e) => {
                     let reason = e.to_string();
                     crate::telemetry::JobFailed { job: id, route: &route, model: &model, attempt, fault: e.fault(), reason: &reason }
@@ -257,7 +267,8 @@ impl Worker {
         if current.iter().any(|j| !j.state.is_finished()) {
             return;
         }
-        let state = if current.iter().all(|j| j.state == JobState::Done) {
+        // A refused job is an answer about the series, not a failure of the node.
+        let state = if current.iter().all(|j| matches!(j.state, JobState::Done | JobState::Refused)) {
             crate::series::SeriesState::Analyzed
         } else {
             crate::series::SeriesState::Failed

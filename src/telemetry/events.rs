@@ -8,7 +8,7 @@
 
 use std::fmt::Display;
 
-use super::metrics::{InferenceLabels, JobLabels, PolicyLabel, RouteModelLabels, METRICS};
+use super::metrics::{InferenceLabels, JobLabels, PolicyLabel, RefusalLabels, RouteModelLabels, METRICS};
 
 pub struct AssociationAccepted<'a> {
     pub contexts: usize,
@@ -321,6 +321,34 @@ impl JobFailed<'_> {
             fault = ?self.fault,
             error = self.reason,
             "job failed"
+        );
+    }
+}
+
+/// A job was refused: its input is outside what the model card says the
+/// model was validated on, or its output is implausible. Final (no retry,
+/// nothing sent); counted by model and check, and as a job outcome.
+pub struct JobRefused<'a> {
+    pub job: i64,
+    pub route: &'a str,
+    pub model: &'a str,
+    pub check: &'a str,
+    pub reason: &'a str,
+}
+impl JobRefused<'_> {
+    pub fn emit(self) {
+        count_job(self.route, self.model, "refused");
+        METRICS
+            .jobs_refused
+            .get_or_create(&RefusalLabels { model: self.model.into(), check: self.check.into() })
+            .inc();
+        tracing::warn!(
+            job = self.job,
+            route = self.route,
+            model = self.model,
+            check = self.check,
+            reason = self.reason,
+            "job refused"
         );
     }
 }

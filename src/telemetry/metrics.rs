@@ -48,6 +48,14 @@ pub struct RouteModelLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusalLabels {
+    pub model: String,
+    /// The guard check that refused (`slice_thickness`, `hu_air`, `level`,
+    /// ...; `aortic_arch` for a volume without the landmark).
+    pub check: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct InferenceLabels {
     pub model: String,
     pub provider: String,
@@ -133,6 +141,8 @@ metrics! {
         "Connections closed before their A-ASSOCIATE-RQ because node.max_pending_connections was full (the oldest waiting one goes)";
     jobs_started: Family<RouteModelLabels, Counter> = Family::default(), "jobs_started",
         "Job attempts the worker started, by route and model";
+    jobs_refused: Family<RefusalLabels, Counter> = Family::default(), "jobs_refused",
+        "Jobs refused because their input is outside what the model was validated on (or its output implausible), by model and check";
 }
 
 impl Metrics {

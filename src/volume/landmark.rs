@@ -498,6 +498,142 @@ pub fn above_aortic_arch(vol: &Volume) -> Result<ArchLevel, LandmarkError> {
     })
 }
 
+/// What one axial slice shows of the airway at the level above the aortic
+/// arch (see [`trachea_in_slice`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TracheaCut {
+    /// Cross-section of the trachea (cm²), when one was found.
+    pub area_cm2: Option<f64>,
+    /// [`mediastinum_width`] (mm).
+    pub mediastinum_mm: f64,
+    /// Lung on the two sides of it (cm²): lower x, higher x.
+    pub lungs_cm2: (f64, f64),
+}
+
+/// Bronchi, not a trachea: two airways side by side (within this much
+/// antero-posterior, at least [`BRONCHI_PAIR_DX_MM`] apart left-right).
+const BRONCHI_PAIR_DY_MM: f64 = 15.0;
+const BRONCHI_PAIR_DX_MM: f64 = 10.0;
+
+/// 3×3 box mean (edge pixels average the neighbours they have): one slice
+/// cannot be followed along z to bridge noise, so the air threshold is
+/// applied to a smoothed slice. Without it, tracheal air at −990 HU with
+/// 30–40 HU of noise breaks into fragments below [`AIRWAY_MIN_CM2`].
+fn box3(slice: ArrayView2<'_, f32>) -> Vec<f32> {
+    let (rows, cols) = slice.dim();
+    let mut out = vec![0.0f32; rows * cols];
+    for r in 0..rows {
+        for c in 0..cols {
+            let (mut sum, mut n) = (0.0f32, 0.0f32);
+            for rr in r.saturating_sub(1)..(r + 2).min(rows) {
+                for cc in c.saturating_sub(1)..(c + 2).min(cols) {
+                    sum += slice[[rr, cc]];
+                    n += 1.0;
+                }
+            }
+            out[r * cols + c] = sum / n;
+        }
+    }
+    out
+}
+
+/// The mediastinum of one slice: the left-right gap between the inner edges
+/// of the two lungs, 90th percentile over the rows that cut both (mm), with
+/// the lung area on each side (cm²). `None` without lung on both sides of
+/// the body's midline.
+pub fn mediastinum_width(slice: ArrayView2<'_, f32>, pixel_spacing: [f64; 2]) -> Option<(f64, (f64, f64))> {
+    let (rows, cols) = slice.dim();
+    let g = Grid { rows, cols, dy: pixel_spacing[0], dx: pixel_spacing[1] };
+    let hu = box3(slice);
+    let (_, midline) = airways(&hu, g);
+    let mid = (midline? / g.dx).round() as usize;
+    let lung: Vec<bool> = hu.iter().map(|v| *v < LUNG_HU).collect();
+    let mut keep = vec![false; lung.len()];
+    for c in components(&lung, g) {
+        if !c.touches_border && g.area_cm2(c.pixels.len()) >= LUNG_COMPONENT_MIN_CM2 {
+            for p in c.pixels {
+                keep[p] = true;
+            }
+        }
+    }
+    let (mut low, mut high) = (0usize, 0usize);
+    let mut gaps = Vec::new();
+    for r in 0..rows {
+        let row = &keep[r * cols..(r + 1) * cols];
+        let inner_low = (0..mid.min(cols)).rev().find(|&c| row[c]);
+        let inner_high = (mid.min(cols)..cols).find(|&c| row[c]);
+        low += row[..mid.min(cols)].iter().filter(|v| **v).count();
+        high += row[mid.min(cols)..].iter().filter(|v| **v).count();
+        if let (Some(a), Some(b)) = (inner_low, inner_high) {
+            gaps.push((b - a) as f64 * g.dx);
+        }
+    }
+    if gaps.is_empty() {
+        return None;
+    }
+    gaps.sort_by(f64::total_cmp);
+    let p90 = gaps[((gaps.len() - 1) as f64 * 0.9).round() as usize];
+    Some((p90, (g.area_cm2(low), g.area_cm2(high))))
+}
+
+/// At the level just above the aortic arch the mediastinum is the trachea,
+/// the oesophagus and the great vessels: the lungs come within a few cm of
+/// each other (chest-lidc0001: 46 mm at the arch, 47-67 mm down to the
+/// carina; phantoms 42-73 mm). At the heart they are 10 cm or more apart
+/// (chest-lidc0001 at -160 mm: 103 mm; chest-lungmask: 130 mm).
+pub const MEDIASTINUM_MAX_MM: f64 = 85.0;
+
+/// Whether one axial slice is at the level just above the aortic arch. For
+/// a single-image series this is the only level check there is: one slice
+/// cannot be followed along z as [`above_aortic_arch`] does. It is, when
+/// there is lung (at least [`LUNG_MIN_CM2`]) on both sides of the midline and
+/// either
+/// - the slice cuts the trachea: on the slice smoothed by a 3×3 box mean
+///   (tracheal air at −990 HU with 30–40 HU of noise otherwise breaks into
+///   fragments), an airway candidate of step 1 of the module doc, of at
+///   least [`TRACHEA_MIN_CM2`], within [`MIDLINE_MM`] of the body's midline,
+///   and not one of two side by side (the main bronchi, below the carina); or
+/// - the mediastinum is narrow: [`mediastinum_width`] at most
+///   [`MEDIASTINUM_MAX_MM`] (the arch itself can hide the trachea in the
+///   training phantoms).
+///
+/// Refused: no lung on one side (neck, head, abdomen), or a wide mediastinum
+/// with no trachea (the heart).
+pub fn trachea_in_slice(slice: ArrayView2<'_, f32>, pixel_spacing: [f64; 2]) -> Result<TracheaCut, LandmarkError> {
+    let (rows, cols) = slice.dim();
+    let g = Grid { rows, cols, dy: pixel_spacing[0], dx: pixel_spacing[1] };
+    let Some((width, lungs)) = mediastinum_width(slice, pixel_spacing) else {
+        return Err(not_found("no lung on both sides of the body's midline (neck, head or abdomen?)"));
+    };
+    if lungs.0 < LUNG_MIN_CM2 || lungs.1 < LUNG_MIN_CM2 {
+        return Err(not_found(format!(
+            "too little lung on one side ({:.1} and {:.1} cm2, at least {LUNG_MIN_CM2} each): neck or lung bases?",
+            lungs.0, lungs.1
+        )));
+    }
+    let hu = box3(slice);
+    let (cands, midline) = airways(&hu, g);
+    let mid = midline.unwrap_or(cols as f64 * g.dx / 2.0);
+    let mut near: Vec<&Airway> = cands
+        .iter()
+        .filter(|a| a.area_cm2 >= TRACHEA_MIN_CM2 && (a.x_mm - mid).abs() < MIDLINE_MM)
+        .collect();
+    near.sort_by(|a, b| b.area_cm2.total_cmp(&a.area_cm2));
+    let pair = near.iter().enumerate().any(|(i, a)| {
+        near[i + 1..]
+            .iter()
+            .any(|b| (a.y_mm - b.y_mm).abs() < BRONCHI_PAIR_DY_MM && (a.x_mm - b.x_mm).abs() >= BRONCHI_PAIR_DX_MM)
+    });
+    let trachea = if pair { None } else { near.first().map(|t| t.area_cm2) };
+    if trachea.is_none() && width > MEDIASTINUM_MAX_MM {
+        return Err(not_found(format!(
+            "{} and the lungs are {width:.0} mm apart (at most {MEDIASTINUM_MAX_MM:.0} mm above the arch): heart level?",
+            if pair { "two main bronchi, no trachea," } else { "no trachea" }
+        )));
+    }
+    Ok(TracheaCut { area_cm2: trachea, mediastinum_mm: width, lungs_cm2: lungs })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

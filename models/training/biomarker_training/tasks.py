@@ -44,9 +44,38 @@ class TaskSpec:
     # Typical magnitude of the value, used only to normalise the training loss.
     value_scale: float
     notes: list = field(default_factory=list)
+    # The card's `validated_input:` and `validated_output:` sections (biomarker-node's out-of-distribution
+    # guard, src/inference/guard.rs): what the model was validated on and what a plausible output is.
+    validated_input: dict = field(default_factory=dict)
+    validated_output: dict = field(default_factory=dict)
 
 
 _AREA = Code("SCT", "42798000", "Area")
+
+# The input every model was validated on. Ranges: what the phantom generator draws (src/phantom: pixel spacing
+# 0.6-0.9 mm chest / 0.65-0.9 mm abdomen at 512 and 0.7-1.0 mm for CAC at 256; slices 1.25/2.5 mm chest, 2.5/5 mm
+# abdomen, 2.5/3 mm CAC; 100 or 120 kVp) widened to what the node accepts for real CT (0.5-1.0 mm pixels, 0.5-5 mm
+# slices, 80-140 kVp). HU calibration: the air and fat peaks of the HU histogram of the slices the model sees.
+# Measured modes (25 HU running sum over 5 HU bins): air -1012..-967 HU, fat -127..-67 HU on phantoms and the real
+# chest/abdomen CT in shared/realct and shared/realct-labelled/chest-*; share of the window in the densest 25 HU
+# >= 0.22 there, ~0.13 for uniform noise.
+_HU_CALIBRATION = {
+    "air": {"expected_hu": -1000.0, "window_hu": [-1100.0, -900.0], "tolerance_hu": 50.0},
+    "fat": {"expected_hu": -100.0, "window_hu": [-200.0, -20.0], "tolerance_hu": 40.0},
+    "min_voxels": 500,
+    "min_peak_fraction": 0.18,
+}
+_CHEST_PARTS = ["CHEST", "THORAX", "CHESTABDOMEN", "CHESTABDPELVIS", "WHOLEBODY", "PARTIALBODY"]
+_CHEST_SLICE_INPUT = {
+    "pixel_spacing_mm": [0.5, 1.0],
+    "slice_thickness_mm": [0.5, 5.0],
+    "kvp": [80.0, 140.0],
+    "contrast": "any",
+    "body_part_examined": _CHEST_PARTS,
+    "orientation": "axial",
+    "level": "above_aortic_arch",
+    "hu_calibration": _HU_CALIBRATION,
+}
 
 TASKS = {
     "pma": TaskSpec(
@@ -57,6 +86,11 @@ TASKS = {
         concept=_AREA,
         finding_site=Code("SCT", "78904004", "Pectoralis major muscle"),
         value_scale=20.0,
+        validated_input=_CHEST_SLICE_INPUT,
+        # Map >= 0.5 outside the candidates: 58-98.1% on 140 chest phantoms (seed 901), 92% on the real chest
+        # volume above the arch, 99.7-99.9% on real slices at the heart and the neck (the map lights up everywhere
+        # but the muscle). A loose bound: the level check is what refuses those slices first.
+        validated_output={"value": [0.0, 150.0], "max_map_mass_outside_candidates": 0.99, "min_map_mass_mm2": 100.0},
     ),
     "sfa": TaskSpec(
         name="sfa", hu_min=-190.0, hu_max=-30.0, min_area_mm2=0.0, aggregation="area",
@@ -69,6 +103,9 @@ TASKS = {
         value_scale=100.0,
         notes=["finding_site SCT 67769002 taken from the brief ('subcutaneous tissue'); not verified "
                "against a SNOMED CT release in this session."],
+        validated_input=_CHEST_SLICE_INPUT,
+        # Map >= 0.5 outside the candidates: 17-86% on 140 chest phantoms (seed 901), 27-40% on real chest slices.
+        validated_output={"value": [0.0, 1000.0], "max_map_mass_outside_candidates": 0.95, "min_map_mass_mm2": 100.0},
     ),
     "liver": TaskSpec(
         name="liver", hu_min=-20.0, hu_max=200.0, min_area_mm2=0.0, aggregation="area",
@@ -79,6 +116,15 @@ TASKS = {
         # The measured region is the tumour; the site is the liver.
         finding_site=Code("SCT", "10200004", "Liver"),
         value_scale=10.0,
+        validated_input={
+            "pixel_spacing_mm": [0.5, 1.0], "slice_thickness_mm": [0.5, 5.0], "kvp": [80.0, 140.0],
+            # Phantoms are drawn non-contrast, arterial and portal venous; a series that states no agent is unknown.
+            "contrast": "any",
+            "body_part_examined": ["ABDOMEN", "ABDOMENPELVIS", "LIVER", "CHESTABDOMEN", "CHESTABDPELVIS",
+                                   "WHOLEBODY", "PARTIALBODY"],
+            "orientation": "axial", "hu_calibration": _HU_CALIBRATION},
+        # No map-mass bound: on phantoms 82-100% of the map >= 0.5 is outside the candidates for a correct value.
+        validated_output={"value": [0.0, 400.0]},
     ),
     "cac": TaskSpec(
         name="cac", hu_min=130.0, hu_max=None, min_area_mm2=1.0, aggregation="agatston",
@@ -93,6 +139,19 @@ TASKS = {
         notes=["concept is (450360000, SCT, \"Coronary artery calcium score\"), PS3.16 CID 6142; the SR adds "
                "Measurement Method (112055, DCM, \"Agatston scoring method\"), CID 6140 "
                "(docs/CONFORMANCE.md, \"CAC codes\")."],
+        validated_input={
+            # Agatston is defined at 120 kVp and 3 mm: thicker slices miss small lesions, low kVp raises calcium
+            # HU; thin slices are scored on 3 mm slabs (the thickness checked is the series' own).
+            "pixel_spacing_mm": [0.5, 1.0], "slice_thickness_mm": [0.5, 3.0], "kvp": [100.0, 140.0],
+            "contrast": "non_contrast",
+            "body_part_examined": ["CHEST", "THORAX", "HEART", "CHESTABDOMEN", "CHESTABDPELVIS", "WHOLEBODY",
+                                   "PARTIALBODY"],
+            "orientation": "axial",
+            # No air peak: a heart-centred calcium-scoring field of view (the phantoms: 180-256 mm) holds no air
+            # outside the body, only lung (its "air" mode sits at the window's edge, -912 HU).
+            "hu_calibration": {k: v for k, v in _HU_CALIBRATION.items() if k != "air"}},
+        # No map-mass bound: on phantoms 97-100% of the map >= 0.5 is outside the (calcium) candidates.
+        validated_output={"value": [0.0, 10000.0]},
     ),
 }
 
