@@ -366,14 +366,7 @@ fn check_output_with(
     pixel_area_mm2: f64,
     threshold: f64,
 ) -> Result<(), Refusal> {
-    if let Some(r) = o.value {
-        if !m.value.is_finite() || !within(m.value, r) {
-            return refuse(
-                Check::OutputValue,
-                format!("the value {:.2} {unit} is outside the model's plausible {}-{} {unit}", m.value, r[0], r[1]),
-            );
-        }
-    }
+    check_value_with(o, unit, m.value)?;
     let outside = map_mass_outside(m, pixel_area_mm2, threshold);
     if let Some((share, mass)) = outside {
         tracing::debug!(share, mass_mm2 = mass, value = m.value, "map mass outside the candidates");
@@ -388,6 +381,25 @@ fn check_output_with(
                     share * 100.0,
                     max * 100.0
                 ),
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The card's value range alone, for a value the model produced per slice
+/// (a volume job checks its largest cross-section: the range is an area's).
+pub fn check_value(card: &ModelCard, value: f64) -> Result<(), Refusal> {
+    let Some(o) = &card.validated_output else { return Ok(()) };
+    check_value_with(o, &card.biomarker.unit.ucum, value)
+}
+
+fn check_value_with(o: &ValidatedOutput, unit: &str, value: f64) -> Result<(), Refusal> {
+    if let Some(r) = o.value {
+        if !value.is_finite() || !within(value, r) {
+            return refuse(
+                Check::OutputValue,
+                format!("the value {value:.2} {unit} is outside the model's plausible {}-{} {unit}", r[0], r[1]),
             );
         }
     }

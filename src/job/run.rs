@@ -338,6 +338,10 @@ fn run_volume(
         pixel_spacing: vol.pixel_spacing,
         slice_thickness_mm: vol.slice_thickness.or(vol.spacing_mm).unwrap_or(1.0),
     };
+    // The guard's input checks hold for every slice the volume is summed
+    // over (the HU peaks are taken over all of them).
+    let all: Vec<usize> = (0..vol.slices()).collect();
+    crate::inference::guard::check_input(card, &vol, &all)?;
     let hu = std::mem::replace(&mut vol.hu, Array3::zeros((0, 0, 0)));
     let t_infer = Instant::now();
     let measurement = measure_volume(model, hu.view(), geom, &vol.slice_positions)?;
@@ -354,6 +358,10 @@ fn run_volume(
             message: "no per-slice burden in a volume measurement".into(),
         }));
     };
+    // The card's plausible range is a cross-section's: the volume's largest
+    // one is what it bounds. (The map-mass check is per slice; on a volume
+    // most slices rightly hold no tumour, so it is not applied here.)
+    crate::inference::guard::check_value(card, largest_area)?;
     let n = hu.dim().0;
     let line = ResultLine {
         series_instance_uid: series_uid.to_owned(),

@@ -219,6 +219,7 @@ fn measurement(value: f64, map: Array3<f32>, candidates: Array3<bool>) -> Measur
         model: "m".into(),
         model_version: "1".into(),
         execution_provider: "cpu",
+        volume: None,
     }
 }
 
