@@ -230,7 +230,14 @@ pub fn run(
         slice_thickness_mm: thickness.unwrap_or(1.0),
     };
     let t_infer = Instant::now();
-    let measurement = measure(model, hu.view(), geom)?;
+    let mut measurement = measure(model, hu.view(), geom)?;
+    if card.is_agatston() {
+        // Calcium outside the heart region (bone, aorta, above the arch) is
+        // never coronary, whatever the map says: `volume::heart`.
+        if let Some(region) = crate::volume::heart::heart_region(&vol) {
+            crate::biomarkers::exclude_lesions(&mut measurement, &region, &card.aggregation);
+        }
+    }
     crate::telemetry::InferenceTimed {
         model: &m.model,
         provider: measurement.execution_provider,

@@ -54,6 +54,7 @@
 
 pub(crate) mod attrs;
 mod jpeg_ext;
+pub mod heart;
 pub mod landmark;
 pub mod resample;
 

@@ -1,0 +1,663 @@
+//! Where coronary calcium can be: the heart region of a chest CT, found from
+//! HU alone, so that calcium in bone and in the aorta is never scored as
+//! coronary whatever a model's map says over it.
+//!
+//! **Input.** An assembled [`Volume`] (HU, sorted slices, geometry): the
+//! volume an Agatston score is computed on (after thin-slice resampling).
+//! Pure code on the HU array: no model, no I/O.
+//!
+//! **Output.** [`HeartRegion`]: for every voxel, `None` when it may hold
+//! coronary calcium, else the [`Exclusion`] that rules it out. Lesions are
+//! judged on it by `biomarkers::measure::exclude_lesions`.
+//!
+//! **Why from HU.** On real CT the CAC model's map is unreliable (it was
+//! trained on phantoms), and the structures ≥ 130 HU that are not coronary
+//! calcium are large, fixed in place and easy to find: bone (vertebrae,
+//! ribs, sternum, costal cartilage), the aorta's wall, and with IV contrast
+//! every vessel and chamber. The coronaries run on the heart's surface, in
+//! the mediastinum between the lungs, anterior of the spine and below the
+//! aortic arch. Each step below removes something that is never coronary;
+//! none of them needs the model.
+//!
+//! **Method**, per axial slice (patient left and posterior from the
+//! orientation, so flipped images work):
+//! 1. *Above the arch.* When the volume holds the trachea and carina
+//!    (`landmark`), every slice more than [`ABOVE_CARINA_MM`] above the
+//!    carina is [`Exclusion::AboveArch`]: the aortic arch, its branches and
+//!    the neck lie there, and its lower border is at the carina's level;
+//!    the coronary ostia (aortic root, about T6–T7) lie well below the
+//!    carina (T4–T5). A cardiac-FOV scan has no trachea to follow: then no
+//!    slice is cut this way.
+//! 2. *Lungs.* Connected components of HU < −400 of at least
+//!    [`LUNG_COMPONENT_CM2`] whose mean HU is above −950: parenchyma, not
+//!    the air outside the body, the trachea or bowel gas (≈ −1000), and not
+//!    dependent on whether the field of view clips the body (a
+//!    heart-centred reconstruction cuts the lungs at the image border).
+//!    Small non-lung islands inside the lung (vessels, a calcified
+//!    granuloma) count as lung. A slice with less than [`LUNG_MIN_CM2`] of
+//!    lung has no mediastinum to look in: it is all
+//!    [`Exclusion::OutsideMediastinum`] (abdomen, neck).
+//! 3. *Mediastinum.* The convex hull of the lung pixels, grown by
+//!    [`HULL_MARGIN_MM`] (the heart's apex may touch the chest wall where
+//!    the lingula does not cover it), minus the lungs. Ribs and the chest
+//!    wall lie outside it; so do lung nodules.
+//!    Outside: [`Exclusion::OutsideMediastinum`].
+//! 4. *Large dense structures.* Components (8-connected) of HU ≥ 130 of at
+//!    least [`LARGE_STRUCTURE_CM2`] in one slice, grown by
+//!    [`STRUCTURE_MARGIN_MM`]: a vertebra, the sternum, a rib where it
+//!    crosses the hull, and with IV contrast the blood pool. Coronary
+//!    calcium in one slice is a ribbon a few mm wide along a vessel of
+//!    3–4 mm, well below that area. When at least [`BONE_DENSE_FRACTION`] of
+//!    the component is ≥ [`BONE_DENSE_HU`] (cortex) it is
+//!    [`Exclusion::Bone`], else [`Exclusion::ContrastBlood`] (opacified
+//!    blood is 150–500 HU, uniform).
+//! 5. *Behind the front of the spine.* The vertebra is the largest bone
+//!    component of at least [`VERTEBRA_MIN_CM2`] in the posterior half of
+//!    the lungs' extent; everything posterior of its anterior surface (rib
+//!    heads, posterior ribs, the spinal canal) is
+//!    [`Exclusion::OutsideMediastinum`]. The heart lies anterior of the
+//!    oesophagus and the descending aorta, which lie anterior of the spine.
+//! 6. *Descending aorta.* A round column of blood (HU > −20, with or without
+//!    contrast) beside the vertebra on the patient-left side and anterior of
+//!    it: the centre is the point of the box [`AORTA_BOX`] (relative to the
+//!    vertebra) farthest from any non-blood pixel, preferring points near
+//!    the aorta's usual place; its radius must be 6–25 mm. The disc grown by
+//!    [`AORTA_MARGIN_MM`] (the wall and its calcification, which is ≥ 130 HU
+//!    and so not blood) is [`Exclusion::Aorta`].
+//!
+//! Not excluded from HU: the ascending aorta and aortic root below the
+//! carina level, the aortic valve and the mitral annulus: they lie on or in
+//! the heart, beside the coronary ostia, and are left to the model's map.
+//!
+//! **Failure modes.** None: a volume that is not an axial stack (normal
+//! within ~25° of z) gets no region ([`heart_region`] returns `None`) and
+//! its lesions are judged by the map alone, as before.
+
+use ndarray::{Array2, Array3, ArrayView2, Axis};
+use serde::Serialize;
+
+use super::landmark;
+use super::Volume;
+
+/// Slices this far above the carina are above the arch's lower border.
+pub const ABOVE_CARINA_MM: f64 = 5.0;
+const LUNG_HU: f32 = -400.0;
+const LUNG_MEAN_MIN_HU: f64 = -950.0;
+pub const LUNG_COMPONENT_CM2: f64 = 5.0;
+pub const LUNG_MIN_CM2: f64 = 10.0;
+/// Non-lung islands inside a lung smaller than this are lung.
+const LUNG_HOLE_CM2: f64 = 5.0;
+pub const HULL_MARGIN_MM: f64 = 5.0;
+const CALCIUM_HU: f32 = 130.0;
+pub const LARGE_STRUCTURE_CM2: f64 = 1.5;
+pub const STRUCTURE_MARGIN_MM: f64 = 3.0;
+pub const BONE_DENSE_HU: f32 = 500.0;
+pub const BONE_DENSE_FRACTION: f64 = 0.05;
+pub const VERTEBRA_MIN_CM2: f64 = 3.0;
+/// Half-width (mm) around the vertebra's centre in which its anterior
+/// surface is measured (rib heads lie farther out).
+const VERTEBRA_HALF_WIDTH_MM: f64 = 15.0;
+const BLOOD_HU: f32 = -20.0;
+/// Where the descending aorta's centre may be, relative to the vertebra:
+/// (left min, left max) from its centre, (anterior min, anterior max) from
+/// its anterior surface, in mm.
+pub const AORTA_BOX: [f64; 4] = [-10.0, 50.0, -10.0, 45.0];
+/// Its usual place in that frame (left, anterior), mm.
+const AORTA_USUAL: [f64; 2] = [20.0, 10.0];
+/// Distance from the usual place that costs one mm of radius.
+const AORTA_PULL: f64 = 0.25;
+const AORTA_RADIUS_MM: [f64; 2] = [6.0, 25.0];
+pub const AORTA_MARGIN_MM: f64 = 5.0;
+/// The ring tested for roundness lies this far outside the inscribed circle.
+const RING_MM: f64 = 3.0;
+/// At least this fraction of that ring is not blood.
+const RING_OUTSIDE_MIN: f64 = 0.5;
+
+/// Why a voxel cannot hold coronary calcium.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Exclusion {
+    /// At or above the aortic arch (above the carina).
+    AboveArch,
+    /// Not between the lungs, or behind the front of the spine.
+    OutsideMediastinum,
+    /// Within a few mm of bone (vertebra, sternum, rib).
+    Bone,
+    /// Within a few mm of a large contrast-filled vessel or chamber.
+    ContrastBlood,
+    /// The descending aorta and its wall.
+    Aorta,
+}
+
+impl Exclusion {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Exclusion::AboveArch => "above_arch",
+            Exclusion::OutsideMediastinum => "outside_mediastinum",
+            Exclusion::Bone => "bone",
+            Exclusion::ContrastBlood => "contrast_blood",
+            Exclusion::Aorta => "aorta",
+        }
+    }
+}
+
+/// Per voxel, `None` where coronary calcium may be, else why not.
+#[derive(Debug, Clone)]
+pub struct HeartRegion {
+    pub reasons: Array3<Option<Exclusion>>,
+}
+
+/// A slice's pixel geometry and which way the patient faces in it.
+#[derive(Debug, Clone, Copy)]
+pub struct SliceFrame {
+    /// Row spacing, column spacing (mm).
+    pub dy: f64,
+    pub dx: f64,
+    /// +1 when the column index grows toward patient left, −1 otherwise.
+    pub left: f64,
+    /// +1 when the row index grows toward posterior, −1 otherwise.
+    pub posterior: f64,
+}
+
+/// The heart region of `vol` (module doc), or `None` for a stack that is not
+/// axial.
+pub fn heart_region(vol: &Volume) -> Option<HeartRegion> {
+    if vol.normal[2].abs() < 0.9 || vol.orientation[0].abs() < 0.9 || vol.orientation[4].abs() < 0.9 {
+        return None;
+    }
+    let frame = SliceFrame {
+        dy: vol.pixel_spacing[0],
+        dx: vol.pixel_spacing[1],
+        left: vol.orientation[0].signum(),
+        posterior: vol.orientation[4].signum(),
+    };
+    let carina = landmark::above_aortic_arch(vol).ok().map(|a| a.carina_z_mm);
+    let mut reasons = Array3::from_elem(vol.hu.dim(), None);
+    for (i, slice) in vol.hu.axis_iter(Axis(0)).enumerate() {
+        let mut out = reasons.index_axis_mut(Axis(0), i);
+        if carina.is_some_and(|c| vol.positions[i][2] > c + ABOVE_CARINA_MM) {
+            out.fill(Some(Exclusion::AboveArch));
+        } else {
+            out.assign(&slice_exclusion(slice, frame));
+        }
+    }
+    Some(HeartRegion { reasons })
+}
+
+/// Steps 2–6 of the module doc on one axial slice.
+pub fn slice_exclusion(hu: ArrayView2<f32>, f: SliceFrame) -> Array2<Option<Exclusion>> {
+    let (rows, cols) = hu.dim();
+    let px_cm2 = f.dy * f.dx / 100.0;
+    let mut out = Array2::from_elem((rows, cols), Some(Exclusion::OutsideMediastinum));
+
+    // 2. Lungs.
+    let (lab, comps) = label_hu(&hu.mapv(|v| v < LUNG_HU), Some(hu));
+    let lung_ids: Vec<bool> = comps
+        .iter()
+        .map(|c| c.n as f64 * px_cm2 >= LUNG_COMPONENT_CM2 && c.sum_hu / c.n as f64 > LUNG_MEAN_MIN_HU)
+        .collect();
+    let mut lung = lab.mapv(|l| l > 0 && lung_ids[l as usize - 1]);
+    let lung_px = lung.iter().filter(|&&l| l).count();
+    if (lung_px as f64) * px_cm2 < LUNG_MIN_CM2 {
+        return out;
+    }
+    let (holes, hole_comps) = label(&lung.mapv(|l| !l));
+    for ((r, c), h) in holes.indexed_iter() {
+        if *h == 0 {
+            continue;
+        }
+        let hc = &hole_comps[*h as usize - 1];
+        if !hc.touches_border && (hc.n as f64) * px_cm2 < LUNG_HOLE_CM2 {
+            lung[[r, c]] = true;
+        }
+    }
+
+    // 3. Mediastinum: the grown convex hull of the lungs, minus the lungs.
+    let hull = convex_hull_mask(&lung);
+    let near_hull = distance_to(&hull, f).mapv(|d| d <= HULL_MARGIN_MM);
+    let mut inside = Array2::from_elem((rows, cols), false);
+    inside.zip_mut_with(&near_hull, |i, &h| *i = h);
+    inside.zip_mut_with(&lung, |i, &l| *i &= !l);
+
+    // 4. Large dense structures.
+    let (dlab, dcomps) = label_hu(&hu.mapv(|v| v >= CALCIUM_HU), Some(hu));
+    let mut kind: Vec<Option<Exclusion>> = dcomps
+        .iter()
+        .map(|c| {
+            (c.n as f64 * px_cm2 >= LARGE_STRUCTURE_CM2).then(|| {
+                if c.dense as f64 >= BONE_DENSE_FRACTION * c.n as f64 {
+                    Exclusion::Bone
+                } else {
+                    Exclusion::ContrastBlood
+                }
+            })
+        })
+        .collect();
+    // 5. The vertebra: the largest large structure in the posterior half of
+    // the lungs' extent and the middle half of their width (a rib's band
+    // is lateral; the aorta, with contrast, is smaller). `a` is anterior (mm), `l` patient-left (mm).
+    let a_of = |r: usize| -f.posterior * r as f64 * f.dy;
+    let l_of = |c: usize| f.left * c as f64 * f.dx;
+    let lung_a: Vec<f64> = lung.indexed_iter().filter(|(_, &v)| v).map(|((r, _), _)| a_of(r)).collect();
+    let (amin, amax) = lung_a.iter().fold((f64::MAX, f64::MIN), |(lo, hi), &a| (lo.min(a), hi.max(a)));
+    let mid_a = (amin + amax) / 2.0;
+    let (lmin, lmax) = lung
+        .indexed_iter()
+        .filter(|(_, &v)| v)
+        .fold((f64::MAX, f64::MIN), |(lo, hi), ((_, c), _)| (lo.min(l_of(c)), hi.max(l_of(c))));
+    let vertebra = dcomps
+        .iter()
+        .enumerate()
+        .filter(|(k, c)| {
+            let (ca, cl) = (a_of(0) + c.sum_r / c.n as f64 * (-f.posterior * f.dy), l_of(0) + c.sum_c / c.n as f64 * f.left * f.dx);
+            kind[*k].is_some()
+                && c.n as f64 * px_cm2 >= VERTEBRA_MIN_CM2
+                && ca < mid_a
+                && (cl - (lmin + lmax) / 2.0).abs() <= (lmax - lmin) / 4.0
+        })
+        .max_by_key(|(_, c)| c.n)
+        .map(|(k, c)| (k as u32 + 1, l_of(0) + c.sum_c / c.n as f64 * f.left * f.dx));
+    if let Some((vid, _)) = vertebra {
+        // A vertebral body may be less dense than the cortex rule expects.
+        kind[vid as usize - 1] = Some(Exclusion::Bone);
+    }
+    let of_kind = |k: Exclusion| dlab.mapv(|l| l > 0 && kind[l as usize - 1] == Some(k));
+    let near_bone = distance_to(&of_kind(Exclusion::Bone), f).mapv(|d| d <= STRUCTURE_MARGIN_MM);
+    let near_contrast = distance_to(&of_kind(Exclusion::ContrastBlood), f).mapv(|d| d <= STRUCTURE_MARGIN_MM);
+
+    let mut aorta: Option<([f64; 2], f64)> = None;
+    if let Some((vid, vl)) = vertebra {
+        // Its anterior surface near the midline of the vertebral body.
+        let front = dlab
+            .indexed_iter()
+            .filter(|((_, c), &l)| l == vid && (l_of(*c) - vl).abs() <= VERTEBRA_HALF_WIDTH_MM)
+            .map(|((r, _), _)| a_of(r))
+            .fold(f64::MIN, f64::max);
+        for ((r, _), v) in inside.indexed_iter_mut() {
+            if a_of(r) < front {
+                *v = false;
+            }
+        }
+        // 6. The descending aorta: a disc of blood that is round, i.e.
+        // mostly bordered by something else (fat, lung, bone) just outside
+        // its inscribed circle; a point inside the heart, also blood, is not.
+        let blood = {
+            let mut b = hu.mapv(|v| v > BLOOD_HU);
+            b.zip_mut_with(&near_bone, |b, &n| *b &= !n);
+            b
+        };
+        let depth = distance_to(&blood.mapv(|b| !b), f);
+        let ring_outside = |r: usize, c: usize, rad: f64| {
+            let n = 32;
+            let mut out = 0;
+            for k in 0..n {
+                let t = k as f64 * std::f64::consts::TAU / n as f64;
+                let rr = r as f64 + (rad + RING_MM) * t.sin() / f.dy;
+                let cc = c as f64 + (rad + RING_MM) * t.cos() / f.dx;
+                if rr < 0.0 || cc < 0.0 || rr >= rows as f64 || cc >= cols as f64 {
+                    continue;
+                }
+                if !blood[[rr as usize, cc as usize]] {
+                    out += 1;
+                }
+            }
+            out as f64 / n as f64
+        };
+        let mut best = (f64::MIN, [0.0, 0.0], 0.0);
+        for ((r, c), &d) in depth.indexed_iter() {
+            let (l, a) = (l_of(c) - vl, a_of(r) - front);
+            if l < AORTA_BOX[0] || l > AORTA_BOX[1] || a < AORTA_BOX[2] || a > AORTA_BOX[3] {
+                continue;
+            }
+            if d < AORTA_RADIUS_MM[0] || d > AORTA_RADIUS_MM[1] {
+                continue;
+            }
+            let score = d - AORTA_PULL * (l - AORTA_USUAL[0]).hypot(a - AORTA_USUAL[1]);
+            if score > best.0 && ring_outside(r, c, d) >= RING_OUTSIDE_MIN {
+                best = (score, [l, a], d);
+            }
+        }
+        if best.2 >= AORTA_RADIUS_MM[0] {
+            aorta = Some(([best.1[0] + vl, best.1[1] + front], best.2));
+        }
+    }
+
+    // Reasons, most specific first.
+    for ((r, c), o) in out.indexed_iter_mut() {
+        let in_aorta = aorta.is_some_and(|([l, a], rad)| (l_of(c) - l).hypot(a_of(r) - a) <= rad + AORTA_MARGIN_MM);
+        *o = if near_bone[[r, c]] {
+            Some(Exclusion::Bone)
+        } else if in_aorta {
+            Some(Exclusion::Aorta)
+        } else if near_contrast[[r, c]] {
+            Some(Exclusion::ContrastBlood)
+        } else if !inside[[r, c]] {
+            Some(Exclusion::OutsideMediastinum)
+        } else {
+            None
+        };
+    }
+    out
+}
+
+/// One 8-connected component's statistics.
+struct Comp {
+    n: usize,
+    sum_hu: f64,
+    sum_r: f64,
+    sum_c: f64,
+    /// Pixels ≥ [`BONE_DENSE_HU`] (only meaningful for the HU ≥ 130 mask).
+    dense: usize,
+    touches_border: bool,
+}
+
+/// 8-connected labels (1-based) of `mask`, with per-component statistics;
+/// the HU statistics are zero without `hu`.
+fn label(mask: &Array2<bool>) -> (Array2<u32>, Vec<Comp>) {
+    label_hu(mask, None)
+}
+
+fn label_hu(mask: &Array2<bool>, hu: Option<ArrayView2<f32>>) -> (Array2<u32>, Vec<Comp>) {
+    let (rows, cols) = mask.dim();
+    let mut lab = Array2::<u32>::zeros((rows, cols));
+    let mut comps = Vec::new();
+    let mut stack = Vec::new();
+    for r0 in 0..rows {
+        for c0 in 0..cols {
+            if !mask[[r0, c0]] || lab[[r0, c0]] != 0 {
+                continue;
+            }
+            let id = comps.len() as u32 + 1;
+            let mut comp = Comp { n: 0, sum_hu: 0.0, sum_r: 0.0, sum_c: 0.0, dense: 0, touches_border: false };
+            lab[[r0, c0]] = id;
+            stack.push((r0, c0));
+            while let Some((r, c)) = stack.pop() {
+                comp.n += 1;
+                comp.sum_r += r as f64;
+                comp.sum_c += c as f64;
+                if let Some(h) = hu {
+                    let v = h[[r, c]];
+                    comp.sum_hu += v as f64;
+                    if v >= BONE_DENSE_HU {
+                        comp.dense += 1;
+                    }
+                }
+                if r == 0 || c == 0 || r + 1 == rows || c + 1 == cols {
+                    comp.touches_border = true;
+                }
+                for (dr, dc) in [(-1i64, -1i64), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)] {
+                    let (nr, nc) = (r as i64 + dr, c as i64 + dc);
+                    if nr < 0 || nc < 0 || nr >= rows as i64 || nc >= cols as i64 {
+                        continue;
+                    }
+                    let (nr, nc) = (nr as usize, nc as usize);
+                    if mask[[nr, nc]] && lab[[nr, nc]] == 0 {
+                        lab[[nr, nc]] = id;
+                        stack.push((nr, nc));
+                    }
+                }
+            }
+            comps.push(comp);
+        }
+    }
+    (lab, comps)
+}
+
+/// Chamfer distance (mm) from every pixel to the nearest `true` pixel of
+/// `mask` (two passes, 8 neighbours, exact along rows, columns and
+/// diagonals); `f64::MAX` everywhere when the mask is empty.
+pub fn distance_to(mask: &Array2<bool>, f: SliceFrame) -> Array2<f64> {
+    let (rows, cols) = mask.dim();
+    let diag = f.dx.hypot(f.dy);
+    let big = f64::MAX / 4.0;
+    let mut d = mask.mapv(|m| if m { 0.0 } else { big });
+    for r in 0..rows {
+        for c in 0..cols {
+            let mut v = d[[r, c]];
+            if c > 0 {
+                v = v.min(d[[r, c - 1]] + f.dx);
+            }
+            if r > 0 {
+                v = v.min(d[[r - 1, c]] + f.dy);
+                if c > 0 {
+                    v = v.min(d[[r - 1, c - 1]] + diag);
+                }
+                if c + 1 < cols {
+                    v = v.min(d[[r - 1, c + 1]] + diag);
+                }
+            }
+            d[[r, c]] = v;
+        }
+    }
+    for r in (0..rows).rev() {
+        for c in (0..cols).rev() {
+            let mut v = d[[r, c]];
+            if c + 1 < cols {
+                v = v.min(d[[r, c + 1]] + f.dx);
+            }
+            if r + 1 < rows {
+                v = v.min(d[[r + 1, c]] + f.dy);
+                if c + 1 < cols {
+                    v = v.min(d[[r + 1, c + 1]] + diag);
+                }
+                if c > 0 {
+                    v = v.min(d[[r + 1, c - 1]] + diag);
+                }
+            }
+            d[[r, c]] = v;
+        }
+    }
+    d
+}
+
+/// The pixels inside the convex hull of the `true` pixels of `mask`
+/// (pixel centres; the hull's own pixels included).
+pub fn convex_hull_mask(mask: &Array2<bool>) -> Array2<bool> {
+    let (rows, cols) = mask.dim();
+    // The leftmost and rightmost pixel of each row span the hull.
+    let mut pts: Vec<(f64, f64)> = Vec::new();
+    for r in 0..rows {
+        let row = mask.row(r);
+        if let Some(c0) = row.iter().position(|&m| m) {
+            let c1 = row.iter().rposition(|&m| m).unwrap_or(c0);
+            pts.push((c0 as f64, r as f64));
+            pts.push((c1 as f64, r as f64));
+        }
+    }
+    let mut out = Array2::from_elem((rows, cols), false);
+    let hull = monotone_chain(pts);
+    if hull.is_empty() {
+        return out;
+    }
+    let ymin = hull.iter().map(|p| p.1).fold(f64::MAX, f64::min) as usize;
+    let ymax = hull.iter().map(|p| p.1).fold(f64::MIN, f64::max) as usize;
+    for r in ymin..=ymax.min(rows - 1) {
+        let y = r as f64;
+        let (mut lo, mut hi) = (f64::MAX, f64::MIN);
+        for k in 0..hull.len() {
+            let (a, b) = (hull[k], hull[(k + 1) % hull.len()]);
+            if (a.1 - y) * (b.1 - y) > 0.0 {
+                continue;
+            }
+            if a.1 == b.1 {
+                lo = lo.min(a.0.min(b.0));
+                hi = hi.max(a.0.max(b.0));
+            } else {
+                let x = a.0 + (y - a.1) * (b.0 - a.0) / (b.1 - a.1);
+                lo = lo.min(x);
+                hi = hi.max(x);
+            }
+        }
+        if lo > hi {
+            continue;
+        }
+        let c0 = (lo - 1e-9).ceil().max(0.0) as usize;
+        let c1 = ((hi + 1e-9).floor() as usize).min(cols - 1);
+        for c in c0..=c1 {
+            out[[r, c]] = true;
+        }
+    }
+    out
+}
+
+/// Convex hull (Andrew's monotone chain), counter-clockwise, no collinear
+/// points; a single point or a segment for degenerate input.
+fn monotone_chain(mut pts: Vec<(f64, f64)>) -> Vec<(f64, f64)> {
+    pts.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.total_cmp(&b.1)));
+    pts.dedup();
+    if pts.len() < 3 {
+        return pts;
+    }
+    let cross = |o: (f64, f64), a: (f64, f64), b: (f64, f64)| (a.0 - o.0) * (b.1 - o.1) - (a.1 - o.1) * (b.0 - o.0);
+    let mut h: Vec<(f64, f64)> = Vec::with_capacity(2 * pts.len());
+    for &p in &pts {
+        while h.len() >= 2 && cross(h[h.len() - 2], h[h.len() - 1], p) <= 0.0 {
+            h.pop();
+        }
+        h.push(p);
+    }
+    let lower = h.len() + 1;
+    for &p in pts.iter().rev().skip(1) {
+        while h.len() >= lower && cross(h[h.len() - 2], h[h.len() - 1], p) <= 0.0 {
+            h.pop();
+        }
+        h.push(p);
+    }
+    h.pop();
+    h
+}
+
+/// A synthetic axial chest slice for tests (256 × 256, 1 mm pixels, column
+/// toward patient left, row toward posterior) with a 3×3 calcification
+/// (≥ 130 HU) in each place the module tells apart. Returns the slice and
+/// the centre (row, col) of: a coronary plaque in the epicardial fat, the
+/// descending aorta's wall, a rib, the vertebra and the sternum.
+#[cfg(test)]
+pub(crate) fn synthetic_chest_slice() -> (Array2<f32>, [(usize, usize); 5]) {
+    let mut hu = Array2::<f32>::from_elem((256, 256), -1000.0);
+    let ell = |r: usize, c: usize, cy: f64, cx: f64, ay: f64, ax: f64| {
+        ((r as f64 - cy) / ay).powi(2) + ((c as f64 - cx) / ax).powi(2) < 1.0
+    };
+    for ((r, c), v) in hu.indexed_iter_mut() {
+        let mut x = -1000.0;
+        if ell(r, c, 128.0, 128.0, 90.0, 120.0) {
+            x = 40.0; // body wall
+        }
+        if ell(r, c, 125.0, 73.0, 65.0, 40.0) || ell(r, c, 125.0, 183.0, 65.0, 40.0) {
+            x = -850.0; // lungs
+        }
+        if (100..=156).contains(&c) && (60..=185).contains(&r) && x > -500.0 {
+            x = -100.0; // mediastinal fat
+        }
+        if ell(r, c, 105.0, 128.0, 36.0, 32.0) {
+            x = -100.0; // epicardial fat
+        }
+        if ell(r, c, 105.0, 128.0, 32.0, 28.0) {
+            x = 40.0; // heart
+        }
+        let dv = (r as f64 - 190.0).hypot(c as f64 - 128.0);
+        if dv < 15.0 {
+            x = if dv > 13.0 { 800.0 } else { 250.0 }; // vertebra
+        }
+        let da = (r as f64 - 163.0).hypot(c as f64 - 148.0);
+        if da < 11.0 {
+            x = 40.0; // descending aorta
+        } else if da < 14.0 {
+            x = -100.0; // its fat
+        }
+        if (118..=138).contains(&c) && (40..=48).contains(&r) {
+            x = if (120..=136).contains(&c) && (42..=46).contains(&r) { 300.0 } else { 800.0 }; // sternum
+        }
+        if (r as f64 - 128.0).hypot(c as f64 - 20.0) < 4.0 {
+            x = 600.0; // rib
+        }
+        *v = x;
+    }
+    let centres = [(105, 158), (163, 159), (128, 20), (190, 128), (44, 128)];
+    for &(r, c) in &centres[..2] {
+        for dr in 0..3 {
+            for dc in 0..3 {
+                hu[[r + dr - 1, c + dc - 1]] = 450.0;
+            }
+        }
+    }
+    (hu, centres)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FRAME: SliceFrame = SliceFrame { dy: 1.0, dx: 1.0, left: 1.0, posterior: 1.0 };
+
+    #[test]
+    fn each_non_coronary_place_is_excluded_with_its_reason() {
+        let (hu, [coronary, aorta, rib, vertebra, sternum]) = synthetic_chest_slice();
+        let ex = slice_exclusion(hu.view(), FRAME);
+        assert_eq!(ex[coronary], None, "the plaque in the epicardial fat is in the heart region");
+        assert_eq!(ex[aorta], Some(Exclusion::Aorta));
+        assert_eq!(ex[rib], Some(Exclusion::OutsideMediastinum));
+        assert_eq!(ex[vertebra], Some(Exclusion::Bone));
+        assert_eq!(ex[sternum], Some(Exclusion::Bone));
+        // the heart itself is in the region, the lungs and the air are not
+        assert_eq!(ex[(105, 128)], None);
+        assert_eq!(ex[(125, 73)], Some(Exclusion::OutsideMediastinum));
+        assert_eq!(ex[(2, 2)], Some(Exclusion::OutsideMediastinum));
+        // behind the front of the vertebra, even away from bone
+        assert_eq!(ex[(200, 100)], Some(Exclusion::OutsideMediastinum));
+    }
+
+    #[test]
+    fn a_flipped_image_gives_the_flipped_region() {
+        let (hu, [coronary, aorta, ..]) = synthetic_chest_slice();
+        let mut flipped = hu.clone();
+        flipped.invert_axis(Axis(1));
+        let ex = slice_exclusion(flipped.view(), SliceFrame { left: -1.0, ..FRAME });
+        assert_eq!(ex[(coronary.0, 255 - coronary.1)], None);
+        assert_eq!(ex[(aorta.0, 255 - aorta.1)], Some(Exclusion::Aorta));
+    }
+
+    #[test]
+    fn a_slice_without_lungs_is_all_outside() {
+        let hu = Array2::<f32>::from_elem((64, 64), 40.0);
+        let ex = slice_exclusion(hu.view(), FRAME);
+        assert!(ex.iter().all(|e| *e == Some(Exclusion::OutsideMediastinum)));
+    }
+
+    #[test]
+    fn hull_and_distance() {
+        let mut m = Array2::from_elem((9, 9), false);
+        m[(1, 1)] = true;
+        m[(1, 7)] = true;
+        m[(7, 4)] = true;
+        let h = convex_hull_mask(&m);
+        assert!(h[(1, 4)] && h[(4, 4)] && h[(7, 4)]);
+        assert!(!h[(7, 1)] && !h[(0, 4)] && !h[(4, 1)]);
+        let d = distance_to(&m, FRAME);
+        assert_eq!(d[(1, 1)], 0.0);
+        assert_eq!(d[(1, 3)], 2.0);
+        assert!((d[(2, 2)] - 2f64.sqrt()).abs() < 1e-12);
+    }
+
+    /// Writes the region of the series in $HEART_DIR to $HEART_OUT (.npy,
+    /// uint8 codes: 0 inside, 1 above arch, 2 outside, 3 bone, 4 contrast,
+    /// 5 aorta) for looking at it.
+    #[test]
+    #[ignore]
+    fn dump_region() {
+        let (Ok(dir), Ok(out)) = (std::env::var("HEART_DIR"), std::env::var("HEART_OUT")) else { return };
+        let mut files: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
+        files.retain(|p| p.extension().map_or(true, |e| e != "json" && e != "csv"));
+        let vol = Volume::from_files(&files).unwrap();
+        let region = heart_region(&vol).unwrap();
+        let code = |e: &Option<Exclusion>| match e {
+            None => 0u8,
+            Some(Exclusion::AboveArch) => 1,
+            Some(Exclusion::OutsideMediastinum) => 2,
+            Some(Exclusion::Bone) => 3,
+            Some(Exclusion::ContrastBlood) => 4,
+            Some(Exclusion::Aorta) => 5,
+        };
+        crate::npy::write(std::path::Path::new(&out), region.reasons.shape(), region.reasons.iter().map(code)).unwrap();
+    }
+}
