@@ -163,6 +163,10 @@ pub struct ResultLine {
     /// SC shows).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slice_sop_instance_uid: Option<String>,
+    /// Agatston: lesions not counted because they lie outside the heart
+    /// region (`volume::heart`), by reason; absent when there are none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lesions_excluded: Option<std::collections::BTreeMap<String, usize>>,
 }
 
 /// A report file a job wrote, as its result lists it.
@@ -259,6 +263,11 @@ pub fn run(
         elapsed_ms: t0.elapsed().as_secs_f64() * 1000.0,
         slice_z_mm: selected.map(|i| vol.positions[i][2]),
         slice_sop_instance_uid: selected.map(|i| vol.sop_instance_uids[i].clone()),
+        lesions_excluded: measurement.lesions.iter().filter_map(|l| l.excluded).fold(None, |acc, e| {
+            let mut acc: std::collections::BTreeMap<String, usize> = acc.unwrap_or_default();
+            *acc.entry(e.as_str().to_owned()).or_default() += 1;
+            Some(acc)
+        }),
     };
     let slices = idx
         .iter()
@@ -293,6 +302,7 @@ mod hu_step_tests {
             elapsed_ms: 7.25,
             slice_z_mm: None,
             slice_sop_instance_uid: None,
+            lesions_excluded: None,
         };
         // What the worker built by hand before JobResult.
         let mut before = serde_json::to_value(&line).unwrap();

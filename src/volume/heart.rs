@@ -8,7 +8,13 @@
 //!
 //! **Output.** [`HeartRegion`]: for every voxel, `None` when it may hold
 //! coronary calcium, else the [`Exclusion`] that rules it out. Lesions are
-//! judged on it by `biomarkers::measure::exclude_lesions`.
+//! judged on it by `biomarkers::measure::exclude_lesions`: a lesion with
+//! more than half of its pixels excluded is reported with the most common
+//! reason and never counted, whatever the map says. The job applies it
+//! after the model (`job::run`), so the Python pipeline and the golden set,
+//! which cover HU → map → value, are unchanged; the phantom generator's
+//! distractors that it removes (aortic wall, bone) are ones the model
+//! already does not count.
 //!
 //! **Why from HU.** On real CT the CAC model's map is unreliable (it was
 //! trained on phantoms), and the structures ≥ 130 HU that are not coronary
@@ -37,33 +43,51 @@
 //!    granuloma) count as lung. A slice with less than [`LUNG_MIN_CM2`] of
 //!    lung has no mediastinum to look in: it is all
 //!    [`Exclusion::OutsideMediastinum`] (abdomen, neck).
-//! 3. *Mediastinum.* The convex hull of the lung pixels, grown by
+//! 3. *Mediastinum.* The convex hull of the lung pixels and of their mirror
+//!    image about the vertebra's centre (step 5), grown by
 //!    [`HULL_MARGIN_MM`] (the heart's apex may touch the chest wall where
-//!    the lingula does not cover it), minus the lungs. Ribs and the chest
-//!    wall lie outside it; so do lung nodules.
+//!    the lingula does not cover it), minus the lungs. The mirror keeps the
+//!    heart in where one lung is missing from the slice (the right base
+//!    under the liver dome while the heart lies on the diaphragm; on the
+//!    phantoms the hull of the left lung alone cut off the heart and its
+//!    plaques): the rib cage is about symmetric about the spine, the lungs
+//!    are not. Ribs and the chest wall lie outside; so do lung nodules.
 //!    Outside: [`Exclusion::OutsideMediastinum`].
 //! 4. *Large dense structures.* Components (8-connected) of HU ≥ 130 of at
 //!    least [`LARGE_STRUCTURE_CM2`] in one slice, grown by
 //!    [`STRUCTURE_MARGIN_MM`]: a vertebra, the sternum, a rib where it
 //!    crosses the hull, and with IV contrast the blood pool. Coronary
 //!    calcium in one slice is a ribbon a few mm wide along a vessel of
-//!    3–4 mm, well below that area. When at least [`BONE_DENSE_FRACTION`] of
-//!    the component is ≥ [`BONE_DENSE_HU`] (cortex) it is
-//!    [`Exclusion::Bone`], else [`Exclusion::ContrastBlood`] (opacified
-//!    blood is 150–500 HU, uniform).
-//! 5. *Behind the front of the spine.* The vertebra is the largest bone
-//!    component of at least [`VERTEBRA_MIN_CM2`] in the posterior half of
-//!    the lungs' extent; everything posterior of its anterior surface (rib
-//!    heads, posterior ribs, the spinal canal) is
-//!    [`Exclusion::OutsideMediastinum`]. The heart lies anterior of the
+//!    3–4 mm, well below that area (the phantoms' largest plaque section is
+//!    under 0.8 cm²). When at least [`BONE_DENSE_FRACTION`] of the component
+//!    is ≥ [`BONE_DENSE_HU`] (cortex) it is [`Exclusion::Bone`], else
+//!    [`Exclusion::ContrastBlood`] (opacified blood is 150–500 HU, uniform).
+//!    The name is a hint for the reader: both are excluded alike.
+//! 5. *Behind the front of the spine.* The vertebra is the largest such
+//!    structure of at least [`VERTEBRA_MIN_CM2`] whose centre lies in the
+//!    posterior half of the lungs' antero-posterior extent and in the middle
+//!    half of their width (a rib's band is lateral; with contrast, the
+//!    aorta is smaller); it is [`Exclusion::Bone`] whatever its density
+//!    (an osteoporotic body has little cortex). Everything posterior of its
+//!    anterior surface (measured within 15 mm of its centre: rib heads lie
+//!    farther out) is [`Exclusion::OutsideMediastinum`]: rib heads,
+//!    posterior ribs, the spinal canal. The heart lies anterior of the
 //!    oesophagus and the descending aorta, which lie anterior of the spine.
 //! 6. *Descending aorta.* A round column of blood (HU > −20, with or without
-//!    contrast) beside the vertebra on the patient-left side and anterior of
-//!    it: the centre is the point of the box [`AORTA_BOX`] (relative to the
-//!    vertebra) farthest from any non-blood pixel, preferring points near
-//!    the aorta's usual place; its radius must be 6–25 mm. The disc grown by
-//!    [`AORTA_MARGIN_MM`] (the wall and its calcification, which is ≥ 130 HU
-//!    and so not blood) is [`Exclusion::Aorta`].
+//!    contrast, bone removed) beside the vertebra on the patient-left side
+//!    and anterior of it. Candidate centres are the points of the box
+//!    [`AORTA_BOX`] (relative to the vertebra) whose distance to the nearest
+//!    non-blood pixel (the inscribed radius) is 6–25 mm and whose ring
+//!    [`RING_MM`] outside that circle is at least half not blood (fat,
+//!    lung, bone): a round vessel in fat, not a point inside the heart,
+//!    which is also blood but continues past its inscribed circle. Of
+//!    those, the largest radius wins, less [`AORTA_PULL`] mm per mm from the
+//!    aorta's usual place. The disc grown by [`AORTA_MARGIN_MM`] (the wall
+//!    and its calcification) is [`Exclusion::Aorta`]. No such disc: no
+//!    aorta exclusion in that slice.
+//!
+//! Where several reasons apply: bone, then aorta, then contrast, then
+//! outside the mediastinum.
 //!
 //! Not excluded from HU: the ascending aorta and aortic root below the
 //! carina level, the aortic valve and the mitral annulus: they lie on or in
@@ -90,10 +114,13 @@ const LUNG_HOLE_CM2: f64 = 5.0;
 pub const HULL_MARGIN_MM: f64 = 5.0;
 const CALCIUM_HU: f32 = 130.0;
 pub const LARGE_STRUCTURE_CM2: f64 = 1.5;
-pub const STRUCTURE_MARGIN_MM: f64 = 3.0;
+pub const STRUCTURE_MARGIN_MM: f64 = 2.0;
 pub const BONE_DENSE_HU: f32 = 500.0;
 pub const BONE_DENSE_FRACTION: f64 = 0.05;
 pub const VERTEBRA_MIN_CM2: f64 = 3.0;
+pub const STERNUM_FROM_MIDLINE_MM: f64 = 30.0;
+/// A slice without a vertebra takes the spine of a slice this close.
+pub const SPINE_REACH_MM: f64 = 10.0;
 /// Half-width (mm) around the vertebra's centre in which its anterior
 /// surface is measured (rib heads lie farther out).
 const VERTEBRA_HALF_WIDTH_MM: f64 = 15.0;
@@ -105,11 +132,11 @@ pub const AORTA_BOX: [f64; 4] = [-10.0, 50.0, -10.0, 45.0];
 /// Its usual place in that frame (left, anterior), mm.
 const AORTA_USUAL: [f64; 2] = [20.0, 10.0];
 /// Distance from the usual place that costs one mm of radius.
-const AORTA_PULL: f64 = 0.25;
+pub const AORTA_PULL: f64 = 0.25;
 const AORTA_RADIUS_MM: [f64; 2] = [6.0, 25.0];
-pub const AORTA_MARGIN_MM: f64 = 5.0;
+pub const AORTA_MARGIN_MM: f64 = 3.0;
 /// The ring tested for roundness lies this far outside the inscribed circle.
-const RING_MM: f64 = 3.0;
+pub const RING_MM: f64 = 3.0;
 /// At least this fraction of that ring is not blood.
 const RING_OUTSIDE_MIN: f64 = 0.5;
 
@@ -173,12 +200,32 @@ pub fn heart_region(vol: &Volume) -> Option<HeartRegion> {
     };
     let carina = landmark::above_aortic_arch(vol).ok().map(|a| a.carina_z_mm);
     let mut reasons = Array3::from_elem(vol.hu.dim(), None);
-    for (i, slice) in vol.hu.axis_iter(Axis(0)).enumerate() {
+    let n = vol.slices();
+    let above = |i: usize| carina.is_some_and(|c| vol.positions[i][2] > c + ABOVE_CARINA_MM);
+    let mut spines = vec![None; n];
+    for i in 0..n {
         let mut out = reasons.index_axis_mut(Axis(0), i);
-        if carina.is_some_and(|c| vol.positions[i][2] > c + ABOVE_CARINA_MM) {
+        if above(i) {
             out.fill(Some(Exclusion::AboveArch));
         } else {
-            out.assign(&slice_exclusion(slice, frame));
+            let (ex, spine) = slice_exclusion_with(vol.hu.index_axis(Axis(0), i), frame, None);
+            out.assign(&ex);
+            spines[i] = spine;
+        }
+    }
+    // Slices through an intervertebral disc show no vertebra: they take the
+    // nearest slice's within [`SPINE_REACH_MM`].
+    let z = |i: usize| vol.slice_positions[i];
+    for i in 0..n {
+        if above(i) || spines[i].is_some() {
+            continue;
+        }
+        let near = (0..n)
+            .filter(|&k| spines[k].is_some() && (z(k) - z(i)).abs() <= SPINE_REACH_MM)
+            .min_by(|&a, &b| (z(a) - z(i)).abs().total_cmp(&(z(b) - z(i)).abs()));
+        if let Some(k) = near {
+            let (ex, _) = slice_exclusion_with(vol.hu.index_axis(Axis(0), i), frame, spines[k]);
+            reasons.index_axis_mut(Axis(0), i).assign(&ex);
         }
     }
     Some(HeartRegion { reasons })
@@ -186,6 +233,25 @@ pub fn heart_region(vol: &Volume) -> Option<HeartRegion> {
 
 /// Steps 2–6 of the module doc on one axial slice.
 pub fn slice_exclusion(hu: ArrayView2<f32>, f: SliceFrame) -> Array2<Option<Exclusion>> {
+    slice_exclusion_with(hu, f, None).0
+}
+
+/// Where the spine is in a slice: the vertebra's centre column (pixels)
+/// and its anterior surface (mm anterior of row 0).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Spine {
+    pub col: f64,
+    pub front_mm: f64,
+}
+
+/// [`slice_exclusion`], taking the spine from `fallback` (a neighbouring
+/// slice's) when this slice shows none (an intervertebral disc is < 130
+/// HU); returns the spine this slice shows.
+pub fn slice_exclusion_with(
+    hu: ArrayView2<f32>,
+    f: SliceFrame,
+    fallback: Option<Spine>,
+) -> (Array2<Option<Exclusion>>, Option<Spine>) {
     let (rows, cols) = hu.dim();
     let px_cm2 = f.dy * f.dx / 100.0;
     let mut out = Array2::from_elem((rows, cols), Some(Exclusion::OutsideMediastinum));
@@ -199,7 +265,7 @@ pub fn slice_exclusion(hu: ArrayView2<f32>, f: SliceFrame) -> Array2<Option<Excl
     let mut lung = lab.mapv(|l| l > 0 && lung_ids[l as usize - 1]);
     let lung_px = lung.iter().filter(|&&l| l).count();
     if (lung_px as f64) * px_cm2 < LUNG_MIN_CM2 {
-        return out;
+        return (out, None);
     }
     let (holes, hole_comps) = label(&lung.mapv(|l| !l));
     for ((r, c), h) in holes.indexed_iter() {
@@ -211,13 +277,6 @@ pub fn slice_exclusion(hu: ArrayView2<f32>, f: SliceFrame) -> Array2<Option<Excl
             lung[[r, c]] = true;
         }
     }
-
-    // 3. Mediastinum: the grown convex hull of the lungs, minus the lungs.
-    let hull = convex_hull_mask(&lung);
-    let near_hull = distance_to(&hull, f).mapv(|d| d <= HULL_MARGIN_MM);
-    let mut inside = Array2::from_elem((rows, cols), false);
-    inside.zip_mut_with(&near_hull, |i, &h| *i = h);
-    inside.zip_mut_with(&lung, |i, &l| *i &= !l);
 
     // 4. Large dense structures.
     let (dlab, dcomps) = label_hu(&hu.mapv(|v| v >= CALCIUM_HU), Some(hu));
@@ -241,38 +300,79 @@ pub fn slice_exclusion(hu: ArrayView2<f32>, f: SliceFrame) -> Array2<Option<Excl
     let lung_a: Vec<f64> = lung.indexed_iter().filter(|(_, &v)| v).map(|((r, _), _)| a_of(r)).collect();
     let (amin, amax) = lung_a.iter().fold((f64::MAX, f64::MIN), |(lo, hi), &a| (lo.min(a), hi.max(a)));
     let mid_a = (amin + amax) / 2.0;
-    let (lmin, lmax) = lung
-        .indexed_iter()
-        .filter(|(_, &v)| v)
-        .fold((f64::MAX, f64::MIN), |(lo, hi), ((_, c), _)| (lo.min(l_of(c)), hi.max(l_of(c))));
+    let centre = |c: &Comp| {
+        (a_of(0) + c.sum_r / c.n as f64 * (-f.posterior * f.dy), l_of(0) + c.sum_c / c.n as f64 * f.left * f.dx)
+    };
+    // Large and compact: area² / bounding-box area (a rib's band is long
+    // and thin, a vertebra round, even with its arch and rib heads).
+    let compact_area = |c: &Comp| {
+        let bb = ((c.bbox[1] - c.bbox[0] + 1) * (c.bbox[3] - c.bbox[2] + 1)) as f64;
+        (c.n as f64).powi(2) / bb
+    };
     let vertebra = dcomps
         .iter()
         .enumerate()
-        .filter(|(k, c)| {
-            let (ca, cl) = (a_of(0) + c.sum_r / c.n as f64 * (-f.posterior * f.dy), l_of(0) + c.sum_c / c.n as f64 * f.left * f.dx);
-            kind[*k].is_some()
-                && c.n as f64 * px_cm2 >= VERTEBRA_MIN_CM2
-                && ca < mid_a
-                && (cl - (lmin + lmax) / 2.0).abs() <= (lmax - lmin) / 4.0
-        })
-        .max_by_key(|(_, c)| c.n)
-        .map(|(k, c)| (k as u32 + 1, l_of(0) + c.sum_c / c.n as f64 * f.left * f.dx));
-    if let Some((vid, _)) = vertebra {
+        .filter(|(k, c)| kind[*k].is_some() && c.n as f64 * px_cm2 >= VERTEBRA_MIN_CM2 && centre(c).0 < mid_a)
+        .max_by(|(_, a), (_, b)| compact_area(a).total_cmp(&compact_area(b)))
+        .map(|(k, c)| (k as u32 + 1, centre(c).1));
+    let found = vertebra.map(|(vid, vl)| {
         // A vertebral body may be less dense than the cortex rule expects.
         kind[vid as usize - 1] = Some(Exclusion::Bone);
+        // Its anterior surface near the midline of the vertebral body.
+        let front_mm = dlab
+            .indexed_iter()
+            .filter(|((_, c), &l)| l == vid && (l_of(*c) - vl).abs() <= VERTEBRA_HALF_WIDTH_MM)
+            .map(|((r, _), _)| a_of(r))
+            .fold(f64::MIN, f64::max);
+        Spine { col: dcomps[vid as usize - 1].sum_c / dcomps[vid as usize - 1].n as f64, front_mm }
+    });
+    let spine = found.or(fallback);
+    // The sternum: the largest large structure in the anterior half within
+    // [`STERNUM_FROM_MIDLINE_MM`] of the vertebra's centre line.
+    let sternum = spine.and_then(|sp| {
+        let vl = l_of(0) + sp.col * f.left * f.dx;
+        dcomps
+            .iter()
+            .enumerate()
+            .filter(|(k, c)| {
+                let (a, l) = centre(c);
+                kind[*k].is_some() && a > mid_a && (l - vl).abs() <= STERNUM_FROM_MIDLINE_MM
+            })
+            .max_by_key(|(_, c)| c.n)
+            .map(|(k, _)| k as u32 + 1)
+    });
+    // 3. Mediastinum: the grown convex hull of the lungs and of their
+    // mirror image about the vertebra's centre, minus the lungs. The mirror
+    // keeps the heart in where one lung is missing from the slice (the
+    // right base under the liver dome, the heart on the diaphragm): the rib
+    // cage is about symmetric about the spine, the lungs are not.
+    let mut both = lung.clone();
+    if let Some(sp) = spine {
+        let vc = sp.col;
+        for ((r, c), &l) in lung.indexed_iter() {
+            let m = (2.0 * vc - c as f64).round();
+            if l && m >= 0.0 && (m as usize) < cols {
+                both[[r, m as usize]] = true;
+            }
+        }
     }
+    if let Some(sid) = sternum {
+        // The heart's front may touch the chest wall below the lungs' tips.
+        both.zip_mut_with(&dlab, |b, &l| *b |= l == sid);
+    }
+    let hull = convex_hull_mask(&both);
+    let near_hull = distance_to(&hull, f).mapv(|d| d <= HULL_MARGIN_MM);
+    let mut inside = Array2::from_elem((rows, cols), false);
+    inside.zip_mut_with(&near_hull, |i, &h| *i = h);
+    inside.zip_mut_with(&lung, |i, &l| *i &= !l);
+
     let of_kind = |k: Exclusion| dlab.mapv(|l| l > 0 && kind[l as usize - 1] == Some(k));
     let near_bone = distance_to(&of_kind(Exclusion::Bone), f).mapv(|d| d <= STRUCTURE_MARGIN_MM);
     let near_contrast = distance_to(&of_kind(Exclusion::ContrastBlood), f).mapv(|d| d <= STRUCTURE_MARGIN_MM);
 
     let mut aorta: Option<([f64; 2], f64)> = None;
-    if let Some((vid, vl)) = vertebra {
-        // Its anterior surface near the midline of the vertebral body.
-        let front = dlab
-            .indexed_iter()
-            .filter(|((_, c), &l)| l == vid && (l_of(*c) - vl).abs() <= VERTEBRA_HALF_WIDTH_MM)
-            .map(|((r, _), _)| a_of(r))
-            .fold(f64::MIN, f64::max);
+    if let Some(sp) = spine {
+        let (vl, front) = (l_of(0) + sp.col * f.left * f.dx, sp.front_mm);
         for ((r, _), v) in inside.indexed_iter_mut() {
             if a_of(r) < front {
                 *v = false;
@@ -337,7 +437,7 @@ pub fn slice_exclusion(hu: ArrayView2<f32>, f: SliceFrame) -> Array2<Option<Excl
             None
         };
     }
-    out
+    (out, found)
 }
 
 /// One 8-connected component's statistics.
@@ -346,6 +446,8 @@ struct Comp {
     sum_hu: f64,
     sum_r: f64,
     sum_c: f64,
+    /// Bounding box: min row, max row, min col, max col.
+    bbox: [usize; 4],
     /// Pixels ≥ [`BONE_DENSE_HU`] (only meaningful for the HU ≥ 130 mask).
     dense: usize,
     touches_border: bool,
@@ -368,13 +470,22 @@ fn label_hu(mask: &Array2<bool>, hu: Option<ArrayView2<f32>>) -> (Array2<u32>, V
                 continue;
             }
             let id = comps.len() as u32 + 1;
-            let mut comp = Comp { n: 0, sum_hu: 0.0, sum_r: 0.0, sum_c: 0.0, dense: 0, touches_border: false };
+            let mut comp = Comp {
+                n: 0,
+                sum_hu: 0.0,
+                sum_r: 0.0,
+                sum_c: 0.0,
+                bbox: [r0, r0, c0, c0],
+                dense: 0,
+                touches_border: false,
+            };
             lab[[r0, c0]] = id;
             stack.push((r0, c0));
             while let Some((r, c)) = stack.pop() {
                 comp.n += 1;
                 comp.sum_r += r as f64;
                 comp.sum_c += c as f64;
+                comp.bbox = [comp.bbox[0].min(r), comp.bbox[1].max(r), comp.bbox[2].min(c), comp.bbox[3].max(c)];
                 if let Some(h) = hu {
                     let v = h[[r, c]];
                     comp.sum_hu += v as f64;
