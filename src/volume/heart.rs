@@ -44,7 +44,10 @@
 //!    lung has no mediastinum to look in: it is all
 //!    [`Exclusion::OutsideMediastinum`] (abdomen, neck).
 //! 3. *Mediastinum.* The convex hull of the lung pixels and of their mirror
-//!    image about the vertebra's centre (step 5), grown by
+//!    image about the vertebra's centre (step 5; only within
+//!    [`MIRROR_REACH_MM`] of it) and of the sternum's back
+//!    surface (the heart's front may touch the chest wall below the lungs'
+//!    tips), grown by
 //!    [`HULL_MARGIN_MM`] (the heart's apex may touch the chest wall where
 //!    the lingula does not cover it), minus the lungs. The mirror keeps the
 //!    heart in where one lung is missing from the slice (the right base
@@ -111,7 +114,7 @@ pub const LUNG_COMPONENT_CM2: f64 = 5.0;
 pub const LUNG_MIN_CM2: f64 = 10.0;
 /// Non-lung islands inside a lung smaller than this are lung.
 const LUNG_HOLE_CM2: f64 = 5.0;
-pub const HULL_MARGIN_MM: f64 = 5.0;
+pub const HULL_MARGIN_MM: f64 = 1.0;
 const CALCIUM_HU: f32 = 130.0;
 pub const LARGE_STRUCTURE_CM2: f64 = 1.5;
 pub const STRUCTURE_MARGIN_MM: f64 = 2.0;
@@ -119,6 +122,10 @@ pub const BONE_DENSE_HU: f32 = 500.0;
 pub const BONE_DENSE_FRACTION: f64 = 0.05;
 pub const VERTEBRA_MIN_CM2: f64 = 3.0;
 pub const STERNUM_FROM_MIDLINE_MM: f64 = 30.0;
+/// Mirrored lung counts only this close to the spine's centre line: enough
+/// for the heart (its right border lies 4-6 cm right of the midline), not
+/// for the ribs or the upper abdomen on the side without lung.
+pub const MIRROR_REACH_MM: f64 = 60.0;
 /// A slice without a vertebra takes the spine of a slice this close.
 pub const SPINE_REACH_MM: f64 = 10.0;
 /// Half-width (mm) around the vertebra's centre in which its anterior
@@ -351,14 +358,26 @@ pub fn slice_exclusion_with(
         let vc = sp.col;
         for ((r, c), &l) in lung.indexed_iter() {
             let m = (2.0 * vc - c as f64).round();
-            if l && m >= 0.0 && (m as usize) < cols {
+            if l && m >= 0.0 && (m as usize) < cols && (m - vc).abs() * f.dx <= MIRROR_REACH_MM {
                 both[[r, m as usize]] = true;
             }
         }
     }
     if let Some(sid) = sternum {
-        // The heart's front may touch the chest wall below the lungs' tips.
-        both.zip_mut_with(&dlab, |b, &l| *b |= l == sid);
+        // The heart's front may touch the chest wall below the lungs' tips:
+        // the sternum's back (its most posterior pixel in each column) joins
+        // the hull; the sternum and the costal cartilages beside it do not.
+        let mut back: Vec<Option<usize>> = vec![None; cols];
+        for ((r, c), &l) in dlab.indexed_iter() {
+            if l == sid && back[c].map_or(true, |b| a_of(r) < a_of(b)) {
+                back[c] = Some(r);
+            }
+        }
+        for (c, r) in back.into_iter().enumerate() {
+            if let Some(r) = r {
+                both[[r, c]] = true;
+            }
+        }
     }
     let hull = convex_hull_mask(&both);
     let near_hull = distance_to(&hull, f).mapv(|d| d <= HULL_MARGIN_MM);
