@@ -92,9 +92,16 @@
 //! Where several reasons apply: bone, then aorta, then contrast, then
 //! outside the mediastinum.
 //!
-//! Not excluded from HU: the ascending aorta and aortic root below the
-//! carina level, the aortic valve and the mitral annulus: they lie on or in
-//! the heart, beside the coronary ostia, and are left to the model's map.
+//! **Known gaps.** Not excluded from HU: the ascending aorta and aortic
+//! root below the carina level, the aortic valve and the mitral annulus:
+//! they lie on or in the heart, beside the coronary ostia, and are left to
+//! the model's map. Anterior rib and costal-cartilage calcium lying just in
+//! front of the lungs' tips, within the hull, can still count when the map
+//! is high there (chest-lidc0001, with contrast: 48662 → 2429 Agatston, what
+//! remains is mostly that and contrast-filled mediastinal vessels). On the
+//! held-out phantoms (seed 901) the region removes one true plaque of 36
+//! volumes (cac-901-25, a plaque the generator put into the chest wall:
+//! 251 → 189) and one false positive (cac-901-28: 5.1 → 0).
 //!
 //! **Failure modes.** None: a volume that is not an axial stack (normal
 //! within ~25° of z) gets no region ([`heart_region`] returns `None`) and
