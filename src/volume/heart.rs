@@ -71,11 +71,12 @@
 //!    is ≥ [`BONE_DENSE_HU`] (cortex) it is [`Exclusion::Bone`], else
 //!    [`Exclusion::ContrastBlood`] (opacified blood is 150–500 HU, uniform).
 //!    The name is a hint for the reader: both are excluded alike.
-//! 5. *Behind the front of the spine.* The vertebra is the largest such
-//!    structure of at least [`VERTEBRA_MIN_CM2`] whose centre lies in the
-//!    posterior half of the lungs' antero-posterior extent and in the middle
-//!    half of their width (a rib's band is lateral; with contrast, the
-//!    aorta is smaller); it is [`Exclusion::Bone`] whatever its density
+//! 5. *Behind the front of the spine.* The vertebra is, of the structures
+//!    of step 4 of at least [`VERTEBRA_MIN_CM2`] whose centre lies in the
+//!    posterior half of the lungs' antero-posterior extent, the one with the
+//!    largest area² / bounding-box area (a rib's band is long and thin; with
+//!    contrast, the aorta is smaller); a slice through a disc takes the
+//!    nearest slice's within [`SPINE_REACH_MM`]. It is [`Exclusion::Bone`] whatever its density
 //!    (an osteoporotic body has little cortex). Everything posterior of its
 //!    anterior surface (measured within 15 mm of its centre: rib heads lie
 //!    farther out) is [`Exclusion::OutsideMediastinum`]: rib heads,
@@ -324,9 +325,8 @@ pub fn slice_exclusion_with(
             })
         })
         .collect();
-    // 5. The vertebra: the largest large structure in the posterior half of
-    // the lungs' extent and the middle half of their width (a rib's band
-    // is lateral; the aorta, with contrast, is smaller). `a` is anterior (mm), `l` patient-left (mm).
+    // 5. The vertebra: the most compact large structure in the posterior
+    // half of the lungs' extent. `a` is anterior (mm), `l` patient-left (mm).
     let a_of = |r: usize| -f.posterior * r as f64 * f.dy;
     let l_of = |c: usize| f.left * c as f64 * f.dx;
     let lung_a: Vec<f64> = lung.indexed_iter().filter(|(_, &v)| v).map(|((r, _), _)| a_of(r)).collect();
