@@ -11,9 +11,10 @@
 use ndarray::{s, Array3, ArrayView3, ArrayView4, Axis};
 use serde::{Deserialize, Serialize};
 
-use super::agatston::{self, Lesion, RiskCategory};
+use super::agatston::{self, label8, Lesion, RiskCategory};
 use super::aggregate::upsample_nearest;
 use super::candidates::{candidate_mask, CandidateSpec};
+use crate::volume::heart::{Exclusion, HeartRegion};
 
 /// The card's `aggregation:` section: how the map becomes a value.
 #[derive(Debug, Clone, Deserialize)]
@@ -62,6 +63,10 @@ pub struct LesionResult {
     pub mean_map: f64,
     /// Whether the lesion counts toward the score.
     pub counted: bool,
+    /// Why the lesion cannot be coronary (it lies outside the heart region,
+    /// `volume::heart`); such a lesion is never counted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub excluded: Option<Exclusion>,
 }
 
 /// One biomarker value with what it came from.
@@ -154,6 +159,7 @@ pub fn aggregate(
                     lesion: l,
                     mean_map,
                     counted,
+                    excluded: None,
                 }
             })
             .collect();
@@ -180,6 +186,70 @@ pub fn aggregate(
         map,
         candidates,
     }
+}
+
+/// Exclude the Agatston lesions of `m` that lie outside the heart region:
+/// a lesion with more than half of its pixels excluded takes the most common
+/// reason among them and is not counted; `value` and `risk_category` are
+/// recomputed the way [`aggregate`] computes them (the same sum in the same
+/// order, so nothing excluded leaves them bit-identical). No-op for
+/// non-Agatston measurements or a region of another shape.
+pub fn exclude_lesions(m: &mut Measurement, region: &HeartRegion, aggregation: &AggregationSpec) {
+    let reasons = &region.reasons;
+    if !aggregation.is_agatston() || m.candidates.dim() != reasons.dim() || m.lesions.is_empty() {
+        return;
+    }
+    // The candidates are the kept lesions; labelling them per slice numbers
+    // them as `agatston::lesions` did (raster order of the first pixel).
+    let n = m.candidates.dim().0;
+    let first_of_slice = agatston::first_of_slice(&m.lesions.iter().map(|l| l.lesion.clone()).collect::<Vec<_>>(), n);
+    const KINDS: [Exclusion; 5] = [
+        Exclusion::AboveArch,
+        Exclusion::OutsideMediastinum,
+        Exclusion::Bone,
+        Exclusion::ContrastBlood,
+        Exclusion::Aorta,
+    ];
+    let mut votes = vec![[0usize; KINDS.len()]; m.lesions.len()];
+    for s in 0..n {
+        if first_of_slice[s] == usize::MAX {
+            continue;
+        }
+        let (lab, _) = label8(m.candidates.index_axis(Axis(0), s));
+        for ((r, c), &l) in lab.indexed_iter() {
+            if l == 0 {
+                continue;
+            }
+            if let Some(e) = reasons[[s, r, c]] {
+                let k = KINDS.iter().position(|&x| x == e).expect("every reason is listed");
+                votes[first_of_slice[s] + l as usize - 1][k] += 1;
+            }
+        }
+    }
+    for (l, v) in m.lesions.iter_mut().zip(&votes) {
+        if 2 * v.iter().sum::<usize>() > l.lesion.n_pixels {
+            let k = (0..KINDS.len()).max_by_key(|&k| (v[k], std::cmp::Reverse(k))).expect("non-empty");
+            l.excluded = Some(KINDS[k]);
+            l.counted = false;
+        }
+    }
+    let soft = aggregation.lesion_aggregation.as_deref() == Some("soft");
+    let mut value = 0.0;
+    for l in &m.lesions {
+        value += if soft {
+            if l.excluded.is_none() {
+                l.mean_map * l.lesion.score
+            } else {
+                0.0
+            }
+        } else if l.counted {
+            l.lesion.score
+        } else {
+            0.0
+        };
+    }
+    m.value = value;
+    m.risk_category = Some(RiskCategory::from_score(value));
 }
 
 #[cfg(test)]
@@ -242,5 +312,78 @@ mod tests {
         assert!(a.lesions[0].counted && !a.lesions[1].counted);
         assert!((a.value - 8.0).abs() < 1e-12);
         assert_eq!(a.risk_category, Some(RiskCategory::Minimal));
+    }
+
+    #[test]
+    fn only_the_coronary_calcium_counts_when_the_map_says_all_of_it_does() {
+        use crate::volume::heart::{slice_exclusion, synthetic_chest_slice, SliceFrame};
+        // Three identical slices of a chest with calcium in a coronary, the
+        // aortic wall, a rib, the vertebra and the sternum; the model's map
+        // is 1 everywhere, so without anatomy every lesion would count.
+        let (slice, [coronary, ..]) = synthetic_chest_slice();
+        let hu = ndarray::stack![Axis(0), slice, slice, slice];
+        let out = Array4::<f32>::ones((3, 1, 16, 16));
+        let geom = PixelGeometry { pixel_spacing: [1.0, 1.0], slice_thickness_mm: 3.0 };
+        let cand = CandidateSpec { hu_min: 130.0, hu_max: None, min_area_mm2: 1.0 };
+        let a = aggregate(hu.view(), out.view(), geom, &cand, &spec("agatston"));
+        let mut m = Measurement {
+            value: a.value,
+            unit: "{Agatston}".into(),
+            risk_category: a.risk_category,
+            lesions: a.lesions,
+            map: a.map,
+            candidates: a.candidates,
+            model: "cac".into(),
+            model_version: "0".into(),
+            execution_provider: "cpu",
+            volume: None,
+        };
+        assert_eq!(m.lesions.len(), 15, "five lesions per slice");
+        assert!(m.lesions.iter().all(|l| l.counted));
+        let frame = SliceFrame { dy: 1.0, dx: 1.0, left: 1.0, posterior: 1.0 };
+        let one = slice_exclusion(slice.view(), frame);
+        let region = HeartRegion { reasons: ndarray::stack![Axis(0), one, one, one] };
+        exclude_lesions(&mut m, &region, &spec("agatston"));
+        let counted: Vec<_> = m.lesions.iter().filter(|l| l.counted).collect();
+        assert_eq!(counted.len(), 3);
+        // the coronary plaque: 9 px at 450 HU (weight 4), 9 × 4 × 3 / 3 each
+        assert!(counted.iter().all(|l| l.lesion.n_pixels == 9 && l.excluded.is_none()));
+        assert!((m.value - 3.0 * 36.0).abs() < 1e-9, "{}", m.value);
+        assert_eq!(m.risk_category, Some(RiskCategory::Moderate));
+        let mut reasons: Vec<_> = m.lesions.iter().filter_map(|l| l.excluded.map(|e| e.as_str())).collect();
+        reasons.sort();
+        reasons.dedup();
+        assert_eq!(reasons, ["aorta", "bone", "outside_mediastinum"]);
+        // the excluded lesions say why in the JSON, the counted ones do not
+        let j = serde_json::to_value(&m.lesions).unwrap();
+        assert_eq!(j.as_array().unwrap().iter().filter(|l| l.get("excluded").is_some()).count(), 12);
+        let _ = coronary;
+    }
+
+    #[test]
+    fn excluding_nothing_leaves_the_value_bit_identical() {
+        let (slice, _) = crate::volume::heart::synthetic_chest_slice();
+        let hu = ndarray::stack![Axis(0), slice];
+        let out = Array4::<f32>::from_elem((1, 1, 16, 16), 0.7);
+        let geom = PixelGeometry { pixel_spacing: [0.7, 0.7], slice_thickness_mm: 2.5 };
+        let cand = CandidateSpec { hu_min: 130.0, hu_max: None, min_area_mm2: 1.0 };
+        let a = aggregate(hu.view(), out.view(), geom, &cand, &spec("agatston"));
+        let mut m = Measurement {
+            value: a.value,
+            unit: "{Agatston}".into(),
+            risk_category: a.risk_category,
+            lesions: a.lesions,
+            map: a.map,
+            candidates: a.candidates,
+            model: "cac".into(),
+            model_version: "0".into(),
+            execution_provider: "cpu",
+            volume: None,
+        };
+        let before = m.value;
+        let region = HeartRegion { reasons: Array3::from_elem(hu.dim(), None) };
+        exclude_lesions(&mut m, &region, &spec("agatston"));
+        assert_eq!(m.value.to_bits(), before.to_bits());
+        assert!(m.lesions.iter().all(|l| l.counted && l.excluded.is_none()));
     }
 }

@@ -187,6 +187,10 @@ pub struct ResultLine {
     /// then name the slice it is on, and `value` is the volume (mL).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub largest_area_cm2: Option<f64>,
+    /// Agatston: lesions not counted because they lie outside the heart
+    /// region (`volume::heart`), by reason; absent when there are none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lesions_excluded: Option<std::collections::BTreeMap<String, usize>>,
 }
 
 /// A report file a job wrote, as its result lists it.
@@ -258,7 +262,14 @@ pub fn run(
     };
     crate::inference::guard::check_input(card, &vol, &idx)?;
     let t_infer = Instant::now();
-    let measurement = measure(model, hu.view(), geom)?;
+    let mut measurement = measure(model, hu.view(), geom)?;
+    if card.is_agatston() {
+        // Calcium outside the heart region (bone, aorta, above the arch) is
+        // never coronary, whatever the map says: `volume::heart`.
+        if let Some(region) = crate::volume::heart::heart_region(&vol) {
+            crate::biomarkers::exclude_lesions(&mut measurement, &region, &card.aggregation);
+        }
+    }
     crate::inference::guard::check_output(card, &measurement, geom.pixel_spacing[0] * geom.pixel_spacing[1])?;
     crate::telemetry::InferenceTimed {
         model: &m.model,
@@ -282,6 +293,11 @@ pub fn run(
         slice_z_mm: selected.map(|i| vol.positions[i][2]),
         slice_sop_instance_uid: selected.map(|i| vol.sop_instance_uids[i].clone()),
         largest_area_cm2: None,
+        lesions_excluded: measurement.lesions.iter().filter_map(|l| l.excluded).fold(None, |acc, e| {
+            let mut acc: std::collections::BTreeMap<String, usize> = acc.unwrap_or_default();
+            *acc.entry(e.as_str().to_owned()).or_default() += 1;
+            Some(acc)
+        }),
     };
     let slices = idx
         .iter()
@@ -379,6 +395,7 @@ fn run_volume(
         slice_z_mm: Some(vol.positions[largest][2]),
         slice_sop_instance_uid: Some(vol.sop_instance_uids[largest].clone()),
         largest_area_cm2: Some(largest_area),
+        lesions_excluded: None,
     };
     let slices = (0..n)
         .map(|i| (vol.source_paths[i].clone(), vol.sop_instance_uids[i].clone()))
@@ -413,6 +430,7 @@ mod hu_step_tests {
             slice_z_mm: None,
             slice_sop_instance_uid: None,
             largest_area_cm2: None,
+            lesions_excluded: None,
         };
         // What the worker built by hand before JobResult.
         let mut before = serde_json::to_value(&line).unwrap();

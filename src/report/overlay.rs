@@ -149,6 +149,49 @@ pub fn render_slice(
     img
 }
 
+/// Agatston weight colours (weight 1..4): yellow, orange, red, magenta,
+/// hotter for denser calcium, all distinct from the grey image.
+pub const WEIGHT_COLOURS: [[u8; 3]; 4] = [[255, 255, 0], [255, 150, 0], [255, 30, 30], [255, 0, 255]];
+/// Lesions that do not count (excluded by anatomy, or the map too low).
+pub const UNCOUNTED_COLOUR: [u8; 3] = [110, 110, 110];
+
+/// Outline labelled lesions: every pixel outside all lesions (label 0) that
+/// touches a lesion (8-neighbourhood) takes that lesion's colour, so the
+/// calcium itself stays as the window shows it. `style_of(label)` gives a
+/// lesion's (priority, colour), or `None` to leave it undrawn; where two
+/// lesions' outlines meet, the higher priority wins.
+pub fn outline_lesions(img: &mut RgbImage, labels: ArrayView2<u32>, style_of: impl Fn(u32) -> Option<(u8, [u8; 3])>) {
+    let (rows, cols) = labels.dim();
+    for r in 0..rows {
+        for c in 0..cols {
+            if labels[[r, c]] != 0 {
+                continue;
+            }
+            let mut best: Option<(u8, [u8; 3])> = None;
+            for dr in -1isize..=1 {
+                for dc in -1isize..=1 {
+                    let (y, x) = (r as isize + dr, c as isize + dc);
+                    if y < 0 || x < 0 || y >= rows as isize || x >= cols as isize {
+                        continue;
+                    }
+                    let l = labels[[y as usize, x as usize]];
+                    if l == 0 {
+                        continue;
+                    }
+                    if let Some(s) = style_of(l) {
+                        if best.map_or(true, |b| s.0 > b.0) {
+                            best = Some(s);
+                        }
+                    }
+                }
+            }
+            if let Some((_, colour)) = best {
+                img.set(r, c, colour);
+            }
+        }
+    }
+}
+
 /// Pixel scale for burned-in text: about 1/64 of the width per glyph
 /// cell, at least 1, and small enough that `longest` characters fit.
 pub fn text_scale(cols: usize, longest: usize) -> usize {
@@ -203,6 +246,37 @@ pub fn line_height(scale: usize) -> usize {
 mod tests {
     use super::*;
     use ndarray::Array2;
+
+    #[test]
+    fn outlines_lie_outside_the_lesion_in_its_colour() {
+        let mut img = RgbImage::new(8, 8);
+        let mut labels = Array2::<u32>::zeros((8, 8));
+        for (r, c) in [(2, 2), (2, 3), (3, 2), (3, 3)] {
+            labels[[r, c]] = 1;
+        }
+        labels[[6, 6]] = 2;
+        outline_lesions(&mut img, labels.view(), |l| match l {
+            1 => Some((5, WEIGHT_COLOURS[3])),
+            _ => Some((0, UNCOUNTED_COLOUR)),
+        });
+        // the 8-neighbourhood ring of lesion 1 is magenta, its interior untouched
+        for r in 1..=4 {
+            for c in 1..=4 {
+                let inside = (2..=3).contains(&r) && (2..=3).contains(&c);
+                assert_eq!(img.get(r, c), if inside { [0, 0, 0] } else { WEIGHT_COLOURS[3] }, "({r},{c})");
+            }
+        }
+        assert_eq!(img.get(5, 5), UNCOUNTED_COLOUR);
+        assert_eq!(img.get(6, 6), [0, 0, 0]);
+        assert_eq!(img.get(0, 0), [0, 0, 0]);
+        // where two outlines meet, the counted (higher priority) one wins
+        let mut img = RgbImage::new(1, 3);
+        let labels = ndarray::array![[1u32, 0, 2]];
+        outline_lesions(&mut img, labels.view(), |l| {
+            Some(if l == 1 { (0, UNCOUNTED_COLOUR) } else { (3, WEIGHT_COLOURS[1]) })
+        });
+        assert_eq!(img.get(0, 1), WEIGHT_COLOURS[1]);
+    }
 
     #[test]
     fn window_maps_edges_to_black_and_white() {

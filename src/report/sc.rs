@@ -1,6 +1,15 @@
-//! Secondary Capture overlays: the source slices, windowed, with the
-//! localization map in colour, the candidates outlined, and the result
-//! burned in ("NOT FOR DIAGNOSTIC USE").
+//! Secondary Capture overlays: the source slices, windowed, with what the
+//! value was made of drawn on them, and the result burned in ("NOT FOR
+//! DIAGNOSTIC USE").
+//!
+//! What is drawn: for area tasks, the localization map in colour and the
+//! candidates outlined. For Agatston, the lesions only, no map: each
+//! counted lesion outlined in the colour of its Agatston weight (1-4, a
+//! legend burned in), every lesion that does not count (excluded by anatomy,
+//! `volume::heart`, or the map too low) outlined thin in grey. The outline
+//! lies on the pixels just outside the lesion, so the calcium itself is
+//! shown as the window shows it: a reader sees exactly which calcium was
+//! counted and at which weight.
 //!
 //! Why single-frame Secondary Capture (1.2.840.10008.5.1.4.1.1.7, PS3.3
 //! A.8.1) rather than Multi-frame True Color SC (.7.4): every PACS and
@@ -20,13 +29,14 @@ use dicom_object::{FileDicomObject, InMemDicomObject};
 use ndarray::{ArrayView3, Axis};
 
 use super::overlay::{
-    draw_text, line_height, render_slice, text_scale, OverlayStyle, RgbImage, Window,
+    draw_text, line_height, outline_lesions, render_slice, text_scale, OverlayStyle, RgbImage, Window,
+    UNCOUNTED_COLOUR, WEIGHT_COLOURS,
 };
 use super::{
     da, put_equipment, put_patient_and_study, put_sop_common, seq_elem, with_meta, source_image_ref, copied_text, str_elem, tm,
 };
 use super::{ReportContext, ReportError};
-use crate::biomarkers::Measurement;
+use crate::biomarkers::{agatston, label8, Measurement};
 use crate::inference::card::ModelCard;
 
 pub const SECONDARY_CAPTURE: &str = "1.2.840.10008.5.1.4.1.1.7";
@@ -146,6 +156,38 @@ pub fn caption(card: &ModelCard, m: &Measurement) -> Vec<String> {
     ]
 }
 
+/// The legend of the Agatston outlines: (text, colour).
+pub fn weight_legend() -> Vec<(String, [u8; 3])> {
+    let bands = ["130-199", "200-299", "300-399", ">=400"];
+    let mut out: Vec<(String, [u8; 3])> = bands
+        .iter()
+        .enumerate()
+        .map(|(k, b)| (format!("weight {}: peak {b} HU", k + 1), WEIGHT_COLOURS[k]))
+        .collect();
+    out.push(("grey: not counted".to_owned(), UNCOUNTED_COLOUR));
+    out
+}
+
+/// Outline the lesions of slice `s` of an Agatston measurement (module doc).
+fn outline_slice(img: &mut RgbImage, m: &Measurement, s: usize) {
+    let lesions: Vec<_> = m.lesions.iter().map(|l| l.lesion.clone()).collect();
+    let first = agatston::first_of_slice(&lesions, m.candidates.dim().0);
+    if first[s] == usize::MAX {
+        return;
+    }
+    // The candidates are the lesions; labelling them per slice numbers them
+    // as `agatston::lesions` did.
+    let (labels, _) = label8(m.candidates.index_axis(Axis(0), s));
+    outline_lesions(img, labels.view(), |l| {
+        let les = m.lesions.get(first[s] + l as usize - 1)?;
+        if les.counted && (1..=4).contains(&les.lesion.weight) {
+            Some((1 + les.lesion.weight, WEIGHT_COLOURS[les.lesion.weight as usize - 1]))
+        } else {
+            Some((0, UNCOUNTED_COLOUR))
+        }
+    });
+}
+
 /// Render the chosen slices: `(slice index, image)`.
 pub fn render_overlays(
     card: &ModelCard,
@@ -165,10 +207,13 @@ pub fn render_overlays(
         });
     }
     let lines = caption(card, m);
+    let outlines = card.is_agatston() && has_map;
+    let legend = if outlines { weight_legend() } else { vec![] };
     let (_, rows, cols) = hu.dim();
     let longest = lines
         .iter()
         .map(|l| l.chars().count())
+        .chain(legend.iter().map(|(l, _)| l.chars().count()))
         .chain([DISCLAIMER.len()])
         .max()
         .unwrap_or(1);
@@ -177,13 +222,19 @@ pub fn render_overlays(
     Ok(choose_slices(card, m, hu.dim().0, opts.max_images)
         .into_iter()
         .map(|s| {
-            let mut img = render_slice(
-                hu.index_axis(Axis(0), s),
-                has_map.then(|| m.map.index_axis(Axis(0), s)),
-                has_map.then(|| m.candidates.index_axis(Axis(0), s)),
-                opts.window,
-                &opts.style,
-            );
+            let mut img = if outlines {
+                let mut img = render_slice(hu.index_axis(Axis(0), s), None, None, opts.window, &opts.style);
+                outline_slice(&mut img, m, s);
+                img
+            } else {
+                render_slice(
+                    hu.index_axis(Axis(0), s),
+                    has_map.then(|| m.map.index_axis(Axis(0), s)),
+                    has_map.then(|| m.candidates.index_axis(Axis(0), s)),
+                    opts.window,
+                    &opts.style,
+                )
+            };
             for (i, l) in lines.iter().enumerate() {
                 draw_text(
                     &mut img,
@@ -195,6 +246,10 @@ pub fn render_overlays(
                 );
             }
             let bottom = rows.saturating_sub(pad + line_height(scale));
+            for (i, (l, colour)) in legend.iter().enumerate() {
+                let row = bottom.saturating_sub((legend.len() - i) * line_height(scale));
+                draw_text(&mut img, row, pad, l, scale, *colour);
+            }
             draw_text(&mut img, bottom, pad, DISCLAIMER, scale, [255, 220, 0]);
             (s, img)
         })
@@ -224,10 +279,17 @@ pub fn build_sc(
         });
     }
     let series = ctx.uid("sc-series");
-    let description = format!(
-        "{} overlay: map > {}, candidate outline, W{}/L{}",
-        m.model, opts.style.map_threshold, opts.window.width, opts.window.center
-    );
+    let description = if card.is_agatston() {
+        format!(
+            "{} overlay: counted lesions outlined by Agatston weight 1-4, uncounted grey, W{}/L{}",
+            m.model, opts.window.width, opts.window.center
+        )
+    } else {
+        format!(
+            "{} overlay: map > {}, candidate outline, W{}/L{}",
+            m.model, opts.style.map_threshold, opts.window.width, opts.window.center
+        )
+    };
     render_overlays(card, m, hu, opts)?
         .into_iter()
         .enumerate()
@@ -439,6 +501,37 @@ mod tests {
         again[0].write_all(&mut b).unwrap();
         assert_eq!(a, b);
         assert_ne!(uids[0], uids[1]);
+    }
+
+    #[test]
+    fn cac_overlay_outlines_lesions_by_weight_and_does_not_wash_the_map() {
+        let (_, card, _) = cac_fixture();
+        let (hu, mut m) = cac_measurement(4, 128, 128);
+        m.lesions[1].lesion.weight = 2;
+        let imgs = render_overlays(&card, &m, hu.view(), &ScOptions::for_card(&card)).unwrap();
+        assert_eq!(imgs.iter().map(|(s, _)| *s).collect::<Vec<_>>(), [1, 3]);
+        let grey = |p: [u8; 3]| p[0] == p[1] && p[1] == p[2];
+        let check = |img: &RgbImage, s: usize, colour: [u8; 3]| {
+            let cand = m.candidates.index_axis(Axis(0), s);
+            let (r0, c0) = cand.indexed_iter().find(|(_, &v)| v).map(|(p, _)| p).unwrap();
+            // the lesion's own pixels keep the window's grey (450 HU)
+            assert_eq!(img.get(r0, c0), [Window::CALCIUM.grey(450.0); 3]);
+            // the ring just outside it has the lesion's colour
+            assert_eq!(img.get(r0 - 1, c0), colour);
+            assert_eq!(img.get(r0 - 1, c0 - 1), colour);
+            // where the map was washed over before (its halo), grey now
+            assert!(grey(img.get(r0 - 2, c0)), "{:?}", img.get(r0 - 2, c0));
+        };
+        check(&imgs[0].1, 1, WEIGHT_COLOURS[3]);
+        check(&imgs[1].1, 3, WEIGHT_COLOURS[1]);
+        // a lesion that does not count is outlined grey
+        m.lesions[0].counted = false;
+        let imgs = render_overlays(&card, &m, hu.view(), &ScOptions::for_card(&card)).unwrap();
+        check(&imgs[0].1, 1, UNCOUNTED_COLOUR);
+        // and the legend is burned in, in the weight colours
+        for w in WEIGHT_COLOURS {
+            assert!(imgs[0].1.data.chunks(3).any(|p| p == w), "{w:?} in the legend");
+        }
     }
 
     #[test]

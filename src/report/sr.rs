@@ -262,7 +262,9 @@ fn lesion_groups(
 ) -> Result<Vec<MeasurementGroup>, ReportError> {
     let soft = card.aggregation.lesion_aggregation.as_deref() == Some("soft");
     let contribution = |l: &crate::biomarkers::LesionResult| {
-        if soft {
+        if l.excluded.is_some() {
+            0.0
+        } else if soft {
             l.mean_map * l.lesion.score
         } else if l.counted {
             l.lesion.score

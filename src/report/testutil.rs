@@ -295,6 +295,7 @@ pub fn cac_measurement(n: usize, rows: usize, cols: usize) -> (Array3<f32>, Meas
             },
             mean_map: 0.8,
             counted: k < 2,
+            excluded: None,
         });
     }
     let m = Measurement {

@@ -55,6 +55,7 @@
 pub(crate) mod attrs;
 mod jpeg_ext;
 pub mod acquisition;
+pub mod heart;
 pub mod landmark;
 pub mod resample;
 

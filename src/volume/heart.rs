@@ -1,0 +1,818 @@
+//! Where coronary calcium can be: the heart region of a chest CT, found from
+//! HU alone, so that calcium in bone and in the aorta is never scored as
+//! coronary whatever a model's map says over it.
+//!
+//! **Input.** An assembled [`Volume`] (HU, sorted slices, geometry): the
+//! volume an Agatston score is computed on (after thin-slice resampling).
+//! Pure code on the HU array: no model, no I/O.
+//!
+//! **Output.** [`HeartRegion`]: for every voxel, `None` when it may hold
+//! coronary calcium, else the [`Exclusion`] that rules it out. Lesions are
+//! judged on it by `biomarkers::measure::exclude_lesions`: a lesion with
+//! more than half of its pixels excluded is reported with the most common
+//! reason and never counted, whatever the map says. The job applies it
+//! after the model (`job::run`), so the Python pipeline and the golden set,
+//! which cover HU → map → value, are unchanged; the phantom generator's
+//! distractors that it removes (aortic wall, bone) are ones the model
+//! already does not count.
+//!
+//! **Why from HU.** On real CT the CAC model's map is unreliable (it was
+//! trained on phantoms), and the structures ≥ 130 HU that are not coronary
+//! calcium are large, fixed in place and easy to find: bone (vertebrae,
+//! ribs, sternum, costal cartilage), the aorta's wall, and with IV contrast
+//! every vessel and chamber. The coronaries run on the heart's surface, in
+//! the mediastinum between the lungs, anterior of the spine and below the
+//! aortic arch. Each step below removes something that is never coronary;
+//! none of them needs the model.
+//!
+//! **Method**, per axial slice (patient left and posterior from the
+//! orientation, so flipped images work):
+//! 1. *Above the arch.* When the volume holds the trachea and carina
+//!    (`landmark`), every slice more than [`ABOVE_CARINA_MM`] above the
+//!    carina is [`Exclusion::AboveArch`]: the aortic arch, its branches and
+//!    the neck lie there, and its lower border is at the carina's level;
+//!    the coronary ostia (aortic root, about T6–T7) lie well below the
+//!    carina (T4–T5). A cardiac-FOV scan has no trachea to follow: then no
+//!    slice is cut this way.
+//! 2. *Lungs.* Connected components of −960 ≤ HU < −400 (below is air or
+//!    field-of-view padding, which a heart-centred reconstruction puts right
+//!    against the cut lungs; counting it in dragged the lungs' mean below
+//!    the air test on the thin-slice phantoms), filling at least a fifth of
+//!    their bounding box (not the partial-volume ring of skin against air),
+//!    of at least
+//!    [`LUNG_COMPONENT_CM2`] whose mean HU is above −950: parenchyma, not
+//!    the air outside the body, the trachea or bowel gas (≈ −1000), and not
+//!    dependent on whether the field of view clips the body (a
+//!    heart-centred reconstruction cuts the lungs at the image border).
+//!    Small non-lung islands inside the lung (vessels, a calcified
+//!    granuloma) count as lung. A slice with less than [`LUNG_MIN_CM2`] of
+//!    lung has no mediastinum to look in: it is all
+//!    [`Exclusion::OutsideMediastinum`] (abdomen, neck).
+//! 3. *Mediastinum.* The convex hull of the lung pixels and of their mirror
+//!    image about the vertebra's centre (step 5; only within
+//!    [`MIRROR_REACH_MM`] of it) and of the sternum's back
+//!    surface (the heart's front may touch the chest wall below the lungs'
+//!    tips), grown by
+//!    [`HULL_MARGIN_MM`] (the heart's apex may touch the chest wall where
+//!    the lingula does not cover it), minus the lungs. The mirror keeps the
+//!    heart in where one lung is missing from the slice (the right base
+//!    under the liver dome while the heart lies on the diaphragm; on the
+//!    phantoms the hull of the left lung alone cut off the heart and its
+//!    plaques): the rib cage is about symmetric about the spine, the lungs
+//!    are not. Ribs and the chest wall lie outside; so do lung nodules.
+//!    Outside: [`Exclusion::OutsideMediastinum`].
+//! 4. *Large dense structures.* Components (8-connected) of HU ≥ 130 of at
+//!    least [`LARGE_STRUCTURE_CM2`] in one slice, grown by
+//!    [`STRUCTURE_MARGIN_MM`]: a vertebra, the sternum, a rib where it
+//!    crosses the hull, and with IV contrast the blood pool. Coronary
+//!    calcium in one slice is a ribbon a few mm wide along a vessel of
+//!    3–4 mm, well below that area (the phantoms' largest plaque section is
+//!    under 0.8 cm²). When at least [`BONE_DENSE_FRACTION`] of the component
+//!    is ≥ [`BONE_DENSE_HU`] (cortex) it is [`Exclusion::Bone`], else
+//!    [`Exclusion::ContrastBlood`] (opacified blood is 150–500 HU, uniform).
+//!    The name is a hint for the reader: both are excluded alike.
+//! 5. *Behind the front of the spine.* The vertebra is, of the structures
+//!    of step 4 of at least [`VERTEBRA_MIN_CM2`] whose centre lies in the
+//!    posterior half of the lungs' antero-posterior extent, the one with the
+//!    largest area² / bounding-box area (a rib's band is long and thin; with
+//!    contrast, the aorta is smaller); a slice through a disc takes the
+//!    nearest slice's within [`SPINE_REACH_MM`]. It is [`Exclusion::Bone`] whatever its density
+//!    (an osteoporotic body has little cortex). Everything posterior of its
+//!    anterior surface (measured within 15 mm of its centre: rib heads lie
+//!    farther out) is [`Exclusion::OutsideMediastinum`]: rib heads,
+//!    posterior ribs, the spinal canal. The heart lies anterior of the
+//!    oesophagus and the descending aorta, which lie anterior of the spine.
+//! 6. *Descending aorta.* A round column of blood (HU > −20, with or without
+//!    contrast, bone removed) beside the vertebra on the patient-left side
+//!    and anterior of it. Candidate centres are the points of the box
+//!    [`AORTA_BOX`] (relative to the vertebra) whose distance to the nearest
+//!    non-blood pixel (the inscribed radius) is 6–25 mm and whose ring
+//!    [`RING_MM`] outside that circle is at least half not blood (fat,
+//!    lung, bone): a round vessel in fat, not a point inside the heart,
+//!    which is also blood but continues past its inscribed circle. Of
+//!    those, the largest radius wins, less [`AORTA_PULL`] mm per mm from the
+//!    aorta's usual place. The disc grown by [`AORTA_MARGIN_MM`] (the wall
+//!    and its calcification) is [`Exclusion::Aorta`]. No such disc: no
+//!    aorta exclusion in that slice.
+//!
+//! Where several reasons apply: bone, then aorta, then contrast, then
+//! outside the mediastinum.
+//!
+//! **Known gaps.** Not excluded from HU: the ascending aorta and aortic
+//! root below the carina level, the aortic valve and the mitral annulus:
+//! they lie on or in the heart, beside the coronary ostia, and are left to
+//! the model's map. Anterior rib and costal-cartilage calcium lying just in
+//! front of the lungs' tips, within the hull, can still count when the map
+//! is high there (chest-lidc0001, with contrast: 48662 → 2429 Agatston, what
+//! remains is mostly that and contrast-filled mediastinal vessels). On the
+//! phantoms the region removes no lesion the map counted: the 36 held-out
+//! volumes (seed 901) and seed 11 score exactly as before.
+//!
+//! **Failure modes.** None: a volume that is not an axial stack (normal
+//! within ~25° of z) gets no region ([`heart_region`] returns `None`) and
+//! its lesions are judged by the map alone, as before.
+
+use ndarray::{Array2, Array3, ArrayView2, Axis};
+use serde::Serialize;
+
+use super::landmark;
+use super::Volume;
+
+/// Slices this far above the carina are above the arch's lower border.
+pub const ABOVE_CARINA_MM: f64 = 5.0;
+const LUNG_HU: f32 = -400.0;
+const LUNG_MEAN_MIN_HU: f64 = -950.0;
+/// A lung fills at least this fraction of its bounding box.
+const LUNG_SOLIDITY: f64 = 0.2;
+/// Below this a pixel is air, not lung: outside the body, or the padding of
+/// a heart-centred field of view that cuts the lungs at the image edge.
+const AIR_HU: f32 = -960.0;
+pub const LUNG_COMPONENT_CM2: f64 = 5.0;
+pub const LUNG_MIN_CM2: f64 = 10.0;
+/// Non-lung islands inside a lung smaller than this are lung.
+const LUNG_HOLE_CM2: f64 = 5.0;
+pub const HULL_MARGIN_MM: f64 = 1.0;
+const CALCIUM_HU: f32 = 130.0;
+pub const LARGE_STRUCTURE_CM2: f64 = 1.5;
+pub const STRUCTURE_MARGIN_MM: f64 = 2.0;
+pub const BONE_DENSE_HU: f32 = 500.0;
+pub const BONE_DENSE_FRACTION: f64 = 0.05;
+pub const VERTEBRA_MIN_CM2: f64 = 3.0;
+pub const STERNUM_FROM_MIDLINE_MM: f64 = 30.0;
+/// Mirrored lung counts only this close to the spine's centre line: enough
+/// for the heart (its right border lies 4-6 cm right of the midline), not
+/// for the ribs or the upper abdomen on the side without lung.
+pub const MIRROR_REACH_MM: f64 = 60.0;
+/// A slice without a vertebra takes the spine of a slice this close.
+pub const SPINE_REACH_MM: f64 = 10.0;
+/// Half-width (mm) around the vertebra's centre in which its anterior
+/// surface is measured (rib heads lie farther out).
+const VERTEBRA_HALF_WIDTH_MM: f64 = 15.0;
+const BLOOD_HU: f32 = -20.0;
+/// Where the descending aorta's centre may be, relative to the vertebra:
+/// (left min, left max) from its centre, (anterior min, anterior max) from
+/// its anterior surface, in mm.
+pub const AORTA_BOX: [f64; 4] = [-10.0, 50.0, -10.0, 45.0];
+/// Its usual place in that frame (left, anterior), mm.
+const AORTA_USUAL: [f64; 2] = [20.0, 10.0];
+/// Distance from the usual place that costs one mm of radius.
+pub const AORTA_PULL: f64 = 0.25;
+const AORTA_RADIUS_MM: [f64; 2] = [6.0, 25.0];
+pub const AORTA_MARGIN_MM: f64 = 3.0;
+/// The ring tested for roundness lies this far outside the inscribed circle.
+pub const RING_MM: f64 = 3.0;
+/// At least this fraction of that ring is not blood.
+const RING_OUTSIDE_MIN: f64 = 0.5;
+
+/// Why a voxel cannot hold coronary calcium.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Exclusion {
+    /// At or above the aortic arch (above the carina).
+    AboveArch,
+    /// Not between the lungs, or behind the front of the spine.
+    OutsideMediastinum,
+    /// Within a few mm of bone (vertebra, sternum, rib).
+    Bone,
+    /// Within a few mm of a large contrast-filled vessel or chamber.
+    ContrastBlood,
+    /// The descending aorta and its wall.
+    Aorta,
+}
+
+impl Exclusion {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Exclusion::AboveArch => "above_arch",
+            Exclusion::OutsideMediastinum => "outside_mediastinum",
+            Exclusion::Bone => "bone",
+            Exclusion::ContrastBlood => "contrast_blood",
+            Exclusion::Aorta => "aorta",
+        }
+    }
+}
+
+/// Per voxel, `None` where coronary calcium may be, else why not.
+#[derive(Debug, Clone)]
+pub struct HeartRegion {
+    pub reasons: Array3<Option<Exclusion>>,
+}
+
+/// A slice's pixel geometry and which way the patient faces in it.
+#[derive(Debug, Clone, Copy)]
+pub struct SliceFrame {
+    /// Row spacing, column spacing (mm).
+    pub dy: f64,
+    pub dx: f64,
+    /// +1 when the column index grows toward patient left, −1 otherwise.
+    pub left: f64,
+    /// +1 when the row index grows toward posterior, −1 otherwise.
+    pub posterior: f64,
+}
+
+/// The heart region of `vol` (module doc), or `None` for a stack that is not
+/// axial.
+pub fn heart_region(vol: &Volume) -> Option<HeartRegion> {
+    if vol.normal[2].abs() < 0.9 || vol.orientation[0].abs() < 0.9 || vol.orientation[4].abs() < 0.9 {
+        return None;
+    }
+    let frame = SliceFrame {
+        dy: vol.pixel_spacing[0],
+        dx: vol.pixel_spacing[1],
+        left: vol.orientation[0].signum(),
+        posterior: vol.orientation[4].signum(),
+    };
+    let carina = landmark::above_aortic_arch(vol).ok().map(|a| a.carina_z_mm);
+    let mut reasons = Array3::from_elem(vol.hu.dim(), None);
+    let n = vol.slices();
+    let above = |i: usize| carina.is_some_and(|c| vol.positions[i][2] > c + ABOVE_CARINA_MM);
+    let mut spines = vec![None; n];
+    for i in 0..n {
+        let mut out = reasons.index_axis_mut(Axis(0), i);
+        if above(i) {
+            out.fill(Some(Exclusion::AboveArch));
+        } else {
+            let (ex, spine) = slice_exclusion_with(vol.hu.index_axis(Axis(0), i), frame, None);
+            out.assign(&ex);
+            spines[i] = spine;
+        }
+    }
+    // Slices through an intervertebral disc show no vertebra: they take the
+    // nearest slice's within [`SPINE_REACH_MM`].
+    let z = |i: usize| vol.slice_positions[i];
+    for i in 0..n {
+        if above(i) || spines[i].is_some() {
+            continue;
+        }
+        let near = (0..n)
+            .filter(|&k| spines[k].is_some() && (z(k) - z(i)).abs() <= SPINE_REACH_MM)
+            .min_by(|&a, &b| (z(a) - z(i)).abs().total_cmp(&(z(b) - z(i)).abs()));
+        if let Some(k) = near {
+            let (ex, _) = slice_exclusion_with(vol.hu.index_axis(Axis(0), i), frame, spines[k]);
+            reasons.index_axis_mut(Axis(0), i).assign(&ex);
+        }
+    }
+    Some(HeartRegion { reasons })
+}
+
+/// Steps 2–6 of the module doc on one axial slice.
+pub fn slice_exclusion(hu: ArrayView2<f32>, f: SliceFrame) -> Array2<Option<Exclusion>> {
+    slice_exclusion_with(hu, f, None).0
+}
+
+/// Where the spine is in a slice: the vertebra's centre column (pixels)
+/// and its anterior surface (mm anterior of row 0).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Spine {
+    pub col: f64,
+    pub front_mm: f64,
+}
+
+/// [`slice_exclusion`], taking the spine from `fallback` (a neighbouring
+/// slice's) when this slice shows none (an intervertebral disc is < 130
+/// HU); returns the spine this slice shows.
+pub fn slice_exclusion_with(
+    hu: ArrayView2<f32>,
+    f: SliceFrame,
+    fallback: Option<Spine>,
+) -> (Array2<Option<Exclusion>>, Option<Spine>) {
+    let (rows, cols) = hu.dim();
+    let px_cm2 = f.dy * f.dx / 100.0;
+    let mut out = Array2::from_elem((rows, cols), Some(Exclusion::OutsideMediastinum));
+
+    // 2. Lungs.
+    let (lab, comps) = label_hu(&hu.mapv(|v| v < LUNG_HU && v >= AIR_HU), Some(hu));
+    let lung_ids: Vec<bool> = comps
+        .iter()
+        .map(|c| {
+            // Solid, not the thin partial-volume ring of skin against air.
+            let bb = ((c.bbox[1] - c.bbox[0] + 1) * (c.bbox[3] - c.bbox[2] + 1)) as f64;
+            c.n as f64 * px_cm2 >= LUNG_COMPONENT_CM2
+                && c.sum_hu / c.n as f64 > LUNG_MEAN_MIN_HU
+                && c.n as f64 >= LUNG_SOLIDITY * bb
+        })
+        .collect();
+    let lung = lab.mapv(|l| l > 0 && lung_ids[l as usize - 1]);
+    let lung_px = lung.iter().filter(|&&l| l).count();
+    if (lung_px as f64) * px_cm2 < LUNG_MIN_CM2 {
+        return (out, None);
+    }
+    // Everything below −400 HU (lung, airways, air) is not mediastinum, nor
+    // are small islands in it (a vessel, a calcified granuloma).
+    let mut low = hu.mapv(|v| v < LUNG_HU);
+    let (holes, hole_comps) = label(&low.mapv(|l| !l));
+    for ((r, c), h) in holes.indexed_iter() {
+        if *h == 0 {
+            continue;
+        }
+        let hc = &hole_comps[*h as usize - 1];
+        if !hc.touches_border && (hc.n as f64) * px_cm2 < LUNG_HOLE_CM2 {
+            low[[r, c]] = true;
+        }
+    }
+
+    // 4. Large dense structures.
+    let (dlab, dcomps) = label_hu(&hu.mapv(|v| v >= CALCIUM_HU), Some(hu));
+    let mut kind: Vec<Option<Exclusion>> = dcomps
+        .iter()
+        .map(|c| {
+            (c.n as f64 * px_cm2 >= LARGE_STRUCTURE_CM2).then(|| {
+                if c.dense as f64 >= BONE_DENSE_FRACTION * c.n as f64 {
+                    Exclusion::Bone
+                } else {
+                    Exclusion::ContrastBlood
+                }
+            })
+        })
+        .collect();
+    // 5. The vertebra: the most compact large structure in the posterior
+    // half of the lungs' extent. `a` is anterior (mm), `l` patient-left (mm).
+    let a_of = |r: usize| -f.posterior * r as f64 * f.dy;
+    let l_of = |c: usize| f.left * c as f64 * f.dx;
+    let lung_a: Vec<f64> = lung.indexed_iter().filter(|(_, &v)| v).map(|((r, _), _)| a_of(r)).collect();
+    let (amin, amax) = lung_a.iter().fold((f64::MAX, f64::MIN), |(lo, hi), &a| (lo.min(a), hi.max(a)));
+    let mid_a = (amin + amax) / 2.0;
+    let centre = |c: &Comp| {
+        (a_of(0) + c.sum_r / c.n as f64 * (-f.posterior * f.dy), l_of(0) + c.sum_c / c.n as f64 * f.left * f.dx)
+    };
+    // Large and compact: area² / bounding-box area (a rib's band is long
+    // and thin, a vertebra round, even with its arch and rib heads).
+    let compact_area = |c: &Comp| {
+        let bb = ((c.bbox[1] - c.bbox[0] + 1) * (c.bbox[3] - c.bbox[2] + 1)) as f64;
+        (c.n as f64).powi(2) / bb
+    };
+    let vertebra = dcomps
+        .iter()
+        .enumerate()
+        .filter(|(k, c)| kind[*k].is_some() && c.n as f64 * px_cm2 >= VERTEBRA_MIN_CM2 && centre(c).0 < mid_a)
+        .max_by(|(_, a), (_, b)| compact_area(a).total_cmp(&compact_area(b)))
+        .map(|(k, c)| (k as u32 + 1, centre(c).1));
+    let found = vertebra.map(|(vid, vl)| {
+        // A vertebral body may be less dense than the cortex rule expects.
+        kind[vid as usize - 1] = Some(Exclusion::Bone);
+        // Its anterior surface near the midline of the vertebral body.
+        let front_mm = dlab
+            .indexed_iter()
+            .filter(|((_, c), &l)| l == vid && (l_of(*c) - vl).abs() <= VERTEBRA_HALF_WIDTH_MM)
+            .map(|((r, _), _)| a_of(r))
+            .fold(f64::MIN, f64::max);
+        Spine { col: dcomps[vid as usize - 1].sum_c / dcomps[vid as usize - 1].n as f64, front_mm }
+    });
+    let spine = found.or(fallback);
+    // The sternum: the largest large structure in the anterior half within
+    // [`STERNUM_FROM_MIDLINE_MM`] of the vertebra's centre line.
+    let sternum = spine.and_then(|sp| {
+        let vl = l_of(0) + sp.col * f.left * f.dx;
+        dcomps
+            .iter()
+            .enumerate()
+            .filter(|(k, c)| {
+                let (a, l) = centre(c);
+                kind[*k].is_some() && a > mid_a && (l - vl).abs() <= STERNUM_FROM_MIDLINE_MM
+            })
+            .max_by_key(|(_, c)| c.n)
+            .map(|(k, _)| k as u32 + 1)
+    });
+    // 3. Mediastinum: the grown convex hull of the lungs and of their
+    // mirror image about the vertebra's centre, minus the lungs. The mirror
+    // keeps the heart in where one lung is missing from the slice (the
+    // right base under the liver dome, the heart on the diaphragm): the rib
+    // cage is about symmetric about the spine, the lungs are not.
+    let mut both = lung.clone();
+    if let Some(sp) = spine {
+        let vc = sp.col;
+        for ((r, c), &l) in lung.indexed_iter() {
+            let m = (2.0 * vc - c as f64).round();
+            if l && m >= 0.0 && (m as usize) < cols && (m - vc).abs() * f.dx <= MIRROR_REACH_MM {
+                both[[r, m as usize]] = true;
+            }
+        }
+    }
+    if let Some(sid) = sternum {
+        // The heart's front may touch the chest wall below the lungs' tips:
+        // the sternum's back (its most posterior pixel in each column) joins
+        // the hull; the sternum and the costal cartilages beside it do not.
+        let mut back: Vec<Option<usize>> = vec![None; cols];
+        for ((r, c), &l) in dlab.indexed_iter() {
+            if l == sid && back[c].map_or(true, |b| a_of(r) < a_of(b)) {
+                back[c] = Some(r);
+            }
+        }
+        for (c, r) in back.into_iter().enumerate() {
+            if let Some(r) = r {
+                both[[r, c]] = true;
+            }
+        }
+    }
+    let hull = convex_hull_mask(&both);
+    let near_hull = distance_to(&hull, f).mapv(|d| d <= HULL_MARGIN_MM);
+    let mut inside = Array2::from_elem((rows, cols), false);
+    inside.zip_mut_with(&near_hull, |i, &h| *i = h);
+    inside.zip_mut_with(&low, |i, &l| *i &= !l);
+
+    let of_kind = |k: Exclusion| dlab.mapv(|l| l > 0 && kind[l as usize - 1] == Some(k));
+    let near_bone = distance_to(&of_kind(Exclusion::Bone), f).mapv(|d| d <= STRUCTURE_MARGIN_MM);
+    let near_contrast = distance_to(&of_kind(Exclusion::ContrastBlood), f).mapv(|d| d <= STRUCTURE_MARGIN_MM);
+
+    let mut aorta: Option<([f64; 2], f64)> = None;
+    if let Some(sp) = spine {
+        let (vl, front) = (l_of(0) + sp.col * f.left * f.dx, sp.front_mm);
+        for ((r, _), v) in inside.indexed_iter_mut() {
+            if a_of(r) < front {
+                *v = false;
+            }
+        }
+        // 6. The descending aorta: a disc of blood that is round, i.e.
+        // mostly bordered by something else (fat, lung, bone) just outside
+        // its inscribed circle; a point inside the heart, also blood, is not.
+        let blood = {
+            let mut b = hu.mapv(|v| v > BLOOD_HU);
+            b.zip_mut_with(&near_bone, |b, &n| *b &= !n);
+            b
+        };
+        let depth = distance_to(&blood.mapv(|b| !b), f);
+        let ring_outside = |r: usize, c: usize, rad: f64| {
+            let n = 32;
+            let mut out = 0;
+            for k in 0..n {
+                let t = k as f64 * std::f64::consts::TAU / n as f64;
+                let rr = r as f64 + (rad + RING_MM) * t.sin() / f.dy;
+                let cc = c as f64 + (rad + RING_MM) * t.cos() / f.dx;
+                if rr < 0.0 || cc < 0.0 || rr >= rows as f64 || cc >= cols as f64 {
+                    continue;
+                }
+                if !blood[[rr as usize, cc as usize]] {
+                    out += 1;
+                }
+            }
+            out as f64 / n as f64
+        };
+        let mut best = (f64::MIN, [0.0, 0.0], 0.0);
+        for ((r, c), &d) in depth.indexed_iter() {
+            let (l, a) = (l_of(c) - vl, a_of(r) - front);
+            if l < AORTA_BOX[0] || l > AORTA_BOX[1] || a < AORTA_BOX[2] || a > AORTA_BOX[3] {
+                continue;
+            }
+            if d < AORTA_RADIUS_MM[0] || d > AORTA_RADIUS_MM[1] {
+                continue;
+            }
+            let score = d - AORTA_PULL * (l - AORTA_USUAL[0]).hypot(a - AORTA_USUAL[1]);
+            if score > best.0 && ring_outside(r, c, d) >= RING_OUTSIDE_MIN {
+                best = (score, [l, a], d);
+            }
+        }
+        if best.2 >= AORTA_RADIUS_MM[0] {
+            aorta = Some(([best.1[0] + vl, best.1[1] + front], best.2));
+        }
+    }
+
+    // Reasons, most specific first.
+    for ((r, c), o) in out.indexed_iter_mut() {
+        let in_aorta = aorta.is_some_and(|([l, a], rad)| (l_of(c) - l).hypot(a_of(r) - a) <= rad + AORTA_MARGIN_MM);
+        *o = if near_bone[[r, c]] {
+            Some(Exclusion::Bone)
+        } else if in_aorta {
+            Some(Exclusion::Aorta)
+        } else if near_contrast[[r, c]] {
+            Some(Exclusion::ContrastBlood)
+        } else if !inside[[r, c]] {
+            Some(Exclusion::OutsideMediastinum)
+        } else {
+            None
+        };
+    }
+    (out, found)
+}
+
+/// One 8-connected component's statistics.
+struct Comp {
+    n: usize,
+    sum_hu: f64,
+    sum_r: f64,
+    sum_c: f64,
+    /// Bounding box: min row, max row, min col, max col.
+    bbox: [usize; 4],
+    /// Pixels ≥ [`BONE_DENSE_HU`] (only meaningful for the HU ≥ 130 mask).
+    dense: usize,
+    touches_border: bool,
+}
+
+/// 8-connected labels (1-based) of `mask`, with per-component statistics;
+/// the HU statistics are zero without `hu`.
+fn label(mask: &Array2<bool>) -> (Array2<u32>, Vec<Comp>) {
+    label_hu(mask, None)
+}
+
+fn label_hu(mask: &Array2<bool>, hu: Option<ArrayView2<f32>>) -> (Array2<u32>, Vec<Comp>) {
+    let (rows, cols) = mask.dim();
+    let mut lab = Array2::<u32>::zeros((rows, cols));
+    let mut comps = Vec::new();
+    let mut stack = Vec::new();
+    for r0 in 0..rows {
+        for c0 in 0..cols {
+            if !mask[[r0, c0]] || lab[[r0, c0]] != 0 {
+                continue;
+            }
+            let id = comps.len() as u32 + 1;
+            let mut comp = Comp {
+                n: 0,
+                sum_hu: 0.0,
+                sum_r: 0.0,
+                sum_c: 0.0,
+                bbox: [r0, r0, c0, c0],
+                dense: 0,
+                touches_border: false,
+            };
+            lab[[r0, c0]] = id;
+            stack.push((r0, c0));
+            while let Some((r, c)) = stack.pop() {
+                comp.n += 1;
+                comp.sum_r += r as f64;
+                comp.sum_c += c as f64;
+                comp.bbox = [comp.bbox[0].min(r), comp.bbox[1].max(r), comp.bbox[2].min(c), comp.bbox[3].max(c)];
+                if let Some(h) = hu {
+                    let v = h[[r, c]];
+                    comp.sum_hu += v as f64;
+                    if v >= BONE_DENSE_HU {
+                        comp.dense += 1;
+                    }
+                }
+                if r == 0 || c == 0 || r + 1 == rows || c + 1 == cols {
+                    comp.touches_border = true;
+                }
+                for (dr, dc) in [(-1i64, -1i64), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)] {
+                    let (nr, nc) = (r as i64 + dr, c as i64 + dc);
+                    if nr < 0 || nc < 0 || nr >= rows as i64 || nc >= cols as i64 {
+                        continue;
+                    }
+                    let (nr, nc) = (nr as usize, nc as usize);
+                    if mask[[nr, nc]] && lab[[nr, nc]] == 0 {
+                        lab[[nr, nc]] = id;
+                        stack.push((nr, nc));
+                    }
+                }
+            }
+            comps.push(comp);
+        }
+    }
+    (lab, comps)
+}
+
+/// Chamfer distance (mm) from every pixel to the nearest `true` pixel of
+/// `mask` (two passes, 8 neighbours, exact along rows, columns and
+/// diagonals); `f64::MAX` everywhere when the mask is empty.
+pub fn distance_to(mask: &Array2<bool>, f: SliceFrame) -> Array2<f64> {
+    let (rows, cols) = mask.dim();
+    let diag = f.dx.hypot(f.dy);
+    let big = f64::MAX / 4.0;
+    let mut d = mask.mapv(|m| if m { 0.0 } else { big });
+    for r in 0..rows {
+        for c in 0..cols {
+            let mut v = d[[r, c]];
+            if c > 0 {
+                v = v.min(d[[r, c - 1]] + f.dx);
+            }
+            if r > 0 {
+                v = v.min(d[[r - 1, c]] + f.dy);
+                if c > 0 {
+                    v = v.min(d[[r - 1, c - 1]] + diag);
+                }
+                if c + 1 < cols {
+                    v = v.min(d[[r - 1, c + 1]] + diag);
+                }
+            }
+            d[[r, c]] = v;
+        }
+    }
+    for r in (0..rows).rev() {
+        for c in (0..cols).rev() {
+            let mut v = d[[r, c]];
+            if c + 1 < cols {
+                v = v.min(d[[r, c + 1]] + f.dx);
+            }
+            if r + 1 < rows {
+                v = v.min(d[[r + 1, c]] + f.dy);
+                if c + 1 < cols {
+                    v = v.min(d[[r + 1, c + 1]] + diag);
+                }
+                if c > 0 {
+                    v = v.min(d[[r + 1, c - 1]] + diag);
+                }
+            }
+            d[[r, c]] = v;
+        }
+    }
+    d
+}
+
+/// The pixels inside the convex hull of the `true` pixels of `mask`
+/// (pixel centres; the hull's own pixels included).
+pub fn convex_hull_mask(mask: &Array2<bool>) -> Array2<bool> {
+    let (rows, cols) = mask.dim();
+    // The leftmost and rightmost pixel of each row span the hull.
+    let mut pts: Vec<(f64, f64)> = Vec::new();
+    for r in 0..rows {
+        let row = mask.row(r);
+        if let Some(c0) = row.iter().position(|&m| m) {
+            let c1 = row.iter().rposition(|&m| m).unwrap_or(c0);
+            pts.push((c0 as f64, r as f64));
+            pts.push((c1 as f64, r as f64));
+        }
+    }
+    let mut out = Array2::from_elem((rows, cols), false);
+    let hull = monotone_chain(pts);
+    if hull.is_empty() {
+        return out;
+    }
+    let ymin = hull.iter().map(|p| p.1).fold(f64::MAX, f64::min) as usize;
+    let ymax = hull.iter().map(|p| p.1).fold(f64::MIN, f64::max) as usize;
+    for r in ymin..=ymax.min(rows - 1) {
+        let y = r as f64;
+        let (mut lo, mut hi) = (f64::MAX, f64::MIN);
+        for k in 0..hull.len() {
+            let (a, b) = (hull[k], hull[(k + 1) % hull.len()]);
+            if (a.1 - y) * (b.1 - y) > 0.0 {
+                continue;
+            }
+            if a.1 == b.1 {
+                lo = lo.min(a.0.min(b.0));
+                hi = hi.max(a.0.max(b.0));
+            } else {
+                let x = a.0 + (y - a.1) * (b.0 - a.0) / (b.1 - a.1);
+                lo = lo.min(x);
+                hi = hi.max(x);
+            }
+        }
+        if lo > hi {
+            continue;
+        }
+        let c0 = (lo - 1e-9).ceil().max(0.0) as usize;
+        let c1 = ((hi + 1e-9).floor() as usize).min(cols - 1);
+        for c in c0..=c1 {
+            out[[r, c]] = true;
+        }
+    }
+    out
+}
+
+/// Convex hull (Andrew's monotone chain), counter-clockwise, no collinear
+/// points; a single point or a segment for degenerate input.
+fn monotone_chain(mut pts: Vec<(f64, f64)>) -> Vec<(f64, f64)> {
+    pts.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.total_cmp(&b.1)));
+    pts.dedup();
+    if pts.len() < 3 {
+        return pts;
+    }
+    let cross = |o: (f64, f64), a: (f64, f64), b: (f64, f64)| (a.0 - o.0) * (b.1 - o.1) - (a.1 - o.1) * (b.0 - o.0);
+    let mut h: Vec<(f64, f64)> = Vec::with_capacity(2 * pts.len());
+    for &p in &pts {
+        while h.len() >= 2 && cross(h[h.len() - 2], h[h.len() - 1], p) <= 0.0 {
+            h.pop();
+        }
+        h.push(p);
+    }
+    let lower = h.len() + 1;
+    for &p in pts.iter().rev().skip(1) {
+        while h.len() >= lower && cross(h[h.len() - 2], h[h.len() - 1], p) <= 0.0 {
+            h.pop();
+        }
+        h.push(p);
+    }
+    h.pop();
+    h
+}
+
+/// A synthetic axial chest slice for tests (256 × 256, 1 mm pixels, column
+/// toward patient left, row toward posterior) with a 3×3 calcification
+/// (≥ 130 HU) in each place the module tells apart. Returns the slice and
+/// the centre (row, col) of: a coronary plaque in the epicardial fat, the
+/// descending aorta's wall, a rib, the vertebra and the sternum.
+#[cfg(test)]
+pub(crate) fn synthetic_chest_slice() -> (Array2<f32>, [(usize, usize); 5]) {
+    let mut hu = Array2::<f32>::from_elem((256, 256), -1000.0);
+    let ell = |r: usize, c: usize, cy: f64, cx: f64, ay: f64, ax: f64| {
+        ((r as f64 - cy) / ay).powi(2) + ((c as f64 - cx) / ax).powi(2) < 1.0
+    };
+    for ((r, c), v) in hu.indexed_iter_mut() {
+        let mut x = -1000.0;
+        if ell(r, c, 128.0, 128.0, 90.0, 120.0) {
+            x = 40.0; // body wall
+        }
+        if ell(r, c, 125.0, 73.0, 65.0, 40.0) || ell(r, c, 125.0, 183.0, 65.0, 40.0) {
+            x = -850.0; // lungs
+        }
+        if (100..=156).contains(&c) && (60..=185).contains(&r) && x > -500.0 {
+            x = -100.0; // mediastinal fat
+        }
+        if ell(r, c, 105.0, 128.0, 36.0, 32.0) {
+            x = -100.0; // epicardial fat
+        }
+        if ell(r, c, 105.0, 128.0, 32.0, 28.0) {
+            x = 40.0; // heart
+        }
+        let dv = (r as f64 - 190.0).hypot(c as f64 - 128.0);
+        if dv < 15.0 {
+            x = if dv > 13.0 { 800.0 } else { 250.0 }; // vertebra
+        }
+        let da = (r as f64 - 163.0).hypot(c as f64 - 148.0);
+        if da < 11.0 {
+            x = 40.0; // descending aorta
+        } else if da < 14.0 {
+            x = -100.0; // its fat
+        }
+        if (118..=138).contains(&c) && (40..=48).contains(&r) {
+            x = if (120..=136).contains(&c) && (42..=46).contains(&r) { 300.0 } else { 800.0 }; // sternum
+        }
+        if (r as f64 - 128.0).hypot(c as f64 - 20.0) < 4.0 {
+            x = 600.0; // rib
+        }
+        *v = x;
+    }
+    let centres = [(105, 158), (163, 159), (128, 20), (190, 128), (44, 128)];
+    for &(r, c) in &centres[..2] {
+        for dr in 0..3 {
+            for dc in 0..3 {
+                hu[[r + dr - 1, c + dc - 1]] = 450.0;
+            }
+        }
+    }
+    (hu, centres)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FRAME: SliceFrame = SliceFrame { dy: 1.0, dx: 1.0, left: 1.0, posterior: 1.0 };
+
+    #[test]
+    fn each_non_coronary_place_is_excluded_with_its_reason() {
+        let (hu, [coronary, aorta, rib, vertebra, sternum]) = synthetic_chest_slice();
+        let ex = slice_exclusion(hu.view(), FRAME);
+        assert_eq!(ex[coronary], None, "the plaque in the epicardial fat is in the heart region");
+        assert_eq!(ex[aorta], Some(Exclusion::Aorta));
+        assert_eq!(ex[rib], Some(Exclusion::OutsideMediastinum));
+        assert_eq!(ex[vertebra], Some(Exclusion::Bone));
+        assert_eq!(ex[sternum], Some(Exclusion::Bone));
+        // the heart itself is in the region, the lungs and the air are not
+        assert_eq!(ex[(105, 128)], None);
+        assert_eq!(ex[(125, 73)], Some(Exclusion::OutsideMediastinum));
+        assert_eq!(ex[(2, 2)], Some(Exclusion::OutsideMediastinum));
+        // behind the front of the vertebra, even away from bone
+        assert_eq!(ex[(200, 100)], Some(Exclusion::OutsideMediastinum));
+    }
+
+    #[test]
+    fn a_flipped_image_gives_the_flipped_region() {
+        let (hu, [coronary, aorta, ..]) = synthetic_chest_slice();
+        let mut flipped = hu.clone();
+        flipped.invert_axis(Axis(1));
+        let ex = slice_exclusion(flipped.view(), SliceFrame { left: -1.0, ..FRAME });
+        assert_eq!(ex[(coronary.0, 255 - coronary.1)], None);
+        assert_eq!(ex[(aorta.0, 255 - aorta.1)], Some(Exclusion::Aorta));
+    }
+
+    #[test]
+    fn a_slice_without_lungs_is_all_outside() {
+        let hu = Array2::<f32>::from_elem((64, 64), 40.0);
+        let ex = slice_exclusion(hu.view(), FRAME);
+        assert!(ex.iter().all(|e| *e == Some(Exclusion::OutsideMediastinum)));
+    }
+
+    #[test]
+    fn hull_and_distance() {
+        let mut m = Array2::from_elem((9, 9), false);
+        m[(1, 1)] = true;
+        m[(1, 7)] = true;
+        m[(7, 4)] = true;
+        let h = convex_hull_mask(&m);
+        assert!(h[(1, 4)] && h[(4, 4)] && h[(7, 4)]);
+        assert!(!h[(7, 1)] && !h[(0, 4)] && !h[(4, 1)]);
+        let d = distance_to(&m, FRAME);
+        assert_eq!(d[(1, 1)], 0.0);
+        assert_eq!(d[(1, 3)], 2.0);
+        assert!((d[(2, 2)] - 2f64.sqrt()).abs() < 1e-12);
+    }
+
+    /// Writes the region of the series in $HEART_DIR to $HEART_OUT (.npy,
+    /// uint8 codes: 0 inside, 1 above arch, 2 outside, 3 bone, 4 contrast,
+    /// 5 aorta) for looking at it.
+    #[test]
+    #[ignore]
+    fn dump_region() {
+        let (Ok(dir), Ok(out)) = (std::env::var("HEART_DIR"), std::env::var("HEART_OUT")) else { return };
+        let mut files: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
+        files.retain(|p| p.extension().map_or(true, |e| e != "json" && e != "csv"));
+        let vol = Volume::from_files(&files).unwrap();
+        let region = heart_region(&vol).unwrap();
+        let code = |e: &Option<Exclusion>| match e {
+            None => 0u8,
+            Some(Exclusion::AboveArch) => 1,
+            Some(Exclusion::OutsideMediastinum) => 2,
+            Some(Exclusion::Bone) => 3,
+            Some(Exclusion::ContrastBlood) => 4,
+            Some(Exclusion::Aorta) => 5,
+        };
+        crate::npy::write(std::path::Path::new(&out), region.reasons.shape(), region.reasons.iter().map(code)).unwrap();
+    }
+}
