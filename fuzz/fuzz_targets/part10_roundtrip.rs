@@ -189,6 +189,7 @@ fn run(u: &mut Unstructured) -> Result<()> {
             },
             mean_map: u.arbitrary()?,
             counted: u.arbitrary()?,
+            excluded: None,
         });
     }
     let value: f64 = u.arbitrary()?;
