@@ -32,6 +32,7 @@ import pydicom
 import pytest
 from scipy import ndimage
 
+from cards import without_guard
 from ci_no_skip import require_dir
 from nodeharness import REALCT, REPO_ROOT
 
@@ -49,8 +50,11 @@ def chest() -> Path:
 
 
 def _permissive_config(tmp: Path) -> Path:
-    """config/node.yaml with one CAC route for any axial CT and absolute paths."""
+    """config/node.yaml with one CAC route for any axial CT and absolute paths. The CAC card is a site copy
+    without the input guard: the shipped card refuses this contrast-enhanced chest (contrast check), and the
+    test is about which calcium the anatomy lets count, on exactly such a stress case."""
     text = CONFIG.read_text()
+    text = text.replace("../models/cac.yaml", str(without_guard("cac", tmp / "cards")))
     text = text.replace("../models/", f"{REPO_ROOT}/models/").replace("../ort/", f"{REPO_ROOT}/ort/")
     head = text[: text.index("\nroutes:")]
     routes = """
