@@ -631,6 +631,11 @@ def markdown_section(results: list[dict], command: str, report_dir: Path, privat
             f"landmark method was developed while looking at it (landmark.rs quotes its box fills), so the distance "
             f"shows the method works on it, not that it generalises; the other chest sets are single slices (no "
             f"selection). No PMA/SFA labels exist for it: values are shown, not scored.")
+    notes.append("- chest-lungmask and chest-slice values are the models run directly on those slices (the Python "
+                 "mirror, no guard). The node itself refuses them for PMA and SFA (job state `refused`, check "
+                 "`level`; src/inference/guard.rs): the lungmask slices are at the heart (no trachea, lungs 131 mm "
+                 "apart) and the chest slice is at the larynx (no lungs). They are shown as pictures of what the "
+                 "models do far from their level, not as results the node would send.")
     notes.append("- Overlays: soft-tissue window (W 400, L 40); red-yellow wash = map inside candidates (opacity = "
                  "map), magenta = map >= 0.5 in candidates, green = truth outline where a mask exists.")
     L += ["Notes:", ""] + notes + [""]
