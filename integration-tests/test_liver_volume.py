@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -30,6 +28,7 @@ from pydicom.uid import generate_uid
 
 from ci_no_skip import require_dir
 from e2e import jobs_of
+from test_seg import dciodvfy_errors
 from nodeharness import REALCT, REPO_ROOT, free_port, storescu
 from test_results_orthanc import (FAST_OUTBOX, all_delivered, nodes, node_overrides, orthancs,  # noqa: F401
                                   outbox, routes_named, sr_measurements, wait_for)
@@ -48,16 +47,6 @@ def _analyze(binary, out: Path, *paths: Path) -> list[dict]:
     return [json.loads(l) for l in r.stdout.splitlines() if l.strip().startswith("{")]
 
 
-def _dciodvfy_errors(path: Path) -> list[str]:
-    tool = shutil.which("dciodvfy")
-    if tool is None:
-        if os.environ.get("CI"):
-            pytest.fail("dciodvfy is required under CI")
-        pytest.skip("dciodvfy not installed")
-    r = subprocess.run([tool, str(path)], capture_output=True, text=True, timeout=120)
-    return [line for line in (r.stdout + r.stderr).splitlines() if "Error" in line]
-
-
 def _sr_groups(path: Path) -> list[dict]:
     """Each measurement group of the SR, via highdicom: its NUMs and the images it names as sources."""
     sr = hd.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(path))
@@ -73,7 +62,7 @@ def _sr_groups(path: Path) -> list[dict]:
 
 def _check_reports(d: Path, line: dict, n_slices: int) -> list[dict]:
     """SR and SC of a volume result: valid, and about the numbers and the slice of the line."""
-    assert _dciodvfy_errors(d / "sr.dcm") == []
+    assert dciodvfy_errors(d / "sr.dcm") == []
     groups = _sr_groups(d / "sr.dcm")
     (vol_group,) = [g for g in groups if any(n[0] == VOLUME for n in g["nums"])]
     ((_, value, unit),) = vol_group["nums"]
@@ -84,7 +73,7 @@ def _check_reports(d: Path, line: dict, n_slices: int) -> list[dict]:
     ((_, area, unit),) = area_group["nums"]
     assert unit == ("UCUM", "cm2") and area == pytest.approx(line["largest_area_cm2"], rel=1e-6)
     assert area_group["sources"] == {line["slice_sop_instance_uid"]}
-    assert _dciodvfy_errors(d / "sc-00.dcm") == []
+    assert dciodvfy_errors(d / "sc-00.dcm") == []
     sc = pydicom.dcmread(d / "sc-00.dcm")
     assert [str(i.ReferencedSOPInstanceUID) for i in sc.SourceImageSequence] == [line["slice_sop_instance_uid"]]
     assert not (d / "sc-01.dcm").exists()
@@ -184,7 +173,7 @@ def test_volume_reports_carry_the_volume_and_the_largest_slice(synthetic):
     d = synthetic["out"] / v["series_instance_uid"] / v["route"]
     _check_reports(d, v, len(Z_MM))
     # The SEG carries every slice of the volume.
-    assert _dciodvfy_errors(d / "seg.dcm") == []
+    assert dciodvfy_errors(d / "seg.dcm") == []
     seg = hd.seg.segread(d / "seg.dcm")
     assert int(seg.NumberOfFrames) == len(Z_MM)
     refs = {str(i.ReferencedSOPInstanceUID) for i in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence}

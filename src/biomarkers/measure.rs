@@ -266,6 +266,22 @@ mod tests {
         }
     }
 
+    /// A CAC measurement made of an aggregate, as `inference::measure` makes one.
+    fn cac_measurement(a: Aggregate) -> Measurement {
+        Measurement {
+            value: a.value,
+            unit: "{Agatston}".into(),
+            risk_category: a.risk_category,
+            lesions: a.lesions,
+            map: a.map,
+            candidates: a.candidates,
+            model: "cac".into(),
+            model_version: "0".into(),
+            execution_provider: "cpu",
+            volume: None,
+        }
+    }
+
     #[test]
     fn area_is_map_inside_candidates_times_pixel_area() {
         // 4×4 at 40 HU, a 2×2 block of fat (not a candidate); the model map
@@ -326,18 +342,7 @@ mod tests {
         let geom = PixelGeometry { pixel_spacing: [1.0, 1.0], slice_thickness_mm: 3.0 };
         let cand = CandidateSpec { hu_min: 130.0, hu_max: None, min_area_mm2: 1.0 };
         let a = aggregate(hu.view(), out.view(), geom, &cand, &spec("agatston"));
-        let mut m = Measurement {
-            value: a.value,
-            unit: "{Agatston}".into(),
-            risk_category: a.risk_category,
-            lesions: a.lesions,
-            map: a.map,
-            candidates: a.candidates,
-            model: "cac".into(),
-            model_version: "0".into(),
-            execution_provider: "cpu",
-            volume: None,
-        };
+        let mut m = cac_measurement(a);
         assert_eq!(m.lesions.len(), 15, "five lesions per slice");
         assert!(m.lesions.iter().all(|l| l.counted));
         let frame = SliceFrame { dy: 1.0, dx: 1.0, left: 1.0, posterior: 1.0 };
@@ -368,18 +373,7 @@ mod tests {
         let geom = PixelGeometry { pixel_spacing: [0.7, 0.7], slice_thickness_mm: 2.5 };
         let cand = CandidateSpec { hu_min: 130.0, hu_max: None, min_area_mm2: 1.0 };
         let a = aggregate(hu.view(), out.view(), geom, &cand, &spec("agatston"));
-        let mut m = Measurement {
-            value: a.value,
-            unit: "{Agatston}".into(),
-            risk_category: a.risk_category,
-            lesions: a.lesions,
-            map: a.map,
-            candidates: a.candidates,
-            model: "cac".into(),
-            model_version: "0".into(),
-            execution_provider: "cpu",
-            volume: None,
-        };
+        let mut m = cac_measurement(a);
         let before = m.value;
         let region = HeartRegion { reasons: Array3::from_elem(hu.dim(), None) };
         exclude_lesions(&mut m, &region, &spec("agatston"));

@@ -146,6 +146,22 @@ pub struct Analysis {
 }
 
 impl Analysis {
+    /// The analysis of the volume's slices `idx` (the ones the model saw, in
+    /// the order of `hu`).
+    fn of(
+        vol: &Volume,
+        idx: impl IntoIterator<Item = usize>,
+        line: ResultLine,
+        measurement: Measurement,
+        hu: Array3<f32>,
+    ) -> Analysis {
+        let slices = idx
+            .into_iter()
+            .map(|i| (vol.source_paths[i].clone(), vol.sop_instance_uids[i].clone()))
+            .collect();
+        Analysis { line, measurement, hu, slices }
+    }
+
     /// What the reports are made of.
     pub fn report_source(&self) -> ReportSource<'_> {
         ReportSource {
@@ -299,16 +315,7 @@ pub fn run(
             Some(acc)
         }),
     };
-    let slices = idx
-        .iter()
-        .map(|&i| (vol.source_paths[i].clone(), vol.sop_instance_uids[i].clone()))
-        .collect();
-    Ok(Analysis {
-        line,
-        measurement,
-        hu,
-        slices,
-    })
+    Ok(Analysis::of(&vol, idx, line, measurement, hu))
 }
 
 /// The `biomarker` of a volume line: what the area card's slices add up
@@ -397,15 +404,7 @@ fn run_volume(
         largest_area_cm2: Some(largest_area),
         lesions_excluded: None,
     };
-    let slices = (0..n)
-        .map(|i| (vol.source_paths[i].clone(), vol.sop_instance_uids[i].clone()))
-        .collect();
-    Ok(Analysis {
-        line,
-        measurement,
-        hu,
-        slices,
-    })
+    Ok(Analysis::of(&vol, 0..n, line, measurement, hu))
 }
 
 #[cfg(test)]
