@@ -224,3 +224,29 @@ def test_a_running_node_ends_the_jobs_refused_and_sends_nothing(realct, tmp_path
     in_orthanc = {i["MainDicomTags"]["SOPInstanceUID"] for i in orthanc.find_instances()}
     assert in_orthanc == phantom_reports, in_orthanc
     assert "job refused" in node.log_text()
+
+
+def test_a_contrast_chest_without_a_contrast_tag_is_refused_for_cac(binary, tmp_path):
+    """Archives often leave ContrastBolusAgent empty. LIDC-IDRI-0001 (IV contrast, aorta about 390 HU) with that
+    tag removed is a 2.5 mm axial chest CT that the default CAC route matches; the shipped CAC card (validated on
+    non-contrast CT only) must refuse it from its pixels (the heart region's opacified blood, check `contrast`),
+    not score the blood pool as calcium."""
+    src = require_dir(REALCT.parent / "realct-labelled" / "chest-lidc0001" / "ct", "real chest CT volume")
+    series = tmp_path / "lidc-untagged"
+    series.mkdir()
+    for f in sorted(src.glob("*.dcm")):
+        ds = pydicom.dcmread(f)
+        for kw in ("ContrastBolusAgent", "ContrastBolusRoute", "ContrastBolusVolume"):
+            if kw in ds:
+                delattr(ds, kw)
+        ds.save_as(series / f.name)
+    r = subprocess.run([str(binary), "analyze", "--config", str(REPO_ROOT / "config" / "node.yaml"), "--out",
+                        str(tmp_path / "out"), str(series)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [json.loads(l) for l in r.stdout.splitlines() if l.startswith("{")]
+    assert not [l for l in lines if l["model"] == "cac"], lines
+    notes = [l for l in r.stderr.splitlines() if "route cac-non-contrast: refused: " in l]
+    assert len(notes) == 1 and "(check: contrast)" in notes[0] and "130 HU" in notes[0], r.stderr
+    print(notes[0])
+    # PMA and SFA (validated on any phase) still measure the same volume.
+    assert {l["model"] for l in lines} == {"pma", "sfa"}, lines

@@ -207,6 +207,31 @@ pub fn check_header(v: &ValidatedInput, h: &HeaderFacts) -> Result<(), Refusal> 
     Ok(())
 }
 
+/// Opacified blood (cm² per slice, median; `volume::heart::opacified_blood_cm2`)
+/// above which a series is contrast-enhanced, whatever its header says. The
+/// descending aorta alone is about 5 cm² (25 mm across); non-contrast blood
+/// never reaches 130 HU, so the CAC phantoms measure 0 and contrast chests
+/// 15–50.
+pub const OPACIFIED_BLOOD_MAX_CM2: f64 = 5.0;
+
+/// The contrast rule from the pixels: a card validated on non-contrast CT
+/// only refuses a series whose heart region is full of opacified blood.
+/// Archives often leave ContrastBolusAgent empty (the header check then
+/// passes), and an Agatston score on contrast CT counts the blood pool.
+pub fn check_opacified_blood(card: &ModelCard, blood_cm2: Option<f64>) -> Result<(), Refusal> {
+    let Some(v) = &card.validated_input else { return Ok(()) };
+    match blood_cm2 {
+        Some(cm2) if v.contrast == ContrastRule::NonContrast && cm2 > OPACIFIED_BLOOD_MAX_CM2 => refuse(
+            Check::Contrast,
+            format!(
+                "the heart region shows {cm2:.1} cm2 per slice of blood at 130 HU or more (IV contrast; at most \
+                 {OPACIFIED_BLOOD_MAX_CM2:.0} cm2 without): the model is validated on non-contrast CT only"
+            ),
+        ),
+        _ => Ok(()),
+    }
+}
+
 /// One peak of a HU histogram (see [`hu_peak`]).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Peak {

@@ -278,13 +278,18 @@ pub fn run(
     };
     crate::inference::guard::check_input(card, &vol, &idx)?;
     let t_infer = Instant::now();
+    // Agatston: the heart region (`volume::heart`) from HU, before the model
+    // runs, since it also tells a contrast-enhanced series by its blood.
+    let heart = if card.is_agatston() { crate::volume::heart::heart_region(&vol) } else { None };
+    if let Some(region) = &heart {
+        let blood = crate::volume::heart::opacified_blood_cm2(region, geom.pixel_area_mm2());
+        crate::inference::guard::check_opacified_blood(card, blood)?;
+    }
     let mut measurement = measure(model, hu.view(), geom)?;
-    if card.is_agatston() {
+    if let Some(region) = &heart {
         // Calcium outside the heart region (bone, aorta, above the arch) is
-        // never coronary, whatever the map says: `volume::heart`.
-        if let Some(region) = crate::volume::heart::heart_region(&vol) {
-            crate::biomarkers::exclude_lesions(&mut measurement, &region, &card.aggregation);
-        }
+        // never coronary, whatever the map says.
+        crate::biomarkers::exclude_lesions(&mut measurement, region, &card.aggregation);
     }
     crate::inference::guard::check_output(card, &measurement, geom.pixel_spacing[0] * geom.pixel_spacing[1])?;
     crate::telemetry::InferenceTimed {

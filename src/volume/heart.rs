@@ -255,6 +255,28 @@ pub fn heart_region(vol: &Volume) -> Option<HeartRegion> {
     Some(HeartRegion { reasons })
 }
 
+/// How much opacified blood the heart region shows: the median, over the
+/// slices that have a mediastinum (some voxel may hold coronary calcium), of
+/// the area (cm²) marked [`Exclusion::ContrastBlood`] in the slice. Without
+/// IV contrast, blood is 30–60 HU and nothing but bone makes large
+/// structures ≥ 130 HU, so this is about 0; with contrast the aorta, the
+/// pulmonary trunk and the chambers are tens of cm² per slice. `None` when
+/// no slice has a mediastinum. The median, so that one slice through a
+/// dense calcified valve or a pacemaker lead does not decide.
+pub fn opacified_blood_cm2(region: &HeartRegion, pixel_area_mm2: f64) -> Option<f64> {
+    let mut per_slice: Vec<f64> = region
+        .reasons
+        .axis_iter(Axis(0))
+        .filter(|s| s.iter().any(|r| r.is_none()))
+        .map(|s| s.iter().filter(|r| **r == Some(Exclusion::ContrastBlood)).count() as f64 * pixel_area_mm2 / 100.0)
+        .collect();
+    if per_slice.is_empty() {
+        return None;
+    }
+    per_slice.sort_by(f64::total_cmp);
+    Some(per_slice[per_slice.len() / 2])
+}
+
 /// Steps 2–6 of the module doc on one axial slice.
 pub fn slice_exclusion(hu: ArrayView2<f32>, f: SliceFrame) -> Array2<Option<Exclusion>> {
     slice_exclusion_with(hu, f, None).0
@@ -741,6 +763,33 @@ pub(crate) fn synthetic_chest_slice() -> (Array2<f32>, [(usize, usize); 5]) {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn opacified_blood_is_none_on_the_non_contrast_phantoms_and_large_on_a_contrast_chest() {
+        use crate::phantom::{generate, write_series, Task};
+        let dcm = |dir: &std::path::Path| -> Vec<std::path::PathBuf> {
+            let mut v: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
+            v.retain(|p| p.extension().is_some_and(|e| e == "dcm"));
+            v
+        };
+        let d = tempfile::tempdir().unwrap();
+        for k in 0..3 {
+            let dir = d.path().join(format!("cac-{k}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            write_series(&dir, Task::Cac, 11, k, &generate(Task::Cac, 11, k, None)).unwrap();
+            let vol = Volume::from_files(&dcm(&dir)).unwrap();
+            let blood = opacified_blood_cm2(&heart_region(&vol).unwrap(), vol.pixel_spacing[0] * vol.pixel_spacing[1]);
+            assert_eq!(blood, Some(0.0), "phantom cac-11-{k}");
+        }
+        // LIDC-IDRI-0001: IV contrast, descending aorta about 390 HU.
+        let lidc = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/realct-labelled/chest-lidc0001/ct");
+        if let Some(dir) = crate::test_data::require(lidc, "real chest CT volume") {
+            let vol = Volume::from_files(&dcm(&dir)).unwrap();
+            let blood = opacified_blood_cm2(&heart_region(&vol).unwrap(), vol.pixel_spacing[0] * vol.pixel_spacing[1]);
+            assert!(blood.unwrap() > 15.0, "{blood:?}");
+        }
+    }
+
     use super::*;
 
     const FRAME: SliceFrame = SliceFrame { dy: 1.0, dx: 1.0, left: 1.0, posterior: 1.0 };

@@ -243,3 +243,15 @@ fn output_checks_refuse_an_implausible_value_and_a_map_outside_the_candidates() 
         Ok(())
     );
 }
+
+#[test]
+fn a_non_contrast_card_refuses_a_heart_full_of_opacified_blood() {
+    let cac = card("cac");
+    assert_eq!(check_opacified_blood(&cac, Some(0.0)), Ok(()));
+    assert_eq!(check_opacified_blood(&cac, None), Ok(()));
+    let (check, text) = refused(check_opacified_blood(&cac, Some(28.4)));
+    assert_eq!(check, Check::Contrast);
+    assert!(text.contains("28.4 cm2"), "{text}");
+    // A card validated on any phase does not look.
+    assert_eq!(check_opacified_blood(&card("liver"), Some(28.4)), Ok(()));
+}
