@@ -7,7 +7,7 @@ and the ONNX all change together.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 
@@ -48,6 +48,9 @@ class TaskSpec:
     # guard, src/inference/guard.rs): what the model was validated on and what a plausible output is.
     validated_input: dict = field(default_factory=dict)
     validated_output: dict = field(default_factory=dict)
+    # The card's `segmentation:` section (biomarker-node report/seg.rs: the DICOM SEG of the localization);
+    # codes checked against pydicom 3.0.2's codedict (PS3.16).
+    segmentation: dict = field(default_factory=dict)
 
 
 _AREA = Code("SCT", "42798000", "Area")
@@ -165,5 +168,11 @@ def get(task: str) -> TaskSpec:
 
 def with_size(spec: TaskSpec, n: int) -> TaskSpec:
     """The same task with a square model input of n x n."""
-    from dataclasses import replace
     return replace(spec, size=(n, n))
+
+
+# The shipped cards' `segmentation:` sections, by task (export writes them; tests/test_validated_sections.py checks
+# that the shipped cards carry exactly these).
+_SEGMENTATION = {'pma': {'type': 'BINARY', 'threshold': 0.5, 'label': 'Pectoralis major muscle', 'category': {'scheme': 'SCT', 'value': '91723000', 'meaning': 'Anatomical Structure'}, 'property_type': {'scheme': 'SCT', 'value': '60005003', 'meaning': 'Pectoralis major muscle'}, 'anatomic_region': {'scheme': 'SCT', 'value': '816094009', 'meaning': 'Chest'}}, 'sfa': {'type': 'BINARY', 'threshold': 0.5, 'label': 'Subcutaneous fat', 'category': {'scheme': 'SCT', 'value': '85756007', 'meaning': 'Tissue'}, 'property_type': {'scheme': 'SCT', 'value': '55603005', 'meaning': 'Fat'}, 'anatomic_region': {'scheme': 'SCT', 'value': '71966008', 'meaning': 'Subcutaneous tissue'}}, 'liver': {'type': 'FRACTIONAL', 'label': 'Liver tumour', 'category': {'scheme': 'SCT', 'value': '49755003', 'meaning': 'Morphologically Abnormal Structure'}, 'property_type': {'scheme': 'SCT', 'value': '108369006', 'meaning': 'Neoplasm'}, 'anatomic_region': {'scheme': 'SCT', 'value': '10200004', 'meaning': 'Liver'}}, 'cac': {'type': 'BINARY', 'label': 'Coronary artery calcium', 'category': {'scheme': 'SCT', 'value': '49755003', 'meaning': 'Morphologically Abnormal Structure'}, 'property_type': {'scheme': 'SCT', 'value': '29483008', 'meaning': 'Calcified atheromatous plaque'}, 'anatomic_region': {'scheme': 'SCT', 'value': '41801008', 'meaning': 'Coronary artery'}}}
+for _name, _seg in _SEGMENTATION.items():
+    TASKS[_name] = replace(TASKS[_name], segmentation=_seg)

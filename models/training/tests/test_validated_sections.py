@@ -19,6 +19,8 @@ def test_export_writes_the_sections_and_the_shipped_cards_match():
         shipped = yaml.safe_load((MODELS / f"{name}.yaml").read_text())
         assert shipped["validated_input"] == spec.validated_input, name
         assert shipped["validated_output"] == spec.validated_output, name
+        # and the SEG codes, so that a retrained card keeps them
+        assert card["segmentation"] == spec.segmentation == shipped["segmentation"], name
         v = spec.validated_input
         for key in ("pixel_spacing_mm", "slice_thickness_mm", "kvp"):
             lo, hi = v[key]
