@@ -14,11 +14,12 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use crate::inference::guard::{self, HeaderFacts};
+use crate::job::run;
 use crate::inference::ModelCard;
 use crate::routing::{Derived, RouteMatch, RouteTable, SeriesFacts};
 use crate::series::scan;
 use crate::volume::acquisition::Acquisition;
-use crate::volume::{SliceSelection, Volume, VolumeOptions};
+use crate::volume::{Volume, VolumeOptions};
 
 /// `biomarker-node route`: check the config, then the dry run on stdout.
 pub fn route(config: &Path, json: bool, guard_pixels: bool, paths: &[PathBuf]) -> anyhow::Result<()> {
@@ -75,18 +76,13 @@ impl Guards {
                 Ok(v) => v,
                 Err(e) => return GuardVerdict { reason: Some(format!("volume: {e}")), ..unchecked },
             };
-            let idx: Vec<usize> = if card.input.slices == "single" {
-                let sel = m.slices.clone().unwrap_or(if vol.slices() == 1 { SliceSelection::Single } else { SliceSelection::Middle });
-                match vol.select(&sel) {
-                    Ok(i) => vec![i],
-                    Err(crate::volume::VolumeError::Landmark(l)) => return refused("aortic_arch".into(), l.to_string()),
-                    Err(e) => return GuardVerdict { reason: Some(format!("volume: {e}")), ..unchecked },
-                }
-            } else {
-                (0..vol.slices()).collect()
-            };
-            if let Err(r) = guard::check_header(v, &HeaderFacts::from_volume(&vol, idx[0])).and_then(|_| guard::check_pixels(v, &vol, &idx)) {
-                return refused(r.check.to_string(), r.to_string());
+            let checked = run::model_slices(card, m.slices.as_ref(), &vol)
+                .and_then(|idx| run::check_input(card, &vol, &idx));
+            match checked {
+                Ok(_) => {}
+                Err(run::JobError::Refused(why)) => return refused("aortic_arch".into(), why),
+                Err(run::JobError::Guard(r)) => return refused(r.check.to_string(), r.to_string()),
+                Err(e) => return GuardVerdict { reason: Some(e.to_string()), ..unchecked },
             }
         }
         GuardVerdict { verdict: "pass", checks, check: None, reason: None }
@@ -223,6 +219,7 @@ mod tests {
 #[cfg(test)]
 mod guard_tests {
     use super::*;
+    use crate::volume::SliceSelection;
 
     fn guards(pixels: bool) -> Guards {
         let card = ModelCard::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("models/pma.yaml")).unwrap();

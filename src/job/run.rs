@@ -25,6 +25,8 @@ use crate::fault::Fault;
 use crate::inference::registry::{ModelUnavailable, Models};
 use crate::inference::InferenceError;
 use crate::report::write::{ReportSource, WriteError};
+use crate::inference::ModelCard;
+use crate::volume::heart::{self, HeartRegion};
 use crate::volume::{resample, SliceSelection, Volume, VolumeError, VolumeOptions};
 
 /// Why a job failed. The text is what the job store and the API show.
@@ -227,6 +229,46 @@ pub struct JobResult {
     pub reports: Vec<ReportRef>,
 }
 
+/// The slices of `vol` the route's model is given: every slice for a
+/// whole-volume card, and for a 2-D card every slice under `slices: all`
+/// (a volume measured slice by slice) or else the one slice the route
+/// selects (a single image is itself; a volume without a selection, its
+/// middle). A landmark the selection needs that is not in the series is a
+/// refusal. The job and the route tester both ask this, so they agree.
+pub fn model_slices(
+    card: &ModelCard,
+    selection: Option<&SliceSelection>,
+    vol: &Volume,
+) -> Result<Vec<usize>, JobError> {
+    let n = vol.slices();
+    if card.input.slices != "single" || (n > 1 && selection == Some(&SliceSelection::All)) {
+        return Ok((0..n).collect());
+    }
+    let default = if n == 1 { SliceSelection::Single } else { SliceSelection::Middle };
+    let i = vol.select(selection.unwrap_or(&default)).map_err(|e| match e {
+        VolumeError::Landmark(l) => JobError::Refused(l.to_string()),
+        e => JobError::Volume(e),
+    })?;
+    Ok(vec![i])
+}
+
+/// The input guard of the model's card on the slices `idx` it will see
+/// (`inference::guard::check_input`), and for an Agatston card the heart
+/// region (`volume::heart`), found from HU before the model runs: it also
+/// tells a contrast-enhanced series by its blood, which the card's
+/// non-contrast rule refuses (`guard::check_opacified_blood`). Returns the
+/// region, whose exclusions the score applies after inference. The job and
+/// the route tester both run it, so they refuse alike.
+pub fn check_input(card: &ModelCard, vol: &Volume, idx: &[usize]) -> Result<Option<HeartRegion>, JobError> {
+    crate::inference::guard::check_input(card, vol, idx)?;
+    let region = if card.is_agatston() { heart::heart_region(vol) } else { None };
+    if let Some(r) = &region {
+        let blood = heart::opacified_blood_cm2(r, vol.pixel_spacing[0] * vol.pixel_spacing[1]);
+        crate::inference::guard::check_opacified_blood(card, blood)?;
+    }
+    Ok(region)
+}
+
 /// Run one routed job on a series' files. Blocking.
 pub fn run(
     models: &Models,
@@ -252,19 +294,10 @@ pub fn run(
             vol = slabs;
         }
     }
-    let (hu, idx): (Array3<f32>, Vec<usize>) = if card.input.slices == "single" {
-        let sel = m.slices.clone().unwrap_or(if vol.slices() == 1 {
-            SliceSelection::Single
-        } else {
-            SliceSelection::Middle
-        });
-        let i = vol.select(&sel).map_err(|e| match e {
-            VolumeError::Landmark(l) => JobError::Refused(l.to_string()),
-            e => JobError::Volume(e),
-        })?;
-        (vol.hu.slice(s![i..i + 1, .., ..]).to_owned(), vec![i])
-    } else {
-        (vol.hu.clone(), (0..vol.slices()).collect())
+    let idx = model_slices(card, m.slices.as_ref(), &vol)?;
+    let hu = match idx[..] {
+        [i] if card.input.slices == "single" => vol.hu.slice(s![i..i + 1, .., ..]).to_owned(),
+        _ => vol.hu.clone(),
     };
     // A slice chosen out of several: the line says which one.
     let selected = (card.input.slices == "single" && vol.slices() > 1).then(|| idx[0]);
@@ -276,15 +309,8 @@ pub fn run(
         pixel_spacing: vol.pixel_spacing,
         slice_thickness_mm: thickness.unwrap_or(1.0),
     };
-    crate::inference::guard::check_input(card, &vol, &idx)?;
+    let heart = check_input(card, &vol, &idx)?;
     let t_infer = Instant::now();
-    // Agatston: the heart region (`volume::heart`) from HU, before the model
-    // runs, since it also tells a contrast-enhanced series by its blood.
-    let heart = if card.is_agatston() { crate::volume::heart::heart_region(&vol) } else { None };
-    if let Some(region) = &heart {
-        let blood = crate::volume::heart::opacified_blood_cm2(region, geom.pixel_area_mm2());
-        crate::inference::guard::check_opacified_blood(card, blood)?;
-    }
     let mut measurement = measure(model, hu.view(), geom)?;
     if let Some(region) = &heart {
         // Calcium outside the heart region (bone, aorta, above the arch) is
@@ -369,7 +395,7 @@ fn run_volume(
     // The guard's input checks hold for every slice the volume is summed
     // over (the HU peaks are taken over all of them).
     let all: Vec<usize> = (0..vol.slices()).collect();
-    crate::inference::guard::check_input(card, &vol, &all)?;
+    check_input(card, &vol, &all)?;
     let hu = std::mem::replace(&mut vol.hu, Array3::zeros((0, 0, 0)));
     let t_infer = Instant::now();
     let measurement = measure_volume(model, hu.view(), geom, &vol.slice_positions)?;
