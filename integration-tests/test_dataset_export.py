@@ -28,7 +28,7 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from nodeharness import REPO_ROOT, completed, free_port, node_binary, run_tool, storescu
+from nodeharness import REPO_ROOT, Node, completed, free_port, node_binary, run_tool, storescu
 from test_results_orthanc import node_overrides, routes_named
 
 SEED = 21
@@ -81,8 +81,6 @@ def phantoms(tmp_path_factory):
 @pytest.fixture(scope="module")
 def node_with_phantoms(phantoms, tmp_path_factory):
     """A node (shipped PMA/SFA cards and routes) that has received and completed every phantom series."""
-    from nodeharness import Node
-
     sets, files = phantoms
     over = node_overrides(free_port(), routes_named("pma-single-slice", "sfa-single-slice"),
                           cards={m: REPO_ROOT / "models" / f"{m}.yaml" for m in ("pma", "sfa", "liver", "cac")})
@@ -139,6 +137,8 @@ def test_export_by_series_writes_the_layout_the_trainer_reads(node_with_phantoms
     assert "no series in the node's index" in by_line[4]["reason"]
     assert by_line[5]["check"] == "kvp" and "60" in by_line[5]["reason"]
     assert "matches no route of task pma" in by_line[6]["reason"], by_line[6]
+    # the failed condition's path, not the header values it saw
+    assert "match.all[2].any does not hold" in by_line[6]["reason"] and "HEAD" not in report_txt, by_line[6]
     assert [by_line[l].get("case") for l in (2, 3, 7)] == ["c0001", "c0002", "c0003"]
     assert "line 5: refused by the input guard (kvp)" in report_txt
     assert {k: dataset[k] for k in ("format", "task", "unit", "route", "cases")} == {
@@ -167,6 +167,18 @@ def test_export_by_series_writes_the_layout_the_trainer_reads(node_with_phantoms
         assert meta["slice_thickness_mm"] == float(ds.SliceThickness)
         assert meta["z_mm"] == [float(ds.ImagePositionPatient[2])]
         assert (meta["rows"], meta["cols"]) == (ds.Rows, ds.Columns)
+
+    # The trainer's loader reads each case as the node wrote it, and its own candidate rule (the reference the Rust
+    # code reimplements) gives the node's mask.
+    sys.path.insert(0, str(TRAINING))
+    from biomarker_training import candidates as C, data as D
+    from biomarker_training.tasks import get
+    for i, (ds, _) in enumerate(exported):
+        case = out / "cases" / f"c{i + 1:04d}"
+        s = D.load_series(case)
+        assert np.array_equal(s.hu, np.load(case / "volume.npy"))
+        _, cand, _, _ = C.weight_image(s.hu, get("pma"), s.pixel_area_mm2, s.thickness_mm)
+        assert np.array_equal(cand.astype(np.uint8), np.load(case / "candidates.npy"))
 
     # Nothing in the folder identifies a study, a series, an image or a patient.
     secrets = set()
@@ -212,6 +224,22 @@ def test_export_by_study_is_ambiguous_where_two_series_route(node_with_phantoms,
     assert (rep["exported"], rep["ambiguous"]) == (1, 1), rep
     amb = [o for o in rep["outcomes"] if o["outcome"] == "ambiguous"][0]
     assert amb["line"] == 3 and amb["reason"].startswith("2 series"), amb
+
+
+def test_export_by_accession_picks_the_one_series_that_routes(node_with_phantoms, tmp_path):
+    """The variants kept the accession numbers of the phantoms they were copied from: phantom 0's accession has the
+    HEAD copy beside it (not routed, so phantom 0 is taken); phantom 2's has the KVP 60 copy (it routes: ambiguous,
+    as the guard is not what decides which series a value is of)."""
+    node, sets = node_with_phantoms
+    acc0, acc2 = (str(sets[f"pma-{SEED}-{i}"][0].AccessionNumber) for i in (0, 2))
+    assert str(sets["head"][0].AccessionNumber) == acc0 and str(sets["kvp60"][0].AccessionNumber) == acc2
+    r, out = _export(node, tmp_path, "by-accession", [[acc0, "12.5"], [acc2, "20.0"]], ["accession_number", "value"])
+    assert r.returncode == 0, r.stdout + r.stderr
+    rep = json.loads((out / "dataset.json").read_text())["report"]
+    assert [o["outcome"] for o in rep["outcomes"]] == ["exported", "ambiguous"], rep
+    m = list(csv.DictReader(open(out.parent / "by-accession.mapping.csv")))
+    assert [(row["key_column"], row["key"], row["series_instance_uid"]) for row in m] == [
+        ("accession_number", acc0, str(sets[f"pma-{SEED}-0"][0].SeriesInstanceUID))]
 
 
 def test_exit_codes_for_a_bad_export(node_with_phantoms, tmp_path):

@@ -384,7 +384,11 @@ impl SeriesView {
                                 found = Some(m);
                                 break;
                             }
-                            None => why.push(format!("route {}: {}: {}", o.route, o.verdict.at, o.verdict.why)),
+                            // The condition's path, not its text: the text quotes
+                            // header values (descriptions, any keyword a route
+                            // tests), which stay out of the export folder.
+                            // `biomarker-node route` shows them.
+                            None => why.push(format!("route {}: {} does not hold", o.route, o.verdict.at)),
                         }
                     }
                     found.ok_or_else(|| redact(&why.join("; ")))
