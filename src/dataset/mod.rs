@@ -581,7 +581,10 @@ pub fn export(cfg: &Config, table: &RouteTable, req: &ExportRequest) -> Result<R
 /// `DIR.mapping.csv`, beside `DIR`.
 fn default_mapping(out: &Path) -> Result<PathBuf, ExportError> {
     let abs = std::path::absolute(out).map_err(io(out))?;
-    let name = abs.file_name().ok_or_else(|| ExportError::OutputNotEmpty(out.to_owned()))?;
+    let name = abs.file_name().ok_or_else(|| ExportError::Io {
+        path: out.to_owned(),
+        source: std::io::Error::other("the export folder needs a name of its own (or give --mapping)"),
+    })?;
     Ok(abs.with_file_name(format!("{}.mapping.csv", name.to_string_lossy())))
 }
 
