@@ -10,7 +10,8 @@ part, pixel spacing, HU calibration, level). Variants made from them with pydico
 
 What the model will see is checked against pydicom: volume.npy is the HU of the slice (stored × slope + intercept,
 padding to -1024), candidates.npy the card's HU range on it. Nothing in the export folder names a UID, a patient or an
-accession number; the mapping beside it does.
+accession number; the mapping beside it does. A CAC export (a whole-volume card whose candidates are Agatston's
+lesions) is checked the same way on its own node.
 """
 
 from __future__ import annotations
@@ -263,3 +264,43 @@ def test_exit_codes_for_a_bad_export(node_with_phantoms, tmp_path):
     (tmp_path / "full" / "keep").write_text("x")
     r, _ = _export(node, tmp_path, "full", [[uid, "1"]], ["series_instance_uid", "value"])
     assert r.returncode == 6, r.stderr
+
+
+def test_cac_exports_the_volume_and_agatstons_lesions(tmp_path):
+    """CAC (a whole-volume card, candidates = Agatston's lesions): the phantoms' 3 mm slices are exported whole, in
+    patient order, and the trainer's own lesion rule gives the node's candidate mask."""
+    r = run_tool([str(node_binary()), "phantom", "--task", "cac", "--seed", "4", "--out", str(tmp_path / "ph"),
+                  "--count", "2"])
+    assert r.returncode == 0, r.stderr
+    over = node_overrides(free_port(), routes_named("cac-non-contrast"),
+                          cards={m: REPO_ROOT / "models" / f"{m}.yaml" for m in ("pma", "sfa", "liver", "cac")})
+    node = Node(tmp_path / "node", over).start()
+    try:
+        stacks, rows = [], []
+        for row in csv.DictReader(open(tmp_path / "ph" / "labels.csv")):
+            dss = [pydicom.dcmread(f) for f in sorted((tmp_path / "ph" / row["series_dir"]).glob("*.dcm"))]
+            dss.sort(key=lambda d: float(d.ImagePositionPatient[2]))
+            assert float(dss[0].SliceThickness) == 3.0  # no slabs: the slices are what the model sees
+            stacks.append(dss)
+            rows.append([str(dss[0].SeriesInstanceUID), row["value"], "Agatston"])
+            assert storescu(node, [f for f in (tmp_path / "ph" / row["series_dir"]).glob("*.dcm")]).returncode == 0
+        for uid, _, _ in rows:
+            assert completed(node.wait_series(uid, completed, timeout=60)), node.log_tail(30)
+        r, out = _export(node, tmp_path, "cac", rows, ["series_instance_uid", "value", "unit"], task="cac")
+    finally:
+        node.kill()
+    assert r.returncode == 0, r.stdout + r.stderr
+    dataset = json.loads((out / "dataset.json").read_text())
+    assert (dataset["unit"], dataset["route"], dataset["cases"]) == ("{Agatston}", "cac-non-contrast", 2)
+    sys.path.insert(0, str(TRAINING))
+    from biomarker_training import candidates as C, data as D
+    from biomarker_training.tasks import get
+    for i, dss in enumerate(stacks):
+        case = out / "cases" / f"c{i + 1:04d}"
+        vol = np.load(case / "volume.npy")
+        assert np.array_equal(vol, np.stack([_hu(d) for d in dss]))
+        meta = json.loads((case / "meta.json").read_text())
+        assert meta["z_mm"] == [float(d.ImagePositionPatient[2]) for d in dss]
+        s = D.load_series(case)
+        _, cand, _, _ = C.weight_image(s.hu, get("cac"), s.pixel_area_mm2, s.thickness_mm)
+        assert cand.any() and np.array_equal(cand.astype(np.uint8), np.load(case / "candidates.npy"))
