@@ -13,7 +13,10 @@ pub fn dataset_export(config: &Path, req: &ExportRequest) -> anyhow::Result<()> 
     {
         use tracing_subscriber::EnvFilter;
         let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
-        let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .try_init();
     }
     let report = export(&cfg, &table, req)?;
     print!("{}", report.text());

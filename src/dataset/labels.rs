@@ -14,7 +14,11 @@ pub enum KeyKind {
 }
 
 impl KeyKind {
-    pub const ALL: [KeyKind; 3] = [KeyKind::AccessionNumber, KeyKind::StudyInstanceUid, KeyKind::SeriesInstanceUid];
+    pub const ALL: [KeyKind; 3] = [
+        KeyKind::AccessionNumber,
+        KeyKind::StudyInstanceUid,
+        KeyKind::SeriesInstanceUid,
+    ];
 
     /// The column name.
     pub fn column(self) -> &'static str {
@@ -59,7 +63,9 @@ pub enum LabelsError {
     Quote { line: usize },
     #[error("no key column: the header needs one of accession_number, study_instance_uid, series_instance_uid")]
     NoKey,
-    #[error("several key columns ({0}): keep exactly one of accession_number, study_instance_uid, series_instance_uid")]
+    #[error(
+        "several key columns ({0}): keep exactly one of accession_number, study_instance_uid, series_instance_uid"
+    )]
     SeveralKeys(String),
     #[error("no `value` column in the header")]
     NoValue,
@@ -72,7 +78,12 @@ pub enum LabelsError {
     #[error("line {line}: value `{value}` is not a finite number")]
     BadValue { line: usize, value: String },
     #[error("line {line}: {column} `{key}` is on line {first} already")]
-    DuplicateKey { line: usize, first: usize, column: &'static str, key: String },
+    DuplicateKey {
+        line: usize,
+        first: usize,
+        column: &'static str,
+        key: String,
+    },
     #[error("no data rows under the header")]
     NoRows,
 }
@@ -148,8 +159,10 @@ pub fn parse(text: &str) -> Result<Labels, LabelsError> {
         }
     }
     let col = |name: &str| names.iter().position(|n| n == name);
-    let keys: Vec<(KeyKind, usize)> =
-        KeyKind::ALL.into_iter().filter_map(|k| Some((k, col(k.column())?))).collect();
+    let keys: Vec<(KeyKind, usize)> = KeyKind::ALL
+        .into_iter()
+        .filter_map(|k| Some((k, col(k.column())?)))
+        .collect();
     let (key, key_col) = match keys[..] {
         [] => return Err(LabelsError::NoKey),
         [k] => k,
@@ -164,24 +177,44 @@ pub fn parse(text: &str) -> Result<Labels, LabelsError> {
     let mut first_line: HashMap<String, usize> = HashMap::new();
     for (line, fields) in recs {
         if fields.len() != names.len() {
-            return Err(LabelsError::Width { line, found: fields.len(), expected: names.len() });
+            return Err(LabelsError::Width {
+                line,
+                found: fields.len(),
+                expected: names.len(),
+            });
         }
         let k = fields[key_col].trim().to_owned();
         if k.is_empty() {
-            return Err(LabelsError::EmptyKey { line, column: key.column() });
+            return Err(LabelsError::EmptyKey {
+                line,
+                column: key.column(),
+            });
         }
         let raw = fields[value_col].trim();
         let value = raw
             .parse::<f64>()
             .ok()
             .filter(|v| v.is_finite())
-            .ok_or_else(|| LabelsError::BadValue { line, value: raw.to_owned() })?;
+            .ok_or_else(|| LabelsError::BadValue {
+                line,
+                value: raw.to_owned(),
+            })?;
         if let Some(&first) = first_line.get(&k) {
-            return Err(LabelsError::DuplicateKey { line, first, column: key.column(), key: k });
+            return Err(LabelsError::DuplicateKey {
+                line,
+                first,
+                column: key.column(),
+                key: k,
+            });
         }
         first_line.insert(k.clone(), line);
         let unit = unit_col.map(|c| fields[c].trim().to_owned()).filter(|u| !u.is_empty());
-        rows.push(LabelRow { line, key: k, value, unit });
+        rows.push(LabelRow {
+            line,
+            key: k,
+            value,
+            unit,
+        });
     }
     if rows.is_empty() {
         return Err(LabelsError::NoRows);
@@ -223,14 +256,25 @@ mod tests {
 
     #[test]
     fn reads_a_key_a_value_and_a_unit_with_quotes_and_crlf() {
-        let l = parse("\u{feff}Series_Instance_UID, value ,unit,note\r\n1.2.3,12.5,cm2,\"a, b\"\r\n\r\n\"1.2.4\",7,,x\n")
-            .unwrap();
+        let l =
+            parse("\u{feff}Series_Instance_UID, value ,unit,note\r\n1.2.3,12.5,cm2,\"a, b\"\r\n\r\n\"1.2.4\",7,,x\n")
+                .unwrap();
         assert_eq!(l.key, KeyKind::SeriesInstanceUid);
         assert_eq!(
             l.rows,
             vec![
-                LabelRow { line: 2, key: "1.2.3".into(), value: 12.5, unit: Some("cm2".into()) },
-                LabelRow { line: 4, key: "1.2.4".into(), value: 7.0, unit: None },
+                LabelRow {
+                    line: 2,
+                    key: "1.2.3".into(),
+                    value: 12.5,
+                    unit: Some("cm2".into())
+                },
+                LabelRow {
+                    line: 4,
+                    key: "1.2.4".into(),
+                    value: 7.0,
+                    unit: None
+                },
             ]
         );
     }
@@ -247,15 +291,45 @@ mod tests {
         let cases: [(&str, LabelsError); 10] = [
             ("", LabelsError::Empty),
             ("value,unit\n1,cm2\n", LabelsError::NoKey),
-            ("study_instance_uid,series_instance_uid,value\n1,2,3\n", LabelsError::SeveralKeys("study_instance_uid, series_instance_uid".into())),
+            (
+                "study_instance_uid,series_instance_uid,value\n1,2,3\n",
+                LabelsError::SeveralKeys("study_instance_uid, series_instance_uid".into()),
+            ),
             ("study_instance_uid,unit\n1,cm2\n", LabelsError::NoValue),
-            ("study_instance_uid,value,value\n1,2,3\n", LabelsError::DuplicateColumn("value".into())),
-            ("study_instance_uid,value\n1,2,3\n", LabelsError::Width { line: 2, found: 3, expected: 2 }),
-            ("study_instance_uid,value\n ,2\n", LabelsError::EmptyKey { line: 2, column: "study_instance_uid" }),
-            ("study_instance_uid,value\n1,2\n2,n/a\n", LabelsError::BadValue { line: 3, value: "n/a".into() }),
+            (
+                "study_instance_uid,value,value\n1,2,3\n",
+                LabelsError::DuplicateColumn("value".into()),
+            ),
+            (
+                "study_instance_uid,value\n1,2,3\n",
+                LabelsError::Width {
+                    line: 2,
+                    found: 3,
+                    expected: 2,
+                },
+            ),
+            (
+                "study_instance_uid,value\n ,2\n",
+                LabelsError::EmptyKey {
+                    line: 2,
+                    column: "study_instance_uid",
+                },
+            ),
+            (
+                "study_instance_uid,value\n1,2\n2,n/a\n",
+                LabelsError::BadValue {
+                    line: 3,
+                    value: "n/a".into(),
+                },
+            ),
             (
                 "study_instance_uid,value\n1,2\n1,3\n",
-                LabelsError::DuplicateKey { line: 3, first: 2, column: "study_instance_uid", key: "1".into() },
+                LabelsError::DuplicateKey {
+                    line: 3,
+                    first: 2,
+                    column: "study_instance_uid",
+                    key: "1".into(),
+                },
             ),
             ("study_instance_uid,value\n", LabelsError::NoRows),
         ];
@@ -263,7 +337,10 @@ mod tests {
             assert_eq!(parse(text), Err(want), "{text:?}");
         }
         assert_eq!(parse("a,value\n\"open,1\n"), Err(LabelsError::Quote { line: 2 }));
-        assert!(matches!(parse("series_instance_uid,value\n1,inf\n"), Err(LabelsError::BadValue { .. })));
+        assert!(matches!(
+            parse("series_instance_uid,value\n1,inf\n"),
+            Err(LabelsError::BadValue { .. })
+        ));
     }
 
     #[test]

@@ -85,7 +85,10 @@ pub enum ExportError {
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
     #[error("{path}: {source}")]
-    Npy { path: PathBuf, source: crate::npy::NpyError },
+    Npy {
+        path: PathBuf,
+        source: crate::npy::NpyError,
+    },
     #[error(transparent)]
     Json(#[from] serde_json::Error),
 }
@@ -108,7 +111,10 @@ impl ExportError {
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ExportError + '_ {
-    move |source| ExportError::Io { path: path.to_owned(), source }
+    move |source| ExportError::Io {
+        path: path.to_owned(),
+        source,
+    }
 }
 
 /// What became of one CSV row.
@@ -132,8 +138,14 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    const ALL: [Outcome; 6] =
-        [Outcome::Exported, Outcome::Unmatched, Outcome::Ambiguous, Outcome::NotRouted, Outcome::Refused, Outcome::Failed];
+    const ALL: [Outcome; 6] = [
+        Outcome::Exported,
+        Outcome::Unmatched,
+        Outcome::Ambiguous,
+        Outcome::NotRouted,
+        Outcome::Refused,
+        Outcome::Failed,
+    ];
 
     fn label(self) -> &'static str {
         match self {
@@ -275,7 +287,9 @@ pub fn select(kind: KeyKind, task: &str, found: &[SeriesStatus]) -> Selection {
     if found.is_empty() {
         return Selection::Unmatched(format!("no series in the node's index has this {kind}"));
     }
-    let usable: Vec<usize> = (0..found.len()).filter(|&i| !found[i].receiving && found[i].spooled).collect();
+    let usable: Vec<usize> = (0..found.len())
+        .filter(|&i| !found[i].receiving && found[i].spooled)
+        .collect();
     if usable.is_empty() {
         let why = if found.iter().any(|s| s.receiving) {
             "its series is still being received; export when it is complete"
@@ -334,8 +348,12 @@ fn task_routes(cfg: &Config, table: &RouteTable, task: &str) -> Result<TaskRoute
             why: format!("no model in the config has a card of this task (the tasks there: {known})"),
         });
     }
-    let names: Vec<String> =
-        table.routes.iter().filter(|r| cards.contains_key(&r.model)).map(|r| r.name.clone()).collect();
+    let names: Vec<String> = table
+        .routes
+        .iter()
+        .filter(|r| cards.contains_key(&r.model))
+        .map(|r| r.name.clone())
+        .collect();
     let Some(first) = table.routes.iter().find(|r| cards.contains_key(&r.model)) else {
         return Err(ExportError::UnknownTask {
             task: task.into(),
@@ -395,7 +413,12 @@ impl SeriesView {
                 }
             }
         };
-        Ok(SeriesView { summary: summary.clone(), instances, accession, route })
+        Ok(SeriesView {
+            summary: summary.clone(),
+            instances,
+            accession,
+            route,
+        })
     }
 }
 
@@ -405,10 +428,14 @@ impl SeriesView {
 pub fn export(cfg: &Config, table: &RouteTable, req: &ExportRequest) -> Result<Report, ExportError> {
     let task = task_routes(cfg, table, &req.task)?;
     let text = std::fs::read_to_string(&req.labels).map_err(io(&req.labels))?;
-    let labels: Labels =
-        labels::parse(&text).map_err(|source| ExportError::Labels { path: req.labels.clone(), source })?;
-    labels::check_units(&labels, &task.unit.0, &task.unit.1)
-        .map_err(|source| ExportError::Unit { path: req.labels.clone(), source })?;
+    let labels: Labels = labels::parse(&text).map_err(|source| ExportError::Labels {
+        path: req.labels.clone(),
+        source,
+    })?;
+    labels::check_units(&labels, &task.unit.0, &task.unit.1).map_err(|source| ExportError::Unit {
+        path: req.labels.clone(),
+        source,
+    })?;
     let mapping_path = match &req.mapping {
         Some(p) => p.clone(),
         None => default_mapping(&req.out)?,
@@ -421,7 +448,10 @@ pub fn export(cfg: &Config, table: &RouteTable, req: &ExportRequest) -> Result<R
     prepare_out(&req.out, &mapping_path)?;
     let spool = cfg.spool_dir();
     let summaries = index.list_series()?;
-    let opts = VolumeOptions { spacing_tolerance: cfg.series.spacing_tolerance, ..Default::default() };
+    let opts = VolumeOptions {
+        spacing_tolerance: cfg.series.spacing_tolerance,
+        ..Default::default()
+    };
 
     let need_accession = labels.key == KeyKind::AccessionNumber;
     let mut views: HashMap<String, SeriesView> = HashMap::new();
@@ -447,7 +477,10 @@ pub fn export(cfg: &Config, table: &RouteTable, req: &ExportRequest) -> Result<R
                 }
             }
         };
-        by_key.entry(key).or_default().push(s.series_instance_uid.as_str().to_owned());
+        by_key
+            .entry(key)
+            .or_default()
+            .push(s.series_instance_uid.as_str().to_owned());
     }
     for uids in by_key.values_mut() {
         uids.sort();
@@ -487,19 +520,37 @@ pub fn export(cfg: &Config, table: &RouteTable, req: &ExportRequest) -> Result<R
                 route: v.route.as_ref().map(|m| m.route.as_str()).map_err(|e| e.as_str()),
             })
             .collect();
-        let mut out = RowReport { line: row.line, outcome: Outcome::Unmatched, case: None, route: None, check: None, reason: None };
+        let mut out = RowReport {
+            line: row.line,
+            outcome: Outcome::Unmatched,
+            case: None,
+            route: None,
+            check: None,
+            reason: None,
+        };
         let v = match select(labels.key, &req.task, &status) {
             Selection::One(i) => found[i],
             Selection::Unmatched(why) => {
-                report.outcomes.push(RowReport { reason: Some(why), ..out });
+                report.outcomes.push(RowReport {
+                    reason: Some(why),
+                    ..out
+                });
                 continue;
             }
             Selection::NotRouted(why) => {
-                report.outcomes.push(RowReport { outcome: Outcome::NotRouted, reason: Some(why), ..out });
+                report.outcomes.push(RowReport {
+                    outcome: Outcome::NotRouted,
+                    reason: Some(why),
+                    ..out
+                });
                 continue;
             }
             Selection::Ambiguous(why) => {
-                report.outcomes.push(RowReport { outcome: Outcome::Ambiguous, reason: Some(why), ..out });
+                report.outcomes.push(RowReport {
+                    outcome: Outcome::Ambiguous,
+                    reason: Some(why),
+                    ..out
+                });
                 continue;
             }
         };
@@ -509,7 +560,9 @@ pub fn export(cfg: &Config, table: &RouteTable, req: &ExportRequest) -> Result<R
             report.outcomes.push(out);
             continue;
         }
-        let Ok(m) = &v.route else { unreachable!("select() chose a routed series") };
+        let Ok(m) = &v.route else {
+            unreachable!("select() chose a routed series")
+        };
         out.route = Some(m.route.clone());
         let card = &task.cards[&m.model];
         let files: Vec<PathBuf> = v.instances.iter().map(|(p, _)| p.clone()).collect();
@@ -533,7 +586,11 @@ pub fn export(cfg: &Config, table: &RouteTable, req: &ExportRequest) -> Result<R
                 continue;
             }
             Err(e) => {
-                out.outcome = if e.refused_by().is_some() { Outcome::Refused } else { Outcome::Failed };
+                out.outcome = if e.refused_by().is_some() {
+                    Outcome::Refused
+                } else {
+                    Outcome::Failed
+                };
                 out.check = e.refused_by().map(str::to_owned);
                 out.reason = Some(redact(&e.to_string()));
                 report.outcomes.push(out);
@@ -554,7 +611,11 @@ pub fn export(cfg: &Config, table: &RouteTable, req: &ExportRequest) -> Result<R
             uid,
             &m.route,
         ]));
-        report.outcomes.push(RowReport { outcome: Outcome::Exported, case: Some(case), ..out });
+        report.outcomes.push(RowReport {
+            outcome: Outcome::Exported,
+            case: Some(case),
+            ..out
+        });
     }
     report.tally();
 
@@ -572,7 +633,10 @@ pub fn export(cfg: &Config, table: &RouteTable, req: &ExportRequest) -> Result<R
         "cases": cases.len(),
         "report": &report,
     });
-    write_file(&req.out.join("dataset.json"), serde_json::to_string_pretty(&dataset)?.as_bytes())?;
+    write_file(
+        &req.out.join("dataset.json"),
+        serde_json::to_string_pretty(&dataset)?.as_bytes(),
+    )?;
     write_file(&req.out.join("export-report.txt"), report.text().as_bytes())?;
     write_mapping(&mapping_path, mapping.as_bytes())?;
     Ok(report)
@@ -655,10 +719,15 @@ fn write_case(dir: &Path, card: &ModelCard, mi: &ModelInput, route: &str) -> Res
     let cand = crate::biomarkers::model_candidates(mi.hu.view(), mi.geom, &card.candidates, &card.aggregation);
     let npy = |name: &str| dir.join(name);
     let p = npy("volume.npy");
-    crate::npy::write(&p, &shape, mi.hu.iter().copied()).map_err(|source| ExportError::Npy { path: p.clone(), source })?;
+    crate::npy::write(&p, &shape, mi.hu.iter().copied()).map_err(|source| ExportError::Npy {
+        path: p.clone(),
+        source,
+    })?;
     let p = npy("candidates.npy");
-    crate::npy::write(&p, &shape, cand.iter().map(|&b| b as u8))
-        .map_err(|source| ExportError::Npy { path: p.clone(), source })?;
+    crate::npy::write(&p, &shape, cand.iter().map(|&b| b as u8)).map_err(|source| ExportError::Npy {
+        path: p.clone(),
+        source,
+    })?;
     let meta = CaseMeta {
         pixel_spacing_mm: mi.geom.pixel_spacing,
         slice_thickness_mm: mi.geom.slice_thickness_mm,
@@ -676,35 +745,61 @@ mod tests {
     use super::*;
 
     fn st(receiving: bool, spooled: bool, route: Result<&'static str, &'static str>) -> SeriesStatus<'static> {
-        SeriesStatus { receiving, spooled, route }
+        SeriesStatus {
+            receiving,
+            spooled,
+            route,
+        }
     }
 
     #[test]
     fn a_key_with_one_routed_series_selects_it_among_others() {
-        let found = [st(false, true, Err("route pma: match.all[1]: no")), st(false, true, Ok("pma"))];
+        let found = [
+            st(false, true, Err("route pma: match.all[1]: no")),
+            st(false, true, Ok("pma")),
+        ];
         assert_eq!(select(KeyKind::StudyInstanceUid, "pma", &found), Selection::One(1));
     }
 
     #[test]
     fn every_row_that_is_not_exported_says_why() {
         let k = KeyKind::StudyInstanceUid;
-        let Selection::Unmatched(why) = select(k, "pma", &[]) else { panic!() };
+        let Selection::Unmatched(why) = select(k, "pma", &[]) else {
+            panic!()
+        };
         assert!(why.contains("no series") && why.contains("study_instance_uid"), "{why}");
-        let Selection::Unmatched(why) = select(k, "pma", &[st(true, true, Ok("pma"))]) else { panic!() };
+        let Selection::Unmatched(why) = select(k, "pma", &[st(true, true, Ok("pma"))]) else {
+            panic!()
+        };
         assert!(why.contains("still being received"), "{why}");
-        let Selection::Unmatched(why) = select(k, "pma", &[st(false, false, Err("no instances"))]) else { panic!() };
+        let Selection::Unmatched(why) = select(k, "pma", &[st(false, false, Err("no instances"))]) else {
+            panic!()
+        };
         assert!(why.contains("retention"), "{why}");
-        let Selection::NotRouted(why) = select(k, "pma", &[st(false, true, Err("route pma: match.all[2]: BodyPartExamined is HEAD"))])
-        else {
+        let Selection::NotRouted(why) = select(
+            k,
+            "pma",
+            &[st(
+                false,
+                true,
+                Err("route pma: match.all[2]: BodyPartExamined is HEAD"),
+            )],
+        ) else {
             panic!()
         };
         assert!(why.contains("task pma") && why.contains("HEAD"), "{why}");
         let Selection::Ambiguous(why) = select(k, "pma", &[st(false, true, Ok("a")), st(false, true, Ok("b"))]) else {
             panic!()
         };
-        assert!(why.starts_with("2 series") && why.contains("series_instance_uid"), "{why}");
+        assert!(
+            why.starts_with("2 series") && why.contains("series_instance_uid"),
+            "{why}"
+        );
         // A series still receiving does not make a complete one ambiguous.
-        assert_eq!(select(k, "pma", &[st(true, true, Ok("a")), st(false, true, Ok("a"))]), Selection::One(1));
+        assert_eq!(
+            select(k, "pma", &[st(true, true, Ok("a")), st(false, true, Ok("a"))]),
+            Selection::One(1)
+        );
     }
 
     #[test]
@@ -715,11 +810,18 @@ mod tests {
 
     #[test]
     fn exit_codes_tell_the_errors_apart() {
-        let lab = ExportError::Labels { path: "l.csv".into(), source: LabelsError::NoValue };
+        let lab = ExportError::Labels {
+            path: "l.csv".into(),
+            source: LabelsError::NoValue,
+        };
         let codes = [
             ExportError::NothingExported.exit_code(),
             lab.exit_code(),
-            ExportError::UnknownTask { task: "x".into(), why: String::new() }.exit_code(),
+            ExportError::UnknownTask {
+                task: "x".into(),
+                why: String::new(),
+            }
+            .exit_code(),
             ExportError::OutputNotEmpty("d".into()).exit_code(),
             ExportError::NoIndex("i".into()).exit_code(),
         ];
@@ -731,10 +833,16 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let out = d.path().join("export");
         assert_eq!(default_mapping(&out).unwrap(), d.path().join("export.mapping.csv"));
-        assert!(matches!(prepare_out(&out, &out.join("m.csv")), Err(ExportError::MappingInside(_))));
+        assert!(matches!(
+            prepare_out(&out, &out.join("m.csv")),
+            Err(ExportError::MappingInside(_))
+        ));
         prepare_out(&out, &d.path().join("m.csv")).unwrap();
         assert!(out.join("cases").is_dir());
         std::fs::write(out.join("x"), "").unwrap();
-        assert!(matches!(prepare_out(&out, &d.path().join("m.csv")), Err(ExportError::OutputNotEmpty(_))));
+        assert!(matches!(
+            prepare_out(&out, &d.path().join("m.csv")),
+            Err(ExportError::OutputNotEmpty(_))
+        ));
     }
 }
