@@ -14,6 +14,7 @@
 pub mod biomarkers;
 pub mod cli;
 pub mod config;
+pub mod dataset;
 pub mod http;
 pub mod telemetry;
 #[cfg(test)]

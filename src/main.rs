@@ -75,12 +75,51 @@ enum Command {
         #[arg(required = true)]
         paths: Vec<PathBuf>,
     },
+    /// Training data from the node's own spool: `dataset export`.
+    #[command(subcommand)]
+    Dataset(DatasetCommand),
     /// Print the JSON Schema of the config file (generated from the code;
     /// docs/CONFIGURATION.md is the reference), for editors and admins.
     ConfigSchema,
     /// Write synthetic CT phantoms with ground truth.
     #[cfg(feature = "phantom")]
     Phantom(biomarker_node::phantom::PhantomArgs),
+}
+
+#[derive(Subcommand)]
+enum DatasetCommand {
+    /// Export the series of the node's spool that a labels CSV names, as
+    /// the training layout of `python -m biomarker_training.train`: each
+    /// series through the same route match, slice selection, HU conversion,
+    /// input guard and candidates as inference. See docs/DATASET-EXPORT.md.
+    ///
+    /// Writes DIR/labels.csv, DIR/cases/cNNNN/{volume.npy,candidates.npy,
+    /// meta.json}, DIR/dataset.json and DIR/export-report.txt (no UIDs, no
+    /// patient data), and the case → UID mapping to DIR.mapping.csv (or
+    /// --mapping). Prints the report: rows exported, unmatched, ambiguous,
+    /// not routed, refused by the input guard, failed.
+    ///
+    /// Exit codes: 0 at least one case exported; 1 none exported; 2 config,
+    /// index or I/O error; 3 unusable labels CSV; 4 a unit that is not the
+    /// task's; 5 unknown task; 6 DIR not empty, or --mapping inside DIR.
+    Export {
+        #[arg(long, default_value = "config/node.yaml")]
+        config: PathBuf,
+        /// The model card `task` to export for (pma, sfa, cac, liver).
+        #[arg(long)]
+        task: String,
+        /// CSV: one key column (accession_number, study_instance_uid or
+        /// series_instance_uid), `value`, optional `unit`.
+        #[arg(long)]
+        labels: PathBuf,
+        /// The export folder (new or empty).
+        #[arg(long)]
+        out: PathBuf,
+        /// Where the case id → UID mapping goes (outside --out).
+        /// Default: <out>.mapping.csv beside the folder.
+        #[arg(long)]
+        mapping: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -94,6 +133,9 @@ fn main() -> ExitCode {
         Command::Route { config, json, guard_pixels, paths } => cli::route(&config, json, guard_pixels, &paths),
         Command::Analyze { config, out, paths } => cli::analyze(&config, &out, &paths),
         Command::ConfigSchema => cli::config_schema(),
+        Command::Dataset(DatasetCommand::Export { config, task, labels, out, mapping }) => {
+            cli::dataset_export(&config, &biomarker_node::dataset::ExportRequest { task, labels, out, mapping })
+        }
         #[cfg(feature = "phantom")]
         Command::Phantom(args) => biomarker_node::phantom::run(&args),
     };
@@ -101,7 +143,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::from(2)
+            ExitCode::from(cli::dataset::exit_code(&e))
         }
     }
 }

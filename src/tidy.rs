@@ -265,6 +265,7 @@ const HEADED: &[&str] = &[
     "spool/mod.rs",
     "series/mod.rs",
     "routing/mod.rs",
+    "dataset/mod.rs",
     "job/mod.rs",
     "inference/mod.rs",
     "biomarkers/mod.rs",

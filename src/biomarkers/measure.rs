@@ -104,6 +104,24 @@ pub struct Aggregate {
     pub candidates: Array3<bool>,
 }
 
+/// The candidate mask of `hu` (`[S,R,C]`) that [`aggregate`] measures the
+/// map inside: Agatston's lesions for a CAC card, the HU heuristic
+/// ([`candidate_mask`]) otherwise. Needs no model, so `dataset export` writes
+/// the very mask a model's output will be summed over.
+pub fn model_candidates(
+    hu: ArrayView3<f32>,
+    geom: PixelGeometry,
+    spec: &CandidateSpec,
+    aggregation: &AggregationSpec,
+) -> Array3<bool> {
+    let area = geom.pixel_area_mm2();
+    if aggregation.is_agatston() {
+        let (_, labels) = agatston::lesions(hu, None, spec.lesion_rule(), area, geom.slice_thickness_mm);
+        return labels.mapv(|l| l > 0);
+    }
+    candidate_mask(hu, spec, area)
+}
+
 /// Aggregate the model output `out` (`[S,1,H,W]`) over `hu` (`[S,R,C]`).
 pub fn aggregate(
     hu: ArrayView3<f32>,
@@ -172,7 +190,7 @@ pub fn aggregate(
             candidates,
         };
     }
-    let candidates = candidate_mask(hu, spec, area);
+    let candidates = model_candidates(hu, geom, spec, aggregation);
     let sum: f64 = map
         .iter()
         .zip(candidates.iter())
@@ -379,5 +397,24 @@ mod tests {
         exclude_lesions(&mut m, &region, &spec("agatston"));
         assert_eq!(m.value.to_bits(), before.to_bits());
         assert!(m.lesions.iter().all(|l| l.counted && l.excluded.is_none()));
+    }
+
+    /// The mask `dataset export` writes is the one the aggregation sums
+    /// inside, for both kinds.
+    #[test]
+    fn model_candidates_are_the_aggregations_candidates() {
+        let (slice, _) = crate::volume::heart::synthetic_chest_slice();
+        let hu = ndarray::stack![Axis(0), slice, slice];
+        let out = Array4::<f32>::from_elem((2, 1, 16, 16), 0.7);
+        let geom = PixelGeometry { pixel_spacing: [0.7, 0.7], slice_thickness_mm: 2.5 };
+        for (kind, cand) in [
+            ("agatston", CandidateSpec { hu_min: 130.0, hu_max: None, min_area_mm2: 1.0 }),
+            ("area", CandidateSpec { hu_min: -29.0, hu_max: Some(150.0), min_area_mm2: 0.0 }),
+        ] {
+            let a = aggregate(hu.view(), out.view(), geom, &cand, &spec(kind));
+            let c = model_candidates(hu.view(), geom, &cand, &spec(kind));
+            assert!(c.iter().any(|&b| b), "{kind}: no candidates in the synthetic chest");
+            assert_eq!(c, a.candidates, "{kind}");
+        }
     }
 }

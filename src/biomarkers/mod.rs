@@ -32,4 +32,4 @@ pub use agatston::{label8, Lesion, RiskCategory};
 pub use burden::{volume_burden, VolumeBurden};
 pub use aggregate::{area_resample, normalise_slice, upsample_nearest};
 pub use candidates::{candidate_mask, CandidateSpec};
-pub use measure::{aggregate, exclude_lesions, Aggregate, AggregationSpec, LesionResult, Measurement, PixelGeometry};
+pub use measure::{aggregate, exclude_lesions, model_candidates, Aggregate, AggregationSpec, LesionResult, Measurement, PixelGeometry};

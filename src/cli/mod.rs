@@ -12,9 +12,11 @@
 
 pub mod analyze;
 pub mod check_config;
+pub mod dataset;
 pub mod list;
 pub mod route;
 
 pub use analyze::analyze;
 pub use check_config::{check_config, config_schema};
+pub use dataset::dataset_export;
 pub use route::route;

@@ -269,6 +269,67 @@ pub fn check_input(card: &ModelCard, vol: &Volume, idx: &[usize]) -> Result<Opti
     Ok(region)
 }
 
+/// Whether the route measures a volume slice by slice with a 2-D area card
+/// ([`run_volume`]) rather than giving the model one input.
+pub fn is_volume_route(card: &ModelCard, selection: Option<&SliceSelection>, vol: &Volume) -> bool {
+    card.input.slices == "single" && vol.slices() > 1 && selection == Some(&SliceSelection::All)
+}
+
+/// The series' files as one HU volume, refused when its stored HU steps are
+/// too coarse for HU-threshold candidates ([`MAX_HU_STEP`]).
+pub fn load_volume(files: &[PathBuf], volume_opts: &VolumeOptions) -> Result<Volume, JobError> {
+    let vol = Volume::from_files_with(files, volume_opts)?;
+    if hu_step_too_coarse(vol.hu_step) {
+        return Err(JobError::CoarseHu { step: vol.hu_step });
+    }
+    Ok(vol)
+}
+
+/// Exactly what a one-input model is given for a series (everything but
+/// [`run_volume`]'s routes), after the input guard passed it.
+pub struct ModelInput {
+    /// The volume the slices were chosen from: for Agatston on thin slices,
+    /// the 3 mm slabs.
+    pub vol: Volume,
+    /// Indices into `vol` of the slices the model sees, in the order of `hu`.
+    pub idx: Vec<usize>,
+    /// HU `[S,R,C]` of those slices.
+    pub hu: Array3<f32>,
+    pub geom: PixelGeometry,
+    /// The heart region of an Agatston card ([`check_input`]).
+    pub heart: Option<HeartRegion>,
+}
+
+/// The model input for `vol` under the route's slice `selection`: Agatston's
+/// 3 mm slabs for a thin series, the slices [`model_slices`] chooses, their
+/// geometry, and the input guard ([`check_input`]). The job runs this before
+/// inference and `dataset export` writes it out, so a model is trained on
+/// exactly what it will see.
+pub fn model_input(card: &ModelCard, selection: Option<&SliceSelection>, mut vol: Volume) -> Result<ModelInput, JobError> {
+    if card.is_agatston() && is_thin(&vol) {
+        // Agatston is defined on 3 mm slices: a thin series is scored on 3 mm
+        // slabs averaged from it, as a scanner reconstructs them.
+        if let Some(slabs) = resample::slabs(&vol, agatston::PROTOCOL_SLICE_MM) {
+            vol = slabs;
+        }
+    }
+    let idx = model_slices(card, selection, &vol)?;
+    let hu = match idx[..] {
+        [i] if card.input.slices == "single" => vol.hu.slice(s![i..i + 1, .., ..]).to_owned(),
+        _ => vol.hu.clone(),
+    };
+    let thickness = vol.slice_thickness.or(vol.spacing_mm);
+    if card.is_agatston() && thickness.is_none() {
+        return Err(JobError::NoThickness);
+    }
+    let geom = PixelGeometry {
+        pixel_spacing: vol.pixel_spacing,
+        slice_thickness_mm: thickness.unwrap_or(1.0),
+    };
+    let heart = check_input(card, &vol, &idx)?;
+    Ok(ModelInput { vol, idx, hu, geom, heart })
+}
+
 /// Run one routed job on a series' files. Blocking.
 pub fn run(
     models: &Models,
@@ -280,36 +341,13 @@ pub fn run(
     let t0 = Instant::now();
     let model = models.get(&m.model)?;
     let card = &model.card;
-    let mut vol = Volume::from_files_with(files, volume_opts)?;
-    if hu_step_too_coarse(vol.hu_step) {
-        return Err(JobError::CoarseHu { step: vol.hu_step });
-    }
-    if card.input.slices == "single" && vol.slices() > 1 && m.slices == Some(SliceSelection::All) {
+    let vol = load_volume(files, volume_opts)?;
+    if is_volume_route(card, m.slices.as_ref(), &vol) {
         return run_volume(model, series_uid, m, vol, t0);
     }
-    if card.is_agatston() && is_thin(&vol) {
-        // Agatston is defined on 3 mm slices: a thin series is scored on 3 mm
-        // slabs averaged from it, as a scanner reconstructs them.
-        if let Some(slabs) = resample::slabs(&vol, agatston::PROTOCOL_SLICE_MM) {
-            vol = slabs;
-        }
-    }
-    let idx = model_slices(card, m.slices.as_ref(), &vol)?;
-    let hu = match idx[..] {
-        [i] if card.input.slices == "single" => vol.hu.slice(s![i..i + 1, .., ..]).to_owned(),
-        _ => vol.hu.clone(),
-    };
+    let ModelInput { vol, idx, hu, geom, heart } = model_input(card, m.slices.as_ref(), vol)?;
     // A slice chosen out of several: the line says which one.
     let selected = (card.input.slices == "single" && vol.slices() > 1).then(|| idx[0]);
-    let thickness = vol.slice_thickness.or(vol.spacing_mm);
-    if card.is_agatston() && thickness.is_none() {
-        return Err(JobError::NoThickness);
-    }
-    let geom = PixelGeometry {
-        pixel_spacing: vol.pixel_spacing,
-        slice_thickness_mm: thickness.unwrap_or(1.0),
-    };
-    let heart = check_input(card, &vol, &idx)?;
     let t_infer = Instant::now();
     let mut measurement = measure(model, hu.view(), geom)?;
     if let Some(region) = &heart {

@@ -4,6 +4,9 @@ Input: a CSV with header `series_dir,value`; `series_dir` is a folder of one DIC
 relative to the CSV's folder or absolute. Output: `Case` records holding the model input and the
 pooled aggregation weights (see candidates.py), cached as one .npz per (csv, task).
 
+A `series_dir` may also be a case folder of `biomarker-node dataset export` (volume.npy + meta.json):
+then the HU are the node's own, exactly the slices the node's model sees (see load_export_case).
+
 Slices are sorted along the slice normal (ImagePositionPatient . (row x col direction cosines)),
 HU = stored * RescaleSlope + RescaleIntercept, and stored values equal to PixelPaddingValue are
 set to -1024 HU (air) before anything else sees them.
@@ -63,8 +66,37 @@ def _slice_hu(ds) -> np.ndarray:
     return hu
 
 
+def is_export_case(series_dir) -> bool:
+    """A case folder written by `biomarker-node dataset export`."""
+    d = Path(series_dir)
+    return (d / "volume.npy").is_file() and (d / "meta.json").is_file()
+
+
+def load_export_case(case_dir) -> Series:
+    """A case of `biomarker-node dataset export`: volume.npy (float32 HU [S, R, C], patient order, the slices the
+    node's model sees after its route's slice selection) and meta.json (pixel_spacing_mm, slice_thickness_mm,
+    z_mm, rows, cols). The node already converted to HU, padding included, so nothing is rescaled here."""
+    case_dir = Path(case_dir)
+    meta = json.loads((case_dir / "meta.json").read_text())
+    hu = np.load(case_dir / "volume.npy")
+    if hu.ndim != 3:
+        raise ValueError(f"{case_dir}: volume.npy has shape {hu.shape}, expected [slices, rows, cols]")
+    if (hu.shape[1], hu.shape[2]) != (meta["rows"], meta["cols"]):
+        raise ValueError(f"{case_dir}: volume.npy is {hu.shape[1]}x{hu.shape[2]}, meta.json says "
+                         f"{meta['rows']}x{meta['cols']}")
+    z = meta.get("z_mm") or []
+    if z and len(z) != hu.shape[0]:
+        raise ValueError(f"{case_dir}: {hu.shape[0]} slices in volume.npy, {len(z)} in meta.json z_mm")
+    ps = tuple(float(v) for v in meta["pixel_spacing_mm"])
+    n = hu.shape[0]
+    return Series(np.ascontiguousarray(hu, dtype=np.float32), ps, float(meta["slice_thickness_mm"]),
+                  ["volume.npy"] * n, np.arange(n, dtype=np.int64))
+
+
 def load_series(series_dir) -> Series:
     series_dir = Path(series_dir)
+    if is_export_case(series_dir):
+        return load_export_case(series_dir)
     names = sorted(p.name for p in series_dir.iterdir()
                    if p.is_file() and (p.suffix.lower() == ".dcm" or not p.suffix))
     if not names:
