@@ -145,9 +145,11 @@ def history_png(path: Path, histories: dict, unit: str, task: str) -> bool:
     a2.set_title(f"{task}: validation MAE per epoch")
     a2.set_xlabel("epoch")
     a2.set_ylabel(f"MAE ({unit})")
+    from matplotlib.ticker import MaxNLocator
     for ax in (a1, a2):
         ax.grid(True, alpha=0.3)
         ax.legend(frameon=False)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -226,7 +228,7 @@ def task_section(out: Path, task: str, worst: int, rdir: Path) -> str:
         s = D.load_series(r["dir"])
         _, m, _, cand, w = loc.run(s)
         truth = D.load_mask(r["dir"], s)
-        title = (f"{r['case']}: reference {y[i]:.2f}, localization {p_loc[i]:.2f}"
+        title = (f"{r['case']} (worst {rank})\nreference {y[i]:.2f}, localization {p_loc[i]:.2f}"
                  + (f", baseline {p_base[i]:.2f}" if base else "") + f" {unit}")
         name = f"{task}-worst-{rank}.png"
         overlay_png(rdir / name, s, m, cand, w, truth, title, task, unit)

@@ -216,7 +216,8 @@ class Progress:
     the running loss and the last validation error, and one line kept per epoch. Not on a terminal (a log file,
     CI, nohup): only the one line per epoch, so logs do not fill with carriage-return frames."""
 
-    def __init__(self, label: str, epochs: int, steps_per_epoch: int, stream=None, tty=None):
+    def __init__(self, label: str, epochs: int, steps_per_epoch: int, stream=None, tty=None, plain=False):
+        self.plain = plain  # the own bar even when tqdm is installed (tests)
         self.label, self.epochs, self.spe = label, epochs, max(1, steps_per_epoch)
         self.stream = stream if stream is not None else sys.stdout
         self.tty = self.stream.isatty() if tty is None else tty
@@ -231,6 +232,8 @@ class Progress:
         try:
             from tqdm import tqdm
         except ImportError:
+            tqdm = None
+        if self.plain:
             tqdm = None
         if tqdm is not None:
             self.bar = tqdm(total=self.spe, desc=f"{self.label} epoch {ep}/{self.epochs}", file=self.stream,
