@@ -421,7 +421,7 @@ def main(argv=None):
         if res is None:  # --stop-after-epoch
             return None
         net = net or res
-    if not a.no_report and val:
+    if not a.no_report and val and a.method == "localization":  # the report is about the localization model
         from . import report
         path = report.write_report(Path(a.out))
         print(f"[train] wrote {path}", flush=True)
