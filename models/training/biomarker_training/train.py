@@ -6,6 +6,12 @@
 Localization loss (Cano-Espinosa et al. 2020): value error only + lambda * mean(map); no mask
 is ever read here. The value is sum(map * W) with W the pooled candidate weights (candidates.py).
 area tasks: L1 on value / value_scale. agatston: smooth-L1 on log1p(value) (scores span 0..>1000).
+
+A run (docs/SITE-TRAINING.md): the device is CUDA when PyTorch sees one (`--device auto`); a progress bar on a
+terminal, one line per epoch otherwise; a checkpoint after every epoch (`OUT/.<task>.ckpt.pt`) that `--resume`
+continues from, giving the same model as an uninterrupted run; the validation split written beside the model
+(`<task>.validation.csv`, and its case list in the card); `--baseline` trains the direct net on the same split;
+`report.py` then writes OUT/report.html.
 """
 
 from __future__ import annotations
@@ -324,11 +330,9 @@ def save_checkpoint(path: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: Path, a, method: str, val_ids: list[str]) -> dict:
+def load_checkpoint(path: Path, want: dict, method: str, val_ids: list[str]) -> dict:
+    """The checkpoint at `path`, if it was written by a run with the same `want` arguments and validation split."""
     ck = torch.load(path, map_location="cpu", weights_only=False)
-    want = {k: getattr(a, k) for k in RESUME_KEYS}
-    if method == "direct":
-        want["epochs"] = a.baseline_epochs or a.epochs
     diff = [f"--{k.replace('_', '-')}: checkpoint {ck['args'].get(k)!r}, now {want[k]!r}"
             for k in RESUME_KEYS if ck["args"].get(k) != want[k]]
     if diff or ck["method"] != method:
@@ -467,7 +471,7 @@ def run(a, method: str, spec, device, cases, train, val):
     args = {k: getattr(a, k) for k in RESUME_KEYS}
     args["epochs"] = epochs
     if a.resume and ckpt.exists():
-        ck = load_checkpoint(ckpt, a, method, val_ids)
+        ck = load_checkpoint(ckpt, args, method, val_ids)
         if ck.get("done"):
             print(f"[train] {method}: {ckpt} says this run finished and was exported; nothing to resume", flush=True)
             net.load_state_dict(ck["net"])
