@@ -163,12 +163,22 @@ def overlay_png(path: Path, s: D.Series, m_model, cand, w, truth, title: str, ta
     up = C.upsample_nearest(np.asarray(m_model, np.float64), s.hu.shape[1:]) * cand
     k = int(np.argmax((up * w).reshape(up.shape[0], -1).sum(1))) if up.shape[0] > 1 else 0
     level, width = WINDOWS.get(task, (40.0, 400.0))
-    fig, ax = plt.subplots(figsize=(6.0, 6.3))
-    ax.imshow(s.hu[k], cmap="gray", vmin=level - width / 2, vmax=level + width / 2, interpolation="nearest")
-    show = np.ma.masked_where(up[k] < 0.05, up[k])
+    # crop to the body (HU > -500) with a margin: the air around it is half of a CT slice
+    body = np.argwhere(s.hu[k] > -500)
+    if body.size:
+        (r0, c0), (r1, c1) = body.min(0), body.max(0) + 1
+        pad = max(4, (r1 - r0) // 20)
+        r0, c0 = max(0, r0 - pad), max(0, c0 - pad)
+        r1, c1 = min(s.hu.shape[1], r1 + pad), min(s.hu.shape[2], c1 + pad)
+    else:
+        r0, c0, r1, c1 = 0, 0, s.hu.shape[1], s.hu.shape[2]
+    crop = (slice(r0, r1), slice(c0, c1))
+    fig, ax = plt.subplots(figsize=(6.0, 6.0 * (r1 - r0) / max(c1 - c0, 1) + 0.9))
+    ax.imshow(s.hu[k][crop], cmap="gray", vmin=level - width / 2, vmax=level + width / 2, interpolation="nearest")
+    show = np.ma.masked_where(up[k][crop] < 0.05, up[k][crop])
     im = ax.imshow(show, cmap="plasma", vmin=0, vmax=1, alpha=0.65, interpolation="nearest")
     if truth is not None and truth[k].any():
-        ax.contour(truth[k].astype(float), levels=[0.5], colors=["#00e676"], linewidths=1.2)
+        ax.contour(truth[k][crop].astype(float), levels=[0.5], colors=["#00e676"], linewidths=1.2)
         ax.plot([], [], color="#00e676", lw=1.5, label="reference mask (phantom)")
         ax.legend(loc="lower right", fontsize=9, framealpha=0.8)
     ax.set_title(title, fontsize=11)
@@ -280,7 +290,7 @@ def task_section(out: Path, task: str, worst: int, rdir: Path) -> str:
     h.append("</table><div class=grid>" + "".join(
         f"<figure><img src='report/{n}' alt='overlay {e(c)}'><figcaption>{e(c)}</figcaption></figure>"
         for c, _, _, _, n in worst_html) + "</div>")
-    h.append("<h3>Training data and run</h3><table>")
+    h.append("<h3>Training data and run</h3><table class=kv>")
     info = [("cases (train / validation)", f"{summ.get('cases', '?')} ({summ.get('train_cases', '?')} / "
                                            f"{summ.get('val_cases', '?')})"),
             (f"value range ({unit})", " … ".join(_f(v) for v in summ.get("value_range") or [])),
@@ -308,7 +318,7 @@ td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}td:first-child,th:
 th{background:#f0f4f8}.note{color:#444;background:#fff8e1;border-left:4px solid #f2b705;padding:6px 10px}
 .row{display:flex;flex-wrap:wrap;gap:12px}figure{margin:8px 0}figure img{max-width:100%;border:1px solid #ddd}
 figcaption{font-size:90%;color:#555}.grid{display:grid;grid-template-columns:repeat(3,1fr);gap:10px}
-.grid img{width:100%}code{font-size:90%;word-break:break-all}"""
+.grid img{width:100%}.kv td{text-align:left}code{font-size:90%;word-break:break-all}"""
 
 
 def write_report(out, tasks=None, worst: int = 6) -> Path:
