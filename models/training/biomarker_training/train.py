@@ -252,8 +252,8 @@ class Progress:
             return
         post = f"loss {loss:.4f}" + (f" | val {self.last_val}" if self.last_val else "")
         if self.bar is not None:
+            self.bar.set_postfix_str(post, refresh=False)  # drawn by the update, at tqdm's rate
             self.bar.update(1)
-            self.bar.set_postfix_str(post, refresh=False)
         else:
             n = 30
             fill = int(n * min(self.k, self.spe) / self.spe)
