@@ -132,3 +132,15 @@ class TestSplitBaselineReport:
         report.main(["--out", str(out), "--worst", "2"])
         page2 = (out / "report.html").read_text()
         assert len(re.findall(r"report/pma-worst-\d\.png", page2)) == 2
+
+
+class TestLearningCurveOutputs:
+    def test_table_and_plot(self, tmp_path):
+        from biomarker_training import learning_curve as LC
+        res = [{"task": t, "n_train": n, "epochs": 1, "steps": s, "budget": s, "heldout_n": 100,
+                "mae": 10.0 / n ** 0.5, "r": 0.9, "seconds": 1.0}
+               for t in ("pma", "sfa") for n, s in ((25, 500), (50, 500), (50, 1500))]
+        md = LC.table(res, "CMD")
+        assert md.count("\n| pma |") == 3 and "Reproduce: `CMD`" in md
+        LC.plot(res, tmp_path / "lc.png", "note", 500)
+        assert (tmp_path / "lc.png").read_bytes()[:4] == b"\x89PNG"
