@@ -76,12 +76,13 @@ def plot(results: list[dict], path: Path, title_note: str, budget: int) -> None:
                     key=lambda r: r["n_train"])
         n = [r["n_train"] for r in rs]
         col = COLOURS.get(task, "k")
-        for r in (r for r in results if r["task"] == task and r.get("budget", budget) != budget):
+        for b in sorted({r["budget"] for r in results if r["task"] == task and r.get("budget", budget) != budget}):
             # the same data trained longer: how much of the error at large n is the training budget
+            lr = sorted((r for r in results if r["task"] == task and r.get("budget") == b), key=lambda r: r["n_train"])
             for ax, key in ((ax1, "mae"), (ax2, "r")):
-                ax.plot([r["n_train"]], [r[key]], "*", color=col, ms=14, mfc="white", mew=1.8,
-                        label=f"{task}, {r['n_train']} cases, {r['budget']} steps" if key == "mae" else None)
-        ax1.plot(n, [r["mae"] for r in rs], "o-", color=col, lw=2, ms=7, label=f"{task} ({get(task).finding_site.meaning.lower()} area)")
+                ax.plot([r["n_train"] for r in lr], [r[key] for r in lr], "*--", color=col, ms=14, mfc="white",
+                        mew=1.8, lw=1.2, label=f"{task}, {b} steps" if key == "mae" else None)
+        ax1.plot(n, [r["mae"] for r in rs], "o-", color=col, lw=2, ms=7, label=f"{task} ({get(task).finding_site.meaning.lower()} area), {budget} steps")
         ax2.plot(n, [r["r"] for r in rs], "o-", color=col, lw=2, ms=7, label=task)
     for ax in (ax1, ax2):
         ax.set_xscale("log")
