@@ -8,8 +8,9 @@ Data: DATA/train/<task> (phantoms seed 1, the first N cases train a model) and D
 cases, never trained on: every model is measured on the same cases). Missing sets are generated with `--bin`
 (`biomarker-node phantom`). Every run has the same budget of optimizer steps (`--steps`, batch 8), so a small set
 is seen for more epochs: what is compared is the amount of data, not the amount of training. `--long N:STEPS`
-adds runs with a larger budget (stars in the plot), to show how much of the error at large N is the budget. Each run keeps its
-last epoch (no selection: the held-out set only measures). Finished runs are kept in WORK and skipped on a rerun.
+adds runs with a larger budget (stars in the plot), to show how much of the error at large N is the budget. Each
+run keeps its last epoch (no selection: the held-out set only measures). Finished runs are kept in WORK and
+skipped on a rerun.
 """
 
 from __future__ import annotations
@@ -82,7 +83,8 @@ def plot(results: list[dict], path: Path, title_note: str, budget: int) -> None:
             for ax, key in ((ax1, "mae"), (ax2, "r")):
                 ax.plot([r["n_train"] for r in lr], [r[key] for r in lr], "*--", color=col, ms=14, mfc="white",
                         mew=1.8, lw=1.2, label=f"{task}, {b} steps" if key == "mae" else None)
-        ax1.plot(n, [r["mae"] for r in rs], "o-", color=col, lw=2, ms=7, label=f"{task} ({get(task).finding_site.meaning.lower()} area), {budget} steps")
+        site = get(task).finding_site.meaning.lower()
+        ax1.plot(n, [r["mae"] for r in rs], "o-", color=col, lw=2, ms=7, label=f"{task} ({site} area), {budget} steps")
         ax2.plot(n, [r["r"] for r in rs], "o-", color=col, lw=2, ms=7, label=task)
     for ax in (ax1, ax2):
         ax.set_xscale("log")

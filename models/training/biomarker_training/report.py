@@ -223,7 +223,8 @@ def task_section(out: Path, task: str, worst: int, rdir: Path) -> str:
     scatter_png(rdir / f"{task}-scatter.png", y, preds, unit, task)
     bland_altman_png(rdir / f"{task}-bland-altman.png", y, preds, unit, task)
     hist = {}
-    for name, d, method, col in (("localization", out, "localization", LOC), ("direct baseline", base_dir, "direct", BASE)):
+    for name, d, method, col in (("localization", out, "localization", LOC),
+                                 ("direct baseline", base_dir, "direct", BASE)):
         hp = d / f"{Path(E.onnx_name(task, method)).stem}.history.json"
         if hp.exists() and (method == "localization" or base):
             hist[name] = (json.loads(hp.read_text()), col)
