@@ -100,7 +100,10 @@ def plot(results: list[dict], path: Path, title_note: str, budget: int) -> None:
     ax2.set_ylabel("Pearson r (predicted vs truth)")
     ax2.set_title("Correlation vs training set size")
     ax2.set_ylim(top=1.0)
-    ax1.legend(frameon=False)
+    h, lab = ax1.get_legend_handles_labels()
+    order = sorted(range(len(lab)), key=lambda i: ("steps" in lab[i].split(",")[0], lab[i]))  # main lines first
+    ax1.legend([h[i] for i in order], [lab[i] for i in order], loc="upper right", frameon=True, framealpha=0.9,
+               fontsize=10)
     fig.suptitle(title_note, fontsize=10, color="0.35", y=0.02, va="bottom")
     fig.tight_layout(rect=(0, 0.05, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
