@@ -138,7 +138,7 @@ train() {
       # shellcheck disable=SC2086
       nice -n 19 python -m biomarker_training.train --task "$t" --csv "$DATA/train/$set/labels.csv" --method "$m" \
         --device "$DEVICE" --seed 1 --epochs "$e" --size "${SIZE[$t]}" --batch-size 8 --loss "$loss" \
-        --widths "$WIDTHS" ${ENCODER[$t]} --select best_val $extra --version "$v" --threads "${THREADS:-1}" --out "$OUT/" \
+        --widths "$WIDTHS" ${ENCODER[$t]} --select best_val --no-report $extra --version "$v" --threads "${THREADS:-1}" --out "$OUT/" \
         --data-note "$n" \
         2>&1 | grep --line-buffered -v -i warning | tee "$DATA/train-$t-$m.log"
     done

@@ -6,11 +6,18 @@
 Localization loss (Cano-Espinosa et al. 2020): value error only + lambda * mean(map); no mask
 is ever read here. The value is sum(map * W) with W the pooled candidate weights (candidates.py).
 area tasks: L1 on value / value_scale. agatston: smooth-L1 on log1p(value) (scores span 0..>1000).
+
+A run (docs/SITE-TRAINING.md): the device is CUDA when PyTorch sees one (`--device auto`); a progress bar on a
+terminal, one line per epoch otherwise; a checkpoint after every epoch (`OUT/.<task>.ckpt.pt`) that `--resume`
+continues from, giving the same model as an uninterrupted run; the validation split written beside the model
+(`<task>.validation.csv`, and its case list in the card); `--baseline` trains the direct net on the same split;
+`report.py` then writes OUT/report.html.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import random
@@ -201,12 +208,152 @@ def split(cases, val_fraction: float, seed: int):
     return [cases[i] for i in idx[nv:]], [cases[i] for i in idx[:nv]]
 
 
+def resolve_device(name: str) -> torch.device:
+    """auto: CUDA when PyTorch sees a GPU, else the CPU. An explicit cuda without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda requested but CUDA is not available")
+    return torch.device(name)
+
+
+class Progress:
+    """Training progress. On a terminal: a bar per epoch (tqdm when installed, else a plain one) with the step,
+    the running loss and the last validation error, and one line kept per epoch. Not on a terminal (a log file,
+    CI, nohup): only the one line per epoch, so logs do not fill with carriage-return frames."""
+
+    def __init__(self, label: str, epochs: int, steps_per_epoch: int, stream=None, tty=None, plain=False):
+        self.plain = plain  # the own bar even when tqdm is installed (tests)
+        self.label, self.epochs, self.spe = label, epochs, max(1, steps_per_epoch)
+        self.stream = stream if stream is not None else sys.stdout
+        self.tty = self.stream.isatty() if tty is None else tty
+        self.bar = None
+        self.k = 0
+        self.last_val = ""
+
+    def start(self, ep: int) -> None:
+        self.k = 0
+        if not self.tty:
+            return
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            tqdm = None
+        if self.plain:
+            tqdm = None
+        if tqdm is not None:
+            self.bar = tqdm(total=self.spe, desc=f"{self.label} epoch {ep}/{self.epochs}", file=self.stream,
+                            leave=False, dynamic_ncols=True, unit="step")
+        self.ep = ep
+
+    def step(self, loss: float) -> None:
+        self.k += 1
+        if not self.tty:
+            return
+        post = f"loss {loss:.4f}" + (f" | val {self.last_val}" if self.last_val else "")
+        if self.bar is not None:
+            self.bar.set_postfix_str(post, refresh=False)  # drawn by the update, at tqdm's rate
+            self.bar.update(1)
+        else:
+            n = 30
+            fill = int(n * min(self.k, self.spe) / self.spe)
+            self.stream.write(f"\r{self.label} epoch {self.ep}/{self.epochs} [{'#' * fill}{'.' * (n - fill)}] "
+                              f"{self.k}/{self.spe} {post}   ")
+            self.stream.flush()
+
+    def end(self, line: str, val_text: str = "") -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        elif self.tty:
+            self.stream.write("\r\033[K")
+        self.last_val = val_text or self.last_val
+        print(line, file=self.stream, flush=True)
+
+
+def case_id(source: str, csv_path) -> str:
+    """A case as its CSV names it: the series folder relative to the CSV's folder (`cases/c0001` in an export),
+    or the path itself when it lies elsewhere."""
+    rel = os.path.relpath(os.path.abspath(source), os.path.abspath(Path(csv_path).parent))
+    return source if rel.startswith("..") else rel
+
+
+def write_split(path, val, csv_path) -> list[str]:
+    """The validation cases as a CSV next to the model (`case,series_dir,value`; series_dir absolute, so
+    `data.read_csv` and `report.py` read it from anywhere). Returns the case ids."""
+    ids = []
+    with open(path, "w", newline="") as f:
+        wr = csv.writer(f)
+        wr.writerow(["case", "series_dir", "value"])
+        for c in val:
+            cid = case_id(c.source, csv_path)
+            ids.append(cid)
+            wr.writerow([cid, os.path.abspath(c.source), repr(c.value)])
+    return ids
+
+
+def data_summary(cases, train, val, spec, csv_path) -> dict:
+    """What the model was trained on, for the card: counts, value range, and the export's dataset.json."""
+    v = np.array([c.value for c in cases], dtype=np.float64)
+    out = {"cases": len(cases), "train_cases": len(train), "val_cases": len(val),
+           "unit": spec.unit_ucum,
+           "value_range": [round(float(v.min()), 4), round(float(v.max()), 4)] if v.size else None,
+           "value_mean": round(float(v.mean()), 4) if v.size else None,
+           "value_median": round(float(np.median(v)), 4) if v.size else None,
+           "zero_value_cases": int(np.sum(v <= 0))}
+    ds = Path(csv_path).parent / "dataset.json"
+    if ds.exists():
+        try:
+            out["dataset"] = json.loads(ds.read_text())
+        except ValueError as e:
+            out["dataset"] = f"unreadable: {e}"
+    return out
+
+
+# arguments that change what a run computes: a resumed run must have the same ones
+RESUME_KEYS = ("task", "csv", "seed", "epochs", "max_steps", "max_cases", "batch_size", "lr", "loss", "sparsity",
+               "sparsity_norm", "map_bias", "positive_fraction", "value_weighted", "select", "widths", "contrast",
+               "size", "val_fraction", "val_csv", "init_onnx", "val_every")
+
+
+def checkpoint_path(out, task: str, method: str) -> Path:
+    """Hidden beside the model (`.pma.ckpt.pt`, `baseline/.pma-direct.ckpt.pt`): models/.gitignore keeps it out."""
+    from .export import model_dir, onnx_name
+    return model_dir(out, method) / f".{Path(onnx_name(task, method)).stem}.ckpt.pt"
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Written to a temporary file and renamed, so an interruption never leaves a torn checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, want: dict, method: str, val_ids: list[str]) -> dict:
+    """The checkpoint at `path`, if it was written by a run with the same `want` arguments and validation split."""
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    diff = [f"--{k.replace('_', '-')}: checkpoint {ck['args'].get(k)!r}, now {want[k]!r}"
+            for k in RESUME_KEYS if ck["args"].get(k) != want[k]]
+    if diff or ck["method"] != method:
+        sys.exit(f"--resume: {path} was written by a different run ({'; '.join(diff) or ck['method']}); "
+                 "use the same options or a new --out")
+    if ck["val_cases"] != val_ids:
+        sys.exit(f"--resume: the validation split differs from the checkpoint's ({path}): the CSV changed")
+    return ck
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", required=True, choices=sorted(tasks.TASKS))
     p.add_argument("--csv", required=True)
     p.add_argument("--method", default="localization", choices=["localization", "direct"])
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--baseline", action="store_true",
+                   help="also train the direct-regression baseline (--method direct) on the same split, into "
+                        "OUT/baseline/, and put it beside the localization model in report.html")
+    p.add_argument("--baseline-epochs", type=int, default=0, help="epochs of the baseline (0 = --epochs)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto (default): CUDA when PyTorch sees a GPU, else CPU")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0 = no limit)")
@@ -234,27 +381,31 @@ def main(argv=None):
     p.add_argument("--val-csv", default="",
                    help="a fixed validation set (its own labels CSV, e.g. held-out real backgrounds) instead of the "
                         "random --val-fraction split of --csv; every case of --csv is then a training case")
+    p.add_argument("--val-every", type=int, default=1,
+                   help="validate every N epochs (and after the last); the progress shows the latest")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--out", default="models/")
     p.add_argument("--version", default="0.1.0")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the checkpoint in --out (written after every epoch); the result equals an "
+                        "uninterrupted run with the same options")
+    p.add_argument("--stop-after-epoch", type=int, default=0,
+                   help="end this run after epoch N, checkpoint kept and nothing exported (continue with --resume)")
+    p.add_argument("--no-report", action="store_true", help="do not write OUT/report.html")
     p.add_argument("--stop-file", default="",
                    help="if this file appears, stop after the current step, validate, keep the best epoch, export")
     p.add_argument("--init-onnx", default="",
                    help="start from a shipped localization model (ONNX) and fine-tune it, batch norm frozen")
     p.add_argument("--data-note", default="", help="free text for the card's training.data")
     a = p.parse_args(argv)
+    a.argv = list(argv if argv is not None else sys.argv[1:])
 
     torch.set_num_threads(a.threads)
-    _seed(a.seed)
     spec = tasks.get(a.task)
     if a.size:
         spec = tasks.with_size(spec, a.size)
-    device = torch.device(a.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        sys.exit("--device cuda requested but CUDA is not available")
-    widths = tuple(int(v) for v in a.widths.split(","))
-    contrast = tuple(int(v) for v in a.contrast.split(",") if v.strip())
+    device = resolve_device(a.device)
 
     t0 = time.time()
     cases = D.load_cases(a.csv, spec, a.cache_dir)
@@ -264,11 +415,43 @@ def main(argv=None):
         train, val = cases, D.load_cases(a.val_csv, spec, a.cache_dir)
     else:
         train, val = split(cases, a.val_fraction, a.seed)
-    print(f"[train] {a.task}/{a.method}: {len(train)} train, {len(val)} val cases "
+    print(f"[train] {a.task}: {len(train)} train, {len(val)} val cases on {device} "
           f"(prepared in {time.time() - t0:.0f}s)", flush=True)
 
-    net = nets.build(a.method, spec, widths, contrast).to(device)
-    init_bias(net, a.method, spec, train, a.map_bias)
+    methods = [a.method] + (["direct"] if a.baseline and a.method != "direct" else [])
+    net = None
+    for method in methods:
+        res = run(a, method, spec, device, cases, train, val)
+        if res is None:  # --stop-after-epoch
+            return None
+        net = net or res
+    if not a.no_report and val and a.method == "localization":  # the report is about the localization model
+        from . import report
+        path = report.write_report(Path(a.out))
+        print(f"[train] wrote {path}", flush=True)
+    return net
+
+
+def run(a, method: str, spec, device, cases, train, val):
+    """Train one method (resuming from its checkpoint with --resume), export ONNX + card + split file.
+    Returns the trained net, or None when --stop-after-epoch ended the run early."""
+    from . import export
+    epochs = (a.baseline_epochs or a.epochs) if method == "direct" and a.method != "direct" else a.epochs
+    out = Path(a.out)
+    d = export.model_dir(out, method)
+    d.mkdir(parents=True, exist_ok=True)
+    stem = Path(export.onnx_name(a.task, method)).stem
+    val_csv_for_ids = a.val_csv or a.csv
+    split_path = d / f"{stem}.validation.csv"
+    val_ids = write_split(split_path, val, val_csv_for_ids)
+    ckpt = checkpoint_path(out, a.task, method)
+    widths = tuple(int(v) for v in a.widths.split(","))
+    contrast = tuple(int(v) for v in a.contrast.split(",") if v.strip())
+    t0 = time.time()
+
+    _seed(a.seed)  # per method: a baseline does not depend on whether the localization model trained first
+    net = nets.build(method, spec, widths, contrast).to(device)
+    init_bias(net, method, spec, train, a.map_bias)
     if a.init_onnx:
         init_from_onnx(net, a.init_onnx)
     opt = torch.optim.AdamW(net.parameters(), lr=a.lr, weight_decay=1e-4)
@@ -276,71 +459,132 @@ def main(argv=None):
     batcher = Batcher(train, spec, bs, device, skip_empty_slices=True, positive_fraction=a.positive_fraction,
                       value_weighted=a.value_weighted)
     steps_per_epoch = (len(train) + bs - 1) // bs
-    total = a.epochs * steps_per_epoch
+    total = epochs * steps_per_epoch
     if a.max_steps:
         total = min(total, a.max_steps)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=a.lr, total_steps=max(total, 1), pct_start=0.15)
     rng = np.random.default_rng(a.seed)
     step = 0
     best = None  # (val mae, epoch, state) with --select best_val
+    history = []
+    start_ep = 0
+    args = {k: getattr(a, k) for k in RESUME_KEYS}
+    args["epochs"] = epochs
+    if a.resume and ckpt.exists():
+        ck = load_checkpoint(ckpt, args, method, val_ids)
+        if ck.get("done"):
+            print(f"[train] {method}: {ckpt} says this run finished and was exported; nothing to resume", flush=True)
+            net.load_state_dict(ck["net"])
+            return net.eval().cpu()
+        net.load_state_dict(ck["net"])
+        opt.load_state_dict(ck["opt"])
+        sched.load_state_dict(ck["sched"])
+        rng.bit_generator.state = ck["rng"]
+        torch.set_rng_state(ck["torch_rng"])
+        if ck.get("cuda_rng") is not None and device.type == "cuda":
+            torch.cuda.set_rng_state(ck["cuda_rng"])
+        random.setstate(ck["py_random"])
+        np.random.set_state(ck["np_random"])
+        step, best, history, start_ep = ck["step"], ck["best"], ck["history"], ck["epoch"]
+        t0 -= ck.get("seconds", 0.0)
+        print(f"[train] {method}: resumed from {ckpt} after epoch {start_ep} (step {step})", flush=True)
+    elif a.resume:
+        print(f"[train] {method}: no checkpoint at {ckpt}; starting from epoch 1", flush=True)
+
+    def checkpoint(ep_done: int, done: bool = False):
+        save_checkpoint(ckpt, {
+            "format": "biomarker-training-checkpoint/1", "task": a.task, "method": method, "args": args,
+            "epoch": ep_done, "step": step, "net": net.state_dict(), "opt": opt.state_dict(),
+            "sched": sched.state_dict(), "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state() if device.type == "cuda" else None,
+            "py_random": random.getstate(), "np_random": np.random.get_state(), "best": best,
+            "history": history, "val_cases": val_ids, "seconds": time.time() - t0, "done": done})
+
+    label = f"[train] {a.task}/{method}"
+    prog = Progress(label, epochs, min(steps_per_epoch, max(total, 1)))
     net.train()
     if a.init_onnx:
         freeze_bn(net)
-    for ep in range(a.epochs):
-        losses = []
-        for x, w, seg, y in batcher.epoch(rng):
-            if a.stop_file and os.path.exists(a.stop_file):
-                # out of time: end here; this partial epoch is validated like a full one, then export
-                print(f"[train] {a.stop_file} exists: stopping at step {step}", flush=True)
-                total = step
+    ep = start_ep - 1
+    try:
+        for ep in range(start_ep, epochs):
             if step >= total:
                 break
-            if a.method == "localization":
-                pred, m = forward_values(net, a.method, spec, x, w, seg, len(y))
-                loss = value_loss(pred, y, spec, a.loss) + a.sparsity * sparsity_term(m, w, spec, a.sparsity_norm, len(y))
-            else:
-                z, _ = forward_values(net, a.method, spec, x, w, seg, len(y))
-                loss = direct_loss(z, y, spec, a.loss)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            step += 1
-            losses.append(loss.item())
-        msg = f"[train] epoch {ep + 1}/{a.epochs} step {step} loss {np.mean(losses) if losses else float('nan'):.4f}"
-        if a.select == "best_val" and val:
-            net.eval()
-            vm = quick_val(net, a.method, spec, val, device)
-            net.train()
-            if a.init_onnx:
-                freeze_bn(net)
-            msg += f" val r {vm['r']} mae {vm['mae']}"
-            if best is None or vm["mae"] < best[0]:
-                best = (vm["mae"], ep + 1, {k: v.detach().clone() for k, v in net.state_dict().items()})
-        print(msg + f" ({time.time() - t0:.0f}s)", flush=True)
-        if step >= total:
-            break
+            losses = []
+            prog.start(ep + 1)
+            for x, w, seg, y in batcher.epoch(rng):
+                if a.stop_file and os.path.exists(a.stop_file):
+                    # out of time: end here; this partial epoch is validated like a full one, then export
+                    print(f"[train] {a.stop_file} exists: stopping at step {step}", flush=True)
+                    total = step
+                if step >= total:
+                    break
+                if method == "localization":
+                    pred, m = forward_values(net, method, spec, x, w, seg, len(y))
+                    loss = value_loss(pred, y, spec, a.loss) + a.sparsity * sparsity_term(m, w, spec,
+                                                                                           a.sparsity_norm, len(y))
+                else:
+                    z, _ = forward_values(net, method, spec, x, w, seg, len(y))
+                    loss = direct_loss(z, y, spec, a.loss)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                sched.step()
+                step += 1
+                losses.append(loss.item())
+                prog.step(float(np.mean(losses)))
+            last = ep + 1 == epochs or step >= total
+            rec = {"epoch": ep + 1, "step": step, "loss": round(float(np.mean(losses)), 6) if losses else None}
+            msg = f"{label} epoch {ep + 1}/{epochs} step {step} loss {rec['loss'] if losses else float('nan'):.4f}"
+            val_text = ""
+            if val and (last or (a.val_every > 0 and (ep + 1) % a.val_every == 0)):
+                net.eval()
+                vm = quick_val(net, method, spec, val, device)
+                net.train()
+                if a.init_onnx:
+                    freeze_bn(net)
+                rec.update(val_mae=vm["mae"], val_r=vm["r"])
+                val_text = f"MAE {vm['mae']} {spec.unit_ucum}, r {vm['r']}"
+                msg += f" | val {val_text}"
+                if a.select == "best_val" and (best is None or vm["mae"] < best[0]):
+                    best = (vm["mae"], ep + 1, {k: v.detach().clone().cpu() for k, v in net.state_dict().items()})
+            rec["seconds"] = round(time.time() - t0, 1)
+            history.append(rec)
+            prog.end(msg + f" ({time.time() - t0:.0f}s)", val_text)
+            checkpoint(ep + 1)
+            if a.stop_after_epoch and ep + 1 >= a.stop_after_epoch and not last:
+                print(f"[train] stopped after epoch {ep + 1} (--stop-after-epoch); continue with --resume", flush=True)
+                return None
+    except KeyboardInterrupt:
+        print(f"\n[train] interrupted; the checkpoint after epoch {ep} is {ckpt}: rerun with --resume", flush=True)
+        raise SystemExit(130)
 
-    chosen_epoch = ep + 1
+    chosen_epoch = history[-1]["epoch"] if history else 0
     if best is not None:
         net.load_state_dict(best[2])
         chosen_epoch = best[1]
         print(f"[train] kept epoch {chosen_epoch} (lowest validation MAE {best[0]})", flush=True)
     net.eval().cpu()
-    val_metrics = quick_val(net, a.method, spec, val)
-    print(f"[train] val: {json.dumps(val_metrics)}", flush=True)
+    val_metrics = quick_val(net, method, spec, val)
+    print(f"[train] {method} val: {json.dumps(val_metrics)}", flush=True)
+    (d / f"{stem}.history.json").write_text(json.dumps(history, indent=1) + "\n")
 
-    from . import export
-    out = Path(a.out)
     onnx_path, card_path = export.export_and_card(
-        net, a.method, spec, out, val, widths=widths,
+        net, method, spec, out, val, widths=widths,
         training={
-            "command": "python -m biomarker_training.train " + " ".join(shlex.quote(s) for s in
-                                                                        (argv if argv is not None else sys.argv[1:])),
+            "command": "python -m biomarker_training.train " + " ".join(shlex.quote(s) for s in a.argv),
             "data": a.data_note or str(a.csv),
-            "seed": a.seed, "epochs": a.epochs, "steps": step, "train_cases": len(train),
+            "data_summary": data_summary(cases if not a.val_csv else list(cases) + list(val), train, val, spec,
+                                         a.csv),
+            "validation_split": {
+                "file": split_path.name,
+                "how": (f"fixed set {a.val_csv}" if a.val_csv else
+                        f"{a.val_fraction:g} of the cases, drawn with seed {a.seed} (train.split)"),
+                "cases": val_ids},
+            "device": str(device),
+            "seed": a.seed, "epochs": epochs, "steps": step, "train_cases": len(train),
             "val_cases": len(val), "lr": a.lr,
-            "loss": "smooth_l1(log1p(value), beta 0.1)" if spec.aggregation == "agatston" or (a.loss == "log1p" and a.method == "localization") else a.loss, "sparsity_lambda": a.sparsity, "batch_size": a.batch_size,
+            "loss": "smooth_l1(log1p(value), beta 0.1)" if spec.aggregation == "agatston" or (a.loss == "log1p" and method == "localization") else a.loss, "sparsity_lambda": a.sparsity, "batch_size": a.batch_size,
             "sparsity_norm": a.sparsity_norm, "map_bias": a.map_bias, "positive_fraction": a.positive_fraction,
             "value_weighted_sampling": a.value_weighted,
             "select": a.select, "chosen_epoch": chosen_epoch,
@@ -349,6 +593,7 @@ def main(argv=None):
         },
         val_metrics=val_metrics, version=a.version, contrast=contrast)
     print(f"[train] wrote {onnx_path} and {card_path}", flush=True)
+    checkpoint(history[-1]["epoch"] if history else 0, done=True)
     return net
 
 

@@ -32,7 +32,7 @@ class TestSmokeTraining:
         out = tmp_path / "models"
         train.main(["--task", task, "--csv", str(csv_path), "--method", method, "--epochs", "1",
                     "--max-steps", "3", "--batch-size", "4", "--size", "32", "--seed", "0",
-                    "--out", str(out), "--val-fraction", "0.5"])
+                    "--out", str(out), "--val-fraction", "0.5", "--no-report"])
         d = export.model_dir(out, method)
         card = export.read_card(d / export.card_name(task, method))
         assert card["sha256"] == export.sha256(d / card["onnx"])
@@ -84,7 +84,7 @@ class TestContrastChannels:
         out = tmp_path / "models"
         train.main(["--task", "liver", "--csv", str(csv_path), "--method", "localization", "--epochs", "1",
                     "--max-steps", "2", "--batch-size", "4", "--size", "32", "--seed", "0", "--loss", "mse",
-                    "--contrast", "5,9", "--out", str(out), "--val-fraction", "0.5"])
+                    "--contrast", "5,9", "--out", str(out), "--val-fraction", "0.5", "--no-report"])
         card = export.read_card(export.model_dir(out, "localization") / export.card_name("liver", "localization"))
         assert card["architecture"]["contrast_channels"]["box_sizes"] == [5, 9]
         assert "--contrast 5,9" in card["training"]["command"]

@@ -66,7 +66,7 @@ class TestSelectAndValsplit:
         csv_path = synth.generate("pma", 7, tmp_path / "ph", 6, n=32)
         out = tmp_path / "models"
         train.main(["--task", "pma", "--csv", str(csv_path), "--epochs", "2", "--batch-size", "2", "--size", "32",
-                    "--seed", "0", "--out", str(out), "--val-fraction", "0.5", "--select", "best_val",
+                    "--seed", "0", "--out", str(out), "--val-fraction", "0.5", "--select", "best_val", "--no-report",
                     "--widths", "4,8", "--sparsity-norm", "value", "--map-bias", "-1"])
         from biomarker_training import export
         card = export.read_card(out / "pma.yaml")
