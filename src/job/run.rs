@@ -23,7 +23,7 @@ use crate::biomarkers::{agatston, Measurement, PixelGeometry};
 use crate::inference::measure::{measure, measure_volume};
 use crate::fault::Fault;
 use crate::inference::registry::{ModelUnavailable, Models};
-use crate::inference::InferenceError;
+use crate::inference::{InferenceError, Model};
 use crate::report::write::{ReportSource, WriteError};
 use crate::inference::ModelCard;
 use crate::volume::heart::{self, HeartRegion};
@@ -269,7 +269,8 @@ pub fn check_input(card: &ModelCard, vol: &Volume, idx: &[usize]) -> Result<Opti
     Ok(region)
 }
 
-/// Run one routed job on a series' files. Blocking.
+/// Run one routed job on a series' files with the model's active version.
+/// Blocking.
 pub fn run(
     models: &Models,
     series_uid: &str,
@@ -277,8 +278,20 @@ pub fn run(
     files: &[PathBuf],
     volume_opts: &VolumeOptions,
 ) -> Result<Analysis, JobError> {
-    let t0 = Instant::now();
     let model = models.get(&m.model)?;
+    run_on(&model, series_uid, m, files, volume_opts)
+}
+
+/// [`run`] with a given model version: the worker runs the version a job
+/// was routed with (an active one since demoted, or a shadow candidate).
+pub fn run_on(
+    model: &Model,
+    series_uid: &str,
+    m: &ResolvedRoute,
+    files: &[PathBuf],
+    volume_opts: &VolumeOptions,
+) -> Result<Analysis, JobError> {
+    let t0 = Instant::now();
     let card = &model.card;
     let mut vol = Volume::from_files_with(files, volume_opts)?;
     if hu_step_too_coarse(vol.hu_step) {
