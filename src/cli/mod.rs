@@ -13,6 +13,7 @@
 pub mod analyze;
 pub mod check_config;
 pub mod list;
+pub mod models;
 pub mod route;
 
 pub use analyze::analyze;
