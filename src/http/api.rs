@@ -25,7 +25,7 @@ use crate::telemetry::METRICS;
 pub const MAX_UPLOAD: usize = 64 << 20;
 const DEFAULT_LIMIT: usize = 200;
 
-pub struct ApiError(StatusCode, String);
+pub struct ApiError(pub StatusCode, pub String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
@@ -33,12 +33,12 @@ impl IntoResponse for ApiError {
     }
 }
 
-fn internal(e: impl std::fmt::Display) -> ApiError {
+pub fn internal(e: impl std::fmt::Display) -> ApiError {
     ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
 }
 
 /// SQLite and file work off the async workers.
-async fn blocking<T: Send + 'static>(
+pub async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
     tokio::task::spawn_blocking(f).await.map_err(internal)?
@@ -426,7 +426,7 @@ pub async fn models(State(st): State<Shared>) -> Json<Value> {
         .model_config
         .iter()
         .map(|(name, cfg)| match st.models.get(name) {
-            Ok(m) => json!({
+            Ok(m) => merge(json!({
                 "name": name,
                 "status": "loaded",
                 "card": m.card.name,
@@ -436,7 +436,7 @@ pub async fn models(State(st): State<Shared>) -> Json<Value> {
                 "execution_provider_requested": cfg.execution_provider.as_str(),
                 "execution_provider": m.provider.as_str(),
                 "max_concurrency": cfg.max_concurrency,
-            }),
+            }), super::models::versions_json(&st, name)),
             Err(e) => json!({
                 "name": name,
                 "status": "unavailable",
@@ -446,6 +446,14 @@ pub async fn models(State(st): State<Shared>) -> Json<Value> {
         })
         .collect();
     Json(Value::Array(list))
+}
+
+/// `a` with `b`'s keys added.
+fn merge(mut a: Value, b: Value) -> Value {
+    if let (Some(a), Value::Object(b)) = (a.as_object_mut(), b) {
+        a.extend(b);
+    }
+    a
 }
 
 pub async fn reload(State(st): State<Shared>) -> Response {
