@@ -561,3 +561,139 @@ impl Drop for Cleanup<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sha2::{Digest, Sha256};
+
+    fn fixture() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("src/inference/testdata/sigmoid_map.yaml")
+    }
+
+    /// A copy of the fixture model in `dir` as version `version`, its card
+    /// edited by `edit` (text) and its sha256 recomputed, as a site's
+    /// training run would write it.
+    fn trained(dir: &Path, version: &str, edit: impl Fn(String) -> String, onnx_extra: &[u8]) -> PathBuf {
+        std::fs::create_dir_all(dir).unwrap();
+        let mut onnx = std::fs::read(fixture().with_file_name("sigmoid_map.onnx")).unwrap();
+        onnx.extend_from_slice(onnx_extra);
+        std::fs::write(dir.join("pma.onnx"), &onnx).unwrap();
+        let sha = format!("{:x}", Sha256::digest(&onnx));
+        let text = std::fs::read_to_string(fixture())
+            .unwrap()
+            .replace("version: \"0\"", &format!("version: \"{version}\""))
+            .replace("onnx: sigmoid_map.onnx", "onnx: pma.onnx")
+            .replace("sha256: 10e0e97a84823ba7c1ebab5980fd257e71afc19cf3472c57385db211c97f0c9d", &format!("sha256: {sha}"));
+        let card = dir.join("pma.yaml");
+        std::fs::write(&card, edit(text)).unwrap();
+        card
+    }
+
+    fn store_with_config(dir: &Path) -> (ModelStore, ModelCard) {
+        let store = ModelStore::open(&dir.join("data")).unwrap();
+        let configured = ModelCard::load(&fixture()).unwrap();
+        store.ensure_configured("pma", &configured).unwrap();
+        (store, configured)
+    }
+
+    #[test]
+    fn promote_and_rollback_move_the_roles_and_are_audited() {
+        let d = tempfile::tempdir().unwrap();
+        let (store, configured) = store_with_config(d.path());
+        // Never promoted: the configured version is active.
+        assert_eq!(store.active_version("pma").unwrap().as_deref(), Some("0"));
+        assert_eq!(store.roles("pma").unwrap(), Roles::default());
+        let rev0 = store.revision().unwrap();
+        assert!(matches!(store.promote("pma", "2", "t"), Err(VersionsError::UnknownVersion { .. })));
+        assert!(matches!(store.rollback("pma", "t"), Err(VersionsError::NothingToRollBack(_))));
+        assert!(matches!(store.promote("pma", "0", "t"), Err(VersionsError::AlreadyActive { .. })));
+        assert_eq!(store.revision().unwrap(), rev0, "a refused change changes nothing");
+
+        let mut v2 = configured.clone();
+        v2.version = "2".into();
+        store.add_registered(&v2, "pma", &d.path().join("card.yaml"), "cli user=a").unwrap();
+        store.set_candidate("pma", Some("2"), "cli user=a").unwrap();
+        assert_eq!(store.roles("pma").unwrap().candidate.as_deref(), Some("2"));
+        assert!(matches!(store.set_candidate("pma", Some("0"), "t"), Err(VersionsError::AlreadyActive { .. })));
+
+        let s = store.promote("pma", "2", "http 127.0.0.1:5 token=yes").unwrap();
+        assert_eq!((s.from.as_str(), s.to.as_str()), ("0", "2"));
+        let r = store.roles("pma").unwrap();
+        assert_eq!((r.active.as_deref(), r.candidate, r.previous.as_deref()), (Some("2"), None, Some("0")));
+
+        let s = store.rollback("pma", "cli user=b").unwrap();
+        assert_eq!((s.from.as_str(), s.to.as_str()), ("2", "0"));
+        assert_eq!(store.active_version("pma").unwrap().as_deref(), Some("0"));
+        assert!(matches!(store.rollback("pma", "t"), Err(VersionsError::NothingToRollBack(_))), "one step back only");
+        assert!(store.revision().unwrap() >= rev0 + 3);
+
+        let log: Vec<(String, Option<String>, Option<String>, String)> = store
+            .audit(Some("pma"))
+            .unwrap()
+            .into_iter()
+            .map(|e| (e.action, e.from_version, e.version, e.caller))
+            .collect();
+        let s = |x: &str| Some(x.to_owned());
+        assert_eq!(
+            log,
+            vec![
+                ("register".into(), None, s("2"), "cli user=a".into()),
+                ("candidate".into(), None, s("2"), "cli user=a".into()),
+                ("promote".into(), s("0"), s("2"), "http 127.0.0.1:5 token=yes".into()),
+                ("rollback".into(), s("2"), s("0"), "cli user=b".into()),
+            ]
+        );
+        // A reader opened read-only sees the same roles.
+        let ro = ModelStore::open_existing(&d.path().join("data")).unwrap().unwrap();
+        assert_eq!(ro.active_version("pma").unwrap().as_deref(), Some("0"));
+        assert!(ModelStore::open_existing(&d.path().join("none")).unwrap().is_none());
+    }
+
+    #[test]
+    fn registration_refuses_wrong_cards_and_keeps_nothing_of_them() {
+        if !super::super::init_for_tests() {
+            return;
+        }
+        let d = tempfile::tempdir().unwrap();
+        let (store, configured) = store_with_config(d.path());
+        let opts = RuntimeOptions::default();
+        let reg = |card: &Path| register(&store, "pma", &configured, card, &opts, "t");
+
+        let bad_digest = trained(&d.path().join("a"), "2", |t| t, &[]);
+        let onnx = bad_digest.with_file_name("pma.onnx");
+        let mut bytes = std::fs::read(&onnx).unwrap();
+        bytes.push(0);
+        std::fs::write(&onnx, bytes).unwrap();
+        assert!(matches!(reg(&bad_digest), Err(RegisterError::Card(CardError::Digest { .. }))));
+
+        let unparsable = trained(&d.path().join("b"), "2", |t| t.replace("input:", "input: [oops"), &[]);
+        assert!(matches!(reg(&unparsable), Err(RegisterError::Card(CardError::Parse { .. }))));
+
+        let other_task = trained(&d.path().join("c"), "2", |t| t.replace("task: pma", "task: sfa"), &[]);
+        assert!(matches!(reg(&other_task), Err(RegisterError::Mismatch { field: "task", .. })));
+        let other_unit = trained(&d.path().join("c2"), "2", |t| t.replace("ucum: cm2", "ucum: mm2"), &[]);
+        assert!(matches!(reg(&other_unit), Err(RegisterError::Mismatch { field: "biomarker unit", .. })));
+
+        let bad_version = trained(&d.path().join("e"), "../x", |t| t, &[]);
+        assert!(matches!(reg(&bad_version), Err(RegisterError::BadVersion(_))));
+
+        // The graph has no input of this name: it does not run.
+        let wrong_input =
+            trained(&d.path().join("f"), "2", |t| t.replace("  slices: single", "  slices: single\n  input_name: nope"), &[]);
+        assert!(matches!(reg(&wrong_input), Err(RegisterError::Onnx(_))), "{:?}", reg(&wrong_input));
+        assert_eq!(store.versions("pma").unwrap().len(), 1, "nothing refused is kept");
+        let leftovers: Vec<_> = std::fs::read_dir(store.root.join("pma")).map(|r| r.count()).into_iter().collect();
+        assert!(leftovers.iter().all(|n| *n == 0), "no half-registered folder: {leftovers:?}");
+
+        let good = trained(&d.path().join("g"), "2", |t| t, &[]);
+        let row = reg(&good).unwrap();
+        assert_eq!((row.version.as_str(), row.source.as_str()), ("2", "registered"));
+        assert!(row.card_path.starts_with(store.version_dir("pma", "2")));
+        ModelCard::load(&row.card_path).unwrap().verify_digest().unwrap();
+        assert_eq!(reg(&good).unwrap(), row, "the same bytes again: a no-op");
+        // Same version, other bytes (an ONNX with trailing bytes still loads).
+        let conflict = trained(&d.path().join("h"), "2", |t| t, &[0, 0]);
+        assert!(matches!(reg(&conflict), Err(RegisterError::VersionConflict { .. })));
+    }
+}
