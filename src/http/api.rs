@@ -235,6 +235,9 @@ pub struct JobView {
     timeline: Timeline,
     /// URL of a PNG of the first overlay image, when the job made one.
     overlay: Option<String>,
+    /// A candidate version's shadow run: kept, never sent.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    shadow: bool,
 }
 
 fn overlay_path(job: &Job) -> Option<PathBuf> {
@@ -258,7 +261,8 @@ fn job_views(st: &Shared, jobs: Vec<Job>) -> Result<Vec<JobView>, ApiError> {
         .map(|job| {
             let timeline = timeline(&job, series.get(&job.key.series_instance_uid), &by_uid);
             let overlay = overlay_path(&job).map(|_| format!("/api/jobs/{}/overlay.png", job.id));
-            JobView { job, timeline, overlay }
+            let shadow = job.resolved.as_ref().is_some_and(|r| r.shadow);
+            JobView { job, timeline, overlay, shadow }
         })
         .collect())
 }
