@@ -113,8 +113,8 @@ enum ModelsCommand {
         /// The card written by `python -m biomarker_training.train`.
         #[arg(long)]
         card: PathBuf,
-        /// The configured model it is a version of (default: the one that
-        /// measures the card's task).
+        /// The configured model it is a version of (default: the one whose
+        /// card has the same name and task, else the one of the same task).
         #[arg(long)]
         model: Option<String>,
         /// `candidate` (default): it runs in shadow at once; `none`: only stored.

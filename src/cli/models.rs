@@ -106,12 +106,15 @@ pub fn register(config: &Path, card: &Path, model: Option<&str>, candidate: bool
             n.to_owned()
         }
         None => {
-            let same: Vec<&String> = cfg
-                .models
-                .iter()
-                .filter(|(_, m)| ModelCard::load(&m.card).is_ok_and(|c| c.task == new.task))
-                .map(|(n, _)| n)
-                .collect();
+            // The configured model whose card has the new card's name and
+            // task; failing that, the one measuring its task.
+            let cards: Vec<(&String, ModelCard)> =
+                cfg.models.iter().filter_map(|(n, m)| Some((n, ModelCard::load(&m.card).ok()?))).collect();
+            let mut same: Vec<&String> =
+                cards.iter().filter(|(_, c)| c.task == new.task && c.name == new.name).map(|(n, _)| *n).collect();
+            if same.is_empty() {
+                same = cards.iter().filter(|(_, c)| c.task == new.task).map(|(n, _)| *n).collect();
+            }
             match same[..] {
                 [one] => one.clone(),
                 [] => anyhow::bail!("no configured model measures task `{}`; name one with --model", new.task),

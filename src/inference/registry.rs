@@ -212,14 +212,8 @@ impl Models {
         }
         for name in self.names() {
             let roles = store.roles(&name)?;
-            let active = store.active_version(&name)?;
-            let configured_active = self.read().get(&name).map(|l| l.active.card.version.clone());
-            let want_active = match (&roles.active, active) {
-                (Some(a), _) => Some(a.clone()),
-                // Never promoted: the configured card, as loaded.
-                (None, a) => a.or(configured_active),
-            };
-            let active = want_active.and_then(|v| match self.get_version(&name, &v) {
+            // Never promoted (no active role): the configured card, as loaded.
+            let active = roles.active.as_deref().and_then(|v| match self.get_version(&name, v) {
                 Ok(m) => Some(m),
                 Err(e) => {
                     tracing::error!(model = %name, version = %v, error = %e, "active version does not load; the previous one stays");
@@ -246,5 +240,65 @@ impl Models {
         }
         *seen = Some(rev);
         Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::inference::versions::{register, ModelStore};
+    use std::path::Path;
+
+    /// A promotion switches what `get` hands out without a restart, while an
+    /// `Arc` taken before (a job in flight) keeps the version it had; each
+    /// version is loaded once, so a rollback gets the very same model back.
+    #[test]
+    fn roles_switch_live_and_jobs_keep_their_version() {
+        if !crate::inference::init_for_tests() {
+            return;
+        }
+        let d = tempfile::tempdir().unwrap();
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/inference/testdata/sigmoid_map.yaml");
+        let cfg_path = d.path().join("node.yaml");
+        std::fs::write(
+            &cfg_path,
+            format!(
+                "node: {{ae_title: N, data_dir: {data}}}\nonnxruntime: {{library: {lib}}}\nmodels: {{pma: {{card: {card}}}}}\n",
+                data = d.path().join("data").display(),
+                lib = crate::inference::test_library().unwrap().display(),
+                card = fixture.display(),
+            ),
+        )
+        .unwrap();
+        let cfg = crate::config::Config::load(&cfg_path).unwrap();
+        let store = Arc::new(ModelStore::open(&cfg.node.data_dir).unwrap());
+        let models = Models::load_with(&cfg, Some(store.clone())).unwrap();
+        assert_eq!((models.version("pma"), models.candidate("pma").is_none()), ("0".to_owned(), true));
+
+        // A trained "version 2": the same ONNX, a new version string.
+        let site = d.path().join("site");
+        std::fs::create_dir_all(&site).unwrap();
+        std::fs::copy(fixture.with_file_name("sigmoid_map.onnx"), site.join("sigmoid_map.onnx")).unwrap();
+        let text = std::fs::read_to_string(&fixture).unwrap().replace("version: \"0\"", "version: \"2\"");
+        std::fs::write(site.join("pma.yaml"), text).unwrap();
+        let configured = models.get("pma").unwrap().card.clone();
+        register(&store, "pma", &configured, &site.join("pma.yaml"), &RuntimeOptions::default(), "t").unwrap();
+        store.set_candidate("pma", Some("2"), "t").unwrap();
+        assert!(models.refresh().unwrap());
+        assert!(!models.refresh().unwrap(), "nothing changed: nothing read");
+        assert_eq!(models.candidate("pma").unwrap().card.version, "2");
+
+        let in_flight = models.get("pma").unwrap();
+        store.promote("pma", "2", "t").unwrap();
+        models.refresh().unwrap();
+        assert_eq!(models.version("pma"), "2");
+        assert!(models.candidate("pma").is_none(), "a promoted candidate is no longer shadowed");
+        assert_eq!(in_flight.card.version, "0", "a job in flight keeps its version");
+        assert!(Arc::ptr_eq(&models.get_version("pma", "0").unwrap(), &in_flight));
+
+        store.rollback("pma", "t").unwrap();
+        models.refresh().unwrap();
+        assert!(Arc::ptr_eq(&models.get("pma").unwrap(), &in_flight), "rolled back to the same loaded version");
+        assert!(models.get_version("pma", "9").is_err());
     }
 }
