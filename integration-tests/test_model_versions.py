@@ -14,6 +14,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -25,6 +27,7 @@ import yaml
 from nodeharness import REPO_ROOT, node_binary, run_tool, storescu
 from test_results_orthanc import (FAST_OUTBOX, SR_STORAGE_CLASSES, node_overrides, nodes, orthancs,  # noqa: F401
                                   outbox, routes_named, wait_for)
+from test_status_page import browser  # noqa: F401
 
 TOKEN = "model-versions-test-token"
 CANDIDATE = "0.2.0-site.1"
@@ -110,7 +113,39 @@ def series_uid(phantom: Path) -> str:
     return pydicom.dcmread(phantom / "CT0001.dcm", stop_before_pixels=True).SeriesInstanceUID
 
 
-def test_candidate_shadows_then_promote_and_rollback(tmp_path, nodes, orthancs, phantoms):  # noqa: F811
+def check_status_page(b, node, a: dict, shot: Path) -> None:
+    """The status page shows the comparison: the statistics, the plot (an
+    SVG that decoded) and both overlays of each discordant series; nothing
+    breaks the Content-Security-Policy. A screenshot of the section goes to
+    `shot` (and to $SHADOW_SCREENSHOT, when set, for the docs)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(b, 30, poll_frequency=0.2)
+    b.get(f"http://127.0.0.1:{node.http_port}/")
+    wait.until(lambda d: d.find_element(By.ID, "auth").is_displayed())
+    b.find_element(By.ID, "token").send_keys(TOKEN)
+    b.find_element(By.ID, "token-btn").click()
+    box = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#shadow .shadow-model"))[0]
+    assert f"candidate {CANDIDATE}" in box.text and f"n = {a['n']}" in box.text and "limits of agreement" in box.text
+    wait.until(lambda d: d.execute_script(
+        "const i = document.querySelector('#shadow img.bland-altman');"
+        "return i && i.complete && i.naturalWidth > 0;"))
+    wait.until(lambda d: d.execute_script(
+        "const im = [...document.querySelectorAll('#shadow table.worst img')];"
+        f"return im.length === {2 * len(a['worst'])} && im.every(i => i.complete && i.naturalWidth > 0);"))
+    # shadow runs are marked in the jobs table and are not among the results sent
+    assert "(shadow)" in b.find_element(By.CSS_SELECTOR, "#jobs-table tbody").text
+    assert CANDIDATE in b.find_element(By.CSS_SELECTOR, "#models-table tbody").text
+    assert b.execute_script("return window.__csp") == []
+    section = b.find_element(By.ID, "shadow-section")
+    b.execute_script("arguments[0].scrollIntoView()", section)
+    section.screenshot(str(shot))
+    if os.environ.get("SHADOW_SCREENSHOT"):
+        shutil.copy(shot, os.environ["SHADOW_SCREENSHOT"])
+
+
+def test_candidate_shadows_then_promote_and_rollback(tmp_path, nodes, orthancs, phantoms, browser):  # noqa: F811
     shipped = REPO_ROOT / "models" / "pma.yaml"
     active_version = yaml.safe_load(shipped.read_text())["version"]
     cards = {"pma": shipped}
@@ -183,6 +218,7 @@ def test_candidate_shadows_then_promote_and_rollback(tmp_path, nodes, orthancs, 
             assert status == 200 and body[:8] == b"\x89PNG\r\n\x1a\n", (w[key], status)
     status, headers, svg = node.http("/api/models/pma/agreement.svg", token=TOKEN)
     assert status == 200 and svg.startswith(b"<svg") and svg.count(b"<circle") == 2, svg[:200]
+    check_status_page(browser, node, a, tmp_path / "status-page-shadow.png")
 
     # --- promote over the API: the token is required; the switch is immediate.
     status, _, body = node.http("/api/models/pma/promote", "POST", json.dumps({"version": CANDIDATE}).encode(),
