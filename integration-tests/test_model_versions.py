@@ -6,7 +6,10 @@ rolled back from the command line; every change is in the audit log.
 The candidate is the shipped PMA model under a new version string, as a site
 would register a retrained one: card and ONNX copied, `version:` changed, the
 card's sha256 recomputed from the ONNX it sits beside (`sha256:` binds the
-card to its ONNX; `biomarker-node models register` refuses a mismatch).
+card to its ONNX; `biomarker-node models register` refuses a mismatch). So
+that the two versions disagree a little, as a retrained model would, the
+candidate scales its input by 5% more (`input.scale.divide`), a small change
+of the network's input that changes its maps a little, series by series.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import io
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import time
 from pathlib import Path
@@ -42,7 +46,8 @@ def models_cli(node, *args: str, check: bool = True) -> subprocess.CompletedProc
     return r
 
 
-def candidate_card(src_card: Path, out: Path, version: str, tamper: bool = False) -> Path:
+def candidate_card(src_card: Path, out: Path, version: str, tamper: bool = False,
+                   rescale: float | None = None) -> Path:
     """A copy of a shipped card and its ONNX as version `version`, with the
     sha256 recomputed (or, with `tamper`, an ONNX whose bytes no longer
     match the card)."""
@@ -52,6 +57,8 @@ def candidate_card(src_card: Path, out: Path, version: str, tamper: bool = False
     (out / card["onnx"]).write_bytes(onnx + (b"\0" if tamper else b""))
     card["version"] = version
     card["sha256"] = hashlib.sha256(onnx).hexdigest()
+    if rescale is not None:
+        card["input"]["scale"]["divide"] *= rescale
     path = out / src_card.name
     path.write_text(yaml.safe_dump(card, sort_keys=False))
     return path
@@ -100,12 +107,12 @@ def series_jobs_done(node, series: set[str], shadow: bool) -> list[dict] | None:
 
 @pytest.fixture(scope="module")
 def phantoms(tmp_path_factory) -> list[Path]:
-    """Three single-slice PMA phantoms, one series each."""
+    """Five single-slice PMA phantoms, one series each."""
     out = tmp_path_factory.mktemp("phantoms")
-    r = run_tool([str(node_binary()), "phantom", "--task", "pma", "--seed", "11", "--out", str(out), "--count", "3"])
+    r = run_tool([str(node_binary()), "phantom", "--task", "pma", "--seed", "11", "--out", str(out), "--count", "5"])
     assert r.returncode == 0, r.stderr
     dirs = sorted(d for d in out.iterdir() if (d / "CT0001.dcm").is_file())
-    assert len(dirs) == 3, list(out.rglob("*"))
+    assert len(dirs) == 5, list(out.rglob("*"))
     return dirs
 
 
@@ -165,7 +172,7 @@ def test_candidate_shadows_then_promote_and_rollback(tmp_path, nodes, orthancs, 
     r = models_cli(node, "register", "--model", "pma", "--card", str(wrong_task), check=False)
     assert r.returncode != 0 and "task" in r.stderr, (r.returncode, r.stderr)
 
-    good = candidate_card(shipped, tmp_path / "good", CANDIDATE)
+    good = candidate_card(shipped, tmp_path / "good", CANDIDATE, rescale=1.05)
     r = models_cli(node, "register", "--card", str(good))
     assert CANDIDATE in r.stdout and "candidate" in r.stdout, r.stdout
     listed = json.loads(next(line for line in models_cli(node, "list", "--json").stdout.splitlines()
@@ -175,9 +182,9 @@ def test_candidate_shadows_then_promote_and_rollback(tmp_path, nodes, orthancs, 
     wait_for(lambda: model(node).get("candidate_version") == CANDIDATE, 15, "the node to load the candidate",
              diag=lambda: f"{model(node)}\n{node.log_tail(20)}")
 
-    # --- shadow: two series, each measured by both versions; only the
+    # --- shadow: four series, each measured by both versions; only the
     # active version's results reach Orthanc.
-    first = phantoms[:2]
+    first = phantoms[:4]
     uids = {series_uid(p) for p in first}
     for p in first:
         r = storescu(node, [p / "CT0001.dcm"])
@@ -205,19 +212,28 @@ def test_candidate_shadows_then_promote_and_rollback(tmp_path, nodes, orthancs, 
     received = set(o.received_sops())
     assert received == active_sops and not received & shadow_sops, (received, shadow_sops)
     srs = orthanc_srs(o)
-    assert len(srs) == 2 and all(v == {active_version} for v in srs.values()), srs
+    assert len(srs) == 4 and all(v == {active_version} for v in srs.values()), srs
 
-    # --- agreement: both versions are the same network, so they agree exactly.
+    # --- agreement: the API's statistics are those of the stored values.
     a = node.http_json("/api/models/pma/agreement", token=TOKEN)
-    assert (a["candidate_version"], a["n"]) == (CANDIDATE, 2), a
-    assert abs(a["bias"]) < 1e-6 and a["limits_of_agreement"] is not None, a
-    assert len(a["worst"]) == 2
+    value = {(j["series_instance_uid"], bool(j.get("shadow"))): j["result"]["value"] for j in active_jobs + shadow_jobs}
+    pairs = [(value[(u, False)], value[(u, True)]) for u in uids]
+    diffs = [c - x for x, c in pairs]
+    assert any(abs(d) > 1e-6 for d in diffs), f"the versions should disagree a little: {pairs}"
+    bias, sd = statistics.mean(diffs), statistics.stdev(diffs)
+    close = lambda x, y: abs(x - y) <= 1e-9 * max(1.0, abs(y))  # noqa: E731
+    assert (a["candidate_version"], a["n"], a["pending"], a["unpaired"]) == (CANDIDATE, 4, 0, 0), a
+    assert close(a["bias"], bias) and close(a["sd"], sd), (a, bias, sd)
+    assert close(a["limits_of_agreement"][0], bias - 1.96 * sd) and close(a["limits_of_agreement"][1], bias + 1.96 * sd)
+    assert close(a["r"], statistics.correlation([p[0] for p in pairs], [p[1] for p in pairs])), a
+    assert [abs(w["difference"]) for w in a["worst"]] == sorted((abs(d) for d in diffs), reverse=True), a["worst"]
+    assert len(a["worst"]) == 4
     for w in a["worst"]:
         for key in ("active_overlay", "candidate_overlay"):
             status, headers, body = node.http(w[key], token=TOKEN)
             assert status == 200 and body[:8] == b"\x89PNG\r\n\x1a\n", (w[key], status)
     status, headers, svg = node.http("/api/models/pma/agreement.svg", token=TOKEN)
-    assert status == 200 and svg.startswith(b"<svg") and svg.count(b"<circle") == 2, svg[:200]
+    assert status == 200 and svg.startswith(b"<svg") and svg.count(b"<circle") == 4, svg[:200]
     check_status_page(browser, node, a, tmp_path / "status-page-shadow.png")
 
     # --- promote over the API: the token is required; the switch is immediate.
@@ -231,10 +247,10 @@ def test_candidate_shadows_then_promote_and_rollback(tmp_path, nodes, orthancs, 
     m = model(node)
     assert (m["version"], m.get("candidate_version")) == (CANDIDATE, None), m
 
-    third = phantoms[2]
+    third = phantoms[4]
     r = storescu(node, [third / "CT0001.dcm"])
     assert r.returncode == 0, r.stdout + r.stderr
-    new_sr = wait_for(lambda: (lambda s: s if len(s) == 3 else None)(orthanc_srs(o)), 120, "the third SR in Orthanc",
+    new_sr = wait_for(lambda: (lambda s: s if len(s) == 5 else None)(orthanc_srs(o)), 120, "the fifth SR in Orthanc",
                       diag=lambda: f"{outbox(node)}\n{node.log_tail(30)}")
     fresh = [v for uid, v in new_sr.items() if uid not in srs]
     assert fresh == [{CANDIDATE}], new_sr

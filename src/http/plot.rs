@@ -37,9 +37,11 @@ fn ticks(lo: f64, hi: f64) -> Vec<f64> {
     out
 }
 
+/// Four significant digits, no trailing zeros.
 fn fmt(v: f64) -> String {
-    let s = format!("{v:.3}");
-    let s = s.trim_end_matches('0').trim_end_matches('.');
+    let digits = if v == 0.0 { 0 } else { (3 - v.abs().log10().floor() as i32).clamp(0, 9) as usize };
+    let s = format!("{v:.digits$}");
+    let s = if s.contains('.') { s.trim_end_matches('0').trim_end_matches('.') } else { &s };
     if s == "-0" { "0".into() } else { s.to_owned() }
 }
 
@@ -55,12 +57,14 @@ pub fn bland_altman(a: &Agreement) -> String {
         (x0, x1) = (0.0, 1.0);
     }
     let (mut y0, mut y1) = ys.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), y| (lo.min(*y), hi.max(*y)));
-    let pad = |lo: f64, hi: f64| {
-        let m = ((hi - lo) * 0.08).max(hi.abs().max(lo.abs()) * 0.05).max(1e-6);
+    let pad = |lo: f64, hi: f64, floor: f64| {
+        let m = ((hi - lo) * 0.08).max(floor).max(1e-6);
         (lo - m, hi + m)
     };
-    (x0, x1) = pad(x0, x1);
-    (y0, y1) = pad(y0, y1);
+    (x0, x1) = pad(x0, x1, x1.abs().max(x0.abs()) * 0.05);
+    // Differences all alike (two identical versions): still a readable
+    // axis, ±2% of the values' scale around them.
+    (y0, y1) = pad(y0, y1, x1.abs().max(x0.abs()) * 0.02);
     let sx = |x: f64| LEFT + (x - x0) / (x1 - x0) * (W - LEFT - RIGHT);
     let sy = |y: f64| H - BOTTOM - (y - y0) / (y1 - y0) * (H - TOP - BOTTOM);
     let mut s = String::new();
@@ -88,20 +92,25 @@ pub fn bland_altman(a: &Agreement) -> String {
         let y = sy(t);
         let _ = write!(s, r##"<line x1="{}" y1="{y:.1}" x2="{px0}" y2="{y:.1}" stroke="#999"/><text x="{}" y="{:.1}" text-anchor="end">{}</text>"##, px0 - 4.0, px0 - 6.0, y + 4.0, fmt(t));
     }
-    let hline = |s: &mut String, y: f64, style: &str, label: &str| {
+    // Labels: the bias on the left, the limits on the right, the upper one
+    // above its line and the lower one below, so none overlap even when
+    // the limits close in on the bias.
+    let hline = |s: &mut String, y: f64, style: &str, label: &str, at_left: bool, above: bool| {
         let yy = sy(y);
         let _ = write!(s, r##"<line x1="{px0}" y1="{yy:.1}" x2="{px1}" y2="{yy:.1}" {style}/>"##);
         if !label.is_empty() {
-            let _ = write!(s, r##"<text x="{}" y="{:.1}" text-anchor="end" fill="#333">{label} {}</text>"##, px1 - 4.0, yy - 4.0, fmt(y));
+            let (x, anchor) = if at_left { (px0 + 4.0, "start") } else { (px1 - 4.0, "end") };
+            let ty = if above { yy - 4.0 } else { yy + 12.0 };
+            let _ = write!(s, r##"<text x="{x}" y="{ty:.1}" text-anchor="{anchor}" fill="#333">{label} {}</text>"##, fmt(y));
         }
     };
-    hline(&mut s, 0.0, r##"stroke="#bbb" stroke-dasharray="1 3""##, "");
+    hline(&mut s, 0.0, r##"stroke="#bbb" stroke-dasharray="1 3""##, "", true, true);
     if let Some(b) = a.stats.bias {
-        hline(&mut s, b, r##"stroke="#1f5fa8" stroke-width="1.5""##, "bias");
+        hline(&mut s, b, r##"stroke="#1f5fa8" stroke-width="1.5""##, "bias", true, true);
     }
     if let Some([l, h]) = a.stats.limits_of_agreement {
-        hline(&mut s, l, r##"stroke="#c0392b" stroke-dasharray="6 4""##, "−1.96 SD");
-        hline(&mut s, h, r##"stroke="#c0392b" stroke-dasharray="6 4""##, "+1.96 SD");
+        hline(&mut s, l, r##"stroke="#c0392b" stroke-dasharray="6 4""##, "−1.96 SD", false, false);
+        hline(&mut s, h, r##"stroke="#c0392b" stroke-dasharray="6 4""##, "+1.96 SD", false, true);
     }
     for (x, y) in &pts {
         let _ = write!(s, r##"<circle cx="{:.1}" cy="{:.1}" r="3.5" fill="#1f5fa8" fill-opacity="0.6"/>"##, sx(*x), sy(*y));
@@ -162,5 +171,6 @@ mod tests {
         assert!(svg.contains("2&lt;x&gt;") && !svg.contains("2<x>"));
         assert!(bland_altman(&Agreement { pairs: vec![], stats: stats(&[]), ..a }).contains("no pairs yet"));
         assert_eq!(ticks(0.0, 1.0).len(), 6);
+        assert_eq!((fmt(0.0), fmt(10.0), fmt(-0.5), fmt(1234.5678)), ("0".into(), "10".into(), "-0.5".into(), "1235".into()));
     }
 }
