@@ -78,6 +78,12 @@ enum Command {
     /// Training data from the node's own spool: `dataset export`.
     #[command(subcommand)]
     Dataset(DatasetCommand),
+    /// The model store: versions, the candidate that runs in shadow,
+    /// promotion and rollback (every change is audited).
+    Models {
+        #[command(subcommand)]
+        command: ModelsCommand,
+    },
     /// Print the JSON Schema of the config file (generated from the code;
     /// docs/CONFIGURATION.md is the reference), for editors and admins.
     ConfigSchema,
@@ -122,6 +128,67 @@ enum DatasetCommand {
     },
 }
 
+#[derive(Subcommand)]
+enum ModelsCommand {
+    /// Each configured model's versions: active, candidate, previous.
+    List {
+        #[arg(long, default_value = "config/node.yaml")]
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The audit log: registrations, candidates, promotions, rollbacks.
+    Audit {
+        #[arg(long, default_value = "config/node.yaml")]
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Copy a trained model (its card, the ONNX beside it) into the store,
+    /// after checking card, checksum, task, unit and that the ONNX runs.
+    Register {
+        #[arg(long, default_value = "config/node.yaml")]
+        config: PathBuf,
+        /// The card written by `python -m biomarker_training.train`.
+        #[arg(long)]
+        card: PathBuf,
+        /// The configured model it is a version of (default: the one whose
+        /// card has the same name and task, else the one of the same task).
+        #[arg(long)]
+        model: Option<String>,
+        /// `candidate` (default): it runs in shadow at once; `none`: only stored.
+        #[arg(long = "as", default_value = "candidate", value_parser = ["candidate", "none"])]
+        role: String,
+    },
+    /// Make VERSION the active version of NAME (the running node switches
+    /// within seconds; jobs already routed finish on their version).
+    Promote {
+        #[arg(long, default_value = "config/node.yaml")]
+        config: PathBuf,
+        name: String,
+        version: String,
+    },
+    /// Make the version that was active before the last promotion active again.
+    Rollback {
+        #[arg(long, default_value = "config/node.yaml")]
+        config: PathBuf,
+        name: String,
+    },
+}
+
+fn models(cmd: ModelsCommand) -> anyhow::Result<()> {
+    use cli::models;
+    match cmd {
+        ModelsCommand::List { config, json } => models::list(&config, json),
+        ModelsCommand::Audit { config, json } => models::audit(&config, json),
+        ModelsCommand::Register { config, card, model, role } => {
+            models::register(&config, &card, model.as_deref(), role == "candidate")
+        }
+        ModelsCommand::Promote { config, name, version } => models::promote(&config, &name, &version),
+        ModelsCommand::Rollback { config, name } => models::rollback(&config, &name),
+    }
+}
+
 fn main() -> ExitCode {
     let parsed = Cli::parse();
     let result = match parsed.command {
@@ -132,6 +199,7 @@ fn main() -> ExitCode {
         Command::CheckConfig { config } => cli::check_config(&config),
         Command::Route { config, json, guard_pixels, paths } => cli::route(&config, json, guard_pixels, &paths),
         Command::Analyze { config, out, paths } => cli::analyze(&config, &out, &paths),
+        Command::Models { command } => models(command),
         Command::ConfigSchema => cli::config_schema(),
         Command::Dataset(DatasetCommand::Export { config, task, labels, out, mapping }) => {
             cli::dataset_export(&config, &biomarker_node::dataset::ExportRequest { task, labels, out, mapping })

@@ -357,7 +357,7 @@ mod tests {
                 model_version: "1".into(),
                 generation: 1,
             };
-            let route = crate::job::ResolvedRoute { route: "r".into(), model: "m".into(), send_to: vec![], slices: None };
+            let route = crate::job::ResolvedRoute { route: "r".into(), model: "m".into(), send_to: vec![], slices: None, shadow: false };
             let id = self.jobs.enqueue(&key, &route).unwrap().unwrap();
             if job_state == "pending" {
                 return;

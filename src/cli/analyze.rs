@@ -60,7 +60,7 @@ pub fn analyze(config_path: &Path, out: &Path, paths: &[PathBuf]) -> anyhow::Res
                     let seed = format!("{}|{}|{}|analyze", s.uid, m.route, a.line.model_version);
                     let model = models.get(&m.model)?;
                     let device = device_info(&cfg.node.ae_title);
-                    write_reports(&a.report_source(), model, &seed, time::OffsetDateTime::now_utc(), device, &dir)?;
+                    write_reports(&a.report_source(), &model, &seed, time::OffsetDateTime::now_utc(), device, &dir)?;
                     println!("{}", serde_json::to_string(&a.line)?);
                 }
                 // A refusal is the route's answer for this input (e.g. no

@@ -14,6 +14,7 @@ pub mod analyze;
 pub mod check_config;
 pub mod dataset;
 pub mod list;
+pub mod models;
 pub mod route;
 
 pub use analyze::analyze;

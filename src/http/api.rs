@@ -25,7 +25,7 @@ use crate::telemetry::METRICS;
 pub const MAX_UPLOAD: usize = 64 << 20;
 const DEFAULT_LIMIT: usize = 200;
 
-pub struct ApiError(StatusCode, String);
+pub struct ApiError(pub StatusCode, pub String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
@@ -33,12 +33,12 @@ impl IntoResponse for ApiError {
     }
 }
 
-fn internal(e: impl std::fmt::Display) -> ApiError {
+pub fn internal(e: impl std::fmt::Display) -> ApiError {
     ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
 }
 
 /// SQLite and file work off the async workers.
-async fn blocking<T: Send + 'static>(
+pub async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
     tokio::task::spawn_blocking(f).await.map_err(internal)?
@@ -235,6 +235,9 @@ pub struct JobView {
     timeline: Timeline,
     /// URL of a PNG of the first overlay image, when the job made one.
     overlay: Option<String>,
+    /// A candidate version's shadow run: kept, never sent.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    shadow: bool,
 }
 
 fn overlay_path(job: &Job) -> Option<PathBuf> {
@@ -258,7 +261,8 @@ fn job_views(st: &Shared, jobs: Vec<Job>) -> Result<Vec<JobView>, ApiError> {
         .map(|job| {
             let timeline = timeline(&job, series.get(&job.key.series_instance_uid), &by_uid);
             let overlay = overlay_path(&job).map(|_| format!("/api/jobs/{}/overlay.png", job.id));
-            JobView { job, timeline, overlay }
+            let shadow = job.resolved.as_ref().is_some_and(|r| r.shadow);
+            JobView { job, timeline, overlay, shadow }
         })
         .collect())
 }
@@ -426,7 +430,7 @@ pub async fn models(State(st): State<Shared>) -> Json<Value> {
         .model_config
         .iter()
         .map(|(name, cfg)| match st.models.get(name) {
-            Ok(m) => json!({
+            Ok(m) => merge(json!({
                 "name": name,
                 "status": "loaded",
                 "card": m.card.name,
@@ -436,7 +440,7 @@ pub async fn models(State(st): State<Shared>) -> Json<Value> {
                 "execution_provider_requested": cfg.execution_provider.as_str(),
                 "execution_provider": m.provider.as_str(),
                 "max_concurrency": cfg.max_concurrency,
-            }),
+            }), super::models::versions_json(&st, name)),
             Err(e) => json!({
                 "name": name,
                 "status": "unavailable",
@@ -446,6 +450,14 @@ pub async fn models(State(st): State<Shared>) -> Json<Value> {
         })
         .collect();
     Json(Value::Array(list))
+}
+
+/// `a` with `b`'s keys added.
+fn merge(mut a: Value, b: Value) -> Value {
+    if let (Some(a), Value::Object(b)) = (a.as_object_mut(), b) {
+        a.extend(b);
+    }
+    a
 }
 
 pub async fn reload(State(st): State<Shared>) -> Response {

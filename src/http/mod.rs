@@ -17,6 +17,8 @@
 mod api;
 mod assets;
 mod guard;
+mod models;
+mod plot;
 mod thumbnail;
 
 use std::collections::BTreeMap;
@@ -100,6 +102,11 @@ pub fn router(state: Shared) -> Router {
             post(api::route_test).layer(axum::extract::DefaultBodyLimit::max(api::MAX_UPLOAD)),
         )
         .route("/api/models", get(api::models))
+        .route("/api/models/audit", get(models::audit))
+        .route("/api/models/{name}/agreement", get(models::agreement))
+        .route("/api/models/{name}/agreement.svg", get(models::agreement_svg))
+        .route("/api/models/{name}/promote", post(models::promote))
+        .route("/api/models/{name}/rollback", post(models::rollback))
         .route("/api/config/reload", post(api::reload))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
@@ -126,7 +133,8 @@ pub async fn bind(
     let local = listener.local_addr().map_err(|source| HttpError::Bind { addr, source })?;
     let app = router(state);
     let task = tokio::spawn(async move {
-        let r = axum::serve(listener, app)
+        // The peer address, for the audit log of model changes.
+        let r = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
             .with_graceful_shutdown(async move { shutdown.cancelled().await })
             .await;
         if let Err(e) = r {

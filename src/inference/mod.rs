@@ -17,6 +17,7 @@ pub mod guard;
 mod golden;
 pub mod measure;
 pub mod registry;
+pub mod versions;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -26,6 +26,7 @@
 //! A job store error ([`JobStoreError`]) leaves the job as it was.
 
 pub mod run;
+pub mod shadow;
 pub mod store;
 pub mod worker;
 

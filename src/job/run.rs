@@ -23,7 +23,7 @@ use crate::biomarkers::{agatston, Measurement, PixelGeometry};
 use crate::inference::measure::{measure, measure_volume};
 use crate::fault::Fault;
 use crate::inference::registry::{ModelUnavailable, Models};
-use crate::inference::InferenceError;
+use crate::inference::{InferenceError, Model};
 use crate::report::write::{ReportSource, WriteError};
 use crate::inference::ModelCard;
 use crate::volume::heart::{self, HeartRegion};
@@ -330,7 +330,8 @@ pub fn model_input(card: &ModelCard, selection: Option<&SliceSelection>, mut vol
     Ok(ModelInput { vol, idx, hu, geom, heart })
 }
 
-/// Run one routed job on a series' files. Blocking.
+/// Run one routed job on a series' files with the model's active version.
+/// Blocking.
 pub fn run(
     models: &Models,
     series_uid: &str,
@@ -338,8 +339,20 @@ pub fn run(
     files: &[PathBuf],
     volume_opts: &VolumeOptions,
 ) -> Result<Analysis, JobError> {
-    let t0 = Instant::now();
     let model = models.get(&m.model)?;
+    run_on(&model, series_uid, m, files, volume_opts)
+}
+
+/// [`run`] with a given model version: the worker runs the version a job
+/// was routed with (an active one since demoted, or a shadow candidate).
+pub fn run_on(
+    model: &Model,
+    series_uid: &str,
+    m: &ResolvedRoute,
+    files: &[PathBuf],
+    volume_opts: &VolumeOptions,
+) -> Result<Analysis, JobError> {
+    let t0 = Instant::now();
     let card = &model.card;
     let vol = load_volume(files, volume_opts)?;
     if is_volume_route(card, m.slices.as_ref(), &vol) {

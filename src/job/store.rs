@@ -106,6 +106,12 @@ pub struct ResolvedRoute {
     pub model: String,
     pub send_to: Vec<String>,
     pub slices: Option<crate::volume::SliceSelection>,
+    /// A candidate version's run beside the active one (`job::shadow`): its
+    /// results are kept under `results/` and never sent (`send_to` is empty
+    /// and the worker queues nothing for it), and it does not decide the
+    /// series' state.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub shadow: bool,
 }
 
 /// The live route table by name, for jobs stored before they carried their
@@ -418,6 +424,7 @@ mod tests {
             route: "pma".into(),
             model: "pma".into(),
             send_to: vec!["pacs".into()],
+            shadow: false,
             slices: Some(crate::volume::SliceSelection::ZMm(-12.5)),
         }
     }

@@ -20,7 +20,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use super::run::{run, JobError, JobResult, ReportRef};
+use super::run::{run_on, JobError, JobResult, ReportRef};
 use super::{Job, JobState, ResolvedRoute, RouteLookup};
 use crate::inference::registry::Models;
 use crate::report::write::{device_info, write_outputs, write_reports};
@@ -208,12 +208,17 @@ impl Worker {
                 model: job.key.model.clone(),
                 send_to: vec![],
                 slices: None,
+                shadow: false,
             })
         });
         if files.is_empty() {
             return Err(JobError::NoInstances);
         }
-        let a = run(&self.models, uid.as_str(), &m, &files, &self.volume_opts)?;
+        // The version the job was routed with, held for the whole job: a
+        // promotion meanwhile does not change what this job runs or what its
+        // SR names (the SR's algorithm version is this card's).
+        let model = self.job_model(job, &m)?;
+        let a = run_on(&model, uid.as_str(), &m, &files, &self.volume_opts)?;
         // The store is checked too: another process may have re-queued the
         // job, and then that attempt owns the results directory.
         let still_ours = matches!(
@@ -224,16 +229,21 @@ impl Worker {
             return Err(JobError::Abandoned);
         }
         let inference_finished_at = crate::store::rfc3339(std::time::SystemTime::now());
-        let dir = crate::dicom::uid_path(&self.results_dir, &[&uid], &[&m.route, &format!("g{}", job.key.generation)])?;
+        let generation = format!("g{}", job.key.generation);
+        // A shadow run's files go beside the active run's, never over them.
+        let shadow = format!("shadow-{}", job.key.model_version);
+        let tail: &[&str] = if m.shadow { &[&m.route, &generation, &shadow] } else { &[&m.route, &generation] };
+        let dir = crate::dicom::uid_path(&self.results_dir, &[&uid], tail)?;
         let source = a.report_source();
         write_outputs(&a.line, &source, &dir)?;
-        let model = self.models.get(&m.model)?;
         let seed = format!("{}|{}|{}|{}", uid, m.route, job.key.model_version, job.key.generation);
         // The job's persisted creation time, so a rerun makes identical objects.
         let created = time::OffsetDateTime::parse(&job.created_at, &time::format_description::well_known::Rfc3339)
             .unwrap_or_else(|_| time::OffsetDateTime::now_utc());
-        let files = write_reports(&source, model, &seed, created, device_info(&self.ae_title), &dir)?;
-        if let Some(outbox) = &self.outbox {
+        let files = write_reports(&source, &model, &seed, created, device_info(&self.ae_title), &dir)?;
+        // A shadow run is kept, never sent: not even to a destination its
+        // route names (it has none; this is the second lock).
+        if let Some(outbox) = self.outbox.as_ref().filter(|_| !m.shadow) {
             for dest in &m.send_to {
                 let wanted = self.send_filter.get(dest);
                 for f in files.iter().filter(|f| wanted.is_none_or(|k| k.contains(&f.kind))) {
@@ -260,8 +270,25 @@ impl Worker {
         })
     }
 
+    /// The model version a job runs: the one in its key. A job of the
+    /// active model whose version is gone (a configured card replaced while
+    /// it waited) runs the active version, as before versions were kept; a
+    /// shadow job needs its candidate.
+    fn job_model(&self, job: &Job, m: &ResolvedRoute) -> Result<Arc<crate::inference::Model>, JobError> {
+        match self.models.get_version(&m.model, &job.key.model_version) {
+            Ok(model) => Ok(model),
+            Err(e) if m.shadow => Err(e.into()),
+            Err(e) => {
+                tracing::warn!(job = job.id, error = %e, "the job's model version is not available; running the active one");
+                Ok(self.models.get(&m.model)?)
+            }
+        }
+    }
+
     fn update_series_state(&self, series: &str) {
         let Ok(jobs) = self.jobs.for_series(series) else { return };
+        // Shadow runs are not the node's answer about the series.
+        let jobs: Vec<Job> = jobs.into_iter().filter(|j| !j.resolved.as_ref().is_some_and(|r| r.shadow)).collect();
         let Some(gen) = jobs.iter().map(|j| j.key.generation).max() else { return };
         let current: Vec<_> = jobs.iter().filter(|j| j.key.generation == gen).collect();
         if current.iter().any(|j| !j.state.is_finished()) {

@@ -122,6 +122,7 @@ async fn run(cfg: Config, table: RouteTable, config_path: PathBuf) -> anyhow::Re
         jobs,
         models,
     };
+    tokio::spawn(watch_models(ctx.models.clone(), ctx.shutdown.clone()));
     let router = tokio::spawn(build_router(&ctx)?.run(ctx.shutdown.clone()));
     let outbox_store: Arc<dyn OutboxStore> = Arc::new(
         crate::outbox::SqliteOutboxStore::open(&ctx.cfg.node.data_dir.join("outbox.sqlite"))
@@ -186,11 +187,39 @@ fn open_series_stores(cfg: &Config) -> anyhow::Result<(SeriesIndex, Arc<dyn Comp
 /// seconds). A `fail_hard` model that cannot load stops start-up.
 async fn load_models(cfg: &Config) -> anyhow::Result<Arc<Models>> {
     let c = cfg.clone();
-    let models = tokio::task::spawn_blocking(move || Models::load(&c))
+    let store = crate::inference::versions::ModelStore::open(&cfg.node.data_dir).context("cannot open the model store")?;
+    let models = tokio::task::spawn_blocking(move || Models::load_with(&c, Some(Arc::new(store))))
         .await
         .context("model loading panicked")?
         .context("a fail_hard model could not be loaded")?;
     Ok(Arc::new(models))
+}
+
+/// How often the node looks for a promotion, rollback or new candidate.
+const MODEL_POLL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Applies the model store's roles to the running node when they change.
+///
+/// The `models` commands write the store and the node notices, instead of
+/// the commands calling the node's API: they then work whether or not a
+/// node runs, need no HTTP token (writing the data dir is the authority,
+/// as for every other file of the node), and the store stays the one truth
+/// that a restart also reads. The cost is one tiny SQLite read a second
+/// (`meta.revision`); a change takes effect within [`MODEL_POLL`] plus the
+/// load of the new version. The API's promote applies its change at once.
+async fn watch_models(models: Arc<Models>, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(MODEL_POLL) => {}
+        }
+        let m = models.clone();
+        match tokio::task::spawn_blocking(move || m.refresh()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "cannot read the model store; the running versions stay"),
+            Err(e) => tracing::error!(error = %e, "model store refresh panicked"),
+        }
+    }
 }
 
 /// The job store, with the jobs a stop interrupted set to run again.

@@ -86,6 +86,7 @@ impl From<&RouteMatch> for crate::job::ResolvedRoute {
             model: m.model.clone(),
             send_to: m.send_to.clone(),
             slices: m.slices.clone(),
+            shadow: false,
         }
     }
 }

@@ -46,6 +46,7 @@ impl crate::job::RouteLookup for RwLock<Arc<RouteTable>> {
             model: r.model.clone(),
             send_to: r.send_to.clone(),
             slices: r.slices.clone(),
+            shadow: false,
         })
     }
 }
@@ -272,6 +273,19 @@ impl Router {
             })?;
             if inserted.is_some() {
                 new += 1;
+            }
+            // A candidate version runs in shadow beside the active one: its
+            // own job (its version is in the key), which sends nothing.
+            if let Some(candidate) = self.models.candidate(&m.model) {
+                let key = JobKey { model_version: candidate.card.version.clone(), ..key };
+                let route = ResolvedRoute { send_to: vec![], shadow: true, ..m.into() };
+                let inserted = self.jobs.enqueue(&key, &route).map_err(|e| RouteFailure {
+                    reason: e.to_string(),
+                    transient: true,
+                })?;
+                if inserted.is_some() {
+                    new += 1;
+                }
             }
         }
         tracing::info!(routes = matches.len(), new_jobs = new, "series routed");

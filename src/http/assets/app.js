@@ -82,7 +82,8 @@ async function thumbnail(job) {
 }
 
 async function renderResults(jobs) {
-  const done = jobs.filter((j) => j.state === "done" && j.result).slice(0, 8);
+  // Shadow runs are in the shadow comparison, not among the results sent.
+  const done = jobs.filter((j) => j.state === "done" && j.result && !j.shadow).slice(0, 8);
   const box = $("#results");
   if (!done.length) {
     box.replaceChildren(el("p", "empty", "No results yet."));
@@ -116,6 +117,74 @@ async function renderResults(jobs) {
   box.replaceChildren(...cards);
 }
 
+let plots = []; // object URLs of the last Bland-Altman plots
+
+function fmt(v) { return v === null || v === undefined ? "–" : Number(v).toPrecision(4); }
+
+async function overlayImg(id, url, label) {
+  const img = document.createElement("img");
+  img.alt = label;
+  img.title = label;
+  const u = await thumbnail({ id, overlay: url });
+  if (u) img.src = u;
+  return img;
+}
+
+// One block per model with a candidate or shadow runs: the statistics, the
+// Bland-Altman plot (an SVG the node draws) and the most discordant series
+// with both overlays.
+async function renderShadow(models) {
+  const blocks = [];
+  const urls = [];
+  for (const m of models) {
+    const name = encodeURIComponent(m.name);
+    const r = await api(`/api/models/${name}/agreement`);
+    if (!r.ok) continue;
+    const a = await r.json();
+    const box = el("div", "shadow-model");
+    box.appendChild(el("h3", "", `${m.name}: candidate ${a.candidate_version} vs active ${m.version}`));
+    const u = a.unit ? " " + a.unit : "";
+    const loa = a.limits_of_agreement ? `[${fmt(a.limits_of_agreement[0])}, ${fmt(a.limits_of_agreement[1])}]${u}` : "–";
+    box.appendChild(el("p", "stats",
+      `n = ${a.n} · r = ${fmt(a.r)} · bias = ${fmt(a.bias)}${u} · 95% limits of agreement ${loa} · ` +
+      `${a.pending} pending, ${a.unpaired} without a pair`));
+    const v = a.candidate_version ? `?version=${encodeURIComponent(a.candidate_version)}` : "";
+    const svg = await api(`/api/models/${name}/agreement.svg${v}`);
+    if (svg.ok) {
+      const img = el("img", "bland-altman");
+      img.alt = `Bland-Altman plot of ${m.name} ${a.candidate_version}`;
+      const url = URL.createObjectURL(await svg.blob());
+      urls.push(url);
+      img.src = url;
+      box.appendChild(img);
+    }
+    if (a.worst.length) {
+      box.appendChild(el("h4", "", "Where they disagree most"));
+      const t = el("table", "worst");
+      const head = document.createElement("tr");
+      for (const h of ["Series", "Active", "Candidate", "Difference", "Active overlay", "Candidate overlay"]) head.appendChild(el("th", "", h));
+      t.appendChild(head);
+      for (const p of a.worst) {
+        const tr = document.createElement("tr");
+        cell(tr, p.series_instance_uid, "uid");
+        cell(tr, fmt(p.active_value) + u);
+        cell(tr, fmt(p.candidate_value) + u);
+        cell(tr, fmt(p.difference) + u);
+        (cell(tr, "")).appendChild(await overlayImg(p.active_job, p.active_overlay, `active, job ${p.active_job}`));
+        (cell(tr, "")).appendChild(await overlayImg(p.candidate_job, p.candidate_overlay, `candidate, job ${p.candidate_job}`));
+        t.appendChild(tr);
+      }
+      box.appendChild(t);
+    }
+    blocks.push(box);
+  }
+  const target = $("#shadow");
+  if (blocks.length) target.replaceChildren(...blocks);
+  else target.replaceChildren(el("p", "empty", "No candidate and no shadow runs."));
+  for (const old of plots) URL.revokeObjectURL(old);
+  plots = urls;
+}
+
 async function refresh() {
   try {
     const [status, series, jobs, outbox, models] = await Promise.all([
@@ -142,7 +211,7 @@ async function refresh() {
       cell(tr, j.id);
       cell(tr, j.state, "state-" + j.state);
       cell(tr, j.route);
-      cell(tr, j.model);
+      cell(tr, j.shadow ? `${j.model} ${j.model_version} (shadow)` : j.model);
       cell(tr, j.series_instance_uid, "uid");
       cell(tr, j.result ? `${Number(j.result.value).toFixed(2)} ${j.result.unit}` : j.error, j.error ? "err" : "");
       cell(tr, since(t.completed_at, t.last_received_at));
@@ -191,9 +260,12 @@ async function refresh() {
       cell(tr, m.status, m.status === "loaded" ? "state-done" : "state-failed");
       cell(tr, m.card || m.error);
       cell(tr, m.version);
+      cell(tr, m.candidate_version);
+      cell(tr, m.previous_version);
       cell(tr, m.execution_provider ? `${m.execution_provider} (asked ${m.execution_provider_requested})` : "");
     });
     await renderResults(jobs);
+    await renderShadow(models);
   } catch (e) {
     say(e.message, true);
   }
