@@ -80,8 +80,7 @@ impl Guards {
                 .and_then(|idx| run::check_input(card, &vol, &idx));
             match checked {
                 Ok(_) => {}
-                Err(run::JobError::Refused(why)) => return refused("aortic_arch".into(), why),
-                Err(run::JobError::Guard(r)) => return refused(r.check.to_string(), r.to_string()),
+                Err(run::JobError::Refused { check, reason }) => return refused(check.into(), reason),
                 Err(e) => return GuardVerdict { reason: Some(e.to_string()), ..unchecked },
             }
         }
