@@ -28,6 +28,7 @@
 
 pub mod run;
 pub mod store;
+pub mod verdict;
 pub mod worker;
 
 pub use run::{JobError, JobResult};
