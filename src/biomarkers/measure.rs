@@ -11,10 +11,11 @@
 use ndarray::{s, Array3, ArrayView3, ArrayView4, Axis};
 use serde::{Deserialize, Serialize};
 
-use super::agatston::{self, label8, Lesion, RiskCategory};
+use super::agatston::{self, Lesion, RiskCategory};
 use super::aggregate::upsample_nearest;
 use super::candidates::{candidate_mask, CandidateSpec};
 use crate::volume::heart::{Exclusion, HeartRegion};
+use crate::volume::label::label8;
 
 /// The card's `aggregation:` section: how the map becomes a value.
 #[derive(Debug, Clone, Deserialize)]

@@ -680,54 +680,36 @@ fn label(mask: &Array2<bool>) -> (Array2<u32>, Vec<Comp>) {
 
 fn label_hu(mask: &Array2<bool>, hu: Option<ArrayView2<f32>>) -> (Array2<u32>, Vec<Comp>) {
     let (rows, cols) = mask.dim();
-    let mut lab = Array2::<u32>::zeros((rows, cols));
-    let mut comps = Vec::new();
-    let mut stack = Vec::new();
-    for r0 in 0..rows {
-        for c0 in 0..cols {
-            if !mask[[r0, c0]] || lab[[r0, c0]] != 0 {
-                continue;
+    let (lab, n) = super::label::label8(mask.view());
+    let mut comps: Vec<Comp> = (0..n)
+        .map(|_| Comp {
+            n: 0,
+            sum_hu: 0.0,
+            sum_r: 0.0,
+            sum_c: 0.0,
+            bbox: [usize::MAX, 0, usize::MAX, 0],
+            dense: 0,
+            touches_border: false,
+        })
+        .collect();
+    for ((r, c), &l) in lab.indexed_iter() {
+        if l == 0 {
+            continue;
+        }
+        let comp = &mut comps[l as usize - 1];
+        comp.n += 1;
+        comp.sum_r += r as f64;
+        comp.sum_c += c as f64;
+        comp.bbox = [comp.bbox[0].min(r), comp.bbox[1].max(r), comp.bbox[2].min(c), comp.bbox[3].max(c)];
+        if let Some(h) = hu {
+            let v = h[[r, c]];
+            comp.sum_hu += v as f64;
+            if v >= BONE_DENSE_HU {
+                comp.dense += 1;
             }
-            let id = comps.len() as u32 + 1;
-            let mut comp = Comp {
-                n: 0,
-                sum_hu: 0.0,
-                sum_r: 0.0,
-                sum_c: 0.0,
-                bbox: [r0, r0, c0, c0],
-                dense: 0,
-                touches_border: false,
-            };
-            lab[[r0, c0]] = id;
-            stack.push((r0, c0));
-            while let Some((r, c)) = stack.pop() {
-                comp.n += 1;
-                comp.sum_r += r as f64;
-                comp.sum_c += c as f64;
-                comp.bbox = [comp.bbox[0].min(r), comp.bbox[1].max(r), comp.bbox[2].min(c), comp.bbox[3].max(c)];
-                if let Some(h) = hu {
-                    let v = h[[r, c]];
-                    comp.sum_hu += v as f64;
-                    if v >= BONE_DENSE_HU {
-                        comp.dense += 1;
-                    }
-                }
-                if r == 0 || c == 0 || r + 1 == rows || c + 1 == cols {
-                    comp.touches_border = true;
-                }
-                for (dr, dc) in [(-1i64, -1i64), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)] {
-                    let (nr, nc) = (r as i64 + dr, c as i64 + dc);
-                    if nr < 0 || nc < 0 || nr >= rows as i64 || nc >= cols as i64 {
-                        continue;
-                    }
-                    let (nr, nc) = (nr as usize, nc as usize);
-                    if mask[[nr, nc]] && lab[[nr, nc]] == 0 {
-                        lab[[nr, nc]] = id;
-                        stack.push((nr, nc));
-                    }
-                }
-            }
-            comps.push(comp);
+        }
+        if r == 0 || c == 0 || r + 1 == rows || c + 1 == cols {
+            comp.touches_border = true;
         }
     }
     (lab, comps)
