@@ -9,7 +9,8 @@ refused, each with its check named:
   Their source stripped HighBit and Modality; the copies get them back (pixels untouched) and a series each.
 Through `analyze` (a `note:` line with the check, exit 0, no JSON line) and through a running node: the job state is
 `refused` with the reason, biomarker_node_jobs_refused_total{model,check} counts it, and nothing of it reaches the
-outbox or Orthanc, while a PMA phantom sent alongside is measured and delivered. The route tester shows the verdicts.
+outbox or Orthanc, while a PMA phantom sent alongside is measured and delivered. The route testers (the CLI's and the
+HTTP API's, for an uploaded file and for a stored series) show the verdicts.
 """
 
 from __future__ import annotations
@@ -146,10 +147,14 @@ def test_analyze_refuses_head_localizer_noise_and_heart(realct, binary, tmp_path
         print(name, notes[0])
 
 
+# What the route testers name: the head is refused from its header (BodyPartExamined BRAIN) before any pixel is read.
+WANT_HEADER = {"head": "body_part", "localizer": "image_type"}
+
+
 def test_the_route_tester_shows_the_refusals(realct, binary, tmp_path):
     inputs = _inputs(realct, tmp_path / "in")
     config = _site_config(tmp_path)
-    want_header = {"head": "body_part", "localizer": "image_type"}
+    want_header = WANT_HEADER
     for name, files in inputs.items():
         r = subprocess.run([str(binary), "route", "--config", str(config), "--json", "--guard-pixels",
                             *map(str, files)], capture_output=True, text=True, timeout=300)
@@ -214,6 +219,23 @@ def test_a_running_node_ends_the_jobs_refused_and_sends_nothing(realct, tmp_path
         assert _metric(text, model, "level") == 2
         assert _metric(text, model, "aortic_arch") == 1
     assert 'biomarker_node_jobs_by_state{state="refused"} ' + str(2 * len(refused_series)) in text, text
+    # The HTTP route testers say it too: for a stored series (every slice, header and pixel checks) ...
+    for s, name in refused_series.items():
+        res = node.http_json(f"/api/series/{s}/routes")
+        assert res["series_instance_uid"] == s and res["routes"], res
+        for r in res["routes"]:
+            g = r["guard"]
+            assert r["matched"] and g["verdict"] == "refused" and g["checks"] == "header+pixels", (name, r)
+            assert g["check"] == WANT_HEADER.get(name, EXPECTED_CHECK[name]), (name, g)
+            assert g["reason"].startswith("refused: "), (name, g)
+    res = node.http_json(f"/api/series/{phantom_series}/routes")
+    assert all(r["guard"]["verdict"] == "pass" for r in res["routes"] if r["matched"]), res
+    assert node.http("/api/series/1.2.3.4/routes")[0] == 404
+    # ... and for one uploaded file, as if it were the series.
+    res = node.http_json("/api/routes/test", "POST", inputs["localizer"][0].read_bytes())
+    assert [r["guard"]["check"] for r in res["routes"]] == ["image_type", "image_type"], res
+    res = node.http_json("/api/routes/test", "POST", (pma_phantom / "CT0001.dcm").read_bytes())
+    assert [r["guard"]["verdict"] for r in res["routes"]] == ["pass", "pass"], res
     # Nothing numeric left the node for the refused series: the outbox holds the phantom's reports only, and
     # Orthanc receives exactly those.
     phantom_reports = {r["sop_instance_uid"] for j in jobs if j["series_instance_uid"] == phantom_series

@@ -178,6 +178,16 @@ def test_volume_reports_carry_the_volume_and_the_largest_slice(synthetic):
     assert int(seg.NumberOfFrames) == len(Z_MM)
     refs = {str(i.ReferencedSOPInstanceUID) for i in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence}
     assert refs == set(synthetic["vol_uids"])
+    # A volume's map is kept compact (maps.npz: the SEG's 0..255 encoding inside the candidates, deflated), and it
+    # is exactly what the SEG holds.
+    assert not (d / "map.npy").exists() and not (d / "candidates.npy").exists()
+    z = np.load(d / "maps.npz")
+    assert z["map"].dtype == np.uint8 and z["map"].shape == z["candidates"].shape and len(z["map"]) == len(Z_MM)
+    assert not z["map"][z["candidates"] == 0].any()
+    px = seg.get_pixels_by_source_instance(source_sop_instance_uids=synthetic["vol_uids"], segment_numbers=[1],
+                                           combine_segments=False, rescale_fractional=False)[..., 0]
+    assert np.array_equal(px.astype(np.uint8), z["map"])
+    print(f"\nmaps.npz: {(d / 'maps.npz').stat().st_size} bytes for {len(Z_MM)} slices")
 
 
 def test_volume_sr_reaches_orthanc_with_the_volume_in_ml(synthetic, nodes, orthancs):

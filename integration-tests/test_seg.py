@@ -4,7 +4,8 @@
 shipped CAC card (BINARY: the lesions that count) and liver card
 (FRACTIONAL): dciodvfy finds no error in the SEG; highdicom's segread gives,
 per source slice, exactly the mask recomputed here, independently of the
-node, from the map.npy / candidates.npy / result.json it wrote; the frames
+node, from the map and candidates (map.npy and candidates.npy for one slice, maps.npz for the 3-slice volume)
+and result.json it wrote; the frames
 sit on the source slices' planes; the SR's TID 1411 Referenced Segment
 resolves to the SEG. (Orthanc storing the SEG in the source study:
 test_results_orthanc.py's end-to-end tests.)
@@ -92,11 +93,25 @@ def route_dir(out: Path, route: str) -> Path:
     return d
 
 
+def load_maps(d: Path) -> tuple[np.ndarray, np.ndarray, bool]:
+    """The map and candidates a result directory holds: map.npy (float32) and candidates.npy for one slice;
+    maps.npz for a volume, whose `map` is already the FRACTIONAL SEG's encoding (uint8,
+    round(clip(map, 0, 1) * 255) inside the candidates, 0 outside). Returns (map, candidates, quantised)."""
+    if (d / "maps.npz").exists():
+        assert not (d / "map.npy").exists()
+        z = np.load(d / "maps.npz")
+        return z["map"], z["candidates"].astype(bool), True
+    return np.load(d / "map.npy"), np.load(d / "candidates.npy").astype(bool), False
+
+
 def expected_mask(d: Path, kind: str, card: dict) -> np.ndarray:
     result = json.loads((d / "result.json").read_text())
-    mp = np.load(d / "map.npy")
-    cand = np.load(d / "candidates.npy").astype(bool)
+    mp, cand, quantised = load_maps(d)
+    assert len(cand) == len(result["source_instances"])
+    assert quantised == (len(cand) > 1), "a volume's maps are in maps.npz, one slice's in map.npy"
     if kind == "FRACTIONAL":
+        if quantised:
+            return mp
         return np.where(cand, np.round(np.clip(mp, 0, 1) * np.float32(255)), 0).astype(np.uint8)
     if card["aggregation"]["kind"] == "agatston":
         want = np.zeros(cand.shape, np.uint8)
@@ -106,6 +121,7 @@ def expected_mask(d: Path, kind: str, card: dict) -> np.ndarray:
             if counted:
                 want[s] = np.isin(label8(cand[s]), list(counted))
         return want
+    assert not quantised, "a thresholded BINARY mask needs the float map"
     return (cand & (mp >= np.float32(card["segmentation"].get("threshold", 0.5)))).astype(np.uint8)
 
 

@@ -1,5 +1,7 @@
 //! Minimal NumPy `.npy` (format 1.0) reading and writing, C order only:
-//! the exchange format with the Python training code (golden set, maps).
+//! the exchange format with the Python training code (golden set, maps),
+//! and `.npz` writing (a zip of `.npy` members, deflated: [`NpzWriter`]) for
+//! a volume's maps, which are mostly zeros.
 
 use std::io::{self, Write};
 use std::path::Path;
@@ -33,6 +35,13 @@ impl Element for u8 {
 }
 
 pub fn write<T: Element>(path: &Path, shape: &[usize], data: impl IntoIterator<Item = T>) -> Result<(), NpyError> {
+    let file = std::fs::File::create(path)?;
+    write_to(file, shape, data)?;
+    Ok(())
+}
+
+/// The `.npy` bytes of an array, to `w`.
+fn write_to<T: Element, W: Write>(mut w: W, shape: &[usize], data: impl IntoIterator<Item = T>) -> io::Result<W> {
     let shape_txt = match shape {
         [n] => format!("({n},)"),
         _ => format!("({})", shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")),
@@ -46,7 +55,6 @@ pub fn write<T: Element>(path: &Path, shape: &[usize], data: impl IntoIterator<I
     // (600 x 512 x 512 f32) is 630 MB, and a copy of it would double the
     // job's peak memory.
     const BUF: usize = 1 << 20;
-    let mut file = std::fs::File::create(path)?;
     let mut out = Vec::with_capacity(BUF + 16);
     out.extend_from_slice(b"\x93NUMPY\x01\x00");
     out.extend_from_slice(&(header.len() as u16).to_le_bytes());
@@ -54,12 +62,105 @@ pub fn write<T: Element>(path: &Path, shape: &[usize], data: impl IntoIterator<I
     for v in data {
         v.write_le(&mut out);
         if out.len() >= BUF {
-            file.write_all(&out)?;
+            w.write_all(&out)?;
             out.clear();
         }
     }
-    file.write_all(&out)?;
-    Ok(())
+    w.write_all(&out)?;
+    Ok(w)
+}
+
+/// A `.npz` file (what `numpy.savez_compressed` writes): a zip whose members
+/// are `<name>.npy`, deflated. Each member is compressed in memory as it is
+/// added (the raw array is streamed through the encoder, never held whole),
+/// so this suits arrays that compress well; no zip64, so a member's raw size
+/// must stay under 4 GiB.
+pub struct NpzWriter {
+    file: std::fs::File,
+    offset: u64,
+    central: Vec<u8>,
+    entries: u16,
+}
+
+/// Counts and checksums what passes through to the deflate encoder.
+struct Crc<W: Write> {
+    inner: W,
+    crc: flate2::Crc,
+}
+
+impl<W: Write> Write for Crc<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.crc.update(&buf[..n]);
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+impl NpzWriter {
+    pub fn create(path: &Path) -> Result<NpzWriter, NpyError> {
+        Ok(NpzWriter { file: std::fs::File::create(path)?, offset: 0, central: Vec::new(), entries: 0 })
+    }
+
+    /// Add `<name>.npy`.
+    pub fn add<T: Element>(&mut self, name: &str, shape: &[usize], data: impl IntoIterator<Item = T>) -> Result<(), NpyError> {
+        let enc = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::new(6));
+        let Crc { inner, crc } = write_to(Crc { inner: enc, crc: flate2::Crc::new() }, shape, data)?;
+        let packed = inner.finish()?;
+        let (raw, sum) = (crc.amount(), crc.sum());
+        let too_big = || NpyError::Format(format!("{name}: over 4 GiB, which needs zip64"));
+        let raw = u32::try_from(raw).map_err(|_| too_big())?;
+        let packed_len = u32::try_from(packed.len()).map_err(|_| too_big())?;
+        let at = u32::try_from(self.offset).map_err(|_| too_big())?;
+        let fname = format!("{name}.npy");
+        // Version 2.0, deflate (8), time 00:00 of 1980-01-01 (DOS date 0x21).
+        let common = |out: &mut Vec<u8>| {
+            out.extend_from_slice(&20u16.to_le_bytes());
+            out.extend_from_slice(&0u16.to_le_bytes());
+            out.extend_from_slice(&8u16.to_le_bytes());
+            out.extend_from_slice(&0u16.to_le_bytes());
+            out.extend_from_slice(&0x21u16.to_le_bytes());
+            out.extend_from_slice(&sum.to_le_bytes());
+            out.extend_from_slice(&packed_len.to_le_bytes());
+            out.extend_from_slice(&raw.to_le_bytes());
+            out.extend_from_slice(&(fname.len() as u16).to_le_bytes());
+            out.extend_from_slice(&0u16.to_le_bytes());
+        };
+        let mut local = 0x04034b50u32.to_le_bytes().to_vec();
+        common(&mut local);
+        local.extend_from_slice(fname.as_bytes());
+        self.file.write_all(&local)?;
+        self.file.write_all(&packed)?;
+        self.central.extend_from_slice(&0x02014b50u32.to_le_bytes());
+        self.central.extend_from_slice(&20u16.to_le_bytes());
+        common(&mut self.central);
+        // comment length, disk number, internal attributes (2 bytes each),
+        // external attributes (4), then the local header's offset
+        self.central.extend_from_slice(&[0u8; 6]);
+        self.central.extend_from_slice(&0u32.to_le_bytes());
+        self.central.extend_from_slice(&at.to_le_bytes());
+        self.central.extend_from_slice(fname.as_bytes());
+        self.offset += (local.len() + packed.len()) as u64;
+        self.entries += 1;
+        Ok(())
+    }
+
+    /// Write the central directory and close the file.
+    pub fn finish(mut self) -> Result<(), NpyError> {
+        let at = u32::try_from(self.offset).map_err(|_| NpyError::Format("npz over 4 GiB".into()))?;
+        let mut end = 0x06054b50u32.to_le_bytes().to_vec();
+        end.extend_from_slice(&[0u8; 4]);
+        end.extend_from_slice(&self.entries.to_le_bytes());
+        end.extend_from_slice(&self.entries.to_le_bytes());
+        end.extend_from_slice(&(self.central.len() as u32).to_le_bytes());
+        end.extend_from_slice(&at.to_le_bytes());
+        end.extend_from_slice(&0u16.to_le_bytes());
+        self.file.write_all(&self.central)?;
+        self.file.write_all(&end)?;
+        Ok(())
+    }
 }
 
 /// Read any of `<f4 <f8 |u1 |b1 <i2 <i4 <i8` as f64.
@@ -128,6 +229,56 @@ pub fn parse_f64(bytes: &[u8]) -> Result<ArrayD<f64>, NpyError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn npz_members_are_deflated_npy_files() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("m.npz");
+        let mut z = NpzWriter::create(&p).unwrap();
+        z.add("map", &[2, 300], (0..600).map(|i| (i % 7 == 0) as u8 * 200)).unwrap();
+        z.add("candidates", &[3], [1u8, 0, 1]).unwrap();
+        z.finish().unwrap();
+        let b = std::fs::read(&p).unwrap();
+        // Walk the local headers: name, sizes, CRC, and the inflated member parses.
+        let (mut at, mut names) = (0usize, vec![]);
+        while b[at..at + 4] == 0x04034b50u32.to_le_bytes() {
+            let u16_at = |o: usize| u16::from_le_bytes([b[at + o], b[at + o + 1]]) as usize;
+            let u32_at = |o: usize| u32::from_le_bytes(b[at + o..at + o + 4].try_into().unwrap());
+            assert_eq!(u16_at(8), 8, "deflate");
+            let (crc, packed, raw, nlen) = (u32_at(14), u32_at(18) as usize, u32_at(22) as usize, u16_at(26));
+            let name = String::from_utf8(b[at + 30..at + 30 + nlen].to_vec()).unwrap();
+            let data = &b[at + 30 + nlen..at + 30 + nlen + packed];
+            let mut npy = Vec::new();
+            std::io::Read::read_to_end(&mut flate2::read::DeflateDecoder::new(data), &mut npy).unwrap();
+            assert_eq!(npy.len(), raw);
+            let mut c = flate2::Crc::new();
+            c.update(&npy);
+            assert_eq!(c.sum(), crc);
+            let a = parse_f64(&npy).unwrap();
+            if name == "map.npy" {
+                assert_eq!((a.shape(), a[[0, 7]], a[[0, 8]]), (&[2usize, 300][..], 200.0, 0.0));
+                assert!(packed < raw / 4, "{packed} of {raw}");
+            }
+            names.push(name);
+            at += 30 + nlen + packed;
+        }
+        assert_eq!(names, ["map.npy", "candidates.npy"]);
+        // Then the central directory and its end record, pointing at it; each
+        // entry points at its local header and names its member.
+        let end = b.len() - 22;
+        assert_eq!(b[end..end + 4], 0x06054b50u32.to_le_bytes());
+        assert_eq!(u32::from_le_bytes(b[end + 16..end + 20].try_into().unwrap()) as usize, at);
+        let mut offsets = vec![];
+        while b[at..at + 4] == 0x02014b50u32.to_le_bytes() {
+            let nlen = u16::from_le_bytes([b[at + 28], b[at + 29]]) as usize;
+            offsets.push(u32::from_le_bytes(b[at + 42..at + 46].try_into().unwrap()) as usize);
+            assert!(names.contains(&String::from_utf8(b[at + 46..at + 46 + nlen].to_vec()).unwrap()));
+            at += 46 + nlen;
+        }
+        assert_eq!(at, end);
+        assert_eq!(offsets.len(), 2);
+        assert!(offsets.iter().all(|&o| b[o..o + 4] == 0x04034b50u32.to_le_bytes()));
+    }
 
     #[test]
     fn round_trip_and_numpy_reads_it() {

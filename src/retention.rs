@@ -366,7 +366,7 @@ mod tests {
             assert_eq!(j.id, id);
             let sop = format!("{series}.99");
             self.jobs
-                .finish(id, Ok(&serde_json::json!({"reports": [{"sop_instance_uid": sop}]})))
+                .finish(id, crate::job::Outcome::Done(&serde_json::json!({"reports": [{"sop_instance_uid": sop}]})))
                 .unwrap();
             let Some(item_state) = report else { return };
             let path = self.dir.path().join(format!("results/{series}/r/g1/sr.dcm"));

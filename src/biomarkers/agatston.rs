@@ -18,8 +18,10 @@
 //! Components are numbered in raster order of their first pixel (as
 //! `scipy.ndimage.label` numbers them). No failure modes: pure functions.
 
-use ndarray::{Array2, Array3, ArrayView2, ArrayView3, Axis};
+use ndarray::{Array3, ArrayView3, Axis};
 use serde::Serialize;
+
+use crate::volume::label::label8;
 
 /// The HU floor of calcium.
 pub const THRESHOLD_HU: f64 = 130.0;
@@ -33,42 +35,6 @@ pub const PROTOCOL_SLICE_MM: f64 = 3.0;
 /// scored on [`PROTOCOL_SLICE_MM`] slabs. 2.0–3.5 mm series are scored as
 /// they are, their thickness scaling the score (area × weight × thickness / 3).
 pub const THIN_SLICE_BELOW_MM: f64 = 2.0;
-
-/// Label 8-connected components of `mask` in raster order of their first
-/// pixel (the same numbering as `scipy.ndimage.label`). Returns the label
-/// image (0 = background) and the number of components.
-pub fn label8(mask: ArrayView2<bool>) -> (Array2<u32>, usize) {
-    let (rows, cols) = mask.dim();
-    let mut labels = Array2::<u32>::zeros((rows, cols));
-    let mut next = 0u32;
-    let mut stack = Vec::new();
-    for r in 0..rows {
-        for c in 0..cols {
-            if !mask[[r, c]] || labels[[r, c]] != 0 {
-                continue;
-            }
-            next += 1;
-            labels[[r, c]] = next;
-            stack.push((r, c));
-            while let Some((y, x)) = stack.pop() {
-                for dy in -1i64..=1 {
-                    for dx in -1i64..=1 {
-                        let (ny, nx) = (y as i64 + dy, x as i64 + dx);
-                        if ny < 0 || nx < 0 || ny >= rows as i64 || nx >= cols as i64 {
-                            continue;
-                        }
-                        let (ny, nx) = (ny as usize, nx as usize);
-                        if mask[[ny, nx]] && labels[[ny, nx]] == 0 {
-                            labels[[ny, nx]] = next;
-                            stack.push((ny, nx));
-                        }
-                    }
-                }
-            }
-        }
-    }
-    (labels, next as usize)
-}
 
 /// Agatston density weight from a lesion's peak HU; 0 below the threshold.
 pub fn weight(peak_hu: f64) -> u8 {

@@ -4,7 +4,8 @@
 use ndarray::{Array3, ArrayView3, Axis};
 use serde::Serialize;
 
-use super::agatston::{label8, LesionRule};
+use super::agatston::LesionRule;
+use crate::volume::label::label8;
 
 /// Candidate heuristic parameters from a model card.
 #[derive(Debug, Clone, PartialEq, serde::Deserialize, Serialize)]

@@ -11,10 +11,11 @@
 use ndarray::{s, Array3, ArrayView3, ArrayView4, Axis};
 use serde::{Deserialize, Serialize};
 
-use super::agatston::{self, label8, Lesion, RiskCategory};
+use super::agatston::{self, Lesion, RiskCategory};
 use super::aggregate::upsample_nearest;
 use super::candidates::{candidate_mask, CandidateSpec};
 use crate::volume::heart::{Exclusion, HeartRegion};
+use crate::volume::label::label8;
 
 /// The card's `aggregation:` section: how the map becomes a value.
 #[derive(Debug, Clone, Deserialize)]
@@ -221,12 +222,13 @@ pub fn exclude_lesions(m: &mut Measurement, region: &HeartRegion, aggregation: &
     // them as `agatston::lesions` did (raster order of the first pixel).
     let n = m.candidates.dim().0;
     let first_of_slice = agatston::first_of_slice(&m.lesions.iter().map(|l| l.lesion.clone()).collect::<Vec<_>>(), n);
-    const KINDS: [Exclusion; 5] = [
+    const KINDS: [Exclusion; 6] = [
         Exclusion::AboveArch,
         Exclusion::OutsideMediastinum,
         Exclusion::Bone,
         Exclusion::ContrastBlood,
         Exclusion::Aorta,
+        Exclusion::AorticRoot,
     ];
     let mut votes = vec![[0usize; KINDS.len()]; m.lesions.len()];
     for s in 0..n {

@@ -28,7 +28,7 @@ pub mod burden;
 pub mod candidates;
 pub mod measure;
 
-pub use agatston::{label8, Lesion, RiskCategory};
+pub use agatston::{Lesion, RiskCategory};
 pub use burden::{volume_burden, VolumeBurden};
 pub use aggregate::{area_resample, normalise_slice, upsample_nearest};
 pub use candidates::{candidate_mask, CandidateSpec};

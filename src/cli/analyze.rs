@@ -65,7 +65,7 @@ pub fn analyze(config_path: &Path, out: &Path, paths: &[PathBuf]) -> anyhow::Res
                 }
                 // A refusal is the route's answer for this input (e.g. no
                 // aortic arch in the series), not a failure of the command.
-                Err(e @ (crate::job::run::JobError::Refused(_) | crate::job::run::JobError::Guard(_))) => {
+                Err(e @ crate::job::run::JobError::Refused { .. }) => {
                     eprintln!("note: series {} route {}: {e}", s.uid, m.route);
                 }
                 Err(e) => {

@@ -6,20 +6,18 @@
 //! match it also says whether the model's input guard
 //! ([`crate::inference::guard`]) would refuse the series and why: the header
 //! checks always, the pixel checks (HU calibration, level) with
-//! `--guard-pixels`, which decodes the series.
+//! `--guard-pixels`, which decodes the series ([`crate::job::verdict`], as
+//! the HTTP API's route tester).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use crate::inference::guard::{self, HeaderFacts};
-use crate::job::run;
 use crate::inference::ModelCard;
+use crate::job::verdict::{guard_verdict, GuardVerdict};
 use crate::routing::{Derived, RouteMatch, RouteTable, SeriesFacts};
 use crate::series::scan;
-use crate::volume::acquisition::Acquisition;
-use crate::volume::{Volume, VolumeOptions};
 
 /// `biomarker-node route`: check the config, then the dry run on stdout.
 pub fn route(config: &Path, json: bool, guard_pixels: bool, paths: &[PathBuf]) -> anyhow::Result<()> {
@@ -41,51 +39,9 @@ pub struct Guards {
     pub pixels: bool,
 }
 
-/// What the input guard says about one matched (series, route).
-#[derive(Debug, Serialize, PartialEq)]
-pub struct GuardVerdict {
-    /// `pass`, `refused`, or `unchecked` (no card, or a card without
-    /// `validated_input`).
-    pub verdict: &'static str,
-    /// `header` or `header+pixels`: which checks ran.
-    pub checks: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub check: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
-}
-
 impl Guards {
     fn verdict(&self, m: &RouteMatch, files: &[PathBuf]) -> GuardVerdict {
-        let checks = if self.pixels { "header+pixels" } else { "header" };
-        let unchecked = GuardVerdict { verdict: "unchecked", checks, check: None, reason: None };
-        let Some(card) = self.cards.get(&m.model) else { return unchecked };
-        let Some(v) = &card.validated_input else { return unchecked };
-        let refused = |check: String, reason: String| GuardVerdict {
-            verdict: "refused",
-            checks,
-            check: Some(check),
-            reason: Some(format!("refused: {reason}")),
-        };
-        let header = files.first().and_then(|f| Acquisition::read(f).ok()).unwrap_or_default();
-        if let Err(r) = guard::check_header(v, &HeaderFacts::from_acquisition(header)) {
-            return refused(r.check.to_string(), r.to_string());
-        }
-        if self.pixels {
-            let vol = match Volume::from_files_with(files, &VolumeOptions::default()) {
-                Ok(v) => v,
-                Err(e) => return GuardVerdict { reason: Some(format!("volume: {e}")), ..unchecked },
-            };
-            let checked = run::model_slices(card, m.slices.as_ref(), &vol)
-                .and_then(|idx| run::check_input(card, &vol, &idx));
-            match checked {
-                Ok(_) => {}
-                Err(run::JobError::Refused(why)) => return refused("aortic_arch".into(), why),
-                Err(run::JobError::Guard(r)) => return refused(r.check.to_string(), r.to_string()),
-                Err(e) => return GuardVerdict { reason: Some(e.to_string()), ..unchecked },
-            }
-        }
-        GuardVerdict { verdict: "pass", checks, check: None, reason: None }
+        guard_verdict(self.cards.get(&m.model), m.slices.as_ref(), files, self.pixels)
     }
 }
 

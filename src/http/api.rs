@@ -372,13 +372,15 @@ pub async fn routes(State(st): State<Shared>) -> Json<Value> {
 }
 
 /// Route one uploaded DICOM file as if it were a whole series: which routes
-/// match, and for the others the first condition that failed.
+/// match and what the input guard says of each (header and pixels), and for
+/// the others the first condition that failed.
 pub async fn route_test(State(st): State<Shared>, body: Bytes) -> Result<Json<Value>, ApiError> {
     if body.is_empty() {
         return Err(ApiError(StatusCode::BAD_REQUEST, "send one DICOM file as the request body".into()));
     }
     let table = st.routes.read().unwrap_or_else(|p| p.into_inner()).clone();
     let tmp = st.node.data_dir.join("tmp");
+    let models = st.models.clone();
     blocking(move || {
         use crate::routing::{Derived, SeriesFacts};
         use crate::series::scan;
@@ -398,19 +400,64 @@ pub async fn route_test(State(st): State<Shared>, body: Bytes) -> Result<Json<Va
             .into_iter()
             .map(|n| (n, Derived::parse(n).and_then(|d| facts.derived(d)).map(|v| v.to_string())))
             .collect();
-        let outcomes: Vec<Value> = table
-            .evaluate(&facts)
-            .into_iter()
-            .map(|o| match &o.matched {
-                Some(m) => json!({"route": o.route, "matched": true, "model": m.model, "send_to": m.send_to,
-                                  "slices": m.slices.as_ref().map(|s| s.to_string())}),
-                None => json!({"route": o.route, "matched": false, "failed_at": o.verdict.at, "reason": o.verdict.why}),
-            })
-            .collect();
+        let files = [path.clone()];
         Ok(Json(json!({
             "series_instance_uid": series.uid,
             "derived": derived,
-            "routes": outcomes,
+            "routes": route_outcomes(&table, &facts, &files, &models),
+        })))
+    })
+    .await
+}
+
+/// Every route's verdict on a series: for a match, the model, destinations,
+/// slice selection and what the model's input guard says (header and pixel
+/// checks, as the job would run them: `job::verdict`); for the others the
+/// first condition that failed.
+fn route_outcomes(
+    table: &crate::routing::RouteTable,
+    facts: &crate::routing::SeriesFacts,
+    files: &[PathBuf],
+    models: &crate::inference::registry::Models,
+) -> Vec<Value> {
+    table
+        .evaluate(facts)
+        .into_iter()
+        .map(|o| match &o.matched {
+            Some(m) => {
+                let model = models.get(&m.model).ok();
+                let guard =
+                    crate::job::verdict::guard_verdict(model.as_ref().map(|m| &m.card), m.slices.as_ref(), files, true);
+                json!({"route": o.route, "matched": true, "model": m.model, "send_to": m.send_to,
+                       "slices": m.slices.as_ref().map(|s| s.to_string()), "guard": guard})
+            }
+            None => json!({"route": o.route, "matched": false, "failed_at": o.verdict.at, "reason": o.verdict.why}),
+        })
+        .collect()
+}
+
+/// Route a stored series as the routing stage would, with the guard's
+/// verdict for every match: the route tester for a whole volume, whose
+/// level and HU checks need every slice. Decodes the series; nothing is
+/// stored or queued. 404 when the series is not in the spool.
+pub async fn series_routes(State(st): State<Shared>, Path(uid): Path<String>) -> Result<Json<Value>, ApiError> {
+    let table = st.routes.read().unwrap_or_else(|p| p.into_inner()).clone();
+    let s = st.clone();
+    blocking(move || {
+        let not_found = || ApiError(StatusCode::NOT_FOUND, format!("series {uid} is not in the spool"));
+        let parsed = crate::dicom::Uid::parse(&uid).map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?;
+        let index = SeriesIndex::open_readonly(&s.node.index_path).map_err(internal)?;
+        let instances = index.series_instances(&parsed).map_err(internal)?;
+        if instances.is_empty() {
+            return Err(not_found());
+        }
+        let facts = crate::routing::SeriesFacts::load_spooled(&s.node.spool_root, &instances)
+            .map_err(|e| ApiError(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))?;
+        let files: Vec<PathBuf> = instances.into_iter().map(|(p, _)| s.node.spool_root.join(p)).collect();
+        Ok(Json(json!({
+            "series_instance_uid": uid,
+            "instances": files.len(),
+            "routes": route_outcomes(&table, &facts, &files, &s.models),
         })))
     })
     .await

@@ -72,6 +72,8 @@ pub struct NodeInfo {
     pub dicom_port: u16,
     pub data_dir: PathBuf,
     pub index_path: PathBuf,
+    /// Where the spooled instances are (the index holds paths relative to it).
+    pub spool_root: PathBuf,
     pub min_free_disk_mb: u64,
     pub started: SystemTime,
 }
@@ -89,6 +91,7 @@ pub fn router(state: Shared) -> Router {
         .route("/metrics", get(api::metrics))
         .route("/api/status", get(api::status))
         .route("/api/series", get(api::series))
+        .route("/api/series/{uid}/routes", get(api::series_routes))
         .route("/api/jobs", get(api::jobs))
         .route("/api/jobs/{id}", get(api::job))
         .route("/api/jobs/{id}/retry", post(api::job_retry))

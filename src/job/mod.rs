@@ -21,17 +21,19 @@
 //!
 //! Failure modes: a [`JobError`] fails the job with its text; its
 //! [`JobError::fault`] says whether the same job may succeed when run again.
-//! A refusal ([`JobError::refused_by`]: the input guard, or no arch in the
-//! volume) ends it `refused` instead: final, nothing sent.
+//! A refusal ([`JobError::Refused`]: the input guard, or no arch in the
+//! volume) ends it `refused` instead ([`store::Outcome::Refused`]): final,
+//! nothing sent.
 //! A job store error ([`JobStoreError`]) leaves the job as it was.
 
 pub mod run;
 pub mod shadow;
 pub mod store;
+pub mod verdict;
 pub mod worker;
 
 pub use run::{JobError, JobResult};
-pub use store::{Job, JobKey, JobState, JobStore, JobStoreError, ResolvedRoute, RouteLookup, SqliteJobStore};
+pub use store::{Job, JobKey, JobState, JobStore, JobStoreError, Outcome, ResolvedRoute, RouteLookup, SqliteJobStore};
 
 use std::sync::Arc;
 

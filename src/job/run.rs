@@ -9,7 +9,7 @@
 //! Failure: a [`JobError`], whose [`JobError::fault`] says whether the input
 //! was unusable (permanent) or the environment failed (transient). The input
 //! guard (`inference::guard`) runs on the selected slices before inference
-//! and on the measurement after it; its refusal is [`JobError::Guard`]. Errors
+//! and on the measurement after it; its refusal is [`JobError::Refused`]. Errors
 //! stay typed up to the job store, which keeps their text.
 
 use std::path::PathBuf;
@@ -66,28 +66,40 @@ pub enum JobError {
     Deadline(std::time::Duration),
     #[error("job panicked: {0}")]
     Panicked(String),
-    /// The series is not what the route's model measures (e.g. no aortic
-    /// arch in it for a slice selected above the arch). Permanent; the text
-    /// starts with "refused: " so the job store and the API show it as a
-    /// refusal, not as a fault of the node.
-    #[error("refused: {0}")]
-    Refused(String),
-    /// The input is outside what the model card says the model was
-    /// validated on, or its output is implausible (`inference::guard`).
-    /// Permanent; "refused: " like [`JobError::Refused`].
-    #[error("refused: {0}")]
-    Guard(#[from] crate::inference::guard::Refusal),
+    /// The series is not what the route's model measures: its input is
+    /// outside what the model card says the model was validated on, its
+    /// output is implausible (`inference::guard`), or a landmark the slice
+    /// selection needs is not in it (no aortic arch). Permanent; the job ends
+    /// `refused` (not `failed`) with this text, and `check` is the `check`
+    /// label of `biomarker_node_jobs_refused_total`: the guard's check, or
+    /// `aortic_arch`.
+    #[error("refused: {reason}")]
+    Refused { check: &'static str, reason: String },
+}
+
+impl From<crate::inference::guard::Refusal> for JobError {
+    fn from(r: crate::inference::guard::Refusal) -> JobError {
+        JobError::Refused { check: r.check.as_str(), reason: r.to_string() }
+    }
 }
 
 impl JobError {
     /// For a refusal, the check that refused (the `check` label of
-    /// `biomarker_node_jobs_refused_total`): the guard's, or `aortic_arch`
-    /// when the slice selection found no arch in a volume.
+    /// `biomarker_node_jobs_refused_total`).
     pub fn refused_by(&self) -> Option<&'static str> {
         match self {
-            JobError::Guard(r) => Some(r.check.as_str()),
-            JobError::Refused(_) => Some("aortic_arch"),
+            JobError::Refused { check, .. } => Some(check),
             _ => None,
+        }
+    }
+
+    /// How the job store records this error: `refused` for a refusal,
+    /// `failed` otherwise, with `text` (this error's display, chain included)
+    /// as the reason.
+    pub fn outcome<'a>(&self, text: &'a str) -> super::store::Outcome<'a> {
+        match self {
+            JobError::Refused { .. } => super::store::Outcome::Refused(text),
+            _ => super::store::Outcome::Failed(text),
         }
     }
 
@@ -107,8 +119,7 @@ impl JobError {
             | JobError::NoInstances
             | JobError::Encode(_)
             | JobError::Panicked(_)
-            | JobError::Refused(_)
-            | JobError::Guard(_) => false,
+            | JobError::Refused { .. } => false,
         };
         if transient {
             Fault::Transient
@@ -246,7 +257,7 @@ pub fn model_slices(
     }
     let default = if n == 1 { SliceSelection::Single } else { SliceSelection::Middle };
     let i = vol.select(selection.unwrap_or(&default)).map_err(|e| match e {
-        VolumeError::Landmark(l) => JobError::Refused(l.to_string()),
+        VolumeError::Landmark(l) => JobError::Refused { check: "aortic_arch", reason: l.to_string() },
         e => JobError::Volume(e),
     })?;
     Ok(vec![i])
@@ -539,3 +550,25 @@ mod hu_step_tests {
     }
 }
 
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::inference::guard::{Check, Refusal};
+    use crate::job::{JobState, Outcome};
+
+    #[test]
+    fn a_refusal_is_typed_from_the_guard_to_the_store() {
+        let e = JobError::from(Refusal { check: Check::SliceThickness, message: "slice thickness 7.0 mm".into() });
+        // The text the API and the status page show is what it always was.
+        let text = e.to_string();
+        assert_eq!(text, "refused: slice thickness 7.0 mm (check: slice_thickness)");
+        assert_eq!(e.refused_by(), Some("slice_thickness"));
+        assert_eq!(e.outcome(&text).state(), JobState::Refused);
+        assert_eq!(e.fault(), Fault::Permanent);
+        // Any other error is a failure, whatever its text says.
+        let e = JobError::Panicked("refused: not really".into());
+        assert_eq!(e.refused_by(), None);
+        assert_eq!(e.outcome("refused: not really"), Outcome::Failed("refused: not really"));
+    }
+}

@@ -87,6 +87,31 @@ impl rusqlite::types::FromSql for JobState {
     }
 }
 
+/// How an attempt ended, as the store records it: the state follows from
+/// the variant, never from the text. The `state` column is free text, so
+/// `refused` needed no migration: older versions reading a `refused` row see
+/// an unknown state.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Outcome<'a> {
+    /// `done`, with the result.
+    Done(&'a serde_json::Value),
+    /// `failed`, with the error text.
+    Failed(&'a str),
+    /// `refused` (the input is not what the model measures), with the
+    /// reason as the API shows it.
+    Refused(&'a str),
+}
+
+impl Outcome<'_> {
+    pub fn state(&self) -> JobState {
+        match self {
+            Outcome::Done(_) => JobState::Done,
+            Outcome::Failed(_) => JobState::Failed,
+            Outcome::Refused(_) => JobState::Refused,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct JobKey {
     pub series_instance_uid: String,
@@ -157,12 +182,12 @@ pub trait JobStore: Send + Sync + 'static {
     fn enqueue(&self, key: &JobKey, route: &ResolvedRoute) -> Result<Option<i64>, JobStoreError>;
     /// Oldest pending job, now marked running.
     fn claim(&self) -> Result<Option<Job>, JobStoreError>;
-    fn finish(&self, id: i64, outcome: Result<&serde_json::Value, &str>) -> Result<(), JobStoreError>;
+    fn finish(&self, id: i64, outcome: Outcome<'_>) -> Result<(), JobStoreError>;
     /// [`JobStore::finish`] for attempt `attempt` only while that attempt is
     /// still the running one. False, and nothing written, when the job moved
     /// on meanwhile (failed at its deadline, re-queued, re-triggered), so a
     /// late outcome cannot overwrite what happened since.
-    fn finish_attempt(&self, id: i64, attempt: u32, outcome: Result<&serde_json::Value, &str>) -> Result<bool, JobStoreError>;
+    fn finish_attempt(&self, id: i64, attempt: u32, outcome: Outcome<'_>) -> Result<bool, JobStoreError>;
     /// At start-up: running → pending. Returns how many.
     fn requeue_interrupted(&self) -> Result<usize, JobStoreError>;
     fn list(&self) -> Result<Vec<Job>, JobStoreError>;
@@ -236,18 +261,6 @@ fn add_route_column(conn: &Connection) -> Result<(), JobStoreError> {
     })();
     conn.execute_batch(if r.is_ok() { "COMMIT" } else { "ROLLBACK" })?;
     r
-}
-
-/// The state an error outcome records: `refused` for a refusal (its text
-/// starts with "refused: ", as [`super::JobError`]'s refusals display), else
-/// `failed`. The `state` column is free text, so no migration: older
-/// versions reading a `refused` row see an unknown state.
-fn failed_state(error: &str) -> &'static str {
-    if error.starts_with("refused: ") {
-        JobState::Refused.as_str()
-    } else {
-        JobState::Failed.as_str()
-    }
 }
 
 fn row_to_job(r: &rusqlite::Row<'_>) -> rusqlite::Result<(Job, Option<String>, Option<String>)> {
@@ -325,33 +338,35 @@ impl JobStore for SqliteJobStore {
         with_result((job, json, route)).map(Some)
     }
 
-    fn finish(&self, id: i64, outcome: Result<&serde_json::Value, &str>) -> Result<(), JobStoreError> {
+    fn finish(&self, id: i64, outcome: Outcome<'_>) -> Result<(), JobStoreError> {
+        let state = outcome.state().as_str();
         let c = self.conn();
         match outcome {
-            Ok(v) => c.execute(
-                "UPDATE jobs SET state = 'done', result_json = ?2, error = NULL, finished_at = ?3 WHERE id = ?1",
-                params![id, v.to_string(), now()],
+            Outcome::Done(v) => c.execute(
+                "UPDATE jobs SET state = ?4, result_json = ?2, error = NULL, finished_at = ?3 WHERE id = ?1",
+                params![id, v.to_string(), now(), state],
             )?,
-            Err(e) => c.execute(
+            Outcome::Failed(e) | Outcome::Refused(e) => c.execute(
                 "UPDATE jobs SET state = ?4, error = ?2, finished_at = ?3 WHERE id = ?1",
-                params![id, e, now(), failed_state(e)],
+                params![id, e, now(), state],
             )?,
         };
         Ok(())
     }
 
-    fn finish_attempt(&self, id: i64, attempt: u32, outcome: Result<&serde_json::Value, &str>) -> Result<bool, JobStoreError> {
+    fn finish_attempt(&self, id: i64, attempt: u32, outcome: Outcome<'_>) -> Result<bool, JobStoreError> {
+        let state = outcome.state().as_str();
         let c = self.conn();
         let n = match outcome {
-            Ok(v) => c.execute(
-                "UPDATE jobs SET state = 'done', result_json = ?2, error = NULL, finished_at = ?3
+            Outcome::Done(v) => c.execute(
+                "UPDATE jobs SET state = ?5, result_json = ?2, error = NULL, finished_at = ?3
                  WHERE id = ?1 AND state = 'running' AND attempts = ?4",
-                params![id, v.to_string(), now(), attempt],
+                params![id, v.to_string(), now(), attempt, state],
             )?,
-            Err(e) => c.execute(
+            Outcome::Failed(e) | Outcome::Refused(e) => c.execute(
                 "UPDATE jobs SET state = ?5, error = ?2, finished_at = ?3
                  WHERE id = ?1 AND state = 'running' AND attempts = ?4",
-                params![id, e, now(), attempt, failed_state(e)],
+                params![id, e, now(), attempt, state],
             )?,
         };
         Ok(n == 1)
@@ -492,7 +507,7 @@ mod tests {
         assert_eq!(s.requeue_interrupted().unwrap(), 1);
         let j = s.claim().unwrap().unwrap();
         assert_eq!(j.attempts, 2);
-        s.finish(j.id, Ok(&serde_json::json!({"value": 12.5}))).unwrap();
+        s.finish(j.id, Outcome::Done(&serde_json::json!({"value": 12.5}))).unwrap();
         let all = s.list().unwrap();
         assert_eq!(all[0].state, JobState::Done);
         assert_eq!(all[0].result.as_ref().unwrap()["value"], 12.5);
@@ -507,7 +522,7 @@ mod tests {
         s.enqueue(&key(1), &route()).unwrap();
         let j = s.claim().unwrap().unwrap();
         let reason = "refused: slice thickness 7.0 mm is outside the model's validated 0.5-5.0 mm (check: slice_thickness)";
-        assert!(s.finish_attempt(j.id, j.attempts, Err(reason)).unwrap());
+        assert!(s.finish_attempt(j.id, j.attempts, Outcome::Refused(reason)).unwrap());
         let now = s.get(j.id).unwrap().unwrap();
         assert_eq!((now.state, now.error.as_deref()), (JobState::Refused, Some(reason)));
         assert!(now.state.is_finished());
@@ -517,7 +532,12 @@ mod tests {
         assert!(s.claim().unwrap().is_none());
         assert!(s.retrigger(j.id).unwrap());
         let again = s.claim().unwrap().unwrap();
-        s.finish(again.id, Err("volume: boom")).unwrap();
+        s.finish(again.id, Outcome::Failed("volume: boom")).unwrap();
+        assert_eq!(s.get(j.id).unwrap().unwrap().state, JobState::Failed);
+        // The state is the outcome's, not read from the text.
+        assert!(s.retrigger(j.id).unwrap());
+        let third = s.claim().unwrap().unwrap();
+        assert!(s.finish_attempt(third.id, third.attempts, Outcome::Failed(reason)).unwrap());
         assert_eq!(s.get(j.id).unwrap().unwrap().state, JobState::Failed);
     }
 
@@ -527,9 +547,9 @@ mod tests {
         let s = SqliteJobStore::open(&d.path().join("j.sqlite")).unwrap();
         s.enqueue(&key(1), &route()).unwrap();
         let j = s.claim().unwrap().unwrap();
-        assert!(s.finish_attempt(j.id, j.attempts, Err("deadline of 600 s exceeded")).unwrap());
+        assert!(s.finish_attempt(j.id, j.attempts, Outcome::Failed("deadline of 600 s exceeded")).unwrap());
         // The abandoned computation comes back with a result: refused.
-        assert!(!s.finish_attempt(j.id, j.attempts, Ok(&serde_json::json!({"value": 1.0}))).unwrap());
+        assert!(!s.finish_attempt(j.id, j.attempts, Outcome::Done(&serde_json::json!({"value": 1.0}))).unwrap());
         let now = s.get(j.id).unwrap().unwrap();
         assert_eq!((now.state.as_str(), now.error.as_deref()), ("failed", Some("deadline of 600 s exceeded")));
         assert!(now.result.is_none());
@@ -537,8 +557,8 @@ mod tests {
         assert!(s.retrigger(j.id).unwrap());
         let again = s.claim().unwrap().unwrap();
         assert_eq!(again.attempts, j.attempts + 1);
-        assert!(!s.finish_attempt(j.id, j.attempts, Ok(&serde_json::json!({"value": 1.0}))).unwrap());
-        assert!(s.finish_attempt(j.id, again.attempts, Ok(&serde_json::json!({"value": 2.0}))).unwrap());
+        assert!(!s.finish_attempt(j.id, j.attempts, Outcome::Done(&serde_json::json!({"value": 1.0}))).unwrap());
+        assert!(s.finish_attempt(j.id, again.attempts, Outcome::Done(&serde_json::json!({"value": 2.0}))).unwrap());
         assert_eq!(s.get(j.id).unwrap().unwrap().result.unwrap()["value"], 2.0);
     }
 }

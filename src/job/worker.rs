@@ -21,7 +21,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use super::run::{run_on, JobError, JobResult, ReportRef};
-use super::{Job, JobState, ResolvedRoute, RouteLookup};
+use super::{Job, JobState, Outcome, ResolvedRoute, RouteLookup};
 use crate::inference::registry::Models;
 use crate::report::write::{device_info, write_outputs, write_reports};
 use crate::series::SeriesIndex;
@@ -162,20 +162,27 @@ impl Worker {
             let stored = match &outcome {
                 Ok(r) => serde_json::to_value(r)
                     .map_err(super::JobStoreError::from)
-                    .and_then(|v| this.jobs.finish_attempt(id, attempt, Ok(&v))),
-                Err(e) if e.refused_by().is_some() => {
-                    // Stored as `refused` (the text starts with "refused: "):
-                    // final, not retried, nothing was written or sent.
-                    let reason = e.to_string();
-                    let check = e.refused_by().unwrap_or_default();
-                    crate::telemetry::JobRefused { job: id, route: &route, model: &model, check, reason: &reason }.emit();
-                    this.jobs.finish_attempt(id, attempt, Err(&reason))
-                }
+                    .and_then(|v| this.jobs.finish_attempt(id, attempt, Outcome::Done(&v))),
                 Err(e) => {
                     let reason = e.to_string();
-                    crate::telemetry::JobFailed { job: id, route: &route, model: &model, attempt, fault: e.fault(), reason: &reason }
-                        .emit();
-                    this.jobs.finish_attempt(id, attempt, Err(&reason))
+                    match e {
+                        // Stored as `refused`: final, not retried, nothing
+                        // was written or sent.
+                        JobError::Refused { check, .. } => {
+                            crate::telemetry::JobRefused { job: id, route: &route, model: &model, check, reason: &reason }
+                                .emit()
+                        }
+                        _ => crate::telemetry::JobFailed {
+                            job: id,
+                            route: &route,
+                            model: &model,
+                            attempt,
+                            fault: e.fault(),
+                            reason: &reason,
+                        }
+                        .emit(),
+                    }
+                    this.jobs.finish_attempt(id, attempt, e.outcome(&reason))
                 }
             };
             match stored {

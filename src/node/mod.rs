@@ -311,6 +311,7 @@ async fn start_http(
             dicom_port: cfg.node.port,
             data_dir: cfg.node.data_dir.clone(),
             index_path: cfg.index_path(),
+            spool_root: cfg.spool_dir(),
             min_free_disk_mb: cfg.node.min_free_disk_mb,
             started: std::time::SystemTime::now(),
         },

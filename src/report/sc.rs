@@ -36,8 +36,9 @@ use super::{
     da, put_equipment, put_patient_and_study, put_sop_common, seq_elem, with_meta, source_image_ref, copied_text, str_elem, tm,
 };
 use super::{ReportContext, ReportError};
-use crate::biomarkers::{agatston, label8, Measurement};
+use crate::biomarkers::{agatston, Measurement};
 use crate::inference::card::ModelCard;
+use crate::volume::label::label8;
 
 pub const SECONDARY_CAPTURE: &str = "1.2.840.10008.5.1.4.1.1.7";
 /// Series Number of the overlay series in the source study.

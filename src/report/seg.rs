@@ -31,9 +31,10 @@ use super::{
     da, put_equipment, put_patient_and_study, put_sop_common, seq_elem, with_meta, sop_ref, source_image_ref, source_text, str_elem, tm,
     ReportContext, ReportError,
 };
-use crate::biomarkers::{label8, Measurement};
+use crate::biomarkers::Measurement;
 use crate::dicom::Uid;
 use crate::inference::card::{ModelCard, SegmentationType};
+use crate::volume::label::label8;
 
 pub const SEGMENTATION_STORAGE: &str = "1.2.840.10008.5.1.4.1.1.66.4";
 /// Series Number of the SEG series in the source study (SR 9901, SC 9902).

@@ -1,5 +1,6 @@
 //! Writing reports to disk: the SR, SC and SEG this module builds, and a
-//! job's plain outputs (result.json, map.npy, candidates.npy).
+//! job's plain outputs (result.json; map.npy and candidates.npy for one
+//! slice, maps.npz for a volume: [`write_outputs`]).
 //!
 //! Input: what a job computed ([`ReportSource`]), its model, the job's seed
 //! and creation time. Output: Part-10 files under the job's `results/`
@@ -152,8 +153,10 @@ pub fn write_reports(
 }
 
 /// Write a job's outputs under `dir`: result.json (`result` under
-/// `"result"`, with the measurement and the source instances), map.npy (f32)
-/// and candidates.npy (u8), all `[S,R,C]`.
+/// `"result"`, with the measurement and the source instances), and the map
+/// and candidates, `[S,R,C]`: for one slice map.npy (f32) and candidates.npy
+/// (u8); for a volume (more than one slice) `maps.npz` holding `map` (u8,
+/// [`quantised`]) and `candidates` (u8), deflated.
 pub fn write_outputs(result: &impl Serialize, a: &ReportSource<'_>, dir: &Path) -> Result<(), WriteError> {
     let out = |e: &dyn std::fmt::Display| WriteError(format!("{}: {e}", dir.display()));
     std::fs::create_dir_all(dir).map_err(|e| out(&e))?;
@@ -165,10 +168,35 @@ pub fn write_outputs(result: &impl Serialize, a: &ReportSource<'_>, dir: &Path) 
     std::fs::write(dir.join("result.json"), serde_json::to_vec_pretty(&json).map_err(|e| out(&e))?)
         .map_err(|e| out(&e))?;
     let m = a.measurement;
-    if !m.map.is_empty() {
+    if m.map.is_empty() {
+        return Ok(());
+    }
+    if m.map.dim().0 == 1 {
         crate::npy::write(&dir.join("map.npy"), m.map.shape(), m.map.iter().copied()).map_err(|e| out(&e))?;
         crate::npy::write(&dir.join("candidates.npy"), m.candidates.shape(), m.candidates.iter().map(|&c| c as u8))
             .map_err(|e| out(&e))?;
+        return Ok(());
     }
-    Ok(())
+    // A volume: its float map is 1 MB a slice (633 MB for 604 slices), and
+    // only its values inside the candidates mean anything (the value, the
+    // SEG and the SC read nothing else). Stored as the FRACTIONAL SEG stores
+    // it, deflated: 2.4 MB for a 151-slice liver volume instead of 198 MB.
+    if m.map.dim() != m.candidates.dim() {
+        return Err(out(&format!("map {:?} and candidates {:?} differ in shape", m.map.dim(), m.candidates.dim())));
+    }
+    let mut npz = crate::npy::NpzWriter::create(&dir.join("maps.npz")).map_err(|e| out(&e))?;
+    let q = m.map.iter().zip(m.candidates.iter()).map(|(&v, &c)| quantised(v, c));
+    npz.add("map", m.map.shape(), q).map_err(|e| out(&e))?;
+    npz.add("candidates", m.candidates.shape(), m.candidates.iter().map(|&c| c as u8)).map_err(|e| out(&e))?;
+    npz.finish().map_err(|e| out(&e))
+}
+
+/// A volume's map value as `maps.npz` keeps it: `round(clip(v, 0, 1) * 255)`
+/// inside the candidates, 0 outside (the FRACTIONAL SEG's encoding).
+fn quantised(v: f32, candidate: bool) -> u8 {
+    if candidate {
+        (v.clamp(0.0, 1.0) * 255.0).round() as u8
+    } else {
+        0
+    }
 }

@@ -473,10 +473,10 @@ mod tests {
         fn claim(&self) -> Result<Option<Job>, JobStoreError> {
             self.inner.claim()
         }
-        fn finish(&self, id: i64, o: Result<&serde_json::Value, &str>) -> Result<(), JobStoreError> {
+        fn finish(&self, id: i64, o: crate::job::Outcome<'_>) -> Result<(), JobStoreError> {
             self.inner.finish(id, o)
         }
-        fn finish_attempt(&self, id: i64, attempt: u32, o: Result<&serde_json::Value, &str>) -> Result<bool, JobStoreError> {
+        fn finish_attempt(&self, id: i64, attempt: u32, o: crate::job::Outcome<'_>) -> Result<bool, JobStoreError> {
             self.inner.finish_attempt(id, attempt, o)
         }
         fn requeue_interrupted(&self) -> Result<usize, JobStoreError> {

@@ -1,6 +1,7 @@
 //! Where coronary calcium can be: the heart region of a chest CT, found from
 //! HU alone, so that calcium in bone and in the aorta is never scored as
-//! coronary whatever a model's map says over it.
+//! coronary whatever a model's map says over it, nor calcium of the aortic
+//! root and valve.
 //!
 //! **Input.** An assembled [`Volume`] (HU, sorted slices, geometry): the
 //! volume an Agatston score is computed on (after thin-slice resampling).
@@ -95,13 +96,50 @@
 //!    and its calcification) is [`Exclusion::Aorta`]. No such disc: no
 //!    aorta exclusion in that slice.
 //!
-//! Where several reasons apply: bone, then aorta, then contrast, then
-//! outside the mediastinum.
+//! 7. *Ascending aorta, down to the aortic root.* On non-contrast CT
+//!    the ascending aorta is a round column of blood (25-35 mm, 30-60 HU)
+//!    in mediastinal fat, anterior and right of the descending aorta, from
+//!    the arch down to the heart. Per slice, the candidate is found as the
+//!    descending aorta is (step 6: inscribed radius
+//!    [`ASCENDING_RADIUS_MM`], ring mostly not blood) in [`ASCENDING_BOX`],
+//!    not overlapping the descending aorta, centred in the mediastinum on
+//!    unenhanced blood (< 130 HU: with contrast the lumen is already
+//!    excluded by step 4, and a round opacified disc is as likely the
+//!    pulmonary trunk). The volume then follows it from the top of the
+//!    region down ([`ASCENDING_SEED_MM`], [`ASCENDING_TRACK_MM`],
+//!    [`ASCENDING_GAP_MM`]); a column of fewer than two slices is none. The
+//!    tracked discs grown by [`ROOT_MARGIN_MM`] (the wall and its calcium)
+//!    are [`Exclusion::AorticRoot`], down to where the aorta enters the
+//!    heart and its disc stops being round (the chambers surround the root
+//!    there: about the sinotubular junction).
 //!
-//! **Known gaps.** Not excluded from HU: the ascending aorta and aortic
-//! root below the carina level, the aortic valve and the mitral annulus:
-//! they lie on or in the heart, beside the coronary ostia, and are left to
-//! the model's map. Anterior rib and costal-cartilage calcium lying just in
+//!    *Coronary calcium near the root.* A lesion is excluded when most of
+//!    its pixels are (`biomarkers::measure::exclude_lesions`), so calcium
+//!    more than the margin outside the tubular aorta's lumen counts: the
+//!    tubular ascending aorta has no branches, and the left main and the
+//!    RCA leave the root below it. The limits: below the last round disc
+//!    (the sinuses of Valsalva, the valve and its annulus, 15-20 mm) nothing
+//!    is excluded by this step, because there the coronary ostia lie beside
+//!    the valve and from HU alone an ostial plaque is not told from sinus,
+//!    leaflet or annulus calcium. Tried and dropped: the last disc carried
+//!    15 mm down (grown by 6 mm for the sinuses) excluded a proximal RCA
+//!    plaque of the phantoms 9-12 mm below the last round disc (cac-901-22:
+//!    170.9 → 113.9 Agatston), so valve and annulus calcium are left to the
+//!    model's map. A scan whose top slice lies below the tubular aorta (a
+//!    cardiac field of view starting at the root) has no column to follow.
+//!    The numbers are anatomical (adult aortic sizes), not fitted to a
+//!    scan: the one real chest here (chest-lidc0001) has IV contrast, where
+//!    this step finds nothing by design.
+//!
+//! Where several reasons apply: bone, then aorta, then aortic root, then
+//! contrast, then outside the mediastinum.
+//!
+//! **Known gaps.** Not excluded from HU: the aortic sinuses, valve and
+//! annulus below the tubular aorta (step 7) and the mitral annulus
+//! (posterior of the root, on the left ventricle's base), left to the
+//! model's map; and
+//! the aortic root of a contrast scan is excluded as contrast blood (or
+//! bone) only within [`STRUCTURE_MARGIN_MM`] of the lumen. Anterior rib and costal-cartilage calcium lying just in
 //! front of the lungs' tips, within the hull, can still count when the map
 //! is high there (chest-lidc0001, with contrast: 48662 → 2429 Agatston, what
 //! remains is mostly that and contrast-filled mediastinal vessels). On the
@@ -159,6 +197,32 @@ const AORTA_USUAL: [f64; 2] = [20.0, 10.0];
 pub const AORTA_PULL: f64 = 0.25;
 const AORTA_RADIUS_MM: [f64; 2] = [6.0, 25.0];
 pub const AORTA_MARGIN_MM: f64 = 3.0;
+/// Where the ascending aorta's centre may be, relative to the vertebra
+/// (left min, left max from its centre; anterior min, anterior max from its
+/// anterior surface), mm: right of or at the midline, in front of the
+/// left atrium and the right pulmonary artery, behind the sternum.
+pub const ASCENDING_BOX: [f64; 4] = [-60.0, 15.0, 25.0, 110.0];
+/// Its usual place in that frame (left, anterior), mm.
+const ASCENDING_USUAL: [f64; 2] = [-15.0, 60.0];
+/// Its lumen radius, mm: 9 mm (an 18 mm aorta, small adult) to 25 mm (a
+/// 50 mm aneurysm); normal is 12-18 mm.
+const ASCENDING_RADIUS_MM: [f64; 2] = [9.0, 25.0];
+/// Followed from the top of the region down: the first disc must lie within
+/// this distance below the region's top slice (the ascending aorta is in
+/// every axial slice between the arch and the root)...
+pub const ASCENDING_SEED_MM: f64 = 25.0;
+/// ...and each next one within this in-plane distance of the previous
+/// centre (the ascending aorta runs almost along z: its axis tilts by
+/// about 30-45° in the coronal and sagittal planes at most, 2-3 mm per 3 mm
+/// slice) and radius.
+pub const ASCENDING_TRACK_MM: f64 = 8.0;
+pub const ASCENDING_TRACK_RADIUS_MM: f64 = 5.0;
+/// A slice where the disc is not seen (noise, a neighbouring vessel touching
+/// it) does not end the track if the next disc follows within this distance.
+pub const ASCENDING_GAP_MM: f64 = 6.0;
+/// The wall and its calcium: this far outside the lumen's circle (as
+/// [`AORTA_MARGIN_MM`] for the descending aorta).
+pub const ROOT_MARGIN_MM: f64 = 3.0;
 /// The ring tested for roundness lies this far outside the inscribed circle.
 pub const RING_MM: f64 = 3.0;
 /// At least this fraction of that ring is not blood.
@@ -178,6 +242,8 @@ pub enum Exclusion {
     ContrastBlood,
     /// The descending aorta and its wall.
     Aorta,
+    /// The ascending aorta and its wall, down to the aortic root.
+    AorticRoot,
 }
 
 impl Exclusion {
@@ -188,6 +254,7 @@ impl Exclusion {
             Exclusion::Bone => "bone",
             Exclusion::ContrastBlood => "contrast_blood",
             Exclusion::Aorta => "aorta",
+            Exclusion::AorticRoot => "aortic_root",
         }
     }
 }
@@ -227,14 +294,16 @@ pub fn heart_region(vol: &Volume) -> Option<HeartRegion> {
     let n = vol.slices();
     let above = |i: usize| carina.is_some_and(|c| vol.positions[i][2] > c + ABOVE_CARINA_MM);
     let mut spines = vec![None; n];
+    let mut asc: Vec<Option<Disc>> = vec![None; n];
     for i in 0..n {
         let mut out = reasons.index_axis_mut(Axis(0), i);
         if above(i) {
             out.fill(Some(Exclusion::AboveArch));
         } else {
-            let (ex, spine) = slice_exclusion_with(vol.hu.index_axis(Axis(0), i), frame, None);
+            let (ex, spine, a) = slice_exclusion_with(vol.hu.index_axis(Axis(0), i), frame, None);
             out.assign(&ex);
             spines[i] = spine;
+            asc[i] = a;
         }
     }
     // Slices through an intervertebral disc show no vertebra: they take the
@@ -248,8 +317,26 @@ pub fn heart_region(vol: &Volume) -> Option<HeartRegion> {
             .filter(|&k| spines[k].is_some() && (z(k) - z(i)).abs() <= SPINE_REACH_MM)
             .min_by(|&a, &b| (z(a) - z(i)).abs().total_cmp(&(z(b) - z(i)).abs()));
         if let Some(k) = near {
-            let (ex, _) = slice_exclusion_with(vol.hu.index_axis(Axis(0), i), frame, spines[k]);
+            let (ex, _, a) = slice_exclusion_with(vol.hu.index_axis(Axis(0), i), frame, spines[k]);
             reasons.index_axis_mut(Axis(0), i).assign(&ex);
+            asc[i] = a;
+        }
+    }
+    // 7. The ascending aorta and the root, followed from the top down.
+    let mut order: Vec<usize> = (0..n).filter(|&i| !above(i)).collect();
+    order.sort_by(|&a, &b| z(b).total_cmp(&z(a)));
+    let roots = aortic_root_discs(&order, z, &asc);
+    let (l_of, a_of) = (|c: usize| frame.left * c as f64 * frame.dx, |r: usize| -frame.posterior * r as f64 * frame.dy);
+    for (i, d) in roots.into_iter().enumerate() {
+        let Some(([l, a], rad)) = d else { continue };
+        // Bone and the descending aorta keep their reason; the rest of the
+        // disc (blood, wall, valve, whatever else it was) is the root's.
+        for ((r, c), o) in reasons.index_axis_mut(Axis(0), i).indexed_iter_mut() {
+            if !matches!(o, Some(Exclusion::Bone | Exclusion::Aorta | Exclusion::AboveArch))
+                && (l_of(c) - l).hypot(a_of(r) - a) <= rad
+            {
+                *o = Some(Exclusion::AorticRoot);
+            }
         }
     }
     Some(HeartRegion { reasons })
@@ -282,6 +369,49 @@ pub fn slice_exclusion(hu: ArrayView2<f32>, f: SliceFrame) -> Array2<Option<Excl
     slice_exclusion_with(hu, f, None).0
 }
 
+/// Step 7 over the volume: the ascending aorta followed down from the top
+/// of the region (`order`: the slices below the arch cut, top first; `asc`:
+/// each slice's candidate disc). Returns, per slice, the disc to exclude
+/// (radius grown by the wall's margin). See the module doc for the rule.
+fn aortic_root_discs(order: &[usize], z: impl Fn(usize) -> f64, asc: &[Option<Disc>]) -> Vec<Option<Disc>> {
+    let mut out = vec![None; asc.len()];
+    let Some(&first) = order.first() else { return out };
+    let top = z(first);
+    let mut track: Vec<(usize, Disc)> = Vec::new();
+    for &i in order {
+        match (track.last(), asc[i]) {
+            (None, _) if top - z(i) > ASCENDING_SEED_MM => break,
+            (None, Some(d)) => track.push((i, d)),
+            (None, None) => {}
+            (Some(&(k, _)), _) if z(k) - z(i) > ASCENDING_GAP_MM => break,
+            (Some(&(_, p)), Some(d)) => {
+                let near = (d.0[0] - p.0[0]).hypot(d.0[1] - p.0[1]) <= ASCENDING_TRACK_MM;
+                if near && (d.1 - p.1).abs() <= ASCENDING_TRACK_RADIUS_MM {
+                    track.push((i, d));
+                }
+            }
+            (Some(_), None) => {}
+        }
+    }
+    // One disc is no column: a vessel cut across, or a chance round spot.
+    if track.len() < 2 {
+        return out;
+    }
+    let grown = |(c, r): Disc| (c, r + ROOT_MARGIN_MM);
+    let (top, bottom) = (z(track[0].0), z(track[track.len() - 1].0));
+    let mut prev = track[0].1;
+    for &i in order {
+        if let Some(&(_, d)) = track.iter().find(|(k, _)| *k == i) {
+            prev = d;
+            out[i] = Some(grown(d));
+        } else if z(i) > bottom && z(i) <= top {
+            // A gap inside the column: the disc above it.
+            out[i] = Some(grown(prev));
+        }
+    }
+    out
+}
+
 /// Where the spine is in a slice: the vertebra's centre column (pixels)
 /// and its anterior surface (mm anterior of row 0).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -292,12 +422,13 @@ pub struct Spine {
 
 /// [`slice_exclusion`], taking the spine from `fallback` (a neighbouring
 /// slice's) when this slice shows none (an intervertebral disc is < 130
-/// HU); returns the spine this slice shows.
+/// HU); returns the spine this slice shows and the ascending aorta's
+/// candidate disc (step 7), which the caller keeps or not.
 pub fn slice_exclusion_with(
     hu: ArrayView2<f32>,
     f: SliceFrame,
     fallback: Option<Spine>,
-) -> (Array2<Option<Exclusion>>, Option<Spine>) {
+) -> (Array2<Option<Exclusion>>, Option<Spine>, Option<Disc>) {
     let (rows, cols) = hu.dim();
     let px_cm2 = f.dy * f.dx / 100.0;
     let mut out = Array2::from_elem((rows, cols), Some(Exclusion::OutsideMediastinum));
@@ -317,7 +448,7 @@ pub fn slice_exclusion_with(
     let lung = lab.mapv(|l| l > 0 && lung_ids[l as usize - 1]);
     let lung_px = lung.iter().filter(|&&l| l).count();
     if (lung_px as f64) * px_cm2 < LUNG_MIN_CM2 {
-        return (out, None);
+        return (out, None, None);
     }
     // Everything below −400 HU (lung, airways, air) is not mediastinum, nor
     // are small islands in it (a vessel, a calcified granuloma).
@@ -436,7 +567,8 @@ pub fn slice_exclusion_with(
     let near_bone = distance_to(&of_kind(Exclusion::Bone), f).mapv(|d| d <= STRUCTURE_MARGIN_MM);
     let near_contrast = distance_to(&of_kind(Exclusion::ContrastBlood), f).mapv(|d| d <= STRUCTURE_MARGIN_MM);
 
-    let mut aorta: Option<([f64; 2], f64)> = None;
+    let mut aorta: Option<Disc> = None;
+    let mut ascending: Option<Disc> = None;
     if let Some(sp) = spine {
         let (vl, front) = (l_of(0) + sp.col * f.left * f.dx, sp.front_mm);
         for ((r, _), v) in inside.indexed_iter_mut() {
@@ -469,23 +601,40 @@ pub fn slice_exclusion_with(
             }
             out as f64 / n as f64
         };
-        let mut best = (f64::MIN, [0.0, 0.0], 0.0);
-        for ((r, c), &d) in depth.indexed_iter() {
-            let (l, a) = (l_of(c) - vl, a_of(r) - front);
-            if l < AORTA_BOX[0] || l > AORTA_BOX[1] || a < AORTA_BOX[2] || a > AORTA_BOX[3] {
-                continue;
+        // Of the points of `bx` (relative to the vertebra) whose inscribed
+        // radius is within `rad` and whose ring is mostly not blood, the one
+        // with the largest radius less [`AORTA_PULL`] mm per mm from
+        // `usual`; none that overlaps `away`, and (`mediastinal`) only one
+        // whose centre is in the mediastinum and unenhanced blood (< 130 HU:
+        // with IV contrast the lumen is already excluded as contrast blood,
+        // or as bone where the contrast is dense, and a round opacified
+        // disc there is as likely the pulmonary trunk).
+        let disc = |bx: [f64; 4], usual: [f64; 2], rad: [f64; 2], away: Option<Disc>, mediastinal: bool| {
+            let mut best = (f64::MIN, [0.0, 0.0], 0.0);
+            for ((r, c), &d) in depth.indexed_iter() {
+                let (l, a) = (l_of(c) - vl, a_of(r) - front);
+                if l < bx[0] || l > bx[1] || a < bx[2] || a > bx[3] {
+                    continue;
+                }
+                if d < rad[0] || d > rad[1] || (mediastinal && (!inside[[r, c]] || hu[[r, c]] >= CALCIUM_HU)) {
+                    continue;
+                }
+                if away.is_some_and(|([al, aa], ar)| (l + vl - al).hypot(a + front - aa) < ar + d) {
+                    continue;
+                }
+                let score = d - AORTA_PULL * (l - usual[0]).hypot(a - usual[1]);
+                if score > best.0 && ring_outside(r, c, d) >= RING_OUTSIDE_MIN {
+                    best = (score, [l, a], d);
+                }
             }
-            if d < AORTA_RADIUS_MM[0] || d > AORTA_RADIUS_MM[1] {
-                continue;
-            }
-            let score = d - AORTA_PULL * (l - AORTA_USUAL[0]).hypot(a - AORTA_USUAL[1]);
-            if score > best.0 && ring_outside(r, c, d) >= RING_OUTSIDE_MIN {
-                best = (score, [l, a], d);
-            }
-        }
-        if best.2 >= AORTA_RADIUS_MM[0] {
-            aorta = Some(([best.1[0] + vl, best.1[1] + front], best.2));
-        }
+            (best.2 >= rad[0]).then(|| ([best.1[0] + vl, best.1[1] + front], best.2))
+        };
+        aorta = disc(AORTA_BOX, AORTA_USUAL, AORTA_RADIUS_MM, None, false);
+        // 7. (per slice) The ascending aorta's candidate: the same kind of
+        // round disc of blood in fat, anterior and right of the descending
+        // aorta; `heart_region` keeps it only where it continues a column
+        // from the top.
+        ascending = disc(ASCENDING_BOX, ASCENDING_USUAL, ASCENDING_RADIUS_MM, aorta, true);
     }
 
     // Reasons, most specific first.
@@ -503,8 +652,12 @@ pub fn slice_exclusion_with(
             None
         };
     }
-    (out, found)
+    (out, found, ascending)
 }
+
+/// A disc in a slice: its centre (patient left, anterior; mm from the
+/// image's first pixel, as `slice_exclusion_with` measures) and radius (mm).
+pub type Disc = ([f64; 2], f64);
 
 /// One 8-connected component's statistics.
 struct Comp {
@@ -527,54 +680,36 @@ fn label(mask: &Array2<bool>) -> (Array2<u32>, Vec<Comp>) {
 
 fn label_hu(mask: &Array2<bool>, hu: Option<ArrayView2<f32>>) -> (Array2<u32>, Vec<Comp>) {
     let (rows, cols) = mask.dim();
-    let mut lab = Array2::<u32>::zeros((rows, cols));
-    let mut comps = Vec::new();
-    let mut stack = Vec::new();
-    for r0 in 0..rows {
-        for c0 in 0..cols {
-            if !mask[[r0, c0]] || lab[[r0, c0]] != 0 {
-                continue;
+    let (lab, n) = super::label::label8(mask.view());
+    let mut comps: Vec<Comp> = (0..n)
+        .map(|_| Comp {
+            n: 0,
+            sum_hu: 0.0,
+            sum_r: 0.0,
+            sum_c: 0.0,
+            bbox: [usize::MAX, 0, usize::MAX, 0],
+            dense: 0,
+            touches_border: false,
+        })
+        .collect();
+    for ((r, c), &l) in lab.indexed_iter() {
+        if l == 0 {
+            continue;
+        }
+        let comp = &mut comps[l as usize - 1];
+        comp.n += 1;
+        comp.sum_r += r as f64;
+        comp.sum_c += c as f64;
+        comp.bbox = [comp.bbox[0].min(r), comp.bbox[1].max(r), comp.bbox[2].min(c), comp.bbox[3].max(c)];
+        if let Some(h) = hu {
+            let v = h[[r, c]];
+            comp.sum_hu += v as f64;
+            if v >= BONE_DENSE_HU {
+                comp.dense += 1;
             }
-            let id = comps.len() as u32 + 1;
-            let mut comp = Comp {
-                n: 0,
-                sum_hu: 0.0,
-                sum_r: 0.0,
-                sum_c: 0.0,
-                bbox: [r0, r0, c0, c0],
-                dense: 0,
-                touches_border: false,
-            };
-            lab[[r0, c0]] = id;
-            stack.push((r0, c0));
-            while let Some((r, c)) = stack.pop() {
-                comp.n += 1;
-                comp.sum_r += r as f64;
-                comp.sum_c += c as f64;
-                comp.bbox = [comp.bbox[0].min(r), comp.bbox[1].max(r), comp.bbox[2].min(c), comp.bbox[3].max(c)];
-                if let Some(h) = hu {
-                    let v = h[[r, c]];
-                    comp.sum_hu += v as f64;
-                    if v >= BONE_DENSE_HU {
-                        comp.dense += 1;
-                    }
-                }
-                if r == 0 || c == 0 || r + 1 == rows || c + 1 == cols {
-                    comp.touches_border = true;
-                }
-                for (dr, dc) in [(-1i64, -1i64), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)] {
-                    let (nr, nc) = (r as i64 + dr, c as i64 + dc);
-                    if nr < 0 || nc < 0 || nr >= rows as i64 || nc >= cols as i64 {
-                        continue;
-                    }
-                    let (nr, nc) = (nr as usize, nc as usize);
-                    if mask[[nr, nc]] && lab[[nr, nc]] == 0 {
-                        lab[[nr, nc]] = id;
-                        stack.push((nr, nc));
-                    }
-                }
-            }
-            comps.push(comp);
+        }
+        if r == 0 || c == 0 || r + 1 == rows || c + 1 == cols {
+            comp.touches_border = true;
         }
     }
     (lab, comps)
@@ -822,6 +957,29 @@ mod tests {
     }
 
     #[test]
+    fn the_ascending_aorta_is_followed_down_to_where_it_enters_the_heart() {
+        // Slices 3 mm apart, top first (z 30 .. 0); the column's discs drift
+        // 2 mm a slice, slice 3 misses it (noise), slice 5 has a far disc
+        // (another vessel): the column ends at slice 4.
+        let z = |i: usize| 30.0 - 3.0 * i as f64;
+        let order: Vec<usize> = (0..11).collect();
+        let d = |x: f64, r: f64| Some(([x, 50.0], r));
+        let asc = vec![d(0.0, 15.0), d(2.0, 15.0), d(4.0, 14.0), None, d(8.0, 14.0), d(60.0, 14.0), None, None, None, None, None];
+        let out = aortic_root_discs(&order, z, &asc);
+        for i in [0, 1, 2, 4] {
+            assert_eq!(out[i], Some((asc[i].unwrap().0, asc[i].unwrap().1 + ROOT_MARGIN_MM)), "slice {i}");
+        }
+        assert_eq!(out[3], Some(([4.0, 50.0], 14.0 + ROOT_MARGIN_MM)), "a gap takes the disc above");
+        // Below the last round disc (the sinuses, the valve) nothing.
+        assert!(out[5..].iter().all(Option::is_none));
+        // No disc near the top, or one disc alone: no column, nothing excluded.
+        let late = vec![None, None, None, None, None, None, None, None, None, d(0.0, 15.0), d(0.0, 15.0)];
+        assert!(aortic_root_discs(&order, z, &late).iter().all(Option::is_none));
+        let one = vec![d(0.0, 15.0), None, None, None, None, None, None, None, None, None, None];
+        assert!(aortic_root_discs(&order, z, &one).iter().all(Option::is_none));
+    }
+
+    #[test]
     fn a_slice_without_lungs_is_all_outside() {
         let hu = Array2::<f32>::from_elem((64, 64), 40.0);
         let ex = slice_exclusion(hu.view(), FRAME);
@@ -845,13 +1003,13 @@ mod tests {
 
     /// Writes the region of the series in $HEART_DIR to $HEART_OUT (.npy,
     /// uint8 codes: 0 inside, 1 above arch, 2 outside, 3 bone, 4 contrast,
-    /// 5 aorta) for looking at it.
+    /// 5 aorta, 6 aortic root) for looking at it.
     #[test]
     #[ignore]
     fn dump_region() {
         let (Ok(dir), Ok(out)) = (std::env::var("HEART_DIR"), std::env::var("HEART_OUT")) else { return };
         let mut files: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
-        files.retain(|p| p.extension().map_or(true, |e| e != "json" && e != "csv"));
+        files.retain(|p| p.extension().map_or(true, |e| e != "json" && e != "csv" && e != "npy"));
         let vol = Volume::from_files(&files).unwrap();
         let region = heart_region(&vol).unwrap();
         let code = |e: &Option<Exclusion>| match e {
@@ -861,6 +1019,7 @@ mod tests {
             Some(Exclusion::Bone) => 3,
             Some(Exclusion::ContrastBlood) => 4,
             Some(Exclusion::Aorta) => 5,
+            Some(Exclusion::AorticRoot) => 6,
         };
         crate::npy::write(std::path::Path::new(&out), region.reasons.shape(), region.reasons.iter().map(code)).unwrap();
     }

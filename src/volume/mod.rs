@@ -56,6 +56,7 @@ pub(crate) mod attrs;
 mod jpeg_ext;
 pub mod acquisition;
 pub mod heart;
+pub mod label;
 pub mod landmark;
 pub mod resample;
 
