@@ -236,7 +236,9 @@ fi
 # run_volume KIND SEED: one real-size study sent in one association; t0 =
 # storescu exited. Waits for the node's "series routed" (how many jobs), for
 # each of those jobs to end (done, refused, or failed for good), and for one
-# SR per done job in Orthanc. Prints one JSON line.
+# SR per done job in Orthanc. Prints one JSON line. On the real chest the
+# guards refuse PMA/SFA (no carina found: the arch level is not located) and
+# CAC (contrast): the time then is the time to those verdicts (no SR).
 vresults="$work/volumes.jsonl"
 : >"$vresults"
 run_volume() {
@@ -258,14 +260,16 @@ jobs, ended, complete = None, [], None
 while True:
     jobs, ended = None, []
     for line in open(log):
-        if series not in line:
-            continue
         try:
             j = json.loads(line)
         except ValueError:
             continue
         f = j.get("fields", {})
         msg = f.get("message", "")
+        # "job refused" is logged outside the series span: this node receives
+        # one study at a time, so the jobs that end after the send are its own
+        if not (series in line or (msg.startswith("job ") and ts(j["timestamp"]) >= t_send0)):
+            continue
         route = next((sp.get("route") for sp in j.get("spans", []) if sp.get("route")), f.get("route", "?"))
         if msg == "series complete":
             complete = ts(j["timestamp"])
