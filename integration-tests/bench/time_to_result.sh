@@ -306,6 +306,7 @@ if [[ " $CASES " == *" volumes "* || " $CASES " == *" queue "* ]]; then
         for _ in $(seq 1 "$RUNS"); do
             seed=$((seed + 1))
             run_volume chest300 "$seed"
+            run_volume chest133 "$seed"
             run_volume liver150 "$seed"
         done
     fi

@@ -2,6 +2,7 @@
 
     python3 volumes.py chest300 OUT_DIR SEED   # 300 axial slices, chest (PMA, SFA and CAC routes)
     python3 volumes.py liver150 OUT_DIR SEED   # 150 axial slices, contrast abdomen (liver route)
+    python3 volumes.py chest133 OUT_DIR SEED   # the real chest as scanned (2.5 mm), for comparison
 
 chest300: LIDC-IDRI-0001 (133 slices of 2.5 mm, shoulders to kidneys) resampled to 300 slices over the same z range
 (linear interpolation of HU between neighbouring slices: 1.1 mm apart, SliceThickness 1.1), so the series has the
@@ -65,6 +66,17 @@ def chest300(out: Path, seed: str) -> dict:
     return {"study": study, "series": series, "slices": n}
 
 
+def chest133(out: Path, seed: str) -> dict:
+    """The real chest as it is (2.5 mm), new UIDs, ContrastBolusAgent removed like chest300's."""
+    src = read_sorted(SHARED / "chest-lidc0001" / "ct")
+    study, series = uids(seed)
+    for i, d in enumerate(src):
+        if "ContrastBolusAgent" in d:
+            del d.ContrastBolusAgent
+        write(d, out / f"{i:04d}.dcm", study, series, seed, i)
+    return {"study": study, "series": series, "slices": len(src)}
+
+
 def liver150(out: Path, seed: str) -> dict:
     src = read_sorted(SHARED / "liver-ircad07" / "ct")[:150]
     study, series = uids(seed)
@@ -88,4 +100,4 @@ def write(d, path: Path, study: str, series: str, seed: str, i: int) -> None:
 if __name__ == "__main__":
     kind, out, seed = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
     out.mkdir(parents=True, exist_ok=True)
-    print(json.dumps({"chest300": chest300, "liver150": liver150}[kind](out, seed)))
+    print(json.dumps({"chest300": chest300, "chest133": chest133, "liver150": liver150}[kind](out, seed)))
