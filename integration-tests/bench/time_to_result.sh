@@ -257,7 +257,12 @@ study, series = m["study"], m["series"]
 ts = lambda v: datetime.datetime.fromisoformat(v.replace("Z", "+00:00")).timestamp()
 deadline = time.time() + 600
 jobs, ended, complete = None, [], None
+s = requests.Session()
+q = {"Level": "Instance", "Query": {"StudyInstanceUID": study, "Modality": "SR"}}
+sr_seen = {}  # SR count -> when Orthanc first had that many
 while True:
+    n_sr = len(s.post(f"http://127.0.0.1:{http}/tools/find", json=q, timeout=10).json())
+    sr_seen.setdefault(n_sr, time.time())
     jobs, ended = None, []
     for line in open(log):
         try:
@@ -285,18 +290,22 @@ while True:
         sys.exit(1)
     time.sleep(0.05)
 done = sum(1 for e in ended if e["outcome"] == "done")
-s = requests.Session()
-q = {"Level": "Instance", "Query": {"StudyInstanceUID": study, "Modality": "SR"}}
-while len(s.post(f"http://127.0.0.1:{http}/tools/find", json=q, timeout=10).json()) < done:
+while True:
+    n_sr = len(s.post(f"http://127.0.0.1:{http}/tools/find", json=q, timeout=10).json())
+    sr_seen.setdefault(n_sr, time.time())
+    if n_sr >= done:
+        break
     if time.time() > deadline:
         print(f"{kind}: {done} SRs not in Orthanc within 600 s", file=sys.stderr)
         sys.exit(1)
     time.sleep(0.02)
-t_pacs = time.time()
+# the last SR's arrival (or, with none, the last verdict)
+t_pacs = min(t for n, t in sr_seen.items() if n >= done) if done else max(e["t"] for e in ended)
 print(json.dumps({"kind": kind, "slices": m["slices"], "send_s": round(t0 - t_send0, 3),
                   "complete_s": round(complete - t0, 3) if complete else None, "jobs": jobs,
                   "ended": [{**e, "t": round(e["t"] - t0, 3)} for e in ended], "srs": done,
-                  "t_pacs_s": round(t_pacs - t0, 3)}))
+                  "t_pacs_s": round(t_pacs - t0, 3),
+                  "t_last_verdict_s": round(max(e["t"] for e in ended) - t0, 3) if ended else None}))
 EOF
 }
 
@@ -351,15 +360,17 @@ import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 print()
 print(f"Time to result, real-size volumes; CPU, loopback, {sys.argv[2]} cores. t0 = storescu exited (s).")
-print("complete: series complete (early completion); jobs: route outcome@end [job ms]; PACS: last SR in Orthanc")
+print("complete: series complete (early completion); jobs: route outcome@end [job ms]; last SR in PACS: when Orthanc "
+      "had every SR of the study (no SR: the last verdict); all jobs ended: incl. refusals")
 for kind in dict.fromkeys(r["kind"] for r in rows):
     rs = [r for r in rows if r["kind"] == kind]
     for r in rs:
         jobs = ", ".join(f"{e['route']} {e['outcome']}@{e['t']:.2f}" + (f" [{e['ms']:.0f} ms]" if e.get("ms") else "")
                          + (f" ({e['why'][:60]})" if e["outcome"] != "done" and e.get("why") else "") for e in r["ended"])
         print(f"{kind:9} {r['slices']:4} slices  send {r['send_s']:6.2f}  complete {r['complete_s']}  "
-              f"PACS {r['t_pacs_s']:6.2f} ({r['srs']} SR)  | {jobs}")
-    print(f"{kind:9} median PACS {statistics.median(r['t_pacs_s'] for r in rs):.2f} s over {len(rs)} run(s)")
+              f"last SR in PACS {r['t_pacs_s']:6.2f} ({r['srs']} SR)  all jobs ended {r['t_last_verdict_s']:6.2f}  | {jobs}")
+    print(f"{kind:9} median: last SR in PACS {statistics.median(r['t_pacs_s'] for r in rs):.2f} s, all jobs ended "
+          f"{statistics.median(r['t_last_verdict_s'] for r in rs):.2f} s, over {len(rs)} run(s)")
 EOF
 fi
 
