@@ -30,9 +30,11 @@ RUNS="${RUNS:-3}"
 # phantom: the 48-slice phantoms (pma, cac); volumes: real-size studies built
 # from ../shared/realct-labelled (bench/volumes.py): a 300-slice chest through
 # the PMA, SFA and CAC routes and a 150-slice liver volume; queue: 20 chest
-# studies sent back to back (studies/hour). QUEUE_N sets how many.
+# studies sent back to back (studies/hour; not in the default CASES: about
+# 5 minutes). QUEUE_N and QUEUE_KIND (chest300, chest133, liver150) set them.
 CASES="${CASES:-phantom volumes}"
 QUEUE_N="${QUEUE_N:-20}"
+QUEUE_KIND="${QUEUE_KIND:-chest300}"
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 BIN="${BIOMARKER_NODE_BIN:-$root/target/release/biomarker-node}"
 DCMTK_BIN="${DCMTK_BIN:-/usr/bin}" # not the pynetdicom console scripts of the same name
@@ -320,35 +322,54 @@ if [[ " $CASES " == *" volumes "* || " $CASES " == *" queue "* ]]; then
         done
     fi
     if [[ " $CASES " == *" queue "* ]]; then
-        # QUEUE_N chest studies generated first, then sent back to back, one
-        # association each; the clock stops at the last study's last SR.
+        # QUEUE_N studies (QUEUE_KIND, default chest300) generated first,
+        # then sent back to back, one association each; the clock stops when
+        # every job of every study has ended (done, refused or failed for
+        # good) and Orthanc holds one SR per done job.
         qdir="$work/queue"
         mkdir -p "$qdir"
         for i in $(seq 1 "$QUEUE_N"); do
-            python3 "$root/integration-tests/bench/volumes.py" chest300 "$qdir/s$i" "q$i" >"$qdir/s$i.json"
+            python3 "$root/integration-tests/bench/volumes.py" "$QUEUE_KIND" "$qdir/s$i" "q$i" >"$qdir/s$i.json"
         done
-        want=$(python3 -c 'import json,sys; r=[json.loads(l) for l in open(sys.argv[1]) if "chest300" in l]; print(max([x["srs"] for x in r] or [1]))' "$vresults")
         q0=$(date +%s.%N)
         for i in $(seq 1 "$QUEUE_N"); do
             "$STORESCU" -aet BENCH -aec BIOMARKER +sd 127.0.0.1 "$node_port" "$qdir/s$i"
         done
-        python3 - "$o_http" "$qdir" "$QUEUE_N" "$q0" "$node_pid" "$want" <<'EOF'
-import json, sys, time, requests
-http, qdir, n, q0, pid, want = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), sys.argv[5], int(sys.argv[6])
-pending = {json.load(open(f"{qdir}/s{i}.json"))["study"] for i in range(1, n + 1)}
+        t_sent=$(date +%s.%N)
+        python3 - "$o_http" "$qdir" "$QUEUE_N" "$q0" "$node_pid" "$node_log" "$t_sent" "$QUEUE_KIND" <<'EOF'
+import datetime, json, sys, time, requests
+http, qdir, n, q0, pid, log, t_sent, kind = sys.argv[1:]
+n, q0, t_sent = int(n), float(q0), float(t_sent)
+series = {json.load(open(f"{qdir}/s{i}.json"))["series"] for i in range(1, n + 1)}
+ts = lambda v: datetime.datetime.fromisoformat(v.replace("Z", "+00:00")).timestamp()
 s = requests.Session()
 deadline = time.time() + 3600
-while pending and time.time() < deadline:
-    for st in list(pending):
-        q = {"Level": "Instance", "Query": {"StudyInstanceUID": st, "Modality": "SR"}}
-        if len(s.post(f"http://127.0.0.1:{http}/tools/find", json=q, timeout=30).json()) >= want:
-            pending.discard(st)
+while time.time() < deadline:
+    routed, jobs, ended, done = set(), 0, 0, 0
+    for line in open(log):
+        try:
+            j = json.loads(line)
+        except ValueError:
+            continue
+        f = j.get("fields", {})
+        msg = f.get("message", "")
+        if msg == "series routed" and j.get("span", {}).get("uid") in series:
+            routed.add(j["span"]["uid"])
+            jobs += int(f.get("new_jobs", 0))
+        elif ts(j["timestamp"]) >= q0 and (msg in ("job done", "job refused")
+                                            or (msg == "job failed" and f.get("fault") == "Permanent")):
+            ended += 1
+            done += msg == "job done"
+    if len(routed) == n and ended >= jobs:
+        q = {"Level": "Instance", "Query": {"Modality": "SR"}}
+        if len(s.post(f"http://127.0.0.1:{http}/tools/find", json=q, timeout=30).json()) >= done:
+            break
     time.sleep(0.5)
 el = time.time() - q0
 rss = next(int(l.split()[1]) // 1024 for l in open(f"/proc/{pid}/status") if l.startswith("VmHWM:"))
-done = n - len(pending)
-print(f"\nQueue: {n} chest studies (300 slices; PMA, SFA, CAC routes) sent back to back: {done}/{n} with {want} SR(s) "
-      f"after {el:.1f} s = {3600 * done / el:.0f} studies/hour; node peak RSS {rss} MiB")
+print(f"\nQueue: {n} {kind} studies sent back to back (sending took {t_sent - q0:.1f} s): {len(routed)} routed, "
+      f"{ended}/{jobs} jobs ended ({done} done) after {el:.1f} s = {3600 * n / el:.0f} studies/hour; "
+      f"node peak RSS {rss} MiB")
 EOF
     fi
     stop_node
