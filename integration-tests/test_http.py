@@ -51,6 +51,9 @@ def test_health_ready_and_token(tmp_path, nodes):
     assert node.http_json("/healthz") == {"status": "ok"}
     ready = node.http_json("/readyz")
     assert ready["ready"] is True and set(ready["checks"].values()) == {"ok"}, ready
+    # which provider each model really runs on (cpu after a CUDA fallback)
+    for name, m in ready["models"].items():
+        assert m["execution_provider"] in ("cpu", "cuda"), (name, m)
     for path in ("/api/status", "/api/series", "/api/jobs", "/api/outbox", "/metrics"):
         status, headers, _ = node.http(path)
         assert status == 401, path

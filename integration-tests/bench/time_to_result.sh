@@ -27,6 +27,14 @@
 set -euo pipefail
 
 RUNS="${RUNS:-3}"
+# phantom: the 48-slice phantoms (pma, cac); volumes: real-size studies built
+# from ../shared/realct-labelled (bench/volumes.py): a 300-slice chest through
+# the PMA, SFA and CAC routes and a 150-slice liver volume; queue: 20 chest
+# studies sent back to back (studies/hour; not in the default CASES: about
+# 5 minutes). QUEUE_N and QUEUE_KIND (chest300, chest133, liver150) set them.
+CASES="${CASES:-phantom volumes}"
+QUEUE_N="${QUEUE_N:-20}"
+QUEUE_KIND="${QUEUE_KIND:-chest300}"
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 BIN="${BIOMARKER_NODE_BIN:-$root/target/release/biomarker-node}"
 DCMTK_BIN="${DCMTK_BIN:-/usr/bin}" # not the pynetdicom console scripts of the same name
@@ -101,30 +109,43 @@ pids+=($!)
 wait_port "$o_port" "${pids[-1]}"
 
 # ---------------------------------------------------------------- node
-python3 - "$root" "$work" "$node_port" "$o_port" "$(card_for pma)" "$(card_for cac)" "$FIXTURE" <<'EOF'
+# start_node DIR ROUTE...: a node whose routes are config/node.yaml's ROUTEs,
+# sending to Orthanc; sets node_port and node_log.
+start_node() {
+    local dir="$1"
+    shift
+    node_port=$(free_port)
+    python3 - "$root" "$dir" "$node_port" "$o_port" "$(card_for pma)" "$(card_for cac)" "$(card_for sfa)" "$(card_for liver)" "$*" <<'EOF'
 import json, sys, yaml
-root, work, port, o_port, pma, cac, fixture = sys.argv[1:]
-routes = [r for r in yaml.safe_load(open(f"{root}/config/node.yaml"))["routes"]
-          if r["name"] in ("pma-single-slice", "cac-non-contrast")]
+root, work, port, o_port, pma, cac, sfa, liver, names = sys.argv[1:]
+names = names.split()
+routes = [r for r in yaml.safe_load(open(f"{root}/config/node.yaml"))["routes"] if r["name"] in names]
 cfg = {
     "node": {"ae_title": "BIOMARKER", "bind": "127.0.0.1", "port": int(port),
-             "data_dir": f"{work}/node/data", "min_free_disk_mb": 64},
+             "data_dir": f"{work}/data", "min_free_disk_mb": 64},
     "series": {"quiet_seconds": 30, "early_completion": True},
     "log": {"format": "json", "level": "info,ort=warn"},
-    "models": {"pma": {"card": pma}, "cac": {"card": cac},
-               "sfa": {"card": fixture}, "liver": {"card": fixture}},
+    "models": {"pma": {"card": pma}, "cac": {"card": cac}, "sfa": {"card": sfa}, "liver": {"card": liver}},
     "destinations": {"pacs": {"ae_title": "ORTHANC", "host": "127.0.0.1", "port": int(o_port)}},
     "routes": routes,
     "http": {"enabled": False},
 }
 import os
-os.makedirs(f"{work}/node", exist_ok=True)
-json.dump(cfg, open(f"{work}/node/node.yaml", "w"), indent=1)
+os.makedirs(work, exist_ok=True)
+json.dump(cfg, open(f"{work}/node.yaml", "w"), indent=1)
 EOF
-"$BIN" check-config --config "$work/node/node.yaml" >/dev/null
-"$BIN" serve --config "$work/node/node.yaml" 2>"$work/node/node.log" &
-pids+=($!)
-wait_port "$node_port" "${pids[-1]}"
+    "$BIN" check-config --config "$dir/node.yaml" >/dev/null
+    node_log="$dir/node.log"
+    "$BIN" serve --config "$dir/node.yaml" 2>"$node_log" &
+    pids+=($!)
+    node_pid=${pids[-1]}
+    wait_port "$node_port" "$node_pid"
+}
+
+stop_node() {
+    kill "$node_pid" 2>/dev/null || true
+    wait "$node_pid" 2>/dev/null || true
+}
 
 # ---------------------------------------------------------------- runs
 results="$work/results.tsv"
@@ -135,7 +156,7 @@ run_one() { # task seed
     "$BIN" phantom --task "$task" --seed "$seed" --out "$d" --count 1 >/dev/null
     local dir="$d/$task-$seed-0"
     local files=("$dir"/*.dcm)
-    python3 - "$o_http" "$dir/truth.json" "$d" "$work/node/node.log" "$task" "$(model_label "$task")" "${#files[@]}" >>"$results" <<'EOF' &
+    python3 - "$o_http" "$dir/truth.json" "$d" "$node_log" "$task" "$(model_label "$task")" "${#files[@]}" >>"$results" <<'EOF' &
 import json, os, sys, time, datetime, requests
 http, truth, d, log, task, model, nfiles = sys.argv[1:]
 tr = json.load(open(truth))
@@ -202,15 +223,180 @@ EOF
 }
 
 seed=100
-for task in pma cac; do
-    for _ in $(seq 1 "$RUNS"); do
-        seed=$((seed + 1))
-        run_one "$task" "$seed"
+if [[ " $CASES " == *" phantom "* ]]; then
+    start_node "$work/node" pma-single-slice cac-non-contrast
+    for task in pma cac; do
+        for _ in $(seq 1 "$RUNS"); do
+            seed=$((seed + 1))
+            run_one "$task" "$seed"
+        done
     done
-done
+    stop_node
+fi
+
+# ---------------------------------------------------------------- volumes
+# run_volume KIND SEED: one real-size study sent in one association; t0 =
+# storescu exited. Waits for the node's "series routed" (how many jobs), for
+# each of those jobs to end (done, refused, or failed for good), and for one
+# SR per done job in Orthanc. Prints one JSON line. On the real chest the
+# guards refuse PMA/SFA (no carina found: the arch level is not located) and
+# CAC (contrast): the time then is the time to those verdicts (no SR).
+vresults="$work/volumes.jsonl"
+: >"$vresults"
+run_volume() {
+    local kind="$1" seed="$2" d="$work/volumes/$1-$2" t_send0 t0
+    mkdir -p "$work/volumes"
+    python3 "$root/integration-tests/bench/volumes.py" "$kind" "$d" "$seed" >"$d.json"
+    t_send0=$(date +%s.%N)
+    "$STORESCU" -aet BENCH -aec BIOMARKER +sd 127.0.0.1 "$node_port" "$d"
+    t0=$(date +%s.%N)
+    python3 - "$o_http" "$d.json" "$node_log" "$kind" "$t_send0" "$t0" >>"$vresults" <<'EOF'
+import datetime, json, sys, time, requests
+http, meta, log, kind, t_send0, t0 = sys.argv[1:]
+t_send0, t0 = float(t_send0), float(t0)
+m = json.load(open(meta))
+study, series = m["study"], m["series"]
+ts = lambda v: datetime.datetime.fromisoformat(v.replace("Z", "+00:00")).timestamp()
+deadline = time.time() + 600
+jobs, ended, complete = None, [], None
+s = requests.Session()
+q = {"Level": "Instance", "Query": {"StudyInstanceUID": study, "Modality": "SR"}}
+sr_seen = {}  # SR count -> when Orthanc first had that many
+while True:
+    n_sr = len(s.post(f"http://127.0.0.1:{http}/tools/find", json=q, timeout=10).json())
+    sr_seen.setdefault(n_sr, time.time())
+    jobs, ended = None, []
+    for line in open(log):
+        try:
+            j = json.loads(line)
+        except ValueError:
+            continue
+        f = j.get("fields", {})
+        msg = f.get("message", "")
+        # "job refused" is logged outside the series span: this node receives
+        # one study at a time, so the jobs that end after the send are its own
+        if not (series in line or (msg.startswith("job ") and ts(j["timestamp"]) >= t_send0)):
+            continue
+        route = next((sp.get("route") for sp in j.get("spans", []) if sp.get("route")), f.get("route", "?"))
+        if msg == "series complete":
+            complete = ts(j["timestamp"])
+        elif msg == "series routed":
+            jobs = int(f.get("new_jobs", 0))
+        elif msg in ("job done", "job refused") or (msg == "job failed" and f.get("fault") == "Permanent"):
+            ended.append({"route": route, "outcome": msg.split()[1], "t": ts(j["timestamp"]),
+                          "ms": f.get("ms"), "why": f.get("reason") or f.get("error")})
+    if jobs is not None and len(ended) >= jobs:
+        break
+    if time.time() > deadline:
+        print(f"{kind}: jobs did not end within 600 s ({jobs} routed, {len(ended)} ended)", file=sys.stderr)
+        sys.exit(1)
+    time.sleep(0.05)
+done = sum(1 for e in ended if e["outcome"] == "done")
+while True:
+    n_sr = len(s.post(f"http://127.0.0.1:{http}/tools/find", json=q, timeout=10).json())
+    sr_seen.setdefault(n_sr, time.time())
+    if n_sr >= done:
+        break
+    if time.time() > deadline:
+        print(f"{kind}: {done} SRs not in Orthanc within 600 s", file=sys.stderr)
+        sys.exit(1)
+    time.sleep(0.02)
+# the last SR's arrival (or, with none, the last verdict)
+t_pacs = min(t for n, t in sr_seen.items() if n >= done) if done else max(e["t"] for e in ended)
+print(json.dumps({"kind": kind, "slices": m["slices"], "send_s": round(t0 - t_send0, 3),
+                  "complete_s": round(complete - t0, 3) if complete else None, "jobs": jobs,
+                  "ended": [{**e, "t": round(e["t"] - t0, 3)} for e in ended], "srs": done,
+                  "t_pacs_s": round(t_pacs - t0, 3),
+                  "t_last_verdict_s": round(max(e["t"] for e in ended) - t0, 3) if ended else None}))
+EOF
+}
+
+if [[ " $CASES " == *" volumes "* || " $CASES " == *" queue "* ]]; then
+    start_node "$work/node-volumes" pma-single-slice sfa-single-slice cac-non-contrast liver-abdomen
+    if [[ " $CASES " == *" volumes "* ]]; then
+        for _ in $(seq 1 "$RUNS"); do
+            seed=$((seed + 1))
+            run_volume chest300 "$seed"
+            run_volume chest133 "$seed"
+            run_volume liver150 "$seed"
+        done
+    fi
+    if [[ " $CASES " == *" queue "* ]]; then
+        # QUEUE_N studies (QUEUE_KIND, default chest300) generated first,
+        # then sent back to back, one association each; the clock stops when
+        # every job of every study has ended (done, refused or failed for
+        # good) and Orthanc holds one SR per done job.
+        qdir="$work/queue"
+        mkdir -p "$qdir"
+        for i in $(seq 1 "$QUEUE_N"); do
+            python3 "$root/integration-tests/bench/volumes.py" "$QUEUE_KIND" "$qdir/s$i" "q$i" >"$qdir/s$i.json"
+        done
+        q0=$(date +%s.%N)
+        for i in $(seq 1 "$QUEUE_N"); do
+            "$STORESCU" -aet BENCH -aec BIOMARKER +sd 127.0.0.1 "$node_port" "$qdir/s$i"
+        done
+        t_sent=$(date +%s.%N)
+        python3 - "$o_http" "$qdir" "$QUEUE_N" "$q0" "$node_pid" "$node_log" "$t_sent" "$QUEUE_KIND" <<'EOF'
+import datetime, json, sys, time, requests
+http, qdir, n, q0, pid, log, t_sent, kind = sys.argv[1:]
+n, q0, t_sent = int(n), float(q0), float(t_sent)
+series = {json.load(open(f"{qdir}/s{i}.json"))["series"] for i in range(1, n + 1)}
+ts = lambda v: datetime.datetime.fromisoformat(v.replace("Z", "+00:00")).timestamp()
+s = requests.Session()
+deadline = time.time() + 3600
+while time.time() < deadline:
+    routed, jobs, ended, done = set(), 0, 0, 0
+    for line in open(log):
+        try:
+            j = json.loads(line)
+        except ValueError:
+            continue
+        f = j.get("fields", {})
+        msg = f.get("message", "")
+        if msg == "series routed" and j.get("span", {}).get("uid") in series:
+            routed.add(j["span"]["uid"])
+            jobs += int(f.get("new_jobs", 0))
+        elif ts(j["timestamp"]) >= q0 and (msg in ("job done", "job refused")
+                                            or (msg == "job failed" and f.get("fault") == "Permanent")):
+            ended += 1
+            done += msg == "job done"
+    if len(routed) == n and ended >= jobs:
+        q = {"Level": "Instance", "Query": {"Modality": "SR"}}
+        if len(s.post(f"http://127.0.0.1:{http}/tools/find", json=q, timeout=30).json()) >= done:
+            break
+    time.sleep(0.5)
+el = time.time() - q0
+rss = next(int(l.split()[1]) // 1024 for l in open(f"/proc/{pid}/status") if l.startswith("VmHWM:"))
+print(f"\nQueue: {n} {kind} studies sent back to back (sending took {t_sent - q0:.1f} s): {len(routed)} routed, "
+      f"{ended}/{jobs} jobs ended ({done} done) after {el:.1f} s = {3600 * n / el:.0f} studies/hour; "
+      f"node peak RSS {rss} MiB")
+EOF
+    fi
+    stop_node
+fi
+
+if [ -s "$vresults" ]; then
+    python3 - "$vresults" "$(nproc)" <<'EOF'
+import json, statistics, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+print()
+print(f"Time to result, real-size volumes; CPU, loopback, {sys.argv[2]} cores. t0 = storescu exited (s).")
+print("complete: series complete (early completion); jobs: route outcome@end [job ms]; last SR in PACS: when Orthanc "
+      "had every SR of the study (no SR: the last verdict); all jobs ended: incl. refusals")
+for kind in dict.fromkeys(r["kind"] for r in rows):
+    rs = [r for r in rows if r["kind"] == kind]
+    for r in rs:
+        jobs = ", ".join(f"{e['route']} {e['outcome']}@{e['t']:.2f}" + (f" [{e['ms']:.0f} ms]" if e.get("ms") else "")
+                         + (f" ({e['why'][:60]})" if e["outcome"] != "done" and e.get("why") else "") for e in r["ended"])
+        print(f"{kind:9} {r['slices']:4} slices  send {r['send_s']:6.2f}  complete {r['complete_s']}  "
+              f"last SR in PACS {r['t_pacs_s']:6.2f} ({r['srs']} SR)  all jobs ended {r['t_last_verdict_s']:6.2f}  | {jobs}")
+    print(f"{kind:9} median: last SR in PACS {statistics.median(r['t_pacs_s'] for r in rs):.2f} s, all jobs ended "
+          f"{statistics.median(r['t_last_verdict_s'] for r in rs):.2f} s, over {len(rs)} run(s)")
+EOF
+fi
 
 # ---------------------------------------------------------------- table
-python3 - "$results" "$RUNS" "$(nproc)" <<'EOF'
+[ -s "$results" ] && python3 - "$results" "$RUNS" "$(nproc)" <<'EOF'
 import statistics, sys
 path, runs, cores = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 rows = [l.rstrip("\n").split("\t") for l in open(path) if l.strip()]

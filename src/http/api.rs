@@ -80,7 +80,31 @@ pub async fn readyz(State(st): State<Shared>) -> Response {
         .map(|(k, r)| (k, r.err().unwrap_or_else(|| "ok".into())))
         .collect();
     let code = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    (code, Json(json!({ "ready": ready, "checks": body }))).into_response()
+    (code, Json(json!({ "ready": ready, "checks": body, "models": model_providers(&st) }))).into_response()
+}
+
+/// Which execution provider each configured model actually runs on (after the
+/// start-up check: a CUDA model whose provider failed runs on `cpu`), next to
+/// the one requested. Informational: a CPU fallback is allowed unless the
+/// model is `fail_hard`, in which case the node would not have started.
+fn model_providers(st: &Shared) -> BTreeMap<String, Value> {
+    st.model_config
+        .iter()
+        .map(|(name, cfg)| {
+            let v = match st.models.get(name) {
+                Ok(m) => json!({
+                    "execution_provider": m.provider.as_str(),
+                    "requested": cfg.execution_provider.as_str(),
+                }),
+                Err(e) => json!({
+                    "execution_provider": null,
+                    "requested": cfg.execution_provider.as_str(),
+                    "error": e.reason,
+                }),
+            };
+            (name.clone(), v)
+        })
+        .collect()
 }
 
 /// Counts by state of everything stored, for /metrics and /api/status.

@@ -295,22 +295,132 @@ mod tests {
         assert!(e.to_string().contains("/nonexistent/libonnxruntime.so"), "{e}");
     }
 
+    /// Whether this machine can run the CUDA provider: the loaded ONNX
+    /// Runtime was built with it (the onnxruntime-gpu libraries) and an NVIDIA
+    /// device is present. `BIOMARKER_TEST_CUDA=1` (a GPU CI) or `=0` overrides
+    /// the guess, so a detection mistake cannot turn the CUDA check into the
+    /// fallback check unnoticed. Needs [`init_for_tests`] first.
+    fn cuda_usable() -> bool {
+        use ort::ep::ExecutionProvider as _;
+        match std::env::var("BIOMARKER_TEST_CUDA").as_deref() {
+            Ok("1") => return true,
+            Ok("0") => return false,
+            _ => {}
+        }
+        let built_with_cuda = ort::ep::CUDA::is_available().unwrap_or(false);
+        let device = std::fs::read_dir("/proc/driver/nvidia/gpus").is_ok_and(|mut d| d.next().is_some())
+            || Path::new("/dev/nvidia0").exists();
+        eprintln!("CUDA provider built in: {built_with_cuda}; NVIDIA device present: {device}");
+        built_with_cuda && device
+    }
+
+    /// Runs `f` with this thread's log lines captured, and returns them.
+    fn capture_logs<T>(f: impl FnOnce() -> T) -> (T, String) {
+        #[derive(Clone, Default)]
+        struct Buf(std::sync::Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Buf {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buf = Buf::default();
+        let w = buf.clone();
+        let sub = tracing_subscriber::fmt().with_writer(move || w.clone()).with_ansi(false).finish();
+        let out = tracing::subscriber::with_default(sub, f);
+        let text = String::from_utf8_lossy(&buf.0.lock().unwrap()).into_owned();
+        (out, text)
+    }
+
+    /// A deterministic input in the range the shipped cards feed their models
+    /// (HU clipped and scaled to about [-1, 1]): smooth blobs plus a ramp, so
+    /// the map has structure on both sides of 0.5.
+    fn test_batch(n: usize, h: usize, w: usize) -> Array4<f32> {
+        Array4::from_shape_fn((n, 1, h, w), |(b, _, y, x)| {
+            let (fy, fx) = (y as f32 / h as f32, x as f32 / w as f32);
+            ((fy * 9.0 + b as f32).sin() * (fx * 7.0).cos() + fx - 0.5).clamp(-1.0, 1.0)
+        })
+    }
+
+    /// The provider test adapts to the machine. Without a usable CUDA device
+    /// a CUDA model falls back to CPU, says so in the log and the counter,
+    /// and `fail_hard` refuses to load instead. With one, the CUDA provider
+    /// runs the shipped PMA UNet (profiled: its Conv nodes ran on
+    /// `CUDAExecutionProvider`, not on a silent CPU fallback per node) and its
+    /// map equals the CPU map within 1e-4 absolute (fp32 both sides, TF32 off,
+    /// which is ORT's default; the GPU machine measured ~1e-6).
     #[test]
-    fn cuda_falls_back_to_cpu_unless_fail_hard() {
+    fn cuda_provider_matches_the_machine() {
         if !init_for_tests() {
             return;
         }
-        let before = crate::telemetry::METRICS.cuda_fallbacks.get();
         let opts = RuntimeOptions { execution_provider: ExecutionProvider::Cuda, ..Default::default() };
-        let m = Model::load(&fixture(), &opts).expect("falls back to CPU");
-        assert_eq!(m.provider, ExecutionProvider::Cpu);
-        assert!(crate::telemetry::METRICS.cuda_fallbacks.get() > before);
-        let out = m.run(Array4::zeros((2, 1, 8, 8))).unwrap();
-        assert_eq!(out.shape(), &[2, 1, 8, 8]);
-        assert!((out[[1, 0, 3, 3]] - 0.5).abs() < 1e-6, "sigmoid(0) = 0.5");
+        let hard = RuntimeOptions { fail_hard: true, ..opts.clone() };
+        if !cuda_usable() {
+            let before = crate::telemetry::METRICS.cuda_fallbacks.get();
+            let (m, log) = capture_logs(|| Model::load(&fixture(), &opts));
+            let m = m.expect("falls back to CPU");
+            assert_eq!(m.provider, ExecutionProvider::Cpu);
+            assert!(log.contains("CUDA execution provider unusable; falling back to CPU"), "{log}");
+            assert!(
+                log.lines().any(|l| l.contains("model loaded") && (l.contains("provider=cpu") || l.contains("provider=\"cpu\""))),
+                "the load line names the provider in use: {log}"
+            );
+            assert!(crate::telemetry::METRICS.cuda_fallbacks.get() > before);
+            let out = m.run(Array4::zeros((2, 1, 8, 8))).unwrap();
+            assert_eq!(out.shape(), &[2, 1, 8, 8]);
+            assert!((out[[1, 0, 3, 3]] - 0.5).abs() < 1e-6, "sigmoid(0) = 0.5");
+            assert!(matches!(Model::load(&fixture(), &hard), Err(InferenceError::CudaRequired { .. })));
+            return;
+        }
 
-        let hard = RuntimeOptions { fail_hard: true, ..opts };
-        assert!(matches!(Model::load(&fixture(), &hard), Err(InferenceError::CudaRequired { .. })));
+        // A usable device: no fallback, even for the tiny fixture.
+        let before = crate::telemetry::METRICS.cuda_fallbacks.get();
+        let m = Model::load(&fixture(), &hard).expect("CUDA loads with fail_hard on a GPU machine");
+        assert_eq!(m.provider, ExecutionProvider::Cuda);
+        assert_eq!(crate::telemetry::METRICS.cuda_fallbacks.get(), before, "no CUDA fallback was logged");
+
+        // A real model and a real inference: CUDA map == CPU map.
+        let card_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/pma.yaml");
+        let gpu = Model::load(&card_path, &hard).expect("PMA on CUDA");
+        assert_eq!(gpu.provider, ExecutionProvider::Cuda);
+        let cpu = Model::load(&card_path, &RuntimeOptions::default()).expect("PMA on CPU");
+        let [h, w] = gpu.card.input.size;
+        let input = test_batch(4, h, w);
+        let (a, b) = (gpu.run(input.clone()).unwrap(), cpu.run(input.clone()).unwrap());
+        assert_eq!(a.shape(), b.shape());
+        let max_diff = a.iter().zip(b.iter()).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        eprintln!("PMA map, CUDA vs CPU: max |diff| = {max_diff:e} over {} values", a.len());
+        assert!(max_diff <= 1e-4, "CUDA and CPU maps differ by {max_diff}");
+        assert!(a.iter().any(|&v| v > 0.5) || a.iter().any(|&v| v < 0.5), "the map is not constant");
+
+        // Where the nodes ran: ORT's profile names each node's provider.
+        let dir = tempfile::tempdir().unwrap();
+        let env = environment().unwrap();
+        let mut s = Session::builder(env)
+            .unwrap()
+            .with_profiling(dir.path().join("pma"))
+            .unwrap()
+            .with_execution_providers([ort::ep::CUDA::default().build().error_on_failure()])
+            .unwrap()
+            .commit_from_file(gpu.card.onnx_path())
+            .unwrap();
+        run_session(&gpu.card, &mut s, input).unwrap();
+        let profile = std::fs::read_to_string(s.end_profiling().unwrap()).unwrap();
+        let events: Vec<serde_json::Value> = serde_json::from_str(&profile).unwrap();
+        let conv_providers: Vec<&str> = events
+            .iter()
+            .filter(|e| e["cat"] == "Node" && e["args"]["op_name"].as_str().is_some_and(|o| o.contains("Conv")))
+            .filter_map(|e| e["args"]["provider"].as_str())
+            .collect();
+        assert!(!conv_providers.is_empty(), "the profile lists the Conv nodes");
+        assert!(
+            conv_providers.iter().all(|p| *p == "CUDAExecutionProvider"),
+            "every convolution (Conv, FusedConv, ConvTranspose) ran on CUDA: {conv_providers:?}"
+        );
     }
 
     #[test]

@@ -517,6 +517,8 @@ impl<S: Transport> Association<S> {
         let Some(pending) = self.pending.take() else {
             return Err(AssociationError::Assembly(AssemblyError::DataWithoutCommand));
         };
+        // The index update of a stored instance, answered after the response.
+        let mut indexing = None;
         let rsp = match pending {
             Pending::Duplicate { cmd } => {
                 let sop = cmd.affected_sop_instance_uid.clone().unwrap_or_default();
@@ -556,17 +558,15 @@ impl<S: Transport> Association<S> {
                                 calling_ae: calling_ae.to_owned(),
                             };
                             let placed = self.shared.spool.root().join(&inst.rel_path);
-                            // The file is durable: an index failure is repaired by
-                            // recovery at the next start, so it does not fail the store.
-                            match self.shared.tracker.instance_stored(inst).await {
-                                Ok(crate::series::InsertOutcome::Duplicate) => {
-                                    // Lost a race with another association storing the same
-                                    // UID under another series: keep the first copy only.
-                                    if let Err(e) = std::fs::remove_file(&placed) {
-                                        tracing::warn!(error = %e, "cannot remove a second copy of an instance");
-                                    }
-                                }
-                                Ok(_) => {}
+                            // The file is durable, so the response does not wait for the
+                            // index: an index failure is repaired by recovery at the next
+                            // start and never failed the store. The instance is in the
+                            // tracker's mailbox before the response goes, so the peer's
+                            // next message (a duplicate check, the release that may
+                            // complete the series) is handled after it. Its answer is
+                            // awaited below, before this association reads on.
+                            match self.shared.tracker.queue_instance_stored(inst).await {
+                                Ok(q) => indexing = Some((q, placed)),
                                 Err(e) => tracing::error!(error = %e, "series index update failed; recovery will re-index"),
                             }
                         }
@@ -583,7 +583,21 @@ impl<S: Transport> Association<S> {
                 }
             }
         };
-        self.respond(ctx, rsp).await
+        self.respond(ctx, rsp).await?;
+        if let Some((queued, placed)) = indexing {
+            match queued.outcome().await {
+                Ok(crate::series::InsertOutcome::Duplicate) => {
+                    // Lost a race with another association storing the same
+                    // UID under another series: keep the first copy only.
+                    if let Err(e) = std::fs::remove_file(&placed) {
+                        tracing::warn!(error = %e, "cannot remove a second copy of an instance");
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => tracing::error!(error = %e, "series index update failed; recovery will re-index"),
+            }
+        }
+        Ok(())
     }
 
     async fn respond(&mut self, ctx: u8, rsp: Response) -> Result<(), AssociationError> {

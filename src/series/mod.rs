@@ -66,7 +66,7 @@ pub use index::SeriesIndex;
 pub use queue::{CompletionQueue, SqliteCompletionQueue};
 pub use recover::{recover, Recovery};
 pub use state::{SeriesState, UnknownState};
-pub use tracker::{Tracker, TrackerHandle};
+pub use tracker::{QueuedInstance, Tracker, TrackerHandle};
 
 /// What ingest hands over once an instance is durably in the spool.
 #[derive(Debug, Clone, PartialEq)]

@@ -361,13 +361,31 @@ impl Tracker {
     }
 }
 
+/// An instance in the tracker's mailbox: [`QueuedInstance::outcome`] waits
+/// for the index's answer.
+pub struct QueuedInstance(oneshot::Receiver<Result<InsertOutcome, SeriesError>>);
+
+impl QueuedInstance {
+    pub async fn outcome(self) -> Result<InsertOutcome, SeriesError> {
+        self.0.await.map_err(|_| SeriesError::TrackerStopped)?
+    }
+}
+
 impl TrackerHandle {
     /// Indexes an instance ingest has fsync'd; resolves once the index
-    /// committed, so ingest acknowledges only what the index knows.
+    /// committed.
     pub async fn instance_stored(
         &self,
         inst: StoredInstance,
     ) -> Result<InsertOutcome, SeriesError> {
+        self.queue_instance_stored(inst).await?.outcome().await
+    }
+
+    /// Puts an instance in the tracker's mailbox and returns at once; the
+    /// [`QueuedInstance`] resolves once the index committed. Everything this
+    /// handle's caller sends afterwards (the next instance's duplicate check,
+    /// the association's release) is handled after it: mailbox order.
+    pub async fn queue_instance_stored(&self, inst: StoredInstance) -> Result<QueuedInstance, SeriesError> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Msg::Stored {
@@ -376,7 +394,7 @@ impl TrackerHandle {
             })
             .await
             .map_err(|_| SeriesError::TrackerStopped)?;
-        rx.await.map_err(|_| SeriesError::TrackerStopped)?
+        Ok(QueuedInstance(rx))
     }
 
     /// Whether this SOP instance is already indexed, so ingest can skip

@@ -10,7 +10,10 @@
 //!   fsyncs the file, links it into place and fsyncs every directory it
 //!   created or changed. Only then does ingest answer 0x0000.
 //! - A partial transfer lives only in `tmp/`, which is emptied at start-up,
-//!   so a cut-off transfer never shows up as an instance.
+//!   so a cut-off transfer never shows up as an instance. Where the file
+//!   system has `O_TMPFILE` (ext4, xfs, btrfs, tmpfs), a partial has no
+//!   name at all: it is an unnamed inode that a crash frees, and it gets its
+//!   one name, the final one, by `linkat` after its fsync.
 //! - Memory per instance is bounded, whatever its size: the writer streams
 //!   to disk, and validation ([`check_dataset`]) walks the file, or inflates
 //!   a deflated one as a stream capped at `Incoming::max_dataset_bytes`,
@@ -34,7 +37,10 @@
 use std::fs::{self, File};
 use std::io::{self, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::collections::HashMap;
+use std::os::unix::io::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 
 use dicom_encoding::TransferSyntaxIndex;
 use dicom_object::meta::{FileMetaTable, FileMetaTableBuilder};
@@ -123,6 +129,9 @@ pub struct DiskSpool {
     root: PathBuf,
     tmp: PathBuf,
     seq: AtomicU64,
+    /// Partials are unnamed `O_TMPFILE` inodes (probed at open).
+    unnamed_partials: bool,
+    dir_sync: Arc<DirSync>,
 }
 
 impl DiskSpool {
@@ -142,20 +151,71 @@ impl DiskSpool {
         if discarded > 0 {
             tracing::warn!(discarded, "discarded partial transfers from before the restart");
         }
+        let unnamed_partials = probe_unnamed_partials(&tmp);
+        tracing::debug!(unnamed_partials, "spool opened");
         Ok(DiskSpool {
             root,
             tmp,
             seq: AtomicU64::new(0),
+            unnamed_partials,
+            dir_sync: Arc::new(DirSync::default()),
         })
     }
+
+    /// A new partial file: unnamed where the file system allows, else
+    /// `tmp/<pid>-<n>.part`.
+    fn create_partial(&self) -> io::Result<(File, Option<PathBuf>)> {
+        if self.unnamed_partials {
+            return open_unnamed(&self.tmp).map(|f| (f, None));
+        }
+        let n = self.seq.fetch_add(1, Ordering::Relaxed);
+        let path = self.tmp.join(format!("{}-{n}.part", std::process::id()));
+        // Read too: validation walks the dataset through this handle.
+        let file = fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path)?;
+        Ok((file, Some(path)))
+    }
+}
+
+fn open_unnamed(dir: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .mode(0o666)
+        .custom_flags(libc::O_TMPFILE)
+        .open(dir)
+}
+
+/// Gives an unnamed file its name: `linkat` through `/proc/self/fd`, which
+/// needs no capability (`AT_EMPTY_PATH` would need CAP_DAC_READ_SEARCH).
+fn link_unnamed(file: &File, to: &Path) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let from = std::ffi::CString::new(format!("/proc/self/fd/{}", file.as_raw_fd())).expect("no NUL");
+    let to = std::ffi::CString::new(to.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path has a NUL byte"))?;
+    // SAFETY: both are valid C strings; the fd is open for the call.
+    let rc = unsafe { libc::linkat(libc::AT_FDCWD, from.as_ptr(), libc::AT_FDCWD, to.as_ptr(), libc::AT_SYMLINK_FOLLOW) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Whether unnamed partials work here, end to end: `O_TMPFILE` and linking
+/// one through `/proc` (no `/proc`, an old kernel or another file system
+/// answer no, and the spool names its partials instead).
+fn probe_unnamed_partials(tmp: &Path) -> bool {
+    let probe = tmp.join(format!("{}-probe.part", std::process::id()));
+    let ok = open_unnamed(tmp).and_then(|f| link_unnamed(&f, &probe)).is_ok();
+    let _ = fs::remove_file(&probe);
+    ok
 }
 
 impl Spool for DiskSpool {
     fn begin(&self, incoming: &Incoming) -> Result<Box<dyn SpoolWriter>, SpoolError> {
-        let n = self.seq.fetch_add(1, Ordering::Relaxed);
-        let tmp_path = self.tmp.join(format!("{}-{n}.part", std::process::id()));
-        let file = File::create(&tmp_path)?;
-        let mut out = BufWriter::with_capacity(256 * 1024, file);
+        let (file, tmp_path) = self.create_partial()?;
+        let mut out = BufWriter::with_capacity(WRITEBACK_BYTES as usize, file);
         let mut header = Vec::with_capacity(512);
         write_part10_header(&mut header, incoming)?;
         out.write_all(&header)?;
@@ -165,6 +225,9 @@ impl Spool for DiskSpool {
             out: Some(out),
             incoming: incoming.clone(),
             dataset_offset: header.len(),
+            written: header.len() as u64,
+            writeback_from: 0,
+            dir_sync: self.dir_sync.clone(),
         }))
     }
 
@@ -192,33 +255,65 @@ fn write_part10_header(out: &mut impl Write, incoming: &Incoming) -> Result<(), 
     Ok(())
 }
 
+/// The write buffer, and how much written data starts its writeback early.
+const WRITEBACK_BYTES: u64 = 256 * 1024;
+
 struct DiskWriter {
     root: PathBuf,
-    tmp_path: PathBuf,
+    /// The partial's name, when partials have one (no `O_TMPFILE`).
+    tmp_path: Option<PathBuf>,
     out: Option<BufWriter<File>>,
     incoming: Incoming,
     /// Where the received dataset starts (after preamble and file meta).
     dataset_offset: usize,
+    /// Bytes handed to `out` so far.
+    written: u64,
+    /// Start of the bytes whose writeback is not started yet.
+    writeback_from: u64,
+    dir_sync: Arc<DirSync>,
 }
 
 impl SpoolWriter for DiskWriter {
     fn write(&mut self, data: &[u8]) -> Result<(), SpoolError> {
         let out = self.out.as_mut().expect("writer is present until commit or abort");
         out.write_all(data)?;
+        self.written += data.len() as u64;
+        // Start writing back what reached the file while the rest of the
+        // dataset is still on the wire, so the fsync at commit waits for the
+        // tail only. SYNC_FILE_RANGE_WRITE queues the I/O and returns; it
+        // promises nothing about durability (the fsync does that), so an
+        // error here only loses the head start.
+        let in_file = self.written - out.buffer().len() as u64;
+        if in_file - self.writeback_from >= WRITEBACK_BYTES {
+            // SAFETY: a valid fd and range; the call only schedules writeback.
+            unsafe {
+                libc::sync_file_range(
+                    out.get_ref().as_raw_fd(),
+                    self.writeback_from as libc::off64_t,
+                    (in_file - self.writeback_from) as libc::off64_t,
+                    libc::SYNC_FILE_RANGE_WRITE,
+                );
+            }
+            self.writeback_from = in_file;
+        }
         Ok(())
     }
 
     fn commit(mut self: Box<Self>) -> Result<StoredFile, SpoolError> {
         let result = self.commit_inner();
-        if result.is_err() || result.as_ref().is_ok_and(|s| s.duplicate) {
-            let _ = fs::remove_file(&self.tmp_path);
+        if let Some(tmp) = &self.tmp_path {
+            // Placed or not, the partial's name goes (the placed file keeps
+            // its final name).
+            let _ = fs::remove_file(tmp);
         }
         result
     }
 
     fn abort(mut self: Box<Self>) {
         self.out.take();
-        let _ = fs::remove_file(&self.tmp_path);
+        if let Some(tmp) = &self.tmp_path {
+            let _ = fs::remove_file(tmp);
+        }
     }
 }
 
@@ -228,9 +323,8 @@ impl DiskWriter {
         let file = out.into_inner().map_err(|e| e.into_error())?;
         let size_bytes = file.metadata()?.len();
         // Parse before fsync: a dataset we refuse costs no disk flush.
-        let header = validate(&self.tmp_path, self.dataset_offset as u64, &self.incoming)?;
+        let header = validate(&file, self.dataset_offset as u64, &self.incoming)?;
         file.sync_all()?;
-        drop(file);
 
         let final_path = crate::dicom::uid_path(
             &self.root,
@@ -243,17 +337,25 @@ impl DiskWriter {
             .to_path_buf();
         let series_dir = final_path.parent().expect("uid_path adds components").to_path_buf();
         let created = create_dirs_durably(&self.root, rel_path.parent().expect("three components"))?;
-        let duplicate = match fs::hard_link(&self.tmp_path, &final_path) {
+        // The file's bytes and inode are durable (fsync above) before it has
+        // its final name: a crash can leave a partial in tmp/ (or an unnamed
+        // inode), never a torn file under spool/.
+        let linked = match &self.tmp_path {
+            Some(tmp) => fs::hard_link(tmp, &final_path),
+            None => link_unnamed(&file, &final_path),
+        };
+        drop(file);
+        let duplicate = match linked {
             Ok(()) => false,
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => true,
             Err(e) => return Err(e.into()),
         };
-        if !duplicate {
-            fs::remove_file(&self.tmp_path)?;
-            fsync_dir(&series_dir)?;
-        } else if created {
-            // cannot happen (the dir had our file), but keep the dirs durable anyway
-            fsync_dir(&series_dir)?;
+        if !duplicate || created {
+            // The new entry (or, for a duplicate, the dirs we made: cannot
+            // happen, the dir had the first copy, but keep them durable) is
+            // durable once the series directory is fsync'd after the link.
+            // Concurrent stores into one series share that fsync (DirSync).
+            self.dir_sync.sync(&series_dir)?;
         }
         Ok(StoredFile {
             rel_path,
@@ -270,8 +372,7 @@ impl DiskWriter {
 /// the length walk of [`crate::dicom::scan`] reads the file (or inflates
 /// it) through a fixed buffer, skipping values, and keeps only the
 /// attributes [`InstanceHeader`] needs; dicom-rs parses just those.
-fn validate(path: &Path, dataset_offset: u64, incoming: &Incoming) -> Result<InstanceHeader, SpoolError> {
-    let mut file = File::open(path)?;
+fn validate(mut file: &File, dataset_offset: u64, incoming: &Incoming) -> Result<InstanceHeader, SpoolError> {
     let len = file.metadata()?.len().saturating_sub(dataset_offset);
     file.seek(SeekFrom::Start(dataset_offset))?;
     check_dataset(file, len, incoming)
@@ -342,6 +443,90 @@ fn create_dirs_durably(root: &Path, rel: &Path) -> io::Result<bool> {
 
 fn fsync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
+}
+
+/// Group commit of directory fsyncs: stores that linked a file into the
+/// same directory share one fsync instead of one each.
+///
+/// Why it keeps the guarantee: a store asks for the sync only after its
+/// `linkat` returned, and takes a ticket (`requested`) under the lock. An
+/// fsync of a directory makes durable every entry the directory holds when
+/// the fsync starts. The syncer reads `requested` under the lock just before
+/// it starts its fsync, so every ticket up to that number belongs to a link
+/// already made, and is covered once that fsync returns: then `synced`
+/// moves to it and those stores may answer. A store whose ticket came later
+/// waits for the next fsync (which it may run itself). A failed fsync moves
+/// nothing, so its waiters run their own and get its error or success
+/// honestly. Nothing is acknowledged on an fsync that started before its
+/// link.
+#[derive(Default)]
+struct DirSync {
+    dirs: Mutex<HashMap<PathBuf, Arc<DirState>>>,
+}
+
+#[derive(Default)]
+struct DirState {
+    tickets: Mutex<Tickets>,
+    done: Condvar,
+}
+
+#[derive(Default)]
+struct Tickets {
+    requested: u64,
+    synced: u64,
+    syncing: bool,
+}
+
+impl DirSync {
+    fn sync(&self, dir: &Path) -> io::Result<()> {
+        let state = self
+            .dirs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(dir.to_path_buf())
+            .or_default()
+            .clone();
+        let result = state.sync(dir);
+        // Forget a directory nobody else is syncing: the map stays as small
+        // as the number of series being received at once.
+        let mut dirs = self.dirs.lock().unwrap_or_else(|p| p.into_inner());
+        if Arc::strong_count(&state) == 2 {
+            let t = state.tickets.lock().unwrap_or_else(|p| p.into_inner());
+            if !t.syncing && t.synced == t.requested {
+                drop(t);
+                dirs.remove(dir);
+            }
+        }
+        result
+    }
+}
+
+impl DirState {
+    fn sync(&self, dir: &Path) -> io::Result<()> {
+        let mut t = self.tickets.lock().unwrap_or_else(|p| p.into_inner());
+        t.requested += 1;
+        let mine = t.requested;
+        loop {
+            if t.synced >= mine {
+                return Ok(());
+            }
+            if t.syncing {
+                t = self.done.wait(t).unwrap_or_else(|p| p.into_inner());
+                continue;
+            }
+            t.syncing = true;
+            let covers = t.requested;
+            drop(t);
+            let r = fsync_dir(dir);
+            t = self.tickets.lock().unwrap_or_else(|p| p.into_inner());
+            t.syncing = false;
+            if r.is_ok() {
+                t.synced = t.synced.max(covers);
+            }
+            self.done.notify_all();
+            r?;
+        }
+    }
 }
 
 /// Free bytes available to us (not root's reserve) on the filesystem of `path`.
@@ -438,6 +623,45 @@ mod tests {
         assert!(w.commit().unwrap().duplicate);
         assert_eq!(fs::read(&path).unwrap(), first);
         assert_eq!(fs::read_dir(d.path().join("tmp")).unwrap().count(), 0);
+    }
+
+    /// Named partials (no O_TMPFILE) and unnamed ones place the same file,
+    /// and many stores into one series at once (sharing directory fsyncs)
+    /// all land whole, with nothing left in tmp/.
+    #[test]
+    fn concurrent_commits_into_one_series_with_named_and_unnamed_partials() {
+        for unnamed in [false, true] {
+            let d = tempfile::tempdir().unwrap();
+            let mut spool = DiskSpool::open(d.path()).unwrap();
+            if unnamed && !spool.unnamed_partials {
+                eprintln!("no O_TMPFILE here: the unnamed case is the named one");
+            }
+            spool.unnamed_partials &= unnamed;
+            let spool = Arc::new(spool);
+            let threads: Vec<_> = (0..8)
+                .map(|t| {
+                    let spool = spool.clone();
+                    std::thread::spawn(move || {
+                        for i in 0..12 {
+                            let sop = format!("1.2.3.4.{t}.{i}");
+                            let mut w = spool.begin(&incoming(&sop)).unwrap();
+                            for chunk in dataset_bytes(&sop).chunks(100) {
+                                w.write(chunk).unwrap();
+                            }
+                            let s = w.commit().unwrap();
+                            assert!(!s.duplicate);
+                            assert_eq!(read_header(&spool.root().join(&s.rel_path)).unwrap().sop_instance_uid.as_str(), sop);
+                        }
+                    })
+                })
+                .collect();
+            for t in threads {
+                t.join().unwrap();
+            }
+            assert_eq!(fs::read_dir(spool.root().join("1.2.3/1.2.3.4")).unwrap().count(), 96, "unnamed: {unnamed}");
+            assert_eq!(fs::read_dir(d.path().join("tmp")).unwrap().count(), 0);
+            assert!(spool.dir_sync.dirs.lock().unwrap().is_empty(), "idle directories are forgotten");
+        }
     }
 
     #[test]

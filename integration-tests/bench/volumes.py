@@ -1,0 +1,103 @@
+"""Real-size CT volumes for bench/time_to_result.sh, built from the real scans in ../shared/realct-labelled.
+
+    python3 volumes.py chest300 OUT_DIR SEED   # 300 axial slices, chest (PMA, SFA and CAC routes)
+    python3 volumes.py liver150 OUT_DIR SEED   # 150 axial slices, contrast abdomen (liver route)
+    python3 volumes.py chest133 OUT_DIR SEED   # the real chest as scanned (2.5 mm), for comparison
+
+chest300: LIDC-IDRI-0001 (133 slices of 2.5 mm, shoulders to kidneys) resampled to 300 slices over the same z range
+(linear interpolation of HU between neighbouring slices: 1.1 mm apart, SliceThickness 1.1), so the series has the
+size of a thin-slice chest CT. Its ContrastBolusAgent ("IV") is removed, so the header no longer says contrast and
+the cac-non-contrast route matches; the CAC card's own pixel check still sees the contrast in the aorta.
+liver150: 3D-IRCADb-01 patient 7, its first 150 slices as they are, with SeriesDescription "LIVER" and
+BodyPartExamined "ABDOMEN" added (its headers are sparse and match no route otherwise).
+Each call writes new Study/Series/SOP UIDs (from SEED), so repeated runs are new studies. Prints the series UID,
+study UID and slice count as JSON. Nothing written here may leave the machine (the scans' licences).
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.uid import generate_uid
+
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "realct-labelled"
+
+
+def uids(seed: str):
+    study = generate_uid(entropy_srcs=[sys.argv[1], seed, "study"])
+    series = generate_uid(entropy_srcs=[sys.argv[1], seed, "series"])
+    return study, series
+
+
+def read_sorted(folder: Path):
+    ds = [pydicom.dcmread(p) for p in sorted(folder.glob("*.dcm"))]
+    ds.sort(key=lambda d: float(d.ImagePositionPatient[2]))
+    return ds
+
+
+def chest300(out: Path, seed: str) -> dict:
+    src = read_sorted(SHARED / "chest-lidc0001" / "ct")
+    z = np.array([float(d.ImagePositionPatient[2]) for d in src])
+    hu = [d.pixel_array.astype(np.float32) * float(d.RescaleSlope) + float(d.RescaleIntercept) for d in src]
+    n = 300
+    zs = np.linspace(z[0], z[-1], n)
+    step = float(zs[1] - zs[0])
+    study, series = uids(seed)
+    tmpl = src[0]
+    for i, zi in enumerate(zs):
+        k = min(int(np.searchsorted(z, zi, side="right")) - 1, len(z) - 2)
+        w = (zi - z[k]) / (z[k + 1] - z[k])
+        img = (1 - w) * hu[k] + w * hu[k + 1]
+        d = src[k].copy() if hasattr(src[k], "copy") else pydicom.dcmread(src[k].filename)
+        stored = np.round((img - float(tmpl.RescaleIntercept)) / float(tmpl.RescaleSlope)).astype(np.int16)
+        d.PixelData = stored.tobytes()
+        d.BitsAllocated, d.BitsStored, d.HighBit, d.PixelRepresentation = 16, 16, 15, 1
+        d.RescaleSlope, d.RescaleIntercept = tmpl.RescaleSlope, tmpl.RescaleIntercept
+        d.ImagePositionPatient = [d.ImagePositionPatient[0], d.ImagePositionPatient[1], f"{zi:.3f}"]
+        d.SliceLocation = f"{zi:.3f}"
+        d.SliceThickness = f"{step:.3f}"
+        if "SpacingBetweenSlices" in d:
+            d.SpacingBetweenSlices = f"{step:.3f}"
+        if "ContrastBolusAgent" in d:
+            del d.ContrastBolusAgent
+        write(d, out / f"{i:04d}.dcm", study, series, seed, i)
+    return {"study": study, "series": series, "slices": n}
+
+
+def chest133(out: Path, seed: str) -> dict:
+    """The real chest as it is (2.5 mm), new UIDs, ContrastBolusAgent removed like chest300's."""
+    src = read_sorted(SHARED / "chest-lidc0001" / "ct")
+    study, series = uids(seed)
+    for i, d in enumerate(src):
+        if "ContrastBolusAgent" in d:
+            del d.ContrastBolusAgent
+        write(d, out / f"{i:04d}.dcm", study, series, seed, i)
+    return {"study": study, "series": series, "slices": len(src)}
+
+
+def liver150(out: Path, seed: str) -> dict:
+    src = read_sorted(SHARED / "liver-ircad07" / "ct")[:150]
+    study, series = uids(seed)
+    for i, d in enumerate(src):
+        d.SeriesDescription = "LIVER"
+        d.BodyPartExamined = "ABDOMEN"
+        write(d, out / f"{i:04d}.dcm", study, series, seed, i)
+    return {"study": study, "series": series, "slices": len(src)}
+
+
+def write(d, path: Path, study: str, series: str, seed: str, i: int) -> None:
+    d.StudyInstanceUID, d.SeriesInstanceUID = study, series
+    d.SOPInstanceUID = generate_uid(entropy_srcs=[sys.argv[1], seed, "sop", str(i)])
+    d.file_meta.MediaStorageSOPInstanceUID = d.SOPInstanceUID
+    d.InstanceNumber = i + 1
+    if "FrameOfReferenceUID" in d:
+        d.FrameOfReferenceUID = generate_uid(entropy_srcs=[sys.argv[1], seed, "for"])
+    d.save_as(path, enforce_file_format=True)
+
+
+if __name__ == "__main__":
+    kind, out, seed = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
+    out.mkdir(parents=True, exist_ok=True)
+    print(json.dumps({"chest300": chest300, "chest133": chest133, "liver150": liver150}[kind](out, seed)))
