@@ -25,6 +25,7 @@
 //! panics fails it at shutdown.
 
 pub mod check;
+mod cluster;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -62,15 +63,20 @@ pub fn init_tracing(cfg: &Config) {
 }
 
 /// `biomarker-node serve`: check the config, start the runtime, run the node
-/// until a stop signal.
-pub fn serve(config_path: &Path) -> anyhow::Result<()> {
+/// until a stop signal. `role` other than embedded needs the `cluster:`
+/// section ([`cluster`]).
+pub fn serve(config_path: &Path, role: crate::config::Role) -> anyhow::Result<()> {
     let (cfg, table) = check::checked(config_path)?;
+    cluster::check_role(&cfg, role)?;
     init_tracing(&cfg);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let r = rt.block_on(run(cfg, table, config_path.to_owned()));
+    let r = match role {
+        crate::config::Role::Embedded => rt.block_on(run(cfg, table, config_path.to_owned())),
+        role => rt.block_on(cluster::run(cfg, role)),
+    };
     // A job abandoned at its deadline may still occupy a blocking thread
     // (a hung read, a stuck model); dropping the runtime would wait for it
     // forever. Everything durable is already committed here.
@@ -152,7 +158,7 @@ async fn run(cfg: Config, table: RouteTable, config_path: PathBuf) -> anyhow::Re
         spool,
         tracker,
     });
-    let accept = start_listeners(&ctx, ingest, gate).await?;
+    let accept = start_listeners(&ctx.cfg.node, &ctx.shutdown, ingest, gate).await?;
     ready.store(true, Ordering::Release);
     wait_for_signal().await;
     tracing::info!("shutting down: no new associations; open ones are aborted, unacknowledged data is dropped");
@@ -329,12 +335,16 @@ async fn start_http(
 
 /// Ingest: the plain DICOM port (unless TLS only) and the TLS port, both
 /// bound before any accepts, then their accept loops.
-async fn start_listeners(ctx: &Ctx, ingest: Arc<Shared>, gate: Arc<Gate>) -> anyhow::Result<Vec<JoinHandle<()>>> {
-    let node = &ctx.cfg.node;
+async fn start_listeners(
+    node: &crate::config::NodeConfig,
+    shutdown: &CancellationToken,
+    ingest: Arc<Shared>,
+    gate: Arc<Gate>,
+) -> anyhow::Result<Vec<JoinHandle<()>>> {
     let mut listeners = Vec::new();
     if node.tls.as_ref().is_none_or(|t| t.plain) {
         let addr = SocketAddr::new(node.bind, node.port);
-        let l = Listener::bind_on(addr, None, ingest.clone(), gate.clone(), ctx.shutdown.clone())
+        let l = Listener::bind_on(addr, None, ingest.clone(), gate.clone(), shutdown.clone())
             .await
             .with_context(|| format!("cannot listen on {addr}"))?;
         listeners.push(l);
@@ -342,7 +352,7 @@ async fn start_listeners(ctx: &Ctx, ingest: Arc<Shared>, gate: Arc<Gate>) -> any
     if let Some(t) = &node.tls {
         let server = crate::tls::server_config(t).context("node.tls")?;
         let addr = SocketAddr::new(node.bind, t.port);
-        let l = Listener::bind_on(addr, Some(server), ingest.clone(), gate.clone(), ctx.shutdown.clone())
+        let l = Listener::bind_on(addr, Some(server), ingest.clone(), gate.clone(), shutdown.clone())
             .await
             .with_context(|| format!("cannot listen on {addr} (node.tls.port)"))?;
         listeners.push(l);
