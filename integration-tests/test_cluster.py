@@ -179,11 +179,18 @@ def test_receiver_acknowledges_only_what_is_in_the_object_store(tmp_path, binary
         assert node.spool_entries() == []
         assert list(node.tmp_dir.iterdir()) == []
 
-        # A resend: acknowledged again, no second object, no second message.
-        r = storescu(node, series.paths[:3])
-        assert r.returncode == 0 and _successes(r) == 3, r.stdout + r.stderr
+        # A resend, to this receiver and to a second one (which has never seen these UIDs, so its spool
+        # finds the objects in the bucket): acknowledged again, no second object, no second message.
+        other = _receiver(tmp_path / "other", nats_server.url).start()
+        try:
+            for target in (node, other):
+                r = storescu(target, series.paths[:3])
+                assert r.returncode == 0 and _successes(r) == 3, r.stdout + r.stderr + target.log_tail()
+            other.assert_alive()
+        finally:
+            other.stop()
         objects2, msgs2 = read_back(nats_server.url)
-        assert objects2.keys() == objects.keys()
+        assert objects2 == objects
         assert len(msgs2) == 6
         node.assert_alive()
     finally:

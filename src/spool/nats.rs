@@ -16,16 +16,17 @@
 //! - The object comes before its metadata message: a consumer of the stream
 //!   always finds the object. A crash between the two leaves an object
 //!   without a message; the peer got no success and sends it again, which
-//!   puts the object again (the same name, the same bytes) and publishes.
+//!   finds the object (not uploaded again) and publishes the message.
 //! - Partials stay local: the dataset streams to `<data_dir>/tmp/` (memory
 //!   bounded as for the disk spool), is validated there by the same
 //!   [`super::validate`], and is uploaded only when whole and valid.
 //! - Object name = the disk spool's relative path
 //!   (`<study>/<series>/<sop>.dcm`), from validated UIDs.
 //! - Duplicates: an object already under that name is not uploaded again
-//!   (`duplicate: true`), so two receivers racing on one UID each store
-//!   the same bytes at worst. The stream dedupes its message on the SOP
-//!   Instance UID within its duplicate window; consumers dedupe on the UID.
+//!   (`duplicate: true`), but its message is published again, so two
+//!   receivers racing on one UID each store the same bytes at worst. The
+//!   stream dedupes the message on the SOP Instance UID within its
+//!   duplicate window (2 min); consumers dedupe on the UID.
 //!
 //! Failures: NATS unreachable, a missing ack or a timeout
 //! (`cluster.ack_timeout_s`) are [`SpoolError::Shared`], transient: the
@@ -105,18 +106,20 @@ impl Shared {
 
     /// Uploads one validated Part 10 file and publishes its metadata; both
     /// acknowledged before this returns. `Ok(true)`: the object was already
-    /// there and was not uploaded again.
+    /// there and was not uploaded again (its message is published anyway).
     async fn store(&self, path: &Path, meta: &InstanceMeta) -> Result<bool, SpoolError> {
-        if self.bucket.info(&meta.object).await.is_ok() {
-            return Ok(true);
+        // An object already there is not uploaded again, but its message is
+        // still published: the earlier attempt may have died between the two.
+        let duplicate = self.bucket.info(&meta.object).await.is_ok();
+        if !duplicate {
+            let mut file = tokio::fs::File::open(path).await?;
+            let object = object_store::ObjectMetadata {
+                name: meta.object.clone(),
+                chunk_size: Some(CHUNK_BYTES),
+                ..Default::default()
+            };
+            self.bucket.put(object, &mut file).await.map_err(|e| shared("object put", &e))?;
         }
-        let mut file = tokio::fs::File::open(path).await?;
-        let object = object_store::ObjectMetadata {
-            name: meta.object.clone(),
-            chunk_size: Some(CHUNK_BYTES),
-            ..Default::default()
-        };
-        self.bucket.put(object, &mut file).await.map_err(|e| shared("object put", &e))?;
         let mut headers = async_nats::HeaderMap::new();
         headers.insert("Nats-Msg-Id", meta.header.sop_instance_uid.as_str());
         let body = serde_json::to_vec(meta).map_err(|e| SpoolError::Meta(e.to_string()))?;
@@ -127,7 +130,7 @@ impl Shared {
             .map_err(|e| shared("metadata publish", &e))?
             .await
             .map_err(|e| shared("metadata publish ack", &e))?;
-        Ok(false)
+        Ok(duplicate)
     }
 }
 
