@@ -32,7 +32,7 @@ import pytest
 
 import instances
 from ci_no_skip import in_ci
-from nodeharness import Node, free_port, node_binary, storescu
+from nodeharness import Node, completed, free_port, node_binary, storescu
 
 nats = pytest.importorskip("nats", reason="nats-py (pip install nats-py; scripts/install-deps.sh)")
 
@@ -102,12 +102,24 @@ def nats_server(tmp_path):
     s.stop()
 
 
-def _receiver(tmp_path: Path, url: str) -> Node:
-    n = Node(tmp_path / "receiver", {"cluster": {
+def _cluster(url: str) -> dict:
+    return {"cluster": {
         "nats_url": url, "instances_bucket": BUCKET, "instances_stream": STREAM, "instances_subject": SUBJECT,
         "ack_timeout_s": 3,
-    }})
+    }}
+
+
+def _receiver(tmp_path: Path, url: str) -> Node:
+    n = Node(tmp_path / "receiver", _cluster(url))
     n.serve_args = ["--role", "receiver"]
+    return n
+
+
+def _worker(tmp_path: Path, url: str) -> Node:
+    n = Node(tmp_path, {**_cluster(url), "series": {"quiet_seconds": 1.0}})
+    n.serve_args = ["--role", "worker"]
+    # A worker has no DICOM listener: wait for its HTTP port instead.
+    n.port = n.http_port
     return n
 
 
@@ -130,6 +142,14 @@ async def _read_back(url: str) -> tuple[dict[str, bytes], list[dict]]:
             m = await js.get_msg(STREAM, seq)
             msgs.append({"subject": m.subject, **json.loads(m.data)})
         return objects, msgs
+    finally:
+        await nc.close()
+
+
+async def _consumer_info(url: str, name: str):
+    nc = await nats.connect(url, max_reconnect_attempts=0)
+    try:
+        return await nc.jetstream().consumer_info(STREAM, name)
     finally:
         await nc.close()
 
@@ -229,6 +249,43 @@ def test_no_success_while_nats_is_down_and_nothing_acknowledged_is_lost(tmp_path
             i.sop for i in first.instances + later.instances)
     finally:
         node.stop()
+
+
+def test_a_study_over_two_receivers_is_one_series_on_the_worker(tmp_path, binary, nats_server):
+    """Half of a series through each receiver; the worker, started afterwards, catches up from the
+    stream: one series, every instance once, each file the dataset that was sent."""
+    series = instances.write_series(tmp_path / "src", 8)
+    a = _receiver(tmp_path / "a", nats_server.url).start()
+    b = _receiver(tmp_path / "b", nats_server.url).start()
+    try:
+        for node, paths in ((a, series.paths[:4]), (b, series.paths[4:])):
+            r = storescu(node, paths)
+            assert r.returncode == 0 and _successes(r) == 4, r.stdout + r.stderr + node.log_tail()
+    finally:
+        a.stop()
+        b.stop()
+
+    worker = _worker(tmp_path / "worker", nats_server.url).start()
+    try:
+        entry = worker.wait_series(series.series, completed, timeout=30)
+        assert completed(entry), f"{entry}\n{worker.log_tail()}"
+        assert [s["series_instance_uid"] for s in worker.series()] == [series.series]
+        files = worker.spool_files()
+        assert sorted(files) == sorted(i.sop for i in series.instances), worker.log_tail()
+        for inst in series.instances:
+            assert _dataset_bytes(files[inst.sop].read_bytes()) == _dataset_bytes(inst.path.read_bytes())
+        # Every message was acked once its file and index row were durable: nothing pending on the
+        # workers' durable consumer. Restarted, the worker gets nothing twice.
+        info = asyncio.run(_consumer_info(nats_server.url, "bn-worker-series"))
+        assert (info.num_pending, info.num_ack_pending, info.delivered.stream_seq) == (0, 0, 8), info
+        worker.stop()
+        worker.start()
+        time.sleep(2)
+        assert [s["series_instance_uid"] for s in worker.series()] == [series.series]
+        assert "cannot materialise" not in worker.log_text()
+        worker.assert_alive()
+    finally:
+        worker.stop()
 
 
 def _run(*args) -> subprocess.CompletedProcess:

@@ -74,7 +74,9 @@ pub fn serve(config_path: &Path, role: crate::config::Role) -> anyhow::Result<()
         .build()
         .context("cannot start the async runtime")?;
     let r = match role {
-        crate::config::Role::Embedded => rt.block_on(run(cfg, table, config_path.to_owned())),
+        crate::config::Role::Embedded | crate::config::Role::Worker => {
+            rt.block_on(run(cfg, table, config_path.to_owned(), role))
+        }
         role => rt.block_on(cluster::run(cfg, role)),
     };
     // A job abandoned at its deadline may still occupy a blocking thread
@@ -101,7 +103,9 @@ struct Ctx {
     routes: SharedRoutes,
 }
 
-async fn run(cfg: Config, table: RouteTable, config_path: PathBuf) -> anyhow::Result<()> {
+/// The embedded node; as `--role worker`, the same stages fed from the
+/// cluster's instances stream instead of DICOM listeners ([`cluster::start_feed`]).
+async fn run(cfg: Config, table: RouteTable, config_path: PathBuf, role: crate::config::Role) -> anyhow::Result<()> {
     std::fs::create_dir_all(&cfg.node.data_dir)
         .with_context(|| format!("cannot create data_dir {}", cfg.node.data_dir.display()))?;
     let spool = Arc::new(DiskSpool::open(&cfg.node.data_dir).context("cannot open the spool")?);
@@ -127,6 +131,12 @@ async fn run(cfg: Config, table: RouteTable, config_path: PathBuf) -> anyhow::Re
         queue,
         jobs,
         models,
+    };
+    let feed = match role {
+        crate::config::Role::Worker => {
+            Some(cluster::start_feed(&ctx.cfg, spool.clone(), tracker.clone(), ctx.shutdown.clone()).await?)
+        }
+        _ => None,
     };
     tokio::spawn(watch_models(ctx.models.clone(), ctx.shutdown.clone()));
     let router = tokio::spawn(build_router(&ctx)?.run(ctx.shutdown.clone()));
@@ -158,13 +168,18 @@ async fn run(cfg: Config, table: RouteTable, config_path: PathBuf) -> anyhow::Re
         spool,
         tracker,
     });
-    let accept = start_listeners(&ctx.cfg.node, &ctx.shutdown, ingest, gate).await?;
+    let accept = if feed.is_some() {
+        Vec::new()
+    } else {
+        start_listeners(&ctx.cfg.node, &ctx.shutdown, ingest, gate).await?
+    };
     ready.store(true, Ordering::Release);
     wait_for_signal().await;
     tracing::info!("shutting down: no new associations; open ones are aborted, unacknowledged data is dropped");
     ctx.shutdown.cancel();
     Running {
         accept,
+        feed,
         reloader,
         http,
         worker,
@@ -374,6 +389,8 @@ async fn start_listeners(
 /// The tasks of a running node.
 struct Running {
     accept: Vec<JoinHandle<()>>,
+    /// `--role worker`: the instances stream into the spool and tracker.
+    feed: Option<JoinHandle<()>>,
     reloader: JoinHandle<()>,
     http: Option<JoinHandle<()>>,
     worker: JoinHandle<()>,
@@ -391,6 +408,9 @@ impl Running {
     async fn stop(self) -> anyhow::Result<()> {
         for a in self.accept {
             a.await.context("accept loop panicked")?;
+        }
+        if let Some(f) = self.feed {
+            f.await.context("instance feed panicked")?;
         }
         let _ = self.reloader.await;
         if let Some(t) = self.http {

@@ -261,3 +261,144 @@ impl NatsWriter {
         })
     }
 }
+
+/// How long the stream waits for a worker's ack before it delivers an
+/// instance message again.
+const FEED_ACK_WAIT: Duration = Duration::from_secs(30);
+/// Deliveries of one instance message before the stream gives up on it
+/// (an object that cannot be fetched or is not a valid dataset).
+const FEED_MAX_DELIVER: i64 = 10;
+
+/// The instances stream as a worker reads it: a durable pull consumer,
+/// explicit acks. A message is acked by the caller only once the instance
+/// is durable on its side ([`Delivered::ack`]); one that is not is
+/// delivered again after [`FEED_ACK_WAIT`].
+pub struct InstanceFeed {
+    messages: jetstream::consumer::pull::Stream,
+    bucket: object_store::ObjectStore,
+}
+
+/// One instance message and the means to fetch its object.
+pub struct Delivered {
+    pub meta: InstanceMeta,
+    msg: jetstream::Message,
+}
+
+impl Shared {
+    /// The durable consumer `durable` on the instances stream, created if
+    /// absent; every worker of one cluster uses the same name, so each
+    /// message goes to one of them.
+    pub async fn feed(&self, durable: &str) -> Result<InstanceFeed, SpoolError> {
+        use jetstream::consumer::{pull, AckPolicy};
+        let stream = self
+            .js
+            .get_stream(&self.cfg.instances_stream)
+            .await
+            .map_err(|e| shared("open the instances stream", &e))?;
+        let consumer: jetstream::consumer::Consumer<pull::Config> = stream
+            .get_or_create_consumer(
+                durable,
+                pull::Config {
+                    durable_name: Some(durable.to_owned()),
+                    ack_policy: AckPolicy::Explicit,
+                    ack_wait: FEED_ACK_WAIT,
+                    max_deliver: FEED_MAX_DELIVER,
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| shared("create the instances consumer", &e))?;
+        let messages = consumer.messages().await.map_err(|e| shared("consume the instances stream", &e))?;
+        Ok(InstanceFeed {
+            messages,
+            bucket: self.bucket.clone(),
+        })
+    }
+}
+
+impl InstanceFeed {
+    /// The next instance message; `None` when the connection is closed for
+    /// good. A message whose body is not an [`InstanceMeta`] is an error
+    /// for the caller to log; it is terminated here (never redelivered).
+    pub async fn next(&mut self) -> Option<Result<Delivered, SpoolError>> {
+        use futures_util::StreamExt;
+        let msg = match self.messages.next().await? {
+            Ok(m) => m,
+            Err(e) => return Some(Err(shared("instances stream", &e))),
+        };
+        match serde_json::from_slice::<InstanceMeta>(&msg.payload) {
+            Ok(meta) => Some(Ok(Delivered { meta, msg })),
+            Err(e) => {
+                let _ = msg.ack_with(jetstream::AckKind::Term).await;
+                Some(Err(SpoolError::Unparseable(format!("instance message on {}: {e}", msg.subject))))
+            }
+        }
+    }
+
+    /// Copies the instance's object into `disk` (the worker's local spool:
+    /// same layout, same fsyncs and checks as a C-STORE into an embedded
+    /// node), streaming, without holding the object in memory. The object's
+    /// own Part 10 header is replaced by the disk spool's, as on ingest.
+    pub async fn materialize(
+        &self,
+        d: &Delivered,
+        disk: &std::sync::Arc<super::DiskSpool>,
+        max_dataset_bytes: u64,
+    ) -> Result<StoredFile, SpoolError> {
+        use tokio::io::AsyncReadExt;
+        let mut object = self
+            .bucket
+            .get(&d.meta.object)
+            .await
+            .map_err(|e| shared(&format!("get object {}", d.meta.object), &e))?;
+        // Preamble, `DICM`, then (0002,0000) UL: its value is the length of
+        // the rest of the file meta group.
+        let mut head = [0u8; 144];
+        object.read_exact(&mut head).await?;
+        if &head[128..132] != b"DICM" || head[132..138] != [0x02, 0x00, 0x00, 0x00, b'U', b'L'] {
+            return Err(SpoolError::Unparseable(format!("object {} is not a Part 10 file", d.meta.object)));
+        }
+        let mut skip = u32::from_le_bytes(head[140..144].try_into().expect("4 bytes")) as u64;
+        let incoming = Incoming {
+            sop_class_uid: d.meta.header.sop_class_uid.to_string(),
+            sop_instance_uid: d.meta.header.sop_instance_uid.to_string(),
+            transfer_syntax: d.meta.transfer_syntax.clone(),
+            max_dataset_bytes,
+        };
+        let mut writer = disk.begin(&incoming)?;
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut written = 0u64;
+        let copied: Result<(), SpoolError> = async {
+            loop {
+                let n = object.read(&mut buf).await?;
+                if n == 0 {
+                    return Ok(());
+                }
+                let mut chunk = &buf[..n];
+                let s = skip.min(chunk.len() as u64) as usize;
+                chunk = &chunk[s..];
+                skip -= s as u64;
+                written += chunk.len() as u64;
+                if written > max_dataset_bytes {
+                    return Err(SpoolError::TooLarge { limit_bytes: max_dataset_bytes, inflated: false });
+                }
+                writer.write(chunk)?;
+            }
+        }
+        .await;
+        if let Err(e) = copied {
+            writer.abort();
+            return Err(e);
+        }
+        tokio::task::spawn_blocking(move || writer.commit())
+            .await
+            .map_err(|e| SpoolError::Io(std::io::Error::other(e.to_string())))?
+    }
+}
+
+impl Delivered {
+    /// The instance is durable downstream: the stream may forget it.
+    pub async fn ack(&self) -> Result<(), SpoolError> {
+        self.msg.ack().await.map_err(|e| shared("ack", &*e))
+    }
+}
