@@ -62,7 +62,8 @@ pub enum Role {
     /// A stateless DICOM SCP: instances go to the object store, their
     /// metadata to the stream.
     Receiver,
-    /// Series, routing, jobs and outbox from the shared state.
+    /// Series, routing, jobs and outbox, fed from the instances stream
+    /// (one worker per cluster so far: docs/SCALE-OUT.md).
     Worker,
     /// Receiver and worker in one process, on the shared state.
     All,
