@@ -8,7 +8,9 @@ association per sender, `+sd`) against:
 - embedded: `serve` (fsync'd spool on local disk, SQLite index);
 - 1 receiver: `serve --role receiver` on a fresh `nats-server -js` (file storage);
 - 2 receivers: two receiver processes on that server, half of the senders each
-  (what a TCP load balancer in front of them would do).
+  (what a TCP load balancer in front of them would do);
+- after the 1-receiver run, `serve --role worker` catching up on the stream
+  (every instance copied into its spool and indexed).
 Data: N clones of the 530 kB real chest slice (explicit VR LE, new UIDs, one
 series), split round-robin over SENDERS directories. On a 2-core machine the
 senders, the node(s) and nats-server share the cores: 2 receivers cannot be
@@ -81,11 +83,28 @@ def main() -> None:
                 n.serve_args = ["--role", "receiver"]
                 nodes.append(n.start())
             dt = send(nodes, dirs)
+            for n in nodes:
+                n.stop()
+            print(f"{receivers} receiver(s)     : {N / dt:6.0f} inst/s  {size / dt / 1e6:5.0f} MB/s")
+            if receivers == 1:
+                # The worker catching up on the whole stream afterwards: object get, spool write + fsync,
+                # index, ack, one instance at a time.
+                w = Node(work / "worker", {**quiet, "http": {"enabled": True}, "cluster": {"nats_url": nats.url}})
+                w.serve_args = ["--role", "worker"]
+                w.port = w.http_port  # no DICOM listener: wait for HTTP
+                t0 = time.perf_counter()
+                w.start()
+                while len(w.spool_files()) < N and time.perf_counter() - t0 < 600:
+                    time.sleep(0.05)
+                dt = time.perf_counter() - t0
+                got = len(w.spool_files())
+                w.stop()
+                print(f"1 worker catch-up : {got / dt:6.0f} inst/s  {size * got / N / dt / 1e6:5.0f} MB/s "
+                      f"({got}/{N}, including its start)")
         finally:
             for n in nodes:
                 n.stop()
             nats.stop()
-        print(f"{receivers} receiver(s)     : {N / dt:6.0f} inst/s  {size / dt / 1e6:5.0f} MB/s")
 
 
 if __name__ == "__main__":
