@@ -123,6 +123,8 @@ class Node:
         self.log_path = self.workdir / "node.log"
         self.proc: subprocess.Popen | None = None
         self._expected_exit = False
+        # Appended to `serve --config F` (e.g. `["--role", "receiver"]`).
+        self.serve_args: list[str] = []
         self.write_config()
 
     # ---------------------------------------------------------------- config
@@ -151,7 +153,7 @@ class Node:
         env = dict(os.environ)
         env.setdefault("RUST_BACKTRACE", "1")
         self.proc = subprocess.Popen(
-            [str(binary), "serve", "--config", str(self.config_path)],
+            [str(binary), "serve", "--config", str(self.config_path), *self.serve_args],
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

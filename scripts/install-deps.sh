@@ -15,6 +15,8 @@
 #   chromium chromium-driver  the status page's browser test (headless, via selenium)
 #   dpkg-dev     dpkg-shlibdeps, which cargo-deb runs for the .deb's Depends
 #   systemd      systemd-analyze verify/security on the packaged unit (packaging/test-deb.sh)
+#   nats-server  NATS with JetStream (`nats-server -js`, Debian 2.9.10): cluster mode's
+#                shared store, started by integration-tests/test_cluster.py
 #
 # Cargo tools: cargo-deb (packaging/build-deb.sh), from crates.io.
 set -euo pipefail
@@ -28,7 +30,7 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 export DEBIAN_FRONTEND=noninteractive
-APT_PKGS=(dcmtk orthanc orthanc-dicomweb dicom3tools cmake sqlite3 openssl time curl procps chromium chromium-driver dpkg-dev systemd)
+APT_PKGS=(dcmtk orthanc orthanc-dicomweb dicom3tools cmake sqlite3 openssl time curl procps chromium chromium-driver dpkg-dev systemd nats-server)
 
 missing=()
 for p in "${APT_PKGS[@]}"; do
@@ -65,15 +67,22 @@ fi
 if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
     $SUDO systemctl disable --now orthanc >/dev/null 2>&1 || true
 fi
+# Likewise nats-server's packaged service (4222): test_cluster.py starts its own.
+if command -v service >/dev/null 2>&1; then
+    $SUDO service nats-server stop >/dev/null 2>&1 || true
+fi
+if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
+    $SUDO systemctl disable --now nats-server >/dev/null 2>&1 || true
+fi
 
 # Python test dependencies (integration tests, bench helpers, ML runtime).
 PY="${PYTHON:-python3}"
-PIP_PKGS=(pydicom pynetdicom highdicom numpy pytest requests selenium onnxruntime==1.32.0)
+PIP_PKGS=(pydicom pynetdicom highdicom numpy pytest requests selenium onnxruntime==1.32.0 nats-py==2.16.0)
 echo "install-deps: pip install ${PIP_PKGS[*]}"
 "$PY" -m pip install --quiet --disable-pip-version-check --root-user-action=ignore "${PIP_PKGS[@]}" \
     2>&1 | grep -v "^$" || true
 # pip's exit status is masked by the filter above; check the imports instead.
-"$PY" -c "import pydicom, pynetdicom, highdicom, numpy, pytest, requests, selenium, onnxruntime" \
+"$PY" -c "import pydicom, pynetdicom, highdicom, numpy, pytest, requests, selenium, onnxruntime, nats" \
     || { echo "install-deps: python packages failed to install" >&2; exit 1; }
 
 # The node loads ONNX Runtime at run time (ort's load-dynamic). Its shared

@@ -20,6 +20,11 @@ enum Command {
     Serve {
         #[arg(long, default_value = "config/node.yaml")]
         config: PathBuf,
+        /// `embedded` (every stage in this process, SQLite and local disk),
+        /// or a cluster role on the config's `cluster:` section: `receiver`
+        /// (DICOM SCP into the shared object store), `worker`, `all`.
+        #[arg(long, default_value = "embedded", value_parser = ["embedded", "receiver", "worker", "all"])]
+        role: String,
     },
     /// List tracked series; works while `serve` runs.
     Series {
@@ -192,7 +197,9 @@ fn models(cmd: ModelsCommand) -> anyhow::Result<()> {
 fn main() -> ExitCode {
     let parsed = Cli::parse();
     let result = match parsed.command {
-        Command::Serve { config } => node::serve(&config),
+        Command::Serve { config, role } => {
+            node::serve(&config, biomarker_node::config::Role::parse(&role).expect("clap checked the role"))
+        }
         Command::Series { config, json } => cli::list::series(&config, json),
         Command::Jobs { config, json } => cli::list::jobs(&config, json),
         Command::Outbox { config, json } => cli::list::outbox(&config, json),

@@ -94,6 +94,9 @@ impl Config {
             p.push("jobs.timeout_s", "must be a positive number of seconds");
         }
         retention(&self.retention, &mut p);
+        if let Some(c) = &self.cluster {
+            cluster(c, &mut p);
+        }
         if !matches!(self.log.format.as_str(), "text" | "json") {
             p.push("log.format", "must be `text` or `json`");
         }
@@ -143,6 +146,31 @@ fn outbox(o: &OutboxConfig, p: &mut Problems) {
     }
     if o.max_attempts == 0 {
         p.push("outbox.max_attempts", "must be at least 1");
+    }
+}
+
+fn cluster(c: &super::ClusterConfig, p: &mut Problems) {
+    use super::cluster::{valid_name, valid_subject_prefix};
+    if c.nats_url.split(',').any(|u| {
+        let u = u.trim();
+        !(u.starts_with("nats://") || u.starts_with("tls://")) || u.len() <= "nats://".len()
+    }) {
+        p.push("cluster.nats_url", format!("`{}` is not a nats:// or tls:// URL (several: comma separated)", c.nats_url));
+    }
+    if !valid_name(&c.instances_bucket) {
+        p.push("cluster.instances_bucket", "must be 1-64 letters, digits, `-` or `_`");
+    }
+    if !valid_name(&c.instances_stream) {
+        p.push("cluster.instances_stream", "must be 1-64 letters, digits, `-` or `_`");
+    }
+    if !valid_subject_prefix(&c.instances_subject) {
+        p.push("cluster.instances_subject", "must be dot-separated tokens of letters, digits, `-` or `_`");
+    }
+    if !(1..=5).contains(&c.replicas) {
+        p.push("cluster.replicas", "must be 1 to 5");
+    }
+    if !(c.ack_timeout_s > 0.0 && c.ack_timeout_s <= 600.0) {
+        p.push("cluster.ack_timeout_s", "must be in (0, 600] seconds");
     }
 }
 

@@ -20,6 +20,7 @@
 //! at `file:line:column`.
 
 mod check;
+mod cluster;
 mod destinations;
 mod http;
 mod locate;
@@ -38,6 +39,7 @@ use std::path::{Path, PathBuf};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+pub use cluster::{ClusterConfig, Role};
 pub use check::{check_ae, ConfigDiagnostic, Problem};
 pub use destinations::{DestinationConfig, DestinationTlsConfig, OutputKind, StowAuth, StowRsConfig, StowUrl};
 pub use http::HttpConfig;
@@ -102,6 +104,10 @@ pub struct Config {
     /// a policy is set.
     #[serde(default)]
     pub retention: RetentionConfig,
+    /// Cluster mode on NATS JetStream (`serve --role`). Absent: the
+    /// embedded node, as always.
+    #[serde(default)]
+    pub cluster: Option<ClusterConfig>,
     /// The file and text this config came from, so later semantic checks can
     /// point at a line. Absent for configs built in code.
     #[serde(skip)]

@@ -630,7 +630,11 @@ fn store_failed(cmd: &Command, status: Status, comment: String) -> Response {
 /// The one mapping from spool failures to DIMSE statuses (PS3.4 B.2.3).
 pub fn status_for(e: &SpoolError) -> Status {
     match e {
-        SpoolError::Io(_) | SpoolError::Meta(_) | SpoolError::TooLarge { .. } | SpoolError::TooManyElements(_) => {
+        SpoolError::Io(_)
+        | SpoolError::Meta(_)
+        | SpoolError::Shared(_)
+        | SpoolError::TooLarge { .. }
+        | SpoolError::TooManyElements(_) => {
             Status::OutOfResources
         }
         SpoolError::SopClassMismatch { .. } => Status::DataSetDoesNotMatchSopClass,

@@ -25,6 +25,7 @@
 //! panics fails it at shutdown.
 
 pub mod check;
+mod cluster;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -62,15 +63,22 @@ pub fn init_tracing(cfg: &Config) {
 }
 
 /// `biomarker-node serve`: check the config, start the runtime, run the node
-/// until a stop signal.
-pub fn serve(config_path: &Path) -> anyhow::Result<()> {
+/// until a stop signal. `role` other than embedded needs the `cluster:`
+/// section ([`cluster`]).
+pub fn serve(config_path: &Path, role: crate::config::Role) -> anyhow::Result<()> {
     let (cfg, table) = check::checked(config_path)?;
+    cluster::check_role(&cfg, role)?;
     init_tracing(&cfg);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let r = rt.block_on(run(cfg, table, config_path.to_owned()));
+    let r = match role {
+        crate::config::Role::Embedded | crate::config::Role::Worker => {
+            rt.block_on(run(cfg, table, config_path.to_owned(), role))
+        }
+        role => rt.block_on(cluster::run(cfg, role)),
+    };
     // A job abandoned at its deadline may still occupy a blocking thread
     // (a hung read, a stuck model); dropping the runtime would wait for it
     // forever. Everything durable is already committed here.
@@ -95,7 +103,9 @@ struct Ctx {
     routes: SharedRoutes,
 }
 
-async fn run(cfg: Config, table: RouteTable, config_path: PathBuf) -> anyhow::Result<()> {
+/// The embedded node; as `--role worker`, the same stages fed from the
+/// cluster's instances stream instead of DICOM listeners ([`cluster::start_feed`]).
+async fn run(cfg: Config, table: RouteTable, config_path: PathBuf, role: crate::config::Role) -> anyhow::Result<()> {
     std::fs::create_dir_all(&cfg.node.data_dir)
         .with_context(|| format!("cannot create data_dir {}", cfg.node.data_dir.display()))?;
     let spool = Arc::new(DiskSpool::open(&cfg.node.data_dir).context("cannot open the spool")?);
@@ -121,6 +131,12 @@ async fn run(cfg: Config, table: RouteTable, config_path: PathBuf) -> anyhow::Re
         queue,
         jobs,
         models,
+    };
+    let feed = match role {
+        crate::config::Role::Worker => {
+            Some(cluster::start_feed(&ctx.cfg, spool.clone(), tracker.clone(), ctx.shutdown.clone()).await?)
+        }
+        _ => None,
     };
     tokio::spawn(watch_models(ctx.models.clone(), ctx.shutdown.clone()));
     let router = tokio::spawn(build_router(&ctx)?.run(ctx.shutdown.clone()));
@@ -152,13 +168,18 @@ async fn run(cfg: Config, table: RouteTable, config_path: PathBuf) -> anyhow::Re
         spool,
         tracker,
     });
-    let accept = start_listeners(&ctx, ingest, gate).await?;
+    let accept = if feed.is_some() {
+        Vec::new()
+    } else {
+        start_listeners(&ctx.cfg.node, &ctx.shutdown, ingest, gate).await?
+    };
     ready.store(true, Ordering::Release);
     wait_for_signal().await;
     tracing::info!("shutting down: no new associations; open ones are aborted, unacknowledged data is dropped");
     ctx.shutdown.cancel();
     Running {
         accept,
+        feed,
         reloader,
         http,
         worker,
@@ -330,12 +351,16 @@ async fn start_http(
 
 /// Ingest: the plain DICOM port (unless TLS only) and the TLS port, both
 /// bound before any accepts, then their accept loops.
-async fn start_listeners(ctx: &Ctx, ingest: Arc<Shared>, gate: Arc<Gate>) -> anyhow::Result<Vec<JoinHandle<()>>> {
-    let node = &ctx.cfg.node;
+async fn start_listeners(
+    node: &crate::config::NodeConfig,
+    shutdown: &CancellationToken,
+    ingest: Arc<Shared>,
+    gate: Arc<Gate>,
+) -> anyhow::Result<Vec<JoinHandle<()>>> {
     let mut listeners = Vec::new();
     if node.tls.as_ref().is_none_or(|t| t.plain) {
         let addr = SocketAddr::new(node.bind, node.port);
-        let l = Listener::bind_on(addr, None, ingest.clone(), gate.clone(), ctx.shutdown.clone())
+        let l = Listener::bind_on(addr, None, ingest.clone(), gate.clone(), shutdown.clone())
             .await
             .with_context(|| format!("cannot listen on {addr}"))?;
         listeners.push(l);
@@ -343,7 +368,7 @@ async fn start_listeners(ctx: &Ctx, ingest: Arc<Shared>, gate: Arc<Gate>) -> any
     if let Some(t) = &node.tls {
         let server = crate::tls::server_config(t).context("node.tls")?;
         let addr = SocketAddr::new(node.bind, t.port);
-        let l = Listener::bind_on(addr, Some(server), ingest.clone(), gate.clone(), ctx.shutdown.clone())
+        let l = Listener::bind_on(addr, Some(server), ingest.clone(), gate.clone(), shutdown.clone())
             .await
             .with_context(|| format!("cannot listen on {addr} (node.tls.port)"))?;
         listeners.push(l);
@@ -365,6 +390,8 @@ async fn start_listeners(ctx: &Ctx, ingest: Arc<Shared>, gate: Arc<Gate>) -> any
 /// The tasks of a running node.
 struct Running {
     accept: Vec<JoinHandle<()>>,
+    /// `--role worker`: the instances stream into the spool and tracker.
+    feed: Option<JoinHandle<()>>,
     reloader: JoinHandle<()>,
     http: Option<JoinHandle<()>>,
     worker: JoinHandle<()>,
@@ -382,6 +409,9 @@ impl Running {
     async fn stop(self) -> anyhow::Result<()> {
         for a in self.accept {
             a.await.context("accept loop panicked")?;
+        }
+        if let Some(f) = self.feed {
+            f.await.context("instance feed panicked")?;
         }
         let _ = self.reloader.await;
         if let Some(t) = self.http {

@@ -32,7 +32,11 @@
 //!   other.
 //!
 //! The [`Spool`] trait is the seam for an object store: ingest only needs
-//! "begin, write, commit or abort".
+//! "begin, write, commit or abort". [`nats::NatsSpool`] (feature `cluster`)
+//! is the other implementation: instances in a NATS JetStream Object Store.
+
+#[cfg(feature = "cluster")]
+pub mod nats;
 
 use std::fs::{self, File};
 use std::io::{self, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
@@ -73,6 +77,10 @@ pub enum SpoolError {
     TooLarge { limit_bytes: u64, inflated: bool },
     #[error("dataset has more than {0} elements and items")]
     TooManyElements(u64),
+    /// The cluster's shared store (NATS JetStream) did not take or did not
+    /// acknowledge the instance.
+    #[error("shared store: {0}")]
+    Shared(String),
 }
 
 impl SpoolError {
@@ -81,7 +89,7 @@ impl SpoolError {
     /// as our failure.
     pub fn fault(&self) -> Fault {
         match self {
-            SpoolError::Io(_) | SpoolError::Meta(_) => Fault::Transient,
+            SpoolError::Io(_) | SpoolError::Meta(_) | SpoolError::Shared(_) => Fault::Transient,
             _ => Fault::Permanent,
         }
     }

@@ -1,0 +1,404 @@
+//! The cluster spool: received instances in a NATS JetStream Object Store
+//! bucket, their metadata on a stream (docs/SCALE-OUT.md).
+//!
+//! Input: the bytes of one dataset, as for [`super::DiskSpool`].
+//! Output: a [`StoredFile`] once the object store has acknowledged every
+//! chunk and the object's metadata, and the stream has acknowledged the
+//! instance's metadata message ([`InstanceMeta`], JSON, subject
+//! `<instances_subject>.<StudyUID>`, `Nats-Msg-Id` = SOP Instance UID).
+//!
+//! Invariants:
+//! - Nothing is acknowledged before JetStream has acknowledged it: `commit`
+//!   returns only after the put and the publish acks. With file storage an
+//!   acked message is in the server's store files (it survives the server
+//!   process being killed; surviving the loss of the machine needs
+//!   replicas, see docs/SCALE-OUT.md).
+//! - The object comes before its metadata message: a consumer of the stream
+//!   always finds the object. A crash between the two leaves an object
+//!   without a message; the peer got no success and sends it again, which
+//!   finds the object (not uploaded again) and publishes the message.
+//! - Partials stay local: the dataset streams to `<data_dir>/tmp/` (memory
+//!   bounded as for the disk spool), is validated there by the same
+//!   [`super::validate`], and is uploaded only when whole and valid.
+//! - Object name = the disk spool's relative path
+//!   (`<study>/<series>/<sop>.dcm`), from validated UIDs.
+//! - Duplicates: an object already under that name is not uploaded again
+//!   (`duplicate: true`), but its message is published again, so two
+//!   receivers racing on one UID each store the same bytes at worst. The
+//!   stream dedupes the message on the SOP Instance UID within its
+//!   duplicate window (2 min); consumers dedupe on the UID.
+//!
+//! Failures: NATS unreachable, a missing ack or a timeout
+//! (`cluster.ack_timeout_s`) are [`SpoolError::Shared`], transient: the
+//! C-STORE fails with an out-of-resources status and the peer retries.
+
+use std::fs::{self, File};
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, object_store, stream};
+use serde::{Deserialize, Serialize};
+
+use super::{validate, write_part10_header, Incoming, Spool, SpoolError, SpoolWriter, StoredFile};
+use crate::config::ClusterConfig;
+use crate::dicom::header::InstanceHeader;
+
+/// Object chunks: one message per 512 KiB, so a typical CT slice (~530 kB)
+/// is two chunk acks plus the object's metadata, not five (the client's
+/// default is 128 KiB). Below NATS' default max_payload of 1 MiB.
+const CHUNK_BYTES: usize = 512 * 1024;
+
+/// The message published to the instances stream for each stored instance.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InstanceMeta {
+    pub header: InstanceHeader,
+    /// Object name in the instances bucket.
+    pub object: String,
+    pub transfer_syntax: String,
+    pub size_bytes: u64,
+}
+
+/// Handles to the cluster's instance storage; cheap to clone.
+#[derive(Clone)]
+pub struct Shared {
+    pub js: jetstream::Context,
+    pub bucket: object_store::ObjectStore,
+    pub cfg: ClusterConfig,
+}
+
+impl Shared {
+    /// Connects and makes sure the bucket and the stream exist (created
+    /// with file storage and `cluster.replicas` when absent).
+    pub async fn connect(cfg: &ClusterConfig) -> Result<Shared, SpoolError> {
+        let client = async_nats::connect(cfg.nats_url.as_str())
+            .await
+            .map_err(|e| shared("connect", &e))?;
+        let js = jetstream::new(client);
+        let bucket = match js.get_object_store(&cfg.instances_bucket).await {
+            Ok(b) => b,
+            Err(_) => js
+                .create_object_store(object_store::Config {
+                    bucket: cfg.instances_bucket.clone(),
+                    storage: stream::StorageType::File,
+                    num_replicas: cfg.replicas,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| shared("create the instances bucket", &e))?,
+        };
+        js.get_or_create_stream(stream::Config {
+            name: cfg.instances_stream.clone(),
+            subjects: vec![format!("{}.>", cfg.instances_subject)],
+            storage: stream::StorageType::File,
+            num_replicas: cfg.replicas,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| shared("create the instances stream", &e))?;
+        Ok(Shared { js, bucket, cfg: cfg.clone() })
+    }
+
+    fn ack_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.cfg.ack_timeout_s)
+    }
+
+    /// Uploads one validated Part 10 file and publishes its metadata; both
+    /// acknowledged before this returns. `Ok(true)`: the object was already
+    /// there and was not uploaded again (its message is published anyway).
+    async fn store(&self, path: &Path, meta: &InstanceMeta) -> Result<bool, SpoolError> {
+        // An object already there is not uploaded again, but its message is
+        // still published: the earlier attempt may have died between the two.
+        let duplicate = self.bucket.info(&meta.object).await.is_ok();
+        if !duplicate {
+            let mut file = tokio::fs::File::open(path).await?;
+            let object = object_store::ObjectMetadata {
+                name: meta.object.clone(),
+                chunk_size: Some(CHUNK_BYTES),
+                ..Default::default()
+            };
+            self.bucket.put(object, &mut file).await.map_err(|e| shared("object put", &e))?;
+        }
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", meta.header.sop_instance_uid.as_str());
+        let body = serde_json::to_vec(meta).map_err(|e| SpoolError::Meta(e.to_string()))?;
+        let subject = format!("{}.{}", self.cfg.instances_subject, meta.header.study_instance_uid);
+        self.js
+            .publish_with_headers(subject, headers, body.into())
+            .await
+            .map_err(|e| shared("metadata publish", &e))?
+            .await
+            .map_err(|e| shared("metadata publish ack", &e))?;
+        Ok(duplicate)
+    }
+}
+
+fn shared(what: &str, e: &dyn std::fmt::Display) -> SpoolError {
+    SpoolError::Shared(format!("{what}: {e}"))
+}
+
+/// [`Spool`] over the cluster's object store: partials in `<data_dir>/tmp`,
+/// instances in the bucket. `root()` is `<data_dir>/spool`, where nothing is
+/// kept in this role.
+pub struct NatsSpool {
+    shared: Shared,
+    root: PathBuf,
+    tmp: PathBuf,
+    seq: AtomicU64,
+    rt: tokio::runtime::Handle,
+}
+
+impl NatsSpool {
+    /// Call inside the runtime that will drive the uploads.
+    pub fn open(data_dir: &Path, shared: Shared) -> Result<NatsSpool, SpoolError> {
+        let root = data_dir.join("spool");
+        let tmp = data_dir.join("tmp");
+        fs::create_dir_all(&root)?;
+        if tmp.exists() {
+            for e in fs::read_dir(&tmp)? {
+                fs::remove_file(e?.path())?;
+            }
+        }
+        fs::create_dir_all(&tmp)?;
+        Ok(NatsSpool {
+            shared,
+            root,
+            tmp,
+            seq: AtomicU64::new(0),
+            rt: tokio::runtime::Handle::current(),
+        })
+    }
+}
+
+impl Spool for NatsSpool {
+    fn begin(&self, incoming: &Incoming) -> Result<Box<dyn SpoolWriter>, SpoolError> {
+        let n = self.seq.fetch_add(1, Ordering::Relaxed);
+        let tmp_path = self.tmp.join(format!("{}-{n}.part", std::process::id()));
+        let mut out = BufWriter::with_capacity(256 * 1024, File::create(&tmp_path)?);
+        let mut header = Vec::with_capacity(512);
+        write_part10_header(&mut header, incoming)?;
+        out.write_all(&header)?;
+        Ok(Box::new(NatsWriter {
+            shared: self.shared.clone(),
+            rt: self.rt.clone(),
+            tmp_path,
+            out: Some(out),
+            incoming: incoming.clone(),
+            dataset_offset: header.len() as u64,
+        }))
+    }
+
+    /// Of the local staging directory: partials are the only local bytes.
+    fn free_bytes(&self) -> Result<u64, SpoolError> {
+        super::free_bytes(&self.tmp).map_err(SpoolError::from)
+    }
+
+    fn root(&self) -> &Path {
+        &self.root
+    }
+}
+
+struct NatsWriter {
+    shared: Shared,
+    rt: tokio::runtime::Handle,
+    tmp_path: PathBuf,
+    out: Option<BufWriter<File>>,
+    incoming: Incoming,
+    dataset_offset: u64,
+}
+
+impl SpoolWriter for NatsWriter {
+    fn write(&mut self, data: &[u8]) -> Result<(), SpoolError> {
+        let out = self.out.as_mut().expect("writer is present until commit or abort");
+        out.write_all(data)?;
+        Ok(())
+    }
+
+    /// Blocking: runs the upload on the node's runtime from the blocking
+    /// thread ingest calls it on.
+    fn commit(mut self: Box<Self>) -> Result<StoredFile, SpoolError> {
+        let result = self.commit_inner();
+        let _ = fs::remove_file(&self.tmp_path);
+        result
+    }
+
+    fn abort(mut self: Box<Self>) {
+        self.out.take();
+        let _ = fs::remove_file(&self.tmp_path);
+    }
+}
+
+impl NatsWriter {
+    fn commit_inner(&mut self) -> Result<StoredFile, SpoolError> {
+        let out = self.out.take().expect("writer is present until commit or abort");
+        let file = out.into_inner().map_err(|e| e.into_error())?;
+        let size_bytes = file.metadata()?.len();
+        drop(file);
+        let header = validate(&self.tmp_path, self.dataset_offset, &self.incoming)?;
+        let rel_path = crate::dicom::uid_path(
+            Path::new(""),
+            &[&header.study_instance_uid, &header.series_instance_uid],
+            &[&format!("{}.dcm", header.sop_instance_uid)],
+        )?;
+        let object = rel_path.to_str().ok_or_else(|| SpoolError::Meta("non-UTF-8 path".into()))?.to_owned();
+        let meta = InstanceMeta {
+            header,
+            object,
+            transfer_syntax: self.incoming.transfer_syntax.trim_end_matches(['\0', ' ']).to_owned(),
+            size_bytes,
+        };
+        let timeout = self.shared.ack_timeout();
+        let duplicate = self
+            .rt
+            .block_on(async { tokio::time::timeout(timeout, self.shared.store(&self.tmp_path, &meta)).await })
+            .map_err(|_| SpoolError::Shared(format!("no JetStream ack within {timeout:?}")))??;
+        Ok(StoredFile {
+            rel_path,
+            header: meta.header,
+            size_bytes,
+            duplicate,
+        })
+    }
+}
+
+/// How long the stream waits for a worker's ack before it delivers an
+/// instance message again.
+const FEED_ACK_WAIT: Duration = Duration::from_secs(30);
+/// Deliveries of one instance message before the stream gives up on it
+/// (an object that cannot be fetched or is not a valid dataset).
+const FEED_MAX_DELIVER: i64 = 10;
+
+/// The instances stream as a worker reads it: a durable pull consumer,
+/// explicit acks. A message is acked by the caller only once the instance
+/// is durable on its side ([`Delivered::ack`]); one that is not is
+/// delivered again after [`FEED_ACK_WAIT`].
+pub struct InstanceFeed {
+    messages: jetstream::consumer::pull::Stream,
+    bucket: object_store::ObjectStore,
+}
+
+/// One instance message and the means to fetch its object.
+pub struct Delivered {
+    pub meta: InstanceMeta,
+    msg: jetstream::Message,
+}
+
+impl Shared {
+    /// The durable consumer `durable` on the instances stream, created if
+    /// absent; every worker of one cluster uses the same name, so each
+    /// message goes to one of them.
+    pub async fn feed(&self, durable: &str) -> Result<InstanceFeed, SpoolError> {
+        use jetstream::consumer::{pull, AckPolicy};
+        let stream = self
+            .js
+            .get_stream(&self.cfg.instances_stream)
+            .await
+            .map_err(|e| shared("open the instances stream", &e))?;
+        let consumer: jetstream::consumer::Consumer<pull::Config> = stream
+            .get_or_create_consumer(
+                durable,
+                pull::Config {
+                    durable_name: Some(durable.to_owned()),
+                    ack_policy: AckPolicy::Explicit,
+                    ack_wait: FEED_ACK_WAIT,
+                    max_deliver: FEED_MAX_DELIVER,
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| shared("create the instances consumer", &e))?;
+        let messages = consumer.messages().await.map_err(|e| shared("consume the instances stream", &e))?;
+        Ok(InstanceFeed {
+            messages,
+            bucket: self.bucket.clone(),
+        })
+    }
+}
+
+impl InstanceFeed {
+    /// The next instance message; `None` when the connection is closed for
+    /// good. A message whose body is not an [`InstanceMeta`] is an error
+    /// for the caller to log; it is terminated here (never redelivered).
+    pub async fn next(&mut self) -> Option<Result<Delivered, SpoolError>> {
+        use futures_util::StreamExt;
+        let msg = match self.messages.next().await? {
+            Ok(m) => m,
+            Err(e) => return Some(Err(shared("instances stream", &e))),
+        };
+        match serde_json::from_slice::<InstanceMeta>(&msg.payload) {
+            Ok(meta) => Some(Ok(Delivered { meta, msg })),
+            Err(e) => {
+                let _ = msg.ack_with(jetstream::AckKind::Term).await;
+                Some(Err(SpoolError::Unparseable(format!("instance message on {}: {e}", msg.subject))))
+            }
+        }
+    }
+
+    /// Copies the instance's object into `disk` (the worker's local spool:
+    /// same layout, same fsyncs and checks as a C-STORE into an embedded
+    /// node), streaming, without holding the object in memory. The object's
+    /// own Part 10 header is replaced by the disk spool's, as on ingest.
+    pub async fn materialize(
+        &self,
+        d: &Delivered,
+        disk: &std::sync::Arc<super::DiskSpool>,
+        max_dataset_bytes: u64,
+    ) -> Result<StoredFile, SpoolError> {
+        use tokio::io::AsyncReadExt;
+        let mut object = self
+            .bucket
+            .get(&d.meta.object)
+            .await
+            .map_err(|e| shared(&format!("get object {}", d.meta.object), &e))?;
+        // Preamble, `DICM`, then (0002,0000) UL: its value is the length of
+        // the rest of the file meta group.
+        let mut head = [0u8; 144];
+        object.read_exact(&mut head).await?;
+        if &head[128..132] != b"DICM" || head[132..138] != [0x02, 0x00, 0x00, 0x00, b'U', b'L'] {
+            return Err(SpoolError::Unparseable(format!("object {} is not a Part 10 file", d.meta.object)));
+        }
+        let mut skip = u32::from_le_bytes(head[140..144].try_into().expect("4 bytes")) as u64;
+        let incoming = Incoming {
+            sop_class_uid: d.meta.header.sop_class_uid.to_string(),
+            sop_instance_uid: d.meta.header.sop_instance_uid.to_string(),
+            transfer_syntax: d.meta.transfer_syntax.clone(),
+            max_dataset_bytes,
+        };
+        let mut writer = disk.begin(&incoming)?;
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut written = 0u64;
+        let copied: Result<(), SpoolError> = async {
+            loop {
+                let n = object.read(&mut buf).await?;
+                if n == 0 {
+                    return Ok(());
+                }
+                let mut chunk = &buf[..n];
+                let s = skip.min(chunk.len() as u64) as usize;
+                chunk = &chunk[s..];
+                skip -= s as u64;
+                written += chunk.len() as u64;
+                if written > max_dataset_bytes {
+                    return Err(SpoolError::TooLarge { limit_bytes: max_dataset_bytes, inflated: false });
+                }
+                writer.write(chunk)?;
+            }
+        }
+        .await;
+        if let Err(e) = copied {
+            writer.abort();
+            return Err(e);
+        }
+        tokio::task::spawn_blocking(move || writer.commit())
+            .await
+            .map_err(|e| SpoolError::Io(std::io::Error::other(e.to_string())))?
+    }
+}
+
+impl Delivered {
+    /// The instance is durable downstream: the stream may forget it.
+    pub async fn ack(&self) -> Result<(), SpoolError> {
+        self.msg.ack().await.map_err(|e| shared("ack", &*e))
+    }
+}
