@@ -235,7 +235,7 @@ impl NatsWriter {
         let file = out.into_inner().map_err(|e| e.into_error())?;
         let size_bytes = file.metadata()?.len();
         drop(file);
-        let header = validate(&self.tmp_path, self.dataset_offset, &self.incoming)?;
+        let header = validate(&fs::File::open(&self.tmp_path)?, self.dataset_offset, &self.incoming)?;
         let rel_path = crate::dicom::uid_path(
             Path::new(""),
             &[&header.study_instance_uid, &header.series_instance_uid],
