@@ -78,6 +78,59 @@ def test_pma_and_sfa_on_a_chest_volume_use_the_slice_above_the_arch(chest, binar
         assert result["slice_z_mm"] == z and result["slice_sop_instance_uid"] == line["slice_sop_instance_uid"]
 
 
+def _thin_copy(chest: Path, out: Path, n: int) -> dict[float, str]:
+    """The chest as a thin-slice scanner would give it: n slices over the same z range, HU interpolated linearly
+    between the two neighbouring real slices (as integration-tests/bench/volumes.py chest300 builds it), new UIDs.
+    Written under the test's tmp_path only (the scan's licence). Returns SOPInstanceUID by z."""
+    import numpy as np
+    from pydicom.uid import generate_uid
+
+    src = sorted((pydicom.dcmread(f) for f in chest.glob("*.dcm")), key=lambda d: float(d.ImagePositionPatient[2]))
+    z = np.array([float(d.ImagePositionPatient[2]) for d in src])
+    hu = [d.pixel_array.astype(np.float32) * float(d.RescaleSlope) + float(d.RescaleIntercept) for d in src]
+    zs = np.linspace(z[0], z[-1], n)
+    step = float(zs[1] - zs[0])
+    study, series = generate_uid(), generate_uid()
+    out.mkdir(parents=True)
+    uid_at_z = {}
+    for i, zi in enumerate(zs):
+        k = min(int(np.searchsorted(z, zi, side="right")) - 1, len(z) - 2)
+        w = (zi - z[k]) / (z[k + 1] - z[k])
+        img = (1 - w) * hu[k] + w * hu[k + 1]
+        d = src[k].copy()
+        slope, intercept = float(d.RescaleSlope), float(d.RescaleIntercept)
+        d.PixelData = np.round((img - intercept) / slope).astype(np.int16).tobytes()
+        d.BitsAllocated, d.BitsStored, d.HighBit, d.PixelRepresentation = 16, 16, 15, 1
+        d.ImagePositionPatient = [d.ImagePositionPatient[0], d.ImagePositionPatient[1], f"{zi:.3f}"]
+        d.SliceLocation = f"{zi:.3f}"
+        d.SliceThickness = f"{step:.3f}"
+        if "SpacingBetweenSlices" in d:
+            d.SpacingBetweenSlices = f"{step:.3f}"
+        d.StudyInstanceUID, d.SeriesInstanceUID = study, series
+        d.SOPInstanceUID = generate_uid()
+        d.file_meta.MediaStorageSOPInstanceUID = d.SOPInstanceUID
+        d.InstanceNumber = i + 1
+        d.save_as(out / f"{i:04d}.dcm", enforce_file_format=True)
+        uid_at_z[float(f"{zi:.3f}")] = str(d.SOPInstanceUID)
+    return uid_at_z
+
+
+def test_a_thin_slice_chest_finds_the_same_level(chest, binary, tmp_path):
+    """Issue 11: the same scan at 1.1 mm (300 slices, the bench's chest300) gives the level of the native 2.5 mm
+    scan. It used to be refused ("no carina"): the trachea was lost where its air breaks up at the arch, then
+    followed down one main bronchus. Lung-screening CT is 0.6-1.25 mm."""
+    uid_at_z = _thin_copy(chest, tmp_path / "thin", 300)
+    r = _analyze(binary, CONFIG, tmp_path / "out", tmp_path / "thin")
+    assert r.returncode == 0, r.stderr
+    lines = {json.loads(l)["model"]: json.loads(l) for l in r.stdout.splitlines() if l.strip()}
+    assert set(lines) == {"pma", "sfa"}, r.stdout + r.stderr
+    for model, line in lines.items():
+        print(f"{model} at 1.1 mm: z = {line['slice_z_mm']} mm (reference {REFERENCE_Z_MM})")
+        assert line["slices"] == 1
+        assert abs(line["slice_z_mm"] - REFERENCE_Z_MM) <= TOLERANCE_MM, line
+        assert line["slice_sop_instance_uid"] == uid_at_z[line["slice_z_mm"]], line
+
+
 def test_a_head_volume_is_refused_with_the_reason(realct, binary, tmp_path):
     """A route that sends every CT series to PMA above the arch: a head CT has no arch, the job is refused."""
     cfg = tmp_path / "any.yaml"
