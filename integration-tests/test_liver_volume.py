@@ -7,9 +7,9 @@ a liver CT volume and reports the tumour volume in mL and the largest cross-sect
     uneven (within `series.spacing_tolerance`) and SliceThickness (5 mm) is twice the spacing (overlap), so a
     rule using thickness would fail. The SR (Volume in ml, largest Area), SC and SEG pass dciodvfy and read back.
 (b) `../shared/realct-labelled/liver-ircad07/ct` (151 slices; EVALUATION ONLY: measured and printed here, never tuned
-    to). Its headers have no Series/Study description or body part, so the default route (which matches on those,
-    site-specifically) would not take it: the test copies it with SeriesDescription "ABDOMEN" and nothing else
-    changed. The volume is printed next to the manual masks' (sum(tumour) x pixel area x spacing), not asserted: the
+    to). Its headers have no Series/Study description or body part; the default route takes it by anatomy from HU
+    (`covers: liver`, test_liver_route_anatomy.py), and this test copies it with SeriesDescription "ABDOMEN" and
+    nothing else changed, so it exercises the description path. The volume is printed next to the manual masks' (sum(tumour) x pixel area x spacing), not asserted: the
     model is phantom-trained.
 """
 

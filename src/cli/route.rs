@@ -7,7 +7,9 @@
 //! ([`crate::inference::guard`]) would refuse the series and why: the header
 //! checks always, the pixel checks (HU calibration, level) with
 //! `--guard-pixels`, which decodes the series ([`crate::job::verdict`], as
-//! the HTTP API's route tester).
+//! the HTTP API's route tester). When a route's condition reached
+//! `covers: liver`, the HU finding (levels, shares, verdict) is printed under
+//! the series line, whatever the route's outcome.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -62,6 +64,9 @@ pub struct RouteReport<'a> {
     /// For a match: what the model's input guard says.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub guard: Option<GuardVerdict>,
+    /// When a route asked `covers: liver`: what the HU check found.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub liver_coverage: Option<String>,
 }
 
 /// Run the dry run and write the report. Notes go to `err` in JSON mode so
@@ -96,6 +101,11 @@ pub fn run(
         };
         let outcomes = table.evaluate(&facts);
         let files: Vec<PathBuf> = s.instances.iter().map(|(p, _)| p.clone()).collect();
+        // Computed only when a route's evaluation reached `covers: liver`.
+        let coverage = facts.liver_coverage_if_computed().map(|c| match c {
+            Ok(c) => c.to_string(),
+            Err(e) => format!("liver coverage not judged: {e}"),
+        });
         if json {
             for o in &outcomes {
                 let report = RouteReport {
@@ -107,6 +117,7 @@ pub fn run(
                     failed_at: o.matched.is_none().then_some(o.verdict.at.as_str()),
                     reason: o.matched.is_none().then_some(o.verdict.why.as_str()),
                     guard: o.matched.as_ref().map(|m| guards.verdict(m, &files)),
+                    liver_coverage: coverage.clone(),
                 };
                 writeln!(out, "{}", serde_json::to_string(&report).map_err(std::io::Error::other)?)?;
             }
@@ -121,6 +132,9 @@ pub fn run(
             show(Derived::Modality),
             show(Derived::SopClass),
         )?;
+        if let Some(c) = &coverage {
+            writeln!(out, "  anatomy (HU): {c}")?;
+        }
         let n = outcomes.iter().filter(|o| o.matched.is_some()).count();
         for o in &outcomes {
             match &o.matched {

@@ -23,8 +23,9 @@ pub struct RouteConfig {
     pub slices: Option<SliceSelectionConfig>,
 }
 
-/// A condition as written in YAML: either a combinator (`all`, `any`, `not`)
-/// or a subject (`keyword` or `derived`) with exactly one operator. The shape
+/// A condition as written in YAML: either a combinator (`all`, `any`, `not`),
+/// an anatomy test (`covers`), or a subject (`keyword` or `derived`) with
+/// exactly one operator. The shape
 /// is checked by `RouteTable::compile`, which can say which rule was broken.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -58,6 +59,10 @@ pub struct ConditionSpec {
     pub present: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub absent: Option<bool>,
+    /// A test on its own: the series covers this region, found from HU
+    /// (`liver`); decodes a sparse stack of the series when evaluated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub covers: Option<String>,
 }
 
 /// Inclusive numeric bounds; either may be left out.

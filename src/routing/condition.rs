@@ -60,12 +60,36 @@ pub enum Op {
     Present(bool),
 }
 
+/// A body region whose coverage a series can be tested for from HU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Region {
+    /// [`crate::volume::coverage`]: an abdominal scan covering most of the liver.
+    Liver,
+}
+
+impl Region {
+    const ALL: [Region; 1] = [Region::Liver];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Region::Liver => "liver",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Region> {
+        Region::ALL.into_iter().find(|r| r.name() == s)
+    }
+}
+
 #[derive(Debug, Clone)]
 pub enum Condition {
     All(Vec<Condition>),
     Any(Vec<Condition>),
     Not(Box<Condition>),
     Test { subject: Subject, op: Op },
+    /// `covers: liver`: judged from pixels, only when evaluation reaches it
+    /// (put it after cheaper header tests in an `any`/`all`).
+    Covers(Region),
 }
 
 /// The outcome of one condition, with the path of the condition that
@@ -92,6 +116,7 @@ impl Condition {
             .filter(|b| **b)
             .count();
         let subjects = [spec.keyword.is_some(), spec.derived.is_some()].iter().filter(|b| **b).count();
+        let covers = usize::from(spec.covers.is_some());
         let ops = [
             spec.equals.is_some(),
             spec.one_of.is_some(),
@@ -104,19 +129,32 @@ impl Condition {
         .iter()
         .filter(|b| **b)
         .count();
-        if combinators + subjects == 0 {
+        if combinators + subjects + covers == 0 {
             errors.push((
                 at.into(),
-                "empty condition: give `all`, `any`, `not`, or a `keyword`/`derived` subject with an operator".into(),
+                "empty condition: give `all`, `any`, `not`, `covers`, or a `keyword`/`derived` subject with an operator".into(),
             ));
             return None;
         }
-        if combinators > 1 || (combinators == 1 && subjects + ops > 0) {
+        if combinators + covers > 1 || (combinators + covers == 1 && subjects + ops > 0) {
             errors.push((
                 at.into(),
-                "a condition is one of `all`, `any`, `not`, or a test; nest them to combine".into(),
+                "a condition is one of `all`, `any`, `not`, `covers`, or a test; nest them to combine".into(),
             ));
             return None;
+        }
+        if let Some(region) = &spec.covers {
+            return match Region::parse(region) {
+                Some(r) => Some(Condition::Covers(r)),
+                None => {
+                    let known: Vec<&str> = Region::ALL.iter().map(|r| r.name()).collect();
+                    errors.push((
+                        format!("{at}.covers"),
+                        format!("unknown region \"{region}\" (known: {})", known.join(", ")),
+                    ));
+                    None
+                }
+            };
         }
         let children = |list: &Vec<ConditionSpec>, name: &str, errors: &mut Vec<CompileError>| {
             if list.is_empty() {
@@ -233,6 +271,17 @@ impl Condition {
                 Verdict {
                     holds,
                     at: at.to_owned(),
+                    why,
+                }
+            }
+            Condition::Covers(Region::Liver) => {
+                let (holds, why) = match facts.liver_coverage() {
+                    Ok(c) => (c.covered, c.to_string()),
+                    Err(e) => (false, format!("liver coverage not judged: {e}")),
+                };
+                Verdict {
+                    holds,
+                    at: format!("{at}.covers"),
                     why,
                 }
             }

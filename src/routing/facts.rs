@@ -1,8 +1,11 @@
 //! What routing knows about a series: the header of its first instance (any
-//! top-level keyword) and values derived from all its instances.
+//! top-level keyword), values derived from all its instances, and — only when
+//! a condition asks (`covers: liver`) — anatomy found from HU on a sparse
+//! stack of its slices, computed once per series.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use dicom_core::dictionary::UidDictionary;
 use dicom_core::Tag;
@@ -12,6 +15,14 @@ use dicom_object::InMemDicomObject;
 use crate::dicom::header::InstanceHeader;
 use crate::dicom::read::{open_dicom, OpenError, ReadDepth};
 use crate::volume::attrs;
+use crate::volume::coverage::{liver_coverage, LiverCoverage};
+use crate::volume::Volume;
+
+/// The sparse stack the anatomy checks decode: about one slice per
+/// [`ANATOMY_STEP_MM`], at most [`ANATOMY_MAX_SLICES`]. Enough to place the
+/// lung bases within a few mm; a fraction of a full decode.
+pub const ANATOMY_STEP_MM: f64 = 5.0;
+pub const ANATOMY_MAX_SLICES: usize = 64;
 
 /// Within this angle of the patient z axis, a plane normal is axial.
 pub const AXIAL_MAX_DEG: f64 = 10.0;
@@ -134,6 +145,11 @@ pub struct SeriesFacts {
     pub slice_count: usize,
     pub slice_spacing: Option<f64>,
     pub normal: Option<[f64; 3]>,
+    /// The series' files, sorted along the normal when the index headers
+    /// have positions; what the anatomy checks decode from.
+    pub files: Vec<PathBuf>,
+    /// [`SeriesFacts::liver_coverage`], once computed.
+    liver: OnceLock<Result<LiverCoverage, String>>,
 }
 
 impl SeriesFacts {
@@ -150,7 +166,15 @@ impl SeriesFacts {
             })
             .ok_or(FactsError::Empty)?;
         let first = open_dicom(first_path, ReadDepth::Header)?.into_inner();
-        Ok(Self::from_parts(first, first_path, instances.iter().map(|(_, h)| h)))
+        let mut facts = Self::from_parts(first, first_path, instances.iter().map(|(_, h)| h));
+        let along = |h: &InstanceHeader| match (&h.geometry, facts.normal) {
+            (Some(g), Some(n)) => attrs::dot(&g.position, &n),
+            _ => 0.0,
+        };
+        let mut sorted: Vec<(f64, &PathBuf)> = instances.iter().map(|(p, h)| (along(h), p)).collect();
+        sorted.sort_by(|a, b| a.0.total_cmp(&b.0).then_with(|| a.1.cmp(b.1)));
+        facts.files = sorted.into_iter().map(|(_, p)| p.clone()).collect();
+        Ok(facts)
     }
 
     /// [`SeriesFacts::load`] for `SeriesIndex::series_instances` output,
@@ -213,7 +237,36 @@ impl SeriesFacts {
             slice_count,
             slice_spacing,
             normal,
+            files: Vec::new(),
+            liver: OnceLock::new(),
         }
+    }
+
+    /// Whether the series covers the liver as an abdominal CT does
+    /// ([`crate::volume::coverage`]), from HU on a sparse stack of its
+    /// slices: decoded on the first call only, so a route table that never
+    /// asks costs nothing. `Err` says why it could not be judged (no files,
+    /// a volume that does not assemble: tilt, uneven spacing, undecodable).
+    pub fn liver_coverage(&self) -> &Result<LiverCoverage, String> {
+        self.liver.get_or_init(|| {
+            if self.files.is_empty() {
+                return Err("no image files to look at".into());
+            }
+            let step = match self.slice_spacing {
+                Some(s) if s > 0.0 => (ANATOMY_STEP_MM / s).ceil() as usize,
+                _ => 1,
+            };
+            let step = step.max(self.files.len().div_ceil(ANATOMY_MAX_SLICES)).max(1);
+            let sparse: Vec<PathBuf> = self.files.iter().step_by(step).cloned().collect();
+            Volume::from_files(&sparse)
+                .map(|v| liver_coverage(&v))
+                .map_err(|e| format!("cannot assemble the volume: {e}"))
+        })
+    }
+
+    /// The liver coverage if a condition has asked for it, for `route`.
+    pub fn liver_coverage_if_computed(&self) -> Option<&Result<LiverCoverage, String>> {
+        self.liver.get()
     }
 
     /// A top-level attribute of the first instance; `None` when absent or

@@ -24,7 +24,11 @@
 //! A condition is `all: [..]`, `any: [..]`, `not: {..}`, or a test: one
 //! subject (`keyword:` any PS3.6 keyword, or `derived:` one of
 //! [`Derived::names`]) and exactly one operator (`equals`, `one_of`, `regex`,
-//! `range`, `contains`, `present`, `absent`).
+//! `range`, `contains`, `present`, `absent`), or `covers: liver`: the series
+//! covers the liver as an abdominal CT does, judged from HU
+//! ([`crate::volume::coverage`]) on a sparse stack of its slices. Only that
+//! test decodes pixels, only when evaluation reaches it (`all` and `any`
+//! stop at the first deciding child), and once per series.
 //!
 //! **Invariants.** [`RouteTable::compile`] is pure and checks everything it
 //! can before a series arrives — unknown model or destination, bad regex,
@@ -45,8 +49,8 @@ use std::collections::HashMap;
 
 use serde::Serialize;
 
-pub use condition::{Condition, Op, Scalar, Subject, Verdict};
-pub use facts::{Derived, FactValue, FactsError, SeriesFacts, AXIAL_MAX_DEG};
+pub use condition::{Condition, Op, Region, Scalar, Subject, Verdict};
+pub use facts::{Derived, FactValue, FactsError, SeriesFacts, ANATOMY_MAX_SLICES, ANATOMY_STEP_MM, AXIAL_MAX_DEG};
 
 use crate::config::{Config, ConfigDiagnostic, SliceMode, SliceSelectionConfig};
 use crate::volume::SliceSelection;

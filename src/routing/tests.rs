@@ -387,3 +387,75 @@ fn mode_all_compiles_takes_no_index_and_is_the_default_liver_route() {
     let liver = table.routes.iter().find(|r| r.name == "liver-abdomen").unwrap();
     assert_eq!(liver.slices, Some(crate::volume::SliceSelection::All));
 }
+
+// ---- covers: liver (anatomy from HU, lazily) ----
+
+#[test]
+fn covers_compiles_alone_and_names_its_region() {
+    let compile = |y: &str| {
+        let spec: crate::config::ConditionSpec = serde_yaml::from_str(y).unwrap();
+        let mut errors = Vec::new();
+        let c = Condition::compile(&spec, "match", &mut errors);
+        (c, errors)
+    };
+    let (c, e) = compile("{covers: liver}");
+    assert!(matches!(c, Some(Condition::Covers(Region::Liver))) && e.is_empty(), "{e:?}");
+    let (c, e) = compile("{covers: spleen}");
+    assert!(c.is_none());
+    assert_eq!(e, vec![("match.covers".to_owned(), "unknown region \"spleen\" (known: liver)".to_owned())]);
+    for y in ["{covers: liver, equals: true}", "{covers: liver, keyword: Modality}", "{covers: liver, all: [{covers: liver}]}"] {
+        let (c, e) = compile(y);
+        assert!(c.is_none() && e[0].1.contains("a condition is one of"), "{y}: {e:?}");
+    }
+}
+
+#[test]
+fn covers_is_not_computed_unless_evaluation_reaches_it() {
+    // No files: when asked, the answer is "not judged"; when an earlier
+    // alternative holds, it is never asked.
+    let f = facts(vec![DataElement::new(tags::SERIES_DESCRIPTION, VR::LO, PrimitiveValue::from("ABDOMEN"))], 40);
+    let v = eval("{any: [{keyword: SeriesDescription, regex: '(?i)abd'}, {covers: liver}]}", &f);
+    assert!(v.holds);
+    assert!(f.liver_coverage_if_computed().is_none());
+    let v = eval("{all: [{keyword: Modality, equals: MR}, {covers: liver}]}", &f);
+    assert!(!v.holds && f.liver_coverage_if_computed().is_none());
+    let v = eval("{any: [{keyword: Modality, equals: MR}, {covers: liver}]}", &f);
+    assert!(!v.holds && v.why.contains("liver coverage not judged: no image files"), "{}", v.why);
+    assert!(f.liver_coverage_if_computed().is_some());
+    let v = eval("{not: {covers: liver}}", &f);
+    assert!(v.holds && v.at == "match.not", "{v:?}");
+}
+
+/// The default liver route on real volumes without descriptions: IRCAD
+/// patient 7 (abdomen) by anatomy; chest-lidc0001 (shoulders to kidneys,
+/// most of the liver in it) is a chest scan; the heads have no lung bases
+/// or do not assemble.
+#[test]
+fn default_liver_route_takes_a_real_abdomen_by_anatomy_only() {
+    let Some(root) = realct() else { return };
+    let labelled = root.parent().unwrap().join("realct-labelled");
+    let Some(ircad) = crate::test_data::require(labelled.join("liver-ircad07/ct"), "liver-ircad07") else { return };
+    let (_d, table) = default_table();
+    let liver = |dir: &Path| {
+        let series = series_under(dir);
+        assert_eq!(series.len(), 1, "{}", dir.display());
+        let o = table.evaluate(&series[0]).into_iter().find(|o| o.route == "liver-abdomen").unwrap();
+        let c = series[0].liver_coverage_if_computed().cloned();
+        (o, c)
+    };
+    let (o, c) = liver(&ircad);
+    let c = c.expect("the text alternatives fail, so coverage was judged").unwrap();
+    eprintln!("ircad07: {c}");
+    assert!(o.matched.is_some(), "{}", o.verdict.why);
+    assert!(c.covered && c.slices <= ANATOMY_MAX_SLICES);
+    let (o, c) = liver(&labelled.join("chest-lidc0001/ct"));
+    eprintln!("chest-lidc0001: {}", o.verdict.why);
+    assert!(o.matched.is_none());
+    assert!(o.verdict.why.contains("chest scan"), "{}", o.verdict.why);
+    assert!(!c.unwrap().unwrap().covered);
+    for dir in ["head-philips/S2010", "head-ge-tilted"] {
+        let (o, _) = liver(&root.join(dir));
+        eprintln!("{dir}: {}", o.verdict.why);
+        assert!(o.matched.is_none(), "{dir}");
+    }
+}

@@ -55,6 +55,7 @@
 pub(crate) mod attrs;
 mod jpeg_ext;
 pub mod acquisition;
+pub mod coverage;
 pub mod heart;
 pub mod label;
 pub mod landmark;
