@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import time
 import zlib
+from pathlib import Path
 
 import pydicom
 import pytest
@@ -51,7 +52,21 @@ def wait_for(cond, what: str, limit: float = 20.0) -> None:
 
 
 def partials(node) -> list:
-    return list(node.tmp_dir.iterdir()) if node.tmp_dir.exists() else []
+    """The node's partial files: named ones in its tmp directory, and the
+    unnamed O_TMPFILE inodes it holds open there (the spool's default where
+    the file system has O_TMPFILE; /proc shows them as `tmp/#<inode>`)."""
+    named = list(node.tmp_dir.iterdir()) if node.tmp_dir.exists() else []
+    unnamed = []
+    if node.proc is not None and node.proc.poll() is None:
+        fd_dir = Path(f"/proc/{node.proc.pid}/fd")
+        for fd in fd_dir.iterdir() if fd_dir.exists() else []:
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue  # closed meanwhile
+            if target.startswith(f"{node.tmp_dir.resolve()}/#") or target.startswith(f"{node.tmp_dir}/#"):
+                unnamed.append(target)
+    return named + unnamed
 
 
 def store_in_steps(a: ul.RawAssociation, pcid: int, sop: str, data: bytes, between=None) -> ul.Response:
