@@ -172,6 +172,30 @@ fn cluster(c: &super::ClusterConfig, p: &mut Problems) {
     if !(c.ack_timeout_s > 0.0 && c.ack_timeout_s <= 600.0) {
         p.push("cluster.ack_timeout_s", "must be in (0, 600] seconds");
     }
+    for (field, v) in [
+        ("cluster.series_bucket", &c.series_bucket),
+        ("cluster.jobs_stream", &c.jobs_stream),
+        ("cluster.dead_stream", &c.dead_stream),
+        ("cluster.outbox_bucket", &c.outbox_bucket),
+    ] {
+        if !valid_name(v) {
+            p.push(field, "must be 1-64 letters, digits, `-` or `_`");
+        }
+    }
+    for (field, v) in [("cluster.jobs_subject", &c.jobs_subject), ("cluster.dead_subject", &c.dead_subject)] {
+        if !valid_subject_prefix(v) {
+            p.push(field, "must be dot-separated tokens of letters, digits, `-` or `_`");
+        }
+    }
+    if !(c.ack_wait_s >= 1.0 && c.ack_wait_s <= 3600.0) {
+        p.push("cluster.ack_wait_s", "must be 1 to 3600 seconds");
+    }
+    if !(1..=100).contains(&c.max_deliver) {
+        p.push("cluster.max_deliver", "must be 1 to 100");
+    }
+    if !(c.outbox_lease_s >= 1.0 && c.outbox_lease_s <= 3600.0) {
+        p.push("cluster.outbox_lease_s", "must be 1 to 3600 seconds");
+    }
 }
 
 fn retention(r: &RetentionConfig, p: &mut Problems) {

@@ -34,6 +34,39 @@ pub struct ClusterConfig {
     /// the C-STORE fails (transient, 0xA700 family).
     #[serde(default = "default_ack_timeout")]
     pub ack_timeout_s: f64,
+    /// The KV bucket of series state (key: Series Instance UID), updated
+    /// with compare-and-set by every receiver and every quiet-timer sweep.
+    #[serde(default = "default_series_bucket")]
+    pub series_bucket: String,
+    /// The work-queue stream of completed series (`<jobs_subject>.series`):
+    /// each message is one series generation to route and run, taken by one
+    /// worker, acked once its reports are durable.
+    #[serde(default = "default_jobs_stream")]
+    pub jobs_stream: String,
+    #[serde(default = "default_jobs_subject")]
+    pub jobs_subject: String,
+    /// The stream of dead letters: work that was delivered `max_deliver`
+    /// times without finishing, with its last error (`<dead_subject>.series`).
+    #[serde(default = "default_dead_stream")]
+    pub dead_stream: String,
+    #[serde(default = "default_dead_subject")]
+    pub dead_subject: String,
+    /// The KV bucket of outbox delivery state, one key per (destination,
+    /// SOP Instance UID), claimed with compare-and-set before a send.
+    #[serde(default = "default_outbox_bucket")]
+    pub outbox_bucket: String,
+    /// Seconds a worker may hold a job without acking or reporting progress
+    /// before JetStream delivers it to another worker. A running job reports
+    /// progress every third of this.
+    #[serde(default = "default_ack_wait")]
+    pub ack_wait_s: f64,
+    /// Deliveries of one job before it goes to the dead letters.
+    #[serde(default = "default_max_deliver")]
+    pub max_deliver: i64,
+    /// Seconds a worker's claim on an outbox send holds before another
+    /// worker may take it over (a worker that died mid-send).
+    #[serde(default = "default_outbox_lease")]
+    pub outbox_lease_s: f64,
 }
 
 fn default_bucket() -> String {
@@ -50,6 +83,33 @@ fn default_replicas() -> usize {
 }
 fn default_ack_timeout() -> f64 {
     10.0
+}
+fn default_series_bucket() -> String {
+    "bn-series".into()
+}
+fn default_jobs_stream() -> String {
+    "BN_JOBS".into()
+}
+fn default_jobs_subject() -> String {
+    "bn.jobs".into()
+}
+fn default_dead_stream() -> String {
+    "BN_DEAD".into()
+}
+fn default_dead_subject() -> String {
+    "bn.dead".into()
+}
+fn default_outbox_bucket() -> String {
+    "bn-outbox".into()
+}
+fn default_ack_wait() -> f64 {
+    30.0
+}
+fn default_max_deliver() -> i64 {
+    5
+}
+fn default_outbox_lease() -> f64 {
+    60.0
 }
 
 /// What one `serve` process runs.
