@@ -23,7 +23,8 @@ pub struct ClusterConfig {
     /// published after its object; the series stage consumes it.
     #[serde(default = "default_stream")]
     pub instances_stream: String,
-    /// Subject prefix of that stream: messages go to `<prefix>.<study UID>`.
+    /// Subject prefix of that stream: messages go to `<prefix>.<study>.<series>`
+    /// (each UID as one token, `_` for `.`).
     #[serde(default = "default_subject")]
     pub instances_subject: String,
     /// Replicas of the bucket and stream (1 for one server; 3 on a

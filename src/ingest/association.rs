@@ -519,6 +519,7 @@ impl<S: Transport> Association<S> {
         };
         // The index update of a stored instance, answered after the response.
         let mut indexing = None;
+        let mut failed: Option<Response> = None;
         let rsp = match pending {
             Pending::Duplicate { cmd } => {
                 let sop = cmd.affected_sop_instance_uid.clone().unwrap_or_default();
@@ -567,10 +568,17 @@ impl<S: Transport> Association<S> {
                             // awaited below, before this association reads on.
                             match self.shared.tracker.queue_instance_stored(inst).await {
                                 Ok(q) => indexing = Some((q, placed)),
+                                Err(e) if self.shared.tracker.fails_the_store() => {
+                                    // The cluster's series state: nothing would
+                                    // repair it later, so the peer sends again.
+                                    tracing::error!(error = %e, "series state update failed; the store fails");
+                                    indexing = None;
+                                    failed = Some(store_failed(&cmd, Status::OutOfResources, e.to_string()));
+                                }
                                 Err(e) => tracing::error!(error = %e, "series index update failed; recovery will re-index"),
                             }
                         }
-                        Response::to_request(&cmd, Status::Success, None)
+                        failed.take().unwrap_or_else(|| Response::to_request(&cmd, Status::Success, None))
                     }
                     Err(e) => {
                         let status = status_for(&e);

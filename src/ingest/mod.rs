@@ -46,7 +46,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::config::NodeConfig;
-use crate::series::TrackerHandle;
+use crate::series::SeriesSink;
 use crate::spool::Spool;
 use crate::telemetry;
 
@@ -54,7 +54,7 @@ use crate::telemetry;
 pub struct Shared {
     pub node: NodeConfig,
     pub spool: Arc<dyn Spool>,
-    pub tracker: TrackerHandle,
+    pub tracker: SeriesSink,
 }
 
 impl Shared {

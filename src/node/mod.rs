@@ -74,10 +74,8 @@ pub fn serve(config_path: &Path, role: crate::config::Role) -> anyhow::Result<()
         .build()
         .context("cannot start the async runtime")?;
     let r = match role {
-        crate::config::Role::Embedded | crate::config::Role::Worker => {
-            rt.block_on(run(cfg, table, config_path.to_owned(), role))
-        }
-        role => rt.block_on(cluster::run(cfg, role)),
+        crate::config::Role::Receiver => rt.block_on(cluster::run(cfg, crate::config::Role::Receiver)),
+        role => rt.block_on(run(cfg, table, config_path.to_owned(), role)),
     };
     // A job abandoned at its deadline may still occupy a blocking thread
     // (a hung read, a stuck model); dropping the runtime would wait for it
@@ -103,24 +101,36 @@ struct Ctx {
     routes: SharedRoutes,
 }
 
-/// The embedded node; as `--role worker`, the same stages fed from the
-/// cluster's instances stream instead of DICOM listeners ([`cluster::start_feed`]).
+/// The embedded node; as `--role worker` (or `all`), the stages from
+/// routing on, fed by the cluster's jobs stream instead of a local tracker
+/// ([`cluster::start_worker`]), and for `all` the listeners on the
+/// cluster's spool.
 async fn run(cfg: Config, table: RouteTable, config_path: PathBuf, role: crate::config::Role) -> anyhow::Result<()> {
+    use crate::config::Role;
     std::fs::create_dir_all(&cfg.node.data_dir)
         .with_context(|| format!("cannot create data_dir {}", cfg.node.data_dir.display()))?;
     let spool = Arc::new(DiskSpool::open(&cfg.node.data_dir).context("cannot open the spool")?);
     let (index, queue) = open_series_stores(&cfg)?;
     // The tracker outlives ingest: it is cancelled only after every
     // association has finished, so no stored instance misses the index.
+    // A cluster worker has none: the cluster's series state completes
+    // series, and the worker's index is a cache of what it ran.
     let tracker_shutdown = CancellationToken::new();
-    let (tracker, tracker_task) = crate::series::Tracker::spawn(
-        cfg.series.clone(),
-        index,
-        cfg.spool_dir(),
-        queue.clone(),
-        tracker_shutdown.clone(),
-    )
-    .context("series tracker failed to start")?;
+    let tracker = if role == Role::Embedded {
+        Some(
+            crate::series::Tracker::spawn(
+                cfg.series.clone(),
+                index,
+                cfg.spool_dir(),
+                queue.clone(),
+                tracker_shutdown.clone(),
+            )
+            .context("series tracker failed to start")?,
+        )
+    } else {
+        drop(index);
+        None
+    };
     let models = load_models(&cfg).await?;
     let jobs = open_job_store(&cfg)?;
     let ctx = Ctx {
@@ -132,11 +142,12 @@ async fn run(cfg: Config, table: RouteTable, config_path: PathBuf, role: crate::
         jobs,
         models,
     };
-    let feed = match role {
-        crate::config::Role::Worker => {
-            Some(cluster::start_feed(&ctx.cfg, spool.clone(), tracker.clone(), ctx.shutdown.clone()).await?)
-        }
-        _ => None,
+    let side = match role {
+        Role::Embedded => None,
+        _ => Some(
+            cluster::start_worker(&ctx.cfg, role, spool.clone(), ctx.queue.clone(), ctx.jobs.clone(), ctx.shutdown.clone())
+                .await?,
+        ),
     };
     tokio::spawn(watch_models(ctx.models.clone(), ctx.shutdown.clone()));
     let router = tokio::spawn(build_router(&ctx)?.run(ctx.shutdown.clone()));
@@ -156,22 +167,27 @@ async fn run(cfg: Config, table: RouteTable, config_path: PathBuf, role: crate::
     .context("cannot start the outbox")?;
     let worker = tokio::spawn(build_worker(&ctx, outbox.clone())?.run(ctx.shutdown.clone()));
     let reloader = tokio::spawn(reload_on_sighup(ctx.config_path.clone(), ctx.routes.clone(), ctx.shutdown.clone()));
-    if ctx.cfg.node.allowed_callers.is_empty() {
-        tracing::warn!("node.allowed_callers is empty: any calling AE may store to this node");
-    }
     let ready = Arc::new(AtomicBool::new(false));
     // One gate for both ports: the association limit is the node's, not a port's.
     let gate = Gate::new(ctx.cfg.node.max_associations, ctx.cfg.node.max_pending_connections);
     let http = start_http(&ctx, outbox, ready.clone(), gate.clone()).await?;
-    let ingest = Arc::new(Shared {
-        node: ctx.cfg.node.clone(),
-        spool,
-        tracker,
-    });
-    let accept = if feed.is_some() {
-        Vec::new()
-    } else {
-        start_listeners(&ctx.cfg.node, &ctx.shutdown, ingest, gate).await?
+    let ingest = match (&tracker, &side) {
+        (Some((handle, _)), _) => {
+            if ctx.cfg.node.allowed_callers.is_empty() {
+                tracing::warn!("node.allowed_callers is empty: any calling AE may store to this node");
+            }
+            Some(Arc::new(Shared {
+                node: ctx.cfg.node.clone(),
+                spool,
+                tracker: crate::series::SeriesSink::Local(handle.clone()),
+            }))
+        }
+        (None, Some(side)) => side.ingest.clone(),
+        (None, None) => None,
+    };
+    let accept = match ingest {
+        Some(ingest) => start_listeners(&ctx.cfg.node, &ctx.shutdown, ingest, gate).await?,
+        None => Vec::new(),
     };
     ready.store(true, Ordering::Release);
     wait_for_signal().await;
@@ -179,14 +195,14 @@ async fn run(cfg: Config, table: RouteTable, config_path: PathBuf, role: crate::
     ctx.shutdown.cancel();
     Running {
         accept,
-        feed,
+        cluster: side.map(|s| s.tasks).unwrap_or_default(),
         reloader,
         http,
         worker,
         retention,
         outbox: outbox_task,
         tracker_shutdown,
-        tracker: tracker_task,
+        tracker: tracker.map(|(_, t)| t),
         router,
     }
     .stop()
@@ -390,15 +406,16 @@ async fn start_listeners(
 /// The tasks of a running node.
 struct Running {
     accept: Vec<JoinHandle<()>>,
-    /// `--role worker`: the instances stream into the spool and tracker.
-    feed: Option<JoinHandle<()>>,
+    /// `--role worker|all`: the jobs consumer and the series sweeper.
+    cluster: Vec<JoinHandle<()>>,
     reloader: JoinHandle<()>,
     http: Option<JoinHandle<()>>,
     worker: JoinHandle<()>,
     retention: Option<JoinHandle<()>>,
     outbox: JoinHandle<()>,
     tracker_shutdown: CancellationToken,
-    tracker: JoinHandle<()>,
+    /// The embedded role's series tracker.
+    tracker: Option<JoinHandle<()>>,
     router: JoinHandle<()>,
 }
 
@@ -410,8 +427,8 @@ impl Running {
         for a in self.accept {
             a.await.context("accept loop panicked")?;
         }
-        if let Some(f) = self.feed {
-            f.await.context("instance feed panicked")?;
+        for t in self.cluster {
+            t.await.context("cluster task panicked")?;
         }
         let _ = self.reloader.await;
         if let Some(t) = self.http {
@@ -423,7 +440,9 @@ impl Running {
         }
         self.outbox.await.context("outbox panicked")?;
         self.tracker_shutdown.cancel();
-        self.tracker.await.context("series tracker panicked")?;
+        if let Some(t) = self.tracker {
+            t.await.context("series tracker panicked")?;
+        }
         self.router.await.context("completion consumer panicked")?;
         Ok(())
     }

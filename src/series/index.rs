@@ -287,6 +287,20 @@ impl SeriesIndex {
         Ok(crate::store::count_by_state(&self.conn, "series")?)
     }
 
+    /// The series' state, `None` when it is not in the index.
+    pub fn state_of(&self, series: &Uid) -> Result<Option<SeriesState>, SeriesError> {
+        let s: Option<String> = self
+            .conn
+            .query_row(
+                "SELECT state FROM series WHERE series_instance_uid = ?1",
+                [series.as_str()],
+                |r| r.get(0),
+            )
+            .optional()?;
+        s.map(|s| s.parse().map_err(|e: super::UnknownState| SeriesError::Corrupt(e.to_string())))
+            .transpose()
+    }
+
     pub fn list_series(&self) -> Result<Vec<SeriesSummary>, SeriesError> {
         let v2_cols = if self.v2 {
             "s.state_reason, s.purged_at, s.purged_instances"

@@ -46,6 +46,8 @@
 
 mod geometry;
 mod index;
+#[cfg(feature = "cluster")]
+pub mod nats;
 mod queue;
 mod recover;
 pub mod scan;
@@ -67,6 +69,65 @@ pub use queue::{CompletionQueue, SqliteCompletionQueue};
 pub use recover::{recover, Recovery};
 pub use state::{SeriesState, UnknownState};
 pub use tracker::{QueuedInstance, Tracker, TrackerHandle};
+
+/// Where ingest reports stored instances and ended associations: the
+/// embedded tracker, or the cluster's shared series state.
+#[derive(Clone, Debug)]
+pub enum SeriesSink {
+    Local(TrackerHandle),
+    #[cfg(feature = "cluster")]
+    Cluster(std::sync::Arc<nats::ClusterSeries>),
+}
+
+impl SeriesSink {
+    /// Embedded: queued in the tracker's mailbox, answered after the C-STORE
+    /// response (the spool file is the truth). Cluster: recorded in the
+    /// shared state before this returns, so an error here fails the C-STORE
+    /// ([`SeriesSink::fails_the_store`]).
+    pub async fn queue_instance_stored(&self, inst: StoredInstance) -> Result<QueuedInstance, SeriesError> {
+        match self {
+            SeriesSink::Local(t) => t.queue_instance_stored(inst).await,
+            #[cfg(feature = "cluster")]
+            SeriesSink::Cluster(c) => Ok(QueuedInstance::ready(c.instance_stored(&inst).await)),
+        }
+    }
+
+    /// Whether an error of [`SeriesSink::queue_instance_stored`] must fail
+    /// the C-STORE: in the cluster nothing would repair the series state
+    /// later, while the embedded index is rebuilt from the spool at start.
+    pub fn fails_the_store(&self) -> bool {
+        match self {
+            SeriesSink::Local(_) => false,
+            #[cfg(feature = "cluster")]
+            SeriesSink::Cluster(_) => true,
+        }
+    }
+
+    /// Embedded only: the cluster dedupes on the object store at commit.
+    pub async fn is_duplicate(&self, sop: &Uid) -> Result<bool, SeriesError> {
+        match self {
+            SeriesSink::Local(t) => t.is_duplicate(sop).await,
+            #[cfg(feature = "cluster")]
+            SeriesSink::Cluster(_) => Ok(false),
+        }
+    }
+
+    pub async fn association_released(&self, association_id: u64) {
+        match self {
+            SeriesSink::Local(t) => t.association_released(association_id).await,
+            #[cfg(feature = "cluster")]
+            SeriesSink::Cluster(c) => c.association_ended(association_id, true).await,
+        }
+    }
+
+    pub async fn association_aborted(&self, association_id: u64) {
+        match self {
+            SeriesSink::Local(t) => t.association_aborted(association_id).await,
+            #[cfg(feature = "cluster")]
+            SeriesSink::Cluster(c) => c.association_ended(association_id, false).await,
+        }
+    }
+}
 
 /// What ingest hands over once an instance is durably in the spool.
 #[derive(Debug, Clone, PartialEq)]
@@ -206,6 +267,10 @@ pub enum SeriesError {
     InvalidConfig(String),
     #[error("the series tracker has stopped")]
     TrackerStopped,
+    /// The cluster's shared series state (NATS JetStream) did not answer or
+    /// refused: transient, the caller retries or fails the C-STORE.
+    #[error("cluster series state: {0}")]
+    Shared(String),
 }
 
 impl SeriesError {
@@ -231,7 +296,7 @@ impl SeriesError {
         match self {
             SeriesError::Open { source, .. } => sqlite(source),
             SeriesError::Sqlite(e) => sqlite(e),
-            SeriesError::Io { .. } => true,
+            SeriesError::Io { .. } | SeriesError::Shared(_) => true,
             SeriesError::Queue { retryable, .. } => *retryable,
             SeriesError::Schema { .. }
             | SeriesError::Corrupt(_)

@@ -366,6 +366,14 @@ impl Tracker {
 pub struct QueuedInstance(oneshot::Receiver<Result<InsertOutcome, SeriesError>>);
 
 impl QueuedInstance {
+    /// An answer already known (the cluster's series state answers before
+    /// the C-STORE response, not after).
+    pub fn ready(r: Result<InsertOutcome, SeriesError>) -> QueuedInstance {
+        let (tx, rx) = oneshot::channel();
+        let _ = tx.send(r);
+        QueuedInstance(rx)
+    }
+
     pub async fn outcome(self) -> Result<InsertOutcome, SeriesError> {
         self.0.await.map_err(|_| SeriesError::TrackerStopped)?
     }

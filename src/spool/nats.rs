@@ -5,7 +5,7 @@
 //! Output: a [`StoredFile`] once the object store has acknowledged every
 //! chunk and the object's metadata, and the stream has acknowledged the
 //! instance's metadata message ([`InstanceMeta`], JSON, subject
-//! `<instances_subject>.<StudyUID>`, `Nats-Msg-Id` = SOP Instance UID).
+//! `<instances_subject>.<study>.<series>` (UIDs with `_` for `.`), `Nats-Msg-Id` = SOP Instance UID).
 //!
 //! Invariants:
 //! - Nothing is acknowledged before JetStream has acknowledged it: `commit`
@@ -123,15 +123,61 @@ impl Shared {
         let mut headers = async_nats::HeaderMap::new();
         headers.insert("Nats-Msg-Id", meta.header.sop_instance_uid.as_str());
         let body = serde_json::to_vec(meta).map_err(|e| SpoolError::Meta(e.to_string()))?;
-        let subject = format!("{}.{}", self.cfg.instances_subject, meta.header.study_instance_uid);
-        self.js
+        let subject = instance_subject(&self.cfg, meta.header.study_instance_uid.as_str(), meta.header.series_instance_uid.as_str());
+        let ack = self
+            .js
             .publish_with_headers(subject, headers, body.into())
             .await
             .map_err(|e| shared("metadata publish", &e))?
             .await
             .map_err(|e| shared("metadata publish ack", &e))?;
-        Ok(duplicate)
+        // A duplicate only when both were there already: an object without
+        // its message is an earlier attempt that died in between, and this
+        // one is the instance's first complete store.
+        Ok(duplicate && ack.duplicate)
     }
+}
+
+/// A UID as one subject token: UIDs are digits and dots, and a dot
+/// separates tokens, so dots become `_` (reversible: `_` is not in a UID).
+pub fn uid_token(uid: &str) -> String {
+    uid.replace('.', "_")
+}
+
+/// `<prefix>.<study>.<series>`, so a worker can read one series' messages.
+pub fn instance_subject(cfg: &ClusterConfig, study: &str, series: &str) -> String {
+    format!("{}.{}.{}", cfg.instances_subject, uid_token(study), uid_token(series))
+}
+
+/// The KV bucket `bucket`, created when absent (file storage, history 1).
+///
+/// Made as the client's `create_key_value` makes it (stream `KV_<bucket>`,
+/// subjects `$KV.<bucket>.>`, roll-ups, no deletes of messages, direct
+/// gets, discard new), but through `get_or_create_stream`: the client's own
+/// call first queries the account info, whose 2.9.10 answer it cannot parse.
+pub async fn key_value(
+    js: &jetstream::Context,
+    bucket: &str,
+    replicas: usize,
+) -> Result<jetstream::kv::Store, String> {
+    if let Ok(kv) = js.get_key_value(bucket).await {
+        return Ok(kv);
+    }
+    js.get_or_create_stream(stream::Config {
+        name: format!("KV_{bucket}"),
+        subjects: vec![format!("$KV.{bucket}.>")],
+        max_messages_per_subject: 1,
+        storage: stream::StorageType::File,
+        num_replicas: replicas.max(1),
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        discard: stream::DiscardPolicy::New,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| format!("create the KV bucket {bucket}: {e}"))?;
+    js.get_key_value(bucket).await.map_err(|e| format!("open the KV bucket {bucket}: {e}"))
 }
 
 fn shared(what: &str, e: &dyn std::fmt::Display) -> SpoolError {
@@ -262,77 +308,59 @@ impl NatsWriter {
     }
 }
 
-/// How long the stream waits for a worker's ack before it delivers an
-/// instance message again.
-const FEED_ACK_WAIT: Duration = Duration::from_secs(30);
-/// Deliveries of one instance message before the stream gives up on it
-/// (an object that cannot be fetched or is not a valid dataset).
-const FEED_MAX_DELIVER: i64 = 10;
-
-/// The instances stream as a worker reads it: a durable pull consumer,
-/// explicit acks. A message is acked by the caller only once the instance
-/// is durable on its side ([`Delivered::ack`]); one that is not is
-/// delivered again after [`FEED_ACK_WAIT`].
-pub struct InstanceFeed {
-    messages: jetstream::consumer::pull::Stream,
-    bucket: object_store::ObjectStore,
-}
-
-/// One instance message and the means to fetch its object.
-pub struct Delivered {
-    pub meta: InstanceMeta,
-    msg: jetstream::Message,
-}
-
 impl Shared {
-    /// The durable consumer `durable` on the instances stream, created if
-    /// absent; every worker of one cluster uses the same name, so each
-    /// message goes to one of them.
-    pub async fn feed(&self, durable: &str) -> Result<InstanceFeed, SpoolError> {
-        use jetstream::consumer::{pull, AckPolicy};
+    /// Every instance message of one series, oldest first, deduplicated on
+    /// the SOP Instance UID: an ephemeral consumer filtered on the series'
+    /// subject, read until it has nothing pending.
+    pub async fn series_instances(&self, study: &str, series: &str) -> Result<Vec<InstanceMeta>, SpoolError> {
+        use futures_util::StreamExt;
+        use jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
         let stream = self
             .js
             .get_stream(&self.cfg.instances_stream)
             .await
             .map_err(|e| shared("open the instances stream", &e))?;
         let consumer: jetstream::consumer::Consumer<pull::Config> = stream
-            .get_or_create_consumer(
-                durable,
-                pull::Config {
-                    durable_name: Some(durable.to_owned()),
-                    ack_policy: AckPolicy::Explicit,
-                    ack_wait: FEED_ACK_WAIT,
-                    max_deliver: FEED_MAX_DELIVER,
-                    ..Default::default()
-                },
-            )
+            .create_consumer(pull::Config {
+                filter_subject: instance_subject(&self.cfg, study, series),
+                deliver_policy: DeliverPolicy::All,
+                ack_policy: AckPolicy::None,
+                inactive_threshold: Duration::from_secs(60),
+                ..Default::default()
+            })
             .await
-            .map_err(|e| shared("create the instances consumer", &e))?;
-        let messages = consumer.messages().await.map_err(|e| shared("consume the instances stream", &e))?;
-        Ok(InstanceFeed {
-            messages,
-            bucket: self.bucket.clone(),
-        })
-    }
-}
-
-impl InstanceFeed {
-    /// The next instance message; `None` when the connection is closed for
-    /// good. A message whose body is not an [`InstanceMeta`] is an error
-    /// for the caller to log; it is terminated here (never redelivered).
-    pub async fn next(&mut self) -> Option<Result<Delivered, SpoolError>> {
-        use futures_util::StreamExt;
-        let msg = match self.messages.next().await? {
-            Ok(m) => m,
-            Err(e) => return Some(Err(shared("instances stream", &e))),
-        };
-        match serde_json::from_slice::<InstanceMeta>(&msg.payload) {
-            Ok(meta) => Some(Ok(Delivered { meta, msg })),
-            Err(e) => {
-                let _ = msg.ack_with(jetstream::AckKind::Term).await;
-                Some(Err(SpoolError::Unparseable(format!("instance message on {}: {e}", msg.subject))))
+            .map_err(|e| shared("create a series consumer", &e))?;
+        let total = consumer.get_info().await.map_err(|e| shared("series consumer info", &e))?.num_pending as usize;
+        let mut seen = std::collections::HashSet::new();
+        let mut out = Vec::with_capacity(total);
+        let mut read = 0usize;
+        while read < total {
+            let mut batch = consumer
+                .fetch()
+                .max_messages((total - read).min(512))
+                .expires(self.ack_timeout())
+                .messages()
+                .await
+                .map_err(|e| shared("fetch series messages", &e))?;
+            let before = read;
+            while let Some(m) = batch.next().await {
+                let m = m.map_err(|e| shared("series messages", &e))?;
+                read += 1;
+                match serde_json::from_slice::<InstanceMeta>(&m.payload) {
+                    Ok(meta) => {
+                        if seen.insert(meta.header.sop_instance_uid.clone()) {
+                            out.push(meta);
+                        }
+                    }
+                    Err(e) => tracing::warn!(subject = %m.subject, error = %e, "not an instance message; skipped"),
+                }
+            }
+            if read == before {
+                return Err(SpoolError::Shared(format!("the series' messages stopped at {read} of {total}")));
             }
         }
+        let _ = stream.delete_consumer(&consumer.cached_info().name).await;
+        Ok(out)
     }
 
     /// Copies the instance's object into `disk` (the worker's local spool:
@@ -341,28 +369,28 @@ impl InstanceFeed {
     /// own Part 10 header is replaced by the disk spool's, as on ingest.
     pub async fn materialize(
         &self,
-        d: &Delivered,
+        meta: &InstanceMeta,
         disk: &std::sync::Arc<super::DiskSpool>,
         max_dataset_bytes: u64,
     ) -> Result<StoredFile, SpoolError> {
         use tokio::io::AsyncReadExt;
         let mut object = self
             .bucket
-            .get(&d.meta.object)
+            .get(&meta.object)
             .await
-            .map_err(|e| shared(&format!("get object {}", d.meta.object), &e))?;
+            .map_err(|e| shared(&format!("get object {}", meta.object), &e))?;
         // Preamble, `DICM`, then (0002,0000) UL: its value is the length of
         // the rest of the file meta group.
         let mut head = [0u8; 144];
         object.read_exact(&mut head).await?;
         if &head[128..132] != b"DICM" || head[132..138] != [0x02, 0x00, 0x00, 0x00, b'U', b'L'] {
-            return Err(SpoolError::Unparseable(format!("object {} is not a Part 10 file", d.meta.object)));
+            return Err(SpoolError::Unparseable(format!("object {} is not a Part 10 file", meta.object)));
         }
         let mut skip = u32::from_le_bytes(head[140..144].try_into().expect("4 bytes")) as u64;
         let incoming = Incoming {
-            sop_class_uid: d.meta.header.sop_class_uid.to_string(),
-            sop_instance_uid: d.meta.header.sop_instance_uid.to_string(),
-            transfer_syntax: d.meta.transfer_syntax.clone(),
+            sop_class_uid: meta.header.sop_class_uid.to_string(),
+            sop_instance_uid: meta.header.sop_instance_uid.to_string(),
+            transfer_syntax: meta.transfer_syntax.clone(),
             max_dataset_bytes,
         };
         let mut writer = disk.begin(&incoming)?;
@@ -393,12 +421,5 @@ impl InstanceFeed {
         tokio::task::spawn_blocking(move || writer.commit())
             .await
             .map_err(|e| SpoolError::Io(std::io::Error::other(e.to_string())))?
-    }
-}
-
-impl Delivered {
-    /// The instance is durable downstream: the stream may forget it.
-    pub async fn ack(&self) -> Result<(), SpoolError> {
-        self.msg.ack().await.map_err(|e| shared("ack", &*e))
     }
 }
