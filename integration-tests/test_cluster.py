@@ -628,3 +628,26 @@ def test_a_job_that_keeps_failing_goes_to_the_dead_letters_with_its_reason(tmp_p
             w.stop()
     finally:
         r.stop()
+
+
+def test_role_all_receives_and_works_in_one_process_beside_a_receiver(tmp_path, binary, nats_server, orthanc):
+    """`--role all`: the listeners on the cluster's spool and a worker, in one process. A series stored into a
+    separate receiver is scored by it too: the work comes from the shared queue, not from its own ingest."""
+    url = nats_server.url
+    both = _role(tmp_path / "all", url, "all", orthanc).start()
+    r = _role(tmp_path / "r", url, "receiver").start()
+    try:
+        for node, seed in ((both, 31), (r, 32)):
+            res = storescu(node, _phantoms(tmp_path, 1, seed=seed))
+            assert _successes(res) == 1, res.stdout + node.log_tail()
+        wait_for(lambda: len(set(received_srs(orthanc))) == 4, 60, "two SRs for each of the two series")
+        time.sleep(1)
+        got = received_srs(orthanc)
+        assert len(got) == len(set(got)) == 4, got
+        # Nothing of the instances is kept by the `all` process' ingest: its spool holds only what its worker
+        # materialised, the same layout as an embedded node's.
+        assert len(both.spool_files()) == 2
+        both.assert_alive()
+    finally:
+        r.stop()
+        both.stop()
