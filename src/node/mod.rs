@@ -151,6 +151,7 @@ async fn run(cfg: Config, table: RouteTable, config_path: PathBuf, role: crate::
         destinations,
         ctx.cfg.outbox.clone(),
         crate::dicom::AeTitle::new(&ctx.cfg.node.ae_title),
+        Arc::new(crate::outbox::claims::NoClaims),
         ctx.shutdown.clone(),
     )
     .context("cannot start the outbox")?;

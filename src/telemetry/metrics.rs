@@ -64,7 +64,8 @@ pub struct InferenceLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DeliveryLabels {
     pub destination: String,
-    /// `delivered`, `retry` or `dead`.
+    /// `delivered`, `retry` or `dead`; in a cluster also `delivered_elsewhere`,
+    /// `held` or `unavailable` (the shared claims kept it from being sent).
     pub outcome: String,
 }
 

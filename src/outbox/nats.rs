@@ -1,0 +1,213 @@
+//! [`Claims`] on a NATS JetStream KV bucket (`cluster.outbox_bucket`), so
+//! that the workers of a cluster send each (destination, SOP Instance UID)
+//! once (docs/SCALE-OUT.md, "Outbox").
+//!
+//! Input: the item's destination and SOP Instance UID. Output: a [`Claim`].
+//! Key: [`claims::key`] (`<escaped destination>.<SOP Instance UID>`);
+//! value: [`ClaimValue`] as JSON, `{"state": "sending"|"delivered",
+//! "owner": <worker id>, "until_ms": <lease end, Unix ms>}`.
+//!
+//! Invariants:
+//! - Every write is conditional: `create` (fails if the key exists) or
+//!   `update` on the revision that was read (compare-and-set). Two workers
+//!   racing for one key: one write wins, the other reads again and finds a
+//!   live lease (held) or `delivered`.
+//! - What to do with the entry read is [`claims::decide`] (pure, tested).
+//! - Any error or timeout talking to NATS is [`Claim::Unavailable`]: the
+//!   item waits and is asked about again; nothing is taken as delivered
+//!   unless the bucket says so.
+//!
+//! Failure modes: a worker that dies holding a lease delays the item by at
+//! most `cluster.outbox_lease_s`; one that dies after the destination
+//! accepted but before `delivered` was recorded lets another worker send
+//! the same SOP Instance once more (at-least-once, idempotent by UID). A
+//! batch of many items is claimed as a whole before its association, so a
+//! batch that takes longer than the lease may overlap a takeover: the
+//! same outcome, one more identical instance at the destination.
+
+use std::time::{Duration, SystemTime};
+
+use async_nats::jetstream::{self, kv, stream};
+
+use super::claims::{self, Claim, ClaimFuture, ClaimState, ClaimValue, Claims, Decision};
+use crate::config::ClusterConfig;
+
+/// Compare-and-set races lost in a row before the answer is "try later".
+const MAX_RACES: usize = 4;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClaimsError {
+    #[error("cannot open the outbox claims bucket `{bucket}`: {reason}")]
+    Bucket { bucket: String, reason: String },
+}
+
+/// The outbox claims of one worker on the cluster's KV bucket.
+pub struct KvClaims {
+    kv: kv::Store,
+    /// This worker's id, written as `owner` (e.g. `<host>-<pid>`).
+    owner: String,
+    lease: Duration,
+    /// Bound on each KV call, so an unreachable server delays a batch by
+    /// this much, not forever.
+    timeout: Duration,
+}
+
+impl KvClaims {
+    /// Opens `cluster.outbox_bucket`, creating it when absent (file storage,
+    /// `cluster.replicas`, history 1). `owner` names this worker in the
+    /// bucket; it must differ between live workers.
+    pub async fn open(js: jetstream::Context, cfg: &ClusterConfig, owner: String) -> Result<KvClaims, ClaimsError> {
+        let kv = open_bucket(&js, &cfg.outbox_bucket, cfg.replicas).await.map_err(|reason| ClaimsError::Bucket {
+            bucket: cfg.outbox_bucket.clone(),
+            reason,
+        })?;
+        Ok(KvClaims {
+            kv,
+            owner,
+            lease: Duration::from_secs_f64(cfg.outbox_lease_s.max(1.0)),
+            timeout: Duration::from_secs_f64(cfg.ack_timeout_s.max(0.5)),
+        })
+    }
+
+    pub fn owner(&self) -> &str {
+        &self.owner
+    }
+
+    fn value(&self, state: ClaimState) -> bytes::Bytes {
+        let until_ms = claims::unix_ms(SystemTime::now() + self.lease);
+        let v = ClaimValue { state, owner: self.owner.clone(), until_ms };
+        serde_json::to_vec(&v).expect("a ClaimValue always serialises").into()
+    }
+
+    /// The current entry of `key`: `None` when absent or deleted.
+    async fn read(&self, key: &str) -> Result<Option<(Result<ClaimValue, ()>, u64)>, String> {
+        let e = bounded(self.timeout, self.kv.entry(key)).await?;
+        Ok(e.filter(|e| e.operation == kv::Operation::Put).map(|e| {
+            let v = serde_json::from_slice::<ClaimValue>(&e.value).map_err(|err| {
+                tracing::warn!(key, error = %err, "outbox claims: an entry that does not parse is taken over");
+            });
+            (v, e.revision)
+        }))
+    }
+
+    async fn try_claim(&self, destination: &str, sop: &str) -> Result<Claim, String> {
+        let key = claims::key(destination, sop);
+        for _ in 0..MAX_RACES {
+            let current = self.read(&key).await?;
+            let now = SystemTime::now();
+            let current_ref = current.as_ref().map(|(v, r)| (v.as_ref().map_err(|_| ()), *r));
+            match claims::decide(current_ref, &self.owner, claims::unix_ms(now)) {
+                Decision::Delivered { owner } => return Ok(Claim::AlreadyDelivered { by: owner }),
+                Decision::Held { owner, until_ms } => {
+                    return Ok(Claim::HeldByOther { owner, retry_at: claims::retry_at_for_held(now, until_ms) })
+                }
+                Decision::Create => match bounded_raw(self.timeout, self.kv.create(&key, self.value(ClaimState::Sending))).await? {
+                    Ok(_) => return Ok(Claim::Proceed),
+                    Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => continue,
+                    Err(e) => return Err(format!("create {key}: {e}")),
+                },
+                Decision::Take { revision } => {
+                    match bounded_raw(self.timeout, self.kv.update(&key, self.value(ClaimState::Sending), revision)).await? {
+                        Ok(_) => return Ok(Claim::Proceed),
+                        Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => continue,
+                        Err(e) => return Err(format!("update {key}: {e}")),
+                    }
+                }
+            }
+        }
+        Err(format!("{key}: lost {MAX_RACES} compare-and-set races in a row"))
+    }
+
+    async fn try_delivered(&self, destination: &str, sop: &str) -> Result<(), String> {
+        let key = claims::key(destination, sop);
+        for _ in 0..MAX_RACES {
+            // Whatever the entry says now (even another worker's lease: it
+            // would only send again), it is delivered.
+            let r = match self.read(&key).await? {
+                Some((Ok(v), _)) if v.state == ClaimState::Delivered => return Ok(()),
+                Some((_, revision)) => {
+                    bounded_raw(self.timeout, self.kv.update(&key, self.value(ClaimState::Delivered), revision))
+                        .await?
+                        .map_err(|e| (e.kind() == kv::UpdateErrorKind::WrongLastRevision, e.to_string()))
+                }
+                None => bounded_raw(self.timeout, self.kv.create(&key, self.value(ClaimState::Delivered)))
+                    .await?
+                    .map_err(|e| (e.kind() == kv::CreateErrorKind::AlreadyExists, e.to_string())),
+            };
+            match r {
+                Ok(_) => return Ok(()),
+                Err((true, _)) => continue,
+                Err((false, e)) => return Err(format!("{key}: {e}")),
+            }
+        }
+        Err(format!("{key}: lost {MAX_RACES} compare-and-set races in a row"))
+    }
+
+    async fn try_release(&self, destination: &str, sop: &str) -> Result<(), String> {
+        let key = claims::key(destination, sop);
+        if let Some((Ok(v), revision)) = self.read(&key).await? {
+            if v.state == ClaimState::Sending && v.owner == self.owner {
+                let expired = ClaimValue { until_ms: 0, ..v };
+                let value = serde_json::to_vec(&expired).expect("a ClaimValue always serialises").into();
+                // A lost race means someone else took it: nothing to release.
+                let _ = bounded_raw(self.timeout, self.kv.update(&key, value, revision)).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Claims for KvClaims {
+    fn claim<'a>(&'a self, destination: &'a str, sop_instance_uid: &'a str) -> ClaimFuture<'a, Claim> {
+        Box::pin(async move {
+            self.try_claim(destination, sop_instance_uid).await.unwrap_or_else(|reason| Claim::Unavailable { reason })
+        })
+    }
+
+    fn delivered<'a>(&'a self, destination: &'a str, sop_instance_uid: &'a str) -> ClaimFuture<'a, Result<(), String>> {
+        Box::pin(self.try_delivered(destination, sop_instance_uid))
+    }
+
+    fn release<'a>(&'a self, destination: &'a str, sop_instance_uid: &'a str) -> ClaimFuture<'a, ()> {
+        Box::pin(async move {
+            if let Err(reason) = self.try_release(destination, sop_instance_uid).await {
+                tracing::debug!(destination, sop_instance_uid, %reason, "outbox claims: release failed; the lease runs out");
+            }
+        })
+    }
+}
+
+/// A KV bucket, created when absent (file storage, `replicas`, history 1).
+/// Two processes creating it at once both end with the same bucket.
+pub async fn open_bucket(js: &jetstream::Context, bucket: &str, replicas: usize) -> Result<kv::Store, String> {
+    if let Ok(kv) = js.get_key_value(bucket).await {
+        return Ok(kv);
+    }
+    let created = js
+        .create_key_value(kv::Config {
+            bucket: bucket.to_owned(),
+            history: 1,
+            storage: stream::StorageType::File,
+            num_replicas: replicas,
+            ..Default::default()
+        })
+        .await;
+    match created {
+        Ok(kv) => Ok(kv),
+        Err(e) => js.get_key_value(bucket).await.map_err(|_| e.to_string()),
+    }
+}
+
+/// A KV call within `timeout`; both a timeout and the call's error are
+/// the message.
+async fn bounded<T, E: std::fmt::Display>(
+    timeout: Duration,
+    fut: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, String> {
+    bounded_raw(timeout, fut).await?.map_err(|e| e.to_string())
+}
+
+/// A KV call within `timeout`, its own error kept for the caller to match.
+async fn bounded_raw<T>(timeout: Duration, fut: impl std::future::Future<Output = T>) -> Result<T, String> {
+    tokio::time::timeout(timeout, fut).await.map_err(|_| format!("no answer from NATS within {timeout:?}"))
+}
