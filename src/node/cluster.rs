@@ -70,6 +70,7 @@ pub(super) async fn run(cfg: Config, role: Role) -> anyhow::Result<()> {
     let storage = Storage::connect(c)
         .await
         .with_context(|| format!("cannot reach NATS JetStream at {}", c.nats_url))?;
+    let js = storage.js.clone();
     let spool = Arc::new(NatsSpool::open(&cfg.node.data_dir, storage).context("cannot open the cluster spool")?);
     let (index, queue) = super::open_series_stores(&cfg)?;
     let tracker_shutdown = CancellationToken::new();
@@ -91,7 +92,20 @@ pub(super) async fn run(cfg: Config, role: Role) -> anyhow::Result<()> {
         spool,
         tracker,
     });
+    // The receiver's HTTP server: health, metrics and the cluster-wide view.
+    let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let http = match cfg.http.enabled {
+        true => {
+            let view = crate::http::cluster::ClusterView::on(js, c, role.as_str(), crate::http::cluster::process_id());
+            let state = crate::http::cluster::ReceiverState { token: cfg.http.effective_token(), view, ready: ready.clone() };
+            let (addr, task) = crate::http::cluster::serve_receiver(cfg.http.listen, state, shutdown.clone()).await?;
+            tracing::info!(%addr, "HTTP interface listening (receiver: health, metrics, cluster view)");
+            Some(task)
+        }
+        false => None,
+    };
     let accept = super::start_listeners(&cfg.node, &shutdown, ingest, gate).await?;
+    ready.store(true, std::sync::atomic::Ordering::Release);
     tracing::info!(
         role = role.as_str(),
         nats = %c.nats_url,
@@ -104,6 +118,9 @@ pub(super) async fn run(cfg: Config, role: Role) -> anyhow::Result<()> {
     shutdown.cancel();
     for a in accept {
         a.await.context("accept loop panicked")?;
+    }
+    if let Some(t) = http {
+        let _ = t.await;
     }
     tracker_shutdown.cancel();
     tracker_task.await.context("series tracker panicked")?;

@@ -163,7 +163,8 @@ async fn run(cfg: Config, table: RouteTable, config_path: PathBuf, role: crate::
     let ready = Arc::new(AtomicBool::new(false));
     // One gate for both ports: the association limit is the node's, not a port's.
     let gate = Gate::new(ctx.cfg.node.max_associations, ctx.cfg.node.max_pending_connections);
-    let http = start_http(&ctx, outbox, ready.clone(), gate.clone()).await?;
+    let cluster_view = cluster_view(&ctx.cfg, role).await?;
+    let http = start_http(&ctx, outbox, ready.clone(), gate.clone(), cluster_view).await?;
     let ingest = Arc::new(Shared {
         node: ctx.cfg.node.clone(),
         spool,
@@ -310,12 +311,35 @@ fn build_retention(ctx: &Ctx, outbox: Arc<dyn OutboxStore>) -> Option<crate::ret
     })
 }
 
+/// The cluster-wide view for the HTTP server of a worker (or `all`); `None`
+/// on an embedded node.
+#[cfg(feature = "cluster")]
+async fn cluster_view(cfg: &Config, role: crate::config::Role) -> anyhow::Result<Option<crate::http::cluster::ClusterView>> {
+    use crate::config::Role;
+    match (role, &cfg.cluster) {
+        (Role::Worker | Role::All, Some(c)) if cfg.http.enabled => {
+            let id = crate::http::cluster::process_id();
+            let view = crate::http::cluster::ClusterView::connect(c, role.as_str(), id)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot reach NATS JetStream at {}: {e}", c.nats_url))?;
+            Ok(Some(view))
+        }
+        _ => Ok(None),
+    }
+}
+
+#[cfg(not(feature = "cluster"))]
+async fn cluster_view(_cfg: &Config, _role: crate::config::Role) -> anyhow::Result<Option<crate::http::cluster::ClusterView>> {
+    Ok(None)
+}
+
 /// `http`, when enabled: bound now, so a port clash fails start-up.
 async fn start_http(
     ctx: &Ctx,
     outbox: OutboxHandle,
     ready: Arc<AtomicBool>,
     gate: Arc<Gate>,
+    cluster: Option<crate::http::cluster::ClusterView>,
 ) -> anyhow::Result<Option<JoinHandle<()>>> {
     let cfg = &ctx.cfg;
     if !cfg.http.enabled {
@@ -344,6 +368,7 @@ async fn start_http(
         model_config: cfg.models.clone(),
         ready,
         gate,
+        cluster,
     });
     let (addr, task) = crate::http::bind(cfg.http.listen, state, ctx.shutdown.clone()).await?;
     tracing::info!(%addr, token = cfg.http.effective_token().is_some(), "HTTP interface listening");
