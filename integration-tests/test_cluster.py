@@ -10,6 +10,7 @@ client:
 - with NATS down a C-STORE fails (no success for what is not durable), the
   receiver stays up, and after NATS restarts on its store (kill -9 first)
   everything acknowledged before is still there and storing works again;
+- every process (a receiver, a worker) shows the same cluster-wide counts at `/api/cluster`;
 - the config checks of the `cluster:` section, and `--role` without it.
 
 Needs nats-server (apt) and nats-py (pip): scripts/install-deps.sh installs
@@ -285,6 +286,46 @@ def test_a_study_over_two_receivers_is_one_series_on_the_worker(tmp_path, binary
         assert "cannot materialise" not in worker.log_text()
         worker.assert_alive()
     finally:
+        worker.stop()
+
+
+def _cluster_counts(node: Node) -> dict:
+    c = node.http_json("/api/cluster")
+    return {k: c[k] for k in ("series", "jobs", "outbox")}
+
+
+def test_every_process_shows_the_same_cluster_wide_counts(tmp_path, binary, nats_server):
+    """`/api/cluster`, the `cluster_*` gauges and the Cluster page of a receiver (which runs no job store)
+    and of a worker show the same cluster-wide series, jobs and outbox."""
+    series = instances.write_series(tmp_path / "src", 4)
+    receiver = _receiver(tmp_path / "r", nats_server.url).start()
+    worker = _worker(tmp_path / "worker", nats_server.url).start()
+    try:
+        r = storescu(receiver, series.paths)
+        assert r.returncode == 0 and _successes(r) == 4, r.stdout + r.stderr + receiver.log_tail()
+        entry = worker.wait_series(series.series, completed, timeout=30)
+        assert completed(entry), f"{entry}\n{worker.log_tail()}"
+        for node, role in ((receiver, "receiver"), (worker, "worker")):
+            c = node.http_json("/api/cluster")
+            assert c["role"] == role and c["id"].endswith(f"-{node.proc.pid}"), c
+            assert set(c["series"]) >= {"receiving", "complete"}, c
+            assert set(c["jobs"]) == {"waiting", "running", "dead"}, c
+            assert set(c["outbox"]) >= {"sending", "delivered"}, c
+            assert c["age_s"] < 10 and c["error"] is None, c
+        deadline = time.monotonic() + 15
+        while (a := _cluster_counts(receiver)) != (b := _cluster_counts(worker)):
+            assert time.monotonic() < deadline, f"receiver {a} != worker {b}"
+            time.sleep(0.5)
+        status, _, metrics = receiver.http("/metrics")
+        assert status == 200 and b"biomarker_node_cluster_jobs" in metrics, metrics[-2000:]
+        assert b"biomarker_node_cluster_series" in worker.http("/metrics")[2]
+        status, _, page = receiver.http("/")
+        assert status == 200 and b"/assets/cluster.js" in page
+        assert receiver.http("/readyz")[0] == 200
+        # The receiver has no job store: those endpoints are not there.
+        assert receiver.http("/api/jobs")[0] == 404
+    finally:
+        receiver.stop()
         worker.stop()
 
 

@@ -586,6 +586,82 @@ mod tests {
         (code, out)
     }
 
+    #[cfg(feature = "cluster")]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn counts_from_a_real_nats_server() {
+        use async_nats::jetstream::{self, consumer, kv, stream};
+        use futures_util::StreamExt;
+
+        use crate::outbox::claims::Claims;
+
+        let Some(server) = crate::outbox::nats::test_server::start() else { return };
+        let cfg = crate::outbox::nats::test_server::config(&server.url);
+        let js = jetstream::new(async_nats::connect(server.url.as_str()).await.unwrap());
+        let view = ClusterView::on(js.clone(), &cfg, "receiver", "h-1".into());
+        // Nothing created yet: zeros, not an error.
+        let c = view.current(Duration::from_secs(10)).await;
+        assert_eq!(c.error, None);
+        let zero = Snapshot::default().with_known_states();
+        assert_eq!(c.snapshot, Some(zero));
+
+        let series = js
+            .create_key_value(kv::Config { bucket: cfg.series_bucket.clone(), ..Default::default() })
+            .await
+            .unwrap();
+        for (k, state) in [("1.2.1", "receiving"), ("1.2.2", "complete"), ("1.2.3", "complete")] {
+            let v = json!({"state": state, "generation": 1, "instances": 3, "open": []});
+            series.put(k, serde_json::to_vec(&v).unwrap().into()).await.unwrap();
+        }
+        let jobs = js
+            .create_stream(stream::Config {
+                name: cfg.jobs_stream.clone(),
+                subjects: vec![format!("{}.>", cfg.jobs_subject)],
+                retention: stream::RetentionPolicy::WorkQueue,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        for i in 0..3 {
+            js.publish(format!("{}.series", cfg.jobs_subject), format!("{i}").into()).await.unwrap().await.unwrap();
+        }
+        let dead = js
+            .create_stream(stream::Config {
+                name: cfg.dead_stream.clone(),
+                subjects: vec![format!("{}.>", cfg.dead_subject)],
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        js.publish(format!("{}.series", cfg.dead_subject), "x".into()).await.unwrap().await.unwrap();
+        drop(dead);
+        let claims = crate::outbox::nats::KvClaims::open(js.clone(), &cfg, "w".into()).await.unwrap();
+        assert_eq!(claims.claim("pacs", "1.9.1").await, crate::outbox::claims::Claim::Proceed);
+        assert_eq!(claims.claim("pacs", "1.9.2").await, crate::outbox::claims::Claim::Proceed);
+        claims.delivered("pacs", "1.9.2").await.unwrap();
+
+        // No worker yet: all three jobs wait.
+        tokio::time::sleep(REFRESH_EVERY).await;
+        let s = view.current(Duration::from_secs(10)).await.snapshot.unwrap();
+        assert_eq!(s.jobs, Jobs { waiting: 3, running: 0, dead: 1 });
+        assert_eq!(s.series, [("complete".into(), 2), ("receiving".into(), 1)].into());
+        assert_eq!(s.outbox, [("delivered".into(), 1), ("sending".into(), 1)].into());
+
+        // A worker takes one and has not acked it.
+        let c: consumer::PullConsumer = jobs
+            .create_consumer(consumer::pull::Config {
+                durable_name: Some("bn-workers".into()),
+                ack_policy: consumer::AckPolicy::Explicit,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let mut batch = c.fetch().max_messages(1).messages().await.unwrap();
+        let _taken = batch.next().await.unwrap().unwrap();
+        tokio::time::sleep(REFRESH_EVERY).await;
+        let s = view.current(Duration::from_secs(10)).await.snapshot.unwrap();
+        assert_eq!(s.jobs, Jobs { waiting: 2, running: 1, dead: 1 });
+    }
+
     #[tokio::test]
     async fn the_receiver_server() {
         let (v, _, _) = view(Duration::ZERO);

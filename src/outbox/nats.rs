@@ -211,3 +211,112 @@ async fn bounded<T, E: std::fmt::Display>(
 async fn bounded_raw<T>(timeout: Duration, fut: impl std::future::Future<Output = T>) -> Result<T, String> {
     tokio::time::timeout(timeout, fut).await.map_err(|_| format!("no answer from NATS within {timeout:?}"))
 }
+
+/// A throwaway `nats-server -js` for tests; skipped (None, with a note)
+/// where none is installed: no unit test needs one.
+#[cfg(test)]
+pub(crate) mod test_server {
+    use std::path::Path;
+    use std::process::{Child, Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    pub struct NatsServer {
+        child: Child,
+        pub url: String,
+        _dir: tempfile::TempDir,
+    }
+
+    impl Drop for NatsServer {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    impl NatsServer {
+        pub fn kill(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    pub fn start() -> Option<NatsServer> {
+        let bin = ["/usr/sbin/nats-server", "/usr/bin/nats-server", "/usr/local/bin/nats-server"]
+            .into_iter()
+            .find(|p| Path::new(p).exists());
+        let Some(bin) = bin else {
+            eprintln!("skipping: nats-server not installed");
+            return None;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let child = Command::new(bin)
+            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let server = NatsServer { child, url: format!("nats://127.0.0.1:{port}"), _dir: dir };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "nats-server did not listen");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Some(server)
+    }
+
+    /// A cluster section on `url` with a short lease and timeout.
+    pub fn config(url: &str) -> crate::config::ClusterConfig {
+        let mut c: crate::config::ClusterConfig =
+            serde_json::from_value(serde_json::json!({ "nats_url": url })).unwrap();
+        c.outbox_lease_s = 1.0;
+        c.ack_timeout_s = 1.0;
+        c
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn claims_on_a_real_nats_server() {
+        let Some(mut server) = test_server::start() else { return };
+        let cfg = test_server::config(&server.url);
+        let js = jetstream::new(async_nats::connect(server.url.as_str()).await.unwrap());
+        let a = KvClaims::open(js.clone(), &cfg, "worker-a".into()).await.unwrap();
+        // The second opens the bucket the first created.
+        let b = KvClaims::open(js.clone(), &cfg, "worker-b".into()).await.unwrap();
+        let sop = "1.2.826.0.1.3680043.10.9.5";
+
+        assert_eq!(a.claim("my.pacs", sop).await, Claim::Proceed);
+        assert_eq!(a.claim("my.pacs", sop).await, Claim::Proceed, "renewing our own lease");
+        assert!(matches!(b.claim("my.pacs", sop).await, Claim::HeldByOther { owner, .. } if owner == "worker-a"));
+        // Another destination is another key.
+        assert_eq!(b.claim("other", sop).await, Claim::Proceed);
+        a.delivered("my.pacs", sop).await.unwrap();
+        assert_eq!(b.claim("my.pacs", sop).await, Claim::AlreadyDelivered { by: "worker-a".into() });
+        let kv = js.get_key_value(&cfg.outbox_bucket).await.unwrap();
+        let v: ClaimValue = serde_json::from_slice(&kv.get(claims::key("my.pacs", sop)).await.unwrap().unwrap()).unwrap();
+        assert_eq!((v.state, v.owner.as_str()), (ClaimState::Delivered, "worker-a"));
+
+        // A lease that runs out is taken over; release hands it back at once.
+        let sop2 = "1.2.826.0.1.3680043.10.9.6";
+        assert_eq!(a.claim("p", sop2).await, Claim::Proceed);
+        assert!(matches!(b.claim("p", sop2).await, Claim::HeldByOther { .. }));
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        assert_eq!(b.claim("p", sop2).await, Claim::Proceed, "worker-a's lease ran out");
+        a.release("p", sop2).await; // not a's any more: nothing happens
+        assert!(matches!(a.claim("p", sop2).await, Claim::HeldByOther { owner, .. } if owner == "worker-b"));
+        b.release("p", sop2).await;
+        assert_eq!(a.claim("p", sop2).await, Claim::Proceed, "released: no need to wait out the lease");
+
+        // NATS gone: "try later", never "delivered".
+        server.kill();
+        let started = std::time::Instant::now();
+        assert!(matches!(b.claim("my.pacs", "1.2.3.4").await, Claim::Unavailable { .. }));
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert!(b.delivered("my.pacs", "1.2.3.4").await.is_err());
+    }
+}
