@@ -589,7 +589,7 @@ mod tests {
     #[cfg(feature = "cluster")]
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn counts_from_a_real_nats_server() {
-        use async_nats::jetstream::{self, consumer, kv, stream};
+        use async_nats::jetstream::{self, consumer, stream};
         use futures_util::StreamExt;
 
         use crate::outbox::claims::Claims;
@@ -604,10 +604,7 @@ mod tests {
         let zero = Snapshot::default().with_known_states();
         assert_eq!(c.snapshot, Some(zero));
 
-        let series = js
-            .create_key_value(kv::Config { bucket: cfg.series_bucket.clone(), ..Default::default() })
-            .await
-            .unwrap();
+        let series = crate::outbox::nats::open_bucket(&js, &cfg.series_bucket, 1).await.unwrap();
         for (k, state) in [("1.2.1", "receiving"), ("1.2.2", "complete"), ("1.2.3", "complete")] {
             let v = json!({"state": state, "generation": 1, "instances": 3, "open": []});
             series.put(k, serde_json::to_vec(&v).unwrap().into()).await.unwrap();

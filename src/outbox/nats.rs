@@ -179,23 +179,30 @@ impl Claims for KvClaims {
 
 /// A KV bucket, created when absent (file storage, `replicas`, history 1).
 /// Two processes creating it at once both end with the same bucket.
+///
+/// Created as its stream (`KV_<bucket>`, the configuration the client's
+/// `create_key_value` would make), not with `create_key_value`: that one
+/// first reads the account info, whose answer from nats-server 2.9.10
+/// async-nats 0.46 cannot parse.
 pub async fn open_bucket(js: &jetstream::Context, bucket: &str, replicas: usize) -> Result<kv::Store, String> {
     if let Ok(kv) = js.get_key_value(bucket).await {
         return Ok(kv);
     }
-    let created = js
-        .create_key_value(kv::Config {
-            bucket: bucket.to_owned(),
-            history: 1,
-            storage: stream::StorageType::File,
-            num_replicas: replicas,
-            ..Default::default()
-        })
-        .await;
-    match created {
-        Ok(kv) => Ok(kv),
-        Err(e) => js.get_key_value(bucket).await.map_err(|_| e.to_string()),
-    }
+    js.get_or_create_stream(stream::Config {
+        name: format!("KV_{bucket}"),
+        subjects: vec![format!("$KV.{bucket}.>")],
+        max_messages_per_subject: 1,
+        storage: stream::StorageType::File,
+        num_replicas: replicas.max(1),
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        discard: stream::DiscardPolicy::New,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    js.get_key_value(bucket).await.map_err(|e| e.to_string())
 }
 
 /// A KV call within `timeout`; both a timeout and the call's error are
