@@ -232,7 +232,14 @@ impl ClusterView {
         Metrics::set_states(&m.cluster_series, s.series.iter().map(|(k, v)| (k.as_str(), n(*v))));
         Metrics::set_states(&m.cluster_outbox, s.outbox.iter().map(|(k, v)| (k.as_str(), n(*v))));
         let j = s.jobs;
-        Metrics::set_states(&m.cluster_jobs, [("waiting", n(j.waiting)), ("running", n(j.running)), ("dead", n(j.dead))]);
+        Metrics::set_states(
+            &m.cluster_jobs,
+            [
+                ("waiting", n(j.waiting)),
+                ("running", n(j.running)),
+                ("dead", n(j.dead)),
+            ],
+        );
         m.cluster_snapshot_age.set(c.age.unwrap_or_default().as_secs_f64());
     }
 }
@@ -275,7 +282,10 @@ const RECEIVER_PAGE: &str = include_str!("assets/cluster.html");
 pub fn receiver_router(state: ReceiverShared) -> Router {
     let api = Router::new()
         .route("/metrics", get(receiver_metrics))
-        .route("/api/cluster", get(|State(s): State<ReceiverShared>| async move { s.view.answer().await }))
+        .route(
+            "/api/cluster",
+            get(|State(s): State<ReceiverShared>| async move { s.view.answer().await }),
+        )
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), receiver_token));
     Router::new()
         .route("/healthz", get(super::api::healthz))
@@ -296,11 +306,17 @@ pub async fn serve_receiver(
     state: ReceiverState,
     shutdown: CancellationToken,
 ) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), HttpError> {
-    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|source| HttpError::Bind { addr, source })?;
-    let local = listener.local_addr().map_err(|source| HttpError::Bind { addr, source })?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| HttpError::Bind { addr, source })?;
+    let local = listener
+        .local_addr()
+        .map_err(|source| HttpError::Bind { addr, source })?;
     let app = receiver_router(Arc::new(state));
     let task = tokio::spawn(async move {
-        let r = axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.cancelled().await }).await;
+        let r = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await;
         if let Err(e) = r {
             tracing::error!(error = %e, "HTTP server stopped");
         }
@@ -311,21 +327,34 @@ pub async fn serve_receiver(
 async fn receiver_readyz(State(st): State<ReceiverShared>) -> Response {
     let ready = st.ready.load(Ordering::Acquire);
     let listener = if ready { "ok" } else { "not listening yet" };
-    let code = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    (code, Json(json!({"ready": ready, "role": st.view.role(), "checks": {"dicom_listener": listener}}))).into_response()
+    let code = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        code,
+        Json(json!({"ready": ready, "role": st.view.role(), "checks": {"dicom_listener": listener}})),
+    )
+        .into_response()
 }
 
 async fn receiver_metrics(State(st): State<ReceiverShared>) -> Response {
     st.view.set_metrics().await;
     (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         METRICS.encode(),
     )
         .into_response()
 }
 
 fn receiver_has_token(st: &ReceiverState, headers: &axum::http::HeaderMap) -> bool {
-    let Some(expected) = st.token.as_deref() else { return false };
+    let Some(expected) = st.token.as_deref() else {
+        return false;
+    };
     headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -359,7 +388,11 @@ async fn receiver_guard(State(st): State<ReceiverShared>, req: Request, next: Ne
         }
     }
     if !matches!(*req.method(), axum::http::Method::GET | axum::http::Method::HEAD) {
-        return (StatusCode::METHOD_NOT_ALLOWED, Json(json!({"error": "this server answers GET only"}))).into_response();
+        return (
+            StatusCode::METHOD_NOT_ALLOWED,
+            Json(json!({"error": "this server answers GET only"})),
+        )
+            .into_response();
     }
     next.run(req).await
 }
@@ -416,7 +449,11 @@ mod nats {
             if self.stream(&format!("KV_{bucket}")).await?.is_none() {
                 return Ok(out);
             }
-            let store = self.js.get_key_value(bucket).await.map_err(|e| format!("bucket {bucket}: {e}"))?;
+            let store = self
+                .js
+                .get_key_value(bucket)
+                .await
+                .map_err(|e| format!("bucket {bucket}: {e}"))?;
             let keys = store.keys().await.map_err(|e| format!("bucket {bucket}: {e}"))?;
             let keys: Vec<String> = keys
                 .collect::<Vec<_>>()
@@ -425,11 +462,14 @@ mod nats {
                 .collect::<Result<_, _>>()
                 .map_err(|e| format!("bucket {bucket}: {e}"))?;
             let store = &store;
-            let mut values =
-                futures_util::stream::iter(keys).map(|k| async move { store.get(k).await }).buffer_unordered(READS_IN_FLIGHT);
+            let mut values = futures_util::stream::iter(keys)
+                .map(|k| async move { store.get(k).await })
+                .buffer_unordered(READS_IN_FLIGHT);
             while let Some(v) = values.next().await {
                 // Deleted since the listing: not counted.
-                let Some(v) = v.map_err(|e| format!("bucket {bucket}: {e}"))? else { continue };
+                let Some(v) = v.map_err(|e| format!("bucket {bucket}: {e}"))? else {
+                    continue;
+                };
                 let state = serde_json::from_slice::<serde_json::Value>(&v)
                     .ok()
                     .and_then(|j| j.get("state").and_then(|s| s.as_str()).map(str::to_owned))
@@ -442,7 +482,9 @@ mod nats {
         /// (waiting, running) on the jobs stream.
         async fn jobs(&self) -> Result<(u64, u64), String> {
             let name = &self.cfg.jobs_stream;
-            let Some(stream) = self.stream(name).await? else { return Ok((0, 0)) };
+            let Some(stream) = self.stream(name).await? else {
+                return Ok((0, 0));
+            };
             match stream.consumer_info(JOBS_CONSUMER).await {
                 Ok(c) => Ok((c.num_pending, c.num_ack_pending as u64)),
                 // No worker has started yet: everything in the work queue waits.
@@ -457,8 +499,15 @@ mod nats {
             let series = self.states(&self.cfg.series_bucket).await?;
             let outbox = self.states(&self.cfg.outbox_bucket).await?;
             let (waiting, running) = self.jobs().await?;
-            let dead = self.stream(&self.cfg.dead_stream).await?.map_or(0, |s| s.cached_info().state.messages);
-            Ok(Snapshot { series, jobs: Jobs { waiting, running, dead }, outbox })
+            let dead = self
+                .stream(&self.cfg.dead_stream)
+                .await?
+                .map_or(0, |s| s.cached_info().state.messages);
+            Ok(Snapshot {
+                series,
+                jobs: Jobs { waiting, running, dead },
+                outbox,
+            })
         }
     }
 
@@ -472,7 +521,9 @@ mod nats {
         /// The view of the cluster that `cfg` names, on a client of its
         /// own. Fails only when NATS cannot be reached now.
         pub async fn connect(cfg: &ClusterConfig, role: &str, id: String) -> Result<ClusterView, String> {
-            let client = async_nats::connect(cfg.nats_url.as_str()).await.map_err(|e| e.to_string())?;
+            let client = async_nats::connect(cfg.nats_url.as_str())
+                .await
+                .map_err(|e| e.to_string())?;
             Ok(Self::on(jetstream::new(client), cfg, role, id))
         }
 
@@ -506,7 +557,11 @@ mod tests {
                 }
                 Ok(Snapshot {
                     series: [("complete".to_owned(), n)].into(),
-                    jobs: Jobs { waiting: 1, running: 2, dead: 3 },
+                    jobs: Jobs {
+                        waiting: 1,
+                        running: 2,
+                        dead: 3,
+                    },
                     outbox: BTreeMap::new(),
                 })
             })
@@ -519,7 +574,11 @@ mod tests {
         let v = ClusterView::new(
             "worker",
             "host-1".into(),
-            Box::new(Fake { calls: calls.clone(), delay, fail: fail.clone() }),
+            Box::new(Fake {
+                calls: calls.clone(),
+                delay,
+                fail: fail.clone(),
+            }),
         );
         (v, calls, fail)
     }
@@ -546,7 +605,11 @@ mod tests {
         // It finishes in the background.
         let c = v.current(Duration::from_secs(2)).await;
         assert!(c.snapshot.is_some());
-        assert_eq!(calls.load(Ordering::SeqCst), 1, "the second request joined the first refresh");
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            1,
+            "the second request joined the first refresh"
+        );
         // Later, NATS is down: the old snapshot, older, with the error.
         fail.store(true, Ordering::SeqCst);
         tokio::time::sleep(REFRESH_EVERY).await;
@@ -571,8 +634,14 @@ mod tests {
         assert!(j["age_s"].as_f64().unwrap() < 2.0);
         v.set_metrics().await;
         let text = METRICS.encode();
-        assert!(text.contains(r#"biomarker_node_cluster_jobs{state="running"} 2"#), "{text}");
-        assert!(text.contains(r#"biomarker_node_cluster_series{state="complete"} 1"#), "{text}");
+        assert!(
+            text.contains(r#"biomarker_node_cluster_jobs{state="running"} 2"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"biomarker_node_cluster_series{state="complete"} 1"#),
+            "{text}"
+        );
     }
 
     async fn get(addr: SocketAddr, path: &str, extra: &str) -> (u16, String) {
@@ -594,7 +663,9 @@ mod tests {
 
         use crate::outbox::claims::Claims;
 
-        let Some(server) = crate::outbox::nats::test_server::start() else { return };
+        let Some(server) = crate::outbox::nats::test_server::start() else {
+            return;
+        };
         let cfg = crate::outbox::nats::test_server::config(&server.url);
         let js = jetstream::new(async_nats::connect(server.url.as_str()).await.unwrap());
         let view = ClusterView::on(js.clone(), &cfg, "receiver", "h-1".into());
@@ -604,7 +675,9 @@ mod tests {
         let zero = Snapshot::default().with_known_states();
         assert_eq!(c.snapshot, Some(zero));
 
-        let series = crate::outbox::nats::open_bucket(&js, &cfg.series_bucket, 1).await.unwrap();
+        let series = crate::outbox::nats::open_bucket(&js, &cfg.series_bucket, 1)
+            .await
+            .unwrap();
         for (k, state) in [("1.2.1", "receiving"), ("1.2.2", "complete"), ("1.2.3", "complete")] {
             let v = json!({"state": state, "generation": 1, "instances": 3, "open": []});
             series.put(k, serde_json::to_vec(&v).unwrap().into()).await.unwrap();
@@ -619,7 +692,11 @@ mod tests {
             .await
             .unwrap();
         for i in 0..3 {
-            js.publish(format!("{}.series", cfg.jobs_subject), format!("{i}").into()).await.unwrap().await.unwrap();
+            js.publish(format!("{}.series", cfg.jobs_subject), format!("{i}").into())
+                .await
+                .unwrap()
+                .await
+                .unwrap();
         }
         let dead = js
             .create_stream(stream::Config {
@@ -629,17 +706,36 @@ mod tests {
             })
             .await
             .unwrap();
-        js.publish(format!("{}.series", cfg.dead_subject), "x".into()).await.unwrap().await.unwrap();
+        js.publish(format!("{}.series", cfg.dead_subject), "x".into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
         drop(dead);
-        let claims = crate::outbox::nats::KvClaims::open(js.clone(), &cfg, "w".into()).await.unwrap();
-        assert_eq!(claims.claim("pacs", "1.9.1").await, crate::outbox::claims::Claim::Proceed);
-        assert_eq!(claims.claim("pacs", "1.9.2").await, crate::outbox::claims::Claim::Proceed);
+        let claims = crate::outbox::nats::KvClaims::open(js.clone(), &cfg, "w".into())
+            .await
+            .unwrap();
+        assert_eq!(
+            claims.claim("pacs", "1.9.1").await,
+            crate::outbox::claims::Claim::Proceed
+        );
+        assert_eq!(
+            claims.claim("pacs", "1.9.2").await,
+            crate::outbox::claims::Claim::Proceed
+        );
         claims.delivered("pacs", "1.9.2").await.unwrap();
 
         // No worker yet: all three jobs wait.
         tokio::time::sleep(REFRESH_EVERY).await;
         let s = view.current(Duration::from_secs(10)).await.snapshot.unwrap();
-        assert_eq!(s.jobs, Jobs { waiting: 3, running: 0, dead: 1 });
+        assert_eq!(
+            s.jobs,
+            Jobs {
+                waiting: 3,
+                running: 0,
+                dead: 1
+            }
+        );
         assert_eq!(s.series, [("complete".into(), 2), ("receiving".into(), 1)].into());
         assert_eq!(s.outbox, [("delivered".into(), 1), ("sending".into(), 1)].into());
 
@@ -656,7 +752,14 @@ mod tests {
         let _taken = batch.next().await.unwrap().unwrap();
         tokio::time::sleep(REFRESH_EVERY).await;
         let s = view.current(Duration::from_secs(10)).await.snapshot.unwrap();
-        assert_eq!(s.jobs, Jobs { waiting: 2, running: 1, dead: 1 });
+        assert_eq!(
+            s.jobs,
+            Jobs {
+                waiting: 2,
+                running: 1,
+                dead: 1
+            }
+        );
     }
 
     #[tokio::test]
@@ -664,8 +767,14 @@ mod tests {
         let (v, _, _) = view(Duration::ZERO);
         let ready = Arc::new(AtomicBool::new(false));
         let stop = CancellationToken::new();
-        let state = ReceiverState { token: Some("t0k".into()), view: v, ready: ready.clone() };
-        let (addr, task) = serve_receiver("127.0.0.1:0".parse().unwrap(), state, stop.clone()).await.unwrap();
+        let state = ReceiverState {
+            token: Some("t0k".into()),
+            view: v,
+            ready: ready.clone(),
+        };
+        let (addr, task) = serve_receiver("127.0.0.1:0".parse().unwrap(), state, stop.clone())
+            .await
+            .unwrap();
         assert_eq!(get(addr, "/healthz", "").await.0, 200);
         assert_eq!(get(addr, "/readyz", "").await.0, 503);
         ready.store(true, Ordering::Release);
@@ -679,7 +788,10 @@ mod tests {
         assert!(body.contains("biomarker_node_cluster_jobs"), "{body}");
         let (code, page) = get(addr, "/", "").await;
         assert_eq!(code, 200);
-        assert!(page.contains("/assets/cluster.js") && page.contains("content-security-policy"), "{page}");
+        assert!(
+            page.contains("/assets/cluster.js") && page.contains("content-security-policy"),
+            "{page}"
+        );
         assert_eq!(get(addr, "/assets/cluster.js", "").await.0, 200);
         assert_eq!(get(addr, "/api/jobs", "Authorization: Bearer t0k\r\n").await.0, 404);
         stop.cancel();

@@ -121,13 +121,18 @@ pub enum Decision {
 /// `delivered` stops a send, so a corrupt or foreign entry can delay nothing
 /// beyond one compare-and-set.
 pub fn decide(current: Option<(Result<&ClaimValue, ()>, u64)>, me: &str, now_ms: i64) -> Decision {
-    let Some((value, revision)) = current else { return Decision::Create };
+    let Some((value, revision)) = current else {
+        return Decision::Create;
+    };
     match value {
         Err(()) => Decision::Take { revision },
         Ok(v) => match v.state {
             ClaimState::Delivered => Decision::Delivered { owner: v.owner.clone() },
             ClaimState::Sending if v.owner == me || v.until_ms <= now_ms => Decision::Take { revision },
-            ClaimState::Sending => Decision::Held { owner: v.owner.clone(), until_ms: v.until_ms },
+            ClaimState::Sending => Decision::Held {
+                owner: v.owner.clone(),
+                until_ms: v.until_ms,
+            },
         },
     }
 }
@@ -147,7 +152,9 @@ pub const HELD_RETRY: Duration = Duration::from_secs(5);
 pub const UNAVAILABLE_RETRY: Duration = Duration::from_secs(5);
 
 pub fn unix_ms(t: SystemTime) -> i64 {
-    t.duration_since(UNIX_EPOCH).map(|d| d.as_millis().min(i64::MAX as u128) as i64).unwrap_or(0)
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis().min(i64::MAX as u128) as i64)
+        .unwrap_or(0)
 }
 
 /// The KV key of one item: `<destination>.<SOP Instance UID>`, valid for a
@@ -213,10 +220,27 @@ mod tests {
     #[test]
     fn keys_are_valid_and_reversible() {
         let sop = "1.2.826.0.1.3680043.10.9.2";
-        for dest in ["pacs", "PACS-2", "my_pacs", "a.b", "", "ünïcode", "sp ace", "_", "_2E", "x/y=z", ".", "*>"] {
+        for dest in [
+            "pacs",
+            "PACS-2",
+            "my_pacs",
+            "a.b",
+            "",
+            "ünïcode",
+            "sp ace",
+            "_",
+            "_2E",
+            "x/y=z",
+            ".",
+            "*>",
+        ] {
             let k = key(dest, sop);
             assert!(valid_kv_key(&k), "{dest:?} → {k:?}");
-            assert_eq!(parse_key(&k), Some((dest.to_owned(), sop.to_owned())), "{dest:?} → {k:?}");
+            assert_eq!(
+                parse_key(&k),
+                Some((dest.to_owned(), sop.to_owned())),
+                "{dest:?} → {k:?}"
+            );
         }
         assert_eq!(key("pacs", sop), format!("pacs.{sop}"));
         assert_eq!(key("a.b", "1.2"), "a_2Eb.1.2");
@@ -228,25 +252,54 @@ mod tests {
     }
 
     fn sending(owner: &str, until_ms: i64) -> ClaimValue {
-        ClaimValue { state: ClaimState::Sending, owner: owner.into(), until_ms }
+        ClaimValue {
+            state: ClaimState::Sending,
+            owner: owner.into(),
+            until_ms,
+        }
     }
 
     #[test]
     fn the_claim_decision() {
         let now = 1_000_000;
         assert_eq!(decide(None, "w1", now), Decision::Create);
-        let delivered = ClaimValue { state: ClaimState::Delivered, owner: "w2".into(), until_ms: 0 };
-        assert_eq!(decide(Some((Ok(&delivered), 7)), "w1", now), Decision::Delivered { owner: "w2".into() });
+        let delivered = ClaimValue {
+            state: ClaimState::Delivered,
+            owner: "w2".into(),
+            until_ms: 0,
+        };
+        assert_eq!(
+            decide(Some((Ok(&delivered), 7)), "w1", now),
+            Decision::Delivered { owner: "w2".into() }
+        );
         // delivered by ourselves earlier (a crash before the local commit): still delivered
-        let mine = ClaimValue { owner: "w1".into(), ..delivered.clone() };
-        assert_eq!(decide(Some((Ok(&mine), 7)), "w1", now), Decision::Delivered { owner: "w1".into() });
+        let mine = ClaimValue {
+            owner: "w1".into(),
+            ..delivered.clone()
+        };
+        assert_eq!(
+            decide(Some((Ok(&mine), 7)), "w1", now),
+            Decision::Delivered { owner: "w1".into() }
+        );
         // someone else's live lease
         let held = sending("w2", now + 1);
-        assert_eq!(decide(Some((Ok(&held), 3)), "w1", now), Decision::Held { owner: "w2".into(), until_ms: now + 1 });
+        assert_eq!(
+            decide(Some((Ok(&held), 3)), "w1", now),
+            Decision::Held {
+                owner: "w2".into(),
+                until_ms: now + 1
+            }
+        );
         // their lease ran out: take it over with compare-and-set
-        assert_eq!(decide(Some((Ok(&sending("w2", now)), 3)), "w1", now), Decision::Take { revision: 3 });
+        assert_eq!(
+            decide(Some((Ok(&sending("w2", now)), 3)), "w1", now),
+            Decision::Take { revision: 3 }
+        );
         // ours: renew
-        assert_eq!(decide(Some((Ok(&sending("w1", now + 60_000)), 4)), "w1", now), Decision::Take { revision: 4 });
+        assert_eq!(
+            decide(Some((Ok(&sending("w1", now + 60_000)), 4)), "w1", now),
+            Decision::Take { revision: 4 }
+        );
         // unreadable: taken over, never believed delivered
         assert_eq!(decide(Some((Err(()), 5)), "w1", now), Decision::Take { revision: 5 });
     }
@@ -255,7 +308,10 @@ mod tests {
     fn the_value_is_the_documented_json() {
         let v = sending("host-42", 17);
         let j = serde_json::to_value(&v).unwrap();
-        assert_eq!(j, serde_json::json!({"state": "sending", "owner": "host-42", "until_ms": 17}));
+        assert_eq!(
+            j,
+            serde_json::json!({"state": "sending", "owner": "host-42", "until_ms": 17})
+        );
         let d: ClaimValue = serde_json::from_str(r#"{"state":"delivered","owner":"w","until_ms":0}"#).unwrap();
         assert_eq!(d.state, ClaimState::Delivered);
         assert!(serde_json::from_str::<ClaimValue>(r#"{"state":"pending","owner":"w","until_ms":0}"#).is_err());

@@ -57,10 +57,12 @@ impl KvClaims {
     /// `cluster.replicas`, history 1). `owner` names this worker in the
     /// bucket; it must differ between live workers.
     pub async fn open(js: jetstream::Context, cfg: &ClusterConfig, owner: String) -> Result<KvClaims, ClaimsError> {
-        let kv = open_bucket(&js, &cfg.outbox_bucket, cfg.replicas).await.map_err(|reason| ClaimsError::Bucket {
-            bucket: cfg.outbox_bucket.clone(),
-            reason,
-        })?;
+        let kv = open_bucket(&js, &cfg.outbox_bucket, cfg.replicas)
+            .await
+            .map_err(|reason| ClaimsError::Bucket {
+                bucket: cfg.outbox_bucket.clone(),
+                reason,
+            })?;
         Ok(KvClaims {
             kv,
             owner,
@@ -75,7 +77,11 @@ impl KvClaims {
 
     fn value(&self, state: ClaimState) -> bytes::Bytes {
         let until_ms = claims::unix_ms(SystemTime::now() + self.lease);
-        let v = ClaimValue { state, owner: self.owner.clone(), until_ms };
+        let v = ClaimValue {
+            state,
+            owner: self.owner.clone(),
+            until_ms,
+        };
         serde_json::to_vec(&v).expect("a ClaimValue always serialises").into()
     }
 
@@ -99,15 +105,25 @@ impl KvClaims {
             match claims::decide(current_ref, &self.owner, claims::unix_ms(now)) {
                 Decision::Delivered { owner } => return Ok(Claim::AlreadyDelivered { by: owner }),
                 Decision::Held { owner, until_ms } => {
-                    return Ok(Claim::HeldByOther { owner, retry_at: claims::retry_at_for_held(now, until_ms) })
+                    return Ok(Claim::HeldByOther {
+                        owner,
+                        retry_at: claims::retry_at_for_held(now, until_ms),
+                    })
                 }
-                Decision::Create => match bounded_raw(self.timeout, self.kv.create(&key, self.value(ClaimState::Sending))).await? {
-                    Ok(_) => return Ok(Claim::Proceed),
-                    Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => continue,
-                    Err(e) => return Err(format!("create {key}: {e}")),
-                },
+                Decision::Create => {
+                    match bounded_raw(self.timeout, self.kv.create(&key, self.value(ClaimState::Sending))).await? {
+                        Ok(_) => return Ok(Claim::Proceed),
+                        Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => continue,
+                        Err(e) => return Err(format!("create {key}: {e}")),
+                    }
+                }
                 Decision::Take { revision } => {
-                    match bounded_raw(self.timeout, self.kv.update(&key, self.value(ClaimState::Sending), revision)).await? {
+                    match bounded_raw(
+                        self.timeout,
+                        self.kv.update(&key, self.value(ClaimState::Sending), revision),
+                    )
+                    .await?
+                    {
                         Ok(_) => return Ok(Claim::Proceed),
                         Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => continue,
                         Err(e) => return Err(format!("update {key}: {e}")),
@@ -125,11 +141,12 @@ impl KvClaims {
             // would only send again), it is delivered.
             let r = match self.read(&key).await? {
                 Some((Ok(v), _)) if v.state == ClaimState::Delivered => return Ok(()),
-                Some((_, revision)) => {
-                    bounded_raw(self.timeout, self.kv.update(&key, self.value(ClaimState::Delivered), revision))
-                        .await?
-                        .map_err(|e| (e.kind() == kv::UpdateErrorKind::WrongLastRevision, e.to_string()))
-                }
+                Some((_, revision)) => bounded_raw(
+                    self.timeout,
+                    self.kv.update(&key, self.value(ClaimState::Delivered), revision),
+                )
+                .await?
+                .map_err(|e| (e.kind() == kv::UpdateErrorKind::WrongLastRevision, e.to_string())),
                 None => bounded_raw(self.timeout, self.kv.create(&key, self.value(ClaimState::Delivered)))
                     .await?
                     .map_err(|e| (e.kind() == kv::CreateErrorKind::AlreadyExists, e.to_string())),
@@ -148,7 +165,9 @@ impl KvClaims {
         if let Some((Ok(v), revision)) = self.read(&key).await? {
             if v.state == ClaimState::Sending && v.owner == self.owner {
                 let expired = ClaimValue { until_ms: 0, ..v };
-                let value = serde_json::to_vec(&expired).expect("a ClaimValue always serialises").into();
+                let value = serde_json::to_vec(&expired)
+                    .expect("a ClaimValue always serialises")
+                    .into();
                 // A lost race means someone else took it: nothing to release.
                 let _ = bounded_raw(self.timeout, self.kv.update(&key, value, revision)).await?;
             }
@@ -160,7 +179,9 @@ impl KvClaims {
 impl Claims for KvClaims {
     fn claim<'a>(&'a self, destination: &'a str, sop_instance_uid: &'a str) -> ClaimFuture<'a, Claim> {
         Box::pin(async move {
-            self.try_claim(destination, sop_instance_uid).await.unwrap_or_else(|reason| Claim::Unavailable { reason })
+            self.try_claim(destination, sop_instance_uid)
+                .await
+                .unwrap_or_else(|reason| Claim::Unavailable { reason })
         })
     }
 
@@ -216,7 +237,9 @@ async fn bounded<T, E: std::fmt::Display>(
 
 /// A KV call within `timeout`, its own error kept for the caller to match.
 async fn bounded_raw<T>(timeout: Duration, fut: impl std::future::Future<Output = T>) -> Result<T, String> {
-    tokio::time::timeout(timeout, fut).await.map_err(|_| format!("no answer from NATS within {timeout:?}"))
+    tokio::time::timeout(timeout, fut)
+        .await
+        .map_err(|_| format!("no answer from NATS within {timeout:?}"))
 }
 
 /// A throwaway `nats-server -js` for tests; skipped (None, with a note)
@@ -248,15 +271,23 @@ pub(crate) mod test_server {
     }
 
     pub fn start() -> Option<NatsServer> {
-        let bin = ["/usr/sbin/nats-server", "/usr/bin/nats-server", "/usr/local/bin/nats-server"]
-            .into_iter()
-            .find(|p| Path::new(p).exists());
+        let bin = [
+            "/usr/sbin/nats-server",
+            "/usr/bin/nats-server",
+            "/usr/local/bin/nats-server",
+        ]
+        .into_iter()
+        .find(|p| Path::new(p).exists());
         let Some(bin) = bin else {
             eprintln!("skipping: nats-server not installed");
             return None;
         };
         let dir = tempfile::tempdir().unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let child = Command::new(bin)
             .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
             .arg(dir.path())
@@ -264,7 +295,11 @@ pub(crate) mod test_server {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let server = NatsServer { child, url: format!("nats://127.0.0.1:{port}"), _dir: dir };
+        let server = NatsServer {
+            child,
+            url: format!("nats://127.0.0.1:{port}"),
+            _dir: dir,
+        };
         let deadline = Instant::now() + Duration::from_secs(15);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             assert!(Instant::now() < deadline, "nats-server did not listen");
@@ -303,9 +338,13 @@ mod tests {
         // Another destination is another key.
         assert_eq!(b.claim("other", sop).await, Claim::Proceed);
         a.delivered("my.pacs", sop).await.unwrap();
-        assert_eq!(b.claim("my.pacs", sop).await, Claim::AlreadyDelivered { by: "worker-a".into() });
+        assert_eq!(
+            b.claim("my.pacs", sop).await,
+            Claim::AlreadyDelivered { by: "worker-a".into() }
+        );
         let kv = js.get_key_value(&cfg.outbox_bucket).await.unwrap();
-        let v: ClaimValue = serde_json::from_slice(&kv.get(claims::key("my.pacs", sop)).await.unwrap().unwrap()).unwrap();
+        let v: ClaimValue =
+            serde_json::from_slice(&kv.get(claims::key("my.pacs", sop)).await.unwrap().unwrap()).unwrap();
         assert_eq!((v.state, v.owner.as_str()), (ClaimState::Delivered, "worker-a"));
 
         // A lease that runs out is taken over; release hands it back at once.
@@ -317,7 +356,11 @@ mod tests {
         a.release("p", sop2).await; // not a's any more: nothing happens
         assert!(matches!(a.claim("p", sop2).await, Claim::HeldByOther { owner, .. } if owner == "worker-b"));
         b.release("p", sop2).await;
-        assert_eq!(a.claim("p", sop2).await, Claim::Proceed, "released: no need to wait out the lease");
+        assert_eq!(
+            a.claim("p", sop2).await,
+            Claim::Proceed,
+            "released: no need to wait out the lease"
+        );
 
         // NATS gone: "try later", never "delivered".
         server.kill();
