@@ -63,8 +63,9 @@ pub trait Claims: Send + Sync + 'static {
     /// (the lease then runs out and a racing worker may send once more).
     fn delivered<'a>(&'a self, destination: &'a str, sop_instance_uid: &'a str) -> ClaimFuture<'a, Result<(), String>>;
     /// The send did not happen or failed: end our lease now, so another
-    /// worker need not wait it out. Best effort.
-    fn release<'a>(&'a self, destination: &'a str, sop_instance_uid: &'a str) -> ClaimFuture<'a, ()>;
+    /// worker need not wait it out. Best effort: an error only means the
+    /// lease runs out by itself.
+    fn release<'a>(&'a self, destination: &'a str, sop_instance_uid: &'a str) -> ClaimFuture<'a, Result<(), String>>;
 }
 
 /// The embedded node: one outbox, nobody to race with.
@@ -78,8 +79,8 @@ impl Claims for NoClaims {
     fn delivered<'a>(&'a self, _: &'a str, _: &'a str) -> ClaimFuture<'a, Result<(), String>> {
         Box::pin(std::future::ready(Ok(())))
     }
-    fn release<'a>(&'a self, _: &'a str, _: &'a str) -> ClaimFuture<'a, ()> {
-        Box::pin(std::future::ready(()))
+    fn release<'a>(&'a self, _: &'a str, _: &'a str) -> ClaimFuture<'a, Result<(), String>> {
+        Box::pin(std::future::ready(Ok(())))
     }
 }
 

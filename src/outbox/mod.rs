@@ -390,7 +390,7 @@ async fn run_batch(
         }
         return;
     };
-    let items = claim_items(ctx, destination, items).await;
+    let items = claim_items(ctx, destination, items, cancel).await;
     if items.is_empty() {
         return;
     }
@@ -399,25 +399,54 @@ async fn run_batch(
     // (network) once the association is over.
     let mut settled: Vec<(String, bool)> = Vec::with_capacity(items.len());
     send_claimed(ctx, destination, dest, &items, cancel, &mut settled).await;
-    for (sop, delivered) in settled {
-        if delivered {
-            if let Err(reason) = ctx.claims.delivered(destination, &sop).await {
-                tracing::warn!(destination, sop_instance_uid = %sop, %reason,
-                    "outbox: delivered, but the shared delivery state was not updated; its lease will run out");
-            }
+    settle(ctx, destination, settled).await;
+}
+
+/// Tells the claims what became of each item sent. After the first error
+/// (NATS down) the rest are not tried, so a batch does not wait out one
+/// timeout per item: their leases run out by themselves.
+async fn settle(ctx: &BatchContext, destination: &str, settled: Vec<(String, bool)>) {
+    let total = settled.len();
+    for (i, (sop, delivered)) in settled.into_iter().enumerate() {
+        let r = if delivered {
+            ctx.claims.delivered(destination, &sop).await
         } else {
-            ctx.claims.release(destination, &sop).await;
+            ctx.claims.release(destination, &sop).await
+        };
+        if let Err(reason) = r {
+            tracing::warn!(destination, sop_instance_uid = %sop, %reason, not_recorded = total - i,
+                "outbox: the shared delivery state was not updated; the claims' leases run out by themselves");
+            return;
         }
     }
 }
 
 /// Asks the claims about each item; returns those this worker sends now.
 /// The rest are recorded here: delivered by another worker, or due again
-/// later without an attempt counted.
-async fn claim_items(ctx: &BatchContext, destination: &str, items: Vec<OutboxItem>) -> Vec<OutboxItem> {
+/// later without an attempt counted. Once the claims are unavailable, the
+/// rest of the batch is not asked (one timeout per batch, not per item);
+/// on shutdown the rest are given back.
+async fn claim_items(
+    ctx: &BatchContext,
+    destination: &str,
+    items: Vec<OutboxItem>,
+    cancel: &CancellationToken,
+) -> Vec<OutboxItem> {
     let mut mine = Vec::with_capacity(items.len());
+    let mut unavailable: Option<String> = None;
     for it in items {
-        let claim = ctx.claims.claim(destination, &it.sop_instance_uid).await;
+        let claim = match &unavailable {
+            Some(reason) => Claim::Unavailable { reason: reason.clone() },
+            None => tokio::select! {
+                _ = cancel.cancelled() => {
+                    if let Err(e) = ctx.store.unclaim(it.id) {
+                        tracing::error!(id = it.id, error = %e, "outbox: cannot give an item back");
+                    }
+                    continue;
+                }
+                c = ctx.claims.claim(destination, &it.sop_instance_uid) => c,
+            },
+        };
         let now = SystemTime::now();
         let event = |outcome: &str, detail: &str| {
             events::NotClaimed { destination, sop_instance_uid: &it.sop_instance_uid, outcome, detail }.emit()
@@ -438,6 +467,7 @@ async fn claim_items(ctx: &BatchContext, destination: &str, items: Vec<OutboxIte
             Claim::Unavailable { reason } => {
                 event("unavailable", &reason);
                 let note = format!("shared delivery state unavailable: {reason}");
+                unavailable = Some(reason);
                 ctx.store.defer(it.id, now + claims::UNAVAILABLE_RETRY, &note)
             }
         };

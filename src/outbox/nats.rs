@@ -189,12 +189,8 @@ impl Claims for KvClaims {
         Box::pin(self.try_delivered(destination, sop_instance_uid))
     }
 
-    fn release<'a>(&'a self, destination: &'a str, sop_instance_uid: &'a str) -> ClaimFuture<'a, ()> {
-        Box::pin(async move {
-            if let Err(reason) = self.try_release(destination, sop_instance_uid).await {
-                tracing::debug!(destination, sop_instance_uid, %reason, "outbox claims: release failed; the lease runs out");
-            }
-        })
+    fn release<'a>(&'a self, destination: &'a str, sop_instance_uid: &'a str) -> ClaimFuture<'a, Result<(), String>> {
+        Box::pin(self.try_release(destination, sop_instance_uid))
     }
 }
 
@@ -353,9 +349,9 @@ mod tests {
         assert!(matches!(b.claim("p", sop2).await, Claim::HeldByOther { .. }));
         tokio::time::sleep(Duration::from_millis(1100)).await;
         assert_eq!(b.claim("p", sop2).await, Claim::Proceed, "worker-a's lease ran out");
-        a.release("p", sop2).await; // not a's any more: nothing happens
+        a.release("p", sop2).await.unwrap(); // not a's any more: nothing happens
         assert!(matches!(a.claim("p", sop2).await, Claim::HeldByOther { owner, .. } if owner == "worker-b"));
-        b.release("p", sop2).await;
+        b.release("p", sop2).await.unwrap();
         assert_eq!(
             a.claim("p", sop2).await,
             Claim::Proceed,

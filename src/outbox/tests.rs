@@ -663,6 +663,8 @@ struct MemoryClaims {
     lease: Duration,
     /// Answer `Unavailable` to everything (NATS down).
     down: bool,
+    /// Claims asked.
+    asked: std::sync::atomic::AtomicUsize,
 }
 
 impl MemoryClaims {
@@ -681,6 +683,7 @@ impl MemoryClaims {
 impl claims::Claims for MemoryClaims {
     fn claim<'a>(&'a self, destination: &'a str, sop: &'a str) -> claims::ClaimFuture<'a, claims::Claim> {
         Box::pin(async move {
+            self.asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             if self.down {
                 return claims::Claim::Unavailable { reason: "test: down".into() };
             }
@@ -715,8 +718,8 @@ impl claims::Claims for MemoryClaims {
             Ok(())
         })
     }
-    fn release<'a>(&'a self, _: &'a str, _: &'a str) -> claims::ClaimFuture<'a, ()> {
-        Box::pin(async {})
+    fn release<'a>(&'a self, _: &'a str, _: &'a str) -> claims::ClaimFuture<'a, Result<(), String>> {
+        Box::pin(async { Ok(()) })
     }
 }
 
@@ -730,7 +733,13 @@ async fn two_workers_with_the_same_item_deliver_it_once() {
     let (a, b) = (Fixture::new(), Fixture::new());
     let _scp = storescp(port, &a.received());
     let claims = |owner: &str| -> Arc<dyn claims::Claims> {
-        Arc::new(MemoryClaims { kv: kv.clone(), owner: owner.into(), lease: Duration::from_secs(60), down: false })
+        Arc::new(MemoryClaims {
+            kv: kv.clone(),
+            owner: owner.into(),
+            lease: Duration::from_secs(60),
+            down: false,
+            asked: Default::default(),
+        })
     };
     let sop = "1.2.826.0.1.3680043.10.9.77";
     let mut ids = Vec::new();
@@ -764,16 +773,34 @@ async fn unavailable_claims_send_nothing_and_spend_no_attempt() {
     let fx = Fixture::new();
     let port = free_port(); // nothing would be reached anyway
     let kv = Arc::new(MemoryKv::default());
-    let down = Arc::new(MemoryClaims { kv, owner: "w".into(), lease: Duration::from_secs(60), down: true });
-    let (h, worker) = fx.spawn_claims("PACS", port, fast_cfg(), down);
-    let (p, class, sop, _) = fx.result(SECONDARY_CAPTURE, "1.2.826.0.1.3680043.10.9.78", 8);
-    let id = h.enqueue("pacs", &p, &class, &sop).unwrap().id();
-    let it = wait_until(&h, id, "deferred", |i| {
-        i.last_error.as_deref().is_some_and(|e| e.contains("unavailable"))
-    })
-    .await;
-    assert_eq!(it.state, ItemState::Pending);
-    assert_eq!(it.attempts, 0, "a claims outage is no delivery attempt");
-    assert!(it.next_attempt_at > SystemTime::now() + Duration::from_secs(2), "due again later, not now");
+    let down = Arc::new(MemoryClaims {
+        kv,
+        owner: "w".into(),
+        lease: Duration::from_secs(60),
+        down: true,
+        asked: Default::default(),
+    });
+    // Three items in one batch: enqueued before the worker starts.
+    let mut ids = Vec::new();
+    for n in 0..3 {
+        let (p, class, sop, _) = fx.result(SECONDARY_CAPTURE, &format!("1.2.826.0.1.3680043.10.9.8{n}"), 8);
+        let item = NewItem { destination: "pacs".into(), path: p, sop_class_uid: class, sop_instance_uid: sop };
+        ids.push(fx.store.enqueue(&item, SystemTime::now()).unwrap().id());
+    }
+    let (h, worker) = fx.spawn_claims("PACS", port, fast_cfg(), down.clone());
+    for id in ids {
+        let it = wait_until(&h, id, "deferred", |i| {
+            i.last_error.as_deref().is_some_and(|e| e.contains("unavailable"))
+        })
+        .await;
+        assert_eq!(it.state, ItemState::Pending);
+        assert_eq!(it.attempts, 0, "a claims outage is no delivery attempt");
+        assert!(it.next_attempt_at > SystemTime::now() + Duration::from_secs(2), "due again later, not now");
+    }
+    assert_eq!(
+        down.asked.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "one unanswered claim per batch, not one per item"
+    );
     fx.stop(worker).await;
 }
