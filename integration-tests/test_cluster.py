@@ -10,6 +10,7 @@ client:
 - with NATS down a C-STORE fails (no success for what is not durable), the
   receiver stays up, and after NATS restarts on its store (kill -9 first)
   everything acknowledged before is still there and storing works again;
+- every process (a receiver, a worker) shows the same cluster-wide counts at `/api/cluster`;
 - the config checks of the `cluster:` section, and `--role` without it.
 
 Needs nats-server (apt) and nats-py (pip): scripts/install-deps.sh installs
@@ -233,6 +234,11 @@ def test_no_success_while_nats_is_down_and_nothing_acknowledged_is_lost(tmp_path
             i.sop for i in first.instances + later.instances)
     finally:
         node.stop()
+
+
+def _cluster_counts(node: Node) -> dict:
+    c = node.http_json("/api/cluster")
+    return {k: c[k] for k in ("series", "jobs", "outbox")}
 
 
 def _run(*args) -> subprocess.CompletedProcess:
@@ -651,3 +657,42 @@ def test_role_all_receives_and_works_in_one_process_beside_a_receiver(tmp_path, 
     finally:
         r.stop()
         both.stop()
+
+
+def _cluster_counts(node: Node) -> dict:
+    c = node.http_json("/api/cluster")
+    return {k: c[k] for k in ("series", "jobs", "outbox")}
+
+
+def test_every_process_shows_the_same_cluster_wide_counts(tmp_path, binary, nats_server, orthanc):
+    """`/api/cluster`, the `cluster_*` gauges and the Cluster page of a receiver (which runs no job store)
+    and of a worker show the same cluster-wide series, jobs and outbox, after real work: one series
+    scored and its reports delivered."""
+    url = nats_server.url
+    receiver = _role(tmp_path / "r", url, "receiver").start()
+    worker = _role(tmp_path / "w", url, "worker", orthanc).start()
+    try:
+        res = storescu(receiver, _phantoms(tmp_path, 1, seed=41))
+        assert _successes(res) == 1, res.stdout + receiver.log_tail()
+        # PMA and SFA: two jobs of three reports each (SR, SC, SEG), all delivered.
+        wait_for(lambda: len(orthanc.received_sops()) == 6, 60, "six reports in Orthanc")
+        want = {"series": {"receiving": 0, "complete": 1}, "jobs": {"waiting": 0, "running": 0, "dead": 0}}
+        for node, role in ((receiver, "receiver"), (worker, "worker")):
+            c = wait_for(lambda: (lambda c: c if c["outbox"].get("delivered") == 6 and
+                                  {k: c[k] for k in want} == want else None)(node.http_json("/api/cluster")),
+                         15, f"the {role}'s cluster view to show the work")
+            assert c["role"] == role and c["id"].endswith(f"-{node.proc.pid}"), c
+            assert c["outbox"].get("sending", 0) == 0, c
+            assert c["age_s"] < 10 and c["error"] is None, c
+        assert _cluster_counts(receiver) == _cluster_counts(worker)
+        status, _, metrics = receiver.http("/metrics")
+        assert status == 200 and b'biomarker_node_cluster_outbox{state="delivered"} 6' in metrics, metrics[-3000:]
+        assert b'biomarker_node_cluster_series{state="complete"} 1' in worker.http("/metrics")[2]
+        status, _, page = receiver.http("/")
+        assert status == 200 and b"/assets/cluster.js" in page
+        assert receiver.http("/readyz")[0] == 200
+        # The receiver has no job store: those endpoints are not there.
+        assert receiver.http("/api/jobs")[0] == 404
+    finally:
+        receiver.stop()
+        worker.stop()

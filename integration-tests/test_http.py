@@ -66,6 +66,10 @@ def test_health_ready_and_token(tmp_path, nodes):
     assert status == 200 and b"/assets/app.js" in body
     assert node.http("/assets/app.js")[0] == 200
     assert node.http("/api/nope", token=TOKEN)[0] == 404
+    # an embedded node has no cluster view: the page's Cluster card stays hidden
+    assert node.http("/api/cluster")[0] == 401
+    assert node.http("/api/cluster", token=TOKEN)[0] == 404
+    assert node.http("/assets/cluster.js")[0] == 200
     assert TOKEN not in node.log_path.read_text()  # the secret never reaches the log
 
 

@@ -145,6 +145,9 @@ pub async fn metrics(State(st): State<Shared>) -> Result<Response, ApiError> {
     }
     m.connections_open.set(st.gate.in_use() as i64);
     m.association_limit.set(st.gate.limit() as i64);
+    if let Some(view) = &st.cluster {
+        view.set_metrics().await;
+    }
     Ok((
         [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
         m.encode(),

@@ -16,6 +16,7 @@
 
 mod api;
 mod assets;
+pub mod cluster;
 mod guard;
 mod models;
 mod plot;
@@ -63,6 +64,9 @@ pub struct AppState {
     pub ready: Arc<AtomicBool>,
     /// The DICOM association limit, to report slots in use.
     pub gate: Arc<crate::ingest::Gate>,
+    /// Cluster mode: the cluster-wide counts (`/api/cluster`, the
+    /// `cluster_*` metrics); `None` on an embedded node.
+    pub cluster: Option<cluster::ClusterView>,
 }
 
 /// This node as status and readiness report it: fixed for the life of the
@@ -111,6 +115,7 @@ pub fn router(state: Shared) -> Router {
         .route("/api/models/{name}/promote", post(models::promote))
         .route("/api/models/{name}/rollback", post(models::rollback))
         .route("/api/config/reload", post(api::reload))
+        .route("/api/cluster", get(cluster::api_cluster))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/healthz", get(api::healthz))

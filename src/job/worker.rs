@@ -465,6 +465,7 @@ mod reload_tests {
             [("pacs".to_owned(), dest)].into(),
             cfg.outbox.clone(),
             crate::dicom::AeTitle::new("NODE"),
+            Arc::new(crate::outbox::claims::NoClaims),
             stop.clone(),
         )
         .unwrap();

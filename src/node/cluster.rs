@@ -51,6 +51,11 @@ pub(super) struct WorkerSide {
     /// For the HTTP API's cluster view.
     #[cfg(feature = "cluster")]
     pub js: async_nats::jetstream::Context,
+    /// This process in the cluster's records.
+    pub id: String,
+    /// The outbox's claims in the cluster's KV: one delivery per SOP
+    /// Instance UID and destination across workers.
+    pub claims: std::sync::Arc<dyn crate::outbox::claims::Claims>,
 }
 
 #[cfg(not(feature = "cluster"))]
@@ -98,24 +103,19 @@ mod imp {
     /// Objects copied from the object store at once while materialising.
     const MATERIALISE_IN_FLIGHT: usize = 8;
 
-    /// This process in the cluster's records: `<role>-<host>-<pid>`.
-    fn process_id(role: Role) -> String {
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-        let host: String = host.trim().chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').collect();
-        format!("{}-{}-{}", role.as_str(), if host.is_empty() { "host" } else { &host }, std::process::id())
-    }
-
     struct Parts {
         storage: Storage,
         series: Arc<ClusterSeries>,
     }
 
-    async fn connect(cfg: &Config, role: Role) -> anyhow::Result<Parts> {
+    async fn connect(cfg: &Config) -> anyhow::Result<Parts> {
         let c = cfg.cluster.as_ref().expect("check_role: the section is there");
         let storage = Storage::connect(c)
             .await
             .with_context(|| format!("cannot reach NATS JetStream at {}", c.nats_url))?;
-        let series = ClusterSeries::open(storage.js.clone(), c, &cfg.series, process_id(role))
+        // `<host>-<pid>`: in the series' open associations, the outbox
+        // claims and `/api/cluster`, one name for this process.
+        let series = ClusterSeries::open(storage.js.clone(), c, &cfg.series, crate::http::cluster::process_id())
             .await
             .context("cannot open the cluster's series state")?;
         Ok(Parts { storage, series: Arc::new(series) })
@@ -140,12 +140,30 @@ mod imp {
         let c = cfg.cluster.as_ref().expect("check_role: the section is there");
         std::fs::create_dir_all(&cfg.node.data_dir)
             .with_context(|| format!("cannot create data_dir {}", cfg.node.data_dir.display()))?;
-        let parts = connect(&cfg, role).await?;
+        let parts = connect(&cfg).await?;
         let shared = ingest(&cfg, &parts)?;
         let shutdown = CancellationToken::new();
         let sweeper = tokio::spawn(parts.series.clone().run_sweeper(shutdown.clone()));
         let gate = Gate::new(cfg.node.max_associations, cfg.node.max_pending_connections);
+        // The receiver's HTTP server: health, metrics and the cluster-wide view.
+        let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let http = if cfg.http.enabled {
+            let view = crate::http::cluster::ClusterView::on(
+                parts.storage.js.clone(),
+                c,
+                role.as_str(),
+                parts.series.id().to_owned(),
+            );
+            let state =
+                crate::http::cluster::ReceiverState { token: cfg.http.effective_token(), view, ready: ready.clone() };
+            let (addr, task) = crate::http::cluster::serve_receiver(cfg.http.listen, state, shutdown.clone()).await?;
+            tracing::info!(%addr, "HTTP interface listening (receiver: health, metrics, cluster view)");
+            Some(task)
+        } else {
+            None
+        };
         let accept = crate::node::start_listeners(&cfg.node, &shutdown, shared, gate).await?;
+        ready.store(true, std::sync::atomic::Ordering::Release);
         tracing::info!(
             role = role.as_str(),
             id = parts.series.id(),
@@ -159,6 +177,9 @@ mod imp {
         shutdown.cancel();
         for a in accept {
             a.await.context("accept loop panicked")?;
+        }
+        if let Some(t) = http {
+            let _ = t.await;
         }
         sweeper.await.context("series sweeper panicked")?;
         tracing::info!("stopped");
@@ -176,7 +197,7 @@ mod imp {
         shutdown: CancellationToken,
     ) -> anyhow::Result<WorkerSide> {
         let c = cfg.cluster.as_ref().expect("check_role: the section is there").clone();
-        let parts = connect(cfg, role).await?;
+        let parts = connect(cfg).await?;
         let ingest = if role == Role::All { Some(ingest(cfg, &parts)?) } else { None };
         let stream = parts
             .storage
@@ -223,7 +244,16 @@ mod imp {
         );
         let sweeper = tokio::spawn(parts.series.clone().run_sweeper(shutdown.clone()));
         let consume = tokio::spawn(Arc::new(w).consume(consumer, shutdown));
-        Ok(WorkerSide { tasks: vec![sweeper, consume], ingest, js: parts.storage.js.clone() })
+        let claims = crate::outbox::nats::KvClaims::open(parts.storage.js.clone(), &c, parts.series.id().to_owned())
+            .await
+            .context("cannot open the outbox claims")?;
+        Ok(WorkerSide {
+            tasks: vec![sweeper, consume],
+            ingest,
+            js: parts.storage.js.clone(),
+            id: parts.series.id().to_owned(),
+            claims: Arc::new(claims),
+        })
     }
 
     /// A dead letter: the job, how often it was delivered, and why it ended there.

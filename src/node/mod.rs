@@ -162,6 +162,9 @@ async fn run(cfg: Config, table: RouteTable, config_path: PathBuf, role: crate::
         destinations,
         ctx.cfg.outbox.clone(),
         crate::dicom::AeTitle::new(&ctx.cfg.node.ae_title),
+        // Across a cluster's workers one delivery per SOP Instance UID and
+        // destination; on its own, the node's outbox is that already.
+        side.as_ref().map_or_else(|| Arc::new(crate::outbox::claims::NoClaims) as _, |s| s.claims.clone()),
         ctx.shutdown.clone(),
     )
     .context("cannot start the outbox")?;
@@ -170,7 +173,8 @@ async fn run(cfg: Config, table: RouteTable, config_path: PathBuf, role: crate::
     let ready = Arc::new(AtomicBool::new(false));
     // One gate for both ports: the association limit is the node's, not a port's.
     let gate = Gate::new(ctx.cfg.node.max_associations, ctx.cfg.node.max_pending_connections);
-    let http = start_http(&ctx, outbox, ready.clone(), gate.clone()).await?;
+    let cluster_view = cluster_view(&ctx.cfg, role, side.as_ref());
+    let http = start_http(&ctx, outbox, ready.clone(), gate.clone(), cluster_view).await?;
     let ingest = match (&tracker, &side) {
         (Some((handle, _)), _) => {
             if ctx.cfg.node.allowed_callers.is_empty() {
@@ -325,12 +329,36 @@ fn build_retention(ctx: &Ctx, outbox: Arc<dyn OutboxStore>) -> Option<crate::ret
     })
 }
 
+/// The cluster-wide view for the HTTP server of a worker (or `all`); `None`
+/// on an embedded node.
+/// The cluster-wide counts for the HTTP API of a worker (`/api/cluster`),
+/// on the worker's own NATS connection.
+#[cfg(feature = "cluster")]
+fn cluster_view(
+    cfg: &Config,
+    role: crate::config::Role,
+    side: Option<&cluster::WorkerSide>,
+) -> Option<crate::http::cluster::ClusterView> {
+    let (c, side) = (cfg.cluster.as_ref()?, side?);
+    Some(crate::http::cluster::ClusterView::on(side.js.clone(), c, role.as_str(), side.id.clone()))
+}
+
+#[cfg(not(feature = "cluster"))]
+fn cluster_view(
+    _cfg: &Config,
+    _role: crate::config::Role,
+    _side: Option<&cluster::WorkerSide>,
+) -> Option<crate::http::cluster::ClusterView> {
+    None
+}
+
 /// `http`, when enabled: bound now, so a port clash fails start-up.
 async fn start_http(
     ctx: &Ctx,
     outbox: OutboxHandle,
     ready: Arc<AtomicBool>,
     gate: Arc<Gate>,
+    cluster: Option<crate::http::cluster::ClusterView>,
 ) -> anyhow::Result<Option<JoinHandle<()>>> {
     let cfg = &ctx.cfg;
     if !cfg.http.enabled {
@@ -359,6 +387,7 @@ async fn start_http(
         model_config: cfg.models.clone(),
         ready,
         gate,
+        cluster,
     });
     let (addr, task) = crate::http::bind(cfg.http.listen, state, ctx.shutdown.clone()).await?;
     tracing::info!(%addr, token = cfg.http.effective_token().is_some(), "HTTP interface listening");

@@ -84,6 +84,33 @@ impl Delivery<'_> {
     }
 }
 
+/// The shared claims kept an item from being sent by this worker
+/// (`claims`): delivered by another worker, or held by one, or the shared
+/// state could not be reached. No attempt is counted.
+pub struct NotClaimed<'a> {
+    pub destination: &'a str,
+    pub sop_instance_uid: &'a str,
+    /// `delivered_elsewhere`, `held` or `unavailable`.
+    pub outcome: &'a str,
+    /// The other worker's id, or why the claims were unavailable.
+    pub detail: &'a str,
+}
+
+impl NotClaimed<'_> {
+    pub fn emit(self) {
+        count(self.destination, self.outcome);
+        let (destination, sop_instance_uid, detail) = (self.destination, self.sop_instance_uid, self.detail);
+        match self.outcome {
+            "unavailable" => tracing::warn!(destination, sop_instance_uid, reason = detail,
+                "outbox: shared delivery state unavailable, will retry"),
+            "held" => tracing::info!(destination, sop_instance_uid, owner = detail,
+                "outbox: another worker is sending this item, will check again"),
+            _ => tracing::info!(destination, sop_instance_uid, owner = detail,
+                "outbox: delivered by another worker; not sent again"),
+        }
+    }
+}
+
 /// An association to a destination could not be used at all; the items of
 /// the batch each get their own [`Delivery`] event as well.
 pub struct AssociationFailed<'a> {

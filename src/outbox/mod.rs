@@ -29,13 +29,21 @@
 //! maps HTTP statuses and FailureReasons onto the same two faults
 //! ([`crate::fault::Fault`], via [`stow::classify`]). Dead letters wait for an operator's `retry` or
 //! `dismiss`.
+//!
+//! Several workers of a cluster each run an outbox; [`claims::Claims`]
+//! decides, before each send, which of them sends an item they share
+//! (`nats`, feature `cluster`: a JetStream KV with compare-and-set). The
+//! embedded node uses [`claims::NoClaims`].
 
+pub mod claims;
 pub mod events;
 pub mod part10;
 pub mod policy;
 pub mod scu;
 pub mod store;
 pub mod stow;
+#[cfg(feature = "cluster")]
+pub mod nats;
 
 #[cfg(test)]
 mod tests;
@@ -55,6 +63,7 @@ pub use store::{Enqueued, ItemState, NewItem, OutboxItem, OutboxStore, SqliteOut
 use crate::config::{DestinationConfig, OutboxConfig, Problem};
 use crate::dicom::{AeTitle, Uid};
 use crate::fault::Fault;
+use claims::{Claim, Claims};
 use events::{Delivery, Disposition};
 use scu::Outcome;
 
@@ -228,12 +237,14 @@ pub struct Outbox;
 impl Outbox {
     /// Requeue what a crash left `sending`, then start the delivery worker.
     /// The worker stops when `shutdown` is cancelled, after its in-flight
-    /// batches have released or aborted their associations.
+    /// batches have released or aborted their associations. `claims` is
+    /// asked before each send ([`claims::NoClaims`] in the embedded node).
     pub fn spawn(
         store: Arc<dyn OutboxStore>,
         destinations: HashMap<String, Destination>,
         cfg: OutboxConfig,
         calling_ae: AeTitle,
+        claims: Arc<dyn Claims>,
         shutdown: CancellationToken,
     ) -> Result<(OutboxHandle, JoinHandle<()>), OutboxError> {
         let requeued = store.requeue_interrupted(SystemTime::now())?;
@@ -256,6 +267,7 @@ impl Outbox {
                 destinations,
                 cfg,
                 calling_ae,
+                claims,
             }),
             wake,
             shutdown,
@@ -270,6 +282,7 @@ struct BatchContext {
     destinations: Arc<HashMap<String, Destination>>,
     cfg: OutboxConfig,
     calling_ae: AeTitle,
+    claims: Arc<dyn Claims>,
 }
 
 /// Claims due items and runs one batch task per destination.
@@ -377,14 +390,115 @@ async fn run_batch(
         }
         return;
     };
+    let items = claim_items(ctx, destination, items, cancel).await;
+    if items.is_empty() {
+        return;
+    }
+    // Outcomes the shared claims must hear of, after the batch: (SOP
+    // Instance UID, delivered?). The store is written at once, the claims
+    // (network) once the association is over.
+    let mut settled: Vec<(String, bool)> = Vec::with_capacity(items.len());
+    send_claimed(ctx, destination, dest, &items, cancel, &mut settled).await;
+    settle(ctx, destination, settled).await;
+}
+
+/// Tells the claims what became of each item sent. After the first error
+/// (NATS down) the rest are not tried, so a batch does not wait out one
+/// timeout per item: their leases run out by themselves.
+async fn settle(ctx: &BatchContext, destination: &str, settled: Vec<(String, bool)>) {
+    let total = settled.len();
+    for (i, (sop, delivered)) in settled.into_iter().enumerate() {
+        let r = if delivered {
+            ctx.claims.delivered(destination, &sop).await
+        } else {
+            ctx.claims.release(destination, &sop).await
+        };
+        if let Err(reason) = r {
+            tracing::warn!(destination, sop_instance_uid = %sop, %reason, not_recorded = total - i,
+                "outbox: the shared delivery state was not updated; the claims' leases run out by themselves");
+            return;
+        }
+    }
+}
+
+/// Asks the claims about each item; returns those this worker sends now.
+/// The rest are recorded here: delivered by another worker, or due again
+/// later without an attempt counted. Once the claims are unavailable, the
+/// rest of the batch is not asked (one timeout per batch, not per item);
+/// on shutdown the rest are given back.
+async fn claim_items(
+    ctx: &BatchContext,
+    destination: &str,
+    items: Vec<OutboxItem>,
+    cancel: &CancellationToken,
+) -> Vec<OutboxItem> {
+    let mut mine = Vec::with_capacity(items.len());
+    let mut unavailable: Option<String> = None;
+    for it in items {
+        let claim = match &unavailable {
+            Some(reason) => Claim::Unavailable { reason: reason.clone() },
+            None => tokio::select! {
+                _ = cancel.cancelled() => {
+                    if let Err(e) = ctx.store.unclaim(it.id) {
+                        tracing::error!(id = it.id, error = %e, "outbox: cannot give an item back");
+                    }
+                    continue;
+                }
+                c = ctx.claims.claim(destination, &it.sop_instance_uid) => c,
+            },
+        };
+        let now = SystemTime::now();
+        let event = |outcome: &str, detail: &str| {
+            events::NotClaimed { destination, sop_instance_uid: &it.sop_instance_uid, outcome, detail }.emit()
+        };
+        let r = match claim {
+            Claim::Proceed => {
+                mine.push(it);
+                continue;
+            }
+            Claim::AlreadyDelivered { by } => {
+                event("delivered_elsewhere", &by);
+                ctx.store.mark_delivered(it.id, now, Some(&format!("delivered by another worker ({by})")))
+            }
+            Claim::HeldByOther { owner, retry_at } => {
+                event("held", &owner);
+                ctx.store.defer(it.id, retry_at, &format!("being sent by another worker ({owner})"))
+            }
+            Claim::Unavailable { reason } => {
+                event("unavailable", &reason);
+                let note = format!("shared delivery state unavailable: {reason}");
+                unavailable = Some(reason);
+                ctx.store.defer(it.id, now + claims::UNAVAILABLE_RETRY, &note)
+            }
+        };
+        if let Err(e) = r {
+            tracing::error!(id = it.id, error = %e, "outbox: cannot record a claim outcome");
+        }
+    }
+    mine
+}
+
+/// One batch to one configured destination, every outcome recorded in the
+/// store and pushed to `settled` for the claims.
+async fn send_claimed(
+    ctx: &BatchContext,
+    destination: &str,
+    dest: &Destination,
+    items: &[OutboxItem],
+    cancel: &CancellationToken,
+    settled: &mut Vec<(String, bool)>,
+) {
     if let Some(target) = &dest.stow {
-        let mut record = |it: &OutboxItem, outcome: Outcome| apply(ctx, destination, "", it, outcome);
+        let mut record = |it: &OutboxItem, outcome: Outcome| {
+            settled.push((it.sop_instance_uid.clone(), matches!(outcome, Outcome::Stored { .. })));
+            apply(ctx, destination, "", it, outcome)
+        };
         let span = tracing::info_span!("outbox_stow", destination, url = target.url(), items = items.len());
         stow::send_batch(
             target,
             ctx.cfg.connect_timeout(),
             ctx.cfg.dimse_timeout(),
-            &items,
+            items,
             cancel,
             &mut record,
         )
@@ -399,8 +513,10 @@ async fn run_batch(
         connect_timeout: ctx.cfg.connect_timeout(),
         dimse_timeout: ctx.cfg.dimse_timeout(),
     };
-    let mut record =
-        |it: &OutboxItem, outcome: Outcome| apply(ctx, destination, &dest.ae_title, it, outcome);
+    let mut record = |it: &OutboxItem, outcome: Outcome| {
+        settled.push((it.sop_instance_uid.clone(), matches!(outcome, Outcome::Stored { .. })));
+        apply(ctx, destination, &dest.ae_title, it, outcome)
+    };
     let span = tracing::info_span!(
         "outbox_association",
         destination,
@@ -408,7 +524,7 @@ async fn run_batch(
         calling_ae = %ctx.calling_ae,
         items = items.len()
     );
-    scu::send_batch(&peer, &items, cancel, &mut record)
+    scu::send_batch(&peer, items, cancel, &mut record)
         .instrument(span)
         .await;
 }

@@ -175,6 +175,10 @@ pub trait OutboxStore: Send + Sync + 'static {
     /// sending → pending without spending an attempt (shutdown before the
     /// item went on the wire).
     fn unclaim(&self, id: i64) -> Result<(), OutboxError>;
+    /// sending → pending, due at `at`, without spending an attempt: another
+    /// worker holds the item, or the shared claims could not be reached
+    /// (`claims`). `note` says why, in `last_error`.
+    fn defer(&self, id: i64, at: SystemTime, note: &str) -> Result<(), OutboxError>;
     /// At start-up: sending → pending, due now. The attempt stays counted.
     fn requeue_interrupted(&self, now: SystemTime) -> Result<usize, OutboxError>;
     fn list(&self) -> Result<Vec<OutboxItem>, OutboxError>;
@@ -408,6 +412,16 @@ impl OutboxStore for SqliteOutboxStore {
             "UPDATE outbox SET state = 'pending', attempts = MAX(attempts - 1, 0)
              WHERE id = ?1 AND state = 'sending'",
             [id],
+        )?;
+        Ok(())
+    }
+
+    fn defer(&self, id: i64, at: SystemTime, note: &str) -> Result<(), OutboxError> {
+        self.transition(
+            "UPDATE outbox SET state = 'pending', attempts = MAX(attempts - 1, 0), next_attempt_at = ?2,
+                               last_error = ?3
+             WHERE id = ?1 AND state = 'sending'",
+            params![id, to_ms(at), note],
         )?;
         Ok(())
     }

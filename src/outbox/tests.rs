@@ -167,6 +167,16 @@ impl Fixture {
         port: u16,
         cfg: OutboxConfig,
     ) -> (OutboxHandle, tokio::task::JoinHandle<()>) {
+        self.spawn_claims(ae, port, cfg, Arc::new(super::claims::NoClaims))
+    }
+
+    fn spawn_claims(
+        &self,
+        ae: &str,
+        port: u16,
+        cfg: OutboxConfig,
+        claims: Arc<dyn super::claims::Claims>,
+    ) -> (OutboxHandle, tokio::task::JoinHandle<()>) {
         let dests = HashMap::from([(
             "pacs".to_string(),
             Destination {
@@ -182,6 +192,7 @@ impl Fixture {
             dests,
             cfg,
             AeTitle::new("BIOMARKER"),
+            claims,
             self.shutdown.clone(),
         )
         .unwrap()
@@ -588,6 +599,7 @@ fn spawn_with(fx: &Fixture, dest: Destination) -> (OutboxHandle, tokio::task::Jo
         HashMap::from([("pacs".to_string(), dest)]),
         fast_cfg(),
         AeTitle::new("BIOMARKER"),
+        Arc::new(super::claims::NoClaims),
         fx.shutdown.clone(),
     )
     .unwrap()
@@ -635,4 +647,160 @@ async fn plain_destination_on_a_tls_port_is_a_transient_failure() {
     assert!(err.contains("no A-ASSOCIATE response"), "{err}");
     fx.stop(worker).await;
     assert!(files_in(&fx.received()).is_empty());
+}
+
+/// The shared claims of several workers in one process: a map with
+/// revisions, behind the same [`claims::decide`] as the KV back end.
+#[derive(Default)]
+struct MemoryKv {
+    entries: std::sync::Mutex<HashMap<String, (claims::ClaimValue, u64)>>,
+    revision: std::sync::atomic::AtomicU64,
+}
+
+struct MemoryClaims {
+    kv: Arc<MemoryKv>,
+    owner: String,
+    lease: Duration,
+    /// Answer `Unavailable` to everything (NATS down).
+    down: bool,
+    /// Claims asked.
+    asked: std::sync::atomic::AtomicUsize,
+}
+
+impl MemoryClaims {
+    fn write(&self, key: &str, state: claims::ClaimState, expect: Option<u64>) -> bool {
+        let mut m = self.kv.entries.lock().unwrap();
+        if m.get(key).map(|(_, r)| *r) != expect {
+            return false;
+        }
+        let rev = self.kv.revision.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        let until_ms = claims::unix_ms(SystemTime::now() + self.lease);
+        m.insert(key.to_owned(), (claims::ClaimValue { state, owner: self.owner.clone(), until_ms }, rev));
+        true
+    }
+}
+
+impl claims::Claims for MemoryClaims {
+    fn claim<'a>(&'a self, destination: &'a str, sop: &'a str) -> claims::ClaimFuture<'a, claims::Claim> {
+        Box::pin(async move {
+            self.asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if self.down {
+                return claims::Claim::Unavailable { reason: "test: down".into() };
+            }
+            let key = claims::key(destination, sop);
+            loop {
+                let cur = self.kv.entries.lock().unwrap().get(&key).cloned();
+                let now = SystemTime::now();
+                let d = claims::decide(cur.as_ref().map(|(v, r)| (Ok(v), *r)), &self.owner, claims::unix_ms(now));
+                match d {
+                    claims::Decision::Create if self.write(&key, claims::ClaimState::Sending, None) => {
+                        return claims::Claim::Proceed
+                    }
+                    claims::Decision::Take { revision }
+                        if self.write(&key, claims::ClaimState::Sending, Some(revision)) =>
+                    {
+                        return claims::Claim::Proceed
+                    }
+                    claims::Decision::Create | claims::Decision::Take { .. } => continue,
+                    claims::Decision::Delivered { owner } => return claims::Claim::AlreadyDelivered { by: owner },
+                    claims::Decision::Held { owner, until_ms } => {
+                        return claims::Claim::HeldByOther { owner, retry_at: claims::retry_at_for_held(now, until_ms) }
+                    }
+                }
+            }
+        })
+    }
+    fn delivered<'a>(&'a self, destination: &'a str, sop: &'a str) -> claims::ClaimFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            let key = claims::key(destination, sop);
+            let rev = self.kv.entries.lock().unwrap().get(&key).map(|(_, r)| *r);
+            assert!(self.write(&key, claims::ClaimState::Delivered, rev));
+            Ok(())
+        })
+    }
+    fn release<'a>(&'a self, _: &'a str, _: &'a str) -> claims::ClaimFuture<'a, Result<(), String>> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_with_the_same_item_deliver_it_once() {
+    if !have_storescp() {
+        return;
+    }
+    let kv = Arc::new(MemoryKv::default());
+    let port = free_port();
+    let (a, b) = (Fixture::new(), Fixture::new());
+    let _scp = storescp(port, &a.received());
+    let claims = |owner: &str| -> Arc<dyn claims::Claims> {
+        Arc::new(MemoryClaims {
+            kv: kv.clone(),
+            owner: owner.into(),
+            lease: Duration::from_secs(60),
+            down: false,
+            asked: Default::default(),
+        })
+    };
+    let sop = "1.2.826.0.1.3680043.10.9.77";
+    let mut ids = Vec::new();
+    let mut workers = Vec::new();
+    for (fx, owner) in [(&a, "worker-a"), (&b, "worker-b")] {
+        let (h, w) = fx.spawn_claims("PACS", port, fast_cfg(), claims(owner));
+        let (p, class, uid, _) = fx.result(SECONDARY_CAPTURE, sop, 8);
+        ids.push((h.clone(), h.enqueue("pacs", &p, &class, &uid).unwrap().id()));
+        workers.push(w);
+    }
+    let mut notes = Vec::new();
+    for (h, id) in &ids {
+        let it = wait_until(h, *id, "delivered", |i| i.state == ItemState::Delivered).await;
+        notes.push(it.last_error.unwrap_or_default());
+    }
+    for (fx, w) in [&a, &b].into_iter().zip(workers) {
+        fx.stop(w).await;
+    }
+    assert_eq!(files_in(&a.received()).len(), 1, "one delivery for two workers");
+    assert_eq!(
+        notes.iter().filter(|n| n.contains("delivered by another worker")).count(),
+        1,
+        "{notes:?}"
+    );
+    let (v, _) = kv.entries.lock().unwrap().get(&claims::key("pacs", sop)).cloned().unwrap();
+    assert_eq!(v.state, claims::ClaimState::Delivered);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unavailable_claims_send_nothing_and_spend_no_attempt() {
+    let fx = Fixture::new();
+    let port = free_port(); // nothing would be reached anyway
+    let kv = Arc::new(MemoryKv::default());
+    let down = Arc::new(MemoryClaims {
+        kv,
+        owner: "w".into(),
+        lease: Duration::from_secs(60),
+        down: true,
+        asked: Default::default(),
+    });
+    // Three items in one batch: enqueued before the worker starts.
+    let mut ids = Vec::new();
+    for n in 0..3 {
+        let (p, class, sop, _) = fx.result(SECONDARY_CAPTURE, &format!("1.2.826.0.1.3680043.10.9.8{n}"), 8);
+        let item = NewItem { destination: "pacs".into(), path: p, sop_class_uid: class, sop_instance_uid: sop };
+        ids.push(fx.store.enqueue(&item, SystemTime::now()).unwrap().id());
+    }
+    let (h, worker) = fx.spawn_claims("PACS", port, fast_cfg(), down.clone());
+    for id in ids {
+        let it = wait_until(&h, id, "deferred", |i| {
+            i.last_error.as_deref().is_some_and(|e| e.contains("unavailable"))
+        })
+        .await;
+        assert_eq!(it.state, ItemState::Pending);
+        assert_eq!(it.attempts, 0, "a claims outage is no delivery attempt");
+        assert!(it.next_attempt_at > SystemTime::now() + Duration::from_secs(2), "due again later, not now");
+    }
+    assert_eq!(
+        down.asked.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "one unanswered claim per batch, not one per item"
+    );
+    fx.stop(worker).await;
 }

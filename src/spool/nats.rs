@@ -150,6 +150,7 @@ pub fn instance_subject(cfg: &ClusterConfig, study: &str, series: &str) -> Strin
 }
 
 /// The KV bucket `bucket`, created when absent (file storage, history 1).
+/// Two processes creating it at once both end with the same bucket.
 ///
 /// Made as the client's `create_key_value` makes it (stream `KV_<bucket>`,
 /// subjects `$KV.<bucket>.>`, roll-ups, no deletes of messages, direct

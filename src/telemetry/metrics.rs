@@ -64,7 +64,8 @@ pub struct InferenceLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DeliveryLabels {
     pub destination: String,
-    /// `delivered`, `retry` or `dead`.
+    /// `delivered`, `retry` or `dead`; in a cluster also `delivered_elsewhere`,
+    /// `held` or `unavailable` (the shared claims kept it from being sent).
     pub outcome: String,
 }
 
@@ -143,6 +144,14 @@ metrics! {
         "Job attempts the worker started, by route and model";
     jobs_refused: Family<RefusalLabels, Counter> = Family::default(), "jobs_refused",
         "Jobs refused because their input is outside what the model was validated on (or its output implausible), by model and check";
+    cluster_series: Family<StateLabel, Gauge> = Family::default(), "cluster_series",
+        "Cluster mode: series in the shared series bucket by state (receiving, complete), as of cluster_snapshot_age_seconds";
+    cluster_jobs: Family<StateLabel, Gauge> = Family::default(), "cluster_jobs",
+        "Cluster mode: series jobs by state (waiting in the work queue, running on a worker, dead letters)";
+    cluster_outbox: Family<StateLabel, Gauge> = Family::default(), "cluster_outbox",
+        "Cluster mode: outbox claims in the shared outbox bucket by state (sending, delivered)";
+    cluster_snapshot_age: Gauge<f64, std::sync::atomic::AtomicU64> = Gauge::default(), "cluster_snapshot_age_seconds",
+        "Cluster mode: age of the cluster-wide counts (refreshed at most every 2 s; older when NATS does not answer)";
 }
 
 impl Metrics {
