@@ -537,15 +537,17 @@ def test_a_receiver_killed_mid_association_loses_nothing_it_acknowledged(tmp_pat
         acked = [by_path[f] for f in _acked_files(out.read_text())]
         assert 20 <= len(acked) < 80, f"{len(acked)} acknowledged: the kill was not mid-association"
 
-        # Every acknowledged instance is in the object store, and in its series: the series record counts
-        # it, the quiet timer (the worker's sweep; the dead receiver's association never ends) completes the
+        # Every acknowledged instance is in the object store, and in its series: the series record exists,
+        # the quiet timer (the worker's sweep; the dead receiver's association never ends) completes the
         # series, and the worker materialises every acknowledged instance into it.
         objects, _ = read_back(url)
         for i in acked:
             assert f"{i.study}/{i.series}/{i.sop}.dcm" in objects
         rec = wait_for(lambda: (lambda x: x if x and x["state"] == "complete" else None)(
             series_record(url, series.series)), 30, "the quiet timer to complete the series")
-        assert rec["instances"] >= len(acked) and rec["reason"] == "quiet_timer", rec
+        # (The record's count may be short of what a killed receiver stored: it writes the record at most
+        # every refresh period per association and adds the rest at the association's end.)
+        assert rec["reason"] == "quiet_timer" and rec["instances"] >= 1, rec
         wait_for(lambda: stream(url, "BN_JOBS")[0] == 0 and stream(url, "BN_JOBS")[1] == 1, 30, "the job to be done")
         files = w.spool_files()
         missing = [i.sop for i in acked if i.sop not in files]

@@ -37,7 +37,7 @@
 //! [`SeriesError::Shared`] (transient): ingest fails that C-STORE with an
 //! out-of-resources status, and the peer sends it again.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -110,13 +110,15 @@ fn shared(what: &str, e: &dyn std::fmt::Display) -> SeriesError {
     SeriesError::Shared(format!("{what}: {e}"))
 }
 
-/// The new record for an instance stored into `cur` (absent: a new series),
+/// The new record for `add` instances (this one and those of the same
+/// association not written yet) stored into `cur` (absent: a new series),
 /// and what that was. `open` is the storing association, if any.
 pub fn on_instance(
     cur: Option<&SeriesRecord>,
     study: &Uid,
     open: Option<&str>,
     now: u64,
+    add: u32,
 ) -> (SeriesRecord, InsertOutcome) {
     let opened = open.map(|o| vec![o.to_owned()]).unwrap_or_default();
     match cur {
@@ -125,7 +127,7 @@ pub fn on_instance(
                 study: study.clone(),
                 state: RecordState::Receiving,
                 generation: 1,
-                instances: 1,
+                instances: add,
                 open: opened,
                 updated_ms: now,
                 queued: false,
@@ -136,7 +138,7 @@ pub fn on_instance(
         ),
         Some(r) if r.state == RecordState::Receiving => {
             let mut r = r.clone();
-            r.instances += 1;
+            r.instances += add;
             r.updated_ms = now;
             if let Some(o) = open {
                 if !r.open.iter().any(|x| x == o) {
@@ -150,7 +152,7 @@ pub fn on_instance(
                 study: r.study.clone(),
                 state: RecordState::Receiving,
                 generation: r.generation + 1,
-                instances: r.instances + 1,
+                instances: r.instances + add,
                 open: opened,
                 updated_ms: now,
                 queued: false,
@@ -162,14 +164,23 @@ pub fn on_instance(
     }
 }
 
-/// The record after association `who` ended, or `None` for no change.
-/// Completes the series when it was released, early completion is on, and
-/// no other association is still storing into it.
-pub fn on_association_end(cur: &SeriesRecord, who: &str, released: bool, early: bool, now: u64) -> Option<SeriesRecord> {
+/// The record after association `who` ended, having stored `add` instances
+/// not written yet, or `None` for no change. Completes the series when it
+/// was released, early completion is on, and no other association is still
+/// storing into it.
+pub fn on_association_end(
+    cur: &SeriesRecord,
+    who: &str,
+    released: bool,
+    early: bool,
+    now: u64,
+    add: u32,
+) -> Option<SeriesRecord> {
     if cur.state != RecordState::Receiving || !cur.open.iter().any(|x| x == who) {
         return None;
     }
     let mut r = cur.clone();
+    r.instances += add;
     r.open.retain(|x| x != who);
     if released && early && r.open.is_empty() {
         r.state = RecordState::Complete;
@@ -199,9 +210,22 @@ pub struct ClusterSeries {
     /// This process, in the `open` lists: `<role>-<host>-<pid>`.
     me: String,
     quiet_ms: u64,
+    /// How long an association may store into a series without writing its
+    /// record again: `min(1 s, quiet / 4)`. The sweep waits this much longer
+    /// than `quiet_ms`, so the quiet timer never fires early.
+    refresh_ms: u64,
     early: bool,
-    /// Series each of this process' open associations stored into.
-    associations: Mutex<HashMap<u64, HashSet<Uid>>>,
+    /// Series each of this process' open associations stored into, and when
+    /// the record last heard of them.
+    associations: Mutex<HashMap<u64, HashMap<Uid, Touch>>>,
+}
+
+/// One association's writes to one series' record.
+#[derive(Clone, Copy)]
+struct Touch {
+    written_ms: u64,
+    /// Instances stored since, not counted in the record yet.
+    unwritten: u32,
 }
 
 impl std::fmt::Debug for ClusterSeries {
@@ -248,6 +272,7 @@ impl ClusterSeries {
             jobs_subject: c.jobs_subject.clone(),
             me,
             quiet_ms: (quiet * 1000.0) as u64,
+            refresh_ms: ((quiet * 1000.0 / 4.0) as u64).min(1000),
             early: series.early_completion,
             associations: Mutex::new(HashMap::new()),
         })
@@ -308,13 +333,33 @@ impl ClusterSeries {
     }
 
     /// Records an instance in its series; call before the C-STORE succeeds.
+    ///
+    /// An association storing a series writes its record at most once per
+    /// `refresh_ms` (the first instance always): one compare-and-set per
+    /// instance would cost two more round trips per C-STORE, and the record
+    /// needs only to exist, to list the association, and to keep the quiet
+    /// timer off. The count catches up at the next write or at the end of
+    /// the association (a receiver killed in between leaves it short: the
+    /// count is informational; the worker takes the series' instances from
+    /// the instances stream).
     pub async fn instance_stored(&self, inst: &StoredInstance) -> Result<InsertOutcome, SeriesError> {
         let series = &inst.header.series_instance_uid;
+        let now = now_ms();
+        let mut add = 1;
+        if inst.association_id != 0 {
+            let mut map = self.associations.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(t) = map.get_mut(&inst.association_id).and_then(|m| m.get_mut(series)) {
+                if now.saturating_sub(t.written_ms) < self.refresh_ms {
+                    t.unwritten += 1;
+                    return Ok(InsertOutcome::New);
+                }
+                add += t.unwritten;
+            }
+        }
         let who = (inst.association_id != 0).then(|| format!("{}/{}", self.me, inst.association_id));
         let mut outcome = InsertOutcome::New;
-        let now = now_ms();
         self.modify(series, |cur| {
-            let (next, o) = on_instance(cur, &inst.header.study_instance_uid, who.as_deref(), now);
+            let (next, o) = on_instance(cur, &inst.header.study_instance_uid, who.as_deref(), now, add);
             outcome = o;
             Some(next)
         })
@@ -325,7 +370,7 @@ impl ClusterSeries {
                 .unwrap_or_else(|p| p.into_inner())
                 .entry(inst.association_id)
                 .or_default()
-                .insert(series.clone());
+                .insert(series.clone(), Touch { written_ms: now, unwritten: 0 });
         }
         if outcome == InsertOutcome::Reopened {
             tracing::info!(series = %series, sop = %inst.header.sop_instance_uid, "late instance re-opened a completed series");
@@ -343,9 +388,10 @@ impl ClusterSeries {
             .remove(&association_id)
             .unwrap_or_default();
         let who = format!("{}/{}", self.me, association_id);
-        for series in series_set {
+        for (series, touch) in series_set {
             let now = now_ms();
-            match self.modify(&series, |cur| on_association_end(cur?, &who, released, self.early, now)).await {
+            let ended = |cur: Option<&SeriesRecord>| on_association_end(cur?, &who, released, self.early, now, touch.unwritten);
+            match self.modify(&series, ended).await {
                 Ok(Some(r)) if r.state == RecordState::Complete => self.queue(&series, &r).await,
                 Ok(Some(r)) => tracing::debug!(series = %series, open = r.open.len(), "another association still stores into it"),
                 Ok(None) => {}
@@ -427,8 +473,9 @@ impl ClusterSeries {
             let now = now_ms();
             let Some(r) = self.get(&series).await? else { continue };
             match r.state {
-                RecordState::Receiving if now.saturating_sub(r.updated_ms) >= self.quiet_ms => {
-                    if let Some(done) = self.modify(&series, |cur| on_quiet(cur?, self.quiet_ms, now)).await? {
+                RecordState::Receiving if now.saturating_sub(r.updated_ms) >= self.quiet_ms + self.refresh_ms => {
+                    let quiet = self.quiet_ms + self.refresh_ms;
+                    if let Some(done) = self.modify(&series, |cur| on_quiet(cur?, quiet, now)).await? {
                         self.queue(&series, &done).await;
                         queued += 1;
                     }
@@ -470,29 +517,30 @@ mod tests {
     #[test]
     fn a_series_over_two_associations_completes_at_the_second_release() {
         let study = uid("1.2.3");
-        let (r, o) = on_instance(None, &study, Some("a/1"), 10);
+        let (r, o) = on_instance(None, &study, Some("a/1"), 10, 1);
         assert_eq!(o, InsertOutcome::New);
-        let (r, _) = on_instance(Some(&r), &study, Some("b/7"), 11);
+        let (r, _) = on_instance(Some(&r), &study, Some("b/7"), 11, 1);
         assert_eq!(r.open, vec!["a/1", "b/7"]);
         assert_eq!(r.instances, 2);
-        let r = on_association_end(&r, "a/1", true, true, 12).expect("changed");
+        let r = on_association_end(&r, "a/1", true, true, 12, 0).expect("changed");
         assert_eq!(r.state, RecordState::Receiving);
         assert_eq!(r.open, vec!["b/7"]);
-        let r = on_association_end(&r, "b/7", true, true, 13).expect("changed");
+        let r = on_association_end(&r, "b/7", true, true, 13, 5).expect("changed");
         assert_eq!(r.state, RecordState::Complete);
+        assert_eq!(r.instances, 7, "the 5 instances b/7 stored without writing are counted at its end");
         assert_eq!(r.reason, Some(CompletionReason::AssociationReleased));
         // A second release of the same association changes nothing.
-        assert!(on_association_end(&r, "b/7", true, true, 14).is_none());
+        assert!(on_association_end(&r, "b/7", true, true, 14, 0).is_none());
     }
 
     #[test]
     fn an_abort_or_early_completion_off_leaves_the_series_to_the_quiet_timer() {
         let study = uid("1.2.3");
-        let (r, _) = on_instance(None, &study, Some("a/1"), 10);
-        let aborted = on_association_end(&r, "a/1", false, true, 11).expect("changed");
+        let (r, _) = on_instance(None, &study, Some("a/1"), 10, 1);
+        let aborted = on_association_end(&r, "a/1", false, true, 11, 0).expect("changed");
         assert_eq!(aborted.state, RecordState::Receiving);
         assert!(aborted.open.is_empty());
-        let off = on_association_end(&r, "a/1", true, false, 11).expect("changed");
+        let off = on_association_end(&r, "a/1", true, false, 11, 0).expect("changed");
         assert_eq!(off.state, RecordState::Receiving);
         assert!(on_quiet(&aborted, 1000, 500).is_none(), "not quiet yet");
         let done = on_quiet(&aborted, 1000, 1010).expect("quiet");
@@ -503,10 +551,10 @@ mod tests {
     #[test]
     fn a_late_instance_reopens_the_next_generation() {
         let study = uid("1.2.3");
-        let (r, _) = on_instance(None, &study, Some("a/1"), 10);
+        let (r, _) = on_instance(None, &study, Some("a/1"), 10, 1);
         let done = on_quiet(&r, 0, 20).unwrap();
         let done = SeriesRecord { queued: true, ..done };
-        let (r2, o) = on_instance(Some(&done), &study, Some("a/2"), 30);
+        let (r2, o) = on_instance(Some(&done), &study, Some("a/2"), 30, 1);
         assert_eq!(o, InsertOutcome::Reopened);
         assert_eq!((r2.generation, r2.instances, r2.state, r2.queued), (2, 2, RecordState::Receiving, false));
         assert_eq!(r2.open, vec!["a/2"]);
@@ -514,7 +562,7 @@ mod tests {
 
     #[test]
     fn the_record_round_trips_as_json() {
-        let (r, _) = on_instance(None, &uid("1.2.3"), None, 10);
+        let (r, _) = on_instance(None, &uid("1.2.3"), None, 10, 1);
         let j = serde_json::to_string(&r).unwrap();
         assert!(j.contains("\"state\":\"receiving\""), "{j}");
         assert_eq!(serde_json::from_str::<SeriesRecord>(&j).unwrap(), r);
