@@ -52,6 +52,7 @@ pub(super) struct WorkerSide {
     #[cfg(feature = "cluster")]
     pub js: async_nats::jetstream::Context,
     /// This process in the cluster's records.
+    #[cfg(feature = "cluster")]
     pub id: String,
     /// The outbox's claims in the cluster's KV: one delivery per SOP
     /// Instance UID and destination across workers.
