@@ -188,6 +188,21 @@ pub struct SeriesCompleted {
     pub generation: u32,
 }
 
+impl SeriesCompleted {
+    /// The completion's typed event: one log line, one metric. Whoever
+    /// records the completion emits it (the tracker, or the cluster's series
+    /// state), once.
+    pub(crate) fn emit(&self) {
+        crate::telemetry::SeriesCompleted {
+            series_instance_uid: self.series_instance_uid.as_str(),
+            instances: self.instances,
+            generation: self.generation,
+            reason: self.reason.as_str(),
+        }
+        .emit();
+    }
+}
+
 /// One row of `biomarker-node series`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SeriesSummary {

@@ -420,13 +420,7 @@ impl ClusterSeries {
         if let Err(e) = marked {
             tracing::warn!(series = %series, error = %e, "completion queued but not recorded; a sweep queues it again (deduped)");
         }
-        crate::telemetry::SeriesCompleted {
-            series_instance_uid: series.as_str(),
-            instances: ev.instances,
-            generation: ev.generation,
-            reason: ev.reason.as_str(),
-        }
-        .emit();
+        ev.emit();
     }
 
     async fn publish(&self, ev: &SeriesCompleted) -> Result<(), SeriesError> {

@@ -337,13 +337,7 @@ impl Tracker {
             Ok(recorded) => {
                 self.deadlines.remove(series);
                 if recorded {
-                    crate::telemetry::SeriesCompleted {
-                        series_instance_uid: series.as_str(),
-                        instances: ev.instances,
-                        generation: ev.generation,
-                        reason: ev.reason.as_str(),
-                    }
-                    .emit();
+                    ev.emit();
                 } else {
                     tracing::warn!(
                         series = %series,
