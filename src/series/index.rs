@@ -156,14 +156,16 @@ impl SeriesIndex {
         let header_json = serde_json::to_string(h)
             .map_err(|e| SeriesError::Corrupt(format!("cannot encode header: {e}")))?;
         let now = rfc3339(now);
+        // Statements come from the connection's cache: preparing them anew
+        // was 8 % of the node's CPU per stored instance (perf, issue 15).
         // IMMEDIATE: take the write lock up front, so a concurrent writer makes
         // us wait (busy_timeout) instead of failing the read→write upgrade.
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
         let known: Option<Option<String>> = tx
+            .prepare_cached("SELECT purged_at FROM instances WHERE sop_instance_uid = ?1")?
             .query_row(
-                "SELECT purged_at FROM instances WHERE sop_instance_uid = ?1",
                 [h.sop_instance_uid.as_str()],
                 |r| r.get(0),
             )
@@ -173,8 +175,7 @@ impl SeriesIndex {
             // Retention deleted the first copy: this one is the instance
             // now, and its series is re-opened to analyse it again.
             Some(Some(_)) => {
-                tx.execute(
-                    "DELETE FROM instances WHERE sop_instance_uid = ?1",
+                tx.prepare_cached("DELETE FROM instances WHERE sop_instance_uid = ?1")?.execute(
                     [h.sop_instance_uid.as_str()],
                 )?;
             }
@@ -183,19 +184,18 @@ impl SeriesIndex {
         // Read as text: only `receiving` matters here, and a state this
         // build does not know must not stop ingest.
         let existing: Option<(String, String)> = tx
+            .prepare_cached("SELECT state, study_instance_uid FROM series WHERE series_instance_uid = ?1")?
             .query_row(
-                "SELECT state, study_instance_uid FROM series WHERE series_instance_uid = ?1",
                 [h.series_instance_uid.as_str()],
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .optional()?;
         let outcome = match existing {
             None => {
-                tx.execute(
-                    "INSERT INTO series (series_instance_uid, study_instance_uid, modality,
+                tx.prepare_cached("INSERT INTO series (series_instance_uid, study_instance_uid, modality,
                          series_description, state, generation, first_received_at,
                          last_received_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, 1, ?6, ?6)",
+                     VALUES (?1, ?2, ?3, ?4, ?5, 1, ?6, ?6)")?.execute(
                     params![
                         h.series_instance_uid.as_str(),
                         h.study_instance_uid.as_str(),
@@ -219,8 +219,7 @@ impl SeriesIndex {
                     );
                 }
                 let reopen = state != SeriesState::Receiving.as_str();
-                tx.execute(
-                    "UPDATE series SET
+                tx.prepare_cached("UPDATE series SET
                          last_received_at = ?2,
                          modality = COALESCE(modality, ?3),
                          series_description = COALESCE(series_description, ?4),
@@ -229,7 +228,7 @@ impl SeriesIndex {
                          generation = generation + ?6,
                          completion_reason = CASE WHEN ?6 = 1 THEN NULL ELSE completion_reason END,
                          completed_at = CASE WHEN ?6 = 1 THEN NULL ELSE completed_at END
-                     WHERE series_instance_uid = ?1",
+                     WHERE series_instance_uid = ?1")?.execute(
                     params![
                         h.series_instance_uid.as_str(),
                         now,
@@ -246,11 +245,10 @@ impl SeriesIndex {
                 }
             }
         };
-        tx.execute(
-            "INSERT INTO instances (sop_instance_uid, series_instance_uid, rel_path,
+        tx.prepare_cached("INSERT INTO instances (sop_instance_uid, series_instance_uid, rel_path,
                  transfer_syntax, size_bytes, association_id, calling_ae, received_at,
                  header_json)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)")?.execute(
             params![
                 h.sop_instance_uid.as_str(),
                 h.series_instance_uid.as_str(),
