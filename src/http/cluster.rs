@@ -306,22 +306,7 @@ pub async fn serve_receiver(
     state: ReceiverState,
     shutdown: CancellationToken,
 ) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), HttpError> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|source| HttpError::Bind { addr, source })?;
-    let local = listener
-        .local_addr()
-        .map_err(|source| HttpError::Bind { addr, source })?;
-    let app = receiver_router(Arc::new(state));
-    let task = tokio::spawn(async move {
-        let r = axum::serve(listener, app)
-            .with_graceful_shutdown(async move { shutdown.cancelled().await })
-            .await;
-        if let Err(e) = r {
-            tracing::error!(error = %e, "HTTP server stopped");
-        }
-    });
-    Ok((local, task))
+    super::serve(addr, receiver_router(Arc::new(state)), shutdown).await
 }
 
 async fn receiver_readyz(State(st): State<ReceiverShared>) -> Response {
@@ -351,29 +336,9 @@ async fn receiver_metrics(State(st): State<ReceiverShared>) -> Response {
         .into_response()
 }
 
-fn receiver_has_token(st: &ReceiverState, headers: &axum::http::HeaderMap) -> bool {
-    let Some(expected) = st.token.as_deref() else {
-        return false;
-    };
-    headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .is_some_and(|t| super::constant_time_eq(t.as_bytes(), expected.as_bytes()))
-}
-
-/// The bearer token, as `require_token` on the main server.
+/// The bearer token, as on the main server.
 async fn receiver_token(State(st): State<ReceiverShared>, req: Request, next: Next) -> Response {
-    if st.token.is_none() || receiver_has_token(&st, req.headers()) {
-        return next.run(req).await;
-    }
-    tracing::warn!(path = %req.uri().path(), "HTTP request without a valid bearer token");
-    (
-        StatusCode::UNAUTHORIZED,
-        [(header::WWW_AUTHENTICATE, "Bearer")],
-        Json(json!({"error": "a valid bearer token is required"})),
-    )
-        .into_response()
+    super::check_token(st.token.as_deref(), req, next).await
 }
 
 /// The main server's browser rules, for a server that has only GETs:
@@ -410,8 +375,7 @@ mod nats {
     use super::*;
     use crate::config::ClusterConfig;
 
-    /// The durable consumer all workers share on the jobs stream.
-    pub const JOBS_CONSUMER: &str = "bn-workers";
+    use crate::series::nats::JOBS_CONSUMER;
     /// KV reads in flight during one snapshot.
     const READS_IN_FLIGHT: usize = 32;
 

@@ -134,8 +134,8 @@ pub fn check_loopback_host(headers: &HeaderMap) -> Result<(), Refusal> {
     }
 }
 
-pub fn has_valid_token(state: &Shared, headers: &HeaderMap) -> bool {
-    let Some(expected) = state.token.as_deref() else { return false };
+pub fn has_valid_token(token: Option<&str>, headers: &HeaderMap) -> bool {
+    let Some(expected) = token else { return false };
     headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -156,7 +156,7 @@ pub async fn same_origin_guard(State(state): State<Shared>, req: Request, next: 
     // A browser cannot attach Authorization cross-origin without a CORS
     // preflight, which gets no CORS answer here: the token is proof enough.
     let verdict = verdict.and_then(|()| {
-        if safe || has_valid_token(&state, headers) {
+        if safe || has_valid_token(state.token.as_deref(), headers) {
             Ok(())
         } else {
             check_same_origin(headers)

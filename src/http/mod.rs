@@ -135,11 +135,20 @@ pub async fn bind(
     state: Shared,
     shutdown: CancellationToken,
 ) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), HttpError> {
+    serve(addr, router(state), shutdown).await
+}
+
+/// Binds `addr` now and serves `app` until `shutdown`: the node's server and
+/// a receiver's ([`cluster::serve_receiver`]).
+async fn serve(
+    addr: SocketAddr,
+    app: Router,
+    shutdown: CancellationToken,
+) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), HttpError> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|source| HttpError::Bind { addr, source })?;
     let local = listener.local_addr().map_err(|source| HttpError::Bind { addr, source })?;
-    let app = router(state);
     let task = tokio::spawn(async move {
         // The peer address, for the audit log of model changes.
         let r = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
@@ -153,7 +162,13 @@ pub async fn bind(
 }
 
 async fn require_token(State(state): State<Shared>, req: Request, next: Next) -> Response {
-    if state.token.is_none() || guard::has_valid_token(&state, req.headers()) {
+    check_token(state.token.as_deref(), req, next).await
+}
+
+/// The API's bearer-token rule, for the node's server and a receiver's: no
+/// token configured lets every request through.
+async fn check_token(token: Option<&str>, req: Request, next: Next) -> Response {
+    if token.is_none() || guard::has_valid_token(token, req.headers()) {
         return next.run(req).await;
     }
     tracing::warn!(path = %req.uri().path(), "HTTP request without a valid bearer token");

@@ -130,7 +130,7 @@ fn caller(st: &Shared, req: &Request) -> Result<String, ApiError> {
                 .into(),
         ));
     }
-    if !super::guard::has_valid_token(st, req.headers()) {
+    if !super::guard::has_valid_token(st.token.as_deref(), req.headers()) {
         return Err(ApiError(StatusCode::UNAUTHORIZED, "a valid bearer token is required".into()));
     }
     let addr = req

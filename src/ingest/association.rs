@@ -572,7 +572,6 @@ impl<S: Transport> Association<S> {
                                     // The cluster's series state: nothing would
                                     // repair it later, so the peer sends again.
                                     tracing::error!(error = %e, "series state update failed; the store fails");
-                                    indexing = None;
                                     failed = Some(store_failed(&cmd, Status::OutOfResources, e.to_string()));
                                 }
                                 Err(e) => tracing::error!(error = %e, "series index update failed; recovery will re-index"),

@@ -92,14 +92,10 @@ mod imp {
     use crate::config::{ClusterConfig, Config, Role};
     use crate::ingest::{Gate, Shared};
     use crate::job::{JobQueue, JobState};
-    use crate::series::nats::ClusterSeries;
+    use crate::series::nats::{ClusterSeries, JOBS_CONSUMER};
     use crate::series::{CompletionQueue, SeriesCompleted, SeriesIndex, SeriesSink, SeriesState, StoredInstance};
     use crate::spool::nats::{NatsSpool, Shared as Storage};
     use crate::spool::DiskSpool;
-
-    /// The durable consumer every worker of a cluster shares, so each job
-    /// goes to one of them.
-    const JOBS_CONSUMER: &str = "bn-workers";
 
     /// Objects copied from the object store at once while materialising.
     const MATERIALISE_IN_FLIGHT: usize = 8;
@@ -125,9 +121,6 @@ mod imp {
     fn ingest(cfg: &Config, parts: &Parts) -> anyhow::Result<Arc<Shared>> {
         let spool =
             Arc::new(NatsSpool::open(&cfg.node.data_dir, parts.storage.clone()).context("cannot open the cluster spool")?);
-        if cfg.node.allowed_callers.is_empty() {
-            tracing::warn!("node.allowed_callers is empty: any calling AE may store to this node");
-        }
         Ok(Arc::new(Shared {
             node: cfg.node.clone(),
             spool,
@@ -226,7 +219,6 @@ mod imp {
         let index = SeriesIndex::open(&cfg.index_path()).context("cannot open the series index")?;
         let w = Jobs {
             c: c.clone(),
-            js: parts.storage.js.clone(),
             storage: parts.storage.clone(),
             series: parts.series.clone(),
             spool,
@@ -268,7 +260,6 @@ mod imp {
 
     struct Jobs {
         c: ClusterConfig,
-        js: jetstream::Context,
         storage: Storage,
         series: Arc<ClusterSeries>,
         spool: Arc<DiskSpool>,
@@ -376,7 +367,8 @@ mod imp {
             let letter = DeadLetter { job: ev, deliveries: delivered - 1, reason: reason.clone(), worker: self.series.id() };
             let body = serde_json::to_vec(&letter).expect("plain data serialises");
             let sent = async {
-                self.js
+                self.storage
+                    .js
                     .publish(format!("{}.series", self.c.dead_subject), body.into())
                     .await
                     .map_err(|e| e.to_string())?

@@ -176,16 +176,11 @@ async fn run(cfg: Config, table: RouteTable, config_path: PathBuf, role: crate::
     let cluster_view = cluster_view(&ctx.cfg, role, side.as_ref());
     let http = start_http(&ctx, outbox, ready.clone(), gate.clone(), cluster_view).await?;
     let ingest = match (&tracker, &side) {
-        (Some((handle, _)), _) => {
-            if ctx.cfg.node.allowed_callers.is_empty() {
-                tracing::warn!("node.allowed_callers is empty: any calling AE may store to this node");
-            }
-            Some(Arc::new(Shared {
+        (Some((handle, _)), _) => Some(Arc::new(Shared {
                 node: ctx.cfg.node.clone(),
                 spool,
                 tracker: crate::series::SeriesSink::Local(handle.clone()),
-            }))
-        }
+            })),
         (None, Some(side)) => side.ingest.clone(),
         (None, None) => None,
     };
@@ -329,10 +324,8 @@ fn build_retention(ctx: &Ctx, outbox: Arc<dyn OutboxStore>) -> Option<crate::ret
     })
 }
 
-/// The cluster-wide view for the HTTP server of a worker (or `all`); `None`
-/// on an embedded node.
-/// The cluster-wide counts for the HTTP API of a worker (`/api/cluster`),
-/// on the worker's own NATS connection.
+/// The cluster-wide counts for the HTTP API of a worker or `all`
+/// (`/api/cluster`), on its own NATS connection; `None` on an embedded node.
 #[cfg(feature = "cluster")]
 fn cluster_view(
     cfg: &Config,
@@ -402,6 +395,9 @@ async fn start_listeners(
     ingest: Arc<Shared>,
     gate: Arc<Gate>,
 ) -> anyhow::Result<Vec<JoinHandle<()>>> {
+    if node.allowed_callers.is_empty() {
+        tracing::warn!("node.allowed_callers is empty: any calling AE may store to this node");
+    }
     let mut listeners = Vec::new();
     if node.tls.as_ref().is_none_or(|t| t.plain) {
         let addr = SocketAddr::new(node.bind, node.port);

@@ -53,6 +53,10 @@ use crate::dicom::Uid;
 /// receivers and a sweeper racing on one series ever need.
 const MAX_CAS: usize = 64;
 
+/// The durable consumer on the jobs stream that every worker shares, so
+/// each job goes to one of them.
+pub const JOBS_CONSUMER: &str = "bn-workers";
+
 /// A published completion waits this long for its completer to record
 /// `queued` before a sweep publishes it again.
 const REPUBLISH_AFTER_MS: u64 = 5_000;
