@@ -126,6 +126,9 @@ stop_peer() {
 }
 
 declare -A RATE RSS COUNT
+# 1, and SENDERS once: a second run of the same count would find its peer's
+# storage full of the first run's instances and time duplicates.
+SENDER_COUNTS="$(printf '%s\n' 1 "$SENDERS" | sort -nu | tr '\n' ' ')"
 
 run_node() { # senders
     local senders="$1" d="$work/node-$1" port
@@ -218,7 +221,7 @@ EOF
     RATE[orthanc,$senders]=$(python3 -c "print(f'{$N / $secs:.1f}')")
 }
 
-for senders in 1 "$SENDERS"; do
+for senders in $SENDER_COUNTS; do
     for peer in $PEERS; do
         echo "== $senders sender(s): $peer"
         "run_$peer" "$senders"
@@ -228,14 +231,14 @@ done
 echo
 echo "Ingest of $N CT instances (530 kB, explicit VR LE), loopback, $(nproc) cores"
 printf '%-10s %8s %12s %10s\n' peer senders "inst/s" stored
-for senders in 1 "$SENDERS"; do
+for senders in $SENDER_COUNTS; do
     for peer in $PEERS; do
         printf '%-10s %8s %12s %10s\n' "$peer" "$senders" "${RATE[$peer,$senders]:-}" "${COUNT[$peer,$senders]:-}"
     done
 done
 echo
 # The ratios of this run, side by side: node/storescp is the target (>= 1.0).
-for senders in 1 "$SENDERS"; do
+for senders in $SENDER_COUNTS; do
     python3 - "$senders" "${RATE[node,$senders]:-}" "${RATE[storescp,$senders]:-}" "${RATE[orthanc,$senders]:-}" "${RSS[node,$senders]:-}" <<'EOF'
 import sys
 s, node, scp, orth, rss = sys.argv[1:6]

@@ -396,7 +396,8 @@ EOF
 fi
 
 # ---------------------------------------------------------------- table
-[ -s "$results" ] && python3 - "$results" "$RUNS" "$(nproc)" <<'EOF'
+# (an if, not `&&`: with no phantom rows the script still exits 0)
+if [ -s "$results" ]; then python3 - "$results" "$RUNS" "$(nproc)" <<'EOF'
 import statistics, sys
 path, runs, cores = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 rows = [l.rstrip("\n").split("\t") for l in open(path) if l.strip()]
@@ -415,3 +416,4 @@ for task in dict.fromkeys(r[0] for r in rows):
     print(f"{task:5} {rs[0][1]:8} {rs[0][2]:>6} {med(3):7.3f} {min(col(7)):7.3f} {med(7):7.3f}   "
           f"{med(4):8.3f} {med(5):8.3f} {med(6):8.3f}  {reasons}")
 EOF
+fi
