@@ -737,58 +737,47 @@ fn label_hu(mask: &Array2<bool>, hu: Option<ArrayView2<f32>>) -> (Array2<u32>, V
 /// `mask` (two passes, 8 neighbours, exact along rows, columns and
 /// diagonals); `f64::MAX` everywhere when the mask is empty.
 pub fn distance_to(mask: &Array2<bool>, f: SliceFrame) -> Array2<f64> {
-    // On row slices rather than 2-D indexing: the same sums and minima
-    // (so the same values), without the per-pixel stride arithmetic and
-    // bounds checks that made this a third of the heart region's time.
     let (rows, cols) = mask.dim();
     let diag = f.dx.hypot(f.dy);
     let big = f64::MAX / 4.0;
-    let mut d: Vec<f64> = mask.iter().map(|&m| if m { 0.0 } else { big }).collect();
-    if cols == 0 {
-        return Array2::from_shape_vec((rows, cols), d).expect("rows x cols");
-    }
+    let mut d = mask.mapv(|m| if m { 0.0 } else { big });
     for r in 0..rows {
-        let (done, rest) = d.split_at_mut(r * cols);
-        let cur = &mut rest[..cols];
-        let prev = (r > 0).then(|| &done[(r - 1) * cols..]);
         for c in 0..cols {
-            let mut v = cur[c];
+            let mut v = d[[r, c]];
             if c > 0 {
-                v = v.min(cur[c - 1] + f.dx);
+                v = v.min(d[[r, c - 1]] + f.dx);
             }
-            if let Some(p) = prev {
-                v = v.min(p[c] + f.dy);
+            if r > 0 {
+                v = v.min(d[[r - 1, c]] + f.dy);
                 if c > 0 {
-                    v = v.min(p[c - 1] + diag);
+                    v = v.min(d[[r - 1, c - 1]] + diag);
                 }
                 if c + 1 < cols {
-                    v = v.min(p[c + 1] + diag);
+                    v = v.min(d[[r - 1, c + 1]] + diag);
                 }
             }
-            cur[c] = v;
+            d[[r, c]] = v;
         }
     }
     for r in (0..rows).rev() {
-        let (cur, below) = d[r * cols..].split_at_mut(cols);
-        let next = (r + 1 < rows).then_some(&below[..cols.min(below.len())]);
         for c in (0..cols).rev() {
-            let mut v = cur[c];
+            let mut v = d[[r, c]];
             if c + 1 < cols {
-                v = v.min(cur[c + 1] + f.dx);
+                v = v.min(d[[r, c + 1]] + f.dx);
             }
-            if let Some(n) = next {
-                v = v.min(n[c] + f.dy);
+            if r + 1 < rows {
+                v = v.min(d[[r + 1, c]] + f.dy);
                 if c + 1 < cols {
-                    v = v.min(n[c + 1] + diag);
+                    v = v.min(d[[r + 1, c + 1]] + diag);
                 }
                 if c > 0 {
-                    v = v.min(n[c - 1] + diag);
+                    v = v.min(d[[r + 1, c - 1]] + diag);
                 }
             }
-            cur[c] = v;
+            d[[r, c]] = v;
         }
     }
-    Array2::from_shape_vec((rows, cols), d).expect("rows x cols")
+    d
 }
 
 /// The pixels inside the convex hull of the `true` pixels of `mask`
