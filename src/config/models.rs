@@ -77,6 +77,43 @@ pub struct JobsConfig {
     /// N s exceeded" and the next job runs.
     #[serde(default = "default_job_timeout")]
     pub timeout_s: f64,
+    /// How many jobs run at a time; 0 (the default) is one per CPU core, at
+    /// most [`MAX_AUTO_WORKERS`]. With more than one, each ONNX Runtime
+    /// session gets cores / workers intra-op threads, so parallel jobs do not
+    /// oversubscribe the cores.
+    #[serde(default)]
+    pub workers: usize,
+    /// Bytes of decoded HU volumes the workers keep, so that the jobs of one
+    /// series (one per route) decode it once; 0 turns the cache off.
+    #[serde(default = "default_volume_cache_mb")]
+    pub volume_cache_mb: usize,
+}
+
+/// The most workers `jobs.workers: 0` chooses.
+pub const MAX_AUTO_WORKERS: usize = 4;
+
+fn default_volume_cache_mb() -> usize {
+    1024
+}
+
+impl JobsConfig {
+    /// `workers`, with 0 resolved to the machine's cores (at most [`MAX_AUTO_WORKERS`]).
+    pub fn effective_workers(&self) -> usize {
+        match self.workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()).min(MAX_AUTO_WORKERS),
+            n => n,
+        }
+    }
+
+    /// ONNX Runtime intra-op threads per session: 0 (its default: every
+    /// core) for one worker, else the cores shared out between the workers.
+    pub fn intra_threads(&self) -> usize {
+        let workers = self.effective_workers();
+        if workers <= 1 {
+            return 0;
+        }
+        (std::thread::available_parallelism().map_or(1, |n| n.get()) / workers).max(1)
+    }
 }
 
 fn default_job_timeout() -> f64 {
@@ -85,6 +122,6 @@ fn default_job_timeout() -> f64 {
 
 impl Default for JobsConfig {
     fn default() -> Self {
-        JobsConfig { timeout_s: default_job_timeout() }
+        JobsConfig { timeout_s: default_job_timeout(), workers: 0, volume_cache_mb: default_volume_cache_mb() }
     }
 }

@@ -86,7 +86,7 @@ impl Models {
                     device_id: m.device_id as i32,
                     fail_hard: m.fail_hard,
                     max_concurrency: m.max_concurrency,
-                    intra_threads: 0,
+                    intra_threads: cfg.jobs.intra_threads(),
                 };
                 (name.clone(), o)
             })

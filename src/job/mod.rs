@@ -30,6 +30,7 @@ pub mod run;
 pub mod shadow;
 pub mod store;
 pub mod verdict;
+pub mod volumes;
 pub mod worker;
 
 pub use run::{JobError, JobResult};

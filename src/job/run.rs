@@ -364,8 +364,21 @@ pub fn run_on(
     volume_opts: &VolumeOptions,
 ) -> Result<Analysis, JobError> {
     let t0 = Instant::now();
-    let card = &model.card;
     let vol = load_volume(files, volume_opts)?;
+    run_on_volume(model, series_uid, m, vol, t0)
+}
+
+/// [`run_on`] on the series' volume, already loaded (the worker's are
+/// shared by the jobs of a series: `job::volumes`); `t0` is when the job
+/// started, for its `elapsed_ms`.
+pub fn run_on_volume(
+    model: &Model,
+    series_uid: &str,
+    m: &ResolvedRoute,
+    vol: Volume,
+    t0: Instant,
+) -> Result<Analysis, JobError> {
+    let card = &model.card;
     if is_volume_route(card, m.slices.as_ref(), &vol) {
         return run_volume(model, series_uid, m, vol, t0);
     }

@@ -20,12 +20,13 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use super::run::{run_on, JobError, JobResult, ReportRef};
+use super::run::{load_volume, run_on_volume, JobError, JobResult, ReportRef};
+use super::volumes::{VolumeCache, VolumeKey};
 use super::{Job, JobState, Outcome, ResolvedRoute, RouteLookup};
 use crate::inference::registry::Models;
 use crate::report::write::{device_info, write_outputs, write_reports};
 use crate::series::SeriesIndex;
-use crate::volume::VolumeOptions;
+use crate::volume::{Volume, VolumeOptions};
 
 /// Who decides a job's fate once it runs: its computation, by starting to
 /// commit results, or the worker, by abandoning it at the deadline. Exactly
@@ -96,12 +97,25 @@ pub struct Worker {
     /// `destinations.<name>.send`: the output kinds each destination gets;
     /// a destination not in the map gets all of them.
     pub send_filter: std::collections::HashMap<String, Vec<crate::config::OutputKind>>,
+    /// `jobs.workers` (resolved): how many jobs run at a time.
+    pub parallel: usize,
+    /// The decoded volumes the jobs of a series share (`jobs.volume_cache_mb`).
+    pub volumes: VolumeCache,
 }
 
 impl Worker {
+    /// Claims jobs while fewer than `parallel` run, each on its own blocking
+    /// thread. At shutdown it stops claiming and returns once the jobs
+    /// running have ended, as the one-job loop did.
     pub async fn run(self, shutdown: tokio_util::sync::CancellationToken) {
+        let parallel = self.parallel.max(1);
         let this = Arc::new(self);
+        let slots = Arc::new(tokio::sync::Semaphore::new(parallel));
         loop {
+            let permit = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                p = slots.clone().acquire_owned() => p.expect("the semaphore is never closed"),
+            };
             // Register interest before claiming so a notify in between is not lost.
             let notified = this.jobs.notified();
             let job = match this.jobs.claim() {
@@ -112,14 +126,28 @@ impl Worker {
                 }
             };
             let Some(job) = job else {
+                drop(permit);
                 tokio::select! {
-                    _ = shutdown.cancelled() => return,
+                    _ = shutdown.cancelled() => break,
                     _ = notified => {}
                     // belt and braces: jobs re-queued by another process
                     _ = tokio::time::sleep(std::time::Duration::from_secs(30)) => {}
                 }
                 continue;
             };
+            let me = this.clone();
+            tokio::spawn(async move {
+                me.handle(job).await;
+                drop(permit);
+            });
+        }
+        // The jobs still running end (or meet their deadline) first.
+        let _ = slots.acquire_many(parallel as u32).await;
+    }
+
+    /// One claimed job: run it under its deadline and record its outcome.
+    async fn handle(self: Arc<Self>, job: Job) {
+            let this = self;
             let me = this.clone();
             let id = job.id;
             let attempt = job.attempts;
@@ -191,7 +219,6 @@ impl Worker {
                 Err(e) => tracing::error!(job = id, error = %e, "cannot record a job outcome"),
             }
             this.update_series_state(&series);
-        }
     }
 
     fn process(&self, job: &Job, guard: &JobGuard) -> Result<JobResult, JobError> {
@@ -225,7 +252,14 @@ impl Worker {
         // promotion meanwhile does not change what this job runs or what its
         // SR names (the SR's algorithm version is this card's).
         let model = self.job_model(job, &m)?;
-        let a = run_on(&model, uid.as_str(), &m, &files, &self.volume_opts)?;
+        let t0 = std::time::Instant::now();
+        let key = VolumeKey { series: uid.as_str().to_owned(), generation: job.key.generation, files: files.len() };
+        // Decoded once for the series' jobs; this job's own copy, which it
+        // may resample or move its HU out of.
+        let shared = self.volumes.get_or_load(&key, || load_volume(&files, &self.volume_opts))?;
+        let vol = Volume::clone(&shared);
+        drop(shared);
+        let a = run_on_volume(&model, uid.as_str(), &m, vol, t0)?;
         // The store is checked too: another process may have re-queued the
         // job, and then that attempt owns the results directory.
         let still_ours = matches!(
@@ -301,6 +335,8 @@ impl Worker {
         if current.iter().any(|j| !j.state.is_finished()) {
             return;
         }
+        // No job of the series is left to run: its volume is not needed.
+        self.volumes.forget(series);
         // A refused job is an answer about the series, not a failure of the node.
         let state = if current.iter().all(|j| matches!(j.state, JobState::Done | JobState::Refused)) {
             crate::series::SeriesState::Analyzed
@@ -481,6 +517,8 @@ mod reload_tests {
             ae_title: "NODE".into(),
             timeout: Duration::from_secs(120),
             send_filter: Default::default(),
+            parallel: 2,
+            volumes: VolumeCache::new(64 << 20),
         };
         let worker_task = tokio::spawn(worker.run(stop.clone()));
         jobs.wake();

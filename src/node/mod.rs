@@ -299,6 +299,8 @@ fn build_worker(ctx: &Ctx, outbox: OutboxHandle) -> anyhow::Result<Worker> {
             ..Default::default()
         },
         timeout: std::time::Duration::from_secs_f64(cfg.jobs.timeout_s),
+        parallel: cfg.jobs.effective_workers(),
+        volumes: crate::job::volumes::VolumeCache::new(cfg.jobs.volume_cache_mb << 20),
     })
 }
 

@@ -295,16 +295,31 @@ pub fn heart_region(vol: &Volume) -> Option<HeartRegion> {
     let above = |i: usize| carina.is_some_and(|c| vol.positions[i][2] > c + ABOVE_CARINA_MM);
     let mut spines = vec![None; n];
     let mut asc: Vec<Option<Disc>> = vec![None; n];
-    for i in 0..n {
-        let mut out = reasons.index_axis_mut(Axis(0), i);
-        if above(i) {
-            out.fill(Some(Exclusion::AboveArch));
-        } else {
-            let (ex, spine, a) = slice_exclusion_with(vol.hu.index_axis(Axis(0), i), frame, None);
-            out.assign(&ex);
-            spines[i] = spine;
-            asc[i] = a;
-        }
+    // Each slice on its own (steps 2-6), so the slices are shared out
+    // between the cores; the result is the same in any order.
+    let todo: Vec<usize> = (0..n).filter(|&i| !above(i)).collect();
+    let threads = std::thread::available_parallelism().map_or(1, |t| t.get()).clamp(1, 4).min(todo.len().max(1));
+    let per_slice: Vec<(usize, SliceResult)> = std::thread::scope(|sc| {
+        let chunks: Vec<_> = todo
+            .chunks(todo.len().div_ceil(threads).max(1))
+            .map(|chunk| {
+                sc.spawn(move || {
+                    chunk
+                        .iter()
+                        .map(|&i| (i, slice_exclusion_with(vol.hu.index_axis(Axis(0), i), frame, None)))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        chunks.into_iter().flat_map(|h| h.join().expect("a heart region slice panicked")).collect()
+    });
+    for i in (0..n).filter(|&i| above(i)) {
+        reasons.index_axis_mut(Axis(0), i).fill(Some(Exclusion::AboveArch));
+    }
+    for (i, (ex, spine, a)) in per_slice {
+        reasons.index_axis_mut(Axis(0), i).assign(&ex);
+        spines[i] = spine;
+        asc[i] = a;
     }
     // Slices through an intervertebral disc show no vertebra: they take the
     // nearest slice's within [`SPINE_REACH_MM`].
@@ -672,6 +687,9 @@ pub fn slice_exclusion_with(
     }
     (out, found, ascending)
 }
+
+/// What [`slice_exclusion_with`] returns for one slice.
+type SliceResult = (Array2<Option<Exclusion>>, Option<Spine>, Option<Disc>);
 
 /// A disc in a slice: its centre (patient left, anterior; mm from the
 /// image's first pixel, as `slice_exclusion_with` measures) and radius (mm).
