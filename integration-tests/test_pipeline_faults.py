@@ -144,8 +144,9 @@ def test_job_past_its_deadline_fails_and_the_next_job_runs(tmp_path, nodes, pma_
     """The slow job reads a spooled file that is a FIFO nobody writes to: its
     read never returns, like a hung mount. At jobs.timeout_s it is failed with
     the reason and the next series' job runs. When the read finally returns,
-    the abandoned computation's result is discarded: nothing written."""
-    n = nodes(overrides(series={"quiet_seconds": 3600, "early_completion": True}, jobs={"timeout_s": 3}))
+    the abandoned computation's result is discarded: nothing written. One
+    worker, so the next job can only run once the slow one is given up."""
+    n = nodes(overrides(series={"quiet_seconds": 3600, "early_completion": True}, jobs={"timeout_s": 3, "workers": 1}))
     slow, slow_files = variant(pma_phantom, tmp_path / "slow", 2)
     # The second slice alone is not whole (ImagesInAcquisition 2): receiving.
     store(n, [slow_files[1]])

@@ -33,6 +33,7 @@ RUNS="${RUNS:-3}"
 # studies sent back to back (studies/hour; not in the default CASES: about
 # 5 minutes). QUEUE_N and QUEUE_KIND (chest300, chest133, liver150) set them.
 CASES="${CASES:-phantom volumes}"
+# JOBS_WORKERS=N sets jobs.workers (unset: the node's default).
 QUEUE_N="${QUEUE_N:-20}"
 QUEUE_KIND="${QUEUE_KIND:-chest300}"
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -131,6 +132,9 @@ cfg = {
     "http": {"enabled": False},
 }
 import os
+if os.environ.get("JOBS_WORKERS"):
+    # jobs.workers to compare (default: the node's own, one per core)
+    cfg["jobs"] = {"workers": int(os.environ["JOBS_WORKERS"])}
 os.makedirs(work, exist_ok=True)
 json.dump(cfg, open(f"{work}/node.yaml", "w"), indent=1)
 EOF
