@@ -33,7 +33,7 @@ RUNS="${RUNS:-3}"
 # studies sent back to back (studies/hour; not in the default CASES: about
 # 5 minutes). QUEUE_N and QUEUE_KIND (chest300, chest133, liver150) set them.
 CASES="${CASES:-phantom volumes}"
-# JOBS_WORKERS=N sets jobs.workers (unset: the node's default).
+# JOBS_WORKERS=N and VOLUME_CACHE_MB=M set jobs.workers and jobs.volume_cache_mb (unset: the node's defaults).
 QUEUE_N="${QUEUE_N:-20}"
 QUEUE_KIND="${QUEUE_KIND:-chest300}"
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -134,7 +134,9 @@ cfg = {
 import os
 if os.environ.get("JOBS_WORKERS"):
     # jobs.workers to compare (default: the node's own, one per core)
-    cfg["jobs"] = {"workers": int(os.environ["JOBS_WORKERS"])}
+    cfg.setdefault("jobs", {})["workers"] = int(os.environ["JOBS_WORKERS"])
+if os.environ.get("VOLUME_CACHE_MB"):
+    cfg.setdefault("jobs", {})["volume_cache_mb"] = int(os.environ["VOLUME_CACHE_MB"])
 os.makedirs(work, exist_ok=True)
 json.dump(cfg, open(f"{work}/node.yaml", "w"), indent=1)
 EOF

@@ -572,7 +572,7 @@ pub fn export(cfg: &Config, table: &RouteTable, req: &ExportRequest) -> Result<R
             if job_run::is_volume_route(card, m.slices.as_ref(), &vol) {
                 return Ok(None);
             }
-            job_run::model_input(card, m.slices.as_ref(), vol).map(Some)
+            job_run::model_input(card, m.slices.as_ref(), std::sync::Arc::new(vol)).map(Some)
         });
         let mi = match input {
             Ok(Some(mi)) => mi,

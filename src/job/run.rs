@@ -13,6 +13,7 @@
 //! stay typed up to the job store, which keeps their text.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Instant;
 
 use ndarray::{s, Array3};
@@ -301,7 +302,7 @@ pub fn load_volume(files: &[PathBuf], volume_opts: &VolumeOptions) -> Result<Vol
 pub struct ModelInput {
     /// The volume the slices were chosen from: for Agatston on thin slices,
     /// the 3 mm slabs.
-    pub vol: Volume,
+    pub vol: Arc<Volume>,
     /// Indices into `vol` of the slices the model sees, in the order of `hu`.
     pub idx: Vec<usize>,
     /// HU `[S,R,C]` of those slices.
@@ -316,12 +317,12 @@ pub struct ModelInput {
 /// geometry, and the input guard ([`check_input`]). The job runs this before
 /// inference and `dataset export` writes it out, so a model is trained on
 /// exactly what it will see.
-pub fn model_input(card: &ModelCard, selection: Option<&SliceSelection>, mut vol: Volume) -> Result<ModelInput, JobError> {
+pub fn model_input(card: &ModelCard, selection: Option<&SliceSelection>, mut vol: Arc<Volume>) -> Result<ModelInput, JobError> {
     if card.is_agatston() && is_thin(&vol) {
         // Agatston is defined on 3 mm slices: a thin series is scored on 3 mm
         // slabs averaged from it, as a scanner reconstructs them.
         if let Some(slabs) = resample::slabs(&vol, agatston::PROTOCOL_SLICE_MM) {
-            vol = slabs;
+            vol = Arc::new(slabs);
         }
     }
     let idx = model_slices(card, selection, &vol)?;
@@ -365,7 +366,7 @@ pub fn run_on(
 ) -> Result<Analysis, JobError> {
     let t0 = Instant::now();
     let vol = load_volume(files, volume_opts)?;
-    run_on_volume(model, series_uid, m, vol, t0)
+    run_on_volume(model, series_uid, m, Arc::new(vol), t0)
 }
 
 /// [`run_on`] on the series' volume, already loaded (the worker's are
@@ -375,7 +376,7 @@ pub fn run_on_volume(
     model: &Model,
     series_uid: &str,
     m: &ResolvedRoute,
-    vol: Volume,
+    vol: Arc<Volume>,
     t0: Instant,
 ) -> Result<Analysis, JobError> {
     let card = &model.card;
@@ -450,7 +451,7 @@ fn run_volume(
     model: &crate::inference::Model,
     series_uid: &str,
     m: &ResolvedRoute,
-    mut vol: Volume,
+    vol: Arc<Volume>,
     t0: Instant,
 ) -> Result<Analysis, JobError> {
     let card = &model.card;
@@ -471,7 +472,17 @@ fn run_volume(
     // over (the HU peaks are taken over all of them).
     let all: Vec<usize> = (0..vol.slices()).collect();
     check_input(card, &vol, &all)?;
-    let hu = std::mem::replace(&mut vol.hu, Array3::zeros((0, 0, 0)));
+    // A volume this job alone holds gives its HU up; a shared one is copied.
+    let (vol, hu) = match Arc::try_unwrap(vol) {
+        Ok(mut own) => {
+            let hu = std::mem::replace(&mut own.hu, Array3::zeros((0, 0, 0)));
+            (Arc::new(own), hu)
+        }
+        Err(shared) => {
+            let hu = shared.hu.clone();
+            (shared, hu)
+        }
+    };
     let t_infer = Instant::now();
     let measurement = measure_volume(model, hu.view(), geom, &vol.slice_positions)?;
     crate::telemetry::InferenceTimed {

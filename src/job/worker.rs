@@ -26,7 +26,7 @@ use super::{Job, JobState, Outcome, ResolvedRoute, RouteLookup};
 use crate::inference::registry::Models;
 use crate::report::write::{device_info, write_outputs, write_reports};
 use crate::series::SeriesIndex;
-use crate::volume::{Volume, VolumeOptions};
+use crate::volume::VolumeOptions;
 
 /// Who decides a job's fate once it runs: its computation, by starting to
 /// commit results, or the worker, by abandoning it at the deadline. Exactly
@@ -254,12 +254,10 @@ impl Worker {
         let model = self.job_model(job, &m)?;
         let t0 = std::time::Instant::now();
         let key = VolumeKey { series: uid.as_str().to_owned(), generation: job.key.generation, files: files.len() };
-        // Decoded once for the series' jobs; this job's own copy, which it
-        // may resample or move its HU out of.
+        // Decoded once for the series' jobs and shared, not copied: a job
+        // reads it, resamples from it, or copies just the slices it needs.
         let shared = self.volumes.get_or_load(&key, || load_volume(&files, &self.volume_opts))?;
-        let vol = Volume::clone(&shared);
-        drop(shared);
-        let a = run_on_volume(&model, uid.as_str(), &m, vol, t0)?;
+        let a = run_on_volume(&model, uid.as_str(), &m, shared, t0)?;
         // The store is checked too: another process may have re-queued the
         // job, and then that attempt owns the results directory.
         let still_ours = matches!(
