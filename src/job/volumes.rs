@@ -143,6 +143,7 @@ mod tests {
             source_paths: vec![std::path::PathBuf::from("/nonexistent"); slices],
             padding_voxels: 0,
             hu_step: 1.0,
+            arch: Default::default(),
         }
     }
 

@@ -315,6 +315,7 @@ mod tests {
             source_paths: vec![Default::default(); n],
             padding_voxels: 0,
             hu_step: 1.0,
+            arch: Default::default(),
         }
     }
 

@@ -153,7 +153,6 @@
 use ndarray::{Array2, Array3, ArrayView2, Axis};
 use serde::Serialize;
 
-use super::landmark;
 use super::Volume;
 
 /// Slices this far above the carina are above the arch's lower border.
@@ -289,7 +288,7 @@ pub fn heart_region(vol: &Volume) -> Option<HeartRegion> {
         left: vol.orientation[0].signum(),
         posterior: vol.orientation[4].signum(),
     };
-    let carina = landmark::above_aortic_arch(vol).ok().map(|a| a.carina_z_mm);
+    let carina = vol.arch_level().ok().map(|a| a.carina_z_mm);
     let mut reasons = Array3::from_elem(vol.hu.dim(), None);
     let n = vol.slices();
     let above = |i: usize| carina.is_some_and(|c| vol.positions[i][2] > c + ABOVE_CARINA_MM);

@@ -180,6 +180,21 @@ pub struct Volume {
     /// 8-bit lossy encodings of CT carry slopes of ~32 HU, too coarse for
     /// HU-threshold biomarkers; callers decide what step they accept.
     pub hu_step: f64,
+    /// The aortic arch level, found once: the jobs of a series share its
+    /// volume (`job::volumes`) and the PMA, SFA and CAC routes all ask.
+    pub arch: ArchCache,
+}
+
+/// [`Volume::arch_level`]'s memo. A clone starts empty: a clone is how a
+/// volume with other HU is made (`Volume { hu, ..v.clone() }`), and the
+/// level of the old HU would be wrong for it.
+#[derive(Debug, Default)]
+pub struct ArchCache(pub(crate) std::sync::OnceLock<Result<landmark::ArchLevel, landmark::LandmarkError>>);
+
+impl Clone for ArchCache {
+    fn clone(&self) -> ArchCache {
+        ArchCache::default()
+    }
 }
 
 /// How to pick one 2-D slice for a model that works on a single image.
@@ -265,6 +280,11 @@ impl Volume {
     }
 
     /// The index [`SliceSelection`] picks, or why it cannot.
+    /// [`landmark::above_aortic_arch`] of this volume, computed on first use.
+    pub fn arch_level(&self) -> Result<&landmark::ArchLevel, landmark::LandmarkError> {
+        self.arch.0.get_or_init(|| landmark::above_aortic_arch(self)).as_ref().map_err(Clone::clone)
+    }
+
     pub fn select(&self, selection: &SliceSelection) -> Result<usize, VolumeError> {
         let n = self.slices();
         let refuse = |reason: String| VolumeError::Selection {
@@ -276,7 +296,7 @@ impl Volume {
             SliceSelection::Single => Err(refuse(format!("the series has {n} slices, not exactly 1"))),
             SliceSelection::Middle => Ok((n - 1) / 2),
             SliceSelection::AboveAorticArch if n == 1 => Ok(0),
-            SliceSelection::AboveAorticArch => Ok(landmark::above_aortic_arch(self)?.index),
+            SliceSelection::AboveAorticArch => Ok(self.arch_level()?.index),
             SliceSelection::All if n == 1 => Ok(0),
             SliceSelection::All => Err(refuse(format!("{n} slices are measured each, not one picked"))),
             SliceSelection::Index(i) if i < n => Ok(i),
@@ -627,6 +647,7 @@ fn assemble(mut frames: Vec<Frame>, opts: &VolumeOptions) -> Result<Volume, Volu
         source_paths: frames.iter().map(|f| f.path.clone()).collect(),
         padding_voxels,
         hu_step,
+        arch: Default::default(),
     })
 }
 

@@ -109,6 +109,7 @@ pub fn slabs(vol: &Volume, width_mm: f64) -> Option<Volume> {
         source_paths: nearest.iter().map(|&i| vol.source_paths[i].clone()).collect(),
         padding_voxels: vol.padding_voxels,
         hu_step: vol.hu_step,
+        arch: Default::default(),
     })
 }
 
@@ -139,6 +140,7 @@ mod tests {
             source_paths: (0..n).map(|i| PathBuf::from(format!("{i}.dcm"))).collect(),
             padding_voxels: 0,
             hu_step: 1.0,
+            arch: Default::default(),
         }
     }
 

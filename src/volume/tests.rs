@@ -357,6 +357,10 @@ fn enhanced_ct_frames_are_sorted_and_rescaled_per_functional_groups() {
         ..v.clone()
     };
     assert_eq!(one.select(&SliceSelection::AboveAorticArch).unwrap(), 0);
+    // The level is found once per volume, and a clone (a volume with other
+    // HU in the making) does not inherit it.
+    assert!(v.arch.0.get().is_some());
+    assert!(one.arch.0.get().is_none());
 }
 
 #[test]

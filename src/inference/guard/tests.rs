@@ -121,6 +121,7 @@ fn noise_volume(slices: usize) -> Volume {
         source_paths: vec![PathBuf::from("/nonexistent"); slices],
         padding_voxels: 0,
         hu_step: 1.0,
+        arch: Default::default(),
     }
 }
 
