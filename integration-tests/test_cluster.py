@@ -296,7 +296,7 @@ def orthanc(tmp_path):
 
 
 def _role(workdir: Path, url: str, role: str, orthanc: Orthanc | None = None, quiet_s: float = 30.0,
-          cluster: dict | None = None) -> Node:
+          cluster: dict | None = None, jobs: dict | None = None) -> Node:
     over = {**_cluster(url), "series": {"quiet_seconds": quiet_s, "early_completion": True}}
     over["cluster"].update(cluster or {})
     if role in ("worker", "all"):
@@ -307,6 +307,8 @@ def _role(workdir: Path, url: str, role: str, orthanc: Orthanc | None = None, qu
             "outbox": FAST_OUTBOX,
             "log": {"format": "text", "level": "info,ort=warn"},
         })
+        if jobs:
+            over["jobs"] = jobs
         if orthanc is not None:
             over["destinations"] = {"pacs": {"ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc.dicom_port}}
     n = Node(workdir, over)
@@ -450,9 +452,11 @@ def test_a_study_over_two_receivers_completes_once_and_each_route_sends_one_sr(t
             n.stop()
 
 
-def _one_receiver_two_workers(tmp_path: Path, url: str, orthanc: Orthanc | None, **worker_cluster):
+def _one_receiver_two_workers(tmp_path: Path, url: str, orthanc: Orthanc | None, jobs: dict | None = None,
+                              **worker_cluster):
     r = _role(tmp_path / "r", url, "receiver").start()
-    ws = [_role(tmp_path / f"w{i}", url, "worker", orthanc, cluster=worker_cluster).start() for i in (1, 2)]
+    ws = [_role(tmp_path / f"w{i}", url, "worker", orthanc, cluster=worker_cluster, jobs=jobs).start()
+          for i in (1, 2)]
     return r, ws
 
 
@@ -463,11 +467,12 @@ def test_a_worker_killed_mid_job_leaves_it_to_the_other_and_one_sr_per_route_arr
     """kill -9 of the worker that took the job: while it copies the series from the object store, or after
     the first of its reports reached Orthanc (the other route still running, the job not acked). The
     other worker gets the job after ack_wait and runs every route again: the same job keys, so the same SOP
-    Instance UIDs, and the outbox claims in KV keep what was delivered from being sent again."""
+    Instance UIDs, and the outbox claims in KV keep what was delivered from being sent again. One job at a
+    time per worker, so the routes run one after the other and the kill falls between their deliveries."""
     files = _chest()
     series_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
     url = nats_server.url
-    r, ws = _one_receiver_two_workers(tmp_path, url, orthanc, ack_wait_s=4)
+    r, ws = _one_receiver_two_workers(tmp_path, url, orthanc, jobs={"workers": 1}, ack_wait_s=4)
     try:
         res = storescu(r, files)
         assert res.returncode == 0 and _successes(res) == 133, res.stdout[-2000:] + r.log_tail()
