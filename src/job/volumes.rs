@@ -128,23 +128,7 @@ mod tests {
     use super::*;
 
     fn vol(slices: usize) -> Volume {
-        Volume {
-            hu: ndarray::Array3::zeros((slices, 4, 4)),
-            pixel_spacing: [1.0, 1.0],
-            slice_positions: (0..slices).map(|i| i as f64).collect(),
-            positions: (0..slices).map(|i| [0.0, 0.0, i as f64]).collect(),
-            slice_thickness: Some(1.0),
-            spacing_mm: None,
-            origin: [0.0; 3],
-            orientation: [1.0, 0.0, 0.0, 0.0, 1.0, 0.0],
-            normal: [0.0, 0.0, 1.0],
-            sop_instance_uids: vec!["1.2.3".into(); slices],
-            frame_numbers: vec![None; slices],
-            source_paths: vec![std::path::PathBuf::from("/nonexistent"); slices],
-            padding_voxels: 0,
-            hu_step: 1.0,
-            arch: Default::default(),
-        }
+        Volume::test_stack(ndarray::Array3::zeros((slices, 4, 4)), [1.0, 1.0], 1.0)
     }
 
     fn key(series: &str) -> VolumeKey {

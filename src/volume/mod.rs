@@ -253,6 +253,30 @@ struct Frame {
 }
 
 impl Volume {
+    /// An axial stack for tests: slices 1 mm apart along z, identity
+    /// orientation, placeholder UIDs and paths.
+    #[cfg(test)]
+    pub fn test_stack(hu: Array3<f32>, pixel_spacing: [f64; 2], slice_thickness: f64) -> Volume {
+        let slices = hu.dim().0;
+        Volume {
+            hu,
+            pixel_spacing,
+            slice_positions: (0..slices).map(|i| i as f64).collect(),
+            positions: (0..slices).map(|i| [0.0, 0.0, i as f64]).collect(),
+            slice_thickness: Some(slice_thickness),
+            spacing_mm: None,
+            origin: [0.0; 3],
+            orientation: [1.0, 0.0, 0.0, 0.0, 1.0, 0.0],
+            normal: [0.0, 0.0, 1.0],
+            sop_instance_uids: vec!["1.2.3".into(); slices],
+            frame_numbers: vec![None; slices],
+            source_paths: vec![PathBuf::from("/nonexistent"); slices],
+            padding_voxels: 0,
+            hu_step: 1.0,
+            arch: Default::default(),
+        }
+    }
+
     pub fn from_files(paths: &[PathBuf]) -> Result<Volume, VolumeError> {
         Self::from_files_with(paths, &VolumeOptions::default())
     }

@@ -106,23 +106,7 @@ fn noise_volume(slices: usize) -> Volume {
         x ^= x << 17;
         -1024.0 + (x % 2524) as f32
     });
-    Volume {
-        hu,
-        pixel_spacing: [0.7, 0.7],
-        slice_positions: (0..slices).map(|i| i as f64).collect(),
-        positions: (0..slices).map(|i| [0.0, 0.0, i as f64]).collect(),
-        slice_thickness: Some(2.5),
-        spacing_mm: None,
-        origin: [0.0; 3],
-        orientation: [1.0, 0.0, 0.0, 0.0, 1.0, 0.0],
-        normal: [0.0, 0.0, 1.0],
-        sop_instance_uids: vec!["1.2.3".into(); slices],
-        frame_numbers: vec![None; slices],
-        source_paths: vec![PathBuf::from("/nonexistent"); slices],
-        padding_voxels: 0,
-        hu_step: 1.0,
-        arch: Default::default(),
-    }
+    Volume::test_stack(hu, [0.7, 0.7], 2.5)
 }
 
 #[test]
