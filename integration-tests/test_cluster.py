@@ -468,11 +468,13 @@ def test_a_worker_killed_mid_job_leaves_it_to_the_other_and_one_sr_per_route_arr
     the first of its reports reached Orthanc (the other route still running, the job not acked). The
     other worker gets the job after ack_wait and runs every route again: the same job keys, so the same SOP
     Instance UIDs, and the outbox claims in KV keep what was delivered from being sent again. One job at a
-    time per worker, so the routes run one after the other and the kill falls between their deliveries."""
+    time per worker and no shared volume, so the second route decodes the series again (a few hundred ms)
+    and the first route's delivery falls before the job ends: with the volume and the arch level shared,
+    the second route takes ~30 ms and the job is acked before anything is delivered."""
     files = _chest()
     series_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
     url = nats_server.url
-    r, ws = _one_receiver_two_workers(tmp_path, url, orthanc, jobs={"workers": 1}, ack_wait_s=4)
+    r, ws = _one_receiver_two_workers(tmp_path, url, orthanc, jobs={"workers": 1, "volume_cache_mb": 0}, ack_wait_s=4)
     try:
         res = storescu(r, files)
         assert res.returncode == 0 and _successes(res) == 133, res.stdout[-2000:] + r.log_tail()
