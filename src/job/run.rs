@@ -443,7 +443,9 @@ pub fn volume_biomarker(task: &str) -> String {
 /// the two read (and change) independently.
 ///
 /// Memory: the volume's HU moves into the [`Analysis`] (the reports render
-/// from it) rather than being copied; the native map (f32) and candidates
+/// from it) when this job holds the only reference (`analyze`); a worker's
+/// volume is also held by the series' cache (`job::volumes`), so there the
+/// HU is copied, one more volume-sized array. The native map (f32) and candidates
 /// (bool) are the other two volume-sized arrays (2.25 × the HU volume
 /// together). Measured peak RSS of `analyze`: 1.6 GB for 604 slices of
 /// 512 × 512 (HU 0.63 GB), 1.9 GB with the SEG; 0.53 GB for 151 slices.
@@ -472,7 +474,8 @@ fn run_volume(
     // over (the HU peaks are taken over all of them).
     let all: Vec<usize> = (0..vol.slices()).collect();
     check_input(card, &vol, &all)?;
-    // A volume this job alone holds gives its HU up; a shared one is copied.
+    // A volume this job alone holds gives its HU up; a shared one is copied
+    // (see the memory note above).
     let (vol, hu) = match Arc::try_unwrap(vol) {
         Ok(mut own) => {
             let hu = std::mem::replace(&mut own.hu, Array3::zeros((0, 0, 0)));

@@ -147,78 +147,77 @@ impl Worker {
 
     /// One claimed job: run it under its deadline and record its outcome.
     async fn handle(self: Arc<Self>, job: Job) {
-            let this = self;
-            let me = this.clone();
-            let id = job.id;
-            let attempt = job.attempts;
-            let series = job.key.series_instance_uid.clone();
-            let (route, model) = (job.key.route.clone(), job.key.model.clone());
-            crate::telemetry::JobStarted { job: id, series_instance_uid: &series, route: &route, model: &model, attempt }
+        let me = self.clone();
+        let id = job.id;
+        let attempt = job.attempts;
+        let series = job.key.series_instance_uid.clone();
+        let (route, model) = (job.key.route.clone(), job.key.model.clone());
+        crate::telemetry::JobStarted { job: id, series_instance_uid: &series, route: &route, model: &model, attempt }
+            .emit();
+        let guard = Arc::new(JobGuard::default());
+        let g = guard.clone();
+        let mut handle = tokio::task::spawn_blocking(move || me.process(&job, &g));
+        let joined = |r: Result<Result<JobResult, JobError>, tokio::task::JoinError>| {
+            r.unwrap_or_else(|e| Err(JobError::Panicked(e.to_string())))
+        };
+        let outcome = match tokio::time::timeout(self.timeout, &mut handle).await {
+            Ok(r) => joined(r),
+            Err(_) if guard.abandon() => {
+                crate::telemetry::JobDeadlineExceeded {
+                    job: id,
+                    series_instance_uid: &series,
+                    route: &route,
+                    timeout_s: self.timeout.as_secs_f64(),
+                }
                 .emit();
-            let guard = Arc::new(JobGuard::default());
-            let g = guard.clone();
-            let mut handle = tokio::task::spawn_blocking(move || me.process(&job, &g));
-            let joined = |r: Result<Result<JobResult, JobError>, tokio::task::JoinError>| {
-                r.unwrap_or_else(|e| Err(JobError::Panicked(e.to_string())))
-            };
-            let outcome = match tokio::time::timeout(this.timeout, &mut handle).await {
-                Ok(r) => joined(r),
-                Err(_) if guard.abandon() => {
-                    crate::telemetry::JobDeadlineExceeded {
-                        job: id,
-                        series_instance_uid: &series,
-                        route: &route,
-                        timeout_s: this.timeout.as_secs_f64(),
-                    }
-                    .emit();
-                    // Only to say when the abandoned thread is gone.
-                    tokio::spawn(async move {
-                        let late = handle.await;
-                        tracing::info!(
-                            job = id,
-                            panicked = late.is_err(),
-                            "abandoned job computation ended; its outcome is discarded"
-                        );
-                    });
-                    Err(JobError::Deadline(this.timeout))
-                }
-                // Already writing its results: let it finish.
-                Err(_) => joined(handle.await),
-            };
-            // The job's text is the error's, chain included as its Display
-            // has it; its fault is logged for the operator.
-            let stored = match &outcome {
-                Ok(r) => serde_json::to_value(r)
-                    .map_err(super::JobStoreError::from)
-                    .and_then(|v| this.jobs.finish_attempt(id, attempt, Outcome::Done(&v))),
-                Err(e) => {
-                    let reason = e.to_string();
-                    match e {
-                        // Stored as `refused`: final, not retried, nothing
-                        // was written or sent.
-                        JobError::Refused { check, .. } => {
-                            crate::telemetry::JobRefused { job: id, route: &route, model: &model, check, reason: &reason }
-                                .emit()
-                        }
-                        _ => crate::telemetry::JobFailed {
-                            job: id,
-                            route: &route,
-                            model: &model,
-                            attempt,
-                            fault: e.fault(),
-                            reason: &reason,
-                        }
-                        .emit(),
-                    }
-                    this.jobs.finish_attempt(id, attempt, e.outcome(&reason))
-                }
-            };
-            match stored {
-                Ok(true) => {}
-                Ok(false) => tracing::warn!(job = id, attempt, "job moved on meanwhile; this outcome is not recorded"),
-                Err(e) => tracing::error!(job = id, error = %e, "cannot record a job outcome"),
+                // Only to say when the abandoned thread is gone.
+                tokio::spawn(async move {
+                    let late = handle.await;
+                    tracing::info!(
+                        job = id,
+                        panicked = late.is_err(),
+                        "abandoned job computation ended; its outcome is discarded"
+                    );
+                });
+                Err(JobError::Deadline(self.timeout))
             }
-            this.update_series_state(&series);
+            // Already writing its results: let it finish.
+            Err(_) => joined(handle.await),
+        };
+        // The job's text is the error's, chain included as its Display
+        // has it; its fault is logged for the operator.
+        let stored = match &outcome {
+            Ok(r) => serde_json::to_value(r)
+                .map_err(super::JobStoreError::from)
+                .and_then(|v| self.jobs.finish_attempt(id, attempt, Outcome::Done(&v))),
+            Err(e) => {
+                let reason = e.to_string();
+                match e {
+                    // Stored as `refused`: final, not retried, nothing
+                    // was written or sent.
+                    JobError::Refused { check, .. } => {
+                        crate::telemetry::JobRefused { job: id, route: &route, model: &model, check, reason: &reason }
+                            .emit()
+                    }
+                    _ => crate::telemetry::JobFailed {
+                        job: id,
+                        route: &route,
+                        model: &model,
+                        attempt,
+                        fault: e.fault(),
+                        reason: &reason,
+                    }
+                    .emit(),
+                }
+                self.jobs.finish_attempt(id, attempt, e.outcome(&reason))
+            }
+        };
+        match stored {
+            Ok(true) => {}
+            Ok(false) => tracing::warn!(job = id, attempt, "job moved on meanwhile; this outcome is not recorded"),
+            Err(e) => tracing::error!(job = id, error = %e, "cannot record a job outcome"),
+        }
+        self.update_series_state(&series);
     }
 
     fn process(&self, job: &Job, guard: &JobGuard) -> Result<JobResult, JobError> {

@@ -603,9 +603,10 @@ pub fn slice_exclusion_with(
         // values there (a chamfer path no longer than that stays inside),
         // at a fifth of the whole slice's cost.
         let reach = AORTA_RADIUS_MM[1].max(ASCENDING_RADIUS_MM[1]) + f.dx.max(f.dy);
+        // The first and last index whose position is within reach of [lo, hi].
         let span = |lo: f64, hi: f64, n: usize, at: &dyn Fn(usize) -> f64| {
-            let inside: Vec<usize> = (0..n).filter(|&i| (lo - reach..=hi + reach).contains(&at(i))).collect();
-            inside.first().copied().zip(inside.last().copied())
+            let within = |&i: &usize| (lo - reach..=hi + reach).contains(&at(i));
+            (0..n).find(within).zip((0..n).rev().find(within))
         };
         let (l_lo, l_hi) = (AORTA_BOX[0].min(ASCENDING_BOX[0]), AORTA_BOX[1].max(ASCENDING_BOX[1]));
         let (a_lo, a_hi) = (AORTA_BOX[2].min(ASCENDING_BOX[2]), AORTA_BOX[3].max(ASCENDING_BOX[3]));

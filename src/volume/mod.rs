@@ -303,12 +303,12 @@ impl Volume {
         (index < self.slices()).then(|| self.hu.index_axis(Axis(0), index))
     }
 
-    /// The index [`SliceSelection`] picks, or why it cannot.
     /// [`landmark::above_aortic_arch`] of this volume, computed on first use.
     pub fn arch_level(&self) -> Result<&landmark::ArchLevel, landmark::LandmarkError> {
         self.arch.0.get_or_init(|| landmark::above_aortic_arch(self)).as_ref().map_err(Clone::clone)
     }
 
+    /// The index [`SliceSelection`] picks, or why it cannot.
     pub fn select(&self, selection: &SliceSelection) -> Result<usize, VolumeError> {
         let n = self.slices();
         let refuse = |reason: String| VolumeError::Selection {
