@@ -131,6 +131,58 @@ def test_a_thin_slice_chest_finds_the_same_level(chest, binary, tmp_path):
         assert line["slice_sop_instance_uid"] == uid_at_z[line["slice_z_mm"]], line
 
 
+def _slab_copy(chest: Path, out: Path, k: int) -> dict[float, str]:
+    """The chest as a scanner's thick reconstruction gives it: every k neighbouring slices averaged into one slab
+    (2.5 mm slices, k = 2: 5 mm, as many archives keep chest CT), new UIDs, SliceThickness k x 2.5 mm. Written under
+    the test's tmp_path only (the scan's licence). Returns SOPInstanceUID by z."""
+    import numpy as np
+    from pydicom.uid import generate_uid
+
+    src = sorted((pydicom.dcmread(f) for f in chest.glob("*.dcm")), key=lambda d: float(d.ImagePositionPatient[2]))
+    hu = [d.pixel_array.astype(np.float32) * float(d.RescaleSlope) + float(d.RescaleIntercept) for d in src]
+    step = float(src[1].ImagePositionPatient[2]) - float(src[0].ImagePositionPatient[2])
+    study, series = generate_uid(), generate_uid()
+    out.mkdir(parents=True)
+    uid_at_z = {}
+    for j in range(len(src) // k):
+        group = range(j * k, j * k + k)
+        img = sum(hu[i] for i in group) / k
+        zi = sum(float(src[i].ImagePositionPatient[2]) for i in group) / k
+        d = src[j * k].copy()
+        slope, intercept = float(d.RescaleSlope), float(d.RescaleIntercept)
+        d.PixelData = np.round((img - intercept) / slope).astype(np.int16).tobytes()
+        d.BitsAllocated, d.BitsStored, d.HighBit, d.PixelRepresentation = 16, 16, 15, 1
+        d.ImagePositionPatient = [d.ImagePositionPatient[0], d.ImagePositionPatient[1], f"{zi:.3f}"]
+        d.SliceLocation = f"{zi:.3f}"
+        d.SliceThickness = f"{k * step:.3f}"
+        if "SpacingBetweenSlices" in d:
+            d.SpacingBetweenSlices = f"{k * step:.3f}"
+        d.StudyInstanceUID, d.SeriesInstanceUID = study, series
+        d.SOPInstanceUID = generate_uid()
+        d.file_meta.MediaStorageSOPInstanceUID = d.SOPInstanceUID
+        d.InstanceNumber = j + 1
+        d.save_as(out / f"{j:04d}.dcm", enforce_file_format=True)
+        uid_at_z[float(f"{zi:.3f}")] = str(d.SOPInstanceUID)
+    return uid_at_z
+
+
+def test_a_5mm_slab_chest_finds_the_same_level(chest, binary, tmp_path):
+    """Issue 11: the same scan as 5 mm slabs gives the level of the native 2.5 mm scan. It used to be refused
+    ("no carina"): averaged with its wall, the oblique left main bronchus never showed air below -950 HU, so the
+    trachea's split was never seen. Slabs of 5 mm use -900 HU (src/volume/landmark.rs, air_threshold)."""
+    uid_at_z = _slab_copy(chest, tmp_path / "slabs", 2)
+    r = _analyze(binary, CONFIG, tmp_path / "out", tmp_path / "slabs")
+    assert r.returncode == 0, r.stderr
+    lines = {json.loads(l)["model"]: json.loads(l) for l in r.stdout.splitlines() if l.strip()}
+    assert {"pma", "sfa"} <= set(lines), r.stdout + r.stderr
+    for model in ("pma", "sfa"):
+        line = lines[model]
+        print(f"{model} at 5 mm: z = {line['slice_z_mm']} mm (reference {REFERENCE_Z_MM})")
+        assert line["slices"] == 1
+        assert abs(line["slice_z_mm"] - REFERENCE_Z_MM) <= TOLERANCE_MM, line
+        assert line["slice_sop_instance_uid"] == uid_at_z[line["slice_z_mm"]], line
+
+
 def test_a_head_volume_is_refused_with_the_reason(realct, binary, tmp_path):
     """A route that sends every CT series to PMA above the arch: a head CT has no arch, the job is refused."""
     cfg = tmp_path / "any.yaml"

@@ -19,7 +19,9 @@
 //!
 //! **Decoding.** All pixel data of the node is decoded in `decode` here:
 //! `dicom-pixeldata` for every accepted transfer syntax except JPEG Extended
-//! (.51, 12-bit DCT), which `jpeg_ext` decodes with libjpeg-turbo.
+//! (.51, 12-bit DCT), which `jpeg_ext` decodes with libjpeg-turbo. The
+//! header of every compressed frame is read first (`codestream`): a frame
+//! that is not exactly Rows x Columns of one component never reaches a codec.
 //!
 //! **Padding.** A stored value equal to PixelPaddingValue (0028,0120) — or
 //! within [PixelPaddingValue, PixelPaddingRangeLimit] when the limit is
@@ -53,6 +55,7 @@
 //! [`VolumeError::Unsupported`] before any decoder runs.
 
 pub(crate) mod attrs;
+mod codestream;
 mod jpeg_ext;
 pub mod acquisition;
 pub mod coverage;
@@ -498,6 +501,16 @@ fn decode<'a>(
         transfer_syntax: ts_name(ts),
         message,
     };
+    // The codecs size their output from the codestream's header, not from
+    // Rows and Columns: read every frame header before any of them runs.
+    if let Some(family) = codestream::Family::of(ts) {
+        let fragments = obj
+            .element(tags::PIXEL_DATA)
+            .ok()
+            .and_then(|e| e.value().fragments())
+            .ok_or_else(|| fail("an encapsulated transfer syntax without encapsulated Pixel Data".into()))?;
+        codestream::check(family, fragments, layout.rows, layout.cols).map_err(fail)?;
+    }
     // Some codecs assert on malformed input; a panic must not take the
     // worker down with it.
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {

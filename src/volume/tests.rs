@@ -423,3 +423,34 @@ fn a_pixel_data_size_past_the_decode_budget_is_refused_before_decoding() {
         other => panic!("expected Unsupported, got {other:?}"),
     }
 }
+
+/// Every compressed syntax of the real chest slice, with Rows and Columns
+/// rewritten to 64 while the codestream stays 512 x 512: the codecs would
+/// decode 512 x 512 and the first 64 x 64 samples would pass for the image.
+/// The frame header is read first and the object refused, and the same slice
+/// with its true Rows and Columns still decodes. (The `dicom_file` fuzz
+/// target's timeout was this with an 8 x 8 dataset and a 25608 x 24930 JPEG.)
+#[test]
+fn a_codestream_larger_than_rows_and_columns_is_refused_before_decoding() {
+    let Some(root) = realct() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let mut checked = 0;
+    for ts in ["1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.57", "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81", "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91"] {
+        let src = chest(&root, ts);
+        assert!(Volume::from_files(&[src.clone()]).is_ok(), "{ts}: the slice as sent decodes");
+        let mut obj = crate::dicom::read::open_dicom(&src, crate::dicom::read::ReadDepth::Full).unwrap();
+        obj.put(DataElement::new(tags::ROWS, VR::US, PrimitiveValue::from(64u16)));
+        obj.put(DataElement::new(tags::COLUMNS, VR::US, PrimitiveValue::from(64u16)));
+        let path = tmp.path().join(format!("{ts}.dcm"));
+        obj.write_to_file(&path).unwrap();
+        match Volume::from_files(&[path]) {
+            Err(VolumeError::Decode { message, transfer_syntax, .. }) => {
+                assert!(transfer_syntax.contains(ts), "{transfer_syntax}");
+                assert!(message.contains("the codestream is 512x512, the dataset says 64x64"), "{ts}: {message}");
+            }
+            other => panic!("{ts}: expected Decode, got {other:?}"),
+        }
+        checked += 1;
+    }
+    assert_eq!(checked, 8);
+}
