@@ -50,9 +50,9 @@
 //! Objects whose SOP Instance UID is empty (shared/realct/abdomen-siemens-j2k)
 //! are refused with [`VolumeError::MissingAttribute`]: a slice we cannot
 //! reference cannot be reported on, and ingest never spools such objects.
-//! A file whose Rows x Columns x NumberOfFrames overflows, or decodes to
-//! more than [`MAX_DECODED_BYTES`], is refused with
-//! [`VolumeError::Unsupported`] before any decoder runs.
+//! A file whose Rows x Columns x NumberOfFrames overflows, holds more than
+//! [`MAX_FILE_PIXELS`], or whose Rows or Columns pass [`MAX_SIDE`], is
+//! refused with [`VolumeError::Unsupported`] before any decoder runs.
 
 pub(crate) mod attrs;
 mod codestream;
@@ -76,10 +76,18 @@ use attrs::{dot, frame_count, frame_floats, frame_plane, int, normal, text};
 /// What padding voxels become; see the module doc.
 pub const PADDING_HU: f32 = -1024.0;
 
-/// The most pixel data one file may decode to (1 GiB: 2048 frames of
-/// 512x512 16-bit). Checked against Rows x Columns x NumberOfFrames before
-/// any decoder runs, because the decoders allocate that much up front.
-pub const MAX_DECODED_BYTES: u64 = 1 << 30;
+/// The most pixels one file may hold (2^28: 1024 frames of 512x512). The
+/// budget is in pixels, not decoded bytes, because each becomes an `f32` of
+/// HU (1 GiB at this limit) while the decoded bytes are still held: a byte
+/// budget of 1 GiB let an 8-bit file describe 2^30 pixels, 4 GiB of HU
+/// (the `dicom_file` fuzz target's RSS reached 3.7 GB).
+pub const MAX_FILE_PIXELS: u64 = 1 << 28;
+
+/// The largest Rows or Columns decoded (CT is 512-1024, some 2048). The
+/// codecs take time in proportion to the image they are told to produce,
+/// whatever the size of the data, and a 25608x24930 JPEG frame of 300 bytes
+/// took jpeg-decoder more than 10 s.
+pub const MAX_SIDE: usize = 4096;
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -405,14 +413,21 @@ fn read_frames(path: &Path, out: &mut Vec<Frame>) -> Result<(), VolumeError> {
             reason: format!("{n_frames} frame(s) of {rows}x{cols} is more pixel data than memory can hold"),
         });
     };
-    // The decoders allocate what the header describes before they look at
-    // the data: a 2 kB RLE file claiming 65535x65535 took 8 GiB (the
-    // `dicom_file` fuzz target's RSS grew to 1.5 GiB on smaller claims).
-    if total_len as u64 > MAX_DECODED_BYTES {
+    // The decoders allocate, and spend time on, what the header describes
+    // before they look at the data: a 2 kB RLE file claiming 65535x65535
+    // took 8 GiB. So the size is bounded before any of them runs.
+    if rows > MAX_SIDE || cols > MAX_SIDE {
+        return Err(VolumeError::Unsupported {
+            path: path.to_owned(),
+            reason: format!("{rows}x{cols} pixels: more than the {MAX_SIDE} rows or columns of a CT image"),
+        });
+    }
+    let pixels = (rows * cols) as u64 * n_frames as u64;
+    if pixels > MAX_FILE_PIXELS {
         return Err(VolumeError::Unsupported {
             path: path.to_owned(),
             reason: format!(
-                "{n_frames} frame(s) of {rows}x{cols} decode to {total_len} bytes, more than the {MAX_DECODED_BYTES} one file may"
+                "{n_frames} frame(s) of {rows}x{cols} are {pixels} pixels, more than the {MAX_FILE_PIXELS} one file may hold"
             ),
         });
     }

@@ -407,20 +407,31 @@ fn a_pixel_data_size_that_overflows_is_refused() {
     }
 }
 
-/// 65535 x 65535 x 16-bit claimed by a file of a few bytes: refused before a
-/// decoder allocates the 8 GiB it describes.
+/// Sizes a few bytes can claim, refused before a decoder allocates (or
+/// spends its time on) what they describe: 65535 x 65535 x 16-bit (8 GiB),
+/// and 17 frames of 4096 x 4096 x 8-bit (285 MB decoded, which a budget in
+/// bytes let through, but 1.1 GiB of f32 HU).
 #[test]
 fn a_pixel_data_size_past_the_decode_budget_is_refused_before_decoding() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("enh.dcm");
-    write_enhanced(&p, [10.0, 6.0, 2.0]);
-    let mut f = dicom_object::open_file(&p).unwrap();
-    f.put(DataElement::new(tags::ROWS, VR::US, PrimitiveValue::from(65535u16)));
-    f.put(DataElement::new(tags::COLUMNS, VR::US, PrimitiveValue::from(65535u16)));
-    f.write_to_file(&p).unwrap();
-    match Volume::from_files(&[p]) {
-        Err(VolumeError::Unsupported { reason, .. }) => assert!(reason.contains("more than the"), "{reason}"),
-        other => panic!("expected Unsupported, got {other:?}"),
+    for (rows, cols, frames, bits, says) in [
+        (65535u16, 65535u16, 3u32, 16u16, "more than the 4096 rows or columns"),
+        (4096, 4097, 1, 16, "more than the 4096 rows or columns"),
+        (4096, 4096, 17, 8, "285212672 pixels, more than the 268435456"),
+    ] {
+        write_enhanced(&p, [10.0, 6.0, 2.0]);
+        let mut f = dicom_object::open_file(&p).unwrap();
+        f.put(DataElement::new(tags::ROWS, VR::US, PrimitiveValue::from(rows)));
+        f.put(DataElement::new(tags::COLUMNS, VR::US, PrimitiveValue::from(cols)));
+        f.put(DataElement::new(tags::NUMBER_OF_FRAMES, VR::IS, PrimitiveValue::from(frames.to_string())));
+        f.put(DataElement::new(tags::BITS_ALLOCATED, VR::US, PrimitiveValue::from(bits)));
+        f.put(DataElement::new(tags::BITS_STORED, VR::US, PrimitiveValue::from(bits)));
+        f.write_to_file(&p).unwrap();
+        match Volume::from_files(&[p.clone()]) {
+            Err(VolumeError::Unsupported { reason, .. }) => assert!(reason.contains(says), "{reason}"),
+            other => panic!("{rows}x{cols}x{frames}: expected Unsupported, got {other:?}"),
+        }
     }
 }
 
