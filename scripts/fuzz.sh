@@ -14,12 +14,17 @@
 # Every target runs even when an earlier one crashed; the script fails at
 # the end if any did, naming them. libFuzzer prints the crashing input
 # (Base64 for small ones) and cargo-fuzz keeps it in fuzz/artifacts/.
+# The seed is fixed (FUZZ_SEED, default 1), so that a run on one commit
+# explores what CI's run on that commit explores: a rehearsal of .ci/run
+# predicts CI's verdict, and a finding is reproduced by rerunning. Wider
+# exploration is fuzz/long_run.sh's job (FUZZ_SEED=0: libFuzzer picks one).
 # Usage: scripts/fuzz.sh [seconds per target] [target...]
 #        (default 30 s, every target: about 2.5 min of fuzzing plus the build)
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 secs="${1:-30}"
+seed="${FUZZ_SEED:-1}"
 shift || true
 all=(pdu_stream dicom_file config npy part10_roundtrip)
 targets=("${@:-${all[@]}}")
@@ -43,10 +48,15 @@ for t in "${targets[@]}"; do
     # before dicom-rs runs.
     if RUSTC_BOOTSTRAP=1 cargo fuzz run --sanitizer none "$t" "$work/$t" -- \
         -max_total_time="$secs" -max_len="$(max_len "$t")" -rss_limit_mb=2048 -malloc_limit_mb=2048 \
-        -timeout=10 -print_final_stats=1 >"$work/$t.log" 2>&1; then
+        -timeout=10 -seed="$seed" -print_final_stats=1 >"$work/$t.log" 2>&1; then
         grep -E '^(#[0-9]+[[:space:]]+DONE|stat::number_of_executed_units)' "$work/$t.log" | tail -n 2 || true
-        echo "fuzz: $t ran ${secs}s with no crash"
+        echo "fuzz: $t ran ${secs}s (seed $seed) with no crash"
     else
+        # The lines that name the fault (libFuzzer's ERROR, a panic) and the
+        # last progress lines (RSS over time: one input or a slow leak?)
+        # come before the final stats and the input dump.
+        grep -E 'ERROR|panicked|out-of-memory|ALARM' "$work/$t.log" | tail -n 20 || true
+        grep -E '^#[0-9]+' "$work/$t.log" | tail -n 3 || true
         tail -n 40 "$work/$t.log"
         echo "fuzz: $t FAILED (see above)"
         failed+=("$t")

@@ -627,7 +627,10 @@ def markdown_section(results: list[dict], command: str, report_dir: Path, privat
             f"- chest-lidc0001 (LIDC-IDRI-0001, 133 slices of 2.5 mm): the node's default PMA/SFA routes pick the "
             f"slice just above the aortic arch (trachea -> carina -> top of the arch, src/volume/landmark.rs). "
             f"Reference level {_f(lidc['reference_z_mm'], 1)} mm (the slice just above the top of the arch, read by "
-            f"eye; `LIDC0001_ABOVE_ARCH_Z_MM` in landmark.rs). It is the only real chest volume here, and the "
+            f"eye; `LIDC0001_ABOVE_ARCH_Z_MM` in landmark.rs). Resampled from it, as other reconstructions would "
+            f"give the scan: 1.0-1.25 mm slices choose -77.5 to -78.5 mm, 5 mm slabs (pairs of slices averaged) "
+            f"-76.25 and -78.75 mm (`landmark::tests::finds_the_level_at_1_to_5_mm_slices`, "
+            f"`test_chest_volume.py`). It is the only real chest volume here, and the "
             f"landmark method was developed while looking at it (landmark.rs quotes its box fills), so the distance "
             f"shows the method works on it, not that it generalises; the other chest sets are single slices (no "
             f"selection). No PMA/SFA labels exist for it: values are shown, not scored.")
