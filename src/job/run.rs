@@ -154,9 +154,32 @@ pub struct Analysis {
     pub line: ResultLine,
     pub measurement: Measurement,
     /// HU of the slices the model saw, `[S,R,C]`.
-    pub hu: Array3<f32>,
+    pub hu: Hu,
     /// Source file and SOP Instance UID of each of those slices.
     pub slices: Vec<(PathBuf, String)>,
+}
+
+/// The HU an [`Analysis`] reports from: the slices it cut out of a volume,
+/// or a whole volume that is shared (a worker's series cache,
+/// `job::volumes`), which is read in place rather than copied.
+pub enum Hu {
+    Owned(Array3<f32>),
+    Volume(Arc<Volume>),
+}
+
+impl Hu {
+    pub fn view(&self) -> ndarray::ArrayView3<'_, f32> {
+        match self {
+            Hu::Owned(a) => a.view(),
+            Hu::Volume(v) => v.hu.view(),
+        }
+    }
+}
+
+impl From<Array3<f32>> for Hu {
+    fn from(a: Array3<f32>) -> Hu {
+        Hu::Owned(a)
+    }
 }
 
 impl Analysis {
@@ -167,13 +190,18 @@ impl Analysis {
         idx: impl IntoIterator<Item = usize>,
         line: ResultLine,
         measurement: Measurement,
-        hu: Array3<f32>,
+        hu: impl Into<Hu>,
     ) -> Analysis {
         let slices = idx
             .into_iter()
             .map(|i| (vol.source_paths[i].clone(), vol.sop_instance_uids[i].clone()))
             .collect();
-        Analysis { line, measurement, hu, slices }
+        Analysis {
+            line,
+            measurement,
+            hu: hu.into(),
+            slices,
+        }
     }
 
     /// What the reports are made of.
@@ -444,11 +472,12 @@ pub fn volume_biomarker(task: &str) -> String {
 ///
 /// Memory: the volume's HU moves into the [`Analysis`] (the reports render
 /// from it) when this job holds the only reference (`analyze`); a worker's
-/// volume is also held by the series' cache (`job::volumes`), so there the
-/// HU is copied, one more volume-sized array. The native map (f32) and candidates
-/// (bool) are the other two volume-sized arrays (2.25 × the HU volume
-/// together). Measured peak RSS of `analyze`: 1.6 GB for 604 slices of
-/// 512 × 512 (HU 0.63 GB), 1.9 GB with the SEG; 0.53 GB for 151 slices.
+/// volume is also held by the series' cache (`job::volumes`), and the
+/// Analysis then holds that volume ([`Hu::Volume`]), not a copy of its HU.
+/// The native map (f32) and candidates (bool) are the other two
+/// volume-sized arrays (2.25 × the HU volume together). Measured peak RSS
+/// of `analyze`: 1.6 GB for 604 slices of 512 × 512 (HU 0.63 GB), 1.9 GB
+/// with the SEG; 0.53 GB for 151 slices.
 fn run_volume(
     model: &crate::inference::Model,
     series_uid: &str,
@@ -474,17 +503,14 @@ fn run_volume(
     // over (the HU peaks are taken over all of them).
     let all: Vec<usize> = (0..vol.slices()).collect();
     check_input(card, &vol, &all)?;
-    // A volume this job alone holds gives its HU up; a shared one is copied
-    // (see the memory note above).
+    // A volume this job alone holds gives its HU up; a shared one is read
+    // in place (see the memory note above).
     let (vol, hu) = match Arc::try_unwrap(vol) {
         Ok(mut own) => {
             let hu = std::mem::replace(&mut own.hu, Array3::zeros((0, 0, 0)));
-            (Arc::new(own), hu)
+            (Arc::new(own), Hu::Owned(hu))
         }
-        Err(shared) => {
-            let hu = shared.hu.clone();
-            (shared, hu)
-        }
+        Err(shared) => (shared.clone(), Hu::Volume(shared)),
     };
     let t_infer = Instant::now();
     let measurement = measure_volume(model, hu.view(), geom, &vol.slice_positions)?;
@@ -505,7 +531,7 @@ fn run_volume(
     // one is what it bounds. (The map-mass check is per slice; on a volume
     // most slices rightly hold no tumour, so it is not applied here.)
     crate::inference::guard::check_value(card, largest_area)?;
-    let n = hu.dim().0;
+    let n = hu.view().dim().0;
     let line = ResultLine {
         series_instance_uid: series_uid.to_owned(),
         route: m.route.clone(),

@@ -4,8 +4,8 @@
 //!
 //! Input: a key (series, generation, number of files) and a loader (the
 //! job's own `load_volume`). Output: the volume, shared (`Arc`); a job
-//! reads it and builds or copies what it changes (a thin series' 3 mm slabs,
-//! a volume route's HU).
+//! reads it in place (a volume route's reports too) and builds what it
+//! changes (a thin series' 3 mm slabs).
 //! Invariants: the volumes kept hold at most `budget` bytes of HU (a volume
 //! larger than the budget is returned, not kept; the oldest are dropped to
 //! make room); two jobs asking for the same key at once decode it once (the
