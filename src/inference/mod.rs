@@ -435,4 +435,49 @@ mod tests {
         let c = ModelCard::load(&dir.path().join("sigmoid_map.yaml")).unwrap();
         assert!(matches!(c.verify_digest(), Err(CardError::Digest { .. })));
     }
+
+    /// Issue 15's GPU figures: median wall time of `Model::run` (the node's
+    /// own path: input to map, host to device and back) of every shipped
+    /// model, ORT CPU and, where usable, ORT CUDA, at batch 1 and at the
+    /// batch of a whole series (110: the 3 mm slabs of a 300-slice 1.1 mm
+    /// chest, what CAC runs on). Ignored: a benchmark that prints, run by
+    /// `integration-tests/bench/gpu/run.sh` on the GPU machine (and by hand:
+    /// `cargo test --release --lib provider_timings -- --ignored --nocapture`).
+    /// `models/training/biomarker_training/bench_eager.py` times PyTorch
+    /// eager on the same architectures and shapes.
+    #[test]
+    #[ignore]
+    fn provider_timings() {
+        if !init_for_tests() {
+            return;
+        }
+        let mut providers = vec![ExecutionProvider::Cpu];
+        if cuda_usable() {
+            providers.push(ExecutionProvider::Cuda);
+        }
+        let models = Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
+        for name in ["pma", "sfa", "cac", "liver"] {
+            for &provider in &providers {
+                let opts = RuntimeOptions { execution_provider: provider, fail_hard: true, ..Default::default() };
+                let m = Model::load(&models.join(format!("{name}.yaml")), &opts).expect("shipped card loads");
+                let [h, w] = m.card.input.size;
+                for batch in [1, 110] {
+                    let input = test_batch(batch, h, w);
+                    for _ in 0..3 {
+                        m.run(input.clone()).unwrap();
+                    }
+                    let mut ms: Vec<f64> = (0..15)
+                        .map(|_| {
+                            let x = input.clone();
+                            let t = std::time::Instant::now();
+                            m.run(x).unwrap();
+                            t.elapsed().as_secs_f64() * 1e3
+                        })
+                        .collect();
+                    ms.sort_by(f64::total_cmp);
+                    println!("timing ort-{provider:?} {name} batch {batch} {h}x{w}: median {:.2} ms", ms[ms.len() / 2]);
+                }
+            }
+        }
+    }
 }
