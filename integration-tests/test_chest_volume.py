@@ -78,34 +78,29 @@ def test_pma_and_sfa_on_a_chest_volume_use_the_slice_above_the_arch(chest, binar
         assert result["slice_z_mm"] == z and result["slice_sop_instance_uid"] == line["slice_sop_instance_uid"]
 
 
-def _thin_copy(chest: Path, out: Path, n: int) -> dict[float, str]:
-    """The chest as a thin-slice scanner would give it: n slices over the same z range, HU interpolated linearly
-    between the two neighbouring real slices (as integration-tests/bench/volumes.py chest300 builds it), new UIDs.
-    Written under the test's tmp_path only (the scan's licence). Returns SOPInstanceUID by z."""
+def _reconstructed_copy(chest: Path, out: Path, slices) -> dict[float, str]:
+    """The chest as another reconstruction gives it: `slices(z, hu)` (the real slices' z, ascending, and their HU)
+    yields (index of the real slice whose header to copy, HU image, z, thickness in mm) per new slice. New UIDs;
+    written under the test's tmp_path only (the scan's licence). Returns SOPInstanceUID by z."""
     import numpy as np
     from pydicom.uid import generate_uid
 
     src = sorted((pydicom.dcmread(f) for f in chest.glob("*.dcm")), key=lambda d: float(d.ImagePositionPatient[2]))
     z = np.array([float(d.ImagePositionPatient[2]) for d in src])
     hu = [d.pixel_array.astype(np.float32) * float(d.RescaleSlope) + float(d.RescaleIntercept) for d in src]
-    zs = np.linspace(z[0], z[-1], n)
-    step = float(zs[1] - zs[0])
     study, series = generate_uid(), generate_uid()
     out.mkdir(parents=True)
     uid_at_z = {}
-    for i, zi in enumerate(zs):
-        k = min(int(np.searchsorted(z, zi, side="right")) - 1, len(z) - 2)
-        w = (zi - z[k]) / (z[k + 1] - z[k])
-        img = (1 - w) * hu[k] + w * hu[k + 1]
+    for i, (k, img, zi, thickness) in enumerate(slices(z, hu)):
         d = src[k].copy()
         slope, intercept = float(d.RescaleSlope), float(d.RescaleIntercept)
         d.PixelData = np.round((img - intercept) / slope).astype(np.int16).tobytes()
         d.BitsAllocated, d.BitsStored, d.HighBit, d.PixelRepresentation = 16, 16, 15, 1
         d.ImagePositionPatient = [d.ImagePositionPatient[0], d.ImagePositionPatient[1], f"{zi:.3f}"]
         d.SliceLocation = f"{zi:.3f}"
-        d.SliceThickness = f"{step:.3f}"
+        d.SliceThickness = f"{thickness:.3f}"
         if "SpacingBetweenSlices" in d:
-            d.SpacingBetweenSlices = f"{step:.3f}"
+            d.SpacingBetweenSlices = f"{thickness:.3f}"
         d.StudyInstanceUID, d.SeriesInstanceUID = study, series
         d.SOPInstanceUID = generate_uid()
         d.file_meta.MediaStorageSOPInstanceUID = d.SOPInstanceUID
@@ -113,6 +108,21 @@ def _thin_copy(chest: Path, out: Path, n: int) -> dict[float, str]:
         d.save_as(out / f"{i:04d}.dcm", enforce_file_format=True)
         uid_at_z[float(f"{zi:.3f}")] = str(d.SOPInstanceUID)
     return uid_at_z
+
+
+def _thin_copy(chest: Path, out: Path, n: int) -> dict[float, str]:
+    """As a thin-slice scanner would give it: n slices over the same z range, HU interpolated linearly between the
+    two neighbouring real slices (as integration-tests/bench/volumes.py chest300 builds it)."""
+    import numpy as np
+
+    def slices(z, hu):
+        zs = np.linspace(z[0], z[-1], n)
+        for zi in zs:
+            k = min(int(np.searchsorted(z, zi, side="right")) - 1, len(z) - 2)
+            w = (zi - z[k]) / (z[k + 1] - z[k])
+            yield k, (1 - w) * hu[k] + w * hu[k + 1], zi, float(zs[1] - zs[0])
+
+    return _reconstructed_copy(chest, out, slices)
 
 
 def test_a_thin_slice_chest_finds_the_same_level(chest, binary, tmp_path):
@@ -132,38 +142,15 @@ def test_a_thin_slice_chest_finds_the_same_level(chest, binary, tmp_path):
 
 
 def _slab_copy(chest: Path, out: Path, k: int) -> dict[float, str]:
-    """The chest as a scanner's thick reconstruction gives it: every k neighbouring slices averaged into one slab
-    (2.5 mm slices, k = 2: 5 mm, as many archives keep chest CT), new UIDs, SliceThickness k x 2.5 mm. Written under
-    the test's tmp_path only (the scan's licence). Returns SOPInstanceUID by z."""
-    import numpy as np
-    from pydicom.uid import generate_uid
+    """As a scanner's thick reconstruction gives it: every k neighbouring slices averaged into one slab (2.5 mm
+    slices, k = 2: 5 mm, as many archives keep chest CT), SliceThickness k x 2.5 mm."""
 
-    src = sorted((pydicom.dcmread(f) for f in chest.glob("*.dcm")), key=lambda d: float(d.ImagePositionPatient[2]))
-    hu = [d.pixel_array.astype(np.float32) * float(d.RescaleSlope) + float(d.RescaleIntercept) for d in src]
-    step = float(src[1].ImagePositionPatient[2]) - float(src[0].ImagePositionPatient[2])
-    study, series = generate_uid(), generate_uid()
-    out.mkdir(parents=True)
-    uid_at_z = {}
-    for j in range(len(src) // k):
-        group = range(j * k, j * k + k)
-        img = sum(hu[i] for i in group) / k
-        zi = sum(float(src[i].ImagePositionPatient[2]) for i in group) / k
-        d = src[j * k].copy()
-        slope, intercept = float(d.RescaleSlope), float(d.RescaleIntercept)
-        d.PixelData = np.round((img - intercept) / slope).astype(np.int16).tobytes()
-        d.BitsAllocated, d.BitsStored, d.HighBit, d.PixelRepresentation = 16, 16, 15, 1
-        d.ImagePositionPatient = [d.ImagePositionPatient[0], d.ImagePositionPatient[1], f"{zi:.3f}"]
-        d.SliceLocation = f"{zi:.3f}"
-        d.SliceThickness = f"{k * step:.3f}"
-        if "SpacingBetweenSlices" in d:
-            d.SpacingBetweenSlices = f"{k * step:.3f}"
-        d.StudyInstanceUID, d.SeriesInstanceUID = study, series
-        d.SOPInstanceUID = generate_uid()
-        d.file_meta.MediaStorageSOPInstanceUID = d.SOPInstanceUID
-        d.InstanceNumber = j + 1
-        d.save_as(out / f"{j:04d}.dcm", enforce_file_format=True)
-        uid_at_z[float(f"{zi:.3f}")] = str(d.SOPInstanceUID)
-    return uid_at_z
+    def slices(z, hu):
+        for j in range(len(z) // k):
+            group = range(j * k, j * k + k)
+            yield j * k, sum(hu[i] for i in group) / k, sum(z[i] for i in group) / k, k * float(z[1] - z[0])
+
+    return _reconstructed_copy(chest, out, slices)
 
 
 def test_a_5mm_slab_chest_finds_the_same_level(chest, binary, tmp_path):
