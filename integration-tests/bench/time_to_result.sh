@@ -29,9 +29,11 @@ set -euo pipefail
 RUNS="${RUNS:-3}"
 # phantom: the 48-slice phantoms (pma, cac); volumes: real-size studies built
 # from ../shared/realct-labelled (bench/volumes.py): a 300-slice chest through
-# the PMA, SFA and CAC routes and a 150-slice liver volume; queue: 20 chest
-# studies sent back to back (studies/hour; not in the default CASES: about
-# 5 minutes). QUEUE_N and QUEUE_KIND (chest300, chest133, liver150) set them.
+# the PMA, SFA and CAC routes (chest300: CAC refuses its contrast; chest300nc:
+# the same with the contrast taken out, so CAC runs to its SR), the chest as
+# scanned, and a 150-slice liver volume; queue: 20 chest studies sent back to
+# back (studies/hour; not in the default CASES: about 5 minutes). QUEUE_N and
+# QUEUE_KIND (chest300, chest300nc, chest133, liver150) set them.
 CASES="${CASES:-phantom volumes}"
 # JOBS_WORKERS=N and VOLUME_CACHE_MB=M set jobs.workers and jobs.volume_cache_mb (unset: the node's defaults).
 QUEUE_N="${QUEUE_N:-20}"
@@ -323,6 +325,7 @@ if [[ " $CASES " == *" volumes "* || " $CASES " == *" queue "* ]]; then
         for _ in $(seq 1 "$RUNS"); do
             seed=$((seed + 1))
             run_volume chest300 "$seed"
+            run_volume chest300nc "$seed"
             run_volume chest133 "$seed"
             run_volume liver150 "$seed"
         done

@@ -3,11 +3,16 @@
     python3 volumes.py chest300 OUT_DIR SEED   # 300 axial slices, chest (PMA, SFA and CAC routes)
     python3 volumes.py liver150 OUT_DIR SEED   # 150 axial slices, contrast abdomen (liver route)
     python3 volumes.py chest133 OUT_DIR SEED   # the real chest as scanned (2.5 mm), for comparison
+    python3 volumes.py chest300nc OUT_DIR SEED # chest300 with its contrast taken out, so CAC is scored, not refused
 
 chest300: LIDC-IDRI-0001 (133 slices of 2.5 mm, shoulders to kidneys) resampled to 300 slices over the same z range
 (linear interpolation of HU between neighbouring slices: 1.1 mm apart, SliceThickness 1.1), so the series has the
 size of a thin-slice chest CT. Its ContrastBolusAgent ("IV") is removed, so the header no longer says contrast and
 the cac-non-contrast route matches; the CAC card's own pixel check still sees the contrast in the aorta.
+chest300nc: chest300 with every voxel of 150-600 HU (opacified blood and heart, and some cancellous bone) set to
+unenhanced blood (40 HU) before the interpolation, as landmark.rs's finds_the_same_level_without_contrast does: the
+CAC card's contrast check passes, so the CAC route runs its whole path (3 mm slabs, heart region, inference, SR) on
+a real-size chest. For time only: its Agatston value means nothing (calcium below 600 HU is gone too).
 liver150: 3D-IRCADb-01 patient 7, its first 150 slices as they are, with SeriesDescription "LIVER" and
 BodyPartExamined "ABDOMEN" added (its headers are sparse and match no route otherwise).
 Each call writes new Study/Series/SOP UIDs (from SEED), so repeated runs are new studies. Prints the series UID,
@@ -37,10 +42,12 @@ def read_sorted(folder: Path):
     return ds
 
 
-def chest300(out: Path, seed: str) -> dict:
+def chest300(out: Path, seed: str, without_contrast: bool = False) -> dict:
     src = read_sorted(SHARED / "chest-lidc0001" / "ct")
     z = np.array([float(d.ImagePositionPatient[2]) for d in src])
     hu = [d.pixel_array.astype(np.float32) * float(d.RescaleSlope) + float(d.RescaleIntercept) for d in src]
+    if without_contrast:
+        hu = [np.where((h >= 150) & (h < 600), np.float32(40), h) for h in hu]
     n = 300
     zs = np.linspace(z[0], z[-1], n)
     step = float(zs[1] - zs[0])
@@ -64,6 +71,10 @@ def chest300(out: Path, seed: str) -> dict:
             del d.ContrastBolusAgent
         write(d, out / f"{i:04d}.dcm", study, series, seed, i)
     return {"study": study, "series": series, "slices": n}
+
+
+def chest300nc(out: Path, seed: str) -> dict:
+    return chest300(out, seed, without_contrast=True)
 
 
 def chest133(out: Path, seed: str) -> dict:
@@ -100,4 +111,5 @@ def write(d, path: Path, study: str, series: str, seed: str, i: int) -> None:
 if __name__ == "__main__":
     kind, out, seed = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
     out.mkdir(parents=True, exist_ok=True)
-    print(json.dumps({"chest300": chest300, "chest133": chest133, "liver150": liver150}[kind](out, seed)))
+    kinds = {"chest300": chest300, "chest300nc": chest300nc, "chest133": chest133, "liver150": liver150}
+    print(json.dumps(kinds[kind](out, seed)))
