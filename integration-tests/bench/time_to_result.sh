@@ -344,6 +344,7 @@ if [[ " $CASES " == *" volumes "* || " $CASES " == *" queue "* ]]; then
         for i in $(seq 1 "$QUEUE_N"); do
             python3 "$root/integration-tests/bench/volumes.py" "$QUEUE_KIND" "$qdir/s$i" "q$i" >"$qdir/s$i.json"
         done
+        sync  # as in run_volume: the inputs' writeback is not the node's work
         q0=$(date +%s.%N)
         for i in $(seq 1 "$QUEUE_N"); do
             "$STORESCU" -aet BENCH -aec BIOMARKER +sd 127.0.0.1 "$node_port" "$qdir/s$i"
