@@ -196,18 +196,26 @@ fn models(cmd: ModelsCommand) -> anyhow::Result<()> {
 
 /// Jobs allocate volume-sized arrays and 1 MiB slices on several threads.
 /// glibc raises its mmap threshold to the size of each mmapped block freed
-/// (up to 32 MiB), after which slices come from per-thread arenas that keep
-/// freed memory: a queue of 20 300-slice chests peaked at 1.8-2.2 GiB RSS
-/// with that, 1.3 GiB with a fixed threshold (MALLOC_MMAP_THRESHOLD_, issue
-/// 15). A fixed threshold sends blocks of 1 MiB and more to mmap, so they go
-/// back to the system when freed. An explicit MALLOC_MMAP_THRESHOLD_ wins.
+/// (up to 32 MiB), after which even 30 MB arrays come from per-thread arenas
+/// that keep freed memory: a queue of 20 300-slice chests peaked at 1.8-2.2
+/// GiB RSS with that. A fixed threshold stops the drift (an explicit
+/// MALLOC_MMAP_THRESHOLD_ wins). It is 4 MiB, not 1 MiB: at 1 MiB every
+/// 512 x 512 slice of u32 labels or f32 scratch was a fresh mmap, page
+/// faults on every page and a TLB shootdown on every munmap; `analyze` of a
+/// 300-slice chest spent 3.2 s of 5.9 s in the kernel (perf: page faults,
+/// munmap, IPIs), 1.8 s of 4.95 s at 4 MiB. What the slices leave in the
+/// arenas goes back to the system after each job
+/// (`job::worker::release_freed_memory`): the queue of 20 chests without
+/// contrast ran at 1072 studies/hour, 1711 MiB peak RSS, against 732 and
+/// 1748 MiB at 1 MiB (`CASES=queue QUEUE_KIND=chest300nc
+/// bash integration-tests/bench/time_to_result.sh`).
 fn return_large_blocks_to_the_os() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     if std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_none() {
         // SAFETY: mallopt only changes the allocator's tuning; called before
         // any other thread exists.
         unsafe {
-            libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 4 << 20);
         }
     }
 }

@@ -156,7 +156,11 @@ impl Worker {
             .emit();
         let guard = Arc::new(JobGuard::default());
         let g = guard.clone();
-        let mut handle = tokio::task::spawn_blocking(move || me.process(&job, &g));
+        let mut handle = tokio::task::spawn_blocking(move || {
+            let result = me.process(&job, &g);
+            release_freed_memory();
+            result
+        });
         let joined = |r: Result<Result<JobResult, JobError>, tokio::task::JoinError>| {
             r.unwrap_or_else(|e| Err(JobError::Panicked(e.to_string())))
         };
@@ -538,3 +542,17 @@ mod reload_tests {
     }
 }
 
+/// Hands the memory a job freed back to the system. Blocks below the mmap
+/// threshold (`main`: 4 MiB, so a slice's scratch arrays are reused rather
+/// than mapped and unmapped each time) stay in the thread's malloc arena when
+/// freed; a job frees hundreds of MB of them (a 300-slice volume is 300
+/// one-MiB slices while it is assembled), and without this each worker
+/// thread's arena would keep its peak (issue 15: a queue of 20 chests went
+/// from 1.7 to 3.0 GiB RSS). `malloc_trim` walks every arena.
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free pages to the system.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
