@@ -11,10 +11,11 @@
 //! without IV contrast, at any slice thickness up to ~5 mm):
 //! 1. *Trachea.* In each axial slice, the air components (< −950 HU: air,
 //!    below lung parenchyma at about −850; −900 in 5 mm slabs, where the
-//!    lumen averages with its wall, see `air_threshold`) that do not touch the image border
-//!    (outside air, which reaches the border), of 0.15–8 cm², whose
-//!    surrounding ring (1.5–4.2 mm out) is mostly soft tissue (> −500 HU):
-//!    an airway has a wall, a lung pocket or air outside the skin does not.
+//!    lumen averages with its wall, see `air_threshold`) that do not touch
+//!    the image border (outside air, which reaches the border), of
+//!    0.15–8 cm², whose surrounding ring (1.5–4.2 mm out) is mostly soft
+//!    tissue (> −500 HU): an airway has a wall, a lung pocket or air outside
+//!    the skin does not.
 //!    Going caudally from the top of the volume, the trachea starts as the
 //!    one such component of at least 0.5 cm² within 35 mm of the body's
 //!    left-right midline, and is followed slice to slice (centroid step
