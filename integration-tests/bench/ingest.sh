@@ -4,6 +4,8 @@
 #   bash integration-tests/bench/ingest.sh            # 500 instances, 1 and 8 senders
 #   N=200 SENDERS=4 bash integration-tests/bench/ingest.sh
 #   PEERS="node storescp" bash integration-tests/bench/ingest.sh   # the target ratio only
+#   BENCH_TMP=/dev/shm bash integration-tests/bench/ingest.sh      # on tmpfs: no disk flushes,
+#                                                                  # the protocol and CPU path alone
 #
 # Prints numbers; it is not a test and CI does not run it. Needs a release
 # build (cargo build --release) and scripts/install-deps.sh's packages.
@@ -37,7 +39,7 @@ for tool in "$BIN" "$STORESCU" "$STORESCP" "$ORTHANC" /usr/bin/time curl; do
     [ -x "$tool" ] || command -v "$tool" >/dev/null || { echo "missing: $tool" >&2; exit 1; }
 done
 
-work="$(mktemp -d /tmp/ingest-bench.XXXXXX)"
+work="$(mktemp -d "${BENCH_TMP:-/tmp}/ingest-bench.XXXXXX")"
 peer_pid=""
 cleanup() {
     if [ -n "$peer_pid" ] && kill -0 "$peer_pid" 2>/dev/null; then

@@ -4,7 +4,9 @@
 //! fragments are passed through as they come so they can be streamed to
 //! disk. No I/O here.
 
-use dicom_ul::pdu::{PDataValue, PDataValueType};
+use dicom_ul::pdu::PDataValueType;
+
+use super::framing::Pdv;
 
 /// Command sets are a few hundred bytes; anything this large is hostile.
 pub const MAX_COMMAND_BYTES: usize = 64 * 1024;
@@ -50,7 +52,7 @@ impl Assembler {
     /// Feed one PDV. `accepted` says whether a context id was negotiated.
     pub fn push<'a>(
         &mut self,
-        pdv: &'a PDataValue,
+        pdv: &Pdv<'a>,
         accepted: impl Fn(u8) -> bool,
     ) -> Result<Option<Event<'a>>, AssemblyError> {
         let ctx = pdv.presentation_context_id;
@@ -72,7 +74,7 @@ impl Assembler {
                 self.state = if pdv.is_last { State::Idle } else { State::Data { ctx } };
                 Ok(Some(Event::Data {
                     ctx,
-                    bytes: &pdv.data,
+                    bytes: pdv.data,
                     last: pdv.is_last,
                 }))
             }
@@ -86,12 +88,12 @@ impl Assembler {
         &mut self,
         ctx: u8,
         mut buf: Vec<u8>,
-        pdv: &'a PDataValue,
+        pdv: &Pdv<'a>,
     ) -> Result<Option<Event<'a>>, AssemblyError> {
         if buf.len() + pdv.data.len() > MAX_COMMAND_BYTES {
             return Err(AssemblyError::CommandTooLong);
         }
-        buf.extend_from_slice(&pdv.data);
+        buf.extend_from_slice(pdv.data);
         if pdv.is_last {
             Ok(Some(Event::Command { ctx, bytes: buf }))
         } else {
@@ -115,12 +117,12 @@ impl Assembler {
 mod tests {
     use super::*;
 
-    fn pdv(ctx: u8, cmd: bool, last: bool, data: &[u8]) -> PDataValue {
-        PDataValue {
+    fn pdv(ctx: u8, cmd: bool, last: bool, data: &[u8]) -> Pdv<'_> {
+        Pdv {
             presentation_context_id: ctx,
             value_type: if cmd { PDataValueType::Command } else { PDataValueType::Data },
             is_last: last,
-            data: data.to_vec(),
+            data,
         }
     }
 

@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Buf, BytesMut};
+use bytes::{Bytes, BytesMut};
 use dicom_ul::pdu::{
     write_pdu, AbortRQServiceProviderReason, AbortRQSource, AssociationRJ, PDataValue,
     PDataValueType, Pdu,
@@ -22,7 +22,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
 use super::assembler::{Assembler, AssemblyError, Event};
-use super::framing::{self, FrameError};
+use super::framing::{self, Frame, FrameError, Pdv};
 use super::negotiation::{self, AcceptedContext, Overload, Policy};
 use super::Shared;
 use crate::dicom::{is_storage_sop_class, VERIFICATION};
@@ -99,14 +99,14 @@ struct Conn<S> {
 }
 
 impl<S: Transport> Conn<S> {
-    /// Next PDU; `first_byte` bounds the wait for a PDU to start, `read`
-    /// bounds the time to finish one that has started.
-    async fn read_pdu(&mut self, first_byte: Duration, read: Duration) -> Result<Pdu, AssociationError> {
+    /// The bytes of the next whole PDU (see [`framing::parse`]); `first_byte`
+    /// bounds the wait for a PDU to start, `read` bounds the time to finish
+    /// one that has started. The bytes are split off the read buffer, not
+    /// copied; the buffer takes its space back once they are dropped.
+    async fn read_pdu(&mut self, first_byte: Duration, read: Duration) -> Result<Bytes, AssociationError> {
         loop {
             if let Some(n) = framing::check(&self.buf, self.max_pdata)? {
-                let pdu = framing::parse(&self.buf[..n]);
-                self.buf.advance(n);
-                return Ok(pdu?);
+                return Ok(self.buf.split_to(n).freeze());
             }
             let (limit, on_timeout) = if self.buf.is_empty() {
                 (first_byte, AssociationError::Idle(first_byte))
@@ -212,10 +212,18 @@ pub(super) async fn run<S: Transport>(
         _ = admission.evicted() => return,
         r = conn.read_pdu(left, left) => r,
     };
+    // Ok(Err(what)): a whole PDU, but not the request.
+    let rq = rq.and_then(|bytes| {
+        Ok(match framing::parse(&bytes)? {
+            Frame::Control(Pdu::AssociationRQ(rq)) => Ok(rq),
+            Frame::Control(other) => Err(other.short_description().to_string()),
+            Frame::PData(_) => Err("P-DATA-TF".to_owned()),
+        })
+    });
     let rq = match rq {
-        Ok(Pdu::AssociationRQ(rq)) => rq,
-        Ok(other) => {
-            telemetry::AssociationAborted { by: "us", reason: &format!("expected A-ASSOCIATE-RQ, got {}", other.short_description()) }.emit();
+        Ok(Ok(rq)) => rq,
+        Ok(Err(got)) => {
+            telemetry::AssociationAborted { by: "us", reason: &format!("expected A-ASSOCIATE-RQ, got {got}") }.emit();
             conn.abort(AbortRQServiceProviderReason::UnexpectedPdu).await;
             return;
         }
@@ -343,17 +351,21 @@ impl<S: Transport> Association<S> {
         let idle = Duration::from_secs(self.shared.node.timeouts.idle_s);
         let read = Duration::from_secs(self.shared.node.timeouts.read_s);
         loop {
-            let pdu = tokio::select! {
+            let bytes = tokio::select! {
                 biased;
                 _ = self.shutdown.cancelled() => return Err(AssociationError::Shutdown),
                 p = self.conn.read_pdu(idle, read) => p?,
             };
-            match pdu {
-                Pdu::PData { data } => {
-                    for pdv in &data {
+            let pdu = match framing::parse(&bytes)? {
+                Frame::PData(pdvs) => {
+                    for pdv in &pdvs {
                         self.on_pdv(pdv, calling_ae).await?;
                     }
+                    continue;
                 }
+                Frame::Control(pdu) => pdu,
+            };
+            match pdu {
                 Pdu::ReleaseRQ => {
                     if self.assembler.in_progress() {
                         tracing::warn!("release requested in the middle of a message; partial instance dropped");
@@ -367,6 +379,8 @@ impl<S: Transport> Association<S> {
                 Pdu::AssociationAC(_) => return Err(AssociationError::UnexpectedPdu("A-ASSOCIATE-AC")),
                 Pdu::AssociationRJ(_) => return Err(AssociationError::UnexpectedPdu("A-ASSOCIATE-RJ")),
                 Pdu::ReleaseRP => return Err(AssociationError::UnexpectedPdu("A-RELEASE-RP")),
+                // framing::parse yields P-DATA-TF as Frame::PData; listed for the match only
+                Pdu::PData { .. } => return Err(AssociationError::UnexpectedPdu("P-DATA-TF")),
                 Pdu::Unknown { .. } => return Err(AssociationError::UnexpectedPdu("unknown")),
             }
         }
@@ -376,7 +390,7 @@ impl<S: Transport> Association<S> {
         self.contexts.iter().find(|c| c.id == id)
     }
 
-    async fn on_pdv(&mut self, pdv: &PDataValue, calling_ae: &str) -> Result<(), AssociationError> {
+    async fn on_pdv(&mut self, pdv: &Pdv<'_>, calling_ae: &str) -> Result<(), AssociationError> {
         let contexts = &self.contexts;
         let event = self.assembler.push(pdv, |id| contexts.iter().any(|c| c.id == id))?;
         match event {

@@ -17,7 +17,7 @@ use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
 use dicom_ul::pdu::Pdu;
 
 use super::assembler::{Assembler, Event};
-use super::framing;
+use super::framing::{self, Frame};
 use super::negotiation::{self, Policy};
 use crate::dicom::dimse::{decode_command, Command};
 use crate::spool::Incoming;
@@ -57,7 +57,7 @@ pub fn drive(mut bytes: &[u8], max_pdu: u32) -> Outcome {
                 return out;
             }
         };
-        let pdu = match framing::parse(&bytes[..n]) {
+        let frame = match framing::parse(&bytes[..n]) {
             Ok(p) => p,
             Err(e) => {
                 out.error = Some(e.to_string());
@@ -66,8 +66,8 @@ pub fn drive(mut bytes: &[u8], max_pdu: u32) -> Outcome {
         };
         bytes = &bytes[n..];
         out.pdus += 1;
-        match pdu {
-            Pdu::AssociationRQ(rq) => {
+        match frame {
+            Frame::Control(Pdu::AssociationRQ(rq)) => {
                 let policy = Policy {
                     ae_title: "BIOMARKER",
                     allowed_callers: &[],
@@ -78,8 +78,8 @@ pub fn drive(mut bytes: &[u8], max_pdu: u32) -> Outcome {
                     accepted = a.contexts.into_iter().map(|c| (c.id, c.transfer_syntax)).collect();
                 }
             }
-            Pdu::PData { data } => {
-                for pdv in &data {
+            Frame::PData(pdvs) => {
+                for pdv in &pdvs {
                     let event = match assembler.push(pdv, |id| accepted.iter().any(|(c, _)| *c == id)) {
                         Ok(e) => e,
                         Err(e) => {
@@ -126,7 +126,7 @@ pub fn drive(mut bytes: &[u8], max_pdu: u32) -> Outcome {
                     }
                 }
             }
-            Pdu::ReleaseRQ | Pdu::AbortRQ { .. } => return out,
+            Frame::Control(Pdu::ReleaseRQ | Pdu::AbortRQ { .. }) => return out,
             _ => {
                 out.error = Some("unexpected PDU".into());
                 return out;

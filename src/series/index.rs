@@ -268,13 +268,11 @@ impl SeriesIndex {
     }
 
     pub fn contains_instance(&self, sop_instance_uid: &Uid) -> Result<bool, SeriesError> {
+        // Cached: ingest asks this once per C-STORE.
         Ok(self
             .conn
-            .query_row(
-                "SELECT 1 FROM instances WHERE sop_instance_uid = ?1 AND purged_at IS NULL",
-                [sop_instance_uid.as_str()],
-                |_| Ok(()),
-            )
+            .prepare_cached("SELECT 1 FROM instances WHERE sop_instance_uid = ?1 AND purged_at IS NULL")?
+            .query_row([sop_instance_uid.as_str()], |_| Ok(()))
             .optional()?
             .is_some())
     }

@@ -223,7 +223,7 @@ fn probe_unnamed_partials(tmp: &Path) -> bool {
 impl Spool for DiskSpool {
     fn begin(&self, incoming: &Incoming) -> Result<Box<dyn SpoolWriter>, SpoolError> {
         let (file, tmp_path) = self.create_partial()?;
-        let mut out = BufWriter::with_capacity(WRITEBACK_BYTES as usize, file);
+        let mut out = BufWriter::with_capacity(WRITE_BUFFER_BYTES, file);
         let mut header = Vec::with_capacity(512);
         write_part10_header(&mut header, incoming)?;
         out.write_all(&header)?;
@@ -263,8 +263,13 @@ fn write_part10_header(out: &mut impl Write, incoming: &Incoming) -> Result<(), 
     Ok(())
 }
 
-/// The write buffer, and how much written data starts its writeback early.
+/// How much written data starts its writeback early.
 const WRITEBACK_BYTES: u64 = 256 * 1024;
+
+/// The write buffer gathers the file meta and small PDVs. It is smaller
+/// than a typical PDV (peers fill our 256 KiB max PDU), so those bypass it
+/// and go from the PDU buffer straight to the file: one copy, not two.
+const WRITE_BUFFER_BYTES: usize = 64 * 1024;
 
 struct DiskWriter {
     root: PathBuf,
