@@ -6,6 +6,8 @@
 #   PEERS="node storescp" bash integration-tests/bench/ingest.sh   # the target ratio only
 #   BENCH_TMP=/dev/shm bash integration-tests/bench/ingest.sh      # on tmpfs: no disk flushes,
 #                                                                  # the protocol and CPU path alone
+#   BASE_BIN=/tmp/node-before PEERS="node base storescp" ROUNDS=3 bash integration-tests/bench/ingest.sh
+#       # a change against the build before it, interleaved, medians of 3 rounds
 #
 # Prints numbers; it is not a test and CI does not run it. Needs a release
 # build (cargo build --release) and scripts/install-deps.sh's packages.
@@ -21,12 +23,18 @@
 #   storescp  DCMTK storescp +B (bit-preserving, like the node: bytes as received);
 #             --fork when there is more than one sender. It does not fsync.
 #   orthanc   Orthanc with a throw-away config and storage (SQLite index, fsync on)
+#   base      another biomarker-node binary ($BASE_BIN), run exactly as `node`
+# ROUNDS (default 1) runs every peer that many times, interleaved (peer after
+# peer within a round), and reports medians: this machine's speed drifts by
+# tens of percent over minutes, so only interleaved runs compare.
 # TCP_NODELAY=1 is exported for the DCMTK peers (DCMTK reads it from the environment).
 set -euo pipefail
 
 N="${N:-500}"
 SENDERS="${SENDERS:-8}"
 PEERS="${PEERS:-node storescp orthanc}"
+ROUNDS="${ROUNDS:-1}"
+BASE_BIN="${BASE_BIN:-}"
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 BIN="${BIOMARKER_NODE_BIN:-$root/target/release/biomarker-node}"
 DCMTK_BIN="${DCMTK_BIN:-/usr/bin}" # not the pynetdicom console scripts of the same name
@@ -127,13 +135,18 @@ stop_peer() {
     fi
 }
 
-declare -A RATE RSS COUNT
+declare -A RATE RSS COUNT CPU
 # 1, and SENDERS once: a second run of the same count would find its peer's
 # storage full of the first run's instances and time duplicates.
 SENDER_COUNTS="$(printf '%s\n' 1 "$SENDERS" | sort -nu | tr '\n' ' ')"
 
-run_node() { # senders
-    local senders="$1" d="$work/node-$1" port
+run_base() { # senders round
+    [ -x "$BASE_BIN" ] || { echo "peer base needs BASE_BIN, an executable" >&2; exit 1; }
+    run_node "$1" "$2" base "$BASE_BIN"
+}
+
+run_node() { # senders round [label binary]
+    local senders="$1" label="${3:-node}" bin="${4:-$BIN}" d="$work/${3:-node}-$1-$2" port
     port=$(free_port)
     mkdir -p "$d"
     cat >"$d/node.yaml" <<EOF
@@ -154,7 +167,7 @@ log:
 http:
   enabled: false
 EOF
-    /usr/bin/time -v -o "$d/time.txt" "$BIN" serve --config "$d/node.yaml" >"$d/node.log" 2>&1 &
+    /usr/bin/time -v -o "$d/time.txt" "$bin" serve --config "$d/node.yaml" >"$d/node.log" 2>&1 &
     local time_pid=$!
     local node_pid=""
     for _ in $(seq 1 50); do
@@ -166,31 +179,51 @@ EOF
     wait_port "$port" "$node_pid"
     local secs
     secs=$(send "$port" BIOMARKER "$senders")
-    COUNT[node,$senders]=$(find "$d/data/spool" -name '*.dcm' | wc -l)
+    COUNT[$label,$senders]=$(find "$d/data/spool" -name '*.dcm' | wc -l)
     kill -TERM "$node_pid"
     wait "$time_pid" || true
     peer_pid=""
-    RATE[node,$senders]=$(python3 -c "print(f'{$N / $secs:.1f}')")
-    RSS[node,$senders]=$(awk -F: '/Maximum resident set size/ {gsub(/ /,"",$2); print $2}' "$d/time.txt")
+    record "$label" "$senders" "$secs"
+    RSS[$label,$senders]+="$(awk -F: '/Maximum resident set size/ {gsub(/ /,"",$2); print $2}' "$d/time.txt") "
+    CPU[$label,$senders]+="$(cpu_ms_per_instance "$d/time.txt") "
 }
 
-run_storescp() { # senders
-    local senders="$1" d="$work/storescp-$1" port fork=()
+record() { # peer senders seconds: one round's rate, appended
+    RATE[$1,$2]+="$(python3 -c "print(f'{$N / $3:.1f}')") "
+}
+
+# user + system CPU of a peer (and the children it reaped: storescp --fork),
+# from /usr/bin/time -v, in ms per instance. Less noisy than a rate on a
+# shared disk, and it says how much of the machine each peer needs.
+cpu_ms_per_instance() {
+    awk -F: -v n="$N" '/User time \(seconds\)|System time \(seconds\)/ {t += $2} END {printf "%.2f", 1000 * t / n}' "$1"
+}
+
+run_storescp() { # senders round
+    local senders="$1" d="$work/storescp-$1-$2" port fork=()
     port=$(free_port)
     mkdir -p "$d/out"
     [ "$senders" -gt 1 ] && fork=(--fork)
-    "$STORESCP" +B "${fork[@]}" -aet STORESCP -od "$d/out" "$port" >"$d/storescp.log" 2>&1 &
-    peer_pid=$!
+    /usr/bin/time -v -o "$d/time.txt" "$STORESCP" +B "${fork[@]}" -aet STORESCP -od "$d/out" "$port" \
+        >"$d/storescp.log" 2>&1 &
+    local time_pid=$!
+    for _ in $(seq 1 50); do
+        peer_pid=$(pgrep -P "$time_pid" || true)
+        [ -n "$peer_pid" ] && break
+        sleep 0.1
+    done
     wait_port "$port" "$peer_pid"
     local secs
     secs=$(send "$port" STORESCP "$senders")
     stop_peer
+    wait "$time_pid" || true
+    CPU[storescp,$senders]+="$(cpu_ms_per_instance "$d/time.txt") "
     COUNT[storescp,$senders]=$(find "$d/out" -type f | wc -l)
-    RATE[storescp,$senders]=$(python3 -c "print(f'{$N / $secs:.1f}')")
+    record storescp "$senders" "$secs"
 }
 
-run_orthanc() { # senders
-    local senders="$1" d="$work/orthanc-$1" port http
+run_orthanc() { # senders round
+    local senders="$1" d="$work/orthanc-$1-$2" port http
     port=$(free_port)
     http=$(free_port)
     mkdir -p "$d"
@@ -220,37 +253,53 @@ EOF
     COUNT[orthanc,$senders]=$(curl -s "http://127.0.0.1:$http/statistics" |
         python3 -c 'import json,sys; print(json.load(sys.stdin)["CountInstances"])')
     stop_peer
-    RATE[orthanc,$senders]=$(python3 -c "print(f'{$N / $secs:.1f}')")
+    record orthanc "$senders" "$secs"
 }
 
 for senders in $SENDER_COUNTS; do
-    for peer in $PEERS; do
-        echo "== $senders sender(s): $peer"
-        "run_$peer" "$senders"
+    for round in $(seq 1 "$ROUNDS"); do
+        for peer in $PEERS; do
+            echo "== $senders sender(s): $peer, round $round of $ROUNDS"
+            "run_$peer" "$senders" "$round"
+        done
     done
 done
 
 echo
-echo "Ingest of $N CT instances (530 kB, explicit VR LE), loopback, $(nproc) cores"
-printf '%-10s %8s %12s %10s\n' peer senders "inst/s" stored
+echo "Ingest of $N CT instances (530 kB, explicit VR LE), loopback, $(nproc) cores, median of $ROUNDS round(s)"
+# Every list below holds one number per round, in round order.
 for senders in $SENDER_COUNTS; do
     for peer in $PEERS; do
-        printf '%-10s %8s %12s %10s\n' "$peer" "$senders" "${RATE[$peer,$senders]:-}" "${COUNT[$peer,$senders]:-}"
+        printf '%s|%s|%s|%s|%s|%s\n' "$peer" "$senders" "${RATE[$peer,$senders]:-}" "${COUNT[$peer,$senders]:-}" \
+            "${CPU[$peer,$senders]:-}" "${RSS[$peer,$senders]:-}"
     done
-done
-echo
-# The ratios of this run, side by side: node/storescp is the target (>= 1.0).
-for senders in $SENDER_COUNTS; do
-    python3 - "$senders" "${RATE[node,$senders]:-}" "${RATE[storescp,$senders]:-}" "${RATE[orthanc,$senders]:-}" "${RSS[node,$senders]:-}" <<'EOF'
-import sys
-s, node, scp, orth, rss = sys.argv[1:6]
-parts = []
-if node and scp:
-    parts.append(f"node/storescp = {float(node) / float(scp):.2f}")
-if node and orth:
-    parts.append(f"node/orthanc = {float(node) / float(orth):.2f}")
-if rss:
-    parts.append(f"node peak RSS = {int(rss) / 1024:.1f} MiB")
-print(f"{s} sender(s): " + ", ".join(parts))
+done >"$work/summary.txt"
+python3 - "$work/summary.txt" <<'EOF'
+import statistics, sys
+rows = [l.rstrip("\n").split("|") for l in open(sys.argv[1])]
+def nums(v):
+    return [float(x) for x in v.split()]
+def med(v):
+    return statistics.median(nums(v)) if v.strip() else None
+print(f"{'peer':<10} {'senders':>8} {'inst/s':>10} {'stored':>8} {'CPU ms/inst':>12}")
+rate = {}
+for peer, s, r, count, cpu, rss in rows:
+    rate[peer, s] = nums(r)
+    c = med(cpu)
+    print(f"{peer:<10} {s:>8} {med(r):>10.1f} {count:>8} {'-' if c is None else f'{c:.2f}':>12}")
+print()
+# The ratios of this run, side by side, round by round: node/storescp is the
+# target (>= 1.0); node/base is a change against the build before it.
+for peer, s, r, count, cpu, rss in rows:
+    if peer != "node":
+        continue
+    parts = []
+    for other in ("storescp", "orthanc", "base"):
+        if (other, s) in rate:
+            each = [a / b for a, b in zip(rate["node", s], rate[other, s])]
+            spread = f" (rounds {min(each):.2f}-{max(each):.2f})" if len(each) > 1 else ""
+            parts.append(f"node/{other} = {statistics.median(each):.2f}{spread}")
+    if rss.strip():
+        parts.append(f"node peak RSS = {max(nums(rss)) / 1024:.1f} MiB")
+    print(f"{s} sender(s): " + ", ".join(parts))
 EOF
-done
