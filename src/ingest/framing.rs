@@ -172,6 +172,13 @@ mod tests {
         assert_eq!(items, expected);
         assert_eq!(parse_control(&pdu).unwrap(), Pdu::PData { data: values });
 
+        // ...without copying: every item's data lies inside the PDU's bytes.
+        let inside = pdu.as_ptr_range();
+        for item in &items {
+            let d = item.data.as_ptr_range();
+            assert!(inside.start <= d.start && d.end <= inside.end, "item data was copied");
+        }
+
         // an empty P-DATA-TF has no items, as in dicom-ul
         assert_eq!(parse(&[0x04, 0, 0, 0, 0, 0]).unwrap(), Frame::PData(vec![]));
         for bad in [
