@@ -6,9 +6,9 @@
 //! and hands every other PDU to dicom-ul's reader. No I/O here.
 //!
 //! P-DATA is parsed here rather than by dicom-ul because its reader copies
-//! each PDV into a fresh `Vec`: for a 256 KiB PDU that is a copy and, once
-//! the allocator hands the block back, page faults, on every PDU of every
-//! instance (about a quarter of the node's ingest CPU, perf, issue 15).
+//! each PDV into a fresh `Vec`: a copy and an allocation of up to our max
+//! PDU for every PDU of every instance (14 % of the node's ingest CPU in a
+//! perf profile, issue 15).
 
 use dicom_ul::pdu::{read_pdu, PDataValue, PDataValueType, Pdu};
 
