@@ -217,10 +217,11 @@ fn return_large_blocks_to_the_os() {
         unsafe {
             libc::mallopt(libc::M_MMAP_THRESHOLD, 4 << 20);
             // With a fixed mmap threshold the trim threshold no longer
-            // follows it and stays at 128 KiB: every freed 256 KiB PDU or
-            // write buffer at the top of an arena went back to the kernel
-            // (madvise) and came back as page faults on the next instance,
-            // 18 % of ingest CPU (perf, issue 15). Jobs still hand their
+            // follows it and stays at 128 KiB: every freed buffer of a few
+            // hundred KiB (an instance's PDUs, its write buffer) at the top
+            // of an arena went back to the kernel (madvise) and came back as
+            // page faults on the next instance, 18 % of ingest CPU (perf,
+            // issue 15). Jobs still hand their
             // memory back explicitly, whatever this threshold.
             libc::mallopt(libc::M_TRIM_THRESHOLD, 16 << 20);
         }

@@ -140,13 +140,26 @@ declare -A RATE RSS COUNT CPU
 # storage full of the first run's instances and time duplicates.
 SENDER_COUNTS="$(printf '%s\n' 1 "$SENDERS" | sort -nu | tr '\n' ' ')"
 
+# The pid of the peer that /usr/bin/time ($1) started: signals go to it, not
+# to time, so that time still reports. Empty if it never appeared.
+child_of() {
+    local pid=""
+    for _ in $(seq 1 50); do
+        pid=$(pgrep -P "$1" || true)
+        [ -n "$pid" ] && break
+        sleep 0.1
+    done
+    echo "$pid"
+}
+
 run_base() { # senders round
     [ -x "$BASE_BIN" ] || { echo "peer base needs BASE_BIN, an executable" >&2; exit 1; }
     run_node "$1" "$2" base "$BASE_BIN"
 }
 
 run_node() { # senders round [label binary]
-    local senders="$1" label="${3:-node}" bin="${4:-$BIN}" d="$work/${3:-node}-$1-$2" port
+    local senders="$1" label="${3:-node}" bin="${4:-$BIN}" port
+    local d="$work/$label-$senders-$2"
     port=$(free_port)
     mkdir -p "$d"
     cat >"$d/node.yaml" <<EOF
@@ -169,12 +182,8 @@ http:
 EOF
     /usr/bin/time -v -o "$d/time.txt" "$bin" serve --config "$d/node.yaml" >"$d/node.log" 2>&1 &
     local time_pid=$!
-    local node_pid=""
-    for _ in $(seq 1 50); do
-        node_pid=$(pgrep -P "$time_pid" || true)
-        [ -n "$node_pid" ] && break
-        sleep 0.1
-    done
+    local node_pid
+    node_pid=$(child_of "$time_pid")
     peer_pid="$node_pid"
     wait_port "$port" "$node_pid"
     local secs
@@ -207,11 +216,7 @@ run_storescp() { # senders round
     /usr/bin/time -v -o "$d/time.txt" "$STORESCP" +B "${fork[@]}" -aet STORESCP -od "$d/out" "$port" \
         >"$d/storescp.log" 2>&1 &
     local time_pid=$!
-    for _ in $(seq 1 50); do
-        peer_pid=$(pgrep -P "$time_pid" || true)
-        [ -n "$peer_pid" ] && break
-        sleep 0.1
-    done
+    peer_pid=$(child_of "$time_pid")
     wait_port "$port" "$peer_pid"
     local secs
     secs=$(send "$port" STORESCP "$senders")

@@ -10,7 +10,7 @@
 //! PDU for every PDU of every instance (14 % of the node's ingest CPU in a
 //! perf profile, issue 15).
 
-use dicom_ul::pdu::{read_pdu, PDataValue, PDataValueType, Pdu};
+use dicom_ul::pdu::{read_pdu, PDataValueType, Pdu};
 
 /// PDU header: type (1), reserved (1), length (4).
 pub const HEADER_LEN: usize = 6;
@@ -59,17 +59,6 @@ pub struct Pdv<'a> {
     pub value_type: PDataValueType,
     pub is_last: bool,
     pub data: &'a [u8],
-}
-
-impl<'a> From<&'a PDataValue> for Pdv<'a> {
-    fn from(p: &'a PDataValue) -> Pdv<'a> {
-        Pdv {
-            presentation_context_id: p.presentation_context_id,
-            value_type: p.value_type.clone(),
-            is_last: p.is_last,
-            data: &p.data,
-        }
-    }
 }
 
 /// A whole PDU: the items of a P-DATA-TF, or any other PDU as dicom-ul reads it.
@@ -127,6 +116,18 @@ fn parse_control(pdu: &[u8]) -> Result<Pdu, FrameError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use dicom_ul::pdu::PDataValue;
+
+    impl<'a> From<&'a PDataValue> for Pdv<'a> {
+        fn from(p: &'a PDataValue) -> Pdv<'a> {
+            Pdv {
+                presentation_context_id: p.presentation_context_id,
+                value_type: p.value_type.clone(),
+                is_last: p.is_last,
+                data: &p.data,
+            }
+        }
+    }
 
     #[test]
     fn incomplete_then_complete() {

@@ -267,8 +267,9 @@ fn write_part10_header(out: &mut impl Write, incoming: &Incoming) -> Result<(), 
 const WRITEBACK_BYTES: u64 = 256 * 1024;
 
 /// The write buffer gathers the file meta and small PDVs. It is smaller
-/// than a typical PDV (peers fill our 256 KiB max PDU), so those bypass it
-/// and go from the PDU buffer straight to the file: one copy, not two.
+/// than a typical PDV (DCMTK sends 131 kB ones; our max PDU is 256 KiB), so
+/// those bypass it and go from the PDU buffer straight to the file: one
+/// copy, not two.
 const WRITE_BUFFER_BYTES: usize = 64 * 1024;
 
 struct DiskWriter {
