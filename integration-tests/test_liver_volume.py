@@ -10,7 +10,8 @@ a liver CT volume and reports the tumour volume in mL and the largest cross-sect
     to). Its headers have no Series/Study description or body part; the default route takes it by anatomy from HU
     (`covers: liver`, test_liver_route_anatomy.py), and this test copies it with SeriesDescription "ABDOMEN" and
     nothing else changed, so it exercises the description path. The volume is printed next to the manual masks' (sum(tumour) x pixel area x spacing), not asserted: the
-    model is phantom-trained.
+    model is phantom-trained. The files as they are, without a description, also go to a running node by C-STORE:
+    the routing stage finds the liver from HU, and the job's volume equals `analyze`'s on the same files.
 """
 
 from __future__ import annotations
@@ -259,3 +260,24 @@ def test_real_liver_volume_gives_one_volume_line(ircad, binary, tmp_path):
           f"slice {int(per_slice.argmax())}")
     d = tmp_path / "out" / v["series_instance_uid"] / v["route"]
     _check_reports(d, v, 151)
+
+
+def test_real_liver_volume_without_descriptions_is_routed_by_anatomy_in_a_running_node(ircad, binary, tmp_path, nodes):
+    """ircad07 as it is (no description, no body part) by C-STORE: routed to liver by `covers: liver` in the routing
+    stage, one volume job done over all 151 slices, its value the one `analyze` gives for the same files."""
+    files = sorted(ircad.glob("*.dcm"))
+    (v,) = [l for l in _analyze(binary, tmp_path / "out", ircad) if l["model"] == "liver"]
+    assert v["route"] == "liver-abdomen", v
+    # Nothing listens on the destination: the job's result is what is checked, not the delivery.
+    over = node_overrides(free_port(), routes_named("liver-abdomen"), cards={"liver": REPO_ROOT / "models" / "liver.yaml"})
+    node = nodes(over)
+    r = storescu(node, files)
+    assert r.returncode == 0, r.stdout + r.stderr
+    (job,) = wait_for(lambda: (lambda js: js if js and all(j["state"] in ("done", "failed", "refused") for j in js)
+                               else None)(jobs_of(node, v["series_instance_uid"])),
+                      240, "the liver volume job finished", diag=lambda: node.log_tail(40))
+    assert job["state"] == "done", job
+    result = job["result"]
+    assert (result["biomarker"], result["unit"], result["slices"]) == ("liver_tumour_volume", "mL", 151), result
+    assert result["value"] == pytest.approx(v["value"], rel=1e-6)
+    assert result["slice_sop_instance_uid"] == v["slice_sop_instance_uid"]

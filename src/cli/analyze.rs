@@ -36,6 +36,7 @@ pub fn analyze(config_path: &Path, out: &Path, paths: &[PathBuf]) -> anyhow::Res
     let models = Models::load(&cfg)?;
     let opts = crate::volume::VolumeOptions {
         spacing_tolerance: cfg.series.spacing_tolerance,
+        max_voxels: cfg.jobs.max_volume_voxels(),
         ..Default::default()
     };
     let mut failures = 0usize;

@@ -93,6 +93,9 @@ impl Config {
         if !(self.jobs.timeout_s > 0.0 && self.jobs.timeout_s.is_finite()) {
             p.push("jobs.timeout_s", "must be a positive number of seconds");
         }
+        if self.jobs.max_volume_mb == 0 {
+            p.push("jobs.max_volume_mb", "must be at least 1");
+        }
         retention(&self.retention, &mut p);
         if let Some(c) = &self.cluster {
             cluster(c, &mut p);

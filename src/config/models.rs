@@ -87,6 +87,16 @@ pub struct JobsConfig {
     /// series (one per route) decode it once; 0 turns the cache off.
     #[serde(default = "default_volume_cache_mb")]
     pub volume_cache_mb: usize,
+    /// The most HU one job's volume may hold, in MiB of `f32` (4 bytes a
+    /// voxel). A series that describes more is refused before the file that
+    /// passes it is decoded, so a job's memory is bounded by this, whatever
+    /// the series' number of files or frames.
+    #[serde(default = "default_max_volume_mb")]
+    pub max_volume_mb: u64,
+}
+
+fn default_max_volume_mb() -> u64 {
+    4096
 }
 
 /// The most workers `jobs.workers: 0` chooses.
@@ -103,6 +113,11 @@ impl JobsConfig {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()).min(MAX_AUTO_WORKERS),
             n => n,
         }
+    }
+
+    /// `max_volume_mb` in voxels.
+    pub fn max_volume_voxels(&self) -> u64 {
+        self.max_volume_mb.saturating_mul(1 << 20) / 4
     }
 
     /// ONNX Runtime intra-op threads per session: 0 (its default: every
@@ -122,6 +137,11 @@ fn default_job_timeout() -> f64 {
 
 impl Default for JobsConfig {
     fn default() -> Self {
-        JobsConfig { timeout_s: default_job_timeout(), workers: 0, volume_cache_mb: default_volume_cache_mb() }
+        JobsConfig {
+            timeout_s: default_job_timeout(),
+            workers: 0,
+            volume_cache_mb: default_volume_cache_mb(),
+            max_volume_mb: default_max_volume_mb(),
+        }
     }
 }

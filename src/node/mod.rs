@@ -296,6 +296,7 @@ fn build_worker(ctx: &Ctx, outbox: OutboxHandle) -> anyhow::Result<Worker> {
         routes: ctx.routes.clone(),
         volume_opts: VolumeOptions {
             spacing_tolerance: cfg.series.spacing_tolerance,
+            max_voxels: cfg.jobs.max_volume_voxels(),
             ..Default::default()
         },
         timeout: std::time::Duration::from_secs_f64(cfg.jobs.timeout_s),

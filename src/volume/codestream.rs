@@ -5,7 +5,7 @@
 //! header, not from Rows and Columns. A 1 kB JPEG Baseline object that says
 //! 8x8 in its dataset and 25608x24930 in its frame header made jpeg-decoder
 //! allocate 640 MB and run for more than 10 s (the `dicom_file` fuzz target's
-//! `timeout-59c957…`); the `MAX_SIDE` and `MAX_FILE_PIXELS` checks on Rows and Columns cannot
+//! `timeout-59c957…`); the `MAX_SIDE` and voxel-budget checks on Rows and Columns cannot
 //! see that. So every frame's header is read here first, and one that does
 //! not describe exactly the dataset's image is refused.
 //!

@@ -50,9 +50,16 @@
 //! Objects whose SOP Instance UID is empty (shared/realct/abdomen-siemens-j2k)
 //! are refused with [`VolumeError::MissingAttribute`]: a slice we cannot
 //! reference cannot be reported on, and ingest never spools such objects.
-//! A file whose Rows x Columns x NumberOfFrames overflows, holds more than
-//! [`MAX_FILE_PIXELS`], or whose Rows or Columns pass [`MAX_SIDE`], is
-//! refused with [`VolumeError::Unsupported`] before any decoder runs.
+//! A file whose Rows x Columns x NumberOfFrames overflows, or whose Rows or
+//! Columns pass [`MAX_SIDE`], is refused with [`VolumeError::Unsupported`]
+//! before any decoder runs; so is one whose pixel data cannot hold what its
+//! header describes (native data shorter than Rows x Columns x frames, or
+//! compressed data that would expand more than [`MAX_EXPANSION`] times).
+//! A series whose files describe more than [`VolumeOptions::max_voxels`]
+//! voxels in all is refused with [`VolumeError::TooLarge`], before the file
+//! that passes the budget is decoded: memory is bounded per volume, not per
+//! file, so an Enhanced CT object of any number of frames is read like the
+//! same frames sent as single-frame files.
 
 pub(crate) mod attrs;
 mod codestream;
@@ -76,12 +83,27 @@ use attrs::{dot, frame_count, frame_floats, frame_plane, int, normal, text};
 /// What padding voxels become; see the module doc.
 pub const PADDING_HU: f32 = -1024.0;
 
-/// The most pixels one file may hold (2^28: 1024 frames of 512x512). The
-/// budget is in pixels, not decoded bytes, because each becomes an `f32` of
-/// HU (1 GiB at this limit) while the decoded bytes are still held: a byte
-/// budget of 1 GiB let an 8-bit file describe 2^30 pixels, 4 GiB of HU
-/// (the `dicom_file` fuzz target's RSS reached 3.7 GB).
-pub const MAX_FILE_PIXELS: u64 = 1 << 28;
+/// The default of [`VolumeOptions::max_voxels`]: 2^30 voxels, 4 GiB of f32
+/// HU (4096 slices of 512x512; a whole-body CT of 0.6 mm slices is about
+/// 3000). The budget is in voxels, not bytes of pixel data, because each
+/// voxel becomes an `f32` whatever its stored size: a byte budget let an
+/// 8-bit file describe 2^30 pixels, 4 GiB of HU (the `dicom_file` fuzz
+/// target's RSS reached 3.7 GB).
+pub const DEFAULT_MAX_VOXELS: u64 = 1 << 30;
+
+/// How many times larger than its encapsulated bytes the decoded pixel data
+/// of a compressed object may be, once it describes more than
+/// [`EXPANSION_CHECK_PIXELS`]. Lossless CT compresses 2-4 times and lossy CT
+/// rarely beyond 20; only a frame of one constant value (which JPEG-LS
+/// codes in a few hundred bytes) comes near this. Without it, a few hundred
+/// bytes of RLE or JPEG headers could make the decoders allocate, and the
+/// volume hold, gigabytes that the file never contained.
+pub const MAX_EXPANSION: u64 = 1000;
+
+/// Below this many pixels (64 frames of 512x512) a compressed object is not
+/// held to [`MAX_EXPANSION`]: it cannot cost much, and a single blank frame
+/// may legitimately compress further.
+pub const EXPANSION_CHECK_PIXELS: u64 = 1 << 24;
 
 /// The largest Rows or Columns decoded (CT is 512-1024, some 2048). The
 /// codecs take time in proportion to the image they are told to produce,
@@ -108,6 +130,10 @@ pub enum VolumeError {
     },
     #[error("{path}: unsupported image: {reason}")]
     Unsupported { path: PathBuf, reason: String },
+    /// The series is larger than the volume budget; nothing past the budget
+    /// was decoded.
+    #[error("{path}: the series describes at least {voxels} voxels ({mib} MiB of HU), more than the {limit} one volume may hold (jobs.max_volume_mb)", mib = voxels * 4 >> 20)]
+    TooLarge { path: PathBuf, voxels: u64, limit: u64 },
     #[error("{path}: {what} differs from the first slice ({detail})")]
     Inconsistent {
         path: PathBuf,
@@ -145,6 +171,9 @@ pub struct VolumeOptions {
     /// Relative spread `(max − min) / median` of slice steps still "even";
     /// the same meaning as `series.spacing_tolerance`.
     pub spacing_tolerance: f64,
+    /// The most voxels (HU values, 4 bytes each) the files of one volume
+    /// may describe together; `jobs.max_volume_mb`.
+    pub max_voxels: u64,
 }
 
 impl Default for VolumeOptions {
@@ -152,6 +181,7 @@ impl Default for VolumeOptions {
         VolumeOptions {
             max_tilt_deg: 1.0,
             spacing_tolerance: 0.1,
+            max_voxels: DEFAULT_MAX_VOXELS,
         }
     }
 }
@@ -297,10 +327,11 @@ impl Volume {
             return Err(VolumeError::Empty);
         }
         let mut frames = Vec::new();
+        let mut voxels = 0;
         for p in paths {
             // One file at a time: the decoded object is dropped before the
             // next is read, so peak memory is about one volume.
-            read_frames(p, &mut frames)?;
+            voxels += read_frames(p, &mut frames, Budget { used: voxels, limit: opts.max_voxels })?;
         }
         assemble(frames, opts)
     }
@@ -364,7 +395,15 @@ fn missing(path: &Path, attribute: &'static str) -> VolumeError {
     }
 }
 
-fn read_frames(path: &Path, out: &mut Vec<Frame>) -> Result<(), VolumeError> {
+/// Voxels already read into a volume, and how many it may hold.
+#[derive(Debug, Clone, Copy)]
+struct Budget {
+    used: u64,
+    limit: u64,
+}
+
+/// Reads one file's frames into `out`; returns how many voxels they hold.
+fn read_frames(path: &Path, out: &mut Vec<Frame>, budget: Budget) -> Result<u64, VolumeError> {
     let obj = match open_dicom(path, ReadDepth::Full) {
         Ok(obj) => obj,
         Err(OpenError::UnsupportedTransferSyntax { path, uid }) => {
@@ -423,14 +462,17 @@ fn read_frames(path: &Path, out: &mut Vec<Frame>) -> Result<(), VolumeError> {
         });
     }
     let pixels = (rows * cols) as u64 * n_frames as u64;
-    if pixels > MAX_FILE_PIXELS {
-        return Err(VolumeError::Unsupported {
+    if budget.used.saturating_add(pixels) > budget.limit {
+        return Err(VolumeError::TooLarge {
             path: path.to_owned(),
-            reason: format!(
-                "{n_frames} frame(s) of {rows}x{cols} are {pixels} pixels, more than the {MAX_FILE_PIXELS} one file may hold"
-            ),
+            voxels: budget.used.saturating_add(pixels),
+            limit: budget.limit,
         });
     }
+    check_pixel_data_size(&obj, total_len as u64, pixels).map_err(|reason| VolumeError::Unsupported {
+        path: path.to_owned(),
+        reason: format!("{n_frames} frame(s) of {rows}x{cols} at {bits_allocated} bits: {reason}"),
+    })?;
     let layout = jpeg_ext::Layout {
         rows,
         cols,
@@ -483,6 +525,30 @@ fn read_frames(path: &Path, out: &mut Vec<Frame>) -> Result<(), VolumeError> {
             padding: pad,
             slope,
         });
+    }
+    Ok(pixels)
+}
+
+/// Whether the Pixel Data element can hold what the header describes
+/// (`decoded_len` bytes, `pixels` pixels), before a decoder sizes its output
+/// from the header: native data must be that long, and compressed data may
+/// not claim to expand more than [`MAX_EXPANSION`] times.
+fn check_pixel_data_size(obj: &InMemDicomObject, decoded_len: u64, pixels: u64) -> Result<(), String> {
+    let Some(value) = obj.element(tags::PIXEL_DATA).ok().map(|e| e.value()) else {
+        return Err("no Pixel Data".into());
+    };
+    if let Some(fragments) = value.fragments() {
+        let stored: u64 = fragments.iter().map(|f| f.len() as u64).sum();
+        if pixels > EXPANSION_CHECK_PIXELS && stored.saturating_mul(MAX_EXPANSION) < decoded_len {
+            return Err(format!(
+                "{stored} bytes of compressed pixel data cannot hold {decoded_len} bytes of image (more than {MAX_EXPANSION} times)"
+            ));
+        }
+    } else if let Some(primitive) = value.primitive() {
+        let stored = primitive.calculate_byte_len() as u64;
+        if stored < decoded_len {
+            return Err(format!("Pixel Data holds {stored} bytes, the image needs {decoded_len}"));
+        }
     }
     Ok(())
 }

@@ -263,6 +263,25 @@ fn item(elements: Vec<DataElement<InMemDicomObject>>) -> InMemDicomObject {
 /// A 3-frame Enhanced CT, frames stored in descending z, 2x2 pixels,
 /// slope 2 intercept -1000 in the shared group.
 pub(crate) fn write_enhanced(path: &Path, z: [f64; 3]) {
+    // Frame f holds stored values 100*f + 0..4.
+    let pixels: Vec<u16> = (0..3u16).flat_map(|f| (0..4u16).map(move |i| 100 * f + i)).collect();
+    let pixel_data = DataElement::new(tags::PIXEL_DATA, VR::OW, PrimitiveValue::U16(pixels.into()));
+    enhanced_object(&z, 2, 2, 16, pixel_data)
+        .with_meta(FileMetaTableBuilder::new().transfer_syntax(uids::EXPLICIT_VR_LITTLE_ENDIAN))
+        .unwrap()
+        .write_to_file(path)
+        .unwrap();
+}
+
+/// An Enhanced CT object of `z.len()` frames of `rows` x `cols` at `bits`
+/// (12 stored when 16 allocated), one frame per z, rescaled 2x - 1000.
+fn enhanced_object(
+    z: &[f64],
+    rows: u16,
+    cols: u16,
+    bits: u16,
+    pixel_data: DataElement<InMemDicomObject>,
+) -> InMemDicomObject {
     let ds = |v: &str| PrimitiveValue::from(v);
     let shared = item(vec![
         DataElement::new(
@@ -301,9 +320,8 @@ pub(crate) fn write_enhanced(path: &Path, z: [f64; 3]) {
             )])
         })
         .collect();
-    // Frame f holds stored values 100*f + 0..4.
-    let pixels: Vec<u16> = (0..3u16).flat_map(|f| (0..4u16).map(move |i| 100 * f + i)).collect();
-    let obj = InMemDicomObject::from_element_iter(vec![
+    let stored = if bits == 16 { 12u16 } else { bits };
+    InMemDicomObject::from_element_iter(vec![
         DataElement::new(tags::SOP_CLASS_UID, VR::UI, ds(uids::ENHANCED_CT_IMAGE_STORAGE)),
         DataElement::new(tags::SOP_INSTANCE_UID, VR::UI, ds("1.2.3.4.5")),
         DataElement::new(tags::STUDY_INSTANCE_UID, VR::UI, ds("1.2.3")),
@@ -312,21 +330,17 @@ pub(crate) fn write_enhanced(path: &Path, z: [f64; 3]) {
         DataElement::new(tags::MODALITY, VR::CS, ds("CT")),
         DataElement::new(tags::SAMPLES_PER_PIXEL, VR::US, PrimitiveValue::from(1u16)),
         DataElement::new(tags::PHOTOMETRIC_INTERPRETATION, VR::CS, ds("MONOCHROME2")),
-        DataElement::new(tags::NUMBER_OF_FRAMES, VR::IS, ds("3")),
-        DataElement::new(tags::ROWS, VR::US, PrimitiveValue::from(2u16)),
-        DataElement::new(tags::COLUMNS, VR::US, PrimitiveValue::from(2u16)),
-        DataElement::new(tags::BITS_ALLOCATED, VR::US, PrimitiveValue::from(16u16)),
-        DataElement::new(tags::BITS_STORED, VR::US, PrimitiveValue::from(12u16)),
-        DataElement::new(tags::HIGH_BIT, VR::US, PrimitiveValue::from(11u16)),
+        DataElement::new(tags::NUMBER_OF_FRAMES, VR::IS, ds(&z.len().to_string())),
+        DataElement::new(tags::ROWS, VR::US, PrimitiveValue::from(rows)),
+        DataElement::new(tags::COLUMNS, VR::US, PrimitiveValue::from(cols)),
+        DataElement::new(tags::BITS_ALLOCATED, VR::US, PrimitiveValue::from(bits)),
+        DataElement::new(tags::BITS_STORED, VR::US, PrimitiveValue::from(stored)),
+        DataElement::new(tags::HIGH_BIT, VR::US, PrimitiveValue::from(stored - 1)),
         DataElement::new(tags::PIXEL_REPRESENTATION, VR::US, PrimitiveValue::from(0u16)),
         DataElement::new(tags::SHARED_FUNCTIONAL_GROUPS_SEQUENCE, VR::SQ, seq(vec![shared])),
         DataElement::new(tags::PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE, VR::SQ, seq(per_frame)),
-        DataElement::new(tags::PIXEL_DATA, VR::OW, PrimitiveValue::U16(pixels.into())),
-    ]);
-    obj.with_meta(FileMetaTableBuilder::new().transfer_syntax(uids::EXPLICIT_VR_LITTLE_ENDIAN))
-        .unwrap()
-        .write_to_file(path)
-        .unwrap();
+        pixel_data,
+    ])
 }
 
 #[test]
@@ -409,8 +423,8 @@ fn a_pixel_data_size_that_overflows_is_refused() {
 
 /// Sizes a few bytes can claim, refused before a decoder allocates (or
 /// spends its time on) what they describe: 65535 x 65535 x 16-bit (8 GiB),
-/// and 17 frames of 4096 x 4096 x 8-bit (285 MB decoded, which a budget in
-/// bytes let through, but 1.1 GiB of f32 HU).
+/// and 17 frames of 4096 x 4096 x 8-bit (285 MB decoded, 1.1 GiB of f32 HU)
+/// from 24 bytes of Pixel Data.
 #[test]
 fn a_pixel_data_size_past_the_decode_budget_is_refused_before_decoding() {
     let dir = tempfile::tempdir().unwrap();
@@ -418,7 +432,7 @@ fn a_pixel_data_size_past_the_decode_budget_is_refused_before_decoding() {
     for (rows, cols, frames, bits, says) in [
         (65535u16, 65535u16, 3u32, 16u16, "more than the 4096 rows or columns"),
         (4096, 4097, 1, 16, "more than the 4096 rows or columns"),
-        (4096, 4096, 17, 8, "285212672 pixels, more than the 268435456"),
+        (4096, 4096, 17, 8, "Pixel Data holds 24 bytes, the image needs 285212672"),
     ] {
         write_enhanced(&p, [10.0, 6.0, 2.0]);
         let mut f = dicom_object::open_file(&p).unwrap();
@@ -432,6 +446,105 @@ fn a_pixel_data_size_past_the_decode_budget_is_refused_before_decoding() {
             Err(VolumeError::Unsupported { reason, .. }) => assert!(reason.contains(says), "{reason}"),
             other => panic!("{rows}x{cols}x{frames}: expected Unsupported, got {other:?}"),
         }
+    }
+}
+
+/// The volume budget counts the voxels of every file of the series, single
+/// frame or multi-frame, and refuses the file that would pass it before it
+/// is decoded: a budget of exactly the series' voxels reads it, one voxel
+/// less refuses it, naming the file and the sizes.
+#[test]
+fn the_volume_budget_counts_every_file_and_refuses_past_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut paths = Vec::new();
+    for (i, z) in [[10.0, 6.0, 2.0], [22.0, 18.0, 14.0]].iter().enumerate() {
+        let p = dir.path().join(format!("enh{i}.dcm"));
+        write_enhanced(&p, *z);
+        let mut f = dicom_object::open_file(&p).unwrap();
+        f.put(DataElement::new(tags::SOP_INSTANCE_UID, VR::UI, PrimitiveValue::from(format!("1.2.3.4.5.{i}"))));
+        f.write_to_file(&p).unwrap();
+        paths.push(p);
+    }
+    // 2 files x 3 frames x 2 x 2 pixels.
+    let opts = |max_voxels| VolumeOptions { max_voxels, ..Default::default() };
+    let v = Volume::from_files_with(&paths, &opts(24)).unwrap();
+    assert_eq!(v.hu.dim(), (6, 2, 2));
+    match Volume::from_files_with(&paths, &opts(23)) {
+        Err(e @ VolumeError::TooLarge { voxels: 24, limit: 23, .. }) => {
+            assert!(e.to_string().contains("enh1.dcm"), "the file past the budget is named: {e}");
+            assert!(e.to_string().contains("jobs.max_volume_mb"), "{e}");
+            assert!(!e.is_retryable());
+        }
+        other => panic!("expected TooLarge, got {other:?}"),
+    }
+    match Volume::from_files_with(&paths[..1], &opts(11)) {
+        Err(VolumeError::TooLarge { voxels: 12, limit: 11, .. }) => {}
+        other => panic!("one multi-frame file past the budget: expected TooLarge, got {other:?}"),
+    }
+}
+
+/// Compressed pixel data may not describe far more image than it holds: 70
+/// frames of 512 x 512 (18 M pixels, 36 MB decoded) in 70 fragments of 64
+/// bytes is refused before the RLE decoder sizes its output from the header.
+/// The same frames with fragments of a plausible size pass this check (and
+/// then fail to decode, being zeros, which is a decode error).
+#[test]
+fn compressed_pixel_data_that_would_expand_past_the_limit_is_refused_before_decoding() {
+    use dicom_core::value::{PixelFragmentSequence, Value};
+    let dir = tempfile::tempdir().unwrap();
+    let z: Vec<f64> = (0..70).map(f64::from).collect();
+    let write = |fragment_len: usize| {
+        let fragments = vec![vec![0u8; fragment_len]; z.len()];
+        let pixel_data = DataElement::new(
+            tags::PIXEL_DATA,
+            VR::OB,
+            Value::<InMemDicomObject, _>::PixelSequence(PixelFragmentSequence::new(Vec::<u32>::new(), fragments)),
+        );
+        let p = dir.path().join(format!("rle-{fragment_len}.dcm"));
+        enhanced_object(&z, 512, 512, 16, pixel_data)
+            .with_meta(FileMetaTableBuilder::new().transfer_syntax(uids::RLE_LOSSLESS))
+            .unwrap()
+            .write_to_file(&p)
+            .unwrap();
+        p
+    };
+    match Volume::from_files(&[write(64)]) {
+        Err(VolumeError::Unsupported { reason, .. }) => {
+            assert!(reason.contains("4480 bytes of compressed pixel data cannot hold 36700160 bytes"), "{reason}")
+        }
+        other => panic!("expected Unsupported, got {other:?}"),
+    }
+    match Volume::from_files(&[write(1024)]) {
+        Err(VolumeError::Decode { .. }) => {}
+        other => panic!("expected a decode error past the size check, got {other:?}"),
+    }
+}
+
+/// An Enhanced CT object of more than 2^28 pixels (1025 frames of 512 x 512,
+/// which the former per-file limit refused) is read whole within the default
+/// volume budget, every frame in place.
+#[test]
+fn an_enhanced_ct_of_1025_frames_of_512_squared_is_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("big.dcm");
+    let z: Vec<f64> = (0..1025).map(|k| f64::from(k) * 0.5).collect();
+    let plane = 512 * 512;
+    // Frame k is filled with k % 251: stored values tell the frames apart.
+    let pixels: Vec<u8> = (0..z.len()).flat_map(|k| std::iter::repeat((k % 251) as u8).take(plane)).collect();
+    assert!(pixels.len() as u64 > 1 << 28);
+    let pixel_data = DataElement::new(tags::PIXEL_DATA, VR::OB, PrimitiveValue::U8(pixels.into()));
+    enhanced_object(&z, 512, 512, 8, pixel_data)
+        .with_meta(FileMetaTableBuilder::new().transfer_syntax(uids::EXPLICIT_VR_LITTLE_ENDIAN))
+        .unwrap()
+        .write_to_file(&p)
+        .unwrap();
+    let v = Volume::from_files(&[p]).unwrap();
+    assert_eq!(v.hu.dim(), (1025, 512, 512));
+    assert_eq!(v.spacing_mm, Some(0.5));
+    for k in [0usize, 1, 511, 1024] {
+        let want = 2.0 * (k % 251) as f32 - 1000.0;
+        let s = v.slice(k).unwrap();
+        assert!(s.iter().all(|h| *h == want), "frame {k}: {} != {want}", s[[0, 0]]);
     }
 }
 
