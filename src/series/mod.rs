@@ -282,6 +282,9 @@ pub enum SeriesError {
     InvalidConfig(String),
     #[error("the series tracker has stopped")]
     TrackerStopped,
+    /// Its thread, or that thread's timer runtime, could not be made.
+    #[error("cannot start the series tracker's thread: {0}")]
+    TrackerThread(std::io::Error),
     /// The cluster's shared series state (NATS JetStream) did not answer or
     /// refused: transient, the caller retries or fails the C-STORE.
     #[error("cluster series state: {0}")]
@@ -311,7 +314,7 @@ impl SeriesError {
         match self {
             SeriesError::Open { source, .. } => sqlite(source),
             SeriesError::Sqlite(e) => sqlite(e),
-            SeriesError::Io { .. } | SeriesError::Shared(_) => true,
+            SeriesError::Io { .. } | SeriesError::Shared(_) | SeriesError::TrackerThread(_) => true,
             SeriesError::Queue { retryable, .. } => *retryable,
             SeriesError::Schema { .. }
             | SeriesError::Corrupt(_)
