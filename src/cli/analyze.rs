@@ -34,11 +34,7 @@ pub fn analyze(config_path: &Path, out: &Path, paths: &[PathBuf]) -> anyhow::Res
         anyhow::bail!("no usable DICOM series under the given paths");
     }
     let models = Models::load(&cfg)?;
-    let opts = crate::volume::VolumeOptions {
-        spacing_tolerance: cfg.series.spacing_tolerance,
-        max_voxels: cfg.jobs.max_volume_voxels(),
-        ..Default::default()
-    };
+    let opts = crate::node::volume_options(&cfg);
     let mut failures = 0usize;
     let mut jobs = 0usize;
     for s in &series {

@@ -282,6 +282,16 @@ fn build_router(ctx: &Ctx) -> anyhow::Result<Router> {
 }
 
 /// The job worker: jobs → results and reports → the outbox.
+/// How jobs assemble volumes under this config; `analyze` uses the same, so
+/// that it measures what the node would.
+pub(crate) fn volume_options(cfg: &Config) -> VolumeOptions {
+    VolumeOptions {
+        spacing_tolerance: cfg.series.spacing_tolerance,
+        max_voxels: cfg.jobs.max_volume_voxels(),
+        ..Default::default()
+    }
+}
+
 fn build_worker(ctx: &Ctx, outbox: OutboxHandle) -> anyhow::Result<Worker> {
     let cfg = &ctx.cfg;
     Ok(Worker {
@@ -294,11 +304,7 @@ fn build_worker(ctx: &Ctx, outbox: OutboxHandle) -> anyhow::Result<Worker> {
         results_dir: cfg.node.data_dir.join("results"),
         models: ctx.models.clone(),
         routes: ctx.routes.clone(),
-        volume_opts: VolumeOptions {
-            spacing_tolerance: cfg.series.spacing_tolerance,
-            max_voxels: cfg.jobs.max_volume_voxels(),
-            ..Default::default()
-        },
+        volume_opts: volume_options(cfg),
         timeout: std::time::Duration::from_secs_f64(cfg.jobs.timeout_s),
         parallel: cfg.jobs.effective_workers(),
         volumes: crate::job::volumes::VolumeCache::new(cfg.jobs.volume_cache_mb << 20),
