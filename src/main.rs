@@ -221,8 +221,8 @@ fn return_large_blocks_to_the_os() {
             // hundred KiB (an instance's PDUs, its write buffer) at the top
             // of an arena went back to the kernel (madvise) and came back as
             // page faults on the next instance, 18 % of ingest CPU (perf,
-            // issue 15). Jobs still hand their
-            // memory back explicitly, whatever this threshold.
+            // issue 15). Jobs still hand their memory back explicitly,
+            // whatever this threshold.
             libc::mallopt(libc::M_TRIM_THRESHOLD, 16 << 20);
         }
     }
