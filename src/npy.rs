@@ -74,7 +74,9 @@ fn write_to<T: Element, W: Write>(mut w: W, shape: &[usize], data: impl IntoIter
 /// are `<name>.npy`, deflated. Each member is compressed in memory as it is
 /// added (the raw array is streamed through the encoder, never held whole),
 /// so this suits arrays that compress well; no zip64, so a member's raw size
-/// must stay under 4 GiB.
+/// must stay under 4 GiB. The fastest deflate level: a job's maps are mostly
+/// zeros, and level 6 spent 3x the CPU (5 % of a 300-slice CAC job) to make
+/// a 0.4 MB file 0.2 MB.
 pub struct NpzWriter {
     file: std::fs::File,
     offset: u64,
@@ -106,7 +108,7 @@ impl NpzWriter {
 
     /// Add `<name>.npy`.
     pub fn add<T: Element>(&mut self, name: &str, shape: &[usize], data: impl IntoIterator<Item = T>) -> Result<(), NpyError> {
-        let enc = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::new(6));
+        let enc = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::fast());
         let Crc { inner, crc } = write_to(Crc { inner: enc, crc: flate2::Crc::new() }, shape, data)?;
         let packed = inner.finish()?;
         let (raw, sum) = (crc.amount(), crc.sum());

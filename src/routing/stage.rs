@@ -244,6 +244,14 @@ impl Router {
         }
     }
 
+    /// Whether the route's job reads every slice of the series: a card that
+    /// takes a volume, or a 2-D card measured on each slice (`slices: all`).
+    /// A model not loaded counts as one slice (its job fails fast anyway).
+    fn reads_every_slice(&self, m: &super::RouteMatch) -> bool {
+        m.slices == Some(crate::volume::SliceSelection::All)
+            || self.models.get(&m.model).is_ok_and(|model| model.card.input.slices != "single")
+    }
+
     /// Blocking: reads the index and first instance header.
     fn route_one(&self, ev: &SeriesCompleted) -> Result<(), RouteFailure> {
         let span = tracing::info_span!("series", uid = %ev.series_instance_uid, generation = ev.generation);
@@ -254,7 +262,14 @@ impl Router {
             .map_err(RouteFailure::index)?;
         let table = self.routes.read().unwrap_or_else(|p| p.into_inner()).clone();
         let facts = SeriesFacts::load_spooled(&self.spool_root, &instances).map_err(RouteFailure::facts)?;
-        let matches = table.matches(&facts);
+        let mut matches = table.matches(&facts);
+        // Longest job first. The job queue is FIFO and the workers are few
+        // (one per core): a series' whole-volume jobs (CAC on every slab, a
+        // liver volume) take seconds, its one-slice jobs (PMA, SFA) a
+        // fraction of that, so starting the long ones first ends the
+        // series' last job sooner (on a 300-slice chest, CAC no longer waits
+        // behind PMA and SFA). Stable: otherwise the route table's order.
+        matches.sort_by_key(|m| std::cmp::Reverse(self.reads_every_slice(m)));
         let mut new = 0;
         for m in &matches {
             let key = JobKey {
@@ -355,6 +370,10 @@ mod tests {
 
     impl Fixture {
         fn new() -> Fixture {
+            Fixture::with_routes("  - {name: ct, model: m, match: {derived: modality, equals: CT}}\n")
+        }
+
+        fn with_routes(routes: &str) -> Fixture {
             let dir = tempfile::tempdir().unwrap();
             let index_path = dir.path().join("index.sqlite");
             let spool = dir.path().join("spool");
@@ -364,7 +383,9 @@ mod tests {
                 &cfg,
                 "node: {ae_title: T, data_dir: ./data}\n\
                  models: {m: {card: m.yaml}}\n\
-                 routes:\n  - {name: ct, model: m, match: {derived: modality, equals: CT}}\n",
+                 routes:\n"
+                    .to_owned()
+                    + routes,
             )
             .unwrap();
             let (mut c, table) = crate::node::check::check_file(&cfg).unwrap_or_else(|d| panic!("{d:#?}"));
@@ -519,6 +540,20 @@ mod tests {
         assert_eq!(jobs.len(), 1);
         assert_eq!(jobs[0].key.series_instance_uid, "1.2.3.2");
         assert!(crate::telemetry::METRICS.series_unroutable.get() > before);
+    }
+
+    #[tokio::test]
+    async fn a_series_jobs_that_read_every_slice_are_queued_first() {
+        let f = Fixture::with_routes(
+            "  - {name: one-slice, model: m, match: {derived: modality, equals: CT}}\n\
+             \x20 - {name: every-slice, model: m, slices: {mode: all}, match: {derived: modality, equals: CT}}\n\
+             \x20 - {name: another-slice, model: m, match: {derived: modality, equals: CT}}\n",
+        );
+        f.complete("1.2.3.1", false);
+        f.drain(f.router(f.jobs.clone())).await;
+        // The workers claim jobs in id order.
+        let routes: Vec<String> = f.jobs.list().unwrap().into_iter().map(|j| j.key.route).collect();
+        assert_eq!(routes, ["every-slice", "one-slice", "another-slice"]);
     }
 
     #[tokio::test]

@@ -728,24 +728,41 @@ fn label_hu(mask: &Array2<bool>, hu: Option<ArrayView2<f32>>) -> (Array2<u32>, V
             touches_border: false,
         })
         .collect();
-    for ((r, c), &l) in lab.indexed_iter() {
-        if l == 0 {
-            continue;
-        }
-        let comp = &mut comps[l as usize - 1];
-        comp.n += 1;
-        comp.sum_r += r as f64;
-        comp.sum_c += c as f64;
-        comp.bbox = [comp.bbox[0].min(r), comp.bbox[1].max(r), comp.bbox[2].min(c), comp.bbox[3].max(c)];
-        if let Some(h) = hu {
-            let v = h[[r, c]];
-            comp.sum_hu += v as f64;
-            if v >= BONE_DENSE_HU {
-                comp.dense += 1;
+    // Flat row-major walks: this runs several times per slab of a CAC job.
+    let labs = lab.as_slice().expect("label8 returns a standard-layout array");
+    let copy;
+    let hu: Option<&[f32]> = match hu {
+        None => None,
+        Some(h) => match h.to_slice() {
+            Some(s) => Some(s),
+            None => {
+                copy = h.as_standard_layout().into_owned();
+                copy.as_slice()
             }
-        }
-        if r == 0 || c == 0 || r + 1 == rows || c + 1 == cols {
-            comp.touches_border = true;
+        },
+    };
+    for r in 0..rows {
+        for c in 0..cols {
+            let p = r * cols + c;
+            let l = labs[p];
+            if l == 0 {
+                continue;
+            }
+            let comp = &mut comps[l as usize - 1];
+            comp.n += 1;
+            comp.sum_r += r as f64;
+            comp.sum_c += c as f64;
+            comp.bbox = [comp.bbox[0].min(r), comp.bbox[1].max(r), comp.bbox[2].min(c), comp.bbox[3].max(c)];
+            if let Some(h) = hu {
+                let v = h[p];
+                comp.sum_hu += v as f64;
+                if v >= BONE_DENSE_HU {
+                    comp.dense += 1;
+                }
+            }
+            if r == 0 || c == 0 || r + 1 == rows || c + 1 == cols {
+                comp.touches_border = true;
+            }
         }
     }
     (lab, comps)
