@@ -226,7 +226,7 @@ impl Router {
     /// next completion is queued anew.
     fn set_aside(&self, ev: &SeriesCompleted, reason: &str) -> Result<(), SeriesError> {
         let mut index = self.index.lock().unwrap_or_else(|p| p.into_inner());
-        match index.set_state_with_reason(&ev.series_instance_uid, SeriesState::Unroutable, Some(reason)) {
+        match index.set_state_of_generation(&ev.series_instance_uid, ev.generation, SeriesState::Unroutable, Some(reason)) {
             Ok(()) => {
                 crate::telemetry::SeriesUnroutable {
                     series_instance_uid: ev.series_instance_uid.as_str(),
@@ -309,10 +309,10 @@ impl Router {
     }
 }
 
-/// Later stages never undo a re-open: the index refuses to overwrite
-/// `receiving`, which is expected and only logged.
+/// Routing never undoes a re-open: the index refuses to overwrite
+/// `receiving` of a later generation, which is expected and only logged.
 pub fn set_state(index: &mut SeriesIndex, ev: &SeriesCompleted, state: SeriesState) {
-    if let Err(e) = index.set_state(&ev.series_instance_uid, state) {
+    if let Err(e) = index.set_state_of_generation(&ev.series_instance_uid, ev.generation, state, None) {
         tracing::debug!(error = %e, state = state.as_str(), "series state not updated");
     }
 }

@@ -376,26 +376,55 @@ impl SeriesIndex {
         state: SeriesState,
         reason: Option<&str>,
     ) -> Result<(), SeriesError> {
+        self.set_state_inner(series, None, state, reason)
+    }
+
+    /// Routing's answer to the completion event of `generation`. The tracker
+    /// pushes that event before it records it (at-least-once, see
+    /// `tracker.rs`), so routing can answer while the row still says
+    /// `receiving` at that same generation; the answer is written then too,
+    /// and [`SeriesIndex::mark_complete`] keeps it. A row receiving at another
+    /// generation was re-opened: refused as by [`SeriesIndex::set_state`].
+    pub fn set_state_of_generation(
+        &mut self,
+        series: &Uid,
+        generation: u32,
+        state: SeriesState,
+        reason: Option<&str>,
+    ) -> Result<(), SeriesError> {
+        self.set_state_inner(series, Some(generation), state, reason)
+    }
+
+    fn set_state_inner(
+        &mut self,
+        series: &Uid,
+        generation: Option<u32>,
+        state: SeriesState,
+        reason: Option<&str>,
+    ) -> Result<(), SeriesError> {
         if state == SeriesState::Receiving {
             return Err(SeriesError::InvalidState(state));
         }
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let current: Option<String> = tx
+        let current: Option<(String, u32, bool)> = tx
             .query_row(
-                "SELECT state FROM series WHERE series_instance_uid = ?1",
+                "SELECT state, generation, completed_at IS NULL FROM series WHERE series_instance_uid = ?1",
                 [series.as_str()],
-                |r| r.get(0),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
             )
             .optional()?;
         match current {
             None => return Err(SeriesError::UnknownSeries(series.clone())),
-            Some(current) if current == SeriesState::Receiving.as_str() => {
-                return Err(SeriesError::StateConflict {
-                    series: series.clone(),
-                    current: SeriesState::Receiving,
-                })
+            Some((current, at, not_recorded)) if current == SeriesState::Receiving.as_str() => {
+                let completing = generation == Some(at) && not_recorded;
+                if !completing {
+                    return Err(SeriesError::StateConflict {
+                        series: series.clone(),
+                        current: SeriesState::Receiving,
+                    });
+                }
             }
             Some(_) => {}
         }
@@ -441,16 +470,18 @@ impl SeriesIndex {
     }
 
     /// Records the completion `ev` describes. False when the series moved on
-    /// meanwhile (it cannot while the tracker is its only writer, but the
-    /// guard keeps a stray writer from completing the wrong generation).
+    /// meanwhile (re-opened into another generation, or already recorded).
+    /// Routing may have answered the event already (it is pushed before it
+    /// is recorded): its state is kept, and only the completion is recorded.
     pub(crate) fn mark_complete(
         &mut self,
         ev: &SeriesCompleted,
         now: SystemTime,
     ) -> Result<bool, SeriesError> {
         let n = self.conn.execute(
-            "UPDATE series SET state = ?3, completion_reason = ?4, completed_at = ?5
-             WHERE series_instance_uid = ?1 AND generation = ?2 AND state = ?6",
+            "UPDATE series SET state = CASE WHEN state = ?6 THEN ?3 ELSE state END,
+                               completion_reason = ?4, completed_at = ?5
+             WHERE series_instance_uid = ?1 AND generation = ?2 AND completed_at IS NULL",
             params![
                 ev.series_instance_uid.as_str(),
                 ev.generation,
@@ -743,5 +774,43 @@ mod tests {
         let row = &ix.list_series().unwrap()[0];
         assert_eq!((row.state.as_str(), row.generation), ("receiving", 2));
         assert_eq!(row.completion_reason, None);
+    }
+
+    /// The tracker pushes a completion before it records it, so routing can
+    /// answer first (CI saw a `no_route` series stuck at `complete`). The
+    /// answer must survive the tracker's record; an answer to an older
+    /// generation must not overwrite a re-open.
+    #[test]
+    fn routing_may_answer_a_completion_before_the_tracker_records_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ix = SeriesIndex::open(&dir.path().join("i.sqlite")).unwrap();
+        ix.insert_instance(&stored("1.2.3", 1, 0.0, 1), SystemTime::now()).unwrap();
+        let ev = ix
+            .pending_completion(&s("1.2.3"), super::super::CompletionReason::AssociationReleased)
+            .unwrap()
+            .unwrap();
+        // Pushed, not yet recorded: routing answers.
+        ix.set_state_of_generation(&s("1.2.3"), ev.generation, SeriesState::NoRoute, None).unwrap();
+        assert!(ix.mark_complete(&ev, SystemTime::now()).unwrap());
+        let row = &ix.list_series().unwrap()[0];
+        assert_eq!(row.state, SeriesState::NoRoute);
+        assert_eq!(row.completion_reason.as_deref(), Some("association_released"));
+        assert!(row.completed_at.is_some());
+        // Recorded once only.
+        assert!(!ix.mark_complete(&ev, SystemTime::now()).unwrap());
+
+        // Re-opened into generation 2: a late answer to generation 1 is refused,
+        // and so is one to generation 2 from a caller that did not say which.
+        ix.insert_instance(&stored("1.2.3", 2, 2.5, 2), SystemTime::now()).unwrap();
+        assert!(matches!(
+            ix.set_state_of_generation(&s("1.2.3"), ev.generation, SeriesState::Routed, None),
+            Err(SeriesError::StateConflict { current: SeriesState::Receiving, .. })
+        ));
+        assert!(matches!(
+            ix.set_state(&s("1.2.3"), SeriesState::Routed),
+            Err(SeriesError::StateConflict { current: SeriesState::Receiving, .. })
+        ));
+        let row = &ix.list_series().unwrap()[0];
+        assert_eq!((row.state, row.generation), (SeriesState::Receiving, 2));
     }
 }

@@ -6,7 +6,10 @@
 //! re-opened) and on to `complete`; routing sets `routed`, `no_route` or
 //! `unroutable`; the inference worker sets `analyzed` or `failed` once every
 //! job of the latest generation has ended. [`SeriesIndex::set_state`] refuses
-//! `receiving`, so later stages can never undo a re-open.
+//! `receiving`, so later stages can never undo a re-open. Routing may answer
+//! a completion before the tracker has recorded it (the event is pushed
+//! first); it names the event's generation, and the tracker's record keeps
+//! its answer.
 //!
 //! **Invariant.** The spellings are stored in SQLite and printed as they are:
 //! [`SeriesState::as_str`], [`FromStr`](std::str::FromStr) and serde agree,
