@@ -27,7 +27,7 @@
 //! again (the volume was just read from it) makes the header-only checks
 //! see unknown values.
 
-use ndarray::ArrayView3;
+use ndarray::{ArrayView2, Axis};
 
 use super::card::{ContrastRule, HuPeak, ModelCard, Range, ValidatedInput, ValidatedOutput};
 use crate::biomarkers::Measurement;
@@ -281,9 +281,9 @@ fn check_peak(
     p: &HuPeak,
     min_voxels: usize,
     min_fraction: f64,
-    hu: ArrayView3<'_, f32>,
+    seen: &[ArrayView2<'_, f32>],
 ) -> Result<(), Refusal> {
-    let peak = hu_peak(hu.iter().copied(), p.window_hu);
+    let peak = hu_peak(seen.iter().flat_map(|s| s.iter().copied()), p.window_hu);
     let [lo, hi] = p.window_hu;
     if peak.voxels < min_voxels {
         return refuse(
@@ -320,13 +320,15 @@ fn check_peak(
 /// The checks on the pixels the model sees (`idx`, slices of `vol`): the
 /// air and fat peaks, then the level.
 pub fn check_pixels(v: &ValidatedInput, vol: &Volume, idx: &[usize]) -> Result<(), Refusal> {
-    let seen = vol.hu.select(ndarray::Axis(0), idx);
     if let Some(c) = &v.hu_calibration {
+        // Views, not `select`: a copy of a whole liver volume's HU (150 MB)
+        // only to histogram it twice.
+        let seen: Vec<_> = idx.iter().map(|&i| vol.hu.index_axis(Axis(0), i)).collect();
         if let Some(air) = &c.air {
-            check_peak(Check::HuAir, "air", air, c.min_voxels, c.min_peak_fraction, seen.view())?;
+            check_peak(Check::HuAir, "air", air, c.min_voxels, c.min_peak_fraction, &seen)?;
         }
         if let Some(fat) = &c.fat {
-            check_peak(Check::HuFat, "fat", fat, c.min_voxels, c.min_peak_fraction, seen.view())?;
+            check_peak(Check::HuFat, "fat", fat, c.min_voxels, c.min_peak_fraction, &seen)?;
         }
     }
     if v.level.as_deref() == Some("above_aortic_arch") {
