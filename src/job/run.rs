@@ -350,6 +350,7 @@ pub fn model_input(card: &ModelCard, selection: Option<&SliceSelection>, mut vol
         // Agatston is defined on 3 mm slices: a thin series is scored on 3 mm
         // slabs averaged from it, as a scanner reconstructs them.
         if let Some(slabs) = resample::slabs(&vol, agatston::PROTOCOL_SLICE_MM) {
+            resample::carry_arch_level(&vol, &slabs);
             vol = Arc::new(slabs);
         }
     }

@@ -34,7 +34,10 @@
 //!    the neck lie there, and its lower border is at the carina's level;
 //!    the coronary ostia (aortic root, about T6–T7) lie well below the
 //!    carina (T4–T5). A cardiac-FOV scan has no trachea to follow: then no
-//!    slice is cut this way.
+//!    slice is cut this way. For the 3 mm slabs of a thin series the level
+//!    is the one found on the thin slices (`resample::carry_arch_level`):
+//!    slabs average a main bronchus's lumen with its wall, and then show no
+//!    carina.
 //! 2. *Lungs.* Connected components of −960 ≤ HU < −400 (below is air or
 //!    field-of-view padding, which a heart-centred reconstruction puts right
 //!    against the cut lungs; counting it in dragged the lungs' mean below

@@ -829,6 +829,42 @@ mod tests {
         }
     }
 
+    /// The CAC route's 3 mm slabs of a thin chest (`resample::slabs`) take
+    /// the level found on the thin slices (`resample::carry_arch_level`),
+    /// so the heart region cuts everything above the carina. The bench's
+    /// chest300nc (300 × 1.1 mm, contrast taken out) showed no carina in its
+    /// own slabs, and calcium in the neck counted as coronary.
+    #[test]
+    fn thin_slices_give_their_level_to_the_cac_slabs() {
+        let Some(vol) = lidc0001() else {
+            return;
+        };
+        let (z0, z1) = (vol.positions[0][2], vol.positions[vol.slices() - 1][2]);
+        let zs: Vec<f64> = (0..300).map(|i| z0 + (z1 - z0) * i as f64 / 299.0).collect();
+        let mut thin = resampled(&vol, &zs);
+        thin.hu.mapv_inplace(|v| if (150.0..600.0).contains(&v) { 40.0 } else { v });
+        let source = above_aortic_arch(&thin).unwrap();
+        let slabs = crate::volume::resample::slabs(&thin, 3.0).unwrap();
+        eprintln!("slabs on their own: {:?}", above_aortic_arch(&slabs));
+        crate::volume::resample::carry_arch_level(&thin, &slabs);
+        let level = slabs.arch_level().unwrap().clone();
+        assert_eq!(level.carina_z_mm, source.carina_z_mm);
+        assert_eq!(level.z_mm, slabs.positions[level.index][2]);
+        assert!((level.z_mm - source.z_mm).abs() <= 1.5, "{level:?} vs {source:?}");
+        let region = crate::volume::heart::heart_region(&slabs).unwrap();
+        let above: Vec<usize> = (0..slabs.slices())
+            .filter(|&i| slabs.positions[i][2] > level.carina_z_mm + crate::volume::heart::ABOVE_CARINA_MM)
+            .collect();
+        assert!(above.len() > 20, "{} slabs above the carina", above.len());
+        for i in above {
+            assert!(
+                region.reasons.index_axis(ndarray::Axis(0), i).iter().all(|r| *r == Some(crate::volume::heart::Exclusion::AboveArch)),
+                "slab {i} at z {} is above the carina and not cut",
+                slabs.positions[i][2]
+            );
+        }
+    }
+
     #[test]
     fn a_head_ct_has_no_aortic_arch() {
         let Some(root) = realct() else { return };
