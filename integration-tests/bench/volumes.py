@@ -4,6 +4,7 @@
     python3 volumes.py liver150 OUT_DIR SEED   # 150 axial slices, contrast abdomen (liver route)
     python3 volumes.py chest133 OUT_DIR SEED   # the real chest as scanned (2.5 mm), for comparison
     python3 volumes.py chest300nc OUT_DIR SEED # chest300 with its contrast taken out, so CAC is scored, not refused
+    python3 volumes.py chest133ncb OUT_DIR SEED # the real chest (2.5 mm), blood de-enhanced, bone and table kept
 
 chest300: LIDC-IDRI-0001 (133 slices of 2.5 mm, shoulders to kidneys) resampled to 300 slices over the same z range
 (linear interpolation of HU between neighbouring slices: 1.1 mm apart, SliceThickness 1.1), so the series has the
@@ -13,6 +14,14 @@ chest300nc: chest300 with every voxel of 150-600 HU (opacified blood and heart, 
 unenhanced blood (40 HU) before the interpolation, as landmark.rs's finds_the_same_level_without_contrast does: the
 CAC card's contrast check passes, so the CAC route runs its whole path (3 mm slabs, heart region, inference, SR) on
 a real-size chest. For time only: its Agatston value means nothing (calcium below 600 HU is gone too).
+chest133ncb: a calcium-free non-contrast chest as far as one can be made from a contrast scan, for looking at what
+the CAC path counts that is not coronary (not for time). The blood pool (the largest 3D component of >= 150 HU after
+one erosion, 26-connected: aorta, chambers, pulmonary arteries, the dense SVC inflow) and a 2-pixel partial-volume
+rim around it are set to 40 HU + noise; then, within 12 mm of it in-plane (and one slice up and down), every voxel
+above 60 HU outside large 3D structures of >= 150 HU (bone: >= 5000 voxels, grown 2 pixels) is too (enhanced
+myocardium, contrast-filled coronary arteries). Bone, cancellous and cortical, and the patient table stay as
+scanned. Left as scanned and not realistic: enhanced pulmonary vessels in the lungs, liver and spleen (portal
+phase), and any real coronary calcium further than 12 mm from the blood pool.
 liver150: 3D-IRCADb-01 patient 7, its first 150 slices as they are, with SeriesDescription "LIVER" and
 BodyPartExamined "ABDOMEN" added (its headers are sparse and match no route otherwise).
 Each call writes new Study/Series/SOP UIDs (from SEED), so repeated runs are new studies. Prints the series UID,
@@ -88,6 +97,39 @@ def chest133(out: Path, seed: str) -> dict:
     return {"study": study, "series": series, "slices": len(src)}
 
 
+def chest133ncb(out: Path, seed: str) -> dict:
+    import scipy.ndimage as ndi
+
+    src = read_sorted(SHARED / "chest-lidc0001" / "ct")
+    hu = np.stack([d.pixel_array.astype(np.float32) * float(d.RescaleSlope) + float(d.RescaleIntercept) for d in src])
+    rng = np.random.default_rng(int.from_bytes(seed.encode(), "little") % 2**32)
+    cube = np.ones((3, 3, 3), bool)
+    dense = hu >= 150
+    lab, _ = ndi.label(ndi.binary_erosion(dense, structure=cube), structure=cube)
+    sizes = np.bincount(lab.ravel())
+    sizes[0] = 0
+    pool = ndi.binary_dilation(lab == np.argmax(sizes), structure=cube) & dense
+    rim = ndi.binary_dilation(pool, structure=np.ones((1, 5, 5), bool)) & (hu > 40)
+    out_hu = hu.copy()
+    out_hu[rim] = 40 + rng.normal(0, 12, rim.sum()).astype(np.float32)
+    near = ndi.binary_dilation(ndi.binary_dilation(pool, structure=np.ones((3, 1, 1), bool)), structure=np.ones((1, 35, 35), bool))
+    lab2, _ = ndi.label(out_hu >= 150, structure=cube)
+    s2 = np.bincount(lab2.ravel())
+    s2[0] = 0
+    bone = ndi.binary_dilation(np.isin(lab2, np.nonzero(s2 >= 5000)[0]), structure=np.ones((1, 5, 5), bool))
+    soft = near & ~bone & (out_hu > 60)
+    out_hu[soft] = 40 + rng.normal(0, 12, soft.sum()).astype(np.float32)
+    study, series = uids(seed)
+    for i, d in enumerate(src):
+        lo, hi = (0, 65535) if d.PixelRepresentation == 0 else (-32768, 32767)
+        stored = np.clip(np.round((out_hu[i] - float(d.RescaleIntercept)) / float(d.RescaleSlope)), lo, hi)
+        d.PixelData = stored.astype(np.uint16 if d.PixelRepresentation == 0 else np.int16).tobytes()
+        if "ContrastBolusAgent" in d:
+            del d.ContrastBolusAgent
+        write(d, out / f"{i:04d}.dcm", study, series, seed, i)
+    return {"study": study, "series": series, "slices": len(src)}
+
+
 def liver150(out: Path, seed: str) -> dict:
     src = read_sorted(SHARED / "liver-ircad07" / "ct")[:150]
     study, series = uids(seed)
@@ -111,5 +153,5 @@ def write(d, path: Path, study: str, series: str, seed: str, i: int) -> None:
 if __name__ == "__main__":
     kind, out, seed = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
     out.mkdir(parents=True, exist_ok=True)
-    kinds = {"chest300": chest300, "chest300nc": chest300nc, "chest133": chest133, "liver150": liver150}
+    kinds = {"chest300": chest300, "chest300nc": chest300nc, "chest133": chest133, "chest133ncb": chest133ncb, "liver150": liver150}
     print(json.dumps(kinds[kind](out, seed)))
