@@ -51,10 +51,22 @@ def read_sorted(folder: Path):
     return ds
 
 
+def hu_of(d) -> np.ndarray:
+    return d.pixel_array.astype(np.float32) * float(d.RescaleSlope) + float(d.RescaleIntercept)
+
+
+def set_hu(d, img: np.ndarray, tmpl) -> None:
+    """Store `img` (HU) as d's pixels: signed 16 bit, with tmpl's rescale."""
+    stored = np.round((img - float(tmpl.RescaleIntercept)) / float(tmpl.RescaleSlope)).astype(np.int16)
+    d.PixelData = stored.tobytes()
+    d.BitsAllocated, d.BitsStored, d.HighBit, d.PixelRepresentation = 16, 16, 15, 1
+    d.RescaleSlope, d.RescaleIntercept = tmpl.RescaleSlope, tmpl.RescaleIntercept
+
+
 def chest300(out: Path, seed: str, without_contrast: bool = False) -> dict:
     src = read_sorted(SHARED / "chest-lidc0001" / "ct")
     z = np.array([float(d.ImagePositionPatient[2]) for d in src])
-    hu = [d.pixel_array.astype(np.float32) * float(d.RescaleSlope) + float(d.RescaleIntercept) for d in src]
+    hu = [hu_of(d) for d in src]
     if without_contrast:
         hu = [np.where((h >= 150) & (h < 600), np.float32(40), h) for h in hu]
     n = 300
@@ -67,10 +79,7 @@ def chest300(out: Path, seed: str, without_contrast: bool = False) -> dict:
         w = (zi - z[k]) / (z[k + 1] - z[k])
         img = (1 - w) * hu[k] + w * hu[k + 1]
         d = src[k].copy() if hasattr(src[k], "copy") else pydicom.dcmread(src[k].filename)
-        stored = np.round((img - float(tmpl.RescaleIntercept)) / float(tmpl.RescaleSlope)).astype(np.int16)
-        d.PixelData = stored.tobytes()
-        d.BitsAllocated, d.BitsStored, d.HighBit, d.PixelRepresentation = 16, 16, 15, 1
-        d.RescaleSlope, d.RescaleIntercept = tmpl.RescaleSlope, tmpl.RescaleIntercept
+        set_hu(d, img, tmpl)
         d.ImagePositionPatient = [d.ImagePositionPatient[0], d.ImagePositionPatient[1], f"{zi:.3f}"]
         d.SliceLocation = f"{zi:.3f}"
         d.SliceThickness = f"{step:.3f}"
@@ -101,7 +110,7 @@ def chest133ncb(out: Path, seed: str) -> dict:
     import scipy.ndimage as ndi
 
     src = read_sorted(SHARED / "chest-lidc0001" / "ct")
-    hu = np.stack([d.pixel_array.astype(np.float32) * float(d.RescaleSlope) + float(d.RescaleIntercept) for d in src])
+    hu = np.stack([hu_of(d) for d in src])
     rng = np.random.default_rng(int.from_bytes(seed.encode(), "little") % 2**32)
     cube = np.ones((3, 3, 3), bool)
     dense = hu >= 150
@@ -121,9 +130,7 @@ def chest133ncb(out: Path, seed: str) -> dict:
     out_hu[soft] = 40 + rng.normal(0, 12, soft.sum()).astype(np.float32)
     study, series = uids(seed)
     for i, d in enumerate(src):
-        lo, hi = (0, 65535) if d.PixelRepresentation == 0 else (-32768, 32767)
-        stored = np.clip(np.round((out_hu[i] - float(d.RescaleIntercept)) / float(d.RescaleSlope)), lo, hi)
-        d.PixelData = stored.astype(np.uint16 if d.PixelRepresentation == 0 else np.int16).tobytes()
+        set_hu(d, out_hu[i], d)
         if "ContrastBolusAgent" in d:
             del d.ContrastBolusAgent
         write(d, out / f"{i:04d}.dcm", study, series, seed, i)
