@@ -367,7 +367,7 @@ mod tests {
         assert!(m.lesions.iter().all(|l| l.counted));
         let frame = SliceFrame { dy: 1.0, dx: 1.0, left: 1.0, posterior: 1.0 };
         let one = slice_exclusion(slice.view(), frame);
-        let region = HeartRegion { reasons: ndarray::stack![Axis(0), one, one, one] };
+        let region = HeartRegion { reasons: ndarray::stack![Axis(0), one, one, one], opacified_px: vec![0; 3] };
         exclude_lesions(&mut m, &region, &spec("agatston"));
         let counted: Vec<_> = m.lesions.iter().filter(|l| l.counted).collect();
         assert_eq!(counted.len(), 3);
@@ -395,7 +395,7 @@ mod tests {
         let a = aggregate(hu.view(), out.view(), geom, &cand, &spec("agatston"));
         let mut m = cac_measurement(a);
         let before = m.value;
-        let region = HeartRegion { reasons: Array3::from_elem(hu.dim(), None) };
+        let region = HeartRegion { reasons: Array3::from_elem(hu.dim(), None), opacified_px: vec![0; hu.dim().0] };
         exclude_lesions(&mut m, &region, &spec("agatston"));
         assert_eq!(m.value.to_bits(), before.to_bits());
         assert!(m.lesions.iter().all(|l| l.counted && l.excluded.is_none()));

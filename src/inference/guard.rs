@@ -210,8 +210,9 @@ pub fn check_header(v: &ValidatedInput, h: &HeaderFacts) -> Result<(), Refusal> 
 /// Opacified blood (cm² per slice, median; `volume::heart::opacified_blood_cm2`)
 /// above which a series is contrast-enhanced, whatever its header says. The
 /// descending aorta alone is about 5 cm² (25 mm across); non-contrast blood
-/// never reaches 130 HU, so the CAC phantoms measure 0 and contrast chests
-/// 15–50.
+/// never reaches 130 HU, so the CAC phantoms and chest-lidc0001 with its
+/// contrast taken out (its table in view) measure 0, and the contrast
+/// chest as scanned 28.
 pub const OPACIFIED_BLOOD_MAX_CM2: f64 = 5.0;
 
 /// The contrast rule from the pixels: a card validated on non-contrast CT
