@@ -222,13 +222,14 @@ pub fn exclude_lesions(m: &mut Measurement, region: &HeartRegion, aggregation: &
     // them as `agatston::lesions` did (raster order of the first pixel).
     let n = m.candidates.dim().0;
     let first_of_slice = agatston::first_of_slice(&m.lesions.iter().map(|l| l.lesion.clone()).collect::<Vec<_>>(), n);
-    const KINDS: [Exclusion; 6] = [
+    const KINDS: [Exclusion; 7] = [
         Exclusion::AboveArch,
         Exclusion::OutsideMediastinum,
         Exclusion::Bone,
         Exclusion::ContrastBlood,
         Exclusion::Aorta,
         Exclusion::AorticRoot,
+        Exclusion::ChestWall,
     ];
     let mut votes = vec![[0usize; KINDS.len()]; m.lesions.len()];
     for s in 0..n {

@@ -225,6 +225,19 @@ pub const ASCENDING_GAP_MM: f64 = 6.0;
 /// The wall and its calcium: this far outside the lumen's circle (as
 /// [`AORTA_MARGIN_MM`] for the descending aorta).
 pub const ROOT_MARGIN_MM: f64 = 3.0;
+/// Step 8: a dense run is at the region's front when the region ends on
+/// body tissue within this distance in front of it...
+pub const WALL_FRONT_MM: f64 = 10.0;
+/// ...and in the chest wall when, behind it, fat runs this far before soft
+/// tissue (or lung comes first).
+pub const WALL_FAT_MM: f64 = 4.0;
+/// ...starting within this distance behind it (the cartilage's or the
+/// sternum's own soft tissue, the muscle on its back).
+pub const WALL_BEHIND_MM: f64 = 10.0;
+/// Soft tissue (muscle, myocardium, blood) from here up; below, fat.
+const SOFT_TISSUE_HU: f32 = -20.0;
+/// Holes in the dense mask smaller than this are marrow, filled.
+const WALL_HOLE_CM2: f64 = 3.0;
 /// The ring tested for roundness lies this far outside the inscribed circle.
 pub const RING_MM: f64 = 3.0;
 /// At least this fraction of that ring is not blood.
@@ -246,6 +259,9 @@ pub enum Exclusion {
     Aorta,
     /// The ascending aorta and its wall, down to the aortic root.
     AorticRoot,
+    /// In the anterior chest wall (sternum, costal cartilage) though within
+    /// the lungs' hull: step 8.
+    ChestWall,
 }
 
 impl Exclusion {
@@ -257,6 +273,7 @@ impl Exclusion {
             Exclusion::ContrastBlood => "contrast_blood",
             Exclusion::Aorta => "aorta",
             Exclusion::AorticRoot => "aortic_root",
+            Exclusion::ChestWall => "chest_wall",
         }
     }
 }
@@ -710,6 +727,9 @@ pub fn slice_exclusion_with(
         0
     };
 
+    // 8. The anterior chest wall.
+    let wall = chest_wall(hu, &inside, f);
+
     // Reasons, most specific first.
     for ((r, c), o) in out.indexed_iter_mut() {
         let in_aorta = aorta.is_some_and(|([l, a], rad)| (l_of(c) - l).hypot(a_of(r) - a) <= rad + AORTA_MARGIN_MM);
@@ -719,6 +739,8 @@ pub fn slice_exclusion_with(
             Some(Exclusion::Aorta)
         } else if near_contrast[[r, c]] {
             Some(Exclusion::ContrastBlood)
+        } else if wall[[r, c]] {
+            Some(Exclusion::ChestWall)
         } else if !inside[[r, c]] {
             Some(Exclusion::OutsideMediastinum)
         } else {
@@ -726,6 +748,145 @@ pub fn slice_exclusion_with(
         };
     }
     SliceRegion { reasons: out, spine: found, ascending, opacified_px }
+}
+
+/// Step 8: the dense pixels (≥ [`CALCIUM_HU`], with the marrow a cortex
+/// encloses) of `inside` that lie in the anterior chest wall. Per column,
+/// front to back, a run of such pixels is chest wall when
+/// - in front of it, within [`WALL_FRONT_MM`] and through `inside` only,
+///   the region ends on body tissue (not lung): it lies at the region's
+///   front, where the hull meets the chest wall; and
+/// - behind it, lung comes before soft tissue, or fat (−400 to
+///   [`SOFT_TISSUE_HU`]) runs at least [`WALL_FAT_MM`] first: the pleura
+///   or the pericardial fat separates it from the heart.
+///
+/// A coronary artery lies on the heart, in the epicardial fat: behind a
+/// plaque is the vessel's lumen or, past a few mm of the groove's fat, the
+/// myocardium (soft tissue). The sternum and the costal cartilages lie in
+/// the chest wall, in front of the lungs' tips or of the fat in front of
+/// the pericardium; where the lungs wrap round to the front, their hull
+/// takes in that band of chest wall (chest-lidc0001), and where the heart
+/// lies against the wall the sternum's back joins the hull (step 3).
+fn chest_wall(hu: ArrayView2<f32>, inside: &Array2<bool>, f: SliceFrame) -> Array2<bool> {
+    let (rows, cols) = hu.dim();
+    let mut wall = Array2::from_elem((rows, cols), false);
+    // Only columns with a dense pixel in the region have anything to judge.
+    let any: Vec<bool> = (0..cols).map(|c| (0..rows).any(|r| inside[[r, c]] && hu[[r, c]] >= CALCIUM_HU)).collect();
+    if !any.iter().any(|&a| a) {
+        return wall;
+    }
+    // Dense, with enclosed holes (a sternum's or a rib's marrow) filled.
+    let mut dense = hu.mapv(|v| v >= CALCIUM_HU);
+    let (holes, hole_comps) = label(&dense.mapv(|d| !d));
+    for ((r, c), &h) in holes.indexed_iter() {
+        if h > 0 && !hole_comps[h as usize - 1].touches_border && hole_comps[h as usize - 1].n as f64 * f.dy * f.dx / 100.0 < WALL_HOLE_CM2 {
+            dense[[r, c]] = true;
+        }
+    }
+    // Rows front to back.
+    let order: Vec<usize> = if f.posterior > 0.0 { (0..rows).collect() } else { (0..rows).rev().collect() };
+    for c in (0..cols).filter(|&c| any[c]) {
+        let mut k = 0;
+        let mut prev_wall = None;
+        while k < order.len() {
+            let r = order[k];
+            if !(dense[[r, c]] && inside[[r, c]]) {
+                k += 1;
+                continue;
+            }
+            // The run [k, e), from the structure's front (which may lie
+            // outside the region) to its back.
+            while k > 0 && dense[[order[k - 1], c]] {
+                k -= 1;
+            }
+            let mut e = k;
+            while e < order.len() && dense[[order[e], c]] {
+                e += 1;
+            }
+            // Behind a run already judged chest wall, with only soft
+            // tissue between (a sternum's marrow, a cartilage's core): the
+            // same structure.
+            let same = prev_wall.is_some_and(|p: usize| {
+                (k - p) as f64 * f.dy <= WALL_BEHIND_MM && order[p..k].iter().all(|&q| hu[[q, c]] >= SOFT_TISSUE_HU)
+            });
+            let front = same || {
+                let mut j = k;
+                loop {
+                    if j == 0 {
+                        break false;
+                    }
+                    j -= 1;
+                    let rr = order[j];
+                    if (k - j) as f64 * f.dy > WALL_FRONT_MM {
+                        break false;
+                    }
+                    if !inside[[rr, c]] {
+                        // Body tissue, and no bone (a sternum, a rib) in
+                        // front of it: behind the chest wall's bone lies
+                        // the mediastinum, not the chest wall.
+                        let reach = (WALL_FRONT_MM / f.dy).ceil() as usize;
+                        break hu[[rr, c]] >= LUNG_HU && order[j.saturating_sub(reach)..=j].iter().all(|&q| hu[[q, c]] < CALCIUM_HU);
+                    }
+                }
+            };
+            let behind = front && {
+                // A fat run (one-pixel interruptions forgiven) of at least
+                // WALL_FAT_MM starting within WALL_BEHIND_MM, or lung.
+                let (mut start, mut soft, mut verdict) = (None::<usize>, 0usize, false);
+                for (j, &rr) in order[e..].iter().enumerate() {
+                    let v = hu[[rr, c]];
+                    if v < LUNG_HU {
+                        verdict = start.is_some() || j as f64 * f.dy <= WALL_BEHIND_MM;
+                        break;
+                    }
+                    if v >= SOFT_TISSUE_HU {
+                        soft += 1;
+                        if soft >= 2 {
+                            start = None;
+                        }
+                    } else {
+                        soft = 0;
+                        let s0 = *start.get_or_insert(j);
+                        if (j - s0 + 1) as f64 * f.dy >= WALL_FAT_MM {
+                            verdict = true;
+                            break;
+                        }
+                    }
+                    if start.is_none() && j as f64 * f.dy > WALL_BEHIND_MM {
+                        break;
+                    }
+                }
+                verdict
+            };
+            if behind {
+                for &rr in &order[k..e] {
+                    wall[[rr, c]] = inside[[rr, c]];
+                }
+                prev_wall = Some(e);
+            }
+            k = e.max(k + 1);
+        }
+    }
+    // A structure is in the wall or not as a whole: where a third of its
+    // pixels in the region are, all are (the columns through a ring's side
+    // or a cartilage's edge see less fat behind it than those through its
+    // middle).
+    let (lab, comps) = label(&dense);
+    let mut counts = vec![(0usize, 0usize); comps.len()];
+    for ((r, c), &l) in lab.indexed_iter() {
+        if l > 0 && inside[[r, c]] {
+            counts[l as usize - 1].0 += 1;
+            counts[l as usize - 1].1 += wall[[r, c]] as usize;
+        }
+    }
+    for ((r, c), w) in wall.indexed_iter_mut() {
+        let l = lab[[r, c]];
+        if l > 0 && inside[[r, c]] {
+            let (n, in_wall) = counts[l as usize - 1];
+            *w = in_wall > 0 && 3 * in_wall >= n;
+        }
+    }
+    wall
 }
 
 /// What [`slice_exclusion_with`] returns for one slice.
@@ -1207,6 +1368,14 @@ mod tests {
         let mut files: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
         files.retain(|p| p.extension().map_or(true, |e| e != "json" && e != "csv" && e != "npy"));
         let vol = Volume::from_files(&files).unwrap();
+        // HEART_SLABS: the 3 mm slabs a thin series is scored on, as the job makes them.
+        let vol = match std::env::var("HEART_SLABS").ok().and_then(|_| crate::volume::resample::slabs(&vol, 3.0)) {
+            Some(s) => {
+                crate::volume::resample::carry_arch_level(&vol, &s);
+                s
+            }
+            None => vol,
+        };
         let region = heart_region(&vol).unwrap();
         let px = vol.pixel_spacing[0] * vol.pixel_spacing[1];
         eprintln!("opacified blood {:?} cm2 per slice (median); per slice {:?}", opacified_blood_cm2(&region, px), region.opacified_px);
@@ -1218,7 +1387,10 @@ mod tests {
             Some(Exclusion::ContrastBlood) => 4,
             Some(Exclusion::Aorta) => 5,
             Some(Exclusion::AorticRoot) => 6,
+            Some(Exclusion::ChestWall) => 7,
         };
         crate::npy::write(std::path::Path::new(&out), region.reasons.shape(), region.reasons.iter().map(code)).unwrap();
+        let hu_out = std::path::Path::new(&out).with_extension("hu.npy");
+        crate::npy::write(&hu_out, vol.hu.shape(), vol.hu.iter().copied()).unwrap();
     }
 }
