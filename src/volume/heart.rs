@@ -523,16 +523,7 @@ pub fn slice_exclusion_with(
     // Everything below −400 HU (lung, airways, air) is not mediastinum, nor
     // are small islands in it (a vessel, a calcified granuloma).
     let mut low = hu.mapv(|v| v < LUNG_HU);
-    let (holes, hole_comps) = label(&low.mapv(|l| !l));
-    for ((r, c), h) in holes.indexed_iter() {
-        if *h == 0 {
-            continue;
-        }
-        let hc = &hole_comps[*h as usize - 1];
-        if !hc.touches_border && (hc.n as f64) * px_cm2 < LUNG_HOLE_CM2 {
-            low[[r, c]] = true;
-        }
-    }
+    fill_holes(&mut low, px_cm2, LUNG_HOLE_CM2);
 
     // 4. Large dense structures.
     let (dlab, dcomps) = label_hu(&hu.mapv(|v| v >= CALCIUM_HU), Some(hu));
@@ -799,19 +790,18 @@ pub fn slice_exclusion_with(
 fn chest_wall(hu: ArrayView2<f32>, inside: &Array2<bool>, f: SliceFrame) -> Array2<bool> {
     let (rows, cols) = hu.dim();
     let mut wall = Array2::from_elem((rows, cols), false);
-    // Only columns with a dense pixel in the region have anything to judge.
-    let any: Vec<bool> = (0..cols).map(|c| (0..rows).any(|r| inside[[r, c]] && hu[[r, c]] >= CALCIUM_HU)).collect();
-    if !any.iter().any(|&a| a) {
+    // Only columns with a dense pixel in the region have anything to judge
+    // (one row-major pass: this runs on every slab of a CAC job).
+    let mut any = vec![false; cols];
+    for ((r, c), &i) in inside.indexed_iter() {
+        any[c] |= i && hu[[r, c]] >= CALCIUM_HU;
+    }
+    if !any.contains(&true) {
         return wall;
     }
     // Dense, with enclosed holes (a sternum's or a rib's marrow) filled.
     let mut dense = hu.mapv(|v| v >= CALCIUM_HU);
-    let (holes, hole_comps) = label(&dense.mapv(|d| !d));
-    for ((r, c), &h) in holes.indexed_iter() {
-        if h > 0 && !hole_comps[h as usize - 1].touches_border && hole_comps[h as usize - 1].n as f64 * f.dy * f.dx / 100.0 < WALL_HOLE_CM2 {
-            dense[[r, c]] = true;
-        }
-    }
+    fill_holes(&mut dense, f.dy * f.dx / 100.0, WALL_HOLE_CM2);
     // Rows front to back.
     let order: Vec<usize> = if f.posterior > 0.0 { (0..rows).collect() } else { (0..rows).rev().collect() };
     for c in (0..cols).filter(|&c| any[c]) {
@@ -904,7 +894,8 @@ fn chest_wall(hu: ArrayView2<f32>, inside: &Array2<bool>, f: SliceFrame) -> Arra
                 }
                 prev_wall = Some(e);
             }
-            k = e.max(k + 1);
+            // e > k: the run holds at least the pixel that started it.
+            k = e;
         }
     }
     // A structure is in the wall or not as a whole: where a third of its
@@ -927,6 +918,21 @@ fn chest_wall(hu: ArrayView2<f32>, inside: &Array2<bool>, f: SliceFrame) -> Arra
         }
     }
     wall
+}
+
+/// Sets the holes of `mask` (components of its complement not touching the
+/// image border) smaller than `max_cm2` (pixel area `px_cm2`).
+fn fill_holes(mask: &mut Array2<bool>, px_cm2: f64, max_cm2: f64) {
+    let (holes, hole_comps) = label(&mask.mapv(|m| !m));
+    for ((r, c), &h) in holes.indexed_iter() {
+        if h == 0 {
+            continue;
+        }
+        let hc = &hole_comps[h as usize - 1];
+        if !hc.touches_border && (hc.n as f64) * px_cm2 < max_cm2 {
+            mask[[r, c]] = true;
+        }
+    }
 }
 
 /// What [`slice_exclusion_with`] returns for one slice.
