@@ -714,12 +714,12 @@ struct CaseMeta<'a> {
 /// candidates on it, the geometry.
 fn write_case(dir: &Path, card: &ModelCard, mi: &ModelInput, route: &str) -> Result<(), ExportError> {
     std::fs::create_dir_all(dir).map_err(io(dir))?;
-    let (s, r, c) = mi.hu.dim();
+    let (s, r, c) = mi.hu.view().dim();
     let shape = [s, r, c];
     let cand = crate::biomarkers::model_candidates(mi.hu.view(), mi.geom, &card.candidates, &card.aggregation);
     let npy = |name: &str| dir.join(name);
     let p = npy("volume.npy");
-    crate::npy::write(&p, &shape, mi.hu.iter().copied()).map_err(|source| ExportError::Npy {
+    crate::npy::write(&p, &shape, mi.hu.view().iter().copied()).map_err(|source| ExportError::Npy {
         path: p.clone(),
         source,
     })?;

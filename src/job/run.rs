@@ -333,8 +333,9 @@ pub struct ModelInput {
     pub vol: Arc<Volume>,
     /// Indices into `vol` of the slices the model sees, in the order of `hu`.
     pub idx: Vec<usize>,
-    /// HU `[S,R,C]` of those slices.
-    pub hu: Array3<f32>,
+    /// HU `[S,R,C]` of those slices: the volume itself, shared, when the
+    /// model sees all of it (a copy was 115 MB for a chest's 3 mm slabs).
+    pub hu: Hu,
     pub geom: PixelGeometry,
     /// The heart region of an Agatston card ([`check_input`]).
     pub heart: Option<HeartRegion>,
@@ -356,8 +357,8 @@ pub fn model_input(card: &ModelCard, selection: Option<&SliceSelection>, mut vol
     }
     let idx = model_slices(card, selection, &vol)?;
     let hu = match idx[..] {
-        [i] if card.input.slices == "single" => vol.hu.slice(s![i..i + 1, .., ..]).to_owned(),
-        _ => vol.hu.clone(),
+        [i] if card.input.slices == "single" => Hu::Owned(vol.hu.slice(s![i..i + 1, .., ..]).to_owned()),
+        _ => Hu::Volume(vol.clone()),
     };
     let thickness = vol.slice_thickness.or(vol.spacing_mm);
     if card.is_agatston() && thickness.is_none() {

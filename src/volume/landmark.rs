@@ -414,11 +414,20 @@ pub fn above_aortic_arch(vol: &Volume) -> Result<ArchLevel, LandmarkError> {
     let mut track: Option<Track> = None;
     let mut longest = 0.0f64;
     let mut carina: Option<(usize, Track)> = None;
-    for &i in &cranial {
+    // A slice's airways do not depend on the track: they are found a batch
+    // of slices ahead, side by side, and the track reads them in order. The
+    // other jobs of the series wait for this level, so it is on their path.
+    let threads = std::thread::available_parallelism().map_or(1, |t| t.get()).clamp(1, 4);
+    let mut ahead = std::collections::VecDeque::new();
+    for (k, &i) in cranial.iter().enumerate() {
+        if ahead.is_empty() {
+            let batch = &cranial[k..(k + threads * AIRWAY_BATCH_PER_THREAD).min(n)];
+            ahead.extend(airways_of(vol, batch, g, air_hu, threads));
+        }
+        let (cands, midline) = ahead.pop_front().expect("a batch starts at this slice");
         let slice = vol.slice(i).expect("index from 0..n");
         let hu = slice.as_standard_layout();
         let hu = hu.as_slice().expect("standard layout");
-        let (cands, midline) = airways(hu, g, air_hu);
         let Some(mut t) = track.take() else {
             let Some(mid) = midline else { continue };
             let starts: Vec<&Airway> = cands
@@ -536,6 +545,33 @@ pub fn above_aortic_arch(vol: &Volume) -> Result<ArchLevel, LandmarkError> {
         z_mm: z(above),
         carina_z_mm: carina_z,
         arch_top_z_mm: found,
+    })
+}
+
+/// Slices a thread finds the airways of in one go, ahead of the track: the
+/// slices past the carina in the last batch are work thrown away.
+const AIRWAY_BATCH_PER_THREAD: usize = 8;
+
+/// [`airways`] of the slices `idx` of `vol`, in that order, shared out
+/// between `threads`.
+fn airways_of(vol: &Volume, idx: &[usize], g: Grid, air_hu: f32, threads: usize) -> Vec<(Vec<Airway>, Option<f64>)> {
+    let one = |i: usize| {
+        let slice = vol.slice(i).expect("an index of the volume");
+        let hu = slice.as_standard_layout();
+        airways(hu.as_slice().expect("standard layout"), g, air_hu)
+    };
+    if threads <= 1 || idx.len() < 2 {
+        return idx.iter().map(|&i| one(i)).collect();
+    }
+    std::thread::scope(|sc| {
+        let handles: Vec<_> = idx
+            .chunks(idx.len().div_ceil(threads))
+            .map(|run| sc.spawn(move || run.iter().map(|&i| one(i)).collect::<Vec<_>>()))
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
+            .collect()
     })
 }
 

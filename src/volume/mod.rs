@@ -72,6 +72,7 @@ pub mod landmark;
 pub mod resample;
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use dicom_dictionary_std::tags;
 use dicom_object::InMemDicomObject;
@@ -326,13 +327,22 @@ impl Volume {
         if paths.is_empty() {
             return Err(VolumeError::Empty);
         }
-        let mut frames = Vec::new();
-        let mut voxels = 0;
-        for p in paths {
-            // One file at a time: the decoded object is dropped before the
-            // next is read, so peak memory is about one volume.
-            voxels += read_frames(p, &mut frames, Budget { used: voxels, limit: opts.max_voxels })?;
-        }
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |t| t.get())
+            .clamp(1, MAX_LOAD_THREADS)
+            .min(paths.len() / MIN_FILES_PER_THREAD)
+            .max(1);
+        let frames = if threads > 1 {
+            match read_all_parallel(paths, opts, threads) {
+                Some(frames) => frames,
+                // Something failed: read again in order, one file after the
+                // other, so the error is the one a single reader meets first
+                // (which file passes the budget depends on the order).
+                None => read_all(paths, opts)?,
+            }
+        } else {
+            read_all(paths, opts)?
+        };
         assemble(frames, opts)
     }
 
@@ -395,15 +405,69 @@ fn missing(path: &Path, attribute: &'static str) -> VolumeError {
     }
 }
 
-/// Voxels already read into a volume, and how many it may hold.
+/// At most this many threads read one series' files (each holds one
+/// decoded file at a time).
+const MAX_LOAD_THREADS: usize = 4;
+/// Fewer files a thread than this are read by one: a thread's start costs
+/// more than it saves there.
+const MIN_FILES_PER_THREAD: usize = 8;
+
+/// The files in order, one at a time: the decoded object is dropped before
+/// the next is read, so peak memory is about one volume.
+fn read_all(paths: &[PathBuf], opts: &VolumeOptions) -> Result<Vec<Frame>, VolumeError> {
+    let used = AtomicU64::new(0);
+    let mut frames = Vec::new();
+    for p in paths {
+        read_frames(p, &mut frames, Budget { used: &used, limit: opts.max_voxels })?;
+    }
+    Ok(frames)
+}
+
+/// [`read_all`] with the files cut into `threads` runs read side by side
+/// (decoding is most of a job's load: a 300-slice chest took 0.8 s on one
+/// core, and the other jobs of the series wait for it). The frames come back
+/// in file order, as from [`read_all`]. The voxel budget is one counter the
+/// threads reserve from before they decode, so memory stays bounded by it.
+/// `None` when any file failed (or the budget ran out): the caller reads
+/// again in order for the error, a path only bad series take.
+fn read_all_parallel(paths: &[PathBuf], opts: &VolumeOptions, threads: usize) -> Option<Vec<Frame>> {
+    let used = AtomicU64::new(0);
+    let budget = Budget { used: &used, limit: opts.max_voxels };
+    let runs: Vec<Option<Vec<Frame>>> = std::thread::scope(|sc| {
+        let handles: Vec<_> = paths
+            .chunks(paths.len().div_ceil(threads))
+            .map(|run| {
+                sc.spawn(move || {
+                    let mut frames = Vec::new();
+                    for p in run {
+                        read_frames(p, &mut frames, budget).ok()?;
+                    }
+                    Some(frames)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
+            .collect()
+    });
+    let mut frames = Vec::new();
+    for run in runs {
+        frames.extend(run?);
+    }
+    Some(frames)
+}
+
+/// The voxels reserved so far for a volume's frames (shared by the threads
+/// that read it), and how many it may hold.
 #[derive(Debug, Clone, Copy)]
-struct Budget {
-    used: u64,
+struct Budget<'a> {
+    used: &'a AtomicU64,
     limit: u64,
 }
 
-/// Reads one file's frames into `out`; returns how many voxels they hold.
-fn read_frames(path: &Path, out: &mut Vec<Frame>, budget: Budget) -> Result<u64, VolumeError> {
+/// Reads one file's frames into `out`, once its voxels fit the budget.
+fn read_frames(path: &Path, out: &mut Vec<Frame>, budget: Budget<'_>) -> Result<(), VolumeError> {
     let obj = match open_dicom(path, ReadDepth::Full) {
         Ok(obj) => obj,
         Err(OpenError::UnsupportedTransferSyntax { path, uid }) => {
@@ -462,10 +526,17 @@ fn read_frames(path: &Path, out: &mut Vec<Frame>, budget: Budget) -> Result<u64,
         });
     }
     let pixels = (rows * cols) as u64 * n_frames as u64;
-    if budget.used.saturating_add(pixels) > budget.limit {
+    // Reserved before the decoder runs, whether it passes or not: a refused
+    // series is read no further.
+    let before = budget
+        .used
+        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |u| Some(u.saturating_add(pixels)))
+        .expect("the update always returns Some");
+    let total = before.saturating_add(pixels);
+    if total > budget.limit {
         return Err(VolumeError::TooLarge {
             path: path.to_owned(),
-            voxels: budget.used.saturating_add(pixels),
+            voxels: total,
             limit: budget.limit,
         });
     }
@@ -526,7 +597,7 @@ fn read_frames(path: &Path, out: &mut Vec<Frame>, budget: Budget) -> Result<u64,
             slope,
         });
     }
-    Ok(pixels)
+    Ok(())
 }
 
 /// Whether the Pixel Data element can hold what the header describes

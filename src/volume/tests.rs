@@ -483,6 +483,48 @@ fn the_volume_budget_counts_every_file_and_refuses_past_it() {
     }
 }
 
+/// A series read by several threads (`read_all_parallel`) gives the frames
+/// one reader gives, in the same order; past the budget it reads again in
+/// order, so the error names the same file with the same count whatever
+/// thread got there first.
+#[test]
+fn files_read_side_by_side_give_what_one_reader_gives_and_the_same_budget_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let paths: Vec<PathBuf> = (0..20)
+        .map(|i| {
+            let p = dir.path().join(format!("enh{i:02}.dcm"));
+            let z0 = 100.0 - 12.0 * i as f64;
+            write_enhanced(&p, [z0, z0 - 4.0, z0 - 8.0]);
+            let mut f = dicom_object::open_file(&p).unwrap();
+            f.put(DataElement::new(tags::SOP_INSTANCE_UID, VR::UI, PrimitiveValue::from(format!("1.2.3.4.5.{i}"))));
+            f.write_to_file(&p).unwrap();
+            p
+        })
+        .collect();
+    let opts = VolumeOptions::default();
+    let one = read_all(&paths, &opts).unwrap();
+    let side_by_side = read_all_parallel(&paths, &opts, 3).expect("no file fails");
+    assert_eq!(one.len(), 60);
+    assert_eq!(side_by_side.len(), one.len());
+    for (a, b) in one.iter().zip(&side_by_side) {
+        assert_eq!((&a.sop_instance_uid, a.frame_number, a.position), (&b.sop_instance_uid, b.frame_number, b.position));
+        assert_eq!(a.hu, b.hu);
+    }
+    assert_eq!(Volume::from_files_with(&paths, &opts).unwrap().slices(), 60);
+
+    // 12 voxels a file: 13 files fit in 161, the 14th (enh13) passes it.
+    let small = VolumeOptions { max_voxels: 161, ..Default::default() };
+    assert!(read_all_parallel(&paths, &small, 3).is_none());
+    for _ in 0..5 {
+        match Volume::from_files_with(&paths, &small) {
+            Err(e @ VolumeError::TooLarge { voxels: 168, limit: 161, .. }) => {
+                assert!(e.to_string().contains("enh13.dcm"), "{e}")
+            }
+            other => panic!("expected TooLarge at enh13, got {other:?}"),
+        }
+    }
+}
+
 /// Compressed pixel data may not describe far more image than it holds: 70
 /// frames of 512 x 512 (18 M pixels, 36 MB decoded) in 70 fragments of 64
 /// bytes is refused before the RLE decoder sizes its output from the header.
