@@ -29,6 +29,7 @@ pub mod job;
 pub mod node;
 pub mod npy;
 pub mod outbox;
+pub mod par;
 #[cfg(feature = "phantom")]
 pub mod phantom;
 pub mod retention;

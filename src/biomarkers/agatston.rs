@@ -18,7 +18,7 @@
 //! Components are numbered in raster order of their first pixel (as
 //! `scipy.ndimage.label` numbers them). No failure modes: pure functions.
 
-use ndarray::{Array3, ArrayView3, Axis};
+use ndarray::{Array3, ArrayView2, ArrayView3, ArrayViewMut2, Axis};
 use serde::Serialize;
 
 use crate::volume::label::label8;
@@ -83,6 +83,8 @@ pub struct Lesion {
 
 /// All lesions of `hu` (inside `region` when given) and per-slice label
 /// images (labels renumbered over kept lesions only, in raster order).
+/// Slices are independent: runs of them are labelled side by side
+/// (`crate::par`), the lesions listed in slice order as one thread would.
 pub fn lesions(
     hu: ArrayView3<f32>,
     region: Option<ArrayView3<bool>>,
@@ -90,51 +92,83 @@ pub fn lesions(
     pixel_area_mm2: f64,
     thickness_mm: f64,
 ) -> (Vec<Lesion>, Array3<u32>) {
+    let n = hu.dim().0;
     let mut labels = Array3::<u32>::zeros(hu.dim());
-    let mut lesions = Vec::new();
-    for (s, slice) in hu.axis_iter(Axis(0)).enumerate() {
-        let mut mask = slice.mapv(|v| v as f64 >= rule.hu_min);
-        if let Some(region) = &region {
-            mask.zip_mut_with(&region.index_axis(Axis(0), s), |m, &r| *m &= r);
+    let threads = crate::par::threads().min(n.max(1));
+    let per = n.div_ceil(threads).max(1);
+    let found: Vec<Vec<Lesion>> = std::thread::scope(|sc| {
+        let handles: Vec<_> = labels
+            .axis_chunks_iter_mut(Axis(0), per)
+            .enumerate()
+            .map(|(k, mut out)| {
+                sc.spawn(move || {
+                    let mut found = Vec::new();
+                    for (j, out) in out.axis_iter_mut(Axis(0)).enumerate() {
+                        let s = k * per + j;
+                        let region = region.as_ref().map(|r| r.index_axis(Axis(0), s));
+                        let slice = hu.index_axis(Axis(0), s);
+                        slice_lesions(slice, region, s, rule, pixel_area_mm2, thickness_mm, out, &mut found);
+                    }
+                    found
+                })
+            })
+            .collect();
+        handles.into_iter().map(crate::par::join).collect()
+    });
+    (found.into_iter().flatten().collect(), labels)
+}
+
+/// [`lesions`] of slice `s`: appends its lesions to `found` and writes its
+/// renumbered labels to `out` (zeros on entry).
+#[allow(clippy::too_many_arguments)]
+fn slice_lesions(
+    slice: ArrayView2<f32>,
+    region: Option<ArrayView2<bool>>,
+    s: usize,
+    rule: LesionRule,
+    pixel_area_mm2: f64,
+    thickness_mm: f64,
+    mut out: ArrayViewMut2<u32>,
+    found: &mut Vec<Lesion>,
+) {
+    let mut mask = slice.mapv(|v| v as f64 >= rule.hu_min);
+    if let Some(region) = &region {
+        mask.zip_mut_with(region, |m, &r| *m &= r);
+    }
+    let (lab, n) = label8(mask.view());
+    if n == 0 {
+        return;
+    }
+    let mut counts = vec![0usize; n + 1];
+    let mut peaks = vec![f64::NEG_INFINITY; n + 1];
+    for (l, v) in lab.iter().zip(slice.iter()) {
+        let l = *l as usize;
+        if l > 0 {
+            counts[l] += 1;
+            peaks[l] = peaks[l].max(*v as f64);
         }
-        let (lab, n) = label8(mask.view());
-        if n == 0 {
+    }
+    let mut renumber = vec![0u32; n + 1];
+    let mut next = 1u32;
+    for k in 1..=n {
+        let area = counts[k] as f64 * pixel_area_mm2;
+        if area < rule.min_area_mm2 {
             continue;
         }
-        let mut counts = vec![0usize; n + 1];
-        let mut peaks = vec![f64::NEG_INFINITY; n + 1];
-        for (l, v) in lab.iter().zip(slice.iter()) {
-            let l = *l as usize;
-            if l > 0 {
-                counts[l] += 1;
-                peaks[l] = peaks[l].max(*v as f64);
-            }
-        }
-        let mut renumber = vec![0u32; n + 1];
-        let mut next = 1u32;
-        for k in 1..=n {
-            let area = counts[k] as f64 * pixel_area_mm2;
-            if area < rule.min_area_mm2 {
-                continue;
-            }
-            renumber[k] = next;
-            let w = weight(peaks[k]);
-            lesions.push(Lesion {
-                slice: s,
-                label: next,
-                n_pixels: counts[k],
-                area_mm2: area,
-                peak_hu: peaks[k],
-                weight: w,
-                score: slice_score(area, w, thickness_mm),
-            });
-            next += 1;
-        }
-        labels
-            .index_axis_mut(Axis(0), s)
-            .zip_mut_with(&lab, |o, &l| *o = renumber[l as usize]);
+        renumber[k] = next;
+        let w = weight(peaks[k]);
+        found.push(Lesion {
+            slice: s,
+            label: next,
+            n_pixels: counts[k],
+            area_mm2: area,
+            peak_hu: peaks[k],
+            weight: w,
+            score: slice_score(area, w, thickness_mm),
+        });
+        next += 1;
     }
-    (lesions, labels)
+    out.zip_mut_with(&lab, |o, &l| *o = renumber[l as usize]);
 }
 
 /// Index into `lesions` of the lesion each label of `labels` names, by

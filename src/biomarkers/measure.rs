@@ -8,11 +8,11 @@
 //! candidates at native resolution. Invariant: the map is resampled back by
 //! nearest neighbour (see the module header of `biomarkers`).
 
-use ndarray::{s, Array3, ArrayView3, ArrayView4, Axis};
+use ndarray::{Array3, ArrayView3, ArrayView4, Axis};
 use serde::{Deserialize, Serialize};
 
 use super::agatston::{self, Lesion, RiskCategory};
-use super::aggregate::upsample_nearest;
+use super::aggregate::upsample_volume;
 use super::candidates::{candidate_mask, CandidateSpec};
 use crate::volume::heart::{Exclusion, HeartRegion};
 use crate::volume::label::label8;
@@ -143,19 +143,18 @@ pub fn aggregate(
         };
     }
 
-    let mut map = Array3::<f32>::zeros((n, rows, cols));
-    for i in 0..n {
-        let up = upsample_nearest(out.slice(s![i, 0, .., ..]), (rows, cols));
-        map.index_axis_mut(Axis(0), i).assign(&up);
-    }
+    let map = upsample_volume(out, (rows, cols));
     let area = geom.pixel_area_mm2();
     if aggregation.is_agatston() {
         let (lesions, labels) = agatston::lesions(hu, None, spec.lesion_rule(), area, geom.slice_thickness_mm);
         let mut sums = vec![0f64; lesions.len()];
         let first_of_slice = agatston::first_of_slice(&lesions, n);
-        for ((s, r, c), &lab) in labels.indexed_iter() {
-            if lab > 0 {
-                sums[first_of_slice[s] + lab as usize - 1] += map[[s, r, c]] as f64;
+        for s in 0..n {
+            let first = first_of_slice[s];
+            for (&lab, &m) in labels.index_axis(Axis(0), s).iter().zip(map.index_axis(Axis(0), s)) {
+                if lab > 0 {
+                    sums[first + lab as usize - 1] += m as f64;
+                }
             }
         }
         let threshold = aggregation.lesion_threshold.unwrap_or(0.5);
@@ -276,7 +275,7 @@ pub fn exclude_lesions(m: &mut Measurement, region: &HeartRegion, aggregation: &
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ndarray::Array4;
+    use ndarray::{s, Array4};
 
     fn spec(kind: &str) -> AggregationSpec {
         AggregationSpec {

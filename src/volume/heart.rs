@@ -348,21 +348,14 @@ pub fn heart_region(vol: &Volume) -> Option<HeartRegion> {
     // Each slice on its own (steps 2-6), so the slices are shared out
     // between the cores; the result is the same in any order.
     let todo: Vec<usize> = (0..n).filter(|&i| !above(i)).collect();
-    let threads = std::thread::available_parallelism().map_or(1, |t| t.get()).clamp(1, 4).min(todo.len().max(1));
-    let per_slice: Vec<(usize, SliceRegion)> = std::thread::scope(|sc| {
-        let chunks: Vec<_> = todo
-            .chunks(todo.len().div_ceil(threads).max(1))
-            .map(|chunk| {
-                sc.spawn(move || {
-                    chunk
-                        .iter()
-                        .map(|&i| (i, slice_exclusion_with(vol.hu.index_axis(Axis(0), i), frame, None)))
-                        .collect::<Vec<_>>()
-                })
-            })
-            .collect();
-        chunks.into_iter().flat_map(|h| h.join().expect("a heart region slice panicked")).collect()
-    });
+    let per_slice: Vec<(usize, SliceRegion)> = crate::par::map_runs(&todo, crate::par::threads(), |run| {
+        run.iter()
+            .map(|&i| (i, slice_exclusion_with(vol.hu.index_axis(Axis(0), i), frame, None)))
+            .collect::<Vec<_>>()
+    })
+    .into_iter()
+    .flatten()
+    .collect();
     for i in (0..n).filter(|&i| above(i)) {
         reasons.index_axis_mut(Axis(0), i).fill(Some(Exclusion::AboveArch));
     }

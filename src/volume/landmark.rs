@@ -208,20 +208,26 @@ fn components(mask: &[bool], g: Grid) -> Vec<Component> {
 }
 
 /// Fraction of soft tissue in the ring between `RING_INNER_MM` and
-/// `RING_OUTER_MM` (4-connected steps) around a component.
-fn ring_tissue(hu: &[f32], pixels: &[usize], g: Grid) -> f64 {
+/// `RING_OUTER_MM` (4-connected steps) around a component. `dist` is
+/// scratch of one entry per pixel, all `u32::MAX`, and is left so: a
+/// breadth-first walk in a hash map was a tenth of a thin chest's arch
+/// level.
+fn ring_tissue(hu: &[f32], pixels: &[usize], g: Grid, dist: &mut [u32]) -> f64 {
     let px = g.dx.min(g.dy);
     let inner = (RING_INNER_MM / px).round().max(1.0) as u32;
     let outer = ((RING_OUTER_MM / px).round() as u32).max(inner + 1);
-    let mut dist = std::collections::HashMap::with_capacity(pixels.len() * 4);
-    let mut queue = VecDeque::new();
+    // Breadth first, so `queue` is also the list of pixels given a distance.
+    let mut queue: Vec<usize> = Vec::with_capacity(pixels.len() * 4);
     for &p in pixels {
-        dist.insert(p, 0u32);
-        queue.push_back(p);
+        dist[p] = 0;
+        queue.push(p);
     }
     let (mut tissue, mut total) = (0usize, 0usize);
-    while let Some(p) = queue.pop_front() {
-        let d = dist[&p];
+    let mut head = 0;
+    while head < queue.len() {
+        let p = queue[head];
+        head += 1;
+        let d = dist[p];
         if d > inner {
             total += 1;
             if hu[p] > TISSUE_HU {
@@ -232,25 +238,27 @@ fn ring_tissue(hu: &[f32], pixels: &[usize], g: Grid) -> f64 {
             continue;
         }
         let (r, c) = (p / g.cols, p % g.cols);
-        let mut next = Vec::with_capacity(4);
+        let mut visit = |q: usize| {
+            if dist[q] == u32::MAX {
+                dist[q] = d + 1;
+                queue.push(q);
+            }
+        };
         if r > 0 {
-            next.push(p - g.cols);
+            visit(p - g.cols);
         }
         if r + 1 < g.rows {
-            next.push(p + g.cols);
+            visit(p + g.cols);
         }
         if c > 0 {
-            next.push(p - 1);
+            visit(p - 1);
         }
         if c + 1 < g.cols {
-            next.push(p + 1);
+            visit(p + 1);
         }
-        for q in next {
-            if let std::collections::hash_map::Entry::Vacant(e) = dist.entry(q) {
-                e.insert(d + 1);
-                queue.push_back(q);
-            }
-        }
+    }
+    for &p in &queue {
+        dist[p] = u32::MAX;
     }
     if total == 0 {
         0.0
@@ -273,11 +281,10 @@ fn centroid(pixels: &[usize], g: Grid) -> (f64, f64) {
 fn airways(hu: &[f32], g: Grid, air_hu: f32) -> (Vec<Airway>, Option<f64>) {
     let mut first = usize::MAX;
     let mut last = 0;
-    for (p, v) in hu.iter().enumerate() {
-        if *v > TISSUE_HU {
-            let c = p % g.cols;
+    for row in hu.chunks_exact(g.cols) {
+        if let Some(c) = row.iter().position(|v| *v > TISSUE_HU) {
             first = first.min(c);
-            last = last.max(c);
+            last = last.max(g.cols - 1 - row.iter().rev().position(|v| *v > TISSUE_HU).expect("one was found"));
         }
     }
     if first == usize::MAX {
@@ -286,12 +293,16 @@ fn airways(hu: &[f32], g: Grid, air_hu: f32) -> (Vec<Airway>, Option<f64>) {
     let midline = (first + last) as f64 / 2.0 * g.dx;
     let air: Vec<bool> = hu.iter().map(|v| *v < air_hu).collect();
     let mut out = Vec::new();
+    let mut dist = Vec::new();
     for c in components(&air, g) {
         let area = g.area_cm2(c.pixels.len());
         if c.touches_border || !(AIRWAY_MIN_CM2..=AIRWAY_MAX_CM2).contains(&area) {
             continue;
         }
-        let ring = ring_tissue(hu, &c.pixels, g);
+        if dist.is_empty() {
+            dist = vec![u32::MAX; hu.len()];
+        }
+        let ring = ring_tissue(hu, &c.pixels, g, &mut dist);
         if ring < AIRWAY_RING_MIN {
             continue;
         }
@@ -417,7 +428,7 @@ pub fn above_aortic_arch(vol: &Volume) -> Result<ArchLevel, LandmarkError> {
     // A slice's airways do not depend on the track: they are found a batch
     // of slices ahead, side by side, and the track reads them in order. The
     // other jobs of the series wait for this level, so it is on their path.
-    let threads = std::thread::available_parallelism().map_or(1, |t| t.get()).clamp(1, 4);
+    let threads = crate::par::threads();
     let mut ahead = std::collections::VecDeque::new();
     for (k, &i) in cranial.iter().enumerate() {
         if ahead.is_empty() {
@@ -560,19 +571,7 @@ fn airways_of(vol: &Volume, idx: &[usize], g: Grid, air_hu: f32, threads: usize)
         let hu = slice.as_standard_layout();
         airways(hu.as_slice().expect("standard layout"), g, air_hu)
     };
-    if threads <= 1 || idx.len() < 2 {
-        return idx.iter().map(|&i| one(i)).collect();
-    }
-    std::thread::scope(|sc| {
-        let handles: Vec<_> = idx
-            .chunks(idx.len().div_ceil(threads))
-            .map(|run| sc.spawn(move || run.iter().map(|&i| one(i)).collect::<Vec<_>>()))
-            .collect();
-        handles
-            .into_iter()
-            .flat_map(|h| h.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
-            .collect()
-    })
+    crate::par::map_runs(idx, threads, |run| run.iter().map(|&i| one(i)).collect::<Vec<_>>()).into_iter().flatten().collect()
 }
 
 /// What one axial slice shows of the airway at the level above the aortic

@@ -327,11 +327,7 @@ impl Volume {
         if paths.is_empty() {
             return Err(VolumeError::Empty);
         }
-        let threads = std::thread::available_parallelism()
-            .map_or(1, |t| t.get())
-            .clamp(1, MAX_LOAD_THREADS)
-            .min(paths.len() / MIN_FILES_PER_THREAD)
-            .max(1);
+        let threads = crate::par::threads().min(paths.len() / MIN_FILES_PER_THREAD).max(1);
         let frames = if threads > 1 {
             match read_all_parallel(paths, opts, threads) {
                 Some(frames) => frames,
@@ -405,9 +401,6 @@ fn missing(path: &Path, attribute: &'static str) -> VolumeError {
     }
 }
 
-/// At most this many threads read one series' files (each holds one
-/// decoded file at a time).
-const MAX_LOAD_THREADS: usize = 4;
 /// Fewer files a thread than this are read by one: a thread's start costs
 /// more than it saves there.
 const MIN_FILES_PER_THREAD: usize = 8;
@@ -433,23 +426,12 @@ fn read_all(paths: &[PathBuf], opts: &VolumeOptions) -> Result<Vec<Frame>, Volum
 fn read_all_parallel(paths: &[PathBuf], opts: &VolumeOptions, threads: usize) -> Option<Vec<Frame>> {
     let used = AtomicU64::new(0);
     let budget = Budget { used: &used, limit: opts.max_voxels };
-    let runs: Vec<Option<Vec<Frame>>> = std::thread::scope(|sc| {
-        let handles: Vec<_> = paths
-            .chunks(paths.len().div_ceil(threads))
-            .map(|run| {
-                sc.spawn(move || {
-                    let mut frames = Vec::new();
-                    for p in run {
-                        read_frames(p, &mut frames, budget).ok()?;
-                    }
-                    Some(frames)
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
-            .collect()
+    let runs = crate::par::map_runs(paths, threads, |run| {
+        let mut frames = Vec::new();
+        for p in run {
+            read_frames(p, &mut frames, budget).ok()?;
+        }
+        Some(frames)
     });
     let mut frames = Vec::new();
     for run in runs {
