@@ -420,7 +420,9 @@ fn read_all(paths: &[PathBuf], opts: &VolumeOptions) -> Result<Vec<Frame>, Volum
 /// (decoding is most of a job's load: a 300-slice chest took 0.8 s on one
 /// core, and the other jobs of the series wait for it). The frames come back
 /// in file order, as from [`read_all`]. The voxel budget is one counter the
-/// threads reserve from before they decode, so memory stays bounded by it.
+/// threads reserve from before they decode, so the frames stay bounded by
+/// it; peak memory is the volume plus one decoded file per thread (one file
+/// in all for [`read_all`]).
 /// `None` when any file failed (or the budget ran out): the caller reads
 /// again in order for the error, a path only bad series take.
 fn read_all_parallel(paths: &[PathBuf], opts: &VolumeOptions, threads: usize) -> Option<Vec<Frame>> {
