@@ -9,10 +9,13 @@
 //! lesion's label. No failure modes.
 //!
 //! Method: two raster passes with union-find over provisional labels (the
-//! classic scheme), on flat row-major buffers. A CAC job labels every 3 mm
-//! slab several times (lungs, body holes, dense structures, lesions); the
-//! flood fill this replaces, with a stack and a 2-D bounds check per
-//! neighbour, was 15 % of a 300-slice chest's CAC CPU.
+//! classic scheme), on flat row-major buffers, by runs: the first pass finds
+//! each row's runs of foreground eight bytes at a time and joins a run to
+//! the labels above it; the second relabels runs, not pixels. A CAC job
+//! labels every 3 mm slab several times (lungs, body holes, dense
+//! structures, lesions): the flood fill this replaced was 15 % of a
+//! 300-slice chest's CAC CPU, and the pixel-by-pixel passes after it still
+//! 10 %.
 
 use ndarray::{Array2, ArrayView2};
 
@@ -23,67 +26,92 @@ pub fn label8(mask: ArrayView2<bool>) -> (Array2<u32>, usize) {
     let (rows, cols) = mask.dim();
     let std = mask.as_standard_layout();
     let m = std.as_slice().expect("standard layout is contiguous");
+    // SAFETY: a bool is one byte holding 0 or 1.
+    let bytes: &[u8] = unsafe { std::slice::from_raw_parts(m.as_ptr().cast::<u8>(), m.len()) };
     let mut lab = vec![0u32; rows * cols];
     // parent[k] for provisional label k (index 0 unused: background).
     let mut parent: Vec<u32> = vec![0];
+    // Runs of foreground [start, end) in raster order, flat indices: a run
+    // has one provisional label, so the second pass visits runs, not pixels.
+    let mut runs: Vec<(usize, usize)> = Vec::new();
     for r in 0..rows {
         let row = r * cols;
-        for c in 0..cols {
-            let p = row + c;
-            if !m[p] {
-                continue;
+        let line = &bytes[row..row + cols];
+        let mut c = 0;
+        loop {
+            c = next_set(line, c);
+            if c == cols {
+                break;
             }
-            // The already-visited neighbours: W, NW, N, NE.
-            let w = if c > 0 { lab[p - 1] } else { 0 };
-            let (nw, n, ne) = if r > 0 {
-                let up = p - cols;
-                (
-                    if c > 0 { lab[up - 1] } else { 0 },
-                    lab[up],
-                    if c + 1 < cols { lab[up + 1] } else { 0 },
-                )
-            } else {
-                (0, 0, 0)
-            };
-            // N touches W, NW and NE, so when N is set they are already in
-            // its set (joined when W, NW and NE were labelled). Otherwise NW
-            // and W touch, and only NE can join two sets.
-            let l = if n != 0 {
-                n
-            } else if w != 0 || nw != 0 {
-                let l = if w != 0 { w } else { nw };
-                if ne != 0 {
-                    union(&mut parent, l, ne)
-                } else {
-                    l
+            let e = next_clear(line, c);
+            // The run's 8-neighbours in the row above: columns c-1 ..= e.
+            let mut l = 0u32;
+            if r > 0 {
+                let (lo, hi) = (row - cols + c.saturating_sub(1), row - cols + (e + 1).min(cols));
+                let mut last = 0u32;
+                for &up in &lab[lo..hi] {
+                    if up != 0 && up != last {
+                        l = if l == 0 { up } else { union(&mut parent, l, up) };
+                        last = up;
+                    }
                 }
-            } else if ne != 0 {
-                ne
-            } else {
-                let l = parent.len() as u32;
+            }
+            if l == 0 {
+                l = parent.len() as u32;
                 parent.push(l);
-                l
-            };
-            lab[p] = l;
+            }
+            lab[row + c..row + e].fill(l);
+            runs.push((row + c, row + e));
+            c = e;
         }
     }
     // Final labels in raster order of each component's first pixel: the
-    // first pixel met of a set gets the next number.
+    // first run met of a set gets the next number.
     let mut final_of = vec![0u32; parent.len()];
     let mut next = 0u32;
-    for v in lab.iter_mut() {
-        if *v == 0 {
-            continue;
-        }
-        let root = find(&mut parent, *v) as usize;
+    for &(a, b) in &runs {
+        let root = find(&mut parent, lab[a]) as usize;
         if final_of[root] == 0 {
             next += 1;
             final_of[root] = next;
         }
-        *v = final_of[root];
+        lab[a..b].fill(final_of[root]);
     }
     let labels = Array2::from_shape_vec((rows, cols), lab).expect("rows * cols labels");
     (labels, next as usize)
+}
+
+/// Bytes 0 or 1 eight at a time.
+const ONES: u64 = 0x0101_0101_0101_0101;
+
+/// The first index from `c` whose byte is 1, or `line.len()`.
+fn next_set(line: &[u8], mut c: usize) -> usize {
+    while c + 8 <= line.len() {
+        let w = u64::from_le_bytes(line[c..c + 8].try_into().expect("8 bytes"));
+        if w != 0 {
+            return c + (w.trailing_zeros() / 8) as usize;
+        }
+        c += 8;
+    }
+    while c < line.len() && line[c] == 0 {
+        c += 1;
+    }
+    c
+}
+
+/// The first index from `c` whose byte is 0, or `line.len()`.
+fn next_clear(line: &[u8], mut c: usize) -> usize {
+    while c + 8 <= line.len() {
+        let w = u64::from_le_bytes(line[c..c + 8].try_into().expect("8 bytes")) ^ ONES;
+        if w != 0 {
+            return c + (w.trailing_zeros() / 8) as usize;
+        }
+        c += 8;
+    }
+    while c < line.len() && line[c] != 0 {
+        c += 1;
+    }
+    c
 }
 
 fn find(parent: &mut [u32], mut x: u32) -> u32 {
@@ -160,6 +188,24 @@ mod tests {
             let p = 5 + rng.below(66) as u64;
             let mask = Array2::from_shape_fn((rows, cols), |_| rng.below(100) < p as usize);
             assert_eq!(label8(mask.view()), flood_fill(mask.view()), "case {case}: {rows}x{cols}, p {p}");
+        }
+    }
+
+    /// Wider rows and blobs too: runs that cross the 8-byte words the row
+    /// scan reads, and sets joined far from where they start.
+    #[test]
+    fn numbers_blobs_on_wide_masks_like_the_flood_fill() {
+        let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+        for case in 0..60 {
+            let (rows, cols) = (1 + rng.below(120), 1 + rng.below(300));
+            let seeds: Vec<(usize, usize, usize)> =
+                (0..1 + rng.below(12)).map(|_| (rng.below(rows as u64), rng.below(cols as u64), 1 + rng.below(30))).collect();
+            let speck = rng.below(4);
+            let mask = Array2::from_shape_fn((rows, cols), |(r, c)| {
+                seeds.iter().any(|&(y, x, rad)| r.abs_diff(y).pow(2) + c.abs_diff(x).pow(2) <= rad * rad)
+                    || rng.below(100) < speck
+            });
+            assert_eq!(label8(mask.view()), flood_fill(mask.view()), "case {case}: {rows}x{cols}");
         }
     }
 
