@@ -9,6 +9,8 @@
 
 use std::thread::ScopedJoinHandle;
 
+use ndarray::{ArrayViewMut3, Axis};
+
 /// More threads than this gain little for one job: a worker runs jobs side
 /// by side too.
 const MAX_THREADS: usize = 4;
@@ -32,6 +34,30 @@ pub fn map_runs<T: Sync, R: Send>(items: &[T], threads: usize, f: impl Fn(&[T]) 
     })
 }
 
+/// [`map_runs`] over the slices (axis 0) of `a`, to be written in place:
+/// `f(first, run)` gets each contiguous run of slices and the index of its
+/// first slice.
+pub fn map_slice_runs<A: Send, R: Send>(
+    mut a: ArrayViewMut3<'_, A>,
+    threads: usize,
+    f: impl Fn(usize, ArrayViewMut3<'_, A>) -> R + Sync,
+) -> Vec<R> {
+    let n = a.dim().0;
+    if threads <= 1 || n < 2 {
+        return vec![f(0, a)];
+    }
+    let per = n.div_ceil(threads);
+    let f = &f;
+    std::thread::scope(|sc| {
+        let handles: Vec<_> = a
+            .axis_chunks_iter_mut(Axis(0), per)
+            .enumerate()
+            .map(|(k, run)| sc.spawn(move || f(k * per, run)))
+            .collect();
+        handles.into_iter().map(join).collect()
+    })
+}
+
 /// The result of a scoped thread, its panic resumed here.
 pub fn join<R>(h: ScopedJoinHandle<'_, R>) -> R {
     h.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))
@@ -51,6 +77,23 @@ mod tests {
         }
         assert_eq!(map_runs(&[7], 4, |run| run.len()), vec![1]);
         assert_eq!(map_runs::<u8, usize>(&[], 4, |run| run.len()), vec![0]);
+    }
+
+    #[test]
+    fn slice_runs_write_every_slice_once_knowing_its_index() {
+        for threads in [1, 2, 3, 4, 9] {
+            let mut a = ndarray::Array3::<usize>::zeros((7, 2, 3));
+            let firsts = map_slice_runs(a.view_mut(), threads, |first, mut run| {
+                for (j, mut slice) in run.axis_iter_mut(Axis(0)).enumerate() {
+                    slice.mapv_inplace(|v| v + first + j + 1);
+                }
+                first
+            });
+            assert!(firsts.windows(2).all(|w| w[0] < w[1]), "{threads}: {firsts:?}");
+            for (s, slice) in a.axis_iter(Axis(0)).enumerate() {
+                assert!(slice.iter().all(|&v| v == s + 1), "{threads} threads, slice {s}");
+            }
+        }
     }
 
     #[test]

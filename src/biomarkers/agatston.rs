@@ -92,28 +92,15 @@ pub fn lesions(
     pixel_area_mm2: f64,
     thickness_mm: f64,
 ) -> (Vec<Lesion>, Array3<u32>) {
-    let n = hu.dim().0;
     let mut labels = Array3::<u32>::zeros(hu.dim());
-    let threads = crate::par::threads().min(n.max(1));
-    let per = n.div_ceil(threads).max(1);
-    let found: Vec<Vec<Lesion>> = std::thread::scope(|sc| {
-        let handles: Vec<_> = labels
-            .axis_chunks_iter_mut(Axis(0), per)
-            .enumerate()
-            .map(|(k, mut out)| {
-                sc.spawn(move || {
-                    let mut found = Vec::new();
-                    for (j, out) in out.axis_iter_mut(Axis(0)).enumerate() {
-                        let s = k * per + j;
-                        let region = region.as_ref().map(|r| r.index_axis(Axis(0), s));
-                        let slice = hu.index_axis(Axis(0), s);
-                        slice_lesions(slice, region, s, rule, pixel_area_mm2, thickness_mm, out, &mut found);
-                    }
-                    found
-                })
-            })
-            .collect();
-        handles.into_iter().map(crate::par::join).collect()
+    let found = crate::par::map_slice_runs(labels.view_mut(), crate::par::threads(), |first, mut run| {
+        let mut found = Vec::new();
+        for (j, out) in run.axis_iter_mut(Axis(0)).enumerate() {
+            let s = first + j;
+            let region = region.as_ref().map(|r| r.index_axis(Axis(0), s));
+            slice_lesions(hu.index_axis(Axis(0), s), region, s, rule, pixel_area_mm2, thickness_mm, out, &mut found);
+        }
+        found
     });
     (found.into_iter().flatten().collect(), labels)
 }

@@ -69,22 +69,11 @@ pub fn upsample_nearest_into(map: ArrayView2<f32>, mut out: ArrayViewMut2<f32>) 
 /// `(rows, cols)`, as `[S,R,C]`: runs of slices side by side (`crate::par`;
 /// a chest's 110 slabs of 512² are 29 M pixels).
 pub fn upsample_volume(out: ArrayView4<f32>, native: (usize, usize)) -> Array3<f32> {
-    let n = out.dim().0;
-    let mut map = Array3::<f32>::zeros((n, native.0, native.1));
-    let per = n.div_ceil(crate::par::threads()).max(1);
-    std::thread::scope(|sc| {
-        let handles: Vec<_> = map
-            .axis_chunks_iter_mut(Axis(0), per)
-            .enumerate()
-            .map(|(k, mut run)| {
-                sc.spawn(move || {
-                    for (j, slice) in run.axis_iter_mut(Axis(0)).enumerate() {
-                        upsample_nearest_into(out.slice(s![k * per + j, 0, .., ..]), slice);
-                    }
-                })
-            })
-            .collect();
-        handles.into_iter().for_each(crate::par::join);
+    let mut map = Array3::<f32>::zeros((out.dim().0, native.0, native.1));
+    crate::par::map_slice_runs(map.view_mut(), crate::par::threads(), |first, mut run| {
+        for (j, slice) in run.axis_iter_mut(Axis(0)).enumerate() {
+            upsample_nearest_into(out.slice(s![first + j, 0, .., ..]), slice);
+        }
     });
     map
 }

@@ -300,8 +300,9 @@ fn check_peak(
     let runs = crate::par::map_runs(seen, crate::par::threads(), |run| {
         histogram(run.iter().flat_map(|s| s.iter().copied()), p.window_hu)
     });
-    let (mut bins, mut voxels) = runs[0].clone();
-    for (b, v) in &runs[1..] {
+    let mut runs = runs.into_iter();
+    let (mut bins, mut voxels) = runs.next().expect("map_runs returns at least one run");
+    for (b, v) in runs {
         bins.iter_mut().zip(b).for_each(|(total, k)| *total += k);
         voxels += v;
     }

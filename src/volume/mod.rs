@@ -328,16 +328,12 @@ impl Volume {
             return Err(VolumeError::Empty);
         }
         let threads = crate::par::threads().min(paths.len() / MIN_FILES_PER_THREAD).max(1);
-        let frames = if threads > 1 {
-            match read_all_parallel(paths, opts, threads) {
-                Some(frames) => frames,
-                // Something failed: read again in order, one file after the
-                // other, so the error is the one a single reader meets first
-                // (which file passes the budget depends on the order).
-                None => read_all(paths, opts)?,
-            }
-        } else {
-            read_all(paths, opts)?
+        let frames = match (threads > 1).then(|| read_all_parallel(paths, opts, threads)).flatten() {
+            Some(frames) => frames,
+            // One thread, or something failed: read in order, one file after
+            // the other, so an error is the one a single reader meets first
+            // (which file passes the budget depends on the order).
+            None => read_all(paths, opts)?,
         };
         assemble(frames, opts)
     }
@@ -409,9 +405,10 @@ const MIN_FILES_PER_THREAD: usize = 8;
 /// the next is read, so peak memory is about one volume.
 fn read_all(paths: &[PathBuf], opts: &VolumeOptions) -> Result<Vec<Frame>, VolumeError> {
     let used = AtomicU64::new(0);
+    let budget = Budget { used: &used, limit: opts.max_voxels };
     let mut frames = Vec::new();
     for p in paths {
-        read_frames(p, &mut frames, Budget { used: &used, limit: opts.max_voxels })?;
+        read_frames(p, &mut frames, budget)?;
     }
     Ok(frames)
 }
