@@ -65,7 +65,8 @@ pub struct RuntimeOptions {
     pub device_id: i32,
     pub fail_hard: bool,
     pub max_concurrency: usize,
-    /// Intra-op threads per session; 0 lets ONNX Runtime decide.
+    /// Intra-op threads per session; 0 lets ONNX Runtime decide (its
+    /// physical cores).
     pub intra_threads: usize,
 }
 
@@ -85,11 +86,11 @@ static ORT: OnceLock<Result<ort::environment::Environment, String>> = OnceLock::
 
 /// Where to find libonnxruntime: the config's path, then `ORT_DYLIB_PATH`.
 pub fn resolve_library(configured: Option<&Path>) -> Result<PathBuf, InferenceError> {
-    let candidates: Vec<PathBuf> = configured
-        .map(Path::to_path_buf)
-        .into_iter()
-        .chain(std::env::var_os("ORT_DYLIB_PATH").map(PathBuf::from))
-        .collect();
+    resolve_library_from(configured, std::env::var_os("ORT_DYLIB_PATH").map(PathBuf::from))
+}
+
+fn resolve_library_from(configured: Option<&Path>, from_env: Option<PathBuf>) -> Result<PathBuf, InferenceError> {
+    let candidates: Vec<PathBuf> = configured.map(Path::to_path_buf).into_iter().chain(from_env).collect();
     candidates
         .iter()
         .find(|p| p.is_file())
@@ -198,6 +199,11 @@ fn build_session(card: &ModelCard, opts: &RuntimeOptions, ep: ExecutionProvider)
     if opts.intra_threads > 0 {
         b = b.with_intra_threads(opts.intra_threads).map_err(|e| session_err(card, e))?;
     }
+    // A spinning pool keeps its cores busy between ops to start the next one
+    // sooner; here those cores are wanted by the job's own slice loops
+    // (`par`) and by the other workers' sessions, and the liver job measured
+    // faster without spinning even alone.
+    b = b.with_intra_op_spinning(false).map_err(|e| session_err(card, e))?;
     if ep == ExecutionProvider::Cuda {
         b = b
             .with_execution_providers([ort::ep::CUDA::default()
@@ -291,8 +297,13 @@ mod tests {
 
     #[test]
     fn missing_library_is_a_clear_error() {
-        let e = resolve_library(Some(Path::new("/nonexistent/libonnxruntime.so"))).unwrap_err();
+        // Not resolve_library: a developer's ORT_DYLIB_PATH would be found.
+        let e = resolve_library_from(Some(Path::new("/nonexistent/libonnxruntime.so")), None).unwrap_err();
         assert!(e.to_string().contains("/nonexistent/libonnxruntime.so"), "{e}");
+        let e = resolve_library_from(Some(Path::new("/nonexistent/a.so")), Some("/nonexistent/b.so".into())).unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/a.so, /nonexistent/b.so"), "both places are named: {e}");
+        let e = resolve_library_from(None, None).unwrap_err();
+        assert!(e.to_string().contains("nothing configured"), "{e}");
     }
 
     /// Whether this machine can run the CUDA provider: the loaded ONNX
