@@ -59,7 +59,7 @@ pub fn map_slice_runs<A: Send, R: Send>(
 }
 
 /// The result of a scoped thread, its panic resumed here.
-pub fn join<R>(h: ScopedJoinHandle<'_, R>) -> R {
+fn join<R>(h: ScopedJoinHandle<'_, R>) -> R {
     h.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))
 }
 

@@ -149,9 +149,8 @@ pub fn aggregate(
         let (lesions, labels) = agatston::lesions(hu, None, spec.lesion_rule(), area, geom.slice_thickness_mm);
         let mut sums = vec![0f64; lesions.len()];
         let first_of_slice = agatston::first_of_slice(&lesions, n);
-        for s in 0..n {
-            let first = first_of_slice[s];
-            for (&lab, &m) in labels.index_axis(Axis(0), s).iter().zip(map.index_axis(Axis(0), s)) {
+        for ((&first, slice_labels), slice_map) in first_of_slice.iter().zip(labels.outer_iter()).zip(map.outer_iter()) {
+            for (&lab, &m) in slice_labels.iter().zip(slice_map) {
                 if lab > 0 {
                     sums[first + lab as usize - 1] += m as f64;
                 }

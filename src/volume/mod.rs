@@ -405,7 +405,11 @@ const MIN_FILES_PER_THREAD: usize = 8;
 /// the next is read, so peak memory is about one volume.
 fn read_all(paths: &[PathBuf], opts: &VolumeOptions) -> Result<Vec<Frame>, VolumeError> {
     let used = AtomicU64::new(0);
-    let budget = Budget { used: &used, limit: opts.max_voxels };
+    read_run(paths, Budget { used: &used, limit: opts.max_voxels })
+}
+
+/// The frames of `paths`, read in order within `budget`.
+fn read_run(paths: &[PathBuf], budget: Budget<'_>) -> Result<Vec<Frame>, VolumeError> {
     let mut frames = Vec::new();
     for p in paths {
         read_frames(p, &mut frames, budget)?;
@@ -425,13 +429,7 @@ fn read_all(paths: &[PathBuf], opts: &VolumeOptions) -> Result<Vec<Frame>, Volum
 fn read_all_parallel(paths: &[PathBuf], opts: &VolumeOptions, threads: usize) -> Option<Vec<Frame>> {
     let used = AtomicU64::new(0);
     let budget = Budget { used: &used, limit: opts.max_voxels };
-    let runs = crate::par::map_runs(paths, threads, |run| {
-        let mut frames = Vec::new();
-        for p in run {
-            read_frames(p, &mut frames, budget).ok()?;
-        }
-        Some(frames)
-    });
+    let runs = crate::par::map_runs(paths, threads, |run| read_run(run, budget).ok());
     let mut frames = Vec::new();
     for run in runs {
         frames.extend(run?);
