@@ -35,11 +35,19 @@ mm), centre inside the region, clipped to the region. Inside, the low-frequency 
 replaced by (local liver HU - delta), delta uniform 15-90 HU, plus a smooth heterogeneity field (0-12 HU); the
 background's own high-frequency texture (HU minus its 1.5 mm Gaussian) is kept, so noise and kernel stay real.
 20 % get a rim 15-45 HU brighter than the core. Tumour HU never goes below 0 (the liver candidates start at -20).
+`--large P` draws a tumour's diameter from 80-150 mm with probability P, and `--confluent P` makes a tumour, with
+probability P, a confluent mass: 2-5 overlapping nodules of 40-75 % of its diameter around its centre, with one
+attenuation and a lobulated outline (metastases of 8-15 cm and merging nodules are common in clinical liver CT; the
+default 5-80 mm single nodules seldom reach the liver model's larger contrast box, 21 model pixels or about 65 mm,
+beyond which a lesion's centre no longer differs from its surroundings in that channel). Both default to 0, which
+draws exactly the cases made before the options existed. No shipped model is trained with them yet (the liver
+candidates of stop 31 in EVALUATION_NOTES.md were).
 Augmentation before insertion: left-right flip (p 0.25, `--flip`; 0 for validation sets), rotation +-10 degrees, isotropic scale 0.85-1.15, shift
 +-20 px (affine on HU and region together); after insertion: Gaussian blur 0-0.8 px (p 0.5, softer kernels), added
 correlated noise 0-12 HU (p 0.6), global HU offset +-8.
 
     python -m biomarker_training.realbg --out DIR --backgrounds lidc,ge --count 1800 --seed 11
+    python -m biomarker_training.realbg --out DIR --backgrounds lidc,ge --count 1200 --seed 13 --large 0.25 --confluent 0.3
     python -m biomarker_training.realbg --show /tmp/regions.png --backgrounds lidc,ge,siemens
 """
 
@@ -156,8 +164,13 @@ def _smooth_field(shape, rng, sigma_px):
     return f / (f.std() + 1e-6)
 
 
-def insert_tumours(hu, reg, spacing, rng, n_tumours):
-    """(new hu, tumour mask bool, tumour records). Tumours are clipped to `reg`."""
+def insert_tumours(hu, reg, spacing, rng, n_tumours, large_p=0.0, confluent_p=0.0):
+    """(new hu, tumour mask bool, tumour records). Tumours are clipped to `reg`.
+
+    `large_p`: probability that a tumour's diameter is drawn from 80-150 mm instead of 5-80 mm. `confluent_p`:
+    probability that a tumour is a confluent mass, 2-5 overlapping nodules of 40-75 % of its diameter around its
+    centre, sharing one attenuation (a lobulated outline, as merging metastases have). Both 0 (the default) draw
+    exactly the cases of liver 0.4.0's data: no random number is drawn for them then."""
     n0, n1 = hu.shape
     low = ndi.gaussian_filter(hu, 1.5 / spacing)
     hf = hu - low
@@ -170,20 +183,35 @@ def insert_tumours(hu, reg, spacing, rng, n_tumours):
     yy, xx = np.mgrid[0:n0, 0:n1].astype(np.float32)
     for _ in range(n_tumours):
         cy, cx = inside[rng.integers(len(inside))]
-        diam = rng.uniform(5, 80)
-        r0 = diam / 2 / spacing
-        aspect = rng.uniform(0.6, 1.0)
-        rot = rng.uniform(0, np.pi)
-        dy, dx = yy - cy, xx - cx
-        u = dx * np.cos(rot) + dy * np.sin(rot)
-        v = (-dx * np.sin(rot) + dy * np.cos(rot)) / aspect
-        rho = np.hypot(u, v)
-        th = np.arctan2(v, u)
-        rad = np.ones_like(th)
-        for k in range(2, 6):
-            rad += rng.uniform(0, 0.25 / k) * np.cos(k * th + rng.uniform(0, 2 * np.pi))
+        large = large_p > 0 and rng.random() < large_p
+        diam = rng.uniform(80, 150) if large else rng.uniform(5, 80)
+        confluent = confluent_p > 0 and rng.random() < confluent_p
+        if confluent:
+            # nodule centres within half the mass's radius of its centre
+            parts = []
+            for _ in range(int(rng.integers(2, 6))):
+                ang, off = rng.uniform(0, 2 * np.pi), rng.uniform(0, 0.5) * diam / 2 / spacing
+                parts.append((cy + off * np.sin(ang), cx + off * np.cos(ang), diam * rng.uniform(0.4, 0.75)))
+        else:
+            parts = [(cy, cx, diam)]
+        # d: signed distance (px) to the outline; for a confluent mass the nearest nodule's, so the union's
+        d = None
+        for py, px, pd in parts:
+            r0 = pd / 2 / spacing
+            aspect = rng.uniform(0.6, 1.0)
+            rot = rng.uniform(0, np.pi)
+            dy, dx = yy - py, xx - px
+            u = dx * np.cos(rot) + dy * np.sin(rot)
+            v = (-dx * np.sin(rot) + dy * np.cos(rot)) / aspect
+            rho = np.hypot(u, v)
+            th = np.arctan2(v, u)
+            rad = np.ones_like(th)
+            for k in range(2, 6):
+                rad += rng.uniform(0, 0.25 / k) * np.cos(k * th + rng.uniform(0, 2 * np.pi))
+            dp = rho - r0 * rad
+            d = dp if d is None else np.minimum(d, dp)
         edge = rng.uniform(0.3, 1.5) / spacing
-        alpha = 1 / (1 + np.exp(np.clip((rho - r0 * rad) / edge, -30, 30)))
+        alpha = 1 / (1 + np.exp(np.clip(d / edge, -30, 30)))
         alpha = (alpha * reg).astype(np.float32)
         if alpha.max() < 0.5:
             continue
@@ -192,25 +220,26 @@ def insert_tumours(hu, reg, spacing, rng, n_tumours):
         delta = rng.uniform(15, 90)
         core = liver_hu - delta + rng.uniform(0, 12) * _smooth_field(hu.shape, rng, rng.uniform(3, 6) / spacing)
         rim = None
-        if rng.random() < 0.2 and r0 * spacing > 6:
+        if rng.random() < 0.2 and diam / 2 > 6:
             rim = rng.uniform(15, 45)
             w = rng.uniform(1.5, 3.0) / spacing
-            ring = np.exp(-((rho - r0 * rad + w) / w) ** 2)
+            ring = np.exp(-((d + w) / w) ** 2)
             core = core + rim * ring
         core = np.maximum(core, 0.0)
         out = out * (1 - alpha) + alpha * (core + hf)
         alpha_all = np.maximum(alpha_all, alpha)
         recs.append({"centre_px": [int(cy), int(cx)], "diameter_mm": round(diam, 2), "delta_hu": round(delta, 1),
-                     "liver_hu": round(liver_hu, 1), "rim_hu": None if rim is None else round(rim, 1)})
+                     "liver_hu": round(liver_hu, 1), "rim_hu": None if rim is None else round(rim, 1),
+                     "nodules": len(parts)})
     return out.astype(np.float32), alpha_all >= 0.5, recs
 
 
-def make_case(bg, rng, flip_p=0.25):
+def make_case(bg, rng, flip_p=0.25, large_p=0.0, confluent_p=0.0):
     """One augmented slice: (hu, mask, spacing, truth dict)."""
     name, k, hu, sp, reg = bg
     hu, reg = _augment_geometry(hu, reg, rng, flip_p)
     n = int(rng.choice(5, p=[0.2, 0.3, 0.25, 0.15, 0.1]))
-    hu, mask, recs = insert_tumours(hu, reg, sp, rng, n)
+    hu, mask, recs = insert_tumours(hu, reg, sp, rng, n, large_p, confluent_p)
     if rng.random() < 0.5:
         hu = ndi.gaussian_filter(hu, rng.uniform(0, 0.8))
     if rng.random() < 0.6:
@@ -224,12 +253,14 @@ def make_case(bg, rng, flip_p=0.25):
 
 _BGS = None
 _FLIP = 0.25
+_SHAPES = (0.0, 0.0)
 
 
-def _init(names, shared, flip_p=0.25):
-    global _BGS, _FLIP
+def _init(names, shared, flip_p=0.25, large_p=0.0, confluent_p=0.0):
+    global _BGS, _FLIP, _SHAPES
     _BGS = load_backgrounds(names, Path(shared))
     _FLIP = flip_p
+    _SHAPES = (large_p, confluent_p)
 
 
 def _one(args):
@@ -240,7 +271,7 @@ def _one(args):
     d = Path(out) / name
     if (d / "truth.json").exists():  # made by an interrupted run: the same (seed, i) gives the same case
         return name, float(json.loads((d / "truth.json").read_text())["value"])
-    hu, mask, sp, truth = make_case(bg, rng, _FLIP)
+    hu, mask, sp, truth = make_case(bg, rng, _FLIP, *_SHAPES)
     d.mkdir(parents=True, exist_ok=True)
     uid_rng = f"2.25.{int(rng.integers(1, 2**62))}{i:06d}"
     write_slice(d / "CT0001.dcm", hu, sp, 0.0, 2.5, generate_uid(prefix=None, entropy_srcs=[uid_rng, "st"]),
@@ -279,6 +310,10 @@ def main(argv=None):
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--flip", type=float, default=0.25,
                    help="probability of a left-right flip (0 for a validation set: real scans are not mirrored)")
+    p.add_argument("--large", type=float, default=0.0,
+                   help="probability that a tumour is 80-150 mm across instead of 5-80 mm")
+    p.add_argument("--confluent", type=float, default=0.0,
+                   help="probability that a tumour is a confluent mass of 2-5 nodules")
     p.add_argument("--show", help="write a PNG montage of the liver regions instead of data")
     a = p.parse_args(argv)
     names = [n for n in a.backgrounds.split(",") if n]
@@ -288,7 +323,7 @@ def main(argv=None):
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     jobs = [(str(out), a.seed, i) for i in range(a.count)]
-    with Pool(a.workers, initializer=_init, initargs=(names, a.shared, a.flip)) as pool:
+    with Pool(a.workers, initializer=_init, initargs=(names, a.shared, a.flip, a.large, a.confluent)) as pool:
         res = pool.map(_one, jobs, chunksize=16)
     with open(out / "labels.csv", "w", newline="") as f:
         wr = csv.writer(f)

@@ -51,6 +51,25 @@ def test_inserted_tumours_are_hypodense_inside_the_region_and_the_label_is_their
     assert not m0.any() and r0 == [] and np.array_equal(none, hu)
 
 
+def test_large_and_confluent_tumours():
+    """--large draws 80-150 mm tumours, --confluent lobulated masses of several nodules; both off draw no random
+    number, so the data of liver 0.4.0 (made before the options) is reproduced case for case."""
+    n = 400
+    hu = np.full((n, n), 60.0, np.float32)
+    reg = np.ones((n, n), bool)
+    out, mask, recs = realbg.insert_tumours(hu, reg, 0.8, np.random.default_rng(1), 4, large_p=1.0, confluent_p=1.0)
+    assert len(recs) == 4 and all(80 <= r["diameter_mm"] <= 150 and 2 <= r["nodules"] <= 5 for r in recs)
+    # larger than the largest 5-80 mm tumour could cover alone
+    assert mask.sum() * 0.8 * 0.8 / 100 > np.pi * 4.0 ** 2
+    small = realbg.insert_tumours(hu, reg, 0.8, np.random.default_rng(1), 4)
+    assert all(5 <= r["diameter_mm"] <= 80 and r["nodules"] == 1 for r in small[2])
+    hu2, liver, _ = _abdomen()
+    bg = ("synthetic", 0, hu2, 1.5, liver)
+    a = realbg.make_case(bg, np.random.default_rng([11, 7]))
+    b = realbg.make_case(bg, np.random.default_rng([11, 7]), 0.25, 0.0, 0.0)
+    assert np.array_equal(a[0], b[0]) and a[3] == b[3]
+
+
 def test_cases_are_reproducible():
     hu, liver, _ = _abdomen()
     bg = ("synthetic", 0, hu, 1.5, liver)
