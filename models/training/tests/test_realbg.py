@@ -59,10 +59,11 @@ def test_large_and_confluent_tumours():
     reg = np.ones((n, n), bool)
     out, mask, recs = realbg.insert_tumours(hu, reg, 0.8, np.random.default_rng(1), 4, large_p=1.0, confluent_p=1.0)
     assert len(recs) == 4 and all(80 <= r["diameter_mm"] <= 150 and 2 <= r["nodules"] <= 5 for r in recs)
-    # larger than the largest 5-80 mm tumour could cover alone
+    # the four masses cover more than one 80 mm disc, and more than four tumours drawn without the options
     assert mask.sum() * 0.8 * 0.8 / 100 > np.pi * 4.0 ** 2
     small = realbg.insert_tumours(hu, reg, 0.8, np.random.default_rng(1), 4)
     assert all(5 <= r["diameter_mm"] <= 80 and r["nodules"] == 1 for r in small[2])
+    assert mask.sum() > small[1].sum()
     hu2, liver, _ = _abdomen()
     bg = ("synthetic", 0, hu2, 1.5, liver)
     a = realbg.make_case(bg, np.random.default_rng([11, 7]))
