@@ -88,12 +88,16 @@ pub struct NpzWriter {
 struct Crc<W: Write> {
     inner: W,
     crc: flate2::Crc,
+    /// Our own count: `flate2::Crc::amount` is a `u32` that wraps past
+    /// 4 GiB, so it cannot tell that an entry needs zip64.
+    raw: u64,
 }
 
 impl<W: Write> Write for Crc<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let n = self.inner.write(buf)?;
         self.crc.update(&buf[..n]);
+        self.raw += n as u64;
         Ok(n)
     }
     fn flush(&mut self) -> io::Result<()> {
@@ -109,9 +113,9 @@ impl NpzWriter {
     /// Add `<name>.npy`.
     pub fn add<T: Element>(&mut self, name: &str, shape: &[usize], data: impl IntoIterator<Item = T>) -> Result<(), NpyError> {
         let enc = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::fast());
-        let Crc { inner, crc } = write_to(Crc { inner: enc, crc: flate2::Crc::new() }, shape, data)?;
+        let Crc { inner, crc, raw } = write_to(Crc { inner: enc, crc: flate2::Crc::new(), raw: 0 }, shape, data)?;
         let packed = inner.finish()?;
-        let (raw, sum) = (crc.amount(), crc.sum());
+        let sum = crc.sum();
         let too_big = || NpyError::Format(format!("{name}: over 4 GiB, which needs zip64"));
         let raw = u32::try_from(raw).map_err(|_| too_big())?;
         let packed_len = u32::try_from(packed.len()).map_err(|_| too_big())?;
@@ -231,6 +235,20 @@ pub fn parse_f64(bytes: &[u8]) -> Result<ArrayD<f64>, NpyError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A member past 4 GiB must be refused (no zip64), so the count that
+    /// decides it must not wrap as `flate2::Crc::amount` (a `u32`) does.
+    #[test]
+    fn the_member_count_does_not_wrap_at_4_gib() {
+        let chunk = vec![0u8; 1 << 24];
+        let mut c = Crc { inner: std::io::sink(), crc: flate2::Crc::new(), raw: 0 };
+        for _ in 0..257 {
+            c.write_all(&chunk).unwrap();
+        }
+        assert_eq!(c.raw, 257 << 24);
+        assert_eq!(c.crc.amount() as u64, (257u64 << 24) & 0xffff_ffff, "flate2's own count wraps");
+        assert!(u32::try_from(c.raw).is_err());
+    }
 
     #[test]
     fn npz_members_are_deflated_npy_files() {

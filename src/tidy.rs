@@ -154,7 +154,7 @@ fn import_graph() -> Graph {
     let mut edges: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for (module, text) in &files {
         let Some(me) = module.first() else { continue }; // lib.rs, main.rs
-        if (1..=module.len()).any(|n| test_only.contains(&module[..n].to_vec())) {
+        if (1..=module.len()).any(|n| test_only.contains(&module[..n])) {
             continue;
         }
         for target in referenced_modules(&production_code(text)) {

@@ -98,13 +98,8 @@ realbg_sets() {
   { cat "$DATA/val/liver-val-phantom.csv"; tail -n +2 "$DATA/val/liver-val-siemens.csv"; } > "$DATA/val/liver-val/labels.csv"
 }
 
-# phantom_rows PART SEED FROM TO: CSV rows (absolute folder, truth value) of phantom cases FROM..TO of DATA/train/PART
-phantom_rows() {
-  python -c "import json, sys
-d, s, a, b = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-for k in range(a, b + 1):
-    print(f'{d}/liver-{s}-{k},{json.load(open(f\"{d}/liver-{s}-{k}/truth.json\"))[\"value\"]!r}')" "$DATA/train/$1" "$2" "$3" "$4"
-}
+# phantom_rows PART SEED FROM TO (rows.sh)
+source "$(dirname "${BASH_SOURCE[0]}")/rows.sh"
 
 # merge_csv OUT PART...: one labels.csv under DATA/train/OUT listing every series of the PART folders
 merge_csv() {

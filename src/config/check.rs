@@ -84,7 +84,7 @@ impl Config {
         if self.node.max_dataset_mb == 0 {
             p.push("node.max_dataset_mb", "must be at least 1");
         }
-        if !(self.series.quiet_seconds > 0.0) {
+        if self.series.quiet_seconds.is_nan() || self.series.quiet_seconds <= 0.0 {
             p.push("series.quiet_seconds", "must be positive");
         }
         if !(0.0..1.0).contains(&self.series.spacing_tolerance) {

@@ -52,7 +52,7 @@ fn resolve<'a>(s: &'a Value, defs: &'a Value) -> (Option<String>, &'a Value) {
 }
 
 /// The non-null alternatives of a schema: `anyOf: [X, {type: null}]` is X.
-fn variants<'a>(s: &'a Value) -> Vec<&'a Value> {
+fn variants(s: &Value) -> Vec<&Value> {
     match s.get("anyOf").or_else(|| s.get("oneOf")).and_then(Value::as_array) {
         Some(alts) => alts
             .iter()

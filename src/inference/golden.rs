@@ -127,10 +127,10 @@ fn chest_slice_encodings_agree() {
             let p = e.unwrap().path();
             let name = p.file_name().unwrap().to_string_lossy().to_string();
             if UNDECODABLE.iter().any(|t| name.ends_with(&format!("{t}.dcm"))) {
-                assert!(Volume::from_files(&[p.clone()]).is_err(), "{name} should be refused");
+                assert!(Volume::from_files(std::slice::from_ref(&p)).is_err(), "{name} should be refused");
                 continue;
             }
-            let v = Volume::from_files(&[p.clone()]).unwrap_or_else(|e| panic!("{name}: {e}"));
+            let v = Volume::from_files(std::slice::from_ref(&p)).unwrap_or_else(|e| panic!("{name}: {e}"));
             if name.ends_with("1.2.840.10008.1.2.4.50.dcm") {
                 // 8-bit baseline JPEG: this file stores HU in steps of ~32, which
                 // analysis refuses (crate::job::run::MAX_HU_STEP).

@@ -230,7 +230,7 @@ pub(crate) fn generate(rng: &mut ChaCha8Rng, size: usize) -> Phantom {
         let ecc = u(rng, 0.75, 1.0);
         let rot = u(rng, 0.0, PI);
         let (a, b) = (dia / 2.0, dia / 2.0 * ecc);
-        let lab_core = t::TUMOUR + 0; // core label
+        let lab_core = t::TUMOUR; // core label
         cv.ellipse(x, y, a, b, rot, |o, r2| {
             if o != t::LIVER && o != t::VEIN && o != t::CYST {
                 return None;

@@ -106,6 +106,10 @@ pub const CAC_RISK_CATEGORY: Code = Code::fixed(
 /// UCUM units (PS3.16 CID 7181 style: the UCUM expression is the value).
 pub const UNIT_LESIONS: Code = Code::fixed("{lesions}", "UCUM", "lesions");
 
+/// CID 7202 Source Image Purposes of Reference: a derived image (overlay,
+/// segmentation frame) names the slice it was computed from.
+pub const SOURCE_FOR_PROCESSING: Code = Code::fixed("121322", "DCM", "Source image for image processing operation");
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -155,7 +159,3 @@ mod tests {
         }
     }
 }
-
-/// CID 7202 Source Image Purposes of Reference: a derived image (overlay,
-/// segmentation frame) names the slice it was computed from.
-pub const SOURCE_FOR_PROCESSING: Code = Code::fixed("121322", "DCM", "Source image for image processing operation");

@@ -179,7 +179,7 @@ pub fn outline_lesions(img: &mut RgbImage, labels: ArrayView2<u32>, style_of: im
                         continue;
                     }
                     if let Some(s) = style_of(l) {
-                        if best.map_or(true, |b| s.0 > b.0) {
+                        if best.is_none_or(|b| s.0 > b.0) {
                             best = Some(s);
                         }
                     }

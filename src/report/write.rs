@@ -118,7 +118,7 @@ pub fn write_reports(
             .map(|(p, _)| open_dicom(p, ReadDepth::Header).map(|o| o.into_inner()).map_err(|e| out(&e)))
             .collect::<Result<Vec<_>, _>>()?;
         match super::SegGeometry::from_headers(&headers)
-            .and_then(|g| build_seg(&ctx, card, &a.measurement, &g))
+            .and_then(|g| build_seg(&ctx, card, a.measurement, &g))
         {
             Ok(s) => Some(s),
             Err(e) => {
@@ -127,8 +127,8 @@ pub fn write_reports(
             }
         }
     };
-    let sr = build_sr_with_seg(&ctx, card, &a.measurement, seg.as_ref().map(|s| &s.1)).map_err(|e| out(&e))?;
-    let scs = build_sc(&ctx, card, &a.measurement, a.hu, &ScOptions::for_card(card)).map_err(|e| out(&e))?;
+    let sr = build_sr_with_seg(&ctx, card, a.measurement, seg.as_ref().map(|s| &s.1)).map_err(|e| out(&e))?;
+    let scs = build_sc(&ctx, card, a.measurement, a.hu, &ScOptions::for_card(card)).map_err(|e| out(&e))?;
     std::fs::create_dir_all(dir).map_err(|e| out(&e))?;
     let mut files = Vec::new();
     let objects = std::iter::once(("sr.dcm".to_owned(), OutputKind::Sr, sr))

@@ -497,7 +497,7 @@ pub fn slice_exclusion_with(
     let mut out = Array2::from_elem((rows, cols), Some(Exclusion::OutsideMediastinum));
 
     // 2. Lungs.
-    let (lab, comps) = label_hu(&hu.mapv(|v| v < LUNG_HU && v >= AIR_HU), Some(hu));
+    let (lab, comps) = label_hu(&hu.mapv(|v| (AIR_HU..LUNG_HU).contains(&v)), Some(hu));
     let lung_ids: Vec<bool> = comps
         .iter()
         .map(|c| {
@@ -523,13 +523,12 @@ pub fn slice_exclusion_with(
     let mut kind: Vec<Option<Exclusion>> = dcomps
         .iter()
         .map(|c| {
-            (c.n as f64 * px_cm2 >= LARGE_STRUCTURE_CM2).then(|| {
-                if c.dense as f64 >= BONE_DENSE_FRACTION * c.n as f64 {
-                    Exclusion::Bone
-                } else {
-                    Exclusion::ContrastBlood
-                }
-            })
+            let kind = if c.dense as f64 >= BONE_DENSE_FRACTION * c.n as f64 {
+                Exclusion::Bone
+            } else {
+                Exclusion::ContrastBlood
+            };
+            (c.n as f64 * px_cm2 >= LARGE_STRUCTURE_CM2).then_some(kind)
         })
         .collect();
     // 5. The vertebra: the most compact large structure in the posterior
@@ -601,7 +600,7 @@ pub fn slice_exclusion_with(
         // the hull; the sternum and the costal cartilages beside it do not.
         let mut back: Vec<Option<usize>> = vec![None; cols];
         for ((r, c), &l) in dlab.indexed_iter() {
-            if l == sid && back[c].map_or(true, |b| a_of(r) < a_of(b)) {
+            if l == sid && back[c].is_none_or(|b| a_of(r) < a_of(b)) {
                 back[c] = Some(r);
             }
         }
@@ -1450,7 +1449,7 @@ mod tests {
     fn dump_region() {
         let (Ok(dir), Ok(out)) = (std::env::var("HEART_DIR"), std::env::var("HEART_OUT")) else { return };
         let mut files: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
-        files.retain(|p| p.extension().map_or(true, |e| e != "json" && e != "csv" && e != "npy"));
+        files.retain(|p| p.extension().is_none_or(|e| e != "json" && e != "csv" && e != "npy"));
         let vol = Volume::from_files(&files).unwrap();
         // HEART_SLABS: the 3 mm slabs a thin series is scored on, as the job makes them.
         let vol = match std::env::var("HEART_SLABS").ok().and_then(|_| crate::volume::resample::slabs(&vol, 3.0)) {

@@ -133,7 +133,7 @@ pub enum VolumeError {
     Unsupported { path: PathBuf, reason: String },
     /// The series is larger than the volume budget; nothing past the budget
     /// was decoded.
-    #[error("{path}: the series describes at least {voxels} voxels ({mib} MiB of HU), more than the {limit} one volume may hold (jobs.max_volume_mb)", mib = voxels * 4 >> 20)]
+    #[error("{path}: the series describes at least {voxels} voxels ({mib} MiB of HU), more than the {limit} one volume may hold (jobs.max_volume_mb)", mib = (voxels * 4) >> 20)]
     TooLarge { path: PathBuf, voxels: u64, limit: u64 },
     #[error("{path}: {what} differs from the first slice ({detail})")]
     Inconsistent {

@@ -42,7 +42,7 @@ use super::Volume;
 pub fn slabs(vol: &Volume, width_mm: f64) -> Option<Volume> {
     let n = vol.slices();
     let p = &vol.slice_positions;
-    if n < 2 || p.len() != n || !(width_mm > 0.0) {
+    if n < 2 || p.len() != n || width_mm.is_nan() || width_mm <= 0.0 {
         return None;
     }
     // Interval [lo_i, hi_i] each input slice stands for.

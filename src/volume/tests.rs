@@ -442,7 +442,7 @@ fn a_pixel_data_size_past_the_decode_budget_is_refused_before_decoding() {
         f.put(DataElement::new(tags::BITS_ALLOCATED, VR::US, PrimitiveValue::from(bits)));
         f.put(DataElement::new(tags::BITS_STORED, VR::US, PrimitiveValue::from(bits)));
         f.write_to_file(&p).unwrap();
-        match Volume::from_files(&[p.clone()]) {
+        match Volume::from_files(std::slice::from_ref(&p)) {
             Err(VolumeError::Unsupported { reason, .. }) => assert!(reason.contains(says), "{reason}"),
             other => panic!("{rows}x{cols}x{frames}: expected Unsupported, got {other:?}"),
         }
@@ -572,7 +572,7 @@ fn an_enhanced_ct_of_1025_frames_of_512_squared_is_read() {
     let z: Vec<f64> = (0..1025).map(|k| f64::from(k) * 0.5).collect();
     let plane = 512 * 512;
     // Frame k is filled with k % 251: stored values tell the frames apart.
-    let pixels: Vec<u8> = (0..z.len()).flat_map(|k| std::iter::repeat((k % 251) as u8).take(plane)).collect();
+    let pixels: Vec<u8> = (0..z.len()).flat_map(|k| std::iter::repeat_n((k % 251) as u8, plane)).collect();
     assert!(pixels.len() as u64 > 1 << 28);
     let pixel_data = DataElement::new(tags::PIXEL_DATA, VR::OB, PrimitiveValue::U8(pixels.into()));
     enhanced_object(&z, 512, 512, 8, pixel_data)
@@ -603,7 +603,7 @@ fn a_codestream_larger_than_rows_and_columns_is_refused_before_decoding() {
     let mut checked = 0;
     for ts in ["1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.57", "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81", "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91"] {
         let src = chest(&root, ts);
-        assert!(Volume::from_files(&[src.clone()]).is_ok(), "{ts}: the slice as sent decodes");
+        assert!(Volume::from_files(std::slice::from_ref(&src)).is_ok(), "{ts}: the slice as sent decodes");
         let mut obj = crate::dicom::read::open_dicom(&src, crate::dicom::read::ReadDepth::Full).unwrap();
         obj.put(DataElement::new(tags::ROWS, VR::US, PrimitiveValue::from(64u16)));
         obj.put(DataElement::new(tags::COLUMNS, VR::US, PrimitiveValue::from(64u16)));

@@ -22,10 +22,8 @@ rb val/realbg-siemens --backgrounds siemens --count 200 --seed 12
 rb val/realbg-siemens-noflip --backgrounds siemens --count 200 --seed 12 --flip 0
 rb val/realbg-siemens-large --backgrounds siemens --count 200 --seed 14 --flip 0 --large 0.25 --confluent 0.3
 rows() { tail -n +2 "$DATA/$1/labels.csv" | sed "s#^#$DATA/$1/#"; }
-s2() { python -c "import json, sys
-d, a, b = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-for k in range(a, b + 1):
-    print(f'{d}/liver-2-{k},{json.load(open(f\"{d}/liver-2-{k}/truth.json\"))[\"value\"]!r}')" "$DATA/train/liver-s2" "$1" "$2"; }
+source "$(dirname "${BASH_SOURCE[0]}")/../rows.sh"
+s2() { phantom_rows liver-s2 2 "$1" "$2"; }
 mkdir -p "$DATA/train/liver-rb5" "$DATA/train/liver-rb5x" "$DATA/train/liver-rb5p" "$DATA/val/liver-val5"
 { echo "series_dir,value"; rows train/liver; s2 0 1499; rows train/realbg5; } > "$DATA/train/liver-rb5/labels.csv"
 { cat "$DATA/train/liver-rb5/labels.csv"; rows train/realbg5b; } > "$DATA/train/liver-rb5x/labels.csv"
