@@ -685,6 +685,12 @@ fn padding_range(obj: &InMemDicomObject, signed: bool) -> Option<(i32, i32)> {
 
 /// Modality LUT on one frame: mask, sign-extend, rescale. Decoded data is in
 /// native byte order (dicom-pixeldata converts big endian sources).
+///
+/// Written as one branch-free pass into a preallocated buffer so that the
+/// compiler vectorises it: the per-pixel closure with a captured counter it
+/// replaced was an eighth of a 300-slice chest job's CPU. Same arithmetic
+/// (f64 multiply and add, then f32), so the same bits
+/// (`tests::to_hu_matches_the_scalar_rule_on_every_value`).
 fn to_hu(
     bytes: &[u8],
     bits_allocated: u32,
@@ -694,35 +700,57 @@ fn to_hu(
     intercept: f64,
     padding: Option<(i32, i32)>,
 ) -> (Vec<f32>, usize) {
-    let mask: u32 = if bits_stored >= 32 { u32::MAX } else { (1u32 << bits_stored) - 1 };
-    let sign_bit = 1u32 << (bits_stored - 1);
-    let stored = |raw: u32| -> i32 {
-        let v = raw & mask;
-        if signed && v & sign_bit != 0 {
-            v as i32 - (1i32 << bits_stored)
-        } else {
-            v as i32
-        }
-    };
-    let mut pad_count = 0;
-    let mut convert = |raw: u32| -> f32 {
-        let s = stored(raw);
-        if let Some((lo, hi)) = padding {
-            if (lo..=hi).contains(&s) {
-                pad_count += 1;
-                return PADDING_HU;
+    // bits_stored is 1..=16 (checked where the frame is read): shifting the
+    // stored bits to the top of an i32 and back sign-extends them.
+    let shift = 32 - bits_stored;
+    let mask = u32::MAX >> shift;
+    let width = if bits_allocated == 16 { 2 } else { 1 };
+    let n = bytes.len() / width;
+    // No padding: an empty range, and no padding pass.
+    let (lo, hi) = padding.unwrap_or((1, 0));
+    let mut hu = vec![0f32; n];
+    let mut pad_count = 0usize;
+    // Blocks of stored values on the stack: two simple loops over slices
+    // vectorise where one loop over a decoding iterator did not.
+    const BLOCK: usize = 512;
+    let mut stored = [0i32; BLOCK];
+    for (out, raw) in hu.chunks_mut(BLOCK).zip(bytes.chunks(BLOCK * width)) {
+        let stored = &mut stored[..out.len()];
+        match (width, signed) {
+            (2, true) => {
+                for (s, c) in stored.iter_mut().zip(raw.chunks_exact(2)) {
+                    *s = (((u16::from_ne_bytes([c[0], c[1]]) as u32) << shift) as i32) >> shift;
+                }
+            }
+            (2, false) => {
+                for (s, c) in stored.iter_mut().zip(raw.chunks_exact(2)) {
+                    *s = (u16::from_ne_bytes([c[0], c[1]]) as u32 & mask) as i32;
+                }
+            }
+            (_, true) => {
+                for (s, b) in stored.iter_mut().zip(raw) {
+                    *s = (((*b as u32) << shift) as i32) >> shift;
+                }
+            }
+            (_, false) => {
+                for (s, b) in stored.iter_mut().zip(raw) {
+                    *s = (*b as u32 & mask) as i32;
+                }
             }
         }
-        (s as f64 * slope + intercept) as f32
-    };
-    let hu = if bits_allocated == 16 {
-        bytes
-            .chunks_exact(2)
-            .map(|c| convert(u16::from_ne_bytes([c[0], c[1]]) as u32))
-            .collect()
-    } else {
-        bytes.iter().map(|b| convert(*b as u32)).collect()
-    };
+        for (o, s) in out.iter_mut().zip(stored.iter()) {
+            *o = (*s as f64 * slope + intercept) as f32;
+        }
+        if lo <= hi {
+            let mut block_pads = 0u32;
+            for (o, s) in out.iter_mut().zip(stored.iter()) {
+                let pad = lo <= *s && *s <= hi;
+                block_pads += pad as u32;
+                *o = if pad { PADDING_HU } else { *o };
+            }
+            pad_count += block_pads as usize;
+        }
+    }
     (hu, pad_count)
 }
 

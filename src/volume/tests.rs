@@ -399,6 +399,42 @@ fn modality_lut_masks_and_sign_extends() {
     assert_eq!(hu, vec![4095.0 - 1024.0, 2048.0 - 1024.0, 2047.0 - 1024.0, 5.0 - 1024.0]);
 }
 
+/// The rule `to_hu` implements, one pixel at a time as it was first written:
+/// the vectorised pass must give the same bits for every stored value.
+#[test]
+fn to_hu_matches_the_scalar_rule_on_every_value() {
+    fn scalar(raw: u32, bits_stored: u32, signed: bool, slope: f64, intercept: f64, padding: Option<(i32, i32)>) -> (f32, bool) {
+        let v = raw & ((1u32 << bits_stored) - 1);
+        let s = if signed && v & (1u32 << (bits_stored - 1)) != 0 { v as i32 - (1i32 << bits_stored) } else { v as i32 };
+        match padding {
+            Some((lo, hi)) if (lo..=hi).contains(&s) => (PADDING_HU, true),
+            _ => ((s as f64 * slope + intercept) as f32, false),
+        }
+    }
+    let all16: Vec<u8> = (0..=u16::MAX).flat_map(|v| v.to_ne_bytes()).collect();
+    let all8: Vec<u8> = (0..=u8::MAX).collect();
+    let rescales = [(1.0, -1024.0), (1.0, 0.0), (0.5, -1000.25), (2.7, 13.1), (1e-3, -3e4)];
+    let paddings = [None, Some((-2000, -2000)), Some((0, 0)), Some((-32768, -1001)), Some((5, 1))];
+    for (bits_allocated, bytes) in [(16u32, &all16), (8, &all8)] {
+        for bits_stored in [1, 7, 8, 12, 15, 16].into_iter().filter(|b| *b <= bits_allocated) {
+            for signed in [false, true] {
+                for &(slope, intercept) in &rescales {
+                    for &padding in &paddings {
+                        let (hu, pads) = to_hu(bytes, bits_allocated, bits_stored, signed, slope, intercept, padding);
+                        let mut want_pads = 0;
+                        for (i, got) in hu.iter().enumerate() {
+                            let (want, pad) = scalar(i as u32, bits_stored, signed, slope, intercept, padding);
+                            want_pads += pad as usize;
+                            assert_eq!(got.to_bits(), want.to_bits(), "raw {i}, {bits_allocated}/{bits_stored} signed {signed}");
+                        }
+                        assert_eq!(pads, want_pads, "{bits_allocated}/{bits_stored} signed {signed} {padding:?}");
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Rows × Columns × NumberOfFrames from a hostile header: 65536 × 32768 ×
 /// 2 bytes × 2^32 frames is 2^64, which wrapped to 0 in release builds, so
 /// 24 bytes of pixel data passed the length check and slicing the first
