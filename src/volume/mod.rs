@@ -687,10 +687,11 @@ fn padding_range(obj: &InMemDicomObject, signed: bool) -> Option<(i32, i32)> {
 /// Modality LUT on one frame: mask, sign-extend, rescale. Decoded data is in
 /// native byte order (dicom-pixeldata converts big endian sources).
 ///
-/// Written as one branch-free pass into a preallocated buffer so that the
-/// compiler vectorises it: the per-pixel closure with a captured counter it
-/// replaced was an eighth of a 300-slice chest job's CPU. Same arithmetic
-/// (f64 multiply and add, then f32), so the same bits
+/// Written as plain loops over blocks of a preallocated buffer (stored
+/// values, then rescale, then padding) so that the compiler vectorises
+/// them: the per-pixel closure with a captured counter they replaced was an
+/// eighth of a 300-slice chest job's CPU. Same arithmetic (f64 multiply and
+/// add, then f32), so the same bits
 /// (`tests::to_hu_matches_the_scalar_rule_on_every_value`).
 fn to_hu(
     bytes: &[u8],
