@@ -201,7 +201,7 @@ fn enclosed_components(mask: &[bool], g: Grid) -> Vec<Vec<usize>> {
             }
         }
     };
-    let last_row = (g.rows.saturating_sub(1)) * g.cols;
+    let last_row = (g.rows - 1) * g.cols;
     for c in 0..g.cols {
         fill(c, &mut seen, None);
         fill(last_row + c, &mut seen, None);
@@ -636,7 +636,14 @@ pub fn mediastinum_width(slice: ArrayView2<'_, f32>, pixel_spacing: [f64; 2]) ->
     let g = Grid { rows, cols, dy: pixel_spacing[0], dx: pixel_spacing[1] };
     let hu = box3(slice);
     let (_, midline) = airways(&hu, g, AIR_HU);
-    let mid = (midline? / g.dx).round() as usize;
+    mediastinum_of(&hu, g, midline?)
+}
+
+/// [`mediastinum_width`] of a smoothed slice (`box3`) whose midline (mm) is
+/// known, so that [`trachea_in_slice`] smooths and walks its airways once.
+fn mediastinum_of(hu: &[f32], g: Grid, midline: f64) -> Option<(f64, (f64, f64))> {
+    let (rows, cols) = (g.rows, g.cols);
+    let mid = (midline / g.dx).round() as usize;
     let lung: Vec<bool> = hu.iter().map(|v| *v < LUNG_HU).collect();
     let mut keep = vec![false; lung.len()];
     for pixels in enclosed_components(&lung, g) {
@@ -692,7 +699,9 @@ pub const MEDIASTINUM_MAX_MM: f64 = 85.0;
 pub fn trachea_in_slice(slice: ArrayView2<'_, f32>, pixel_spacing: [f64; 2]) -> Result<TracheaCut, LandmarkError> {
     let (rows, cols) = slice.dim();
     let g = Grid { rows, cols, dy: pixel_spacing[0], dx: pixel_spacing[1] };
-    let Some((width, lungs)) = mediastinum_width(slice, pixel_spacing) else {
+    let hu = box3(slice);
+    let (cands, midline) = airways(&hu, g, AIR_HU);
+    let Some((mid, (width, lungs))) = midline.and_then(|m| Some((m, mediastinum_of(&hu, g, m)?))) else {
         return Err(not_found("no lung on both sides of the body's midline (neck, head or abdomen?)"));
     };
     if lungs.0 < LUNG_MIN_CM2 || lungs.1 < LUNG_MIN_CM2 {
@@ -701,9 +710,6 @@ pub fn trachea_in_slice(slice: ArrayView2<'_, f32>, pixel_spacing: [f64; 2]) -> 
             lungs.0, lungs.1
         )));
     }
-    let hu = box3(slice);
-    let (cands, midline) = airways(&hu, g, AIR_HU);
-    let mid = midline.unwrap_or(cols as f64 * g.dx / 2.0);
     let mut near: Vec<&Airway> = cands
         .iter()
         .filter(|a| a.area_cm2 >= TRACHEA_MIN_CM2 && (a.x_mm - mid).abs() < MIDLINE_MM)

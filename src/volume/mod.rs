@@ -712,7 +712,7 @@ fn to_hu(
     let (lo, hi) = padding.unwrap_or((1, 0));
     let mut hu = vec![0f32; n];
     let mut pad_count = 0usize;
-    // Blocks of stored values on the stack: two simple loops over slices
+    // Blocks of stored values on the stack: simple loops over slices
     // vectorise where one loop over a decoding iterator did not.
     const BLOCK: usize = 512;
     let mut stored = [0i32; BLOCK];
