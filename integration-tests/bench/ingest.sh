@@ -135,6 +135,16 @@ stop_peer() {
     fi
 }
 
+# A run's instances go once they are counted, so that every run writes into a
+# page cache of the same size. Kept, each run's 266 MB grew it, and on a
+# virtual machine the host backs a guest page only when it is first touched:
+# the run that happened to grow the cache into memory never used before paid
+# for it (seen: the node's system time x4 in one round, 71 % of it in the copy
+# into new page-cache pages), whichever peer it was.
+drop_storage() {
+    rm -rf "$1"
+}
+
 declare -A RATE RSS COUNT CPU
 # 1, and SENDERS once: a second run of the same count would find its peer's
 # storage full of the first run's instances and time duplicates.
@@ -193,6 +203,7 @@ EOF
     wait "$time_pid" || true
     peer_pid=""
     record "$label" "$senders" "$secs"
+    drop_storage "$d/data"
     RSS[$label,$senders]+="$(awk -F: '/Maximum resident set size/ {gsub(/ /,"",$2); print $2}' "$d/time.txt") "
     CPU[$label,$senders]+="$(cpu_ms_per_instance "$d/time.txt") "
 }
@@ -225,6 +236,7 @@ run_storescp() { # senders round
     CPU[storescp,$senders]+="$(cpu_ms_per_instance "$d/time.txt") "
     COUNT[storescp,$senders]=$(find "$d/out" -type f | wc -l)
     record storescp "$senders" "$secs"
+    drop_storage "$d/out"
 }
 
 run_orthanc() { # senders round
@@ -259,12 +271,17 @@ EOF
         python3 -c 'import json,sys; print(json.load(sys.stdin)["CountInstances"])')
     stop_peer
     record orthanc "$senders" "$secs"
+    drop_storage "$d/storage"
 }
 
 for senders in $SENDER_COUNTS; do
     for round in $(seq 1 "$ROUNDS"); do
         for peer in $PEERS; do
             echo "== $senders sender(s): $peer, round $round of $ROUNDS"
+            # Every run starts with no dirty page cache: storescp does not
+            # fsync, and the kernel would write its 266 MB back during the
+            # next run, on that run's disk and cores.
+            sync
             "run_$peer" "$senders" "$round"
         done
     done
