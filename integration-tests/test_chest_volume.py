@@ -15,6 +15,7 @@ The PMA/SFA values are printed, not checked: the models are phantom-trained and 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -76,6 +77,22 @@ def test_pma_and_sfa_on_a_chest_volume_use_the_slice_above_the_arch(chest, binar
         assert [str(i.ReferencedSOPInstanceUID) for i in sc.SourceImageSequence] == [line["slice_sop_instance_uid"]]
         result = json.loads((out / "result.json").read_text())["result"]
         assert result["slice_z_mm"] == z and result["slice_sop_instance_uid"] == line["slice_sop_instance_uid"]
+
+
+def test_analyze_decodes_the_volume_once_for_all_its_routes(chest, binary, tmp_path):
+    # PMA and SFA both match this series; `analyze` shares one decoded volume
+    # between them, as serve's worker does, instead of decoding it per route.
+    r = subprocess.run(
+        [str(binary), "analyze", "--config", str(CONFIG), "--out", str(tmp_path / "out"), str(chest)],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "RUST_LOG": "biomarker_node::job=debug", "NO_COLOR": "1"},
+    )
+    assert r.returncode == 0, r.stderr
+    models = sorted(json.loads(l)["model"] for l in r.stdout.splitlines() if l.strip())
+    assert models == ["pma", "sfa"], r.stdout
+    decoded = [l for l in r.stderr.splitlines() if "volume decoded" in l]
+    assert len(decoded) == 1, r.stderr
+    assert "slices=133" in decoded[0], decoded
 
 
 def _reconstructed_copy(chest: Path, out: Path, slices) -> dict[float, str]:

@@ -10,10 +10,13 @@
 //! arch for a slice chosen above it) is a note, not a failure.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
 
 // The analysis entry points `serve`'s job worker runs too.
 use crate::inference::registry::Models;
-use crate::job::run::run;
+use crate::job::run::{load_volume, run_on_volume, JobError};
+use crate::volume::Volume;
 use crate::report::write::{device_info, write_outputs, write_reports};
 use crate::routing::SeriesFacts;
 use crate::series::scan;
@@ -47,9 +50,30 @@ pub fn analyze(config_path: &Path, out: &Path, paths: &[PathBuf]) -> anyhow::Res
             }
         };
         let files: Vec<_> = s.instances.iter().map(|(p, _)| p.clone()).collect();
-        for m in table.matches(&facts) {
+        // Decoded once for all the series' routes, as `serve`'s worker shares
+        // it (job::volumes): a 300-slice chest has three routes, and each
+        // decoded the whole volume again. The last route takes it, so that
+        // what it no longer needs (the original slices, once CAC has its
+        // 3 mm slabs) goes as before. A series that fails to load is tried
+        // again by each route, so each reports its own error, as before.
+        let mut volume: Option<Arc<Volume>> = None;
+        let matched = table.matches(&facts);
+        let last = matched.len().saturating_sub(1);
+        for (k, m) in matched.into_iter().enumerate() {
             jobs += 1;
-            match run(&models, &s.uid, &(&m).into(), &files, &opts) {
+            let t0 = Instant::now();
+            let result = (|| -> Result<_, JobError> {
+                let model = models.get(&m.model)?;
+                let vol = match volume.take() {
+                    Some(v) => v,
+                    None => Arc::new(load_volume(&files, &opts)?),
+                };
+                if k < last {
+                    volume = Some(vol.clone());
+                }
+                run_on_volume(&model, &s.uid, &(&m).into(), vol, t0)
+            })();
+            match result {
                 Ok(a) => {
                     let uid = crate::dicom::Uid::parse(&s.uid)?;
                     let dir = crate::dicom::uid_path(out, &[&uid], &[&m.route])?;
@@ -62,7 +86,7 @@ pub fn analyze(config_path: &Path, out: &Path, paths: &[PathBuf]) -> anyhow::Res
                 }
                 // A refusal is the route's answer for this input (e.g. no
                 // aortic arch in the series), not a failure of the command.
-                Err(e @ crate::job::run::JobError::Refused { .. }) => {
+                Err(e @ JobError::Refused { .. }) => {
                     eprintln!("note: series {} route {}: {e}", s.uid, m.route);
                 }
                 Err(e) => {

@@ -318,7 +318,9 @@ pub fn is_volume_route(card: &ModelCard, selection: Option<&SliceSelection>, vol
 /// The series' files as one HU volume, refused when its stored HU steps are
 /// too coarse for HU-threshold candidates ([`MAX_HU_STEP`]).
 pub fn load_volume(files: &[PathBuf], volume_opts: &VolumeOptions) -> Result<Volume, JobError> {
+    let t0 = Instant::now();
     let vol = Volume::from_files_with(files, volume_opts)?;
+    tracing::debug!(files = files.len(), slices = vol.slices(), elapsed_ms = t0.elapsed().as_millis() as u64, "volume decoded");
     if hu_step_too_coarse(vol.hu_step) {
         return Err(JobError::CoarseHu { step: vol.hu_step });
     }
