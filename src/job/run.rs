@@ -23,7 +23,7 @@ use super::ResolvedRoute;
 use crate::biomarkers::{agatston, Measurement, PixelGeometry};
 use crate::inference::measure::{measure, measure_volume};
 use crate::fault::Fault;
-use crate::inference::registry::{ModelUnavailable, Models};
+use crate::inference::registry::ModelUnavailable;
 use crate::inference::{InferenceError, Model};
 use crate::report::write::{ReportSource, WriteError};
 use crate::inference::ModelCard;
@@ -374,36 +374,12 @@ pub fn model_input(card: &ModelCard, selection: Option<&SliceSelection>, mut vol
     Ok(ModelInput { vol, idx, hu, geom, heart })
 }
 
-/// Run one routed job on a series' files with the model's active version.
+/// Runs one routed job with the given model version (the worker runs the
+/// version a job was routed with: an active one since demoted, or a shadow
+/// candidate) on the series' volume, already loaded ([`load_volume`]) and
+/// shared by the jobs of a series (the worker's `job::volumes`, `analyze`'s
+/// per-series volume); `t0` is when the job started, for its `elapsed_ms`.
 /// Blocking.
-pub fn run(
-    models: &Models,
-    series_uid: &str,
-    m: &ResolvedRoute,
-    files: &[PathBuf],
-    volume_opts: &VolumeOptions,
-) -> Result<Analysis, JobError> {
-    let model = models.get(&m.model)?;
-    run_on(&model, series_uid, m, files, volume_opts)
-}
-
-/// [`run`] with a given model version: the worker runs the version a job
-/// was routed with (an active one since demoted, or a shadow candidate).
-pub fn run_on(
-    model: &Model,
-    series_uid: &str,
-    m: &ResolvedRoute,
-    files: &[PathBuf],
-    volume_opts: &VolumeOptions,
-) -> Result<Analysis, JobError> {
-    let t0 = Instant::now();
-    let vol = load_volume(files, volume_opts)?;
-    run_on_volume(model, series_uid, m, Arc::new(vol), t0)
-}
-
-/// [`run_on`] on the series' volume, already loaded (the worker's are
-/// shared by the jobs of a series: `job::volumes`); `t0` is when the job
-/// started, for its `elapsed_ms`.
 pub fn run_on_volume(
     model: &Model,
     series_uid: &str,
