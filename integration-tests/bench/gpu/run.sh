@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 15's GPU check, part 2 of 2: run ON THE GPU MACHINE, in one device
-# call, after prepare.sh's calls have put the CUDA provider parts in
-# /tmp/ortcuda. Each step prints its figures; the table at the end collects
+# call, after prepare.sh's calls have put all but the last part of its
+# stream in /tmp/gpustage. Each step prints its figures; the table at the end collects
 # the `timing` lines. Steps:
 #   1. the machine-aware provider test with BIOMARKER_TEST_CUDA=1: the CUDA
 #      provider runs the PMA UNet, every Conv on CUDA in ORT's profile, and
@@ -10,34 +10,52 @@
 #      (inference::tests::provider_timings);
 #   3. PyTorch eager fp32 on the same architectures and shapes
 #      (biomarker_training.bench_eager), on CUDA;
-#   4. `analyze` of a CAC phantom (40 slices of 3 mm) with every model on the
-#      CPU, then on CUDA: the job's elapsed_ms and the provider it names.
+#   4. `analyze` of a CAC phantom (40 slices of 3 mm, 256x256) with every model on the
+#      CPU, then on CUDA: the job's elapsed_ms and the provider it names;
+#   5. `serve` with every model on CUDA: /readyz says which provider each
+#      model runs on.
 # A failed step is reported and the others still run; the exit status is the
 # number of failed steps.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../../.."
-out="${OUT:-/tmp/gpu-check}"
-mkdir -p "$out"
-# CUDA_EXPECTED=0 and no .ortcuda: a dry run of the script on a CPU machine,
+# Bulky outputs stay in $out; the logs are copied to $OUT (the device tool
+# brings back at most 8 files) at the end.
+out=/tmp/gpu-check
+rm -rf "$out" && mkdir -p "$out"
+stage="${GPU_STAGE_DIR:-/tmp/gpustage}"
+# CUDA_EXPECTED=0 and no staged parts: a dry run of the script on a CPU machine,
 # with the ORT_DYLIB_PATH already set there.
 cuda="${CUDA_EXPECTED:-1}"
-if [ -f .ortcuda/rest/unpack.sh ]; then
-    eval "$(bash .ortcuda/rest/unpack.sh)"
+if [ -d .gpustage ] && [ -d "$stage" ]; then
+    # prepare.sh's stream: the earlier calls left their parts in /tmp/gpustage.
+    rm -rf /tmp/gpu && mkdir -p /tmp/gpu/lib .gpu
+    mv .gpustage/p*/* "$stage"/
+    cat $(ls "$stage"/x* | sort) | tar -x -C /tmp/gpu || { echo "unpack failed: $(ls "$stage")"; exit 99; }
+    z=/tmp/gpu/zstd
+    $z -d -q -f --long=30 /tmp/gpu/ort/libonnxruntime_providers_cuda.so.zst -o /tmp/gpu/lib/libonnxruntime_providers_cuda.so
+    for f in /tmp/gpu/ort/libonnxruntime.so.*.zst; do $z -d -q -f "$f" -o "/tmp/gpu/lib/$(basename "$f" .zst)"; done
+    cp /tmp/gpu/ort/libonnxruntime_providers_shared.so /tmp/gpu/lib/
+    $z -d -q -f /tmp/gpu/gpu/biomarker-node.zst -o .gpu/biomarker-node
+    $z -d -q -f /tmp/gpu/gpu/unit-tests.zst -o .gpu/unit-tests
+    chmod +x .gpu/biomarker-node .gpu/unit-tests
+    cp /tmp/gpu/gpu/manifest_dir .gpu/
+    ORT_DYLIB_PATH=$(ls /tmp/gpu/lib/libonnxruntime.so.1.*)
+    LD_LIBRARY_PATH=/tmp/gpu/lib:/usr/local/cuda-13.0/targets/x86_64-linux/lib:/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}
     export ORT_DYLIB_PATH LD_LIBRARY_PATH
 fi
-# The unit tests read models/ through the checkout path they were built in.
-built="$(cat .gpu/manifest_dir)"
-if [ "$built" != "$PWD" ] && [ ! -e "$built" ]; then
-    mkdir -p "$(dirname "$built")" && ln -s "$PWD" "$built"
-fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+echo "$(nproc) CPUs: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2)"
 failed=0
 step() { echo; echo "== $1"; }
 
 step "1. provider test (CUDA forced)"
 BIOMARKER_TEST_CUDA=$cuda .gpu/unit-tests inference::tests::cuda_provider_matches_the_machine --exact --nocapture \
     2>&1 | tail -n 15 | tee "$out/provider.log"
-grep -q "test result: ok. 1 passed" "$out/provider.log" || { echo "STEP 1 FAILED"; failed=$((failed + 1)); }
+grep -q "test result: ok. 1 passed" "$out/provider.log" || {
+    echo "STEP 1 FAILED"; failed=$((failed + 1))
+    # The usual cause: a CUDA or cuDNN library the provider links is missing.
+    [ -f /tmp/gpu/lib/libonnxruntime_providers_cuda.so ] && ldd /tmp/gpu/lib/libonnxruntime_providers_cuda.so | grep -i "not found"
+}
 
 step "2. ORT CPU vs ORT CUDA"
 BIOMARKER_TEST_CUDA=$cuda .gpu/unit-tests inference::tests::provider_timings --exact --ignored --nocapture \
@@ -65,11 +83,45 @@ PY
 for cfg in node node-cuda; do
     for run in 1 2 3; do
         /usr/bin/time -f "wall %e s" .gpu/biomarker-node analyze --config "config/$cfg.yaml" \
-            --out "$out/analyze-$cfg-$run" "$out/ph/cac-0-0" 2>"$out/analyze-$cfg.err" | python3 "$out/line.py" "$cfg" "$run"
+            --out "$out/analyze-$cfg-$run" "$out/ph/cac-0-0" 2>"$out/analyze-$cfg.err" | python3 "$out/line.py" "$cfg" "$run" \
+            | tee -a "$out/analyze.log"
         tail -n 1 "$out/analyze-$cfg.err"
     done
 done
-rm -f config/node-cuda.yaml
+
+step "5. serve on CUDA: /readyz names each model's provider"
+rm -rf data
+.gpu/biomarker-node serve --config config/node-cuda.yaml >"$out/serve.log" 2>&1 &
+serve=$!
+python3 - >"$out/readyz.log" 2>&1 <<'PY'
+import json, time, urllib.error, urllib.request
+for _ in range(120):
+    try:
+        body = urllib.request.urlopen("http://127.0.0.1:8080/readyz", timeout=2).read()
+    except urllib.error.HTTPError as e:  # 503 until listening; the body still names the providers
+        body = e.read()
+    except OSError:
+        time.sleep(0.5)
+        continue
+    d = json.loads(body)
+    if d.get("models") and all(m.get("execution_provider") for m in d["models"].values()):
+        break
+    time.sleep(0.5)
+print(json.dumps(d.get("models"), sort_keys=True))
+for name, m in sorted(d["models"].items()):
+    print(f"readyz {name}: requested {m['requested']}, runs on {m['execution_provider']}")
+PY
+kill "$serve" 2>/dev/null; wait "$serve" 2>/dev/null
+cat "$out/readyz.log"
+grep "model loaded" "$out/serve.log" | sed 's/^.*model loaded/model loaded/' || tail -n 5 "$out/serve.log"
+if [ "$cuda" = 1 ]; then
+    [ "$(grep -c 'runs on cuda' "$out/readyz.log")" = 4 ] || { echo "STEP 5 FAILED: not every model runs on CUDA"; failed=$((failed + 1)); }
+else
+    [ "$(grep -c 'runs on cpu' "$out/readyz.log")" = 4 ] || { echo "STEP 5 FAILED: /readyz did not name the CPU fallback"; failed=$((failed + 1)); }
+fi
+rm -rf data config/node-cuda.yaml
+grep -q "analyze node run 3: cac .* on cpu" "$out/analyze.log" 2>/dev/null \
+    || { echo "STEP 4 FAILED: no CAC result on the CPU"; failed=$((failed + 1)); }
 if [ "$cuda" = 1 ]; then
     grep -q '"execution_provider": *"cuda"' "$out"/analyze-node-cuda-1/*/*/result.json 2>/dev/null \
         || { echo "STEP 4 FAILED: the CUDA run did not name the CUDA provider"; failed=$((failed + 1)); }
@@ -78,4 +130,5 @@ fi
 step "table (median ms)"
 cat "$out/ort.log" "$out/torch.log" 2>/dev/null | grep '^timing' | sort -k3,3 -k5,5n
 echo "failed steps: $failed"
+[ -n "${OUT:-}" ] && mkdir -p "$OUT" && cp "$out"/provider.log "$out"/ort.log "$out"/torch.log "$out"/analyze.log "$out"/readyz.log "$out"/serve.log "$OUT"/ 2>/dev/null
 exit "$failed"
