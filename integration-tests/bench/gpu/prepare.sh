@@ -42,6 +42,15 @@ echo "$root" > "$work/p/gpu/manifest_dir"
 cat .ortcuda/part0/chunk0 .ortcuda/part1/chunk1 .ortcuda/part2/chunk2 > "$work/p/ort/libonnxruntime_providers_cuda.so.zst"
 cp .ortcuda/rest/libonnxruntime.so.*.zst .ortcuda/rest/libonnxruntime_providers_shared.so "$work/p/ort/"
 cp .ortcuda/rest/zstd "$work/p/zstd"
+# A real-size chest for step 6: LIDC-IDRI-0001 (CC BY 3.0, see its
+# ATTRIBUTION.txt) as scanned; run.sh resamples it there with volumes.py, which
+# needs pydicom (not on that machine). Deleted there when the step ends.
+lidc=../shared/realct-labelled/chest-lidc0001
+if [ -d "$lidc" ] && [ "${WITH_CHEST:-1}" = 1 ]; then
+    mkdir -p "$work/p/chest"
+    tar -C "$(dirname "$lidc")" -cf - chest-lidc0001 | zstd -q -19 -T0 -o "$work/p/chest/lidc.tar.zst"
+    python3 -m pip download -q --no-deps --only-binary=:all: -d "$work/p/chest" pydicom==3.0.2
+fi
 tar -C "$work/p" -cf "$work/stream.tar" .
 rm -rf .gpustage && mkdir -p .gpustage
 split -b "$chunk" -d -a 2 "$work/stream.tar" "$work/x"

@@ -13,7 +13,10 @@
 #   4. `analyze` of a CAC phantom (40 slices of 3 mm, 256x256) with every model on the
 #      CPU, then on CUDA: the job's elapsed_ms and the provider it names;
 #   5. `serve` with every model on CUDA: /readyz says which provider each
-#      model runs on.
+#      model runs on;
+#   6. a real-size chest (LIDC-IDRI-0001 resampled to 300 slices of 1.1 mm,
+#      volumes.py chest300nc) through `analyze`, PMA, SFA and CAC, on the CPU
+#      and on CUDA: each job's elapsed_ms.
 # A failed step is reported and the others still run; the exit status is the
 # number of failed steps.
 set -uo pipefail
@@ -40,7 +43,9 @@ if [ -d .gpustage ] && [ -d "$stage" ]; then
     chmod +x .gpu/biomarker-node .gpu/unit-tests
     cp /tmp/gpu/gpu/manifest_dir .gpu/
     ORT_DYLIB_PATH=$(ls /tmp/gpu/lib/libonnxruntime.so.1.*)
-    LD_LIBRARY_PATH=/tmp/gpu/lib:/usr/local/cuda-13.0/targets/x86_64-linux/lib:/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}
+    # Not /usr/lib/x86_64-linux-gnu (cuDNN there is found anyway): first in the
+    # path, it hands a pyenv python the system libpython and its sys.path.
+    LD_LIBRARY_PATH=/tmp/gpu/lib:/usr/local/cuda-13.0/targets/x86_64-linux/lib:${LD_LIBRARY_PATH:-}
     export ORT_DYLIB_PATH LD_LIBRARY_PATH
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
@@ -119,7 +124,31 @@ if [ "$cuda" = 1 ]; then
 else
     [ "$(grep -c 'runs on cpu' "$out/readyz.log")" = 4 ] || { echo "STEP 5 FAILED: /readyz did not name the CPU fallback"; failed=$((failed + 1)); }
 fi
-rm -rf data config/node-cuda.yaml
+rm -rf data
+
+step "6. a real-size chest: LIDC-IDRI-0001 as volumes.py's chest300nc (300 slices), CPU then CUDA"
+if [ -f /tmp/gpu/chest/lidc.tar.zst ]; then
+    shared="$(cd .. && pwd)/shared/realct-labelled"
+    mkdir -p "$shared" && /tmp/gpu/zstd -d -q -c /tmp/gpu/chest/lidc.tar.zst | tar -x -C "$shared"
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site /tmp/gpu/chest/pydicom-*.whl >/dev/null 2>&1
+    rm -rf /tmp/v && PYTHONPATH=/tmp/site python3 integration-tests/bench/volumes.py chest300nc /tmp/v/chest300nc 1
+    for cfg in node node-cuda; do
+        for run in 1 2 3; do
+            /usr/bin/time -f "wall %e s" .gpu/biomarker-node analyze --config "config/$cfg.yaml" \
+                --out "$out/chest-$cfg-$run" /tmp/v/chest300nc 2>"$out/chest-$cfg.err" | python3 "$out/line.py" "$cfg" "$run" \
+                | tee -a "$out/chest.log"
+            tail -n 1 "$out/chest-$cfg.err"
+        done
+    done
+    rm -rf "$shared/chest-lidc0001" /tmp/v
+    [ "$(grep -c "analyze node run 3: .* on cpu" "$out/chest.log")" = 3 ] \
+        || { echo "STEP 6 FAILED: not three routes on the CPU"; failed=$((failed + 1)); }
+    [ "$(grep -c "analyze node-cuda run 3: .* on cuda" "$out/chest.log")" = 3 ] || [ "$cuda" != 1 ] \
+        || { echo "STEP 6 FAILED: not three routes on CUDA"; failed=$((failed + 1)); }
+else
+    echo "skipped: prepare.sh packed no chest"
+fi
+rm -f config/node-cuda.yaml
 grep -q "analyze node run 3: cac .* on cpu" "$out/analyze.log" 2>/dev/null \
     || { echo "STEP 4 FAILED: no CAC result on the CPU"; failed=$((failed + 1)); }
 if [ "$cuda" = 1 ]; then
@@ -130,5 +159,5 @@ fi
 step "table (median ms)"
 cat "$out/ort.log" "$out/torch.log" 2>/dev/null | grep '^timing' | sort -k3,3 -k5,5n
 echo "failed steps: $failed"
-[ -n "${OUT:-}" ] && mkdir -p "$OUT" && cp "$out"/provider.log "$out"/ort.log "$out"/torch.log "$out"/analyze.log "$out"/readyz.log "$out"/serve.log "$OUT"/ 2>/dev/null
+[ -n "${OUT:-}" ] && mkdir -p "$OUT" && cp "$out"/provider.log "$out"/ort.log "$out"/torch.log "$out"/analyze.log "$out"/readyz.log "$out"/serve.log "$out"/chest.log "$OUT"/ 2>/dev/null
 exit "$failed"
