@@ -461,6 +461,69 @@ mod tests {
         assert!(matches!(c.verify_digest(), Err(CardError::Digest { .. })));
     }
 
+    /// Which CUDA provider options pay on these nets: the node's (heuristic
+    /// algorithm choice, TF32 off) against ORT's exhaustive search and the
+    /// NHWC layout, with TF32 on for reference, each with its largest
+    /// difference from the CPU map. A benchmark that prints, run by
+    /// `integration-tests/bench/gpu/run.sh`; needs a CUDA device.
+    #[test]
+    #[ignore]
+    fn cuda_option_variants() {
+        use ort::ep::cuda::ConvAlgorithmSearch::{Exhaustive, Heuristic};
+        if !init_for_tests() || !cuda_usable() {
+            eprintln!("skipping: no usable CUDA device");
+            return;
+        }
+        let variants = [
+            ("node (heuristic, tf32 off)", Heuristic, false, false),
+            ("exhaustive, tf32 off", Exhaustive, false, false),
+            ("heuristic, nhwc", Heuristic, false, true),
+            ("exhaustive, nhwc", Exhaustive, false, true),
+            ("exhaustive, tf32 on (ORT default)", Exhaustive, true, false),
+        ];
+        let models = Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
+        for name in ["pma", "liver"] {
+            let cpu = Model::load(&models.join(format!("{name}.yaml")), &RuntimeOptions::default()).unwrap();
+            let [h, w] = cpu.card.input.size;
+            for batch in [1, 110] {
+                let input = test_batch(batch, h, w);
+                let want = cpu.run(input.clone()).unwrap();
+                for &(label, ref search, tf32, nhwc) in &variants {
+                    let ep = ort::ep::CUDA::default()
+                        .with_tf32(tf32)
+                        .with_prefer_nhwc(nhwc)
+                        .with_conv_algorithm_search(search.clone())
+                        .build()
+                        .error_on_failure();
+                    let mut s = Session::builder(environment().unwrap())
+                        .unwrap()
+                        .with_execution_providers([ep])
+                        .unwrap()
+                        .commit_from_file(cpu.card.onnx_path())
+                        .unwrap();
+                    let got = run_session(&cpu.card, &mut s, input.clone()).unwrap();
+                    let diff = got.iter().zip(want.iter()).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                    for _ in 0..3 {
+                        run_session(&cpu.card, &mut s, input.clone()).unwrap();
+                    }
+                    let mut ms: Vec<f64> = (0..15)
+                        .map(|_| {
+                            let x = input.clone();
+                            let t = std::time::Instant::now();
+                            run_session(&cpu.card, &mut s, x).unwrap();
+                            t.elapsed().as_secs_f64() * 1e3
+                        })
+                        .collect();
+                    ms.sort_by(f64::total_cmp);
+                    println!(
+                        "variant {name} batch {batch} {label}: median {:.2} ms, max |diff| vs CPU {diff:.1e}",
+                        ms[ms.len() / 2]
+                    );
+                }
+            }
+        }
+    }
+
     /// Issue 15's GPU figures: median wall time of `Model::run` (the node's
     /// own path: input to map, host to device and back) of every shipped
     /// model, ORT CPU and, where usable, ORT CUDA, at batch 1 and at the

@@ -8,6 +8,8 @@
 #      its map within 1e-4 of the CPU map;
 #   2. ORT CPU vs ORT CUDA, every shipped model, batch 1 and 110
 #      (inference::tests::provider_timings);
+#   2b. the CUDA provider's options against ORT's defaults and NHWC
+#      (inference::tests::cuda_option_variants);
 #   3. PyTorch eager fp32 on the same architectures and shapes
 #      (biomarker_training.bench_eager), on CUDA;
 #   4. `analyze` of a CAC phantom (40 slices of 3 mm, 256x256) with every model on the
@@ -66,6 +68,11 @@ step "2. ORT CPU vs ORT CUDA"
 BIOMARKER_TEST_CUDA=$cuda .gpu/unit-tests inference::tests::provider_timings --exact --ignored --nocapture \
     >"$out/ort.log" 2>&1
 grep '^timing' "$out/ort.log" || { tail -n 20 "$out/ort.log"; echo "STEP 2 FAILED"; failed=$((failed + 1)); }
+
+step "2b. CUDA provider options (heuristic/exhaustive search, NHWC, TF32)"
+BIOMARKER_TEST_CUDA=$cuda .gpu/unit-tests inference::tests::cuda_option_variants --exact --ignored --nocapture \
+    >"$out/variants.log" 2>&1
+grep '^variant' "$out/variants.log" || { tail -n 5 "$out/variants.log"; [ "$cuda" = 1 ] && { echo "STEP 2b FAILED"; failed=$((failed + 1)); }; }
 
 step "3. PyTorch eager fp32"
 (cd models/training && python3 -m biomarker_training.bench_eager --models ../../models \
@@ -140,6 +147,11 @@ if [ -f /tmp/gpu/chest/lidc.tar.zst ]; then
             tail -n 1 "$out/chest-$cfg.err"
         done
     done
+    # How much of the jobs' CPU work uses more than two cores.
+    for run in 1 2; do
+        taskset -c 0,1 .gpu/biomarker-node analyze --config config/node.yaml --out "$out/chest-2c-$run" /tmp/v/chest300nc \
+            2>/dev/null | python3 "$out/line.py" "node-on-2-cores" "$run" | tee -a "$out/chest.log"
+    done
     rm -rf "$shared/chest-lidc0001" /tmp/v
     [ "$(grep -c "analyze node run 3: .* on cpu" "$out/chest.log")" = 3 ] \
         || { echo "STEP 6 FAILED: not three routes on the CPU"; failed=$((failed + 1)); }
@@ -159,5 +171,5 @@ fi
 step "table (median ms)"
 cat "$out/ort.log" "$out/torch.log" 2>/dev/null | grep '^timing' | sort -k3,3 -k5,5n
 echo "failed steps: $failed"
-[ -n "${OUT:-}" ] && mkdir -p "$OUT" && cp "$out"/provider.log "$out"/ort.log "$out"/torch.log "$out"/analyze.log "$out"/readyz.log "$out"/serve.log "$out"/chest.log "$OUT"/ 2>/dev/null
+[ -n "${OUT:-}" ] && mkdir -p "$OUT" && cp "$out"/provider.log "$out"/ort.log "$out"/torch.log "$out"/analyze.log "$out"/readyz.log "$out"/serve.log "$out"/chest.log "$out"/variants.log "$OUT"/ 2>/dev/null
 exit "$failed"
