@@ -44,12 +44,13 @@ cp .ortcuda/rest/libonnxruntime.so.*.zst .ortcuda/rest/libonnxruntime_providers_
 cp .ortcuda/rest/zstd "$work/p/zstd"
 # A real-size chest for step 6: LIDC-IDRI-0001 (CC BY 3.0, see its
 # ATTRIBUTION.txt) as scanned; run.sh resamples it there with volumes.py, which
-# needs pydicom (not on that machine). Deleted there when the step ends.
+# needs pydicom, and sends it to `serve` with ttr.py, which needs pynetdicom
+# (neither is on that machine). Deleted there when the step ends.
 lidc=../shared/realct-labelled/chest-lidc0001
 if [ -d "$lidc" ] && [ "${WITH_CHEST:-1}" = 1 ]; then
     mkdir -p "$work/p/chest"
     tar -C "$(dirname "$lidc")" -cf - chest-lidc0001 | zstd -q -19 -T0 -o "$work/p/chest/lidc.tar.zst"
-    python3 -m pip download -q --no-deps --only-binary=:all: -d "$work/p/chest" pydicom==3.0.2
+    python3 -m pip download -q --no-deps --only-binary=:all: -d "$work/p/chest" pydicom==3.0.2 pynetdicom==3.0.4
 fi
 tar -C "$work/p" -cf "$work/stream.tar" .
 rm -rf .gpustage && mkdir -p .gpustage

@@ -18,7 +18,9 @@
 #      model runs on;
 #   6. a real-size chest (LIDC-IDRI-0001 resampled to 300 slices of 1.1 mm,
 #      volumes.py chest300nc) through `analyze`, PMA, SFA and CAC, on the CPU
-#      and on CUDA: each job's elapsed_ms.
+#      and on CUDA: each job's elapsed_ms;
+#   7. time to result through `serve` (ttr.py, pynetdicom as sender and PACS):
+#      that chest sent by C-STORE until its three SRs arrive, CPU then CUDA.
 # A failed step is reported and the others still run; the exit status is the
 # number of failed steps.
 set -uo pipefail
@@ -137,7 +139,7 @@ step "6. a real-size chest: LIDC-IDRI-0001 as volumes.py's chest300nc (300 slice
 if [ -f /tmp/gpu/chest/lidc.tar.zst ]; then
     shared="$(cd .. && pwd)/shared/realct-labelled"
     mkdir -p "$shared" && /tmp/gpu/zstd -d -q -c /tmp/gpu/chest/lidc.tar.zst | tar -x -C "$shared"
-    python3 -m pip install -q --no-index --no-deps --target /tmp/site /tmp/gpu/chest/pydicom-*.whl >/dev/null 2>&1
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site /tmp/gpu/chest/*.whl >/dev/null 2>&1
     rm -rf /tmp/v && PYTHONPATH=/tmp/site python3 integration-tests/bench/volumes.py chest300nc /tmp/v/chest300nc 1
     for cfg in node node-cuda; do
         for run in 1 2 3; do
@@ -152,6 +154,13 @@ if [ -f /tmp/gpu/chest/lidc.tar.zst ]; then
         taskset -c 0,1 .gpu/biomarker-node analyze --config config/node.yaml --out "$out/chest-2c-$run" /tmp/v/chest300nc \
             2>/dev/null | python3 "$out/line.py" "node-on-2-cores" "$run" | tee -a "$out/chest.log"
     done
+    step "7. time to result through serve: the chest sent by C-STORE, its 3 SRs received, CPU then CUDA"
+    for provider in cpu cuda; do
+        PYTHONPATH=/tmp/site python3 integration-tests/bench/gpu/ttr.py .gpu/biomarker-node /tmp/v/chest300nc "$provider" 3 \
+            2>&1 | tee -a "$out/ttr.log"
+    done
+    [ "$(grep -c "time to result [0-9.]* s" "$out/ttr.log")" = 6 ] \
+        || { echo "STEP 7 FAILED: not 6 runs with their 3 SRs"; failed=$((failed + 1)); }
     rm -rf "$shared/chest-lidc0001" /tmp/v
     [ "$(grep -c "analyze node run 3: .* on cpu" "$out/chest.log")" = 3 ] \
         || { echo "STEP 6 FAILED: not three routes on the CPU"; failed=$((failed + 1)); }
@@ -171,5 +180,5 @@ fi
 step "table (median ms)"
 cat "$out/ort.log" "$out/torch.log" 2>/dev/null | grep '^timing' | sort -k3,3 -k5,5n
 echo "failed steps: $failed"
-[ -n "${OUT:-}" ] && mkdir -p "$OUT" && cp "$out"/provider.log "$out"/ort.log "$out"/torch.log "$out"/analyze.log "$out"/readyz.log "$out"/serve.log "$out"/chest.log "$out"/variants.log "$OUT"/ 2>/dev/null
+[ -n "${OUT:-}" ] && mkdir -p "$OUT" && cp "$out"/provider.log "$out"/ort.log "$out"/torch.log "$out"/analyze.log "$out"/readyz.log "$out"/chest.log "$out"/variants.log "$out"/ttr.log "$OUT"/ 2>/dev/null
 exit "$failed"
