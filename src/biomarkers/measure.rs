@@ -8,7 +8,7 @@
 //! candidates at native resolution. Invariant: the map is resampled back by
 //! nearest neighbour (see the module header of `biomarkers`).
 
-use ndarray::{Array3, ArrayView3, ArrayView4, Axis};
+use ndarray::{Array3, ArrayView3, ArrayView4, Axis, Zip};
 use serde::{Deserialize, Serialize};
 
 use super::agatston::{self, Lesion, RiskCategory};
@@ -147,15 +147,36 @@ pub fn aggregate(
     let area = geom.pixel_area_mm2();
     if aggregation.is_agatston() {
         let (lesions, labels) = agatston::lesions(hu, None, spec.lesion_rule(), area, geom.slice_thickness_mm);
-        let mut sums = vec![0f64; lesions.len()];
-        let first_of_slice = agatston::first_of_slice(&lesions, n);
-        for ((&first, slice_labels), slice_map) in first_of_slice.iter().zip(labels.outer_iter()).zip(map.outer_iter()) {
-            for (&lab, &m) in slice_labels.iter().zip(slice_map) {
-                if lab > 0 {
-                    sums[first + lab as usize - 1] += m as f64;
-                }
-            }
+        // Each lesion's map sum, and the candidates, in one pass over the
+        // volume's slices side by side (a 110-slab chest: 29 M voxels, 88 ms
+        // on one core). A lesion lies in one slice, labelled 1..m there, and
+        // the lesions come slice by slice; so each slice's sums are its own,
+        // added in the same voxel order as one thread would, and the runs'
+        // sums, concatenated, are in lesion order.
+        let mut per_slice = vec![0usize; n];
+        for l in &lesions {
+            per_slice[l.slice] += 1;
         }
+        let mut candidates = Array3::from_elem((n, rows, cols), false);
+        let runs = crate::par::map_slice_runs(candidates.view_mut(), crate::par::threads(), |first, mut run| {
+            let mut sums = Vec::new();
+            for (j, cand) in run.axis_iter_mut(Axis(0)).enumerate() {
+                let s = first + j;
+                let base = sums.len();
+                sums.resize(base + per_slice[s], 0f64);
+                Zip::from(cand).and(labels.index_axis(Axis(0), s)).and(map.index_axis(Axis(0), s)).for_each(
+                    |c, &lab, &m| {
+                        if lab > 0 {
+                            *c = true;
+                            sums[base + lab as usize - 1] += m as f64;
+                        }
+                    },
+                );
+            }
+            sums
+        });
+        let sums = runs.concat();
+        debug_assert_eq!(sums.len(), lesions.len());
         let threshold = aggregation.lesion_threshold.unwrap_or(0.5);
         let soft = aggregation.lesion_aggregation.as_deref() == Some("soft");
         let mut value = 0.0;
@@ -180,7 +201,6 @@ pub fn aggregate(
                 }
             })
             .collect();
-        let candidates = labels.mapv(|l| l > 0);
         return Aggregate {
             value,
             risk_category: Some(RiskCategory::from_score(value)),

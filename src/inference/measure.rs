@@ -17,16 +17,19 @@ use crate::biomarkers::{aggregate, normalise_slice, Measurement, PixelGeometry};
 pub fn model_input(card: &ModelCard, hu: ArrayView3<f32>) -> Array4<f32> {
     let [h, w] = card.input.size;
     let mut input = Array4::<f32>::zeros((hu.dim().0, 1, h, w));
-    for (i, slice) in hu.axis_iter(Axis(0)).enumerate() {
-        let x = normalise_slice(
-            slice,
-            (card.input.hu_clip[0], card.input.hu_clip[1]),
-            (h, w),
-            card.input.scale.subtract,
-            card.input.scale.divide,
-        );
-        input.slice_mut(s![i, 0, .., ..]).assign(&x);
-    }
+    // Slices side by side: the 110 slabs of a 300-slice chest took 55 ms on
+    // one core, all of it before the model runs.
+    crate::par::map_slice_runs(input.index_axis_mut(Axis(1), 0), crate::par::threads(), |first, mut run| {
+        for (j, mut out) in run.axis_iter_mut(Axis(0)).enumerate() {
+            out.assign(&normalise_slice(
+                hu.index_axis(Axis(0), first + j),
+                (card.input.hu_clip[0], card.input.hu_clip[1]),
+                (h, w),
+                card.input.scale.subtract,
+                card.input.scale.divide,
+            ));
+        }
+    });
     input
 }
 
