@@ -124,14 +124,19 @@ def main() -> None:
         proc.terminate()
         proc.wait()
         server.shutdown()
-    for line in open(log):
-        try:
-            j = json.loads(line)
-        except ValueError:
-            continue
-        f = j.get("fields", {})
+    for f in log_fields(log):
         if f.get("message") in ("job done", "job refused", "job failed", "model loaded"):
             print(f"  node: {f.get('message')} {json.dumps({k: v for k, v in f.items() if k != 'message'})}")
+
+
+def log_fields(path: Path):
+    """The `fields` of each line of the node's JSON log (a line that is not JSON, a panic say, is skipped)."""
+    with open(path) as lines:
+        for line in lines:
+            try:
+                yield json.loads(line).get("fields", {})
+            except ValueError:
+                pass
 
 
 if __name__ == "__main__":
