@@ -369,6 +369,29 @@ mod tests {
         })
     }
 
+    /// The largest absolute difference between two maps of the same shape.
+    fn max_abs_diff(a: &Array4<f32>, b: &Array4<f32>) -> f32 {
+        a.iter().zip(b.iter()).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max)
+    }
+
+    /// Median wall time (ms) of `run` on `input` over 15 runs after 3
+    /// warm-ups; the input's copy is made before the clock starts.
+    fn median_ms(input: &Array4<f32>, mut run: impl FnMut(Array4<f32>)) -> f64 {
+        for _ in 0..3 {
+            run(input.clone());
+        }
+        let mut ms: Vec<f64> = (0..15)
+            .map(|_| {
+                let x = input.clone();
+                let t = std::time::Instant::now();
+                run(x);
+                t.elapsed().as_secs_f64() * 1e3
+            })
+            .collect();
+        ms.sort_by(f64::total_cmp);
+        ms[ms.len() / 2]
+    }
+
     /// The provider test adapts to the machine. Without a usable CUDA device
     /// a CUDA model falls back to CPU, says so in the log and the counter,
     /// and `fail_hard` refuses to load instead. With one, the CUDA provider
@@ -417,7 +440,7 @@ mod tests {
         let input = test_batch(4, h, w);
         let (a, b) = (gpu.run(input.clone()).unwrap(), cpu.run(input.clone()).unwrap());
         assert_eq!(a.shape(), b.shape());
-        let max_diff = a.iter().zip(b.iter()).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        let max_diff = max_abs_diff(&a, &b);
         eprintln!("PMA map, CUDA vs CPU: max |diff| = {max_diff:e} over {} values", a.len());
         assert!(max_diff <= 1e-4, "CUDA and CPU maps differ by {max_diff}");
         assert!(a.iter().any(|&v| v > 0.5) || a.iter().any(|&v| v < 0.5), "the map is not constant");
@@ -501,24 +524,11 @@ mod tests {
                         .unwrap()
                         .commit_from_file(cpu.card.onnx_path())
                         .unwrap();
-                    let got = run_session(&cpu.card, &mut s, input.clone()).unwrap();
-                    let diff = got.iter().zip(want.iter()).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-                    for _ in 0..3 {
-                        run_session(&cpu.card, &mut s, input.clone()).unwrap();
-                    }
-                    let mut ms: Vec<f64> = (0..15)
-                        .map(|_| {
-                            let x = input.clone();
-                            let t = std::time::Instant::now();
-                            run_session(&cpu.card, &mut s, x).unwrap();
-                            t.elapsed().as_secs_f64() * 1e3
-                        })
-                        .collect();
-                    ms.sort_by(f64::total_cmp);
-                    println!(
-                        "variant {name} batch {batch} {label}: median {:.2} ms, max |diff| vs CPU {diff:.1e}",
-                        ms[ms.len() / 2]
-                    );
+                    let diff = max_abs_diff(&run_session(&cpu.card, &mut s, input.clone()).unwrap(), &want);
+                    let ms = median_ms(&input, |x| {
+                        run_session(&cpu.card, &mut s, x).unwrap();
+                    });
+                    println!("variant {name} batch {batch} {label}: median {ms:.2} ms, max |diff| vs CPU {diff:.1e}");
                 }
             }
         }
@@ -550,20 +560,10 @@ mod tests {
                 let m = Model::load(&models.join(format!("{name}.yaml")), &opts).expect("shipped card loads");
                 let [h, w] = m.card.input.size;
                 for batch in [1, 110] {
-                    let input = test_batch(batch, h, w);
-                    for _ in 0..3 {
-                        m.run(input.clone()).unwrap();
-                    }
-                    let mut ms: Vec<f64> = (0..15)
-                        .map(|_| {
-                            let x = input.clone();
-                            let t = std::time::Instant::now();
-                            m.run(x).unwrap();
-                            t.elapsed().as_secs_f64() * 1e3
-                        })
-                        .collect();
-                    ms.sort_by(f64::total_cmp);
-                    println!("timing ort-{provider:?} {name} batch {batch} {h}x{w}: median {:.2} ms", ms[ms.len() / 2]);
+                    let ms = median_ms(&test_batch(batch, h, w), |x| {
+                        m.run(x).unwrap();
+                    });
+                    println!("timing ort-{provider:?} {name} batch {batch} {h}x{w}: median {ms:.2} ms");
                 }
             }
         }

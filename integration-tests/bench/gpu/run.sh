@@ -52,6 +52,13 @@ if [ -d .gpustage ] && [ -d "$stage" ]; then
     LD_LIBRARY_PATH=/tmp/gpu/lib:/usr/local/cuda-13.0/targets/x86_64-linux/lib:${LD_LIBRARY_PATH:-}
     export ORT_DYLIB_PATH LD_LIBRARY_PATH
 fi
+# The unit tests read models/ through the checkout path they were built in.
+if [ -f .gpu/manifest_dir ]; then
+    built="$(cat .gpu/manifest_dir)"
+    if [ "$built" != "$PWD" ] && [ ! -e "$built" ]; then
+        mkdir -p "$(dirname "$built")" && ln -s "$PWD" "$built"
+    fi
+fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 echo "$(nproc) CPUs: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2)"
 failed=0
@@ -94,14 +101,20 @@ for line in sys.stdin:
     print(f"analyze {cfg} run {run}: {d['model']} {d['value']:.1f} {d['unit']} on {d['execution_provider']}, "
           f"{d['slices']} slices, job {d['elapsed_ms']:.0f} ms")
 PY
-for cfg in node node-cuda; do
-    for run in 1 2 3; do
-        /usr/bin/time -f "wall %e s" .gpu/biomarker-node analyze --config "config/$cfg.yaml" \
-            --out "$out/analyze-$cfg-$run" "$out/ph/cac-0-0" 2>"$out/analyze-$cfg.err" | python3 "$out/line.py" "$cfg" "$run" \
-            | tee -a "$out/analyze.log"
-        tail -n 1 "$out/analyze-$cfg.err"
+# analyze_runs NAME SERIES: `analyze` of SERIES three times on the CPU config,
+# then three times on the CUDA one; lines to $out/NAME.log, outputs in
+# $out/NAME-<config>-<run>.
+analyze_runs() {
+    for cfg in node node-cuda; do
+        for run in 1 2 3; do
+            /usr/bin/time -f "wall %e s" .gpu/biomarker-node analyze --config "config/$cfg.yaml" \
+                --out "$out/$1-$cfg-$run" "$2" 2>"$out/$1-$cfg.err" | python3 "$out/line.py" "$cfg" "$run" \
+                | tee -a "$out/$1.log"
+            tail -n 1 "$out/$1-$cfg.err"
+        done
     done
-done
+}
+analyze_runs analyze "$out/ph/cac-0-0"
 
 step "5. serve on CUDA: /readyz names each model's provider"
 rm -rf data
@@ -141,14 +154,7 @@ if [ -f /tmp/gpu/chest/lidc.tar.zst ]; then
     mkdir -p "$shared" && /tmp/gpu/zstd -d -q -c /tmp/gpu/chest/lidc.tar.zst | tar -x -C "$shared"
     python3 -m pip install -q --no-index --no-deps --target /tmp/site /tmp/gpu/chest/*.whl >/dev/null 2>&1
     rm -rf /tmp/v && PYTHONPATH=/tmp/site python3 integration-tests/bench/volumes.py chest300nc /tmp/v/chest300nc 1
-    for cfg in node node-cuda; do
-        for run in 1 2 3; do
-            /usr/bin/time -f "wall %e s" .gpu/biomarker-node analyze --config "config/$cfg.yaml" \
-                --out "$out/chest-$cfg-$run" /tmp/v/chest300nc 2>"$out/chest-$cfg.err" | python3 "$out/line.py" "$cfg" "$run" \
-                | tee -a "$out/chest.log"
-            tail -n 1 "$out/chest-$cfg.err"
-        done
-    done
+    analyze_runs chest /tmp/v/chest300nc
     # How much of the jobs' CPU work uses more than two cores.
     for run in 1 2; do
         taskset -c 0,1 .gpu/biomarker-node analyze --config config/node.yaml --out "$out/chest-2c-$run" /tmp/v/chest300nc \
